@@ -1,0 +1,66 @@
+"""The ``mergelab`` command line: ``mergelab <verb> ...``.
+
+Each verb lives in its own module under :mod:`mergelab.commands` and exposes ``register(subparsers)``,
+which adds its sub-parser and sets ``func`` (a callable taking the parsed ``argparse.Namespace`` and
+returning an exit status). Heavy imports happen inside the command functions so ``mergelab --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from mergelab import __version__
+from mergelab.errors import MergeLabError
+
+# Modules under mergelab.commands, in the order their verbs appear in --help.
+COMMAND_MODULES: tuple[str, ...] = (
+    "merge",
+    "demo",
+)
+
+log = logging.getLogger("mergelab")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergelab",
+        description="Merge fine-tuned models in parameter space and analyse their mergeability.",
+    )
+    parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mergelab.commands.{name}")
+        except ModuleNotFoundError as exc:  # a verb whose module is not present in this build
+            if exc.name == f"mergelab.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MergeLabError as exc:
+        print(f"mergelab {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mergelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
