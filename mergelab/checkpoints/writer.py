@@ -1,0 +1,460 @@
+"""Atomic, streaming writing of safetensors checkpoints.
+
+:class:`CheckpointWriter` writes an HF-style folder of (possibly sharded) safetensors files one tensor at
+a time. Because every tensor's name, shape and dtype are declared up front in a *plan*, the shard layout
+and every shard's header are fixed before any data arrives:
+
+* shards are filled greedily in plan order; a new shard starts when the next tensor would push the
+  current one past ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own);
+* one shard is named ``model.safetensors`` and no index is written; several are named
+  ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
+  (``{"metadata": {"total_size": N}, "weight_map": {...}}``, as transformers writes it);
+* each shard's header is written when the shard is opened, then each tensor's raw bytes are appended as
+  it arrives, so memory stays bounded by one tensor (plus a copy if the tensor handed in is not
+  contiguous).
+
+Atomicity: everything goes into a temporary sibling folder ``<out_dir>.<random>.tmp``. ``finish()``
+checks that every planned tensor arrived, fsyncs, writes ``mergelab_merge.json`` and copies
+config/tokenizer files, then renames the folder into place (an existing target, with ``overwrite``, is
+first renamed away and only deleted once the new folder is in place). Any failure, and leaving the
+``with`` block by an exception, deletes the temporary folder: the target never holds a half-written model.
+
+:func:`save_state_dict` writes a single ``.safetensors`` file atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+
+from mergelab.checkpoints.layout import is_weight_file
+from mergelab.checkpoints.safetensors_format import build_header, dtype_code, tensor_bytes, tensor_nbytes
+from mergelab.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+RECORD_NAME = "mergelab_merge.json"
+
+PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so renames and new entries in it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_sibling(path: Path, suffix: str, *, directory: bool) -> Path:
+    """Create a new, uniquely named ``<path>.<random><suffix>`` folder or empty file next to ``path``.
+
+    Unlike :mod:`tempfile`, the default permissions (umask) apply, so the published model is readable
+    like any other file the user creates.
+    """
+    for _ in range(100):
+        candidate = path.with_name(f"{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            if directory:
+                os.mkdir(candidate, 0o777)
+            else:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"cannot find a free temporary name next to {path}")
+
+
+def _shard_name(index: int, count: int) -> str:
+    if count == 1:
+        return SINGLE_FILE_NAME
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass
+class _Shard:
+    name: str
+    entries: list[PlanEntry] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def plan_shards(plan: Sequence[PlanEntry], max_shard_bytes: int) -> list[_Shard]:
+    """Greedy split of ``plan`` (in order) into shards of at most ``max_shard_bytes`` tensor bytes each."""
+    shards: list[_Shard] = []
+    current: _Shard | None = None
+    for entry in plan:
+        size = tensor_nbytes(entry[1], entry[2])
+        if current is None or (current.entries and current.nbytes + size > max_shard_bytes):
+            current = _Shard(name="")
+            shards.append(current)
+        current.entries.append(entry)
+        current.nbytes += size
+    if not shards:
+        shards.append(_Shard(name=""))
+    for i, shard in enumerate(shards):
+        shard.name = _shard_name(i, len(shards))
+    return shards
+
+
+def _is_nonempty(path: Path) -> bool:
+    """True if ``path`` exists and is anything other than an empty folder."""
+    if not os.path.lexists(path):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def copy_support_files(source: Path, dest: Path) -> list[str]:
+    """Copy every non-weight file and sub-folder of ``source`` into ``dest`` (config, tokenizer, ...).
+
+    Weight files (:func:`mergelab.checkpoints.layout.is_weight_file`) are skipped at every level: they
+    hold the unmerged weights of the source model. Returns the copied paths relative to ``source``.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: cannot copy config/tokenizer files: not a folder")
+    copied: list[str] = []
+    skipped_nested: list[str] = []
+    for src in sorted(source.rglob("*")):
+        rel = src.relative_to(source)
+        if src.is_dir():
+            continue
+        if is_weight_file(src.name):
+            if len(rel.parts) > 1:
+                skipped_nested.append(str(rel))
+            continue
+        target = dest / rel
+        if target.exists():
+            continue  # never clobber what the writer produced
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(src, target)  # follows symlinks (HF cache snapshots link into blobs/)
+        except OSError as exc:
+            raise CheckpointError(f"{src}: cannot copy to {target}: {exc}") from None
+        copied.append(str(rel))
+    if skipped_nested:
+        logger.warning(
+            "%s: not copying weight files in sub-folders (they were not merged): %s",
+            source,
+            ", ".join(skipped_nested),
+        )
+    return copied
+
+
+class CheckpointWriter:
+    """Streaming, atomic writer of a (sharded) safetensors checkpoint folder. See the module docstring.
+
+    ``plan`` lists (name, shape, dtype) of every tensor in the order they will be written. Tensors must
+    then be passed to :meth:`write` in exactly that order; :meth:`finish` publishes the folder.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = 2 * 1024**3,
+        overwrite: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        where = str(self.out_dir)
+        if max_shard_bytes <= 0:
+            raise CheckpointError(f"{where}: max_shard_bytes must be positive, got {max_shard_bytes}")
+        entries: list[PlanEntry] = []
+        seen: set[str] = set()
+        for item in plan:
+            try:
+                name, shape, dtype = item
+                shape = tuple(int(d) for d in shape)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{where}: bad plan entry {item!r}; expected (name, shape, dtype)") from None
+            if not isinstance(name, str) or not name:
+                raise CheckpointError(f"{where}: bad tensor name {name!r} in plan")
+            if name in seen:
+                raise CheckpointError(f"{where}: tensor {name!r} appears twice in the plan")
+            if any(d < 0 for d in shape):
+                raise CheckpointError(f"{where}: tensor {name!r}: negative dimension in shape {shape}")
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(f"{where}: tensor {name!r}: {dtype!r} is not a torch dtype")
+            dtype_code(dtype, where=f"{where}: tensor {name!r}")
+            seen.add(name)
+            entries.append((name, shape, dtype))
+        self._plan = entries
+        self._metadata = {"format": "pt", **(dict(metadata) if metadata else {})}
+        self._shards = plan_shards(entries, max_shard_bytes)
+        # Headers are built (and metadata validated) before anything touches the disk.
+        self._headers = [build_header(s.entries, self._metadata, where=f"{where}/{s.name}") for s in self._shards]
+
+        if _is_nonempty(self.out_dir) and not overwrite:
+            raise CheckpointError(
+                f"{self.out_dir}: already exists and is not empty; pass overwrite=True to replace it"
+            )
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._tmp: Path | None = _make_sibling(self.out_dir, ".tmp", directory=True)
+        except OSError as exc:
+            raise CheckpointError(f"{self.out_dir}: cannot create a temporary folder next to it: {exc}") from None
+
+        self._next = 0  # index into self._plan of the next expected tensor
+        self._shard_index = -1
+        self._shard_remaining = 0
+        self._file: BinaryIO | None = None
+        self._finished = False
+        logger.debug(
+            "writing %d tensors in %d shard(s) to %s via %s", len(entries), len(self._shards), self.out_dir, self._tmp
+        )
+
+    # -- streaming -----------------------------------------------------------------------------------
+
+    @property
+    def shard_names(self) -> list[str]:
+        """File names of the planned shards."""
+        return [s.name for s in self._shards]
+
+    def _fail(self, message: str) -> CheckpointError:
+        self.abort()
+        return CheckpointError(message)
+
+    def _close_shard(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+    def _open_next_shard(self) -> None:
+        assert self._tmp is not None
+        self._close_shard()
+        self._shard_index += 1
+        shard = self._shards[self._shard_index]
+        self._file = open(self._tmp / shard.name, "wb")
+        self._file.write(self._headers[self._shard_index])
+        self._shard_remaining = len(shard.entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` as ``name``; it must be the next tensor of the plan, with its shape and dtype.
+
+        Any error aborts the writer (the temporary folder is deleted) and raises CheckpointError.
+        """
+        if self._tmp is None or self._finished:
+            state = "finished" if self._finished else "aborted"
+            raise CheckpointError(f"{self.out_dir}: cannot write tensor {name!r}: the writer is already {state}")
+        if self._next >= len(self._plan):
+            raise self._fail(f"{self.out_dir}: tensor {name!r} written after all planned tensors were written")
+        expected_name, shape, dtype = self._plan[self._next]
+        if name != expected_name:
+            if name in {entry[0] for entry in self._plan}:
+                raise self._fail(
+                    f"{self.out_dir}: tensor {name!r} written out of plan order: expected {expected_name!r} next "
+                    f"(tensor #{self._next + 1} of {len(self._plan)})"
+                )
+            raise self._fail(f"{self.out_dir}: tensor {name!r} is not in the plan (expected {expected_name!r} next)")
+        if not isinstance(tensor, torch.Tensor):
+            raise self._fail(f"{self.out_dir}: tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise self._fail(
+                f"{self.out_dir}: tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the plan says {shape} {dtype}"
+            )
+        try:
+            if self._shard_remaining == 0:
+                self._open_next_shard()
+            assert self._file is not None
+            data = tensor_bytes(tensor)
+            self._file.write(data)
+            del data
+            self._shard_remaining -= 1
+            self._next += 1
+            if self._shard_remaining == 0:
+                self._close_shard()
+        except OSError as exc:
+            raise self._fail(f"{self.out_dir}: cannot write tensor {name!r}: {exc}") from None
+
+    # -- publishing ----------------------------------------------------------------------------------
+
+    def finish(self, *, copy_files_from: Path | None = None, record: Mapping | None = None) -> Path:
+        """Check every planned tensor was written, add the record and support files, publish atomically.
+
+        ``record`` is written as ``mergelab_merge.json``; every non-weight file of ``copy_files_from``
+        (config, tokenizer, sub-folders such as ``1_Pooling``) is copied. Returns the output folder.
+        """
+        if self._tmp is None or self._finished:
+            state = "finished" if self._finished else "aborted"
+            raise CheckpointError(f"{self.out_dir}: cannot finish: the writer is already {state}")
+        tmp = self._tmp
+        if self._next < len(self._plan):
+            missing = [entry[0] for entry in self._plan[self._next :]]
+            shown = ", ".join(repr(n) for n in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise self._fail(f"{self.out_dir}: {len(missing)} planned tensors were never written: {shown}{more}")
+        try:
+            if not self._plan:  # an empty checkpoint still gets its (header-only) file
+                self._open_next_shard()
+            self._close_shard()
+            if len(self._shards) > 1:
+                index = {
+                    "metadata": {"total_size": sum(s.nbytes for s in self._shards)},
+                    "weight_map": {entry[0]: s.name for s in self._shards for entry in s.entries},
+                }
+                self._write_text(tmp / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if record is not None:
+                try:
+                    text = json.dumps(record, indent=2, default=str) + "\n"
+                except (TypeError, ValueError) as exc:
+                    raise CheckpointError(f"{self.out_dir}: cannot serialize the merge record: {exc}") from None
+                self._write_text(tmp / RECORD_NAME, text)
+            if copy_files_from is not None:
+                copied = copy_support_files(Path(copy_files_from), tmp)
+                logger.debug("copied %d support files from %s", len(copied), copy_files_from)
+            _fsync_dir(tmp)
+            self._publish(tmp)
+        except CheckpointError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise CheckpointError(f"{self.out_dir}: cannot finish writing: {exc}") from None
+        self._finished = True
+        self._tmp = None
+        logger.info("wrote %d tensors in %d shard(s) to %s", len(self._plan), len(self._shards), self.out_dir)
+        return self.out_dir
+
+    @staticmethod
+    def _write_text(path: Path, text: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _publish(self, tmp: Path) -> None:
+        target = self.out_dir
+        parent = target.parent
+        old: Path | None = None
+        if os.path.lexists(target):
+            if _is_nonempty(target):
+                if not self.overwrite:
+                    raise CheckpointError(
+                        f"{target}: appeared while writing and is not empty; pass overwrite=True to replace it"
+                    )
+                old = _make_sibling(target, ".old", directory=True)
+                old.rmdir()
+                os.rename(target, old)
+            else:
+                target.rmdir()
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)  # put the previous model back
+            raise
+        _fsync_dir(parent)
+        if old is not None:
+            _remove(old)
+
+    def abort(self) -> None:
+        """Discard everything written so far (delete the temporary folder). Idempotent."""
+        tmp, self._tmp = self._tmp, None
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        if tmp is not None and not self._finished:
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.debug("aborted writing %s; removed %s", self.out_dir, tmp)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._finished and self._tmp is not None:
+            self.abort()
+            raise CheckpointError(f"{self.out_dir}: the writer was closed without finish(); nothing was written")
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``state`` to the single safetensors file ``path`` atomically; returns ``path``.
+
+    The file is written under a temporary name in the same folder, fsynced, then renamed over ``path``.
+    Tensors are written in the mapping's order; shared storage is written once per name (no aliasing).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; save_state_dict writes a single .safetensors file")
+    if not path.name.endswith(".safetensors"):
+        logger.warning("%s: writing safetensors to a file not named *.safetensors", path)
+    entries: list[PlanEntry] = []
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {name!r} is not a string-named tensor ({type(tensor).__name__})"
+            )
+        entries.append((name, tuple(tensor.shape), tensor.dtype))
+    header = build_header(entries, {"format": "pt", **(dict(metadata) if metadata else {})}, where=str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_sibling(path, ".tmp", directory=False)
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot create a temporary file next to it: {exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            for name, tensor in state.items():
+                f.write(tensor_bytes(tensor))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"{path}: cannot write: {exc}") from None
+        raise
+    _fsync_dir(path.parent)
+    return path
