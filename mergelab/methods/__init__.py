@@ -1,0 +1,24 @@
+"""Merging methods. Data-free methods are compositions of :mod:`mergelab.ops`; see :data:`METHODS`."""
+
+from __future__ import annotations
+
+import difflib
+
+from mergelab.errors import SpecError
+from mergelab.methods.base import Method, MethodParams, TensorInputs
+from mergelab.methods.data_free import METHODS
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a :class:`SpecError` listing the valid names otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SpecError(
+            f"unknown method '{name}'{hint}; available: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+__all__ = ["METHODS", "Method", "MethodParams", "TensorInputs", "get_method"]

@@ -1,0 +1,122 @@
+"""What a merging method is: a named per-tensor computation with validated parameters.
+
+A :class:`Method` receives, for one tensor name, the base tensor, the experts' tensors and weights and its
+resolved parameters (:class:`TensorInputs`), and returns the merged tensor in float32. The engine handles
+everything around it: reading, validation, whole-model statistics, dtype casting, writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergelab.errors import SpecError
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown parameters are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class ScaledParams(MethodParams):
+    lambda_: float = Field(1.0, alias="lambda", description="scaling coefficient of the merged task vector")
+
+    @field_validator("lambda_")
+    @classmethod
+    def _lambda_finite(cls, v: float) -> float:
+        return _finite(v, "lambda")
+
+
+class DensityMixin(BaseModel):
+    density: float = Field(description="fraction of task-vector entries kept, in (0, 1]")
+
+    @field_validator("density")
+    @classmethod
+    def _density_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {v}")
+        return v
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one tensor.
+
+    ``thresholds[i]`` is expert i's whole-model trim threshold when the method trims with global scope
+    (computed by the engine's streaming pre-pass), else ``None``.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    experts: Sequence[torch.Tensor]
+    weights: Sequence[float]
+    thresholds: Sequence[float] | None = None
+    compute_dtype: torch.dtype = torch.float32
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        if self.base is None:
+            raise SpecError("this method needs a base model")
+        base = self.base.to(self.compute_dtype)
+        return [e.to(self.compute_dtype) - base for e in self.experts]
+
+    def generator(self, seed: int, index: int) -> torch.Generator:
+        """A generator seeded by (seed, expert index, tensor name): reproducible whatever the tensor order."""
+        digest = hashlib.blake2b(f"{seed}:{index}:{self.name}".encode(), digest_size=8).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merging method.
+
+    ``global_trim_density(params)`` returns the density at which the engine must compute whole-model trim
+    thresholds for this tensor (TIES with ``trim_scope: global``), or ``None``.
+    """
+
+    name: str
+    summary: str
+    params: type[MethodParams]
+    merge: Callable[[TensorInputs, Any], torch.Tensor]
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    uses_weights: bool = True
+    global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
+
+    def parse_params(self, raw: dict[str, Any], where: str = "parameters") -> MethodParams:
+        """Validate ``raw`` against this method's parameters; a clear :class:`SpecError` otherwise."""
+        allowed = sorted(
+            (f.alias or n) for n, f in self.params.model_fields.items()
+        )
+        unknown = sorted(set(raw) - set(allowed) - set(self.params.model_fields))
+        if unknown:
+            raise SpecError(
+                f"{where}: method '{self.name}' does not take parameter(s) {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(allowed) if allowed else 'no parameters'}"
+            )
+        try:
+            return self.params.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+            )
+            raise SpecError(f"{where}: invalid parameter for method '{self.name}': {problems}") from None
+
+
+SignElection = Literal["mass", "count"]
+DisjointDivisor = Literal["count", "weight"]
+TrimScope = Literal["global", "tensor"]
+RescaleRule = Literal["inverse", "l1", "none"]

@@ -1,0 +1,96 @@
+"""Combining operators over the task vectors of one tensor: sums, means and TIES sign consensus.
+
+Every function takes a sequence of task vectors ``taus`` (same shape) and per-model ``weights`` and returns
+one tensor; nothing is stacked, so memory is one accumulator plus the inputs the caller already holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+SignRule = Literal["mass", "count"]
+Divisor = Literal["count", "weight"]
+
+
+def _check(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    if len(taus) == 0:
+        raise ValueError("need at least one task vector")
+    if len(weights) != len(taus):
+        raise ValueError(f"got {len(taus)} task vectors but {len(weights)} weights")
+
+
+def weighted_sum(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i w_i tau_i`` (task arithmetic's sum, Ilharco et al. 2023), accumulated in ``taus[0]``'s dtype."""
+    _check(taus, weights)
+    out = taus[0] * weights[0]
+    for tau, w in zip(taus[1:], weights[1:]):
+        out.add_(tau, alpha=w)
+    return out
+
+
+def weighted_mean(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` (model soup / weight averaging, Wortsman et al. 2022)."""
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("weights sum to zero; a weighted mean is undefined")
+    return weighted_sum(taus, weights).div_(total)
+
+
+def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor * x`` (the scaling coefficient lambda of task arithmetic and TIES)."""
+    return x * factor
+
+
+def elect_sign(
+    taus: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, by: SignRule = "mass"
+) -> torch.Tensor:
+    """TIES sign election (Yadav et al. 2023, step 2), entry by entry.
+
+    - ``mass`` (paper; default): ``gamma = sgn(sum_i w_i tau_i)``: the sign with the larger total magnitude;
+    - ``count``: ``gamma = sgn(sum_i sgn(tau_i))``: the majority sign by number of models.
+
+    Returns a tensor of -1, 0, +1 in the task vectors' dtype. An exact tie (sum zero) elects 0, so no model
+    agrees there and the merged entry is 0 (mergekit elects +1 on ties instead).
+    """
+    weights = [1.0] * len(taus) if weights is None else weights
+    _check(taus, weights)
+    if by == "mass":
+        return torch.sign(weighted_sum(taus, weights))
+    if by == "count":
+        votes = torch.sign(taus[0])
+        for tau in taus[1:]:
+            votes.add_(torch.sign(tau))
+        return torch.sign(votes)
+    raise ValueError(f"sign election must be 'mass' or 'count', got {by!r}")
+
+
+def disjoint_mean(
+    taus: Sequence[torch.Tensor],
+    sign: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    *,
+    divisor: Divisor = "count",
+) -> torch.Tensor:
+    """TIES disjoint merge (Yadav et al. 2023, step 3), entry by entry.
+
+    With ``A_j = {i : sgn(tau_ij) = gamma_j, tau_ij != 0}`` the models agreeing with the elected sign:
+
+    - ``count`` (paper; default): ``sum_{i in A_j} w_i tau_ij / |A_j|``;
+    - ``weight`` (mergekit's ``normalize``): ``sum_{i in A_j} w_i tau_ij / sum_{i in A_j} w_i``.
+
+    Entries with no agreeing model are 0. With unit weights the two divisors coincide.
+    """
+    weights = [1.0] * len(taus) if weights is None else weights
+    _check(taus, weights)
+    if divisor not in ("count", "weight"):
+        raise ValueError(f"disjoint divisor must be 'count' or 'weight', got {divisor!r}")
+    numerator = torch.zeros_like(taus[0])
+    denominator = torch.zeros_like(taus[0])
+    for tau, w in zip(taus, weights):
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        numerator.add_(tau * agree, alpha=w)
+        denominator.add_(agree.to(denominator.dtype), alpha=(1.0 if divisor == "count" else w))
+    return torch.where(denominator != 0, numerator / denominator.where(denominator != 0, 1.0), 0.0)

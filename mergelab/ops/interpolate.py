@@ -1,0 +1,55 @@
+"""Geometric operators between whole weight tensors: spherical interpolation and Model Stock's ratio."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+_PARALLEL = 1.0 - 1e-6
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985) of two tensors treated as flat vectors.
+
+    ``Omega = arccos(<a, b> / (|a| |b|))``; ``slerp = sin((1-t) Omega)/sin(Omega) a + sin(t Omega)/sin(Omega) b``.
+    The angle comes from the normalised vectors, the result interpolates the unnormalised ones (as in
+    mergekit). Nearly (anti)parallel vectors (``|cos Omega| > 1 - 1e-6``) or a zero vector fall back to linear
+    interpolation ``(1-t) a + t b``. ``t = 0`` gives ``a``, ``t = 1`` gives ``b``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return torch.lerp(a, b, t)
+    cos = float((a.reshape(-1) @ b.reshape(-1)) / (na * nb))
+    if abs(cos) > _PARALLEL:
+        return torch.lerp(a, b, t)
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    s = math.sin(omega)
+    return a * (math.sin((1 - t) * omega) / s) + b * (math.sin(t * omega) / s)
+
+
+def model_stock_ratio(taus: Sequence[torch.Tensor]) -> float:
+    """Model Stock's interpolation ratio (Jang et al. 2024, "Model Stock", eq. 6 generalised to N models).
+
+    ``cos theta`` is the mean pairwise cosine similarity of the N >= 2 task vectors, and
+    ``t = N cos theta / (1 + (N - 1) cos theta)``; the merged weight is ``t * mean_i theta_i + (1 - t) theta_0``.
+    If a task vector is zero the cosine is undefined; the ratio is then 1 (plain averaging).
+    """
+    n = len(taus)
+    if n < 2:
+        raise ValueError("model stock needs at least two fine-tuned models")
+    flat = [t.reshape(-1) for t in taus]
+    norms = [float(f.norm()) for f in flat]
+    if min(norms) == 0:
+        return 1.0
+    cosines = [
+        float(flat[i] @ flat[j]) / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)
+    ]
+    cos = sum(cosines) / len(cosines)
+    denom = 1.0 + (n - 1) * cos
+    if denom <= 0:  # task vectors pointing apart on average: stay at the pretrained weights
+        return 0.0
+    return n * cos / denom

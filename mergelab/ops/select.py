@@ -1,0 +1,152 @@
+"""Exact order statistics of large tensors without sorting them.
+
+Magnitude trimming needs the k-th largest |tau| of a tensor (per-tensor scope) or of a whole model
+(global scope). Sorting (mergekit's ``argsort``) costs O(n log n) and ``torch.kthvalue`` is a single-threaded
+quickselect; both dominate a TIES merge. :func:`kth_largest` instead uses sample-based selection
+(Floyd & Rivest, "Expected time bounds for selection", CACM 1975):
+
+1. draw ``m`` positions uniformly (a fixed-seed generator, so results are deterministic), sort the sample;
+2. take a bracket ``[lo, hi]`` of sample values around the target rank, ``c * sqrt(m)`` sample ranks wide;
+3. one vectorised pass counts the values above ``hi`` and gathers those inside the bracket (a small set);
+4. if the target rank falls inside the bracket, select it exactly from the gathered values; otherwise
+   (probability ~1e-6 for c = 5) fall back to ``torch.kthvalue`` on the whole tensor.
+
+The answer is always exact; only the running time is random. :class:`StreamingKthLargest` applies the same
+idea across many tensors (a whole model) in two streaming passes without concatenating them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+_SAMPLE = 1 << 14
+_WIDTH = 5.0  # bracket half-width in standard deviations of a sample rank
+_SMALL = 1 << 16  # below this size, plain kthvalue is fastest
+
+
+def keep_count(numel: int, density: float) -> int:
+    """Number of entries kept at ``density``: ``floor(density * numel)``, at least 1 when ``numel > 0``.
+
+    ``floor`` matches mergekit's ``int(density * numel)``; the minimum of one avoids an all-zero task
+    vector at tiny densities on tiny tensors.
+    """
+    if numel == 0:
+        return 0
+    return max(1, min(numel, int(math.floor(density * numel))))
+
+
+def _bracket(sample_sorted: torch.Tensor, rank_frac: float) -> tuple[float, float]:
+    m = sample_sorted.numel()
+    centre = rank_frac * m
+    half = _WIDTH * math.sqrt(max(rank_frac * (1.0 - rank_frac), 1.0 / m) * m) + 1.0
+    lo_i = int(math.floor(centre - half))
+    hi_i = int(math.ceil(centre + half))
+    lo = -math.inf if lo_i < 0 else float(sample_sorted[lo_i])
+    hi = math.inf if hi_i >= m else float(sample_sorted[hi_i])
+    return lo, hi
+
+
+def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """The exact k-th largest entry of ``values`` (1 <= k <= numel), as a 0-d tensor of its dtype."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n <= _SMALL:
+        return torch.kthvalue(flat, n - k + 1).values
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, n, (_SAMPLE,), generator=gen).to(flat.device)
+    sample = torch.sort(flat[idx]).values.cpu()
+    # rank counted from the bottom, 0-indexed: the k-th largest is the (n-k)-th smallest
+    rank = n - k
+    lo, hi = _bracket(sample, rank / n)
+    below = int(torch.count_nonzero(flat < lo)) if lo != -math.inf else 0
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    local = rank - below
+    if 0 <= local < inside.numel():
+        return torch.kthvalue(inside, local + 1).values
+    return torch.kthvalue(flat, rank + 1).values
+
+
+class StreamingKthLargest:
+    """Exact k-th largest value over a stream of tensors, in two passes, without concatenation.
+
+    Pass 1 (:meth:`observe_sample`): each tensor contributes a uniform sample proportional to its size.
+    :meth:`bracket` turns the pooled sample into a value bracket around the target rank.
+    Pass 2 (:meth:`observe_exact`): each tensor contributes the count of entries below the bracket and the
+    entries inside it. :meth:`result` selects exactly, or reports failure (``None``) so the caller can rerun
+    pass 2 with a wider bracket (it never returns a wrong value).
+
+    Memory: the pooled sample (about ``2**16`` floats) plus the entries inside the bracket (a small
+    fraction of the model, proportional to the bracket width).
+    """
+
+    def __init__(self, total: int, k: int, *, sample_size: int = 1 << 16, seed: int = 0) -> None:
+        if not 1 <= k <= total:
+            raise ValueError(f"k must be in [1, {total}], got {k}")
+        self.total = total
+        self.k = k
+        self.sample_size = sample_size
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._samples: list[torch.Tensor] = []
+        self._lo = -math.inf
+        self._hi = math.inf
+        self._below = 0
+        self._inside: list[torch.Tensor] = []
+        self.widen = 1.0
+
+    def observe_sample(self, values: torch.Tensor) -> None:
+        flat = values.reshape(-1)
+        if flat.numel() == 0:
+            return
+        m = max(1, round(self.sample_size * flat.numel() / self.total))
+        idx = torch.randint(0, flat.numel(), (m,), generator=self._gen).to(flat.device)
+        self._samples.append(flat[idx].float().cpu())
+
+    def bracket(self) -> tuple[float, float]:
+        sample = torch.sort(torch.cat(self._samples)).values
+        rank_frac = (self.total - self.k) / self.total
+        lo, hi = _bracket(sample, rank_frac)
+        if self.widen > 1.0:  # a retry: widen the bracket geometrically in sample ranks
+            m = sample.numel()
+            centre = rank_frac * m
+            half = self.widen * _WIDTH * math.sqrt(m) + 1.0
+            lo_i, hi_i = int(centre - half), int(math.ceil(centre + half))
+            lo = -math.inf if lo_i < 0 else float(sample[lo_i])
+            hi = math.inf if hi_i >= m else float(sample[hi_i])
+        self._lo, self._hi = lo, hi
+        self._below = 0
+        self._inside = []
+        return lo, hi
+
+    def observe_exact(self, values: torch.Tensor) -> None:
+        flat = values.reshape(-1).float()
+        if self._lo != -math.inf:
+            self._below += int(torch.count_nonzero(flat < self._lo))
+        self._inside.append(flat[(flat >= self._lo) & (flat <= self._hi)].cpu())
+
+    def result(self) -> float | None:
+        inside = torch.cat(self._inside) if self._inside else torch.empty(0)
+        local = (self.total - self.k) - self._below
+        if 0 <= local < inside.numel():
+            return float(torch.kthvalue(inside, local + 1).values)
+        self.widen *= 8.0
+        return None
+
+
+def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -> float:
+    """Convenience for in-memory iterables (tests): exact k-th largest over all entries of all tensors."""
+    items = list(tensors)
+    sel = StreamingKthLargest(total, k)
+    for t in items:
+        sel.observe_sample(t)
+    while True:
+        sel.bracket()
+        for t in items:
+            sel.observe_exact(t)
+        value = sel.result()
+        if value is not None:
+            return value

@@ -1,0 +1,105 @@
+"""Sparsifying operators on one task vector: ``trim`` (TIES), ``trim_band`` (breadcrumbs), ``drop`` (DARE).
+
+Each takes a task vector ``tau`` (any shape, floating point) and returns a new tensor of the same shape;
+inputs are never modified. All three are the "sparsification operator" T of Corollary 1 in THEORY.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from mergelab.ops.select import keep_count, kth_largest
+
+Rescale = Literal["inverse", "l1", "none"]
+
+
+def _check_density(density: float) -> None:
+    if not (0.0 < density <= 1.0) or math.isnan(density):
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None) -> torch.Tensor:
+    """Magnitude trimming (TIES step 1, Yadav et al. 2023, "TIES-Merging", eq. "Trim").
+
+    ``trim(tau)_j = tau_j if |tau_j| >= t else 0``, where ``t`` is the k-th largest ``|tau_j|`` with
+    ``k = floor(density * numel)`` (at least 1). With ``threshold`` given, ``t`` is that value instead: the
+    whole-model scope of the paper, where ``t`` is the k-th largest magnitude over all tensors of the model
+    (see :func:`mergelab.engine` for the streaming pass that finds it). Entries tied with ``t`` are all
+    kept (the paper's ``|tau| >= kth value`` rule). ``density == 1`` returns a copy of ``tau``.
+    The threshold is found by exact sample-based selection, never by sorting.
+    """
+    _check_density(density)
+    if threshold is None:
+        if density >= 1.0 or tau.numel() == 0:
+            return tau.clone()
+        k = keep_count(tau.numel(), density)
+        threshold = float(kth_largest(tau.abs(), k))
+    out = tau.clone()
+    out.masked_fill_(tau.abs() < threshold, 0)
+    return out
+
+
+def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs masking (Davari & Belilovsky 2023, "Model Breadcrumbs"), per tensor.
+
+    Removes the ``gamma`` fraction of largest-magnitude entries (outliers) and then the smallest ones, so
+    that a ``density`` fraction is kept: with ``n_top = floor(gamma * n)`` and ``n_keep = floor(density * n)``
+    (``n_top`` reduced if ``n_top + n_keep > n``), the kept entries are those whose magnitude is below the
+    ``n_top``-th largest and at least the ``(n_top + n_keep)``-th largest. Ties at either edge are resolved
+    by the same ``>=``/``<`` thresholds, so tied magnitudes may shift the count slightly.
+    ``density == 1`` returns a copy (nothing removed, as in mergekit).
+    """
+    _check_density(density)
+    if not (0.0 <= gamma < 1.0):
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if density >= 1.0 or tau.numel() == 0:
+        return tau.clone()
+    n = tau.numel()
+    n_keep = keep_count(n, density)
+    n_top = min(int(math.floor(gamma * n)), n - n_keep)
+    mag = tau.abs()
+    low = float(kth_largest(mag, n_top + n_keep))
+    keep = mag >= low
+    if n_top > 0:
+        high = float(kth_largest(mag, n_top))
+        keep &= mag < high
+    return tau * keep
+
+
+def drop(
+    tau: torch.Tensor,
+    density: float,
+    *,
+    rescale: Rescale = "inverse",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE: random drop and rescale (Yu et al. 2024, "Language Models are Super Mario", eq. 2).
+
+    Each entry is kept independently with probability ``density = 1 - p`` (``m_j ~ Bernoulli(density)``),
+    then the survivors are rescaled:
+
+    - ``inverse`` (paper, PEFT, FusionBench; default): ``drop(tau) = m * tau / density``, so
+      ``E[drop(tau)] = tau``;
+    - ``l1`` (mergekit's ``rescale``): ``m * tau * ||tau||_1 / ||m * tau||_1``, matching the L1 norm;
+    - ``none``: ``m * tau``.
+
+    ``density == 1`` returns a copy. ``generator`` makes the mask reproducible.
+    """
+    _check_density(density)
+    if rescale not in ("inverse", "l1", "none"):
+        raise ValueError(f"rescale must be 'inverse', 'l1' or 'none', got {rescale!r}")
+    if density >= 1.0:
+        return tau.clone()
+    mask = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+    out = tau * mask
+    if rescale == "inverse":
+        out.div_(density)
+    elif rescale == "l1":
+        before = float(tau.abs().sum())
+        after = float(out.abs().sum())
+        if before > 0 and after > 0:
+            out.mul_(before / after)
+    return out
