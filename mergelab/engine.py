@@ -1,0 +1,377 @@
+"""The streaming merge engine: checkpoints -> task vectors -> operators -> merged tensors -> writer.
+
+Memory model. Tensors are processed one name at a time, in the base model's storage order: the engine
+reads that tensor from the base and from every expert (lazily, from disk), hands them to the method,
+casts the result and streams it to the :class:`~mergelab.checkpoints.CheckpointWriter`, then drops all of
+them. Peak memory is therefore what the method needs for one tensor (the inputs in storage dtype plus a few
+float32 working copies), independent of the model size; the number of inputs enters only through that one
+tensor. A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two extra streaming
+passes (:class:`mergelab.ops.StreamingKthLargest`), never from concatenating models.
+
+Rules applied to every merge:
+
+- keys, shapes and dtype kinds are checked from the headers before any data is read: missing or extra
+  tensors, shape mismatches and float-vs-integer mismatches are errors naming the file and tensor;
+- floating tensors stored in different precisions (say a bf16 base and an fp32 expert) are merged in
+  float32 (float64 if any input is float64) and written in the output dtype; a warning says so;
+- integer and bool tensors (BatchNorm's ``num_batches_tracked``, position ids, masks) are never averaged:
+  they are copied from the base model (the first model when there is no base);
+- NaN or Inf in an input tensor is an error naming the file and tensor (checked on every tensor read,
+  cheaply: a finite sum proves every entry finite; only a non-finite sum triggers the exact check);
+- the output is written atomically: a failed merge leaves nothing at the target path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import ctypes
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
+from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMismatchError
+from mergelab.methods import Method, MethodParams, TensorInputs, get_method
+from mergelab.ops import StreamingKthLargest, keep_count
+from mergelab.provenance import environment, input_digest
+from mergelab.spec import MergeSpec, load_spec, parse_spec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS at once.
+
+    Merging allocates and frees tensors of tens of MB per tensor; by default each such allocation is a
+    fresh ``mmap`` whose pages fault in on first touch, which made element-wise work 3-4x slower than the
+    arithmetic itself (measured in ``bench/merge_throughput.py``). Setting ``M_MMAP_MAX = 0`` and a large
+    ``M_TRIM_THRESHOLD`` makes freed blocks reusable; peak RSS is unchanged (it is the peak either way).
+    A no-op where glibc's ``mallopt`` is unavailable. Process-wide, so it is applied once, by the engine.
+    """
+    if getattr(reuse_freed_memory, "_done", False):
+        return
+    reuse_freed_memory._done = True  # type: ignore[attr-defined]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device: 'cuda' was requested but no CUDA device is available (use cpu or auto)")
+    return torch.device(device)
+
+
+def _check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if torch.isfinite(tensor.sum()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        n_nan = int(torch.isnan(tensor).sum())
+        raise NonFiniteError(
+            f"{where}: tensor '{name}' holds {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf); "
+            "refusing to merge"
+        )
+
+
+class _Inputs:
+    """The opened checkpoints of one merge, validated against each other from their headers."""
+
+    def __init__(self, spec: MergeSpec, method: Method) -> None:
+        self.readers: list[CheckpointReader] = []
+        self.warnings: list[str] = []
+        try:
+            self.base = open_checkpoint(spec.base) if spec.base is not None else None
+            if self.base is not None:
+                self.readers.append(self.base)
+            self.experts = []
+            for entry in spec.models:
+                reader = open_checkpoint(entry.path)
+                self.readers.append(reader)
+                self.experts.append(reader)
+            self.reference = self.base if self.base is not None else self.experts[0]
+            self.names = self.reference.keys()
+            self._validate(method)
+        except BaseException:
+            self.close()
+            raise
+
+    def _validate(self, method: Method) -> None:
+        ref = self.reference
+        ref_keys = set(self.names)
+        for reader in self.readers:
+            if reader is ref:
+                continue
+            keys = set(reader.keys())
+            missing = [n for n in self.names if n not in keys]
+            extra = sorted(keys - ref_keys)
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} tensor(s) present in {ref.path}: {_few(missing)}")
+                if extra:
+                    parts.append(f"has {len(extra)} tensor(s) not in {ref.path}: {_few(extra)}")
+                raise TensorMismatchError(f"{reader.path}: " + "; ".join(parts))
+        mixed: set[str] = set()
+        for name in self.names:
+            info = ref.info(name)
+            for reader in self.readers:
+                if reader is ref:
+                    continue
+                other = reader.info(name)
+                if tuple(other.shape) != tuple(info.shape):
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{name}' has shape {tuple(other.shape)} but {info.file} has "
+                        f"{tuple(info.shape)}"
+                    )
+                if other.dtype.is_floating_point != info.dtype.is_floating_point:
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{name}' is {other.dtype} but {info.file} has {info.dtype}; "
+                        "floating and integer tensors cannot be merged"
+                    )
+                if other.dtype != info.dtype:
+                    mixed.add(f"{name} ({info.dtype} vs {other.dtype} in {other.file})")
+        if mixed:
+            msg = (
+                f"inputs store {len(mixed)} tensor(s) in different floating dtypes, e.g. {_few(sorted(mixed), 2)}; "
+                "they are merged in float32 (float64 if an input is float64) and written in the output dtype"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
+
+    def load(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        def get(reader: CheckpointReader) -> torch.Tensor:
+            tensor = reader.get(name)
+            _check_finite(tensor, str(reader.info(name).file), name)
+            return tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
+
+        base = get(self.base) if self.base is not None else None
+        return base, [get(r) for r in self.experts]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            with contextlib.suppress(Exception):
+                reader.close()
+
+
+def _few(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) if not i.endswith(")") else i for i in items[:n])
+    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+class _ParamResolver:
+    """Per-tensor parameters: the spec's parameters, updated by the first override whose pattern matches."""
+
+    def __init__(self, spec: MergeSpec, method: Method) -> None:
+        self.default = method.parse_params(spec.parameters)
+        self.rules = [
+            (o, method.parse_params({**spec.parameters, **o.parameters}, where=f"overrides[{i}] ({o.pattern!r})"))
+            for i, o in enumerate(spec.overrides)
+        ]
+
+    def __call__(self, name: str) -> MethodParams:
+        for override, params in self.rules:
+            if override.matches(name):
+                return params
+        return self.default
+
+
+def _check_models(spec: MergeSpec, method: Method) -> None:
+    n = len(spec.models)
+    if n < method.min_models:
+        raise SpecError(f"models: method '{method.name}' needs at least {method.min_models} models, got {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise SpecError(f"models: method '{method.name}' takes at most {method.max_models} models, got {n}")
+    if method.needs_base and spec.base is None:
+        raise SpecError(f"base: method '{method.name}' needs a base model (the pretrained checkpoint)")
+    if method.name == "slerp" and n == 1 and spec.base is None:
+        raise SpecError("base: slerp with one model interpolates from the base model; give base or two models")
+    if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):
+        raise SpecError(f"models: method '{method.name}' does not use per-model weights; remove 'weight'")
+    if method.uses_weights and method.name == "weight_average" and sum(m.weight for m in spec.models) == 0:
+        raise SpecError("models: the weights sum to zero; weight averaging is undefined")
+
+
+def _compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.dtype:
+    tensors = ([base] if base is not None else []) + list(experts)
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _global_thresholds(
+    inputs: _Inputs, method: Method, params_of: _ParamResolver, device: torch.device, progress: bool
+) -> dict[str, list[float]]:
+    """Whole-model trim thresholds: for each group of tensors sharing a density, each expert's k-th largest
+    |tau| over the group (k = floor(density * group size)), by two streaming passes."""
+    groups: dict[float, list[str]] = defaultdict(list)
+    for name in inputs.names:
+        info = inputs.reference.info(name)
+        if not info.dtype.is_floating_point:
+            continue
+        density = method.global_trim_density(params_of(name))
+        if density is not None:
+            groups[density].append(name)
+    if not groups:
+        return {}
+    thresholds: dict[str, list[float]] = {}
+    n_exp = len(inputs.experts)
+    for density, names in groups.items():
+        total = sum(math.prod(inputs.reference.info(n).shape) for n in names)
+        selectors = [StreamingKthLargest(total, keep_count(total, density)) for _ in range(n_exp)]
+
+        def stream(observe: str, desc: str) -> None:
+            for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
+                base, experts = inputs.load(name, device)
+                dtype = _compute_dtype(base, experts)
+                b = base.to(dtype)
+                for sel, e in zip(selectors, experts):
+                    getattr(sel, observe)((e.to(dtype) - b).abs_())
+
+        stream("observe_sample", f"global threshold (density {density}): sampling")
+        pending = list(range(n_exp))
+        values: list[float | None] = [None] * n_exp
+        while pending:
+            for i in pending:
+                selectors[i].bracket()
+            stream("observe_exact", f"global threshold (density {density}): selecting")
+            for i in pending:
+                values[i] = selectors[i].result()
+            pending = [i for i in pending if values[i] is None]
+        for name in names:
+            thresholds[name] = [float(v) for v in values]  # type: ignore[arg-type]
+    return thresholds
+
+
+def _record(spec: MergeSpec, method: Method, params: MethodParams) -> dict[str, Any]:
+    return {
+        "method": method.name,
+        "parameters": params.model_dump(by_alias=True),
+        "overrides": [o.model_dump() for o in spec.overrides],
+        "dtype": spec.dtype,
+        "environment": environment(),
+    }
+
+
+def merge(
+    spec: MergeSpec | Mapping[str, Any] | str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    hash_inputs: bool = True,
+) -> MergeResult:
+    """Merge the checkpoints described by ``spec`` into a safetensors folder at ``out_dir``.
+
+    ``spec`` is a :class:`~mergelab.spec.MergeSpec`, a mapping of the same shape, or the path of a YAML file.
+    The output folder holds the (sharded) weights, the base model's config/tokenizer files, and
+    ``mergelab_merge.json`` (method, resolved parameters, inputs with SHA-256 content hashes, versions).
+    Raises :class:`~mergelab.errors.MergeLabError` subclasses on bad input; nothing is written then.
+    """
+    started = time.perf_counter()
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec)
+    else:
+        spec = parse_spec(spec)
+    method = get_method(spec.method)
+    _check_models(spec, method)
+    params_of = _ParamResolver(spec, method)
+    device = _resolve_device(spec.device)
+    out_dtype = _DTYPES.get(spec.dtype)
+    reuse_freed_memory()
+
+    inputs = _Inputs(spec, method)
+    try:
+        record = _record(spec, method, params_of.default)
+        record["inputs"] = {
+            "base": None if inputs.base is None else _describe(inputs.base, None, hash_inputs),
+            "models": [
+                _describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)
+            ],
+        }
+        plan = []
+        for name in inputs.names:
+            info = inputs.reference.info(name)
+            dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+            plan.append((name, tuple(info.shape), dtype))
+
+        thresholds = _global_thresholds(inputs, method, params_of, device, progress)
+        weights = [m.weight for m in spec.models]
+        total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
+        with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite) as writer:
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge ({method.name})",
+                       disable=not progress)
+            with bar:
+                for name, shape, dtype in plan:
+                    base, experts = inputs.load(name, device)
+                    if not dtype.is_floating_point:
+                        merged = (base if base is not None else experts[0]).to(dtype)
+                    else:
+                        tensor_inputs = TensorInputs(
+                            name=name, base=base, experts=experts, weights=weights,
+                            thresholds=thresholds.get(name), compute_dtype=_compute_dtype(base, experts),
+                        )
+                        merged = method.merge(tensor_inputs, params_of(name))
+                        del tensor_inputs
+                        merged = merged.to(dtype)
+                        _check_finite(merged, f"merge result ({method.name})", name)
+                    del base, experts
+                    writer.write(name, merged.cpu())
+                    del merged
+                    bar.update(_nbytes(shape, dtype))
+            seconds = time.perf_counter() - started
+            record["seconds"] = round(seconds, 3)
+            record["warnings"] = inputs.warnings
+            path = writer.finish(
+                copy_files_from=inputs.reference.config_dir, record=record
+            )
+    finally:
+        inputs.close()
+    log.info("merged %d tensors with %s into %s in %.1f s", len(plan), method.name, path, seconds)
+    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total_bytes,
+                       seconds=seconds, warnings=inputs.warnings, record=record)
+
+
+def _describe(reader: CheckpointReader, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "path": str(reader.path),
+        "files": [
+            {"path": str(f), "sha256": input_digest(f) if hash_inputs else None} for f in reader.files
+        ],
+    }
+    if weight is not None:
+        out["weight"] = weight
+    return out
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n

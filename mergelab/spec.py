@@ -1,0 +1,170 @@
+"""The merge specification (YAML or Python), validated with pydantic at the boundary.
+
+```yaml
+method: ties            # weight_average | task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | model_stock | slerp
+base: path/to/base      # folder or file (optional for weight_average and slerp with two models)
+models:
+  - path: path/to/expert1
+    weight: 1.0
+parameters:             # method parameters (see `mergelab methods`)
+  density: 0.2
+  lambda: 1.0
+overrides:              # per-tensor parameters by name pattern; the first matching pattern wins
+  - pattern: "*attention*"          # fnmatch glob on the tensor name, or "re:<regex>" (re.search)
+    parameters: {density: 0.5}
+dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
+device: cpu             # cpu | cuda | auto (cuda when available)
+shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
+```
+
+Relative paths in a YAML file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergelab.errors import SpecError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"``, ``"1.5GiB"`` (decimal unless ``i``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"not a size: {value!r} (use e.g. 500MB, 2GB or a number of bytes)")
+        unit = (m.group(2) or "").lower().rstrip("b")
+        size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"weight must be finite, got {v}")
+        return v
+
+
+class Override(BaseModel):
+    """Parameters for the tensors whose name matches ``pattern`` (glob, or ``re:<regex>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    parameters: dict[str, Any]
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, v: str) -> str:
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v[3:]!r}: {exc}") from None
+        return v
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.search(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+class MergeSpec(BaseModel):
+    """A validated merge specification. See the module docstring for the YAML form."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    base: Path | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[Override] = Field(default_factory=list)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    shard_size: int = 2 * 10**9
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_entries(cls, v: Any) -> Any:
+        # allow a bare list of paths
+        if isinstance(v, list):
+            return [{"path": item} if isinstance(item, (str, Path)) else item for item in v]
+        return v
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    def resolve_paths(self, root: Path) -> MergeSpec:
+        """A copy with relative paths made relative to ``root`` (the YAML file's folder)."""
+        def fix(p: Path) -> Path:
+            p = p.expanduser()
+            return p if p.is_absolute() else (root / p)
+
+        return self.model_copy(update={
+            "base": None if self.base is None else fix(self.base),
+            "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
+        })
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field (allowed: {', '.join(MergeSpec.model_fields)})"
+        lines.append(f"  {loc}: {msg}")
+    return f"{source}: invalid merge spec:\n" + "\n".join(lines)
+
+
+def parse_spec(data: Mapping[str, Any] | MergeSpec, *, source: str = "spec", root: Path | None = None) -> MergeSpec:
+    """Validate a mapping (or pass a :class:`MergeSpec` through), raising :class:`SpecError` with every problem."""
+    if isinstance(data, MergeSpec):
+        spec = data
+    else:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{source}: a merge spec must be a mapping, got {type(data).__name__}")
+        try:
+            spec = MergeSpec.model_validate(dict(data))
+        except ValidationError as exc:
+            raise SpecError(_format_errors(exc, source)) from None
+    return spec.resolve_paths(root) if root is not None else spec
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise SpecError(f"{path}: the spec is empty")
+    return parse_spec(data, source=str(path), root=path.resolve().parent)
