@@ -503,6 +503,7 @@ def test_writer_copies_config_and_tokenizer_files_but_not_weights(tmp_path: Path
     src = tmp_path / "src"
     (src / "1_Pooling").mkdir(parents=True)
     (src / "2_Dense").mkdir()
+    (src / ".cache/huggingface/download").mkdir(parents=True)
     support = [
         "config.json",
         "tokenizer.json",
@@ -525,6 +526,7 @@ def test_writer_copies_config_and_tokenizer_files_but_not_weights(tmp_path: Path
         "optimizer.pt",
         "mergelab_merge.json",
         "2_Dense/model.safetensors",
+        ".cache/huggingface/download/config.json.metadata",
     ]
     for name in support + weights:
         (src / name).write_text(f"content of {name}")

@@ -137,7 +137,9 @@ def copy_support_files(source: Path, dest: Path) -> list[str]:
     """Copy every non-weight file and sub-folder of ``source`` into ``dest`` (config, tokenizer, ...).
 
     Weight files (:func:`mergelab.checkpoints.layout.is_weight_file`) are skipped at every level: they
-    hold the unmerged weights of the source model. Returns the copied paths relative to ``source``.
+    hold the unmerged weights of the source model (a warning names those skipped inside sub-folders,
+    e.g. a sentence-transformers ``2_Dense`` layer, whose folder is then incomplete). Hidden sub-folders
+    (``.git``, ``.cache``) are skipped. Returns the copied paths relative to ``source``.
     """
     source = Path(source)
     if not source.is_dir():
@@ -148,6 +150,8 @@ def copy_support_files(source: Path, dest: Path) -> list[str]:
         rel = src.relative_to(source)
         if src.is_dir():
             continue
+        if any(part.startswith(".") for part in rel.parts[:-1]):
+            continue  # .git, .cache (download bookkeeping) and other hidden folders
         if is_weight_file(src.name):
             if len(rel.parts) > 1:
                 skipped_nested.append(str(rel))
@@ -394,6 +398,14 @@ class CheckpointWriter:
         if tmp is not None and not self._finished:
             shutil.rmtree(tmp, ignore_errors=True)
             logger.debug("aborted writing %s; removed %s", self.out_dir, tmp)
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_tmp", None) is not None and not self._finished:
+                logger.warning("%s: writer discarded without finish(); removing %s", self.out_dir, self._tmp)
+                self.abort()
+        except Exception:  # interpreter shutdown; nothing useful to do
+            pass
 
     def __enter__(self) -> CheckpointWriter:
         return self
