@@ -123,7 +123,7 @@ class StreamingKthLargest:
         return lo, hi
 
     def observe_exact(self, values: torch.Tensor) -> None:
-        flat = values.reshape(-1).float()
+        flat = values.reshape(-1).to(torch.promote_types(values.dtype, torch.float32))  # float64 stays exact
         if self._lo != -math.inf:
             self._below += int(torch.count_nonzero(flat < self._lo))
         self._inside.append(flat[(flat >= self._lo) & (flat <= self._hi)].cpu())
