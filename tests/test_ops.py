@@ -1,0 +1,419 @@
+"""Tests for mergelab.ops against closed-form references: exact selection, sparsifiers, consensus, geometry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergelab import ops
+from mergelab.ops.select import StreamingKthLargest, keep_count, kth_largest, kth_largest_of_stream
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run each test on one intra-op thread: these tensors are small, and on a shared 2-core machine under
+    load, OpenMP's thread barriers made element-wise ops 100x slower (a timing artefact, not a result)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ref_kth(x: torch.Tensor, k: int) -> float:
+    """k-th largest by a full descending sort (the obvious, slow reference)."""
+    return float(torch.sort(x.reshape(-1), descending=True).values[k - 1])
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 4097, 65536, 65537, 70001, 300_000])
+def test_kth_largest_matches_sort_on_random_sizes(n: int) -> None:
+    g = _gen(n)
+    x = torch.randn(n, generator=g)
+    s = torch.sort(x, descending=True).values
+    ks = {1, n, max(1, n // 2), max(1, n // 5), max(1, n - 3), min(n, 3), max(1, int(0.999 * n))}
+    for k in sorted(ks):
+        got = kth_largest(x, k)
+        assert got.dtype == x.dtype and got.dim() == 0
+        assert float(got) == float(s[k - 1]), (n, k)
+    k = max(1, n // 5)
+    assert float(kth_largest(x, k)) == float(torch.topk(x, k).values[-1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_largest_sampling_path_many_ranks(seed: int) -> None:
+    # > 65536 entries: the sample-and-bracket path runs; several seeds of the selector, several ranks
+    n = 100_000 + 1234 * seed
+    x = torch.randn(n, generator=_gen(100 + seed)) * 3 - 1  # mostly negative and positive values
+    s = torch.sort(x, descending=True).values
+    for k in (1, 2, 17, n // 10, n // 3, n // 2, n - 100, n - 1, n):
+        assert float(kth_largest(x, k, seed=seed)) == float(s[k - 1]), k
+
+
+def test_kth_largest_with_many_ties_and_negative_values() -> None:
+    # 200k entries drawn from 7 values, all non-positive except one: ranks land inside long runs of ties
+    g = _gen(5)
+    x = torch.randint(-6, 1, (200_000,), generator=g).float()
+    x[123] = 2.5
+    s = torch.sort(x, descending=True).values
+    for k in (1, 2, 3, 1000, 28_000, 28_600, 100_000, 199_999, 200_000):
+        assert float(kth_largest(x, k)) == float(s[k - 1]), k
+    # all equal
+    c = torch.full((70_000,), -0.25)
+    assert float(kth_largest(c, 1)) == -0.25 and float(kth_largest(c, 70_000)) == -0.25
+
+
+def test_kth_largest_multidimensional_and_float64() -> None:
+    x = torch.randn(300, 301, generator=_gen(9), dtype=torch.float64)
+    s = torch.sort(x.reshape(-1), descending=True).values
+    for k in (1, 5000, 90_300):
+        got = kth_largest(x, k)
+        assert got.dtype == torch.float64
+        assert float(got) == float(s[k - 1])
+
+
+@pytest.mark.parametrize("k", [0, -1, 11])
+def test_kth_largest_rejects_out_of_range_k(k: int) -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        kth_largest(torch.zeros(10), k)
+
+
+@pytest.mark.parametrize(
+    "sizes", [[5], [3, 1, 4], [70_000, 10, 50_000], [1, 1, 1, 1], [0, 200_000, 0, 17], [65_536, 65_537]]
+)
+def test_streaming_kth_equals_concatenated(sizes: list[int]) -> None:
+    g = _gen(sum(sizes))
+    tensors = [torch.randn(s, generator=g) * (i + 1) for i, s in enumerate(sizes)]
+    cat = torch.cat(tensors)
+    n = cat.numel()
+    s = torch.sort(cat, descending=True).values
+    for k in sorted({1, n, max(1, n // 2), max(1, n // 7), max(1, n - 1)}):
+        assert kth_largest_of_stream(tensors, n, k) == float(s[k - 1]), (sizes, k)
+
+
+def test_streaming_kth_by_hand_passes_with_retry_loop() -> None:
+    # drive the two-pass protocol by hand, as the engine does, on a tensor with long runs of ties
+    tensors = [torch.tensor([3.0, 3.0, 1.0]), torch.tensor([3.0, 2.0]), torch.tensor([0.5] * 4)]
+    total, k = 9, 4  # sorted descending: 3 3 3 2 1 .5 .5 .5 .5
+    sel = StreamingKthLargest(total, k)
+    for t in tensors:
+        sel.observe_sample(t)
+    value = None
+    for _ in range(10):
+        sel.bracket()
+        for t in tensors:
+            sel.observe_exact(t)
+        value = sel.result()
+        if value is not None:
+            break
+    assert value == 2.0
+
+
+def test_streaming_kth_is_exact_for_float64() -> None:
+    # the k-th largest of float64 values must come back exactly, not rounded to float32: the engine uses
+    # it as a '>=' threshold, and a threshold rounded up drops the k-th entry
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    for k in range(1, 6):
+        v = kth_largest_of_stream([x], 5, k)
+        assert v == _ref_kth(x, k), k
+        assert int((ops.trim(x, 0.5, threshold=v) != 0).sum()) == k
+
+
+def test_streaming_kth_rejects_bad_k() -> None:
+    with pytest.raises(ValueError):
+        StreamingKthLargest(10, 0)
+    with pytest.raises(ValueError):
+        StreamingKthLargest(10, 11)
+
+
+@pytest.mark.parametrize(
+    ("numel", "density", "expected"),
+    [(10, 0.2, 2), (10, 0.25, 2), (10, 0.29, 2), (10, 1.0, 10), (3, 0.01, 1), (0, 0.5, 0), (7, 0.5, 3),
+     (1000, 0.001, 1), (1000, 0.0015, 1), (1, 1e-9, 1)],
+)
+def test_keep_count_is_floor_with_minimum_one(numel: int, density: float, expected: int) -> None:
+    assert keep_count(numel, density) == expected
+
+
+# ---------------------------------------------------------------------------------------------- trim
+
+
+def test_trim_hand_computed() -> None:
+    tau = torch.tensor([0.1, -0.5, 0.3, -0.2, 0.05])
+    out = ops.trim(tau, 0.4)  # k = floor(0.4 * 5) = 2: keep the two largest magnitudes, -0.5 and 0.3
+    assert torch.equal(out, torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0]))
+    assert torch.equal(tau, torch.tensor([0.1, -0.5, 0.3, -0.2, 0.05]))  # input untouched
+    # density 0.6 -> k = 3 -> adds -0.2; density 0.1 -> k = max(1, 0) = 1 -> only -0.5
+    assert torch.equal(ops.trim(tau, 0.6), torch.tensor([0.0, -0.5, 0.3, -0.2, 0.0]))
+    assert torch.equal(ops.trim(tau, 0.1), torch.tensor([0.0, -0.5, 0.0, 0.0, 0.0]))
+
+
+def test_trim_keeps_all_entries_tied_with_the_threshold() -> None:
+    tau = torch.tensor([[1.0, -2.0], [2.0, 0.5]])
+    # k = 1: the threshold is 2, and both entries of magnitude 2 are kept (|tau| >= t)
+    assert torch.equal(ops.trim(tau, 0.25), torch.tensor([[0.0, -2.0], [2.0, 0.0]]))
+
+
+def test_trim_with_given_threshold() -> None:
+    tau = torch.tensor([0.1, -0.5, 0.3, -0.2, 0.05])
+    # the threshold overrides the density-derived one (global scope); the density only has to be valid
+    assert torch.equal(ops.trim(tau, 0.2, threshold=0.2), torch.tensor([0.0, -0.5, 0.3, -0.2, 0.0]))
+    assert torch.equal(ops.trim(tau, 0.2, threshold=0.05), tau)
+    assert torch.equal(ops.trim(tau, 0.2, threshold=10.0), torch.zeros(5))
+
+
+def test_trim_density_one_is_identity_copy() -> None:
+    tau = torch.randn(33, generator=_gen(1))
+    out = ops.trim(tau, 1.0)
+    assert torch.equal(out, tau) and out.data_ptr() != tau.data_ptr()
+
+
+def test_trim_large_tensor_keeps_exactly_k() -> None:
+    tau = torch.randn(100_003, generator=_gen(2))
+    out = ops.trim(tau, 0.2)
+    k = keep_count(tau.numel(), 0.2)
+    assert int((out != 0).sum()) == k
+    kept = tau.abs() >= torch.topk(tau.abs(), k).values[-1]
+    assert torch.equal(out, tau * kept)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_trim_rejects_bad_density(density: float) -> None:
+    with pytest.raises(ValueError, match="density"):
+        ops.trim(torch.ones(4), density)
+
+
+# ----------------------------------------------------------------------------------------- trim_band
+
+
+def test_trim_band_hand_computed() -> None:
+    # magnitudes descending: 10 (idx 3), 9, 8, 7, 6, 5, 4, 3, 2, 1 (idx 0)
+    tau = torch.tensor([1.0, -2.0, 3.0, -10.0, 9.0, 4.0, -5.0, 6.0, -7.0, 8.0])
+    # gamma 0.1 -> n_top = 1 removes |10|; density 0.5 -> n_keep = 5 keeps magnitudes 9, 8, 7, 6, 5
+    out = ops.trim_band(tau, 0.5, 0.1)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0, 0.0, -5.0, 6.0, -7.0, 8.0]))
+    # gamma 0.2 -> removes 10, 9; density 0.3 -> keeps 8, 7, 6
+    out = ops.trim_band(tau, 0.3, 0.2)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 6.0, -7.0, 8.0]))
+    # gamma 0 -> plain top-k trim
+    assert torch.equal(ops.trim_band(tau, 0.3, 0.0), ops.trim(tau, 0.3))
+    # n_top + n_keep > n: n_top is reduced to n - n_keep = 1 (density 0.9, gamma 0.5)
+    out = ops.trim_band(tau, 0.9, 0.5)
+    assert torch.equal(out, tau.masked_fill(tau.abs() == 10, 0))
+
+
+def test_trim_band_density_one_and_bad_arguments() -> None:
+    tau = torch.randn(20, generator=_gen(3))
+    assert torch.equal(ops.trim_band(tau, 1.0, 0.3), tau)
+    with pytest.raises(ValueError, match="gamma"):
+        ops.trim_band(tau, 0.5, 1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        ops.trim_band(tau, 0.5, -0.1)
+    with pytest.raises(ValueError, match="density"):
+        ops.trim_band(tau, 0.0, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- drop
+
+
+def test_drop_density_one_is_identity() -> None:
+    tau = torch.randn(50, generator=_gen(4))
+    for rescale in ("inverse", "l1", "none"):
+        out = ops.drop(tau, 1.0, rescale=rescale, generator=_gen(0))
+        assert torch.equal(out, tau) and out.data_ptr() != tau.data_ptr()
+
+
+def test_drop_mask_reproducible_with_seeded_generator() -> None:
+    tau = torch.randn(1000, generator=_gen(5))
+    a = ops.drop(tau, 0.3, generator=_gen(42))
+    b = ops.drop(tau, 0.3, generator=_gen(42))
+    c = ops.drop(tau, 0.3, generator=_gen(43))
+    assert torch.equal(a, b)
+    assert not torch.equal(a != 0, c != 0)
+    # the mask is Bernoulli(density) per entry: torch.rand(shape) < density with that generator
+    expected_mask = torch.rand(tau.shape, generator=_gen(42)) < 0.3
+    assert torch.equal(a != 0, expected_mask)
+
+
+def test_drop_inverse_rescale_exact_on_kept_entries() -> None:
+    tau = torch.randn(2000, generator=_gen(6)) + 0.01  # no exact zeros
+    density = 0.3
+    out = ops.drop(tau, density, rescale="inverse", generator=_gen(1))
+    kept = out != 0
+    assert 0.25 < kept.float().mean() < 0.35  # ~ Binomial(2000, 0.3) / 2000, 5 sigma = 0.05
+    assert torch.equal(out[kept], tau[kept] / density)
+    none = ops.drop(tau, density, rescale="none", generator=_gen(1))
+    assert torch.equal(none[kept], tau[kept]) and torch.equal(none != 0, kept)
+
+
+def test_drop_l1_rescale_preserves_l1_norm() -> None:
+    tau = torch.randn(3000, generator=_gen(7), dtype=torch.float64)
+    out = ops.drop(tau, 0.2, rescale="l1", generator=_gen(2))
+    assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-12)
+    kept = out != 0
+    ratio = out[kept] / tau[kept]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # one common factor on every kept entry
+
+
+def test_drop_expected_value_is_tau() -> None:
+    # E[m tau / d] = tau. Per entry, drop(tau)_j is tau_j/d w.p. d, else 0: variance tau_j^2 (1-d)/d.
+    # The mean over S = 4000 seeds has standard deviation |tau_j| sqrt((1-d)/(d S)) = 0.0158 |tau_j| at
+    # d = 0.5; a tolerance of 6 standard deviations (0.095 |tau_j|) fails by chance with probability
+    # ~2e-9 per entry (and the seeds are fixed, so the test is deterministic anyway).
+    tau = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.25, 0.0], dtype=torch.float64)
+    d, S = 0.5, 4000
+    acc = torch.zeros_like(tau)
+    for seed in range(S):
+        acc += ops.drop(tau, d, generator=_gen(seed))
+    mean = acc / S
+    tol = 6 * tau.abs() * math.sqrt((1 - d) / (d * S))
+    assert torch.all((mean - tau).abs() <= tol), (mean, tau)
+    assert mean[-1] == 0  # a zero entry stays zero
+
+
+def test_drop_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="density"):
+        ops.drop(torch.ones(3), 0.0)
+    with pytest.raises(ValueError, match="rescale"):
+        ops.drop(torch.ones(3), 0.5, rescale="l2")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- consensus
+
+
+def test_elect_sign_mass_vs_count_differ() -> None:
+    # entry 0: +5 vs -1, -1 -> mass +, count -; entry 1: all agree +; entry 2: +1 vs -1 (exact tie) -> 0
+    taus = [torch.tensor([5.0, 1.0, 1.0]), torch.tensor([-1.0, 2.0, -1.0]), torch.tensor([-1.0, 3.0, 0.0])]
+    assert torch.equal(ops.elect_sign(taus, by="mass"), torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.equal(ops.elect_sign(taus, by="count"), torch.tensor([-1.0, 1.0, 0.0]))
+    # weights enter the mass rule: w = (0.1, 1, 1) -> 0.5 - 1 - 1 < 0
+    assert float(ops.elect_sign(taus, [0.1, 1.0, 1.0], by="mass")[0]) == -1.0
+    with pytest.raises(ValueError, match="sign election"):
+        ops.elect_sign(taus, by="median")  # type: ignore[arg-type]
+    # inputs are not modified
+    assert torch.equal(taus[0], torch.tensor([5.0, 1.0, 1.0]))
+
+
+def test_disjoint_mean_count_vs_weight_divisor() -> None:
+    taus = [torch.tensor([2.0, 1.0, -1.0, 0.0]), torch.tensor([4.0, -3.0, 1.0, 0.0]),
+            torch.tensor([-1.0, 2.0, 0.0, 0.0])]
+    w = [1.0, 3.0, 2.0]
+    sign = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    # entry 0: agreeing {0, 1}: count (1*2 + 3*4)/2 = 7;   weight (2 + 12)/(1 + 3) = 3.5
+    # entry 1: agreeing {0, 2}: count (1*1 + 2*2)/2 = 2.5; weight (1 + 4)/(1 + 2) = 5/3
+    # entry 2: elected sign 0 -> nobody agrees -> 0;       entry 3: all zero -> 0
+    count = ops.disjoint_mean(taus, sign, w, divisor="count")
+    weight = ops.disjoint_mean(taus, sign, w, divisor="weight")
+    assert torch.allclose(count, torch.tensor([7.0, 2.5, 0.0, 0.0]))
+    assert torch.allclose(weight, torch.tensor([3.5, 5.0 / 3.0, 0.0, 0.0]))
+    # with unit weights the two coincide
+    assert torch.equal(ops.disjoint_mean(taus, sign, divisor="count"), ops.disjoint_mean(taus, sign, divisor="weight"))
+    with pytest.raises(ValueError, match="divisor"):
+        ops.disjoint_mean(taus, sign, divisor="sum")  # type: ignore[arg-type]
+
+
+def test_disjoint_mean_entry_without_agreeing_model_is_zero() -> None:
+    taus = [torch.tensor([1.0, -1.0]), torch.tensor([2.0, -3.0])]
+    sign = torch.tensor([-1.0, 1.0])  # nobody agrees anywhere
+    out = ops.disjoint_mean(taus, sign)
+    assert torch.equal(out, torch.zeros(2)) and torch.all(torch.isfinite(out))
+
+
+def test_weighted_sum_and_mean() -> None:
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -4.0])
+    assert torch.equal(ops.weighted_sum([a, b], [2.0, 0.5]), torch.tensor([3.5, 2.0]))
+    assert torch.allclose(ops.weighted_mean([a, b], [1.0, 3.0]), torch.tensor([2.5, -2.5]))
+    assert torch.equal(a, torch.tensor([1.0, 2.0]))  # not modified in place
+    with pytest.raises(ValueError, match="zero"):
+        ops.weighted_mean([a, b], [1.0, -1.0])
+    with pytest.raises(ValueError, match="weights"):
+        ops.weighted_sum([a, b], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        ops.weighted_sum([], [])
+    assert torch.equal(ops.scale(a, -2.0), torch.tensor([-2.0, -4.0]))
+
+
+# ----------------------------------------------------------------------------------------- geometry
+
+
+def test_slerp_endpoints() -> None:
+    a = torch.randn(4, 5, generator=_gen(8))
+    b = torch.randn(4, 5, generator=_gen(9))
+    assert torch.allclose(ops.slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(ops.slerp(a, b, 1.0), b, atol=1e-6)
+
+
+def test_slerp_orthogonal_unit_vectors_midpoint() -> None:
+    a = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    mid = ops.slerp(a, b, 0.5)
+    assert torch.allclose(mid, (a + b) / math.sqrt(2), atol=1e-12)
+    # t = 1/3 of a right angle: (cos 30deg, sin 30deg)
+    third = ops.slerp(a, b, 1 / 3)
+    assert torch.allclose(third, torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6), 0.0],
+                                              dtype=torch.float64), atol=1e-12)
+    # unnormalised inputs keep their scale along the arc: 2a, 2b -> 2 (a+b)/sqrt 2
+    assert torch.allclose(ops.slerp(2 * a, 2 * b, 0.5), 2 * (a + b) / math.sqrt(2), atol=1e-12)
+
+
+def test_slerp_parallel_and_zero_vectors_fall_back_to_lerp() -> None:
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(ops.slerp(a, 3 * a, 0.25), 1.5 * a)
+    assert torch.allclose(ops.slerp(a, -a, 0.25), 0.5 * a)  # anti-parallel: also lerp
+    z = torch.zeros(3)
+    assert torch.equal(ops.slerp(z, a, 0.5), 0.5 * a)
+    with pytest.raises(ValueError, match="shape"):
+        ops.slerp(a, torch.ones(4), 0.5)
+
+
+@pytest.mark.parametrize("degrees", [30.0, 60.0, 85.0])
+def test_model_stock_ratio_two_models_closed_form(degrees: float) -> None:
+    c = math.cos(math.radians(degrees))
+    s = math.sin(math.radians(degrees))
+    # two task vectors at the constructed angle, with different lengths (the ratio depends only on cos)
+    u = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+    v = 0.5 * torch.tensor([c, s, 0.0], dtype=torch.float64)
+    assert ops.model_stock_ratio([u, v]) == pytest.approx(2 * c / (1 + c), rel=1e-12)
+
+
+def test_model_stock_ratio_n_models_and_edge_cases() -> None:
+    # three mutually orthogonal vectors: cos = 0 -> t = 0; three equal vectors: cos = 1 -> t = 1
+    e = torch.eye(3, dtype=torch.float64)
+    assert ops.model_stock_ratio(list(e)) == pytest.approx(0.0, abs=1e-15)
+    assert ops.model_stock_ratio([e[0], e[0], e[0]]) == pytest.approx(1.0)
+    # N = 3, pairwise cos 0.5 (equilateral directions in 3D): t = 3*.5 / (1 + 2*.5) = 0.75
+    x = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert ops.model_stock_ratio(list(x)) == pytest.approx(0.75, rel=1e-12)
+    assert ops.model_stock_ratio([e[0], torch.zeros(3, dtype=torch.float64)]) == 1.0
+    assert ops.model_stock_ratio([e[0], -e[0]]) == 0.0  # pointing apart: stay at the base
+    with pytest.raises(ValueError, match="two"):
+        ops.model_stock_ratio([e[0]])
+
+
+def test_chain_composes_left_to_right_and_task_vector() -> None:
+    def add_one(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    x = torch.tensor([1.0, -3.0])
+    assert torch.equal(ops.chain(add_one, double)(x), torch.tensor([4.0, -4.0]))  # (x + 1) * 2
+    assert torch.equal(ops.chain(double, add_one)(x), torch.tensor([3.0, -5.0]))  # 2x + 1
+    assert torch.equal(ops.chain()(x), x)
+    # a TIES-style chain: trim then scale
+    tau = torch.tensor([0.1, -0.5, 0.3, -0.2, 0.05])
+    f = ops.chain(lambda t: ops.trim(t, 0.4), lambda t: ops.scale(t, 2.0))
+    assert torch.equal(f(tau), torch.tensor([0.0, -1.0, 0.6, 0.0, 0.0]))
+    theta0 = torch.tensor([1, 2], dtype=torch.bfloat16)
+    tv = ops.task_vector(torch.tensor([1.5, 1.0], dtype=torch.bfloat16), theta0)
+    assert tv.dtype == torch.float32 and torch.equal(tv, torch.tensor([0.5, -1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        ops.task_vector(torch.ones(2), torch.ones(3))
