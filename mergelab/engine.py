@@ -233,7 +233,7 @@ def _global_thresholds(
     groups: dict[float, list[str]] = defaultdict(list)
     for name in inputs.names:
         info = inputs.reference.info(name)
-        if not info.dtype.is_floating_point:
+        if not info.dtype.is_floating_point or math.prod(info.shape) == 0:  # empty: nothing to trim
             continue
         density = method.global_trim_density(params_of(name))
         if density is not None:
