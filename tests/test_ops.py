@@ -417,3 +417,12 @@ def test_chain_composes_left_to_right_and_task_vector() -> None:
     assert tv.dtype == torch.float32 and torch.equal(tv, torch.tensor([0.5, -1.0]))
     with pytest.raises(ValueError, match="shape"):
         ops.task_vector(torch.ones(2), torch.ones(3))
+
+
+@pytest.mark.parametrize("degrees", [90.0, 120.0, 150.0, 179.0])
+def test_model_stock_ratio_is_zero_when_task_vectors_point_apart(degrees: float) -> None:
+    # t = N cos / (1 + (N-1) cos) would extrapolate away from the experts (t = -12.9 at 150 degrees)
+    a = math.radians(degrees)
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)
+    assert ops.model_stock_ratio([u, v]) == 0.0

@@ -22,7 +22,7 @@ from mergelab.errors import SpecError
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown parameters are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 def _finite(value: float, name: str) -> float:

@@ -35,8 +35,12 @@ def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
     """Weight averaging / model soup (Wortsman et al. 2022): ``theta = sum_i w_i theta_i / sum_i w_i``.
 
     The base model is not part of the average (it only supplies the tensor order and config files).
+    Computed as ``theta_1 + sum_i w_i (theta_i - theta_1) / sum_i w_i`` (algebraically equal), so merging
+    identical models returns that model bit-exactly and rounding acts on the small differences only.
     """
-    return ops.weighted_mean([e.to(inp.compute_dtype) for e in inp.experts], inp.weights)
+    first = inp.experts[0].to(inp.compute_dtype)
+    diffs = [e.to(inp.compute_dtype) - first for e in inp.experts]
+    return first + ops.weighted_mean(diffs, inp.weights)
 
 
 # ------------------------------------------------------------------------------------ task arithmetic
@@ -53,13 +57,12 @@ def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
     (0.3-0.5 is typical for 8 vision tasks), so set it for your pool.
     """
     base = inp.base.to(inp.compute_dtype)
-    out = base.clone()
-    total = float(sum(inp.weights))
-    # theta_0 + lam * sum_i w_i (theta_i - theta_0), accumulated without materialising each tau_i
+    merged = torch.zeros_like(base)
+    tau = torch.empty_like(base)  # one reused buffer: tau_i = theta_i - theta_0, never all N at once
     for expert, w in zip(inp.experts, inp.weights):
-        out.add_(expert.to(inp.compute_dtype), alpha=p.lambda_ * w)
-    out.add_(base, alpha=-p.lambda_ * total)
-    return out
+        torch.sub(expert, base, out=tau)
+        merged.add_(tau, alpha=w)
+    return merged.mul_(p.lambda_).add_(base)
 
 
 # ------------------------------------------------------------------------------------------------ TIES
@@ -83,6 +86,11 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     ``weight`` divides by the agreeing weights, mergekit's ``normalize``), lambda 1.
     """
     thresholds = inp.thresholds if p.trim_scope == "global" else None
+    if p.trim_scope == "global" and thresholds is None and p.density < 1.0 and inp.base.numel() > 0:
+        raise ValueError(
+            f"ties with trim_scope 'global' needs whole-model thresholds for tensor '{inp.name}'; "
+            "merge through mergelab.engine.merge (which computes them) or use trim_scope 'tensor'"
+        )
     taus = [
         ops.trim(tau, p.density, threshold=None if thresholds is None else thresholds[i])
         for i, tau in enumerate(inp.task_vectors())

@@ -36,7 +36,9 @@ def model_stock_ratio(taus: Sequence[torch.Tensor]) -> float:
 
     ``cos theta`` is the mean pairwise cosine similarity of the N >= 2 task vectors, and
     ``t = N cos theta / (1 + (N - 1) cos theta)``; the merged weight is ``t * mean_i theta_i + (1 - t) theta_0``.
-    If a task vector is zero the cosine is undefined; the ratio is then 1 (plain averaging).
+    If a task vector is zero the cosine is undefined; the ratio is then 1 (plain averaging). The paper's
+    derivation assumes ``cos theta > 0``; for task vectors pointing apart on average (``cos theta <= 0``) the
+    formula would extrapolate away from the experts without bound, so the ratio is 0 (the pretrained weights).
     """
     n = len(taus)
     if n < 2:
@@ -49,7 +51,6 @@ def model_stock_ratio(taus: Sequence[torch.Tensor]) -> float:
         float(flat[i] @ flat[j]) / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)
     ]
     cos = sum(cosines) / len(cosines)
-    denom = 1.0 + (n - 1) * cos
-    if denom <= 0:  # task vectors pointing apart on average: stay at the pretrained weights
+    if cos <= 0:
         return 0.0
-    return n * cos / denom
+    return n * cos / (1.0 + (n - 1) * cos)
