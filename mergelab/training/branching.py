@@ -1,0 +1,87 @@
+"""Branching from checkpoints: the bifurcation protocol of THEORY.md section 2.
+
+Protocol: train a parent with a constant learning rate (``schedule="constant"``, or the stable phase of a
+WSD run) and ``checkpoint_every = k``; from a checkpoint at step ``s`` branch two (or more) children with
+different seeds and a decayed learning rate; merge their endpoints at ``a = 0.5`` and record the gain.
+
+:func:`branch_spec` builds such a child: ``steps = s + decay_steps``, ``schedule = "wsd"`` with
+``decay_frac = decay_steps / steps`` (the decay phase starts exactly at the branch point) and the parent's
+warmup expressed as a fraction of the child's length, so the child's learning rate before ``s`` equals the
+parent's (irrelevant for training, kept for a faithful record). Children never checkpoint unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mergelab.errors import SpecError
+from mergelab.models.paths import expert_dir
+from mergelab.training.result import ExpertResult, read_expert
+from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
+
+PathLike = str | os.PathLike[str]
+_HASH_CHARS = set("0123456789abcdef")
+
+
+def resolve_parent(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult:
+    """The parent expert of a branched ``spec``, checked for compatibility and for the checkpoint.
+
+    ``branch_from.parent`` is tried as a folder path first, then as a spec hash in the cache under the
+    child's architecture and task.
+    """
+    assert spec.branch_from is not None
+    ref, step = spec.branch_from.parent, spec.branch_from.step
+    parent = read_expert(ref) if Path(ref).is_dir() else None
+    if parent is None and set(ref) <= _HASH_CHARS:
+        parent = read_expert(expert_dir(spec.arch, spec.task, ref, cache_dir))
+    if parent is None:
+        raise SpecError(
+            f"branch_from.parent {ref!r}: neither an expert folder nor the spec hash of a cached "
+            f"{spec.arch} expert for task {spec.task!r} (fine-tune the parent first)"
+        )
+    for field in ("arch", "task", "optimizer"):
+        if getattr(parent.spec, field) != getattr(spec, field):
+            raise SpecError(
+                f"branch_from: parent {parent.spec_hash} has {field}={getattr(parent.spec, field)!r}, "
+                f"the branch has {field}={getattr(spec, field)!r}; they must match"
+            )
+    if step not in parent.checkpoints:
+        raise SpecError(
+            f"branch_from: parent {parent.spec_hash} has no checkpoint at step {step}; "
+            f"available: {parent.checkpoints or 'none (set checkpoint_every on the parent)'}"
+        )
+    return parent
+
+
+def branch_spec(
+    parent: ExpertSpec | ExpertResult,
+    step: int,
+    seed: int,
+    decay_steps: int,
+    **overrides: Any,
+) -> ExpertSpec:
+    """A WSD child of ``parent`` branching at ``step`` and decaying over ``decay_steps`` (module docstring).
+
+    ``overrides`` replace any other field (e.g. ``lr``, ``min_lr_ratio``, ``batch_size``).
+    """
+    pspec = parent.spec if isinstance(parent, ExpertResult) else parent
+    if decay_steps < 1:
+        raise SpecError(f"decay_steps must be >= 1, got {decay_steps}")
+    total = step + decay_steps
+    warmup_steps = round(pspec.warmup_frac * pspec.steps)
+    if warmup_steps > step:
+        raise SpecError(f"cannot branch at step {step}: the parent is still warming up until step {warmup_steps}")
+    fields = pspec.model_dump(exclude={"branch_from"})
+    fields.update(
+        seed=seed,
+        steps=total,
+        schedule="wsd",
+        decay_frac=decay_steps / total,
+        warmup_frac=warmup_steps / total,
+        checkpoint_every=0,
+        branch_from=BranchFrom(parent=pspec.spec_hash(), step=step),
+    )
+    fields.update(overrides)
+    return make_spec(fields)

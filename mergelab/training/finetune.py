@@ -1,0 +1,234 @@
+"""Fine-tuning one expert from the pretrained backbone: ``finetune(spec) -> ExpertResult``.
+
+Procedure (spec fields in ``code``):
+
+1. Resolve the spec (defaults; a branch's parent path becomes the parent's spec hash) and hash it. If
+   ``<root>/zoo/<arch>/experts/<task>/<hash>/`` holds a complete expert trained from the current pretrained
+   backbone, return it (``cached=True``) without training.
+2. Data: ``get_task(task)``; if ``data_ratio < 1``, ``subset(task, data_ratio, data_seed)``.
+3. Model: the pretrained backbone (pretrained at defaults if missing) and a head initialised by
+   ``head_init``: ``probe`` (default) = a linear probe fitted on frozen pretrained features of the training
+   subset (LP-FT, Kumar et al. 2022: starting from a fitted head distorts the features less), ``zero``, or
+   ``random`` (PyTorch's Linear init under ``seed``). A branch instead loads model and optimizer state from
+   the parent's checkpoint.
+4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head), see
+   :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps.
+5. Final metrics on the training subset and the test split (eval mode, BatchNorm running statistics), and the
+   sidecar (:mod:`mergelab.training.result`). The folder is published atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.evaluation.metrics import evaluate_classifier
+from mergelab.models.artifact_dir import staged_dir
+from mergelab.models.classifier import Classifier, make_head
+from mergelab.models.device import default_device
+from mergelab.models.paths import expert_dir
+from mergelab.models.pretrain import ensure_pretrained, load_pretrained_backbone
+from mergelab.models.probe import extract_features, fit_linear_probe
+from mergelab.models.registry import build_backbone
+from mergelab.models.state import BACKBONE_FILE, HEAD_FILE, load_backbone_state, load_head, read_backbone_state, save_backbone, save_head
+from mergelab.training.branching import resolve_parent
+from mergelab.training.loop import LoopSettings, run_steps
+from mergelab.training.optim import build_optimizer, set_hyperparameters
+from mergelab.training.provenance import versions
+from mergelab.training.result import CHECKPOINTS, SIDECAR, ExpertResult, NoiseScale, ParentRef, read_expert
+from mergelab.training.sampler import derive_seed
+from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def resolve_spec(spec: ExpertSpec | Mapping[str, Any], cache_dir: PathLike | None = None) -> tuple[ExpertSpec, ExpertResult | None]:
+    """``(resolved spec, parent or None)``: validates ``spec`` and pins a branch's parent to its spec hash."""
+    spec = spec if isinstance(spec, ExpertSpec) else make_spec(spec)
+    if spec.branch_from is None:
+        return spec, None
+    parent = resolve_parent(spec, cache_dir)
+    pinned = BranchFrom(parent=parent.spec_hash, step=spec.branch_from.step)
+    return spec.model_copy(update={"branch_from": pinned}), parent
+
+
+def expert_path(spec: ExpertSpec | Mapping[str, Any], cache_dir: PathLike | None = None) -> Path:
+    """The cache folder of ``spec`` (whether or not it has been trained)."""
+    spec, _ = resolve_spec(spec, cache_dir)
+    return expert_dir(spec.arch, spec.task, spec.spec_hash(), cache_dir)
+
+
+def finetune(
+    spec: ExpertSpec | Mapping[str, Any],
+    cache_dir: PathLike | None = None,
+    *,
+    force: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ExpertResult:
+    """Fine-tune (or fetch from the cache) the expert described by ``spec``; see the module docstring.
+
+    Args:
+        spec: an :class:`ExpertSpec` or a mapping of its fields (unset fields take their defaults).
+        cache_dir: cache root (default ``$MERGELAB_CACHE`` or ``~/.cache/mergelab``).
+        force: retrain even if a cached expert exists.
+        device: torch device (default: cuda when available, else cpu).
+        progress: show a tqdm bar over the steps.
+    """
+    spec, parent = resolve_spec(spec, cache_dir)
+    spec_hash = spec.spec_hash()
+    out = expert_dir(spec.arch, spec.task, spec_hash, cache_dir)
+    pre = ensure_pretrained(spec.arch, cache_dir)
+    if not force:
+        cached = read_expert(out)
+        if cached is not None and cached.pretrained_id == pre.pretrained_id:
+            log.info("expert %s/%s %s found in cache", spec.arch, spec.task, spec_hash)
+            return cached.model_copy(update={"cached": True})
+        if cached is not None:
+            log.warning("cached expert %s was trained from another pretrained backbone; retraining", out)
+    return _train(spec, spec_hash, parent, pre.pretrained_id, out, cache_dir, device, progress)
+
+
+def _load_data(spec: ExpertSpec):  # -> TaskData
+    from mergelab.tasks import get_task, subset
+
+    data = get_task(spec.task)
+    if spec.data_ratio < 1.0:
+        data = subset(data, spec.data_ratio, spec.data_seed)
+    return data
+
+
+def _init_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.nn.Linear:
+    dim = backbone.feature_dim
+    if spec.head_init == "probe":
+        return fit_linear_probe(extract_features(backbone, x), y, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(spec.seed, 2))
+        head = make_head(dim, num_classes)
+    if spec.head_init == "zero":
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def _save_checkpoint(folder: Path, model: Classifier, optimizer: torch.optim.Optimizer, step: int, spec_hash: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": "checkpoint", "step": str(step), "spec_hash": spec_hash}
+    save_backbone(model.backbone, folder / BACKBONE_FILE, meta)
+    save_head(model.head, folder / HEAD_FILE, meta)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    (folder / "meta.json").write_text(json.dumps({"step": step, "spec_hash": spec_hash}))
+
+
+def _train(
+    spec: ExpertSpec,
+    spec_hash: str,
+    parent: ExpertResult | None,
+    pretrained_id: str,
+    out: Path,
+    cache_dir: PathLike | None,
+    device: str | torch.device | None,
+    progress: bool,
+) -> ExpertResult:
+    t0 = time.perf_counter()
+    data = _load_data(spec)
+    dev = default_device(device)
+    start = 0
+    init_metrics = None
+    parent_ref = None
+    if parent is None:
+        backbone, _ = load_pretrained_backbone(spec.arch, cache_dir)
+        backbone.to(dev)
+        head = _init_head(spec, backbone, data.x_train, data.y_train, data.num_classes).to(dev)
+        init_metrics = evaluate_classifier(backbone, head, data.x_test, data.y_test)
+    else:
+        start = spec.branch_from.step  # type: ignore[union-attr]
+        ckpt = parent.checkpoint_dir(start)
+        backbone = build_backbone(spec.arch)
+        load_backbone_state(backbone, read_backbone_state(ckpt / BACKBONE_FILE), source=str(ckpt / BACKBONE_FILE))
+        head = load_head(ckpt / HEAD_FILE, backbone.feature_dim)
+        parent_ref = ParentRef(spec_hash=parent.spec_hash, path=parent.path, step=start)
+    model = Classifier(backbone, head).to(dev)
+    optimizer = build_optimizer(
+        model.parameters(), spec.optimizer, spec.lr, spec.momentum, spec.weight_decay, spec.beta2, spec.nesterov
+    )
+    if parent is not None:
+        state = torch.load(parent.checkpoint_dir(start) / OPTIMIZER_FILE, map_location=dev, weights_only=True)
+        optimizer.load_state_dict(state)
+        set_hyperparameters(optimizer, spec.momentum, spec.weight_decay, spec.beta2, spec.nesterov)
+    settings = LoopSettings(
+        lr=spec.lr,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        augment=spec.augment,
+        schedule=spec.schedule,
+        warmup_frac=spec.warmup_frac,
+        decay_frac=spec.decay_frac,
+        min_lr_ratio=spec.min_lr_ratio,
+    )
+    saved: list[int] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=spec.steps - start, desc=f"{spec.arch}/{spec.task}", unit="step")
+    with staged_dir(out) as stage:
+
+        def on_step_end(step: int) -> None:
+            if bar is not None:
+                bar.update(1)
+            if spec.checkpoint_every and step % spec.checkpoint_every == 0:
+                _save_checkpoint(stage / CHECKPOINTS / f"step_{step:06d}", model, optimizer, step, spec_hash)
+                saved.append(step)
+
+        try:
+            losses = run_steps(model, optimizer, data.x_train, data.y_train, settings, start=start, on_step_end=on_step_end)
+        finally:
+            if bar is not None:
+                bar.close()
+        train_m = evaluate_classifier(backbone, head, data.x_train, data.y_train)
+        test_m = evaluate_classifier(backbone, head, data.x_test, data.y_test)
+        meta = {"arch": spec.arch, "task": spec.task, "spec_hash": spec_hash, "kind": "expert-backbone"}
+        save_backbone(backbone, stage / BACKBONE_FILE, meta)
+        save_head(head, stage / HEAD_FILE, {**meta, "kind": "expert-head", "num_classes": str(data.num_classes)})
+        result = ExpertResult(
+            spec=spec,
+            spec_hash=spec_hash,
+            arch=spec.arch,
+            task=spec.task,
+            num_classes=data.num_classes,
+            feature_dim=backbone.feature_dim,
+            noise_scale=NoiseScale.of(spec),
+            n_train=len(data.x_train),
+            n_test=len(data.x_test),
+            loss_curve=losses,
+            loss_curve_start=start,
+            train_metrics=train_m,
+            test_metrics=test_m,
+            init_test_metrics=init_metrics,
+            checkpoints=saved,
+            parent=parent_ref,
+            pretrained_id=pretrained_id,
+            wall_time_s=time.perf_counter() - t0,
+            device=str(dev),
+            versions=versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        (stage / SIDECAR).write_text(result.sidecar_json())
+    log.info(
+        "expert %s/%s %s: test acc %.4f (init %.4f) in %.1fs",
+        spec.arch, spec.task, spec_hash, test_m.accuracy, init_metrics.accuracy if init_metrics else float("nan"), result.wall_time_s,
+    )
+    return result.model_copy(update={"path": str(out)})

@@ -1,0 +1,142 @@
+"""Building a zoo: one expert per task of the suite, at default hyperparameters, in parallel.
+
+``build_zoo(arch)`` pretrains ``arch`` if needed (in the calling process, using all threads), then fine-tunes
+``make_spec(task=t, arch=arch, **overrides)`` for every task ``t`` in :func:`mergelab.tasks.list_tasks` in
+a process pool of ``workers`` processes (spawned; ``torch.set_num_threads(1)`` in each), skipping experts
+already in the cache. Results come back in task order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergelab.models.pretrain import ensure_pretrained
+from mergelab.training.finetune import finetune
+from mergelab.training.result import ExpertResult
+from mergelab.training.spec import ExpertSpec, make_spec
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def default_spec(task: str, arch: str = "resnet_s", **overrides: Any) -> ExpertSpec:
+    """The zoo's spec for ``task``: the :class:`ExpertSpec` defaults of ``arch``, updated by ``overrides``."""
+    return make_spec(task=task, arch=arch, **overrides)
+
+
+@dataclass
+class ZooResult:
+    """Experts of one architecture (task order), the wall time of the build and how many were trained."""
+
+    arch: str
+    experts: list[ExpertResult]
+    wall_time_s: float
+    trained: int
+    workers: int
+    pretrain_time_s: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _init_worker(level: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run(spec: dict[str, Any], cache_dir: str | None, force: bool) -> ExpertResult:
+    return finetune(spec, cache_dir, force=force)
+
+
+def build_zoo(
+    arch: str,
+    tasks: Sequence[str] | None = None,
+    cache_dir: PathLike | None = None,
+    workers: int = 2,
+    overrides: Mapping[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> ZooResult:
+    """Fine-tune (or reuse) one expert per task; see the module docstring.
+
+    Args:
+        arch: architecture name. tasks: subset of task names (default: all of ``list_tasks()``).
+        cache_dir: cache root. workers: processes (1 = in this process). overrides: spec fields applied to
+        every expert. force: retrain cached experts. progress: tqdm bar over experts.
+    """
+    from tqdm import tqdm
+
+    from mergelab.tasks import list_tasks
+
+    t0 = time.perf_counter()
+    task_names = list(tasks) if tasks is not None else list_tasks()
+    specs = [default_spec(t, arch, **dict(overrides or {})) for t in task_names]
+    ensure_pretrained(arch, cache_dir, progress=progress)
+    t_pre = time.perf_counter() - t0
+    results: dict[str, ExpertResult] = {}
+    failures: dict[str, str] = {}
+    todo = []
+    for spec in specs:
+        if not force:
+            cached = finetune_if_cached(spec, cache_dir)
+            if cached is not None:
+                results[spec.task] = cached
+                continue
+        todo.append(spec)
+    bar = tqdm(total=len(specs), initial=len(results), desc=f"zoo {arch}", unit="expert", disable=not progress)
+    cdir = None if cache_dir is None else str(cache_dir)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for spec in todo:
+                results[spec.task] = finetune(spec, cache_dir, force=force)
+                bar.update(1)
+        else:
+            level = logging.getLogger().getEffectiveLevel()
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_spawn(), initializer=_init_worker, initargs=(level,)) as pool:
+                futures = {pool.submit(_run, spec.canonical(), cdir, force): spec.task for spec in todo}
+                for fut in as_completed(futures):
+                    task = futures[fut]
+                    try:
+                        results[task] = fut.result()
+                    except Exception as exc:  # keep building the rest; report at the end
+                        failures[task] = f"{type(exc).__name__}: {exc}"
+                        log.error("expert %s/%s failed: %s", arch, task, failures[task])
+                    bar.update(1)
+    finally:
+        bar.close()
+    experts = [results[t] for t in task_names if t in results]
+    return ZooResult(
+        arch=arch,
+        experts=experts,
+        wall_time_s=time.perf_counter() - t0,
+        trained=sum(not r.cached for r in experts),
+        workers=workers,
+        pretrain_time_s=t_pre,
+        failures=failures,
+    )
+
+
+def finetune_if_cached(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult | None:
+    """The cached expert of ``spec`` (trained from the current pretrained backbone), else ``None``."""
+    from mergelab.models.paths import expert_dir
+    from mergelab.models.pretrain import read_pretrained
+    from mergelab.training.result import read_expert
+
+    pre = read_pretrained(spec.arch, cache_dir)
+    found = read_expert(expert_dir(spec.arch, spec.task, spec.spec_hash(), cache_dir))
+    if found is None or pre is None or found.pretrained_id != pre.pretrained_id:
+        return None
+    return found.model_copy(update={"cached": True})
+
+
+def _spawn():  # a fresh interpreter per worker: no inherited OpenMP thread pools
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
