@@ -20,6 +20,7 @@ from mergelab.errors import MergeLabError
 COMMAND_MODULES: tuple[str, ...] = (
     "merge",
     "demo",
+    "zoo",
 )
 
 log = logging.getLogger("mergelab")
