@@ -637,11 +637,16 @@ class PlaneBasis:
         return {"norm_u": self.norm_u, "norm_v": self.norm_v, "proj": self.proj, "coordinates": self.coordinates}
 
 
-def plane_basis(s1: State, s2: State, s3: State, keys: Sequence[str], tol: float = 1e-12) -> PlaneBasis:
+def plane_basis(s1: State, s2: State, s3: State, keys: Sequence[str], tol: float | None = None) -> PlaneBasis:
     """Gram-Schmidt basis of the plane through three states (see :class:`PlaneBasis`).
 
-    Raises :class:`SpecError` when two models coincide or the three are collinear (relative ``tol``).
+    Raises :class:`SpecError` when two models coincide or the three are collinear: ``||u||`` or ``||v||``
+    below ``tol`` times the larger of ``||u||``, ``||w||`` (default ``tol``: 1000 x the machine epsilon of
+    the states' least precise dtype, i.e. ~1e-4 for float32 -- rounding alone leaves ``||v|| ~ 1e-8 ||u||``
+    for a float32 midpoint).
     """
+    if tol is None:
+        tol = 1000.0 * max((torch.finfo(s1[k].dtype).eps for k in keys if s1[k].is_floating_point()), default=1e-16)
     uu = ww = uw = 0.0
     for k in keys:
         t1 = s1[k].double()
