@@ -342,7 +342,7 @@ def loss_and_gradient(
             loss = loss_fn(model(xb), yb)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             total += _flat(grads, params).double() * len(xb)
-            loss_sum += float(loss) * len(xb)
+            loss_sum += float(loss.detach()) * len(xb)
     return loss_sum / n, total / n
 
 
