@@ -24,7 +24,8 @@ def _one_thread():
 def _reps(seed: int = 0, n: int = 40, d1: int = 6, d2: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d1, generator=g, dtype=torch.float64)
-    y = x[:, :d2] @ torch.randn(d2, d2, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, d2, generator=g, dtype=torch.float64)
+    mix = torch.randn(d2, d2, generator=g, dtype=torch.float64)
+    y = x[:, :d2] @ mix + 0.5 * torch.randn(n, d2, generator=g, dtype=torch.float64)
     return x, y
 
 

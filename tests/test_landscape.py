@@ -157,8 +157,9 @@ def test_state_dict_endpoint_and_mismatch_errors():
 
 # ---------------------------------------------------------------------------------- BatchNorm
 def test_integer_buffers_are_not_interpolated_and_bn_stats_are():
-    sa = {"w": torch.tensor([0.0, 2.0]), "bn.running_var": torch.tensor([1.0]), "bn.num_batches_tracked": torch.tensor(3)}
-    sb = {"w": torch.tensor([4.0, 6.0]), "bn.running_var": torch.tensor([3.0]), "bn.num_batches_tracked": torch.tensor(100)}
+    nbt = "bn.num_batches_tracked"
+    sa = {"w": torch.tensor([0.0, 2.0]), "bn.running_var": torch.tensor([1.0]), nbt: torch.tensor(3)}
+    sb = {"w": torch.tensor([4.0, 6.0]), "bn.running_var": torch.tensor([3.0]), nbt: torch.tensor(100)}
     mid = interpolate_states(sa, sb, 0.25)
     assert torch.equal(mid["w"], torch.tensor([1.0, 3.0]))
     assert torch.equal(mid["bn.running_var"], torch.tensor([1.5]))

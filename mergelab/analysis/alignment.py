@@ -248,7 +248,13 @@ def permutation_spec(model: nn.Module, permute_output: bool | None = None) -> Pe
 
 
 # ------------------------------------------------------------------------------------ permutations
-def _permute_tensor(t: torch.Tensor, per_axis: Sequence[str | None], perm: Mapping[str, torch.Tensor], skip: tuple[str, int] | None = None) -> torch.Tensor:
+def _permute_tensor(
+    t: torch.Tensor,
+    per_axis: Sequence[str | None],
+    perm: Mapping[str, torch.Tensor],
+    skip: tuple[str, int] | None = None,
+) -> torch.Tensor:
+    """``t`` with every permuted axis reindexed, except axis ``skip[1]`` (the one being solved for)."""
     for axis, p in enumerate(per_axis):
         if p is None or (skip is not None and axis == skip[1]):
             continue
@@ -256,7 +262,9 @@ def _permute_tensor(t: torch.Tensor, per_axis: Sequence[str | None], perm: Mappi
     return t
 
 
-def apply_permutation(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_permutation(
+    state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``state`` with every spec'd axis permuted: ``new[..., i, ...] = old[..., perm[p][i], ...]``.
 
     Tensors not in the spec are passed through (same objects). Missing permutations are an error.
@@ -380,9 +388,13 @@ def weight_matching(
     return perm
 
 
-def weight_distance(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> float:
+def weight_distance(
+    state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None
+) -> float:
     """``||theta_A - theta_B||_2`` over floating tensors (``keys``, default all shared floating tensors)."""
-    names = list(keys) if keys is not None else [k for k, v in state_a.items() if v.is_floating_point() and k in state_b]
+    if keys is None:
+        keys = [k for k, v in state_a.items() if v.is_floating_point() and k in state_b]
+    names = list(keys)
     return float(sum(float(((state_a[k].double() - state_b[k].double()) ** 2).sum()) for k in names)) ** 0.5
 
 

@@ -65,7 +65,9 @@ def _feature_module(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
+def features(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Penultimate features ``[n, d]`` (float64, CPU) of ``x``: the backbone output, in eval mode, no gradients.
 
     Outputs with more than two dimensions are flattened per input.
@@ -77,7 +79,9 @@ def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: t
     was_training = module.training
     module.eval()
     try:
-        out = [module(x[i : i + batch_size].to(device)).flatten(1).double().cpu() for i in range(0, len(x), batch_size)]
+        out = [
+            module(x[i : i + batch_size].to(device)).flatten(1).double().cpu() for i in range(0, len(x), batch_size)
+        ]
     finally:
         module.train(was_training)
     if not out:
@@ -86,7 +90,11 @@ def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: t
 
 
 def model_cka(
-    model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None
+    model_a: nn.Module,
+    model_b: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
 ) -> float:
     """Linear CKA between the penultimate features of two models on the same fixed inputs ``x``.
 

@@ -214,7 +214,7 @@ def _state_of(model: ModelLike) -> dict[str, torch.Tensor]:
     return dict(model)
 
 
-def _matched_state(template: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+def _matched_state(template: State, given: State, label: str) -> dict[str, torch.Tensor]:
     """``given`` checked against ``template``'s names/shapes; missing integer counters are taken from it."""
     missing = [k for k in template if k not in given and not k.endswith(_INT_SUFFIX)]
     extra = [k for k in given if k not in template]
