@@ -1,0 +1,299 @@
+"""Tests for the (derived) stability bound (mergelab.analysis.bound) and its calibration
+(mergelab.analysis.calibration).
+
+The trend tests check the *implementation of the formula*: that the bound, evaluated as written, moves the
+way THEORY.md says the formula implies. They are not evidence that real merges follow these trends; that is
+for measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from mergelab.analysis.bound import (
+    BoundConstants,
+    ExpertStats,
+    PoolStats,
+    chi2_divergence,
+    classify_shape,
+    effective_weights,
+    evaluate_bound,
+    generalization_term,
+    merged_stability,
+    per_expert_stability,
+    predict_trends,
+    recommend,
+    schedule_moments,
+)
+from mergelab.analysis.calibration import bound_features, calibrate, fit_constants, predict_losses, split_indices
+
+
+def _expert(name: str = "t", **kw) -> ExpertStats:
+    base = dict(lr=0.01, steps=100.0, batch_size=32.0, n=1000.0, sigma2=2.0, delta2=0.5, init_loss=1.2)
+    base.update(kw)
+    return ExpertStats(name, **base)
+
+
+def _pool(**kw) -> PoolStats:
+    experts = (
+        _expert("a", lr=0.01, steps=100, batch_size=32, n=1000, sigma2=2.0, delta2=0.5, init_loss=1.2),
+        _expert("b", lr=0.02, steps=50, batch_size=64, n=3000, sigma2=4.0, delta2=0.1, init_loss=0.8),
+        _expert("c", lr=0.005, steps=400, batch_size=16, n=500, sigma2=1.0, delta2=1.5, init_loss=2.0),
+    )
+    return PoolStats(experts, smoothness=kw.pop("smoothness", 3.0), **kw)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def test_chi2_is_zero_when_alpha_equals_w_and_matches_a_hand_value():
+    assert chi2_divergence([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    # (0.5 - 0.25)^2 / 0.25 + (0.5 - 0.75)^2 / 0.75 = 0.25 + 1/12 = 1/3
+    assert chi2_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(1 / 3, rel=1e-12)
+    # alpha is normalised first (task arithmetic lambda = 0.3 on 2 tasks is the uniform distribution)
+    assert chi2_divergence([0.3, 0.3], [0.25, 0.75]) == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_effective_weights_fednova():
+    # w_i = alpha_i eta_i K_i / sum_j alpha_j eta_j K_j: (0.5 * 1, 0.5 * 3) / 2
+    np.testing.assert_allclose(effective_weights([0.5, 0.5], [1.0, 3.0]), [0.25, 0.75])
+    np.testing.assert_allclose(effective_weights([0.2, 0.8], [2.0, 2.0]), [0.2, 0.8])
+
+
+def test_merged_stability_hand_numbers():
+    # sum_i (n_i / n) alpha_i^2 eps_i^2 = 0.25 * 0.25 * 1 + 0.75 * 0.25 * 4
+    assert merged_stability([1.0, 4.0], [0.5, 0.5], [100, 300]) == pytest.approx(0.8125, rel=1e-12)
+    # task arithmetic: alpha = lambda for every expert
+    assert merged_stability([1.0, 4.0], [0.3, 0.3], [100, 100]) == pytest.approx(0.09 * 2.5, rel=1e-12)
+
+
+def test_per_expert_stability_hand_number():
+    # e * eta^2 * K * (sigma^2 + b delta^2) / n = e * 1e-4 * 100 * (2 + 8 * 0.5) / 1000
+    assert per_expert_stability(0.01, 100, 2.0, 0.5, 8, 1000) == pytest.approx(math.e * 6e-5, rel=1e-12)
+    assert per_expert_stability(0.01, 100, 2.0, 0.5, 8, 1000, sq_factor=0.375) == pytest.approx(math.e * 6e-5 * 0.375)
+
+
+@pytest.mark.parametrize("L,F,eps2", [(3.0, 0.7, 0.05), (10.0, 2.0, 1.5), (0.5, 0.01, 0.2)])
+def test_generalization_term_is_the_minimum_over_gamma(L, F, eps2):
+    gen, gamma = generalization_term(L, F, eps2)
+    res = optimize.minimize_scalar(lambda g: L / g * F + (L + g) / 2 * eps2, bounds=(1e-9, 1e6), method="bounded",
+                                   options={"xatol": 1e-12})
+    assert gen == pytest.approx(res.fun, rel=1e-7)
+    assert gamma == pytest.approx(math.sqrt(2 * L * F / eps2), rel=1e-12)
+    assert gamma == pytest.approx(res.x, rel=1e-3)
+    assert gen == pytest.approx(math.sqrt(eps2 * 2 * L * F) + L * eps2 / 2, rel=1e-12)
+
+
+def test_generalization_term_edge_cases():
+    assert generalization_term(2.0, 0.0, 0.3) == (pytest.approx(0.3), 0.0)  # L eps^2 / 2
+    gen, gamma = generalization_term(2.0, 1.0, 0.0)
+    assert gen == 0.0 and gamma == math.inf
+
+
+def test_schedule_moments():
+    assert schedule_moments(50, "constant") == (1.0, 1.0)
+    m1, m2 = schedule_moments(2000, "cosine")
+    assert m1 == pytest.approx(0.5, abs=1e-3) and m2 == pytest.approx(0.375, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ the bound
+def test_evaluate_bound_matches_a_hand_computation():
+    pool = _pool()
+    L = 3.0
+    rep = evaluate_bound(pool)
+    eta = np.array([0.01, 0.02, 0.005])
+    K = np.array([100, 50, 400.0])
+    b = np.array([32, 64, 16.0])
+    n = np.array([1000, 3000, 500.0])
+    s2 = np.array([2.0, 4.0, 1.0])
+    d2 = np.array([0.5, 0.1, 1.5])
+    f0 = np.array([1.2, 0.8, 2.0])
+    alpha = np.full(3, 1 / 3)
+    p = n / n.sum()
+    eps_i = math.e * eta**2 * K * (s2 + b * d2) / n
+    eps2 = np.sum(p * alpha**2 * eps_i)
+    S1 = eta * K
+    w = alpha * S1 / np.sum(alpha * S1)
+    chi2 = np.sum((alpha - w) ** 2 / w)
+    opt = np.sum(p * f0) / math.sqrt(3 * np.sum(alpha * S1)) + L * np.sum(alpha**2 * eta * s2 / b) + chi2 * np.sum(p * d2)
+    gen = math.sqrt(eps2) * math.sqrt(2 * L * opt) + L * eps2 / 2
+    assert rep.eps2 == pytest.approx(eps2, rel=1e-12)
+    assert rep.chi2 == pytest.approx(chi2, rel=1e-12)
+    assert rep.opt == pytest.approx(opt, rel=1e-12)
+    assert rep.gen == pytest.approx(gen, rel=1e-12)
+    assert rep.bound == pytest.approx(opt + gen, rel=1e-12) and rep.raw_bound == rep.bound
+    np.testing.assert_allclose([e["eps2"] for e in rep.experts], eps_i, rtol=1e-12)
+    np.testing.assert_allclose(rep.weights, w, rtol=1e-12)
+    # eta L K: 3, 3, 6 -> all violate eta <= 1/(L K)
+    assert [e["eta_L_K"] for e in rep.experts] == pytest.approx([3.0, 3.0, 6.0])
+    assert not rep.all_valid
+    d = rep.to_dict()
+    assert d["form"] == "derived" and "(derived)" in d["formula"]
+    scaled = evaluate_bound(pool, BoundConstants(c_opt=2.0, c_stab=0.5))
+    assert scaled.bound == pytest.approx(2 * opt + 0.5 * gen, rel=1e-12)
+
+
+def test_validity_flags_and_measured_train_loss():
+    pool = PoolStats((_expert("ok", lr=0.001, steps=100), _expert("bad", lr=0.1, steps=100)), smoothness=5.0)
+    rep = evaluate_bound(pool, train_loss=0.0)
+    assert [e["valid"] for e in rep.experts] == [True, False]  # eta L K = 0.5 and 50
+    assert rep.train_loss_source == "measured"
+    assert rep.gen == pytest.approx(5.0 * rep.eps2 / 2, rel=1e-12)  # F = 0: gen = L eps^2 / 2
+
+
+def test_heavy_ball_learning_rate_and_adam_note():
+    sgd = _expert("s", momentum=0.9)
+    assert sgd.eta() == pytest.approx(0.1) and sgd.eta(heavy_ball=False) == pytest.approx(0.01)
+    adam = _expert("a", momentum=0.9, optimizer="adamw")
+    assert adam.eta() == pytest.approx(0.01)
+    rep = evaluate_bound(PoolStats((sgd, adam), smoothness=1.0))
+    assert rep.experts[0]["eta"] == pytest.approx(0.1) and "adamw" in rep.experts[1]["note"]
+
+
+def test_task_arithmetic_and_weighted_alphas():
+    ta = _pool(merge="task_arithmetic", lam=0.4)
+    np.testing.assert_allclose(ta.alphas(), [0.4] * 3)
+    mean = evaluate_bound(_pool())
+    rep = evaluate_bound(ta)
+    assert rep.eps2 == pytest.approx(mean.eps2 * (0.4 * 3) ** 2, rel=1e-12)  # alpha 0.4 vs 1/3
+    assert rep.opt == pytest.approx(mean.opt, rel=1e-12)  # opt uses normalised alpha
+    ex = tuple(replace(e, alpha=a) for e, a in zip(_pool().experts, (0.2, 0.3, 0.5)))
+    np.testing.assert_allclose(PoolStats(ex, 3.0, merge="weighted").alphas(), [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="alpha"):
+        PoolStats(_pool().experts, 3.0, merge="weighted")
+
+
+def test_expert_stats_from_a_spec():
+    spec = SimpleNamespace(task="mnist", lr=0.05, steps=300, batch_size=64, momentum=0.9, optimizer="sgd",
+                           schedule="cosine", warmup_frac=0.0, decay_frac=0.2, min_lr_ratio=0.0, data_ratio=0.5)
+    st = ExpertStats.from_expert(SimpleNamespace(spec=spec, n_train=2500), sigma2=3.0, delta2=0.2, init_loss=1.1)
+    assert st.n == 2500 and st.data_ratio == 0.5 and st.eta() == pytest.approx(0.5)
+    assert st.lr_factor_mean == pytest.approx(0.5, abs=5e-3) and st.lr_factor_sq_mean == pytest.approx(0.375, abs=5e-3)
+
+
+# ------------------------------------------------------------------------------------------ shapes and trends
+def test_classify_shape():
+    x = [1, 2, 3, 4, 5]
+    assert classify_shape(x, [1, 2, 3, 4, 5])["shape"] == "increasing"
+    assert classify_shape(x, [5, 4, 3, 2, 1])["shape"] == "decreasing"
+    u = classify_shape(x, [5, 2, 1, 2, 6])
+    assert u["shape"] == "U" and u["argmin"] == 3 and not u["argmin_at_edge"]
+    assert classify_shape(x, [1, 3, 5, 3, 2])["shape"] == "inverted-U"
+    assert classify_shape(x, [2, 2, 2, 2, 2])["shape"] == "flat"
+    assert classify_shape(x, [1, 3, 2, 4, 1])["shape"] == "non-monotone"
+
+
+def test_predicted_trends_follow_the_formula():
+    """Implementation check of the formula (not a claim about real merges): THEORY.md section 1 says the
+    stability term grows as eta^2 and linearly in K, falls as 1/n; the optimisation term falls with K;
+    nothing opposes more data; the batch size trades stability (b delta^2) against minibatch noise (sigma^2/b)."""
+    pool = _pool()
+    tr = predict_trends(pool)
+    assert set(tr) == {"K", "eta", "b", "n", "N"}
+    fs = np.array(tr["eta"].factors)
+    i1 = int(np.argmin(np.abs(fs - 1.0)))
+    eps_eta = np.array(tr["eta"].eps2)
+    np.testing.assert_allclose(eps_eta / eps_eta[i1], fs**2, rtol=1e-10)  # eta^2
+    eps_k = np.array(tr["K"].eps2)
+    np.testing.assert_allclose(eps_k / eps_k[i1], fs, rtol=1e-10)  # linear in K
+    eps_n = np.array(tr["n"].eps2)
+    np.testing.assert_allclose(eps_n / eps_n[i1], 1 / fs, rtol=1e-10)  # 1/n
+    assert tr["eta"].term_shapes["eps2"] == "increasing"
+    assert tr["K"].term_shapes["eps2"] == "increasing" and tr["K"].term_shapes["opt"] == "decreasing"
+    assert tr["n"].shape == "decreasing" and tr["n"].term_shapes["opt"] == "flat"
+    assert tr["b"].term_shapes["eps2"] == "increasing" and tr["b"].term_shapes["opt"] == "decreasing"
+    for t in tr.values():
+        assert t.form == "derived" and t.direction.startswith("(derived)")
+        assert len(t.bound) == len(t.factors) == len(t.valid_fraction)
+
+
+def test_trend_shapes_u_in_steps_and_large_lr_collapse():
+    """Implementation check: opt ~ 1/sqrt(K) against gen ~ sqrt(K) .. K gives an interior optimum K*, and
+    eps^2 ~ eta^2 makes the bound rise again at large eta (an optimum eta*, then collapse)."""
+    ex = tuple(_expert(f"t{i}", lr=0.1, steps=100, sigma2=2.0, delta2=0.2, n=1000, init_loss=2.0) for i in range(3))
+    pool = PoolStats(ex, smoothness=2.0)
+    tr = predict_trends(pool, factors=[2.0**k for k in range(-6, 9)], hyperparameters=["K", "eta"])
+    assert tr["K"].shape == "U" and not tr["K"].argmin_at_edge
+    assert tr["eta"].shape == "U" and not tr["eta"].argmin_at_edge
+    assert tr["eta"].bound[-1] > 10 * min(tr["eta"].bound)
+
+
+def test_n_trend_sub_pools_use_the_gram_matrix():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(4, 30))
+    ex = tuple(_expert(f"t{i}") for i in range(4))
+    pool = PoolStats(ex, 3.0, merge="task_arithmetic", lam=0.3, gram=g @ g.T)
+    tr = predict_trends(pool, factors=[0.25, 0.5, 1.0, 2.0], hyperparameters=["N"])["N"]
+    assert tr.values == (1.0, 2.0, 4.0, 8.0)
+    # a single task has no heterogeneity: only the sigma^2 part of the stability term remains
+    single = evaluate_bound(PoolStats((replace(ex[0], delta2=0.0),), 3.0, merge="task_arithmetic", lam=0.3))
+    assert tr.eps2[0] == pytest.approx(single.eps2, rel=1e-12)
+    # under task arithmetic the measured heterogeneity accumulates with N: eps^2 grows from 1 to 4 tasks
+    assert tr.eps2[2] > tr.eps2[1] > tr.eps2[0]
+    assert "Gram" in tr.model
+
+
+def test_recommend_moves_lr_down_when_stability_dominates():
+    ex = tuple(_expert(f"t{i}", lr=0.2, steps=300, delta2=2.0, n=300, data_ratio=0.5) for i in range(3))
+    pool = PoolStats(ex, smoothness=3.0)
+    rec = recommend(pool)
+    assert rec.factors["lr"] < 1.0
+    assert rec.bound_after <= rec.bound_before
+    assert rec.recommended["data_ratio"] == 1.0 and rec.factors["data_ratio"] == pytest.approx(2.0)
+    assert rec.form == "derived" and rec.reasoning[0].startswith("(derived)")
+    assert "Validity" in rec.text and set(rec.curves) == {"lr", "steps", "batch_size"}
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _synthetic_pools(m: int, seed: int) -> list[PoolStats]:
+    rng = np.random.default_rng(seed)
+    pools = []
+    for _ in range(m):
+        N = int(rng.integers(2, 6))
+        ex = tuple(
+            _expert(
+                f"t{i}",
+                lr=float(10 ** rng.uniform(-3, -1)),
+                steps=float(rng.integers(20, 800)),
+                batch_size=float(rng.choice([16, 32, 64, 128])),
+                n=float(rng.integers(200, 5000)),
+                sigma2=float(rng.uniform(0.5, 5)),
+                delta2=float(rng.uniform(0.01, 1.0)),
+                init_loss=float(rng.uniform(0.5, 2.5)),
+            )
+            for i in range(N)
+        )
+        pools.append(PoolStats(ex, smoothness=float(rng.uniform(1, 10))))
+    return pools
+
+
+@pytest.mark.parametrize("method", ["nnls", "relative", "log"])
+def test_calibration_recovers_known_constants(method):
+    pools = _synthetic_pools(40, seed=1)
+    feats = bound_features(pools)
+    rng = np.random.default_rng(2)
+    true = BoundConstants(c_opt=0.7, c_stab=2.5)
+    y = predict_losses(feats, true) * (1 + 0.01 * rng.standard_normal(len(pools)))
+    tr, te = split_indices(len(pools), test_fraction=0.3, seed=0)
+    res = calibrate([pools[i] for i in tr], y[tr], [pools[i] for i in te], y[te], method=method)
+    assert res.constants.c_opt == pytest.approx(0.7, rel=0.05)
+    assert res.constants.c_stab == pytest.approx(2.5, rel=0.05)
+    assert res.test_spearman is not None and res.test_spearman > 0.95
+    assert res.n_test == len(te) >= 3 and res.to_dict()["form"] == "derived"
+
+
+def test_calibration_with_a_floor_and_input_checks():
+    pools = _synthetic_pools(20, seed=3)
+    feats = bound_features(pools)
+    y = predict_losses(feats, BoundConstants(1.5, 0.2), floor=0.3)
+    consts, floor = fit_constants(feats, y, floor=True)
+    assert consts.c_opt == pytest.approx(1.5, rel=1e-6) and consts.c_stab == pytest.approx(0.2, rel=1e-6)
+    assert floor == pytest.approx(0.3, rel=1e-6)
+    with pytest.raises(ValueError, match="measured"):
+        fit_constants(feats, y[:-1])
+    with pytest.raises(ValueError, match="positive"):
+        fit_constants(feats, -y, method="log")
