@@ -652,7 +652,7 @@ class PoolDiagnostics:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready (NaN becomes ``None``)."""
-        return _jsonable({
+        return to_jsonable({
             "base": self.base,
             "experts": [{"path": p, "weight": w} for p, w in zip(self.experts, self.weights)],
             "config": self.config.to_dict(),
@@ -667,18 +667,18 @@ class PoolDiagnostics:
         })
 
 
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float | np.floating):
         f = float(obj)
         return f if math.isfinite(f) else None
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     return obj
 
 
