@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "merge",
     "demo",
     "zoo",
+    "analyze",
 )
 
 log = logging.getLogger("mergelab")
