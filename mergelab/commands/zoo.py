@@ -100,7 +100,7 @@ def _write_json(path: str | None, payload: Any) -> None:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from mergelab.errors import SpecError
-    from mergelab.models.pretrain import PretrainConfig, pretrain
+    from mergelab.models.pretraining import PretrainConfig, pretrain
     from mergelab.models.registry import arch_info
 
     arch_info(args.arch)
@@ -128,7 +128,7 @@ def _parse_branch(value: str) -> dict[str, Any]:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from mergelab.training.finetune import finetune
+    from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
 
     data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
@@ -203,7 +203,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from mergelab.evaluation.evaluate import evaluate
+    from mergelab.evaluation.task_suite import evaluate
 
     r = evaluate(
         args.backbone, args.experts, arch=args.arch, tasks=args.tasks, heads="probe" if args.probe else "experts",

@@ -3,7 +3,7 @@
 Public API::
 
     evaluate, EvaluationResult, TaskEvaluation,
-    load_backbone, default_experts                 backbone x task heads          (evaluate.py)
+    load_backbone, default_experts                 backbone x task heads          (task_suite.py)
     Metrics, evaluate_classifier                   accuracy / cross-entropy       (metrics.py)
     reset_bn_statistics                            BN re-estimation after merging (bn.py)
 """
@@ -16,11 +16,11 @@ from typing import Any
 from mergelab.evaluation.metrics import Metrics, classifier_outputs, evaluate_classifier
 
 _LAZY = {
-    "evaluate": "evaluate",
-    "EvaluationResult": "evaluate",
-    "TaskEvaluation": "evaluate",
-    "load_backbone": "evaluate",
-    "default_experts": "evaluate",
+    "evaluate": "task_suite",
+    "EvaluationResult": "task_suite",
+    "TaskEvaluation": "task_suite",
+    "load_backbone": "task_suite",
+    "default_experts": "task_suite",
     "reset_bn_statistics": "bn",
 }
 

@@ -7,7 +7,7 @@ Public API::
     save_backbone, save_head, load_backbone_state,
     read_backbone_state, load_head                 weights on disk             (state.py)
     fit_linear_probe, extract_features             linear probes               (probe.py)
-    pretrain, ensure_pretrained, PretrainConfig    pretraining                 (pretrain.py, imported lazily)
+    pretrain, ensure_pretrained, PretrainConfig    pretraining                 (pretraining.py, imported lazily)
 """
 
 from __future__ import annotations
@@ -53,5 +53,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module("mergelab.models.pretrain"), name)
+        return getattr(importlib.import_module("mergelab.models.pretraining"), name)
     raise AttributeError(f"module 'mergelab.models' has no attribute {name!r}")

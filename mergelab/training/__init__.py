@@ -3,7 +3,7 @@
 Public API (imported lazily, so ``import mergelab.training`` is cheap)::
 
     ExpertSpec, make_spec, load_spec_file      the validated spec            (spec.py)
-    finetune, expert_path, resolve_spec        train or fetch one expert     (finetune.py)
+    finetune, expert_path, resolve_spec        train or fetch one expert     (finetuning.py)
     ExpertResult, read_expert, load_expert,
     load_expert_model, NoiseScale              the sidecar and readers       (result.py)
     branch_spec, resolve_parent                bifurcation protocol          (branching.py)
@@ -20,9 +20,9 @@ _EXPORTS = {
     "BranchFrom": "spec",
     "make_spec": "spec",
     "load_spec_file": "spec",
-    "finetune": "finetune",
-    "expert_path": "finetune",
-    "resolve_spec": "finetune",
+    "finetune": "finetuning",
+    "expert_path": "finetuning",
+    "resolve_spec": "finetuning",
     "ExpertResult": "result",
     "NoiseScale": "result",
     "read_expert": "result",

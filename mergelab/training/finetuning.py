@@ -9,7 +9,12 @@ Procedure (spec fields in ``code``):
 3. Model: the pretrained backbone (pretrained at defaults if missing) and a head initialised by
    ``head_init``: ``probe`` (default) = a linear probe fitted on frozen pretrained features of the training
    subset (LP-FT, Kumar et al. 2022: starting from a fitted head distorts the features less), ``zero``, or
-   ``random`` (PyTorch's Linear init under ``seed``). A branch instead loads model and optimizer state from
+   ``random`` (PyTorch's Linear init under ``seed``). With ``probe``, the BatchNorm running statistics are
+   first re-estimated on the task's training images (up to 20 batches of 128): the pretrained statistics
+   are the pool's, and a probe fitted under them meets very different train-mode (batch-statistics)
+   features at step 0 -- initial losses of 10-60 nats on some tasks. Only BN buffers change; the
+   parameters stay theta_0, and the task's statistics would replace the pool's within the first ~50 steps
+   anyway (BN momentum 0.1). ``init_test_metrics`` in the sidecar is this starting model. A branch instead loads model and optimizer state from
    the parent's checkpoint.
 4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head), see
    :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps.
@@ -30,12 +35,13 @@ from typing import Any
 
 import torch
 
+from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.evaluation.metrics import evaluate_classifier
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
 from mergelab.models.device import default_device
 from mergelab.models.paths import expert_dir
-from mergelab.models.pretrain import ensure_pretrained, load_pretrained_backbone
+from mergelab.models.pretraining import ensure_pretrained, load_pretrained_backbone
 from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone
 from mergelab.models.state import BACKBONE_FILE, HEAD_FILE, load_backbone_state, load_head, read_backbone_state, save_backbone, save_head
@@ -51,6 +57,8 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 OPTIMIZER_FILE = "optimizer.pt"
+BN_ADAPT_BATCH = 128  # probe init: BN statistics re-estimated on up to 20 x 128 training images
+BN_ADAPT_BATCHES = 20
 
 
 def resolve_spec(spec: ExpertSpec | Mapping[str, Any], cache_dir: PathLike | None = None) -> tuple[ExpertSpec, ExpertResult | None]:
@@ -112,6 +120,7 @@ def _load_data(spec: ExpertSpec):  # -> TaskData
 def _init_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.nn.Linear:
     dim = backbone.feature_dim
     if spec.head_init == "probe":
+        reset_bn_statistics(backbone, x, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
         return fit_linear_probe(extract_features(backbone, x), y, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, 2))

@@ -16,8 +16,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergelab.models.pretrain import ensure_pretrained
-from mergelab.training.finetune import finetune
+from mergelab.models.pretraining import ensure_pretrained
+from mergelab.training.finetuning import finetune
 from mergelab.training.result import ExpertResult
 from mergelab.training.spec import ExpertSpec, make_spec
 
@@ -126,7 +126,7 @@ def build_zoo(
 def finetune_if_cached(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult | None:
     """The cached expert of ``spec`` (trained from the current pretrained backbone), else ``None``."""
     from mergelab.models.paths import expert_dir
-    from mergelab.models.pretrain import read_pretrained
+    from mergelab.models.pretraining import read_pretrained
     from mergelab.training.result import read_expert
 
     pre = read_pretrained(spec.arch, cache_dir)

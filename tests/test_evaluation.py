@@ -1,0 +1,148 @@
+"""Evaluation: per-task / joint / normalized accuracy, merged folders, probes, BN re-estimation, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mergelab.tasks
+from mergelab.cli import main
+from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.evaluation import evaluate, evaluate_classifier, reset_bn_statistics
+from mergelab.models import build_backbone, make_head
+from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.state import backbone_state
+from mergelab.tasks import TaskData
+from mergelab.training import finetune
+
+TASKS = ["mnist_parity", "mnist_rot90"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast as two and immune to CPU oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_pool() -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 4
+    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
+    for c in range(4):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
+    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """(cache root, pretrained folder, two experts) with a tiny pretrained resnet_s."""
+    root = tmp_path_factory.mktemp("zoo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
+        pre = pretrain("resnet_s", root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
+    experts = [finetune(dict(task=t, steps=25, batch_size=32, data_ratio=0.1), root) for t in TASKS]
+    return root, pre.path, experts
+
+
+def test_an_expert_has_normalized_accuracy_one_on_its_own_task(zoo):
+    _, _, experts = zoo
+    e = experts[0]
+    r = evaluate(e.path, [e])
+    row = r.by_task()[e.task]
+    assert r.arch == "resnet_s" and [t.task for t in r.tasks] == [e.task]
+    assert row.accuracy == pytest.approx(e.test_metrics.accuracy)
+    assert row.normalized_accuracy == pytest.approx(1.0) and r.mean_normalized_accuracy == pytest.approx(1.0)
+    assert row.loss == pytest.approx(e.test_metrics.loss)
+
+
+def test_joint_metrics_are_the_union_of_test_sets(zoo):
+    _, pre_path, experts = zoo
+    r = evaluate(pre_path, [e.path for e in experts])  # the pretrained backbone with each expert's head
+    rows = r.tasks
+    n = sum(t.n_test for t in rows)
+    assert r.joint.n == n
+    assert r.joint.accuracy == pytest.approx(sum(t.accuracy * t.n_test for t in rows) / n)
+    assert r.joint.loss == pytest.approx(sum(t.loss * t.n_test for t in rows) / n)
+    assert r.mean_accuracy == pytest.approx(sum(t.accuracy for t in rows) / len(rows))
+    assert r.mean_normalized_accuracy == pytest.approx(sum(t.normalized_accuracy for t in rows) / len(rows))
+    for t, e in zip(rows, experts):
+        assert t.expert_accuracy == e.test_metrics.accuracy
+        assert t.normalized_accuracy == pytest.approx(t.accuracy / e.test_metrics.accuracy)
+    assert "joint (union)" in r.table() and "mnist_rot90" in r.table()
+
+
+def test_a_merged_backbone_folder_evaluates_and_bn_can_be_reset(zoo, tmp_path):
+    from mergelab.engine import merge
+
+    _, pre_path, experts = zoo
+    out = tmp_path / "merged"
+    merge({"method": "weight_average", "models": [str(e.backbone_path) for e in experts]}, out, progress=False)
+    plain = evaluate(out, experts)  # arch inferred from the tensors of the merged folder
+    assert plain.arch == "resnet_s" and len(plain.tasks) == 2 and 0 <= plain.mean_accuracy <= 1
+    reset = evaluate(out, experts, reset_bn=True, bn_batches=3)
+    assert reset.reset_bn and reset.mean_accuracy != plain.mean_accuracy
+    json.loads(reset.model_dump_json())
+
+
+def test_probe_heads_need_no_experts(zoo):
+    _, pre_path, _ = zoo
+    r = evaluate(pre_path, heads="probe", tasks=["mnist_parity"])
+    row = r.tasks[0]
+    assert row.head == "linear probe" and row.expert_accuracy is None and r.mean_normalized_accuracy is None
+    assert row.accuracy > 0.6  # parity from weak random-ish features is still above chance
+
+
+def test_evaluation_errors(zoo):
+    root, pre_path, experts = zoo
+    with pytest.raises(TensorMismatchError, match="does not match the backbone architecture"):
+        evaluate(backbone_state(build_backbone("vit_s")), experts)
+    with pytest.raises(SpecError, match="two experts for task"):
+        evaluate(pre_path, [experts[0], experts[0]])
+    with pytest.raises(SpecError, match="no cached default resnet_s expert.*mergelab zoo --arch resnet_s"):
+        evaluate(pre_path, cache_dir=root, tasks=["mnist"])
+    with pytest.raises(SpecError, match="no expert head for task"):
+        evaluate(pre_path, experts, tasks=["mnist"])
+
+
+def test_reset_bn_statistics_recomputes_running_moments():
+    bn = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(64, 3, 4, 4) * 2 + 1
+    assert reset_bn_statistics(bn, x, batch_size=16, num_batches=4) == 1
+    assert torch.allclose(bn[0].running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert bn[0].momentum == 0.1 and not bn.training
+    vit = build_backbone("vit_s")
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    assert reset_bn_statistics(vit, torch.randn(8, 1, 28, 28)) == 0
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
+def test_evaluate_classifier_matches_a_manual_computation():
+    torch.manual_seed(0)
+    backbone, head = build_backbone("vit_s").eval(), make_head(64, 3)
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 3, (10,))
+    m = evaluate_classifier(backbone, head, x, y, batch_size=4)
+    logits = head(backbone(x))
+    assert m.n == 10
+    assert m.accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert m.loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_cli_evaluate_prints_a_table_and_writes_json(zoo, tmp_path, capsys):
+    _, _, experts = zoo
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", experts[1].path, "--experts", *[e.path for e in experts], "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert experts[1].task in text and "joint (union)" in text
+    rec = json.loads(out.read_text())
+    assert {t["task"] for t in rec["tasks"]} == set(TASKS)
+    own = next(t for t in rec["tasks"] if t["task"] == experts[1].task)
+    assert own["normalized_accuracy"] == pytest.approx(1.0)
+    assert main(["evaluate", "/no/such/path", "--experts", experts[0].path]) == 1
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""Expert fine-tuning: schedules, sampling, spec validation, cache, sidecar, data ratio, branching, CLI, zoo."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import mergelab.tasks
+from mergelab.cli import main
+from mergelab.errors import SpecError
+from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.state import read_backbone_state
+from mergelab.tasks import TaskData
+from mergelab.training import ExpertSpec, branch_spec, build_zoo, finetune, load_expert, make_spec, read_expert
+from mergelab.training.sampler import BatchSampler
+from mergelab.training.schedule import lr_factor
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast as two and immune to CPU oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TASK = "mnist_rot90"
+BASE = dict(task=TASK, arch="resnet_s", steps=30, batch_size=32, data_ratio=0.2)
+
+
+def _tiny_pool() -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 4
+    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
+    for c in range(4):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
+    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache root holding a tiny pretrained resnet_s (15 steps on a synthetic pool)."""
+    root = tmp_path_factory.mktemp("zoo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
+        pretrain("resnet_s", root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
+    return root
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = read_backbone_state(a), read_backbone_state(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+def test_schedules():
+    assert lr_factor(0, 100, "constant") == 1.0
+    assert lr_factor(0, 100, "cosine") == 1.0
+    assert lr_factor(50, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, 100, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    assert [lr_factor(t, 100, "cosine", warmup_frac=0.1) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    wsd = [lr_factor(t, 100, "wsd", decay_frac=0.2) for t in range(100)]
+    assert wsd[:80] == [1.0] * 80 and wsd[80] == pytest.approx(0.95) and wsd[99] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(wsd, wsd[1:]))
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    s = BatchSampler(10, 4, seed=1)
+    first_epochs = torch.cat([s.indices(t) for t in range(5)])  # 20 positions = 2 epochs
+    assert sorted(first_epochs[:10].tolist()) == list(range(10)) and sorted(first_epochs[10:].tolist()) == list(range(10))
+    assert torch.equal(BatchSampler(10, 4, seed=1).indices(3), s.indices(3))  # fresh sampler, same batch
+    assert not torch.equal(BatchSampler(10, 4, seed=2).indices(0), s.indices(0))
+
+
+# ------------------------------------------------------------------------------------------ the spec
+def test_spec_defaults_are_resolved_and_hashed():
+    s = make_spec(task=TASK)
+    assert (s.arch, s.optimizer, s.lr, s.momentum, s.weight_decay) == ("resnet_s", "sgd", 0.05, 0.9, 5e-4)
+    v = make_spec(task=TASK, arch="vit_s")
+    assert (v.optimizer, v.lr, v.weight_decay) == ("adamw", 1e-3, 0.01)
+    assert make_spec(task=TASK, optimizer="adam").lr == 1e-3
+    assert s.spec_hash() == make_spec(s.canonical()).spec_hash() == ExpertSpec(**s.canonical()).spec_hash()
+    assert s.spec_hash() != make_spec(task=TASK, seed=1).spec_hash()
+    assert s.noise_scale() == pytest.approx(0.05 / (64 * 0.1))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(task="no_such_task"), r"task: unknown task 'no_such_task'; known: mnist"),
+        (dict(task=TASK, lr=-0.1), r"lr: Input should be greater than 0 \(got -0.1\)"),
+        (dict(task=TASK, lr=0), r"lr: Input should be greater than 0"),
+        (dict(task=TASK, data_ratio=0), r"data_ratio: Input should be greater than 0"),
+        (dict(task=TASK, data_ratio=1.5), r"data_ratio: Input should be less than or equal to 1"),
+        (dict(task=TASK, batch_size=0), r"batch_size: Input should be greater than or equal to 1"),
+        (dict(task=TASK, momentum=1.0), r"momentum: Input should be less than 1"),
+        (dict(task=TASK, arch="vgg"), r"arch: unknown architecture 'vgg'"),
+        (dict(task=TASK, optimizer="lion"), r"optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
+        (dict(task=TASK, schedule="step"), r"schedule: Input should be"),
+        (dict(task=TASK, learning_rate=0.1), r"learning_rate: Extra inputs are not permitted"),
+        (dict(task=TASK, steps=10, branch_from={"parent": "abc", "step": 10}), r"branch_from.step \(10\) must be < steps"),
+    ],
+)
+def test_bad_specs_fail_with_a_clear_message(fields, message):
+    with pytest.raises(SpecError, match=message):
+        make_spec(fields)
+    with pytest.raises(SpecError, match="invalid expert spec"):
+        ExpertSpec(**fields)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+def test_expert_beats_the_pretrained_model_and_the_sidecar_round_trips(cache):
+    r = finetune(dict(BASE, steps=60), cache)
+    assert not r.cached
+    assert r.test_metrics.accuracy > r.init_test_metrics.accuracy + 0.05, (r.init_test_metrics, r.test_metrics)
+    assert len(r.loss_curve) == 60 and r.wall_time_s > 0 and r.versions["torch"] == torch.__version__
+    assert r.noise_scale.value == pytest.approx(0.05 / (32 * 0.1)) and r.noise_scale.beta_source == "sgd momentum"
+    sidecar = json.loads((r.backbone_path.parent / "expert.json").read_text())
+    assert sidecar["spec"] == r.spec.canonical() and sidecar["spec_hash"] == r.spec_hash
+    back = read_expert(r.path)
+    assert back.model_dump(exclude={"cached"}) == r.model_dump(exclude={"cached"})
+
+
+def test_identical_spec_reuses_the_cache(cache, monkeypatch):
+    first = finetune(dict(BASE, steps=5), cache)
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained a cached expert")
+
+    monkeypatch.setattr("mergelab.training.finetuning.run_steps", no_training)
+    again = finetune(make_spec(dict(BASE, steps=5)), cache)
+    assert again.cached and again.spec_hash == first.spec_hash and again.path == first.path
+    assert again.wall_time_s == first.wall_time_s  # the recorded time of the original run
+
+
+def test_data_ratio_really_subsets(cache):
+    full = mergelab.tasks.get_task(TASK).n_train
+    r = finetune(dict(BASE, steps=3, data_ratio=0.05), cache)
+    assert r.n_train == round(0.05 * full) < full
+    assert json.loads((r.backbone_path.parent / "expert.json").read_text())["n_train"] == r.n_train
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_branching_from_a_checkpoint_resumes_exactly(cache, optimizer):
+    spec = dict(BASE, steps=12, optimizer=optimizer, augment=True, checkpoint_every=6, seed=3)
+    parent = finetune(spec, cache)
+    assert parent.checkpoints == [6, 12]
+    assert (parent.checkpoint_dir(6) / "optimizer.pt").is_file()
+    child = finetune(dict(spec, checkpoint_every=0, branch_from={"parent": parent.spec_hash, "step": 6}), cache)
+    assert child.parent.step == 6 and child.loss_curve_start == 6
+    assert child.loss_curve == parent.loss_curve[6:]
+    assert _same_weights(child.backbone_path, parent.backbone_path)
+    assert _same_weights(child.head_path, parent.head_path)
+    by_path = finetune(dict(spec, checkpoint_every=0, branch_from={"parent": parent.path, "step": 6}), cache)
+    assert by_path.cached and by_path.spec_hash == child.spec_hash  # a path pins to the parent's hash
+
+
+def test_bifurcation_children_decay_from_the_branch_point(cache):
+    parent = finetune(dict(BASE, steps=10, schedule="constant", checkpoint_every=5), cache)
+    a = branch_spec(parent, step=5, seed=1, decay_steps=4)
+    b = branch_spec(parent, step=5, seed=2, decay_steps=4)
+    assert (a.steps, a.schedule, a.branch_from.step) == (9, "wsd", 5)
+    assert [lr_factor(t, a.steps, a.schedule, a.warmup_frac, a.decay_frac) for t in range(5, 9)] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    ra, rb = finetune(a, cache), finetune(b, cache)
+    assert ra.spec_hash != rb.spec_hash and not _same_weights(ra.backbone_path, rb.backbone_path)
+    with pytest.raises(SpecError, match="no checkpoint at step 3; available: \\[5, 10\\]"):
+        finetune(dict(BASE, steps=10, schedule="constant", branch_from={"parent": parent.spec_hash, "step": 3}), cache)
+    with pytest.raises(SpecError, match="optimizer='sgd'.*optimizer='adam'"):
+        finetune(dict(BASE, steps=10, optimizer="adam", branch_from={"parent": parent.path, "step": 5}), cache)
+    with pytest.raises(SpecError, match="neither an expert folder nor the spec hash"):
+        finetune(dict(BASE, steps=10, branch_from={"parent": "0123456789abcdef", "step": 5}), cache)
+
+
+# ------------------------------------------------------------------------------------------ CLI and zoo
+def test_cli_finetune_from_flags_and_spec_file(cache, tmp_path, capsys):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(f"task: {TASK}\nsteps: 4\nbatch_size: 32\ndata_ratio: 0.1\nhead_init: zero\n")
+    out_json = tmp_path / "expert.json"
+    assert main(["finetune", str(spec_file), "--lr", "0.02", "--no-progress", "--cache-dir", str(cache), "--json", str(out_json)]) == 0
+    rec = json.loads(out_json.read_text())
+    assert rec["spec"]["lr"] == 0.02 and rec["spec"]["head_init"] == "zero" and rec["spec"]["steps"] == 4
+    assert load_expert(rec["path"]).spec_hash == rec["spec_hash"]
+    assert "test acc" in capsys.readouterr().out
+    assert main(["finetune", "--task", TASK, "--lr", "-1", "--cache-dir", str(cache)]) == 1
+    assert "lr: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["finetune", "--task", "nope", "--cache-dir", str(cache)]) == 1
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_zoo_builds_in_parallel_and_reuses_the_cache(cache):
+    tasks = ["mnist_parity", "mnist_ge5"]
+    z = build_zoo("resnet_s", tasks, cache, workers=2, overrides=dict(steps=3, batch_size=16, data_ratio=0.05), progress=False)
+    assert [r.task for r in z.experts] == tasks and z.trained == 2 and not z.failures
+    z2 = build_zoo("resnet_s", tasks, cache, workers=2, overrides=dict(steps=3, batch_size=16, data_ratio=0.05), progress=False)
+    assert z2.trained == 0 and all(r.cached for r in z2.experts)
