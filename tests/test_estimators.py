@@ -20,6 +20,7 @@ from mergelab.analysis.estimators import (
     hvp_operator,
     loss_and_gradient,
     measure_tasks,
+    measured_noise_scale,
     normalized_layer_lrs,
     power_iteration,
 )
@@ -303,6 +304,15 @@ def test_normalized_layer_lrs_finds_weights_feeding_norm_layers():
     )
     res = {r.name: r for r in normalized_layer_lrs(model, torch.randn(2, 1, 6, 6), lr=0.1)}
     assert set(res) == {"0.weight", "4.weight"}
-    w0 = float(model[0].weight.pow(2).sum())
+    w0 = float(model[0].weight.detach().pow(2).sum())
     assert res["0.weight"].eta_eff == pytest.approx(0.1 / w0, rel=1e-6)
     assert res["0.weight"].norm_kind == "BatchNorm2d" and res["4.weight"].norm_layer == "5"
+
+
+def test_measured_noise_scale_multiplies_the_proxy_by_the_per_sample_variance():
+    model, x, y = _linreg(n=30)
+    spec = SimpleNamespace(lr=0.1, batch_size=10, momentum=0.5, optimizer="sgd", augment=False)
+    rep = measured_noise_scale(spec, model, x, y, _half_mse, max_samples=None)
+    _, sigma2, _ = _linreg_reference(model, x, y)
+    assert rep.trace_sigma == pytest.approx(sigma2, rel=1e-10)
+    assert rep.T == pytest.approx(0.1 / (10 * 0.5) * sigma2, rel=1e-10)

@@ -75,7 +75,9 @@ __all__ = [
     "hessian_top_eigenvalue",
     "hvp_operator",
     "loss_and_gradient",
+    "heterogeneity_from_gram",
     "measure_tasks",
+    "measured_noise_scale",
     "normalized_layer_lrs",
     "power_iteration",
 ]
@@ -724,6 +726,39 @@ def effective_noise_scale(expert: Any, trace_sigma: float | None = None) -> Nois
     t = None if trace_sigma is None else proxy * float(trace_sigma)
     t2 = None if trace_sigma is None else proxy_sq * float(trace_sigma)
     return NoiseScaleReport(proxy, proxy_sq, lr, bsz, beta, source, opt, trace_sigma, t, t2, note)
+
+
+def measured_noise_scale(
+    expert: Any,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    param_names: Sequence[str] | None = None,
+    max_samples: int | None = 512,
+    augment: bool | None = None,
+    seed: int = 0,
+) -> NoiseScaleReport:
+    """:func:`effective_noise_scale` with ``tr(Sigma)`` measured on ``(x, y)`` at ``model``'s current weights.
+
+    ``tr(Sigma) = sigma^2`` of :func:`gradient_statistics` (``1/n`` normalisation, eval mode) over
+    ``param_names`` -- by default **all** parameters, since the optimizer updates the whole model (backbone and
+    head) and its noise lives in all of them. Pass ``model`` at theta_0 with the starting head for the noise at
+    the start of training, or a checkpoint for the noise along the run. With augmentation (``augment``, default
+    the expert's ``spec.augment``), each sample gets one random draw of the training module's affine warp, so
+    ``Sigma`` is the covariance over (sample, augmentation) pairs, as in training.
+    """
+    spec = getattr(expert, "spec", expert)
+    use_aug = bool(getattr(spec, "augment", False)) if augment is None else augment
+    idx = _sample_indices(len(x), max_samples, seed)
+    xs, ys = x[idx], y[idx]
+    if use_aug:
+        from mergelab.training.augment import random_affine
+
+        xs = random_affine(xs, seed, 0)
+    stats = gradient_statistics(model, xs, ys, loss_fn, param_names=param_names, seed=seed)
+    return effective_noise_scale(expert, trace_sigma=stats.sigma2)
 
 
 @dataclass(frozen=True)
