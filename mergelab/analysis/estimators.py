@@ -586,7 +586,8 @@ class PoolMeasurement:
             "tasks": [t.to_dict() for t in self.tasks],
             "heterogeneity": self.heterogeneity.to_dict(),
             "smoothness": self.smoothness,
-            "num_params": sum(1 for _ in self.param_names),
+            "num_param_tensors": len(self.param_names),
+            "num_params": int(self.tasks[0].grad.numel()) if self.tasks else 0,
             "settings": dict(self.settings),
         }
 
