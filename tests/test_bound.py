@@ -18,8 +18,8 @@ from scipy import optimize
 
 from mergelab.analysis.bound import (
     BoundConstants,
-    ExpertStats,
-    PoolStats,
+    BoundExpert,
+    BoundPool,
     chi2_divergence,
     classify_shape,
     effective_weights,
@@ -34,19 +34,19 @@ from mergelab.analysis.bound import (
 from mergelab.analysis.calibration import bound_features, calibrate, fit_constants, predict_losses, split_indices
 
 
-def _expert(name: str = "t", **kw) -> ExpertStats:
+def _expert(name: str = "t", **kw) -> BoundExpert:
     base = dict(lr=0.01, steps=100.0, batch_size=32.0, n=1000.0, sigma2=2.0, delta2=0.5, init_loss=1.2)
     base.update(kw)
-    return ExpertStats(name, **base)
+    return BoundExpert(name, **base)
 
 
-def _pool(**kw) -> PoolStats:
+def _pool(**kw) -> BoundPool:
     experts = (
         _expert("a", lr=0.01, steps=100, batch_size=32, n=1000, sigma2=2.0, delta2=0.5, init_loss=1.2),
         _expert("b", lr=0.02, steps=50, batch_size=64, n=3000, sigma2=4.0, delta2=0.1, init_loss=0.8),
         _expert("c", lr=0.005, steps=400, batch_size=16, n=500, sigma2=1.0, delta2=1.5, init_loss=2.0),
     )
-    return PoolStats(experts, smoothness=kw.pop("smoothness", 3.0), **kw)
+    return BoundPool(experts, smoothness=kw.pop("smoothness", 3.0), **kw)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -138,7 +138,7 @@ def test_evaluate_bound_matches_a_hand_computation():
 
 
 def test_validity_flags_and_measured_train_loss():
-    pool = PoolStats((_expert("ok", lr=0.001, steps=100), _expert("bad", lr=0.1, steps=100)), smoothness=5.0)
+    pool = BoundPool((_expert("ok", lr=0.001, steps=100), _expert("bad", lr=0.1, steps=100)), smoothness=5.0)
     rep = evaluate_bound(pool, train_loss=0.0)
     assert [e["valid"] for e in rep.experts] == [True, False]  # eta L K = 0.5 and 50
     assert rep.train_loss_source == "measured"
@@ -150,7 +150,7 @@ def test_heavy_ball_learning_rate_and_adam_note():
     assert sgd.eta() == pytest.approx(0.1) and sgd.eta(heavy_ball=False) == pytest.approx(0.01)
     adam = _expert("a", momentum=0.9, optimizer="adamw")
     assert adam.eta() == pytest.approx(0.01)
-    rep = evaluate_bound(PoolStats((sgd, adam), smoothness=1.0))
+    rep = evaluate_bound(BoundPool((sgd, adam), smoothness=1.0))
     assert rep.experts[0]["eta"] == pytest.approx(0.1) and "adamw" in rep.experts[1]["note"]
 
 
@@ -162,15 +162,15 @@ def test_task_arithmetic_and_weighted_alphas():
     assert rep.eps2 == pytest.approx(mean.eps2 * (0.4 * 3) ** 2, rel=1e-12)  # alpha 0.4 vs 1/3
     assert rep.opt == pytest.approx(mean.opt, rel=1e-12)  # opt uses normalised alpha
     ex = tuple(replace(e, alpha=a) for e, a in zip(_pool().experts, (0.2, 0.3, 0.5)))
-    np.testing.assert_allclose(PoolStats(ex, 3.0, merge="weighted").alphas(), [0.2, 0.3, 0.5])
+    np.testing.assert_allclose(BoundPool(ex, 3.0, merge="weighted").alphas(), [0.2, 0.3, 0.5])
     with pytest.raises(ValueError, match="alpha"):
-        PoolStats(_pool().experts, 3.0, merge="weighted")
+        BoundPool(_pool().experts, 3.0, merge="weighted")
 
 
 def test_expert_stats_from_a_spec():
     spec = SimpleNamespace(task="mnist", lr=0.05, steps=300, batch_size=64, momentum=0.9, optimizer="sgd",
                            schedule="cosine", warmup_frac=0.0, decay_frac=0.2, min_lr_ratio=0.0, data_ratio=0.5)
-    st = ExpertStats.from_expert(SimpleNamespace(spec=spec, n_train=2500), sigma2=3.0, delta2=0.2, init_loss=1.1)
+    st = BoundExpert.from_expert(SimpleNamespace(spec=spec, n_train=2500), sigma2=3.0, delta2=0.2, init_loss=1.1)
     assert st.n == 2500 and st.data_ratio == 0.5 and st.eta() == pytest.approx(0.5)
     assert st.lr_factor_mean == pytest.approx(0.5, abs=5e-3) and st.lr_factor_sq_mean == pytest.approx(0.375, abs=5e-3)
 
@@ -215,7 +215,7 @@ def test_trend_shapes_u_in_steps_and_large_lr_collapse():
     """Implementation check: opt ~ 1/sqrt(K) against gen ~ sqrt(K) .. K gives an interior optimum K*, and
     eps^2 ~ eta^2 makes the bound rise again at large eta (an optimum eta*, then collapse)."""
     ex = tuple(_expert(f"t{i}", lr=0.1, steps=100, sigma2=2.0, delta2=0.2, n=1000, init_loss=2.0) for i in range(3))
-    pool = PoolStats(ex, smoothness=2.0)
+    pool = BoundPool(ex, smoothness=2.0)
     tr = predict_trends(pool, factors=[2.0**k for k in range(-6, 9)], hyperparameters=["K", "eta"])
     assert tr["K"].shape == "U" and not tr["K"].argmin_at_edge
     assert tr["eta"].shape == "U" and not tr["eta"].argmin_at_edge
@@ -226,11 +226,11 @@ def test_n_trend_sub_pools_use_the_gram_matrix():
     rng = np.random.default_rng(0)
     g = rng.normal(size=(4, 30))
     ex = tuple(_expert(f"t{i}") for i in range(4))
-    pool = PoolStats(ex, 3.0, merge="task_arithmetic", lam=0.3, gram=g @ g.T)
+    pool = BoundPool(ex, 3.0, merge="task_arithmetic", lam=0.3, gram=g @ g.T)
     tr = predict_trends(pool, factors=[0.25, 0.5, 1.0, 2.0], hyperparameters=["N"])["N"]
     assert tr.values == (1.0, 2.0, 4.0, 8.0)
     # a single task has no heterogeneity: only the sigma^2 part of the stability term remains
-    single = evaluate_bound(PoolStats((replace(ex[0], delta2=0.0),), 3.0, merge="task_arithmetic", lam=0.3))
+    single = evaluate_bound(BoundPool((replace(ex[0], delta2=0.0),), 3.0, merge="task_arithmetic", lam=0.3))
     assert tr.eps2[0] == pytest.approx(single.eps2, rel=1e-12)
     # under task arithmetic the measured heterogeneity accumulates with N: eps^2 grows from 1 to 4 tasks
     assert tr.eps2[2] > tr.eps2[1] > tr.eps2[0]
@@ -239,7 +239,7 @@ def test_n_trend_sub_pools_use_the_gram_matrix():
 
 def test_recommend_moves_lr_down_when_stability_dominates():
     ex = tuple(_expert(f"t{i}", lr=0.2, steps=300, delta2=2.0, n=300, data_ratio=0.5) for i in range(3))
-    pool = PoolStats(ex, smoothness=3.0)
+    pool = BoundPool(ex, smoothness=3.0)
     rec = recommend(pool)
     assert rec.factors["lr"] < 1.0
     assert rec.bound_after <= rec.bound_before
@@ -249,7 +249,7 @@ def test_recommend_moves_lr_down_when_stability_dominates():
 
 
 # ------------------------------------------------------------------------------------------ calibration
-def _synthetic_pools(m: int, seed: int) -> list[PoolStats]:
+def _synthetic_pools(m: int, seed: int) -> list[BoundPool]:
     rng = np.random.default_rng(seed)
     pools = []
     for _ in range(m):
@@ -267,7 +267,7 @@ def _synthetic_pools(m: int, seed: int) -> list[PoolStats]:
             )
             for i in range(N)
         )
-        pools.append(PoolStats(ex, smoothness=float(rng.uniform(1, 10))))
+        pools.append(BoundPool(ex, smoothness=float(rng.uniform(1, 10))))
     return pools
 
 

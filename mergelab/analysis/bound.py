@@ -81,12 +81,13 @@ MergeRule = Literal["mean", "task_arithmetic", "weighted"]
 __all__ = [
     "BOUND_FORMULA",
     "BoundConstants",
+    "BoundExpert",
+    "BoundPool",
     "BoundReport",
+    "BoundTrend",
     "DEFAULT_FACTORS",
-    "ExpertStats",
-    "PoolStats",
-    "Recommendation",
-    "Trend",
+    "MergeRecommendation",
+    "bound_table",
     "chi2_divergence",
     "classify_shape",
     "effective_weights",
@@ -95,7 +96,6 @@ __all__ = [
     "merged_stability",
     "per_expert_stability",
     "predict_trends",
-    "bound_table",
     "recommend",
     "schedule_moments",
 ]
@@ -114,7 +114,7 @@ def schedule_moments(steps: int, schedule: str = "constant", warmup_frac: float 
 
 
 @dataclass(frozen=True)
-class ExpertStats:
+class BoundExpert:
     """One expert as the bound sees it: hyperparameters and measured statistics at theta_0.
 
     ``lr`` is the base (peak) learning rate, ``momentum`` the SGD momentum (Adam's beta1 for Adam/AdamW),
@@ -156,7 +156,7 @@ class ExpertStats:
             return self.lr / (1.0 - self.momentum)
         return self.lr
 
-    def scaled(self, hyperparameter: str, factor: float) -> ExpertStats:
+    def scaled(self, hyperparameter: str, factor: float) -> BoundExpert:
         """A copy with ``K``, ``eta`` (the base lr), ``b`` or ``n`` (and the data ratio) multiplied by ``factor``."""
         if hyperparameter == "K":
             return replace(self, steps=self.steps * factor)
@@ -170,7 +170,7 @@ class ExpertStats:
 
     @classmethod
     def from_expert(cls, expert: Any, *, sigma2: float, delta2: float, init_loss: float, n: float | None = None,
-                    alpha: float | None = None, name: str | None = None) -> ExpertStats:
+                    alpha: float | None = None, name: str | None = None) -> BoundExpert:
         """From an :class:`~mergelab.training.ExpertResult` (or an ``ExpertSpec`` plus ``n``) and measurements."""
         spec = getattr(expert, "spec", expert)
         n_train = n if n is not None else getattr(expert, "n_train", None)
@@ -196,7 +196,7 @@ class ExpertStats:
 
 
 @dataclass(frozen=True)
-class PoolStats:
+class BoundPool:
     """A pool of experts to merge, the smoothness ``L`` and the merge rule.
 
     ``merge``: ``"mean"`` (``alpha_i = 1/N``), ``"task_arithmetic"`` (``alpha_i = lam``) or ``"weighted"``
@@ -205,7 +205,7 @@ class PoolStats:
     in :func:`predict_trends` recompute ``delta_i^2`` from it instead of keeping the measured values.
     """
 
-    experts: tuple[ExpertStats, ...]
+    experts: tuple[BoundExpert, ...]
     smoothness: float
     merge: MergeRule = "mean"
     lam: float = 1.0
@@ -237,22 +237,22 @@ class PoolStats:
             return np.full(n, float(self.lam))
         return np.array([float(e.alpha) for e in self.experts])  # type: ignore[arg-type]
 
-    def with_experts(self, experts: Sequence[ExpertStats], gram: np.ndarray | None = None) -> PoolStats:
+    def with_experts(self, experts: Sequence[BoundExpert], gram: np.ndarray | None = None) -> BoundPool:
         return replace(self, experts=tuple(experts), gram=gram)
 
-    def scaled(self, hyperparameter: str, factor: float) -> PoolStats:
+    def scaled(self, hyperparameter: str, factor: float) -> BoundPool:
         """Every expert's ``K``/``eta``/``b``/``n`` multiplied by ``factor`` (statistics at theta_0 unchanged)."""
         return replace(self, experts=tuple(e.scaled(hyperparameter, factor) for e in self.experts))
 
     @classmethod
     def from_measurement(cls, measurement: Any, experts: Sequence[Any], *, merge: MergeRule = "mean", lam: float = 1.0,
-                         alphas: Sequence[float] | None = None, name: str = "") -> PoolStats:
+                         alphas: Sequence[float] | None = None, name: str = "") -> BoundPool:
         """From a :class:`~mergelab.analysis.estimators.PoolMeasurement` and the matching experts
         (``ExpertResult``s, in the same order as the measured tasks)."""
         if len(experts) != len(measurement.tasks):
             raise ValueError(f"{len(experts)} experts for {len(measurement.tasks)} measured tasks")
         stats = [
-            ExpertStats.from_expert(e, sigma2=t.sigma2, delta2=d, init_loss=t.init_loss, n=t.n, name=t.name,
+            BoundExpert.from_expert(e, sigma2=t.sigma2, delta2=d, init_loss=t.init_loss, n=t.n, name=t.name,
                                     alpha=None if alphas is None else float(alphas[i]))
             for i, (e, t, d) in enumerate(zip(experts, measurement.tasks, measurement.delta2))
         ]
@@ -357,7 +357,7 @@ class BoundReport:
         return d
 
 
-def evaluate_bound(pool: PoolStats, constants: BoundConstants | None = None, *, train_loss: float | None = None,
+def evaluate_bound(pool: BoundPool, constants: BoundConstants | None = None, *, train_loss: float | None = None,
                    heavy_ball: bool = True) -> BoundReport:
     """Evaluate the *(derived)* bound of the module docstring on ``pool``.
 
@@ -479,7 +479,7 @@ def classify_shape(x: Sequence[float], y: Sequence[float], rtol: float = 1e-9) -
 
 
 @dataclass(frozen=True)
-class Trend:
+class BoundTrend:
     """The bound's prediction along one hyperparameter *(derived)*: a prediction to compare with measurement.
 
     ``factors`` multiply the pool's current setting (for ``N``: ``values`` are pool sizes). ``shape`` is the
@@ -522,7 +522,7 @@ def _direction_text(hp: str, shape: str, argmin_factor: float, at_edge: bool) ->
     return f"(derived) {shape} in {label}; minimum at x{argmin_factor:.3g}" + (" (grid edge)" if at_edge else "")
 
 
-def _sub_pool(pool: PoolStats, idx: Sequence[int]) -> PoolStats:
+def _sub_pool(pool: BoundPool, idx: Sequence[int]) -> BoundPool:
     """The pool restricted to (or cyclically replicated onto) ``idx``; delta from the Gram matrix when known."""
     ex = [pool.experts[i] for i in idx]
     gram = None
@@ -539,7 +539,7 @@ def _sub_pool(pool: PoolStats, idx: Sequence[int]) -> PoolStats:
     return pool.with_experts(ex, gram)
 
 
-def _n_trend(pool: PoolStats, factors: Sequence[float], constants: BoundConstants | None, heavy_ball: bool,
+def _n_trend(pool: BoundPool, factors: Sequence[float], constants: BoundConstants | None, heavy_ball: bool,
              max_subsets: int, seed: int) -> tuple[list[int], list[list[BoundReport]], str]:
     N = pool.size
     sizes = sorted({max(1, int(round(N * f))) for f in factors})
@@ -561,7 +561,7 @@ def _n_trend(pool: PoolStats, factors: Sequence[float], constants: BoundConstant
 
 
 def predict_trends(
-    pool: PoolStats,
+    pool: BoundPool,
     factors: Sequence[float] = DEFAULT_FACTORS,
     *,
     hyperparameters: Sequence[str] = HYPERPARAMETERS,
@@ -569,7 +569,7 @@ def predict_trends(
     heavy_ball: bool = True,
     max_subsets: int = 64,
     seed: int = 0,
-) -> dict[str, Trend]:
+) -> dict[str, BoundTrend]:
     """*(derived)* The bound along each hyperparameter on a multiplicative grid around the pool's settings.
 
     ``K``, ``eta``, ``b``, ``n``: every expert's value times each factor, statistics at theta_0 unchanged (they
@@ -578,7 +578,7 @@ def predict_trends(
     heterogeneity of each sub-pool is recomputed, so it grows with the pool's diversity). Each trend reports the
     bound's shape (monotone / U / inverted-U with its argmin) -- predictions to compare with measurement.
     """
-    out: dict[str, Trend] = {}
+    out: dict[str, BoundTrend] = {}
     fs = sorted(float(f) for f in factors)
     for hp in hyperparameters:
         if hp == "N":
@@ -600,7 +600,7 @@ def predict_trends(
             raise ValueError(f"unknown hyperparameter {hp!r}; known: {', '.join(HYPERPARAMETERS)}")
         shape = classify_shape(fac, agg["bound"])
         argmin_i = int(np.argmin(agg["bound"]))
-        out[hp] = Trend(
+        out[hp] = BoundTrend(
             hyperparameter=hp,
             factors=tuple(fac),
             values=tuple(xs),
@@ -624,7 +624,7 @@ def predict_trends(
 # recommendation for the next expert
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Recommendation:
+class MergeRecommendation:
     """A merge-friendly setting for the next expert *(derived)*: minimises the bound of the pool plus that
     expert over a grid of its ``lr``, ``steps``, ``batch_size`` (and data ratio, up to all data)."""
 
@@ -646,11 +646,11 @@ class Recommendation:
         return "\n".join(self.reasoning)
 
 
-def _typical_expert(pool: PoolStats) -> ExpertStats:
+def _typical_expert(pool: BoundPool) -> BoundExpert:
     """A new expert statistically like the pool: means of the statistics, geometric mean of the lr."""
     ex = pool.experts
     opts = [e.optimizer for e in ex]
-    return ExpertStats(
+    return BoundExpert(
         name="next",
         lr=float(np.exp(np.mean([math.log(e.lr) for e in ex]))),
         steps=float(np.mean([e.steps for e in ex])),
@@ -669,13 +669,13 @@ def _typical_expert(pool: PoolStats) -> ExpertStats:
 
 
 def recommend(
-    pool: PoolStats,
-    expert: ExpertStats | None = None,
+    pool: BoundPool,
+    expert: BoundExpert | None = None,
     *,
     factors: Sequence[float] = DEFAULT_FACTORS,
     constants: BoundConstants | None = None,
     heavy_ball: bool = True,
-) -> Recommendation:
+) -> MergeRecommendation:
     """*(derived)* How to fine-tune the next expert so that the merge of ``pool`` + it has the smallest bound.
 
     ``expert`` is the planned expert with its task's statistics at theta_0 (default: a typical expert of the
@@ -687,7 +687,7 @@ def recommend(
     target = expert or _typical_expert(pool)
     fs = sorted(float(f) for f in factors)
 
-    def pool_with(e: ExpertStats) -> PoolStats:
+    def pool_with(e: BoundExpert) -> BoundPool:
         return pool.with_experts(list(pool.experts) + [e], None)
 
     base_rep = evaluate_bound(pool_with(target), constants, heavy_ball=heavy_ball)
@@ -748,7 +748,7 @@ def recommend(
         + ("(<= 1: inside the bound's step-size condition)." if ratio <= 1 else
            f"(> 1: outside the condition eta <= 1/(L K) = {1 / (L * rec.steps):.3g}; the bound is extrapolated there).")
     )
-    return Recommendation(
+    return MergeRecommendation(
         base={"lr": target.lr, "steps": target.steps, "batch_size": target.batch_size, "data_ratio": target.data_ratio},
         recommended={"lr": rec.lr, "steps": float(max(1, round(rec.steps))), "batch_size": float(max(1, round(rec.batch_size))),
                      "data_ratio": min(1.0, rec.data_ratio)},
@@ -761,7 +761,7 @@ def recommend(
     )
 
 
-def bound_table(pools: Mapping[str, PoolStats], constants: BoundConstants | None = None) -> list[dict[str, Any]]:
+def bound_table(pools: Mapping[str, BoundPool], constants: BoundConstants | None = None) -> list[dict[str, Any]]:
     """One row per named pool: the bound and its terms *(derived)*."""
     rows = []
     for name, pool in pools.items():

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import optimize, stats
 
-from mergelab.analysis.bound import FORM, BoundConstants, PoolStats, evaluate_bound
+from mergelab.analysis.bound import FORM, BoundConstants, BoundPool, evaluate_bound
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-def bound_features(pools: Sequence[PoolStats], train_losses: Sequence[float | None] | None = None,
+def bound_features(pools: Sequence[BoundPool], train_losses: Sequence[float | None] | None = None,
                    *, heavy_ball: bool = True) -> np.ndarray:
     """``[m, 2]`` matrix of the bound's terms ``(opt, gen)`` at unit constants, one row per pool.
 
@@ -152,9 +152,9 @@ class CalibrationResult:
 
 
 def calibrate(
-    train_pools: Sequence[PoolStats],
+    train_pools: Sequence[BoundPool],
     train_measured: Sequence[float],
-    test_pools: Sequence[PoolStats] | None = None,
+    test_pools: Sequence[BoundPool] | None = None,
     test_measured: Sequence[float] | None = None,
     *,
     method: Method = "nnls",
