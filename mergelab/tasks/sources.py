@@ -130,14 +130,26 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
 def load_mnist1d() -> dict[str, np.ndarray]:
     """The MNIST-1D benchmark (default arguments, seed 42), built procedurally without any download.
 
-    Returns ``{"x": [4000, 40], "y": [4000], "x_test": [1000, 40], "y_test": [1000]}``. ``make_dataset``
-    reseeds numpy's and Python's global generators; their states are saved and restored around the call.
+    Returns ``{"x": [4000, 40], "y": [4000], "x_test": [1000, 40], "y_test": [1000]}``.
+    """
+    return make_mnist1d()
+
+
+def make_mnist1d(num_samples: int | None = None) -> dict[str, np.ndarray]:
+    """Run ``mnist1d.data.make_dataset`` with its default arguments (optionally fewer samples).
+
+    ``make_dataset`` reseeds numpy's and Python's global generators; their states are saved and restored
+    around the call so building a task never changes a caller's random stream. ``get_dataset`` (which may
+    download a pickle) is never used.
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
+    args = get_dataset_args()
+    if num_samples is not None:
+        args.num_samples = int(num_samples)
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        data = make_dataset(get_dataset_args())
+        data = make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
