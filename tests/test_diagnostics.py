@@ -170,6 +170,14 @@ def test_chunked_accumulation_matches_one_block() -> None:
     assert many.dispersion == pytest.approx(one.dispersion, rel=1e-10)
     for op in OPERATORS:
         assert many.dispersion_after(op) == pytest.approx(one.dispersion_after(op), rel=1e-10)
+    # consensus variants reuse the sparsified vectors when both are measured; alone they recompute them
+    for op in ("ties", "dare_ties"):
+        alone = tensor_stats(taus, name="x", config=DiagnosticsConfig(operators=(op,)))
+        assert alone.dispersion_after(op) == one.dispersion_after(op)
+    # float64 task vectors (a float64 input) give the same counts
+    double = tensor_stats([t.double() for t in taus], name="x", chunk=100)
+    np.testing.assert_array_equal(double.disagree, one.disagree)
+    assert double.dispersion == pytest.approx(one.dispersion, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------- Corollary 1's mechanism

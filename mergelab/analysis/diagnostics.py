@@ -407,40 +407,65 @@ class PoolStats:
         }
 
 
-def _chunk_stats(x: torch.Tensor) -> PoolStats:
-    """Raw sums of one chunk ``x`` of shape (N, m), float64 (m <= 2**24 so float32 sign counts are exact).
+def _blocks(
+    taus: Sequence[torch.Tensor], chunk: int, *, signs: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Coordinate blocks of the flattened task vectors: an (N, <= chunk) float64 copy of the values and,
+    with ``signs``, an (N, <= chunk) float32 ``sgn``. The two buffers are allocated once and reused, so a
+    block is only valid until the next one is produced."""
+    flat = [t.reshape(-1) for t in taus]
+    n, numel = len(flat), flat[0].numel()
+    width = min(chunk, numel)
+    values = torch.empty(n, width, dtype=torch.float64, device=flat[0].device)
+    sgn = torch.empty(n, width, dtype=torch.float32, device=flat[0].device) if signs else None
+    for start in range(0, numel, chunk):
+        m = min(chunk, numel - start)
+        for i, f in enumerate(flat):
+            piece = f[start : start + m]
+            values[i, :m].copy_(piece)
+            if sgn is not None:
+                sgn[i, :m].copy_(torch.sign(piece))
+        yield values[:, :m], (None if sgn is None else sgn[:, :m])
 
-    ``D = sum_i ||x_i||^2 - ||sum_i x_i||^2 / N`` (algebraically ``sum_i ||x_i - bar x||^2``; the float64
-    rounding is ~1e-16 of ``sum_i ||x_i||^2``, clamped at 0 by the readers).
+
+def _block_stats(x: torch.Tensor, s: torch.Tensor) -> PoolStats:
+    """Raw sums of one block: values ``x`` (N, m) float64 and signs ``s`` (N, m) float32 (m <= 2**24, so the
+    float32 sign counts are exact integers).
+
+    ``both = |s| |s|^T`` (its diagonal: each expert's nonzero count), ``disagree = (both - s s^T) / 2``; with
+    ``k = sum_i |s_i|`` and ``net = sum_i s_i`` per coordinate, a coordinate conflicts iff ``|net| < k`` (which
+    implies k >= 2). ``D = sum_i ||x_i||^2 - ||sum_i x_i||^2 / N`` (algebraically ``sum_i ||x_i - bar x||^2``;
+    float64 rounding ~1e-16 of ``sum_i ||x_i||^2``; clamped at 0).
     """
     n = x.shape[0]
-    ones = torch.ones(1, n, dtype=x.dtype, device=x.device)
     gram = x @ x.T
-    total = ones @ x
-    s = torch.sign(x).to(torch.float32)
+    total = torch.ones(1, n, dtype=x.dtype, device=x.device) @ x
     a = s.abs()
     both = a @ a.T
     agree_minus_disagree = s @ s.T
-    nnz = (ones.to(torch.float32) @ a).squeeze(0)
-    net = (ones.to(torch.float32) @ s).squeeze(0)
-    multi = nnz >= 2
-    conflict = multi & (net.abs() < nnz)
+    ones = torch.ones(1, n, dtype=s.dtype, device=s.device)
+    k = (ones @ a).squeeze(0)
+    net = (ones @ s).squeeze(0)
+    counts = torch.bincount(k.to(torch.int64), minlength=n + 1).cpu().numpy()
+    ks = np.arange(n + 1)
+    chance = float((counts[2:] * (1.0 - np.exp2(1.0 - ks[2:]))).sum())
+    both_np = both.round().long().cpu().numpy()
     return PoolStats(
         n_experts=n,
         numel=x.shape[1],
         gram=gram.cpu().numpy(),
-        changed=a.sum(dim=1).round().long().cpu().numpy(),
-        both_changed=both.round().long().cpu().numpy(),
+        changed=np.diag(both_np).copy(),
+        both_changed=both_np,
         disagree=((both - agree_minus_disagree) / 2).round().long().cpu().numpy(),
-        multi=int(multi.sum()),
-        conflict=int(conflict.sum()),
-        conflict_chance=float((1.0 - torch.exp2(1.0 - nnz[multi].double())).sum()),
+        multi=int(counts[2:].sum()),
+        conflict=int((net.abs() < k).sum()),
+        conflict_chance=chance,
         dispersion=max(0.0, float(gram.trace() - total.square().sum() / n)),
     )
 
 
-def _chunk_operator_stats(y: torch.Tensor) -> OperatorStats:
-    """``D_T`` and ``||T(tau_i)||^2`` of one (N, m) float64 chunk of operator outputs (nonzero counts: 0)."""
+def _block_operator_stats(y: torch.Tensor) -> OperatorStats:
+    """``D_T`` and ``||T(tau_i)||^2`` of one (N, m) float64 block of operator outputs (nonzero counts: 0)."""
     n = y.shape[0]
     sq = torch.linalg.vector_norm(y, dim=1).square()
     total = torch.ones(1, n, dtype=y.dtype, device=y.device) @ y
@@ -451,12 +476,8 @@ def _chunk_operator_stats(y: torch.Tensor) -> OperatorStats:
     )
 
 
-def _chunks(taus: Sequence[torch.Tensor], chunk: int) -> Iterator[torch.Tensor]:
-    """(N, <= chunk) float64 blocks of the flattened task vectors, in coordinate order."""
-    flat = [t.reshape(-1) for t in taus]
-    numel = flat[0].numel()
-    for start in range(0, numel, chunk):
-        yield torch.stack([f[start : start + chunk] for f in flat]).to(torch.float64)
+#: Operators that are "sparsify, then sign consensus", and their sparsification step.
+_CONSENSUS_OF = {"ties": "trim", "dare_ties": "dare"}
 
 
 def tensor_stats(
@@ -470,7 +491,9 @@ def tensor_stats(
 ) -> PoolStats:
     """All raw sums (:class:`PoolStats`) of one tensor's task vectors, operators included.
 
-    Peak memory: the N task vectors, one operator's N outputs, and an (N, ``chunk``) float64 block.
+    When both a sparsification and its consensus variant are measured (``trim`` and ``ties``, ``dare`` and
+    ``dare_ties``), the sparsified vectors are computed once and reused. Peak memory: the N task vectors, at
+    most two operators' N outputs, and two (N, ``chunk``) blocks (float64 values, float32 signs).
     """
     if not 1 <= chunk <= 1 << 24:
         raise ValueError(f"chunk must be in [1, 2**24] (float32 sign counts are exact up to 2**24), got {chunk}")
@@ -478,13 +501,25 @@ def tensor_stats(
     n = len(taus)
     weights = [1.0] * n if weights is None else list(weights)
     stats = PoolStats(n_experts=n)
-    for x in _chunks(taus, chunk):
-        stats.add_(_chunk_stats(x))
-    for op in config.operators:
-        outs = apply_operator(op, taus, weights, config, name=name, thresholds=thresholds)
+    if taus[0].numel() == 0:
+        for op in config.operators:
+            stats.operators[op] = OperatorStats.empty(n)
+        return stats
+    for x, s in _blocks(taus, chunk, signs=True):
+        stats.add_(_block_stats(x, s))  # type: ignore[arg-type]
+    reuse: dict[str, list[torch.Tensor]] = {}
+    ops_list = list(config.operators)
+    for pos, op in enumerate(ops_list):
+        step = _CONSENSUS_OF.get(op)
+        if step is not None and step in reuse:
+            outs = sign_consensus(reuse.pop(step), weights, by=config.sign_election)
+        else:
+            outs = apply_operator(op, taus, weights, config, name=name, thresholds=thresholds)
+        if any(_CONSENSUS_OF.get(later) == op for later in ops_list[pos + 1 :]):
+            reuse[op] = outs
         acc = OperatorStats.empty(n)
-        for y in _chunks(outs, chunk):
-            acc.add_(_chunk_operator_stats(y))
+        for y, _ in _blocks(outs, chunk, signs=False):
+            acc.add_(_block_operator_stats(y))
         acc.nonzero = np.array([int(torch.count_nonzero(o)) for o in outs], dtype=np.int64)
         stats.operators[op] = acc
         del outs
