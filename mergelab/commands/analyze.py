@@ -126,7 +126,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from mergelab.analysis.report import diagnostics_report, format_summary
     from mergelab.errors import SpecError
 
-    spec, _sections, warnings = load_analysis_spec(args.spec)
+    spec, sections, warnings = load_analysis_spec(args.spec)
     if spec.base is None:
         raise SpecError(f"{args.spec}: base: the analysis needs the base (pretrained) model to form task vectors")
     if len(spec.models) < 2:
@@ -136,6 +136,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     for note in notes:
         print(f"note: {note}")
+    if sections:
+        print(f"note: section(s) {', '.join(sections)} accepted; this report covers the data-free diagnostics only")
     out = Path(args.out) if args.out else Path(f"{Path(args.spec).stem}-analysis")
     diag = pool_diagnostics(
         spec.base,
@@ -151,6 +153,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     report = diagnostics_report(diag)
     report.meta["spec"] = str(Path(args.spec).resolve())
     report.meta["spec_method"] = spec.method
+    report.meta["spec_sections_not_analysed"] = sorted(sections)
     paths = report.write(out, plots=not args.no_plots)
     print(format_summary(diag))
     print(f"wrote {paths.markdown}, {paths.json.name}, {len(paths.figures)} plot(s) and "
