@@ -268,6 +268,9 @@ def test_magnitude_trimming_alone_can_increase_dispersion() -> None:
     assert s.delta("trim") == pytest.approx(0.01 - 1.0)
     assert s.delta("ties") == pytest.approx(0.01 - 1.0)
     assert s.delta("sign") == pytest.approx(0.0)
+    # breadcrumbs without outlier removal is the same top-half trim, so it raises D too
+    band = tensor_stats(taus, config=DiagnosticsConfig(density=0.5, breadcrumbs_gamma=0.0, operators=("breadcrumbs",)))
+    assert band.delta("breadcrumbs") == pytest.approx(0.01 - 1.0)
 
 
 def test_dare_increases_dispersion_by_the_expected_amount() -> None:
