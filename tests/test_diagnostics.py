@@ -94,6 +94,7 @@ def test_hand_computed_conflicts_norms_cosines_and_dispersion() -> None:
 
 
 def test_sign_consensus_ties_and_weights() -> None:
+    before = [t.clone() for t in TAUS]
     out = sign_consensus(TAUS)  # coordinate 1 sums to 0: a tie elects 0 and zeroes it everywhere
     expected = [[1, 0, 0, 3], [2, 0, 0, 0], [1, 0, 4, 0]]
     for o, e in zip(out, expected):
@@ -105,7 +106,7 @@ def test_sign_consensus_ties_and_weights() -> None:
     # count election: coordinate 1 has two + votes against one -
     out = sign_consensus(TAUS, by="count")
     assert [o[1].item() for o in out] == [0, 1, 1]
-    assert all(t.tolist() == u.tolist() for t, u in zip(TAUS, [TAUS[0], TAUS[1], TAUS[2]]))  # inputs untouched
+    assert all(torch.equal(t, u) for t, u in zip(TAUS, before))  # inputs untouched
 
 
 def test_cosine_matrix_matches_numpy() -> None:
