@@ -7,7 +7,9 @@ Accepted layouts (the Hugging Face names; a folder is searched in this order, as
 * a folder with ``model.safetensors``;
 * a folder with ``model.safetensors.index.json`` (``{"weight_map": {tensor: shard file}}``) and its shards;
 * a folder with ``pytorch_model.bin``;
-* a folder with ``pytorch_model.bin.index.json`` and its shards.
+* a folder with ``pytorch_model.bin.index.json`` and its shards;
+* a mergelab zoo folder (an expert or the pretrained model) with ``backbone.safetensors``: the backbone,
+  which is what merging acts on (each task keeps its expert's ``head.safetensors``).
 
 This module only looks at file names and index files; it never reads tensor data. It also defines which
 files count as weights, so the writer can copy everything else (config, tokenizer, ...) next to a merged
@@ -35,6 +37,7 @@ FOLDER_CANDIDATES = (
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
+    "backbone.safetensors",  # a mergelab zoo expert or pretrained folder: merging acts on the backbone
 )
 
 #: Files that hold weights (of this model or another format of it) and are never copied next to a
