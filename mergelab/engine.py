@@ -299,6 +299,13 @@ def merge(
         spec = load_spec(spec)
     else:
         spec = parse_spec(spec)
+    from mergelab.methods import data_informed
+
+    if spec.method in data_informed.registry():
+        return data_informed.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
+                                       hash_inputs=hash_inputs)
+    if spec.data is not None:
+        raise SpecError(f"data: method '{spec.method}' is data-free and takes no data section")
     method = get_method(spec.method)
     _check_models(spec, method)
     params_of = _ParamResolver(spec, method)
@@ -368,6 +375,42 @@ def _describe(reader: CheckpointReader, weight: float | None, hash_inputs: bool)
     if weight is not None:
         out["weight"] = weight
     return out
+
+
+def _describe_path(path: Path, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
+    """Like :func:`_describe` for a checkpoint given by path (opened only to list its data files)."""
+    with open_checkpoint(path) as reader:
+        return _describe(reader, weight, hash_inputs)
+
+
+def write_state(
+    state: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    record: Mapping[str, Any],
+    dtype: str = "auto",
+    shard_size: int = 2 * 10**9,
+    overwrite: bool = False,
+    copy_files_from: Path | None = None,
+) -> Path:
+    """Write an in-memory state dict like a streamed merge: atomically, sharded, with its record.
+
+    For methods that must hold the merged model anyway (the data-informed ones). Floating tensors are cast
+    to ``dtype`` unless it is ``auto``; non-finite values are refused, naming the tensor.
+    """
+    out_dtype = _DTYPES.get(dtype)
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if out_dtype is not None and t.is_floating_point():
+            t = t.to(out_dtype)
+        _check_finite(t, f"merge result ({record.get('method', '?')})", name)
+        tensors[name] = t.contiguous()
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with CheckpointWriter(out_dir, plan, max_shard_bytes=shard_size, overwrite=overwrite) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        return writer.finish(copy_files_from=copy_files_from, record=dict(record))
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:

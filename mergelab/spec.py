@@ -15,6 +15,9 @@ overrides:              # per-tensor parameters by name pattern; the first match
 dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
 device: cpu             # cpu | cuda | auto (cuda when available)
 shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
+data:                   # only for data-informed methods (adamerging, fw_hard, fw_soft, fisher, regmean, surgery)
+  tasks: [mnist]        # default: the experts' own tasks
+  samples_per_task: 100
 ```
 
 Relative paths in a YAML file are resolved against the file's folder.
@@ -91,6 +94,34 @@ class Override(BaseModel):
         return fnmatch.fnmatchcase(name, self.pattern)
 
 
+class DataSpec(BaseModel):
+    """The ``data:`` section of a merge spec, for data-informed methods.
+
+    ```yaml
+    data:
+      tasks: [mnist, mnist_rot90]   # default: the experts' own tasks
+      samples_per_task: 100         # labelled (or unlabelled) samples per task (FW-Merging paper: 100)
+      split: train                  # train | test; default: the method's (AdaMerging: test, unlabelled)
+      batch_size: 64
+      seed: 0
+    ```
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] | None = None
+    samples_per_task: int = Field(100, ge=1)
+    split: Literal["train", "test"] | None = None
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(v) == 0:
+            raise ValueError("tasks is empty; omit it to use the experts' own tasks")
+        return v
+
+
 class MergeSpec(BaseModel):
     """A validated merge specification. See the module docstring for the YAML form."""
 
@@ -103,6 +134,7 @@ class MergeSpec(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     shard_size: int = 2 * 10**9
+    data: DataSpec | None = None
 
     @field_validator("models", mode="before")
     @classmethod

@@ -14,11 +14,12 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, METHODS, n=1)
+        from mergelab.methods.data_informed import registry
+
+        known = sorted(METHODS) + sorted(registry())
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise SpecError(
-            f"unknown method '{name}'{hint}; available: {', '.join(sorted(METHODS))}"
-        ) from None
+        raise SpecError(f"unknown method '{name}'{hint}; available: {', '.join(known)}") from None
 
 
 __all__ = ["METHODS", "Method", "MethodParams", "TensorInputs", "get_method"]
