@@ -6,7 +6,14 @@
 - :class:`Report`, :func:`write_report` (:mod:`mergelab.analysis.report`): report.json + report.md + PNG
   plots, built from sections so further analyses can add theirs.
 
-Other analyses live in their own modules (import them by their full name). Names here are imported lazily.
+- landscape tools (:mod:`~mergelab.analysis.landscape`: interpolation, barriers, task-arithmetic path, 2-D
+  plane), permutation alignment (:mod:`~mergelab.analysis.alignment`: weight matching), linear CKA
+  (:mod:`~mergelab.analysis.cka`);
+- theory quantities (:mod:`~mergelab.analysis.estimators`: smoothness, gradient variance, heterogeneity,
+  noise scale), the *(derived)* stability bound and its predictions (:mod:`~mergelab.analysis.bound`), and
+  its calibration (:mod:`~mergelab.analysis.calibration`).
+
+Names here are imported lazily.
 """
 
 from __future__ import annotations
@@ -31,6 +38,75 @@ _LAZY: dict[str, str] = {
     "Section": "mergelab.analysis.report",
     "diagnostics_report": "mergelab.analysis.report",
     "write_report": "mergelab.analysis.report",
+    "linear_interpolation": "mergelab.analysis.landscape",
+    "task_arithmetic_path": "mergelab.analysis.landscape",
+    "loss_plane": "mergelab.analysis.landscape",
+    "merge_gain": "mergelab.analysis.landscape",
+    "EvalTask": "mergelab.analysis.landscape",
+    "evaluate_module": "mergelab.analysis.landscape",
+    "default_accuracy": "mergelab.analysis.landscape",
+    "combine_states": "mergelab.analysis.landscape",
+    "interpolate_states": "mergelab.analysis.landscape",
+    "task_arithmetic_state": "mergelab.analysis.landscape",
+    "barrier_height": "mergelab.analysis.landscape",
+    "midpoint_gain": "mergelab.analysis.landscape",
+    "plane_basis": "mergelab.analysis.landscape",
+    "PlaneBasis": "mergelab.analysis.landscape",
+    "Curve": "mergelab.analysis.landscape",
+    "PathResult": "mergelab.analysis.landscape",
+    "PlaneResult": "mergelab.analysis.landscape",
+    "plot_interpolation": "mergelab.analysis.landscape",
+    "plot_plane": "mergelab.analysis.landscape",
+    "weight_matching": "mergelab.analysis.alignment",
+    "apply_permutation": "mergelab.analysis.alignment",
+    "align": "mergelab.analysis.alignment",
+    "aligned_interpolation": "mergelab.analysis.alignment",
+    "PermutationSpec": "mergelab.analysis.alignment",
+    "permutation_spec": "mergelab.analysis.alignment",
+    "mlp_permutation_spec": "mergelab.analysis.alignment",
+    "resnet_permutation_spec": "mergelab.analysis.alignment",
+    "invert_permutation": "mergelab.analysis.alignment",
+    "random_permutation": "mergelab.analysis.alignment",
+    "matching_objective": "mergelab.analysis.alignment",
+    "weight_distance": "mergelab.analysis.alignment",
+    "UnsupportedArchitectureError": "mergelab.analysis.alignment",
+    "linear_cka": "mergelab.analysis.cka",
+    "model_cka": "mergelab.analysis.cka",
+    "power_iteration": "mergelab.analysis.estimators",
+    "hvp_operator": "mergelab.analysis.estimators",
+    "hessian_top_eigenvalue": "mergelab.analysis.estimators",
+    "PowerIterationResult": "mergelab.analysis.estimators",
+    "gradient_statistics": "mergelab.analysis.estimators",
+    "GradientStats": "mergelab.analysis.estimators",
+    "gradient_heterogeneity": "mergelab.analysis.estimators",
+    "heterogeneity_from_gram": "mergelab.analysis.estimators",
+    "HeterogeneityResult": "mergelab.analysis.estimators",
+    "measure_tasks": "mergelab.analysis.estimators",
+    "TaskMeasurement": "mergelab.analysis.estimators",
+    "PoolMeasurement": "mergelab.analysis.estimators",
+    "effective_noise_scale": "mergelab.analysis.estimators",
+    "measured_noise_scale": "mergelab.analysis.estimators",
+    "NoiseScaleReport": "mergelab.analysis.estimators",
+    "normalized_layer_lrs": "mergelab.analysis.estimators",
+    "NormalizedLayerLR": "mergelab.analysis.estimators",
+    "BoundExpert": "mergelab.analysis.bound",
+    "BoundPool": "mergelab.analysis.bound",
+    "BoundConstants": "mergelab.analysis.bound",
+    "evaluate_bound": "mergelab.analysis.bound",
+    "BoundReport": "mergelab.analysis.bound",
+    "predict_trends": "mergelab.analysis.bound",
+    "BoundTrend": "mergelab.analysis.bound",
+    "recommend": "mergelab.analysis.bound",
+    "MergeRecommendation": "mergelab.analysis.bound",
+    "per_expert_stability": "mergelab.analysis.bound",
+    "merged_stability": "mergelab.analysis.bound",
+    "generalization_term": "mergelab.analysis.bound",
+    "effective_weights": "mergelab.analysis.bound",
+    "chi2_divergence": "mergelab.analysis.bound",
+    "BOUND_FORMULA": "mergelab.analysis.bound",
+    "calibrate": "mergelab.analysis.calibration",
+    "CalibrationResult": "mergelab.analysis.calibration",
+    "fit_constants": "mergelab.analysis.calibration",
 }
 
 __all__ = sorted(_LAZY)
