@@ -1,15 +1,27 @@
-"""``mergelab analyze SPEC.yaml [--out DIR] [--density D]``: a data-free mergeability report for a merge spec.
+"""``mergelab analyze SPEC.yaml [--out DIR] [--density D] [--with-data] [--constants FILE]``: a mergeability report.
 
-The spec is the merge spec (``base``, ``models`` with weights, ``method``, ``parameters``). Sections that
-only data-dependent analyses use (``data:``, ``analysis:``) are accepted and set aside before the merge spec
-is validated; other unknown top-level keys are ignored with a warning. Writes ``report.json``,
-``report.md``, ``layers.csv`` and PNG plots into ``--out`` and prints a summary.
+The spec is the merge spec (``base``, ``models`` with weights, ``method``, ``parameters``, optionally ``data:``).
+The ``data:`` and ``analysis:`` sections are set aside before the merge spec is validated (a data-free method
+takes no ``data:`` when merging, but the analysis may use one); other unknown top-level keys are ignored with a
+warning. Writes ``report.json``, ``report.md``, ``layers.csv`` and PNG plots into ``--out`` and prints a
+summary.
+
+**Data-free** sections always: task-vector diagnostics, the operators' Delta_T, a heuristic ranking.
+
+**Data-dependent** sections (:mod:`mergelab.analysis.pool_report`) when the models are mergelab expert folders
+and the spec has a ``data:`` section (a :class:`~mergelab.spec.DataSpec`: ``tasks``, ``samples_per_task``,
+``split``, ``batch_size``, ``seed``), or with ``--with-data``: theory quantities at theta_0, the *(derived)*
+stability bound with its constants (``--constants`` from ``mergelab calibrate``), predicted trends and a
+recommendation, interpolation / task-arithmetic landscapes and CKA. ``--with-data`` requires them (an error
+if the models are not expert folders); a ``data:`` section with models that are none of them expert folders is
+set aside with a note (it cannot be analysed); ``--no-data`` skips them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +57,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override the spec's device")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "data-dependent analysis",
+        "needs expert folders as models and the pretrained folder as base; runs when the spec has a 'data:' "
+        "section or with --with-data",
+    )
+    g.add_argument("--with-data", action="store_true",
+                   help="run the data-dependent sections (default data settings if the spec has no 'data:')")
+    g.add_argument("--no-data", action="store_true", help="skip the data-dependent sections even with 'data:'")
+    g.add_argument("--constants", metavar="FILE",
+                   help="calibrated bound constants (JSON from `mergelab calibrate`); default c_opt = c_stab = 1")
+    g.add_argument("--samples", type=int, metavar="N",
+                   help="samples per task (default: the data section's samples_per_task, 100)")
+    g.add_argument("--hessian-iters", type=int, default=10, metavar="K",
+                   help="power iterations for the smoothness L (default 10; 0 skips L and the bound)")
+    g.add_argument("--heads", choices=["init", "expert"], default="init",
+                   help="head for the theta_0 quantities: the initial head fine-tuning started from (recomputed, "
+                        "default) or the expert's final head")
+    g.add_argument("--grid", type=int, default=11, metavar="P", help="points of the interpolation grid (default 11)")
+    g.add_argument("--bn", choices=["interpolate", "reset"], default="interpolate",
+                   help="BatchNorm statistics along the landscape paths (default: combined like the weights)")
+    g.add_argument("--no-landscape", action="store_true", help="skip the interpolation and task-arithmetic paths")
+    g.add_argument("--no-cka", action="store_true", help="skip the CKA section")
     p.set_defaults(func=run_analyze)
 
 
@@ -121,6 +155,80 @@ def diagnostics_config(spec: Any, args: argparse.Namespace) -> tuple[Any, list[s
     return config, notes
 
 
+def plan_data_analysis(spec: Any, sections: Mapping[str, Any], args: argparse.Namespace,
+                       source: str) -> tuple[Any, Any, list[str]]:
+    """Decide whether the data-dependent sections run and validate their inputs up front.
+
+    Returns ``(data_spec, pool, notes)``: the :class:`~mergelab.spec.DataSpec` and the resolved
+    :class:`~mergelab.analysis.pool_report.PoolExperts` (both ``None`` when the data analysis does not run),
+    and notes to print. Raises :class:`~mergelab.errors.SpecError` when it is requested but impossible: models
+    that are not expert folders (with ``--with-data``, or when some but not all are), an invalid ``data:``
+    section, a task in ``data.tasks`` with no expert.
+    """
+    from pydantic import ValidationError
+
+    from mergelab.analysis.pool_report import expert_folder, resolve_pool
+    from mergelab.errors import SpecError
+    from mergelab.spec import DataSpec, MergeSpec
+
+    raw = sections.get("data")
+    notes: list[str] = []
+    if args.no_data or not (args.with_data or raw is not None):
+        if args.constants:
+            notes.append("--constants applies to the data-dependent sections only; not used")
+        return None, None, notes
+    if not args.with_data:
+        experts = [expert_folder(m.path) is not None for m in spec.models]
+        if not any(experts):
+            notes.append("section 'data' set aside: the models are not mergelab expert folders, so the "
+                         "data-dependent analysis cannot run (it needs each expert's task, head and sidecar); "
+                         "this report covers the data-free diagnostics only")
+            return None, None, notes
+    if raw is None:
+        data = DataSpec()
+    else:
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"{source}: data: must be a mapping (tasks, samples_per_task, split, batch_size, seed), "
+                            f"got {type(raw).__name__}")
+        try:
+            data = DataSpec.model_validate(dict(raw))
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in ("data", *err["loc"]))
+                msg = (f"unknown field (allowed: {', '.join(DataSpec.model_fields)})"
+                       if err["type"] == "extra_forbidden" else err["msg"])
+                lines.append(f"  {loc}: {msg}")
+            raise SpecError(f"{source}: invalid data section:\n" + "\n".join(lines)) from None
+    assert isinstance(data, DataSpec) and isinstance(spec, MergeSpec)
+    pool = resolve_pool(spec, data, source=source)
+    return data, pool, notes
+
+
+def data_options(data: Any, args: argparse.Namespace, device: str = "cpu") -> Any:
+    """The :class:`~mergelab.analysis.pool_report.DataAnalysisOptions` from the data section and the flags."""
+    from mergelab.analysis.pool_report import DataAnalysisOptions
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    return DataAnalysisOptions(
+        samples_per_task=args.samples if args.samples is not None else data.samples_per_task,
+        eval_split=data.split or "test",
+        seed=data.seed,
+        batch_size=data.batch_size,
+        hessian_iters=args.hessian_iters,
+        heads=args.heads,
+        grid=args.grid,
+        bn=args.bn,
+        landscape=not args.no_landscape,
+        cka=not args.no_cka,
+        device=device,
+    )
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     from mergelab.analysis.diagnostics import pool_diagnostics
     from mergelab.analysis.report import diagnostics_report, format_summary
@@ -131,13 +239,25 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.spec}: base: the analysis needs the base (pretrained) model to form task vectors")
     if len(spec.models) < 2:
         raise SpecError(f"{args.spec}: models: the pool analysis needs at least two experts, got {len(spec.models)}")
+    if args.with_data and args.no_data:
+        raise SpecError("--with-data and --no-data contradict each other")
     config, notes = diagnostics_config(spec, args)
+    data, pool, data_notes = plan_data_analysis(spec, sections, args, str(args.spec))
+    constants = opts = None
+    if data is not None:
+        from mergelab.analysis.pool_report import load_constants
+
+        constants = load_constants(args.constants)
+        opts = data_options(data, args, args.device or spec.device)
     for w in warnings:
         print(f"warning: {w}")
-    for note in notes:
+    for note in notes + data_notes:
         print(f"note: {note}")
-    if sections:
-        print(f"note: section(s) {', '.join(sections)} accepted; this report covers the data-free diagnostics only")
+    not_analysed = sorted(k for k in sections if not (k == "data" and data is not None))
+    if not_analysed and data is None and not data_notes:
+        print(f"note: section(s) {', '.join(not_analysed)} accepted; this report covers the data-free diagnostics only")
+    elif not_analysed:
+        print(f"note: section(s) {', '.join(not_analysed)} accepted and not analysed")
     out = Path(args.out) if args.out else Path(f"{Path(args.spec).stem}-analysis")
     diag = pool_diagnostics(
         spec.base,
@@ -153,9 +273,24 @@ def run_analyze(args: argparse.Namespace) -> int:
     report = diagnostics_report(diag)
     report.meta["spec"] = str(Path(args.spec).resolve())
     report.meta["spec_method"] = spec.method
-    report.meta["spec_sections_not_analysed"] = sorted(sections)
+    report.meta["spec_sections_not_analysed"] = not_analysed
+    analysis = None
+    if data is not None:
+        from mergelab.analysis.pool_report import add_data_sections, analyze_pool_data
+
+        if not args.no_progress:
+            print("data-dependent analysis:", file=sys.stderr, flush=True)
+        analysis = analyze_pool_data(spec, data, opts, constants=constants, pool=pool, source=str(args.spec),
+                                     progress=not args.no_progress)
+        for w in analysis.warnings:
+            print(f"warning: {w}")
+        add_data_sections(report, analysis)
     paths = report.write(out, plots=not args.no_plots)
     print(format_summary(diag))
+    if analysis is not None:
+        from mergelab.analysis.pool_report import format_data_summary
+
+        print(format_data_summary(analysis))
     print(f"wrote {paths.markdown}, {paths.json.name}, {len(paths.figures)} plot(s) and "
           f"{', '.join(p.name for p in paths.files) or 'no attachments'} into {paths.out_dir}")
     return 0
