@@ -31,9 +31,11 @@ Mapping to mergelab:
   (:func:`torch.func.functional_call`), its parameters built as a differentiable function of lambda, so the
   gradient reaches lambda through the whole network.
 * **BatchNorm buffers** (``running_mean``, ``running_var``) are merged with the same coefficients as the
-  weights but carry no gradient: task-wise with lambda_i, layer-wise with the coefficient of their own BN
-  layer's ``weight``. Only floating **parameters** define (and receive gradients for) coefficients.
-  Non-floating tensors are copied from the base.
+  weights but carry no gradient (PyTorch's eval-mode ``batch_norm`` is not differentiable in them; the
+  gradient is the partial one through the parameters): task-wise with lambda_i, layer-wise with the coefficient of their own BN layer's ``weight``. Only floating
+  **parameters** define (and receive gradients for) coefficients. Merged running variances are clamped at
+  0 (entropy minimisation tends to grow ``sum_i lambda_i`` past 1, where the task-arithmetic extrapolation
+  of a variance can go negative). Non-floating tensors are copied from the base.
 
 **Memory grows linearly with the pool**: the N task vectors are held in memory (on ``context.device``) for
 the whole optimisation, since every step rebuilds the merged model from all of them — N + 2 backbones in
@@ -161,7 +163,11 @@ class CoefficientMerge:
         theta[name] = theta_0[name] + sum_i lambda[i, c] * tau_i[name]
 
     Parameters get gradients; floating buffers (BN running statistics) use the column of their layer's
-    ``weight`` (or the first parameter of the same module; else the expert's mean coefficient), detached.
+    ``weight`` (or the first parameter of the same module; else the expert's mean coefficient), detached
+    (eval-mode ``batch_norm`` is not differentiable in its running statistics). A BN running variance
+    (``*running_var``, non-negative in the base and in every expert) is clamped at 0 after merging: with
+    ``sum_i lambda_i > 1`` the extrapolation ``(1 - sum_i lambda_i) var_0 + sum_i lambda_i var_i`` can turn
+    negative, and BN would produce NaN.
     """
 
     def __init__(self, pool: TaskVectorPool, parameter_names: Sequence[str], granularity: Granularity) -> None:
@@ -174,6 +180,12 @@ class CoefficientMerge:
         self.pool = pool
         self.granularity = granularity
         self.parameter_names = set(params)
+        # BN running variances (non-negative in the base and every expert) stay non-negative
+        self.nonnegative = {
+            name for name, tau in pool.taus.items()
+            if name.endswith("running_var") and name not in self.parameter_names
+            and bool((pool.base[name] >= 0).all()) and bool(((pool.base[name] + tau) >= 0).all())
+        }
         self.columns: list[str] = ["all"] if granularity == "task" else list(params)
         index = {n: k for k, n in enumerate(params)}
         self._column: dict[str, int | None] = {}
@@ -218,7 +230,8 @@ class CoefficientMerge:
             c = lam[:, col] if col is not None else lam.mean(1)
             if name not in self.parameter_names:
                 c = c.detach()
-            out[name] = base + torch.tensordot(c.to(tau.dtype), tau, dims=1)
+            merged = base + torch.tensordot(c.to(tau.dtype), tau, dims=1)
+            out[name] = merged.clamp_min(0.0) if name in self.nonnegative else merged
         return out
 
 
@@ -350,7 +363,7 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
         if not math.isfinite(value):
             raise NonFiniteError(
                 f"AdaMerging: the entropy objective became {value} at step {step} (coefficients in "
-                f"[{lam.min().item():.3g}, {lam.max().item():.3g}]); use clamp: true or a smaller lr"
+                f"[{lam.min().item():.3g}, {lam.max().item():.3g}]); try a smaller lr or fewer steps"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
