@@ -92,8 +92,8 @@ def test_a_merged_backbone_folder_evaluates_and_bn_can_be_reset(zoo, tmp_path):
 
 
 def test_probe_heads_need_no_experts(zoo):
-    _, pre_path, _ = zoo
-    r = evaluate(pre_path, heads="probe", tasks=["mnist_parity"])
+    root, pre_path, _ = zoo
+    r = evaluate(pre_path, heads="probe", tasks=["mnist_parity"], cache_dir=root)
     row = r.tasks[0]
     assert row.head == "linear probe" and row.expert_accuracy is None and r.mean_normalized_accuracy is None
     assert row.accuracy > 0.6  # parity from weak random-ish features is still above chance

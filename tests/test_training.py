@@ -169,6 +169,12 @@ def test_bifurcation_children_decay_from_the_branch_point(cache):
     assert [lr_factor(t, a.steps, a.schedule, a.warmup_frac, a.decay_frac) for t in range(5, 9)] == pytest.approx([0.75, 0.5, 0.25, 0.0])
     ra, rb = finetune(a, cache), finetune(b, cache)
     assert ra.spec_hash != rb.spec_hash and not _same_weights(ra.backbone_path, rb.backbone_path)
+    out = cache / "child.json"
+    assert main(["finetune", "--branch-from", f"{parent.spec_hash}@5", "--seed", "7", "--decay-steps", "4",
+                 "--no-progress", "--cache-dir", str(cache), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["spec"]["steps"] == 9 and rec["spec"]["schedule"] == "wsd" and rec["spec"]["seed"] == 7
+    assert rec["parent"]["spec_hash"] == parent.spec_hash and rec["loss_curve_start"] == 5
     with pytest.raises(SpecError, match="no checkpoint at step 3; available: \\[5, 10\\]"):
         finetune(dict(BASE, steps=10, schedule="constant", branch_from={"parent": parent.spec_hash, "step": 3}), cache)
     with pytest.raises(SpecError, match="optimizer='sgd'.*optimizer='adam'"):
@@ -199,3 +205,13 @@ def test_zoo_builds_in_parallel_and_reuses_the_cache(cache):
     assert [r.task for r in z.experts] == tasks and z.trained == 2 and not z.failures
     z2 = build_zoo("resnet_s", tasks, cache, workers=2, overrides=dict(steps=3, batch_size=16, data_ratio=0.05), progress=False)
     assert z2.trained == 0 and all(r.cached for r in z2.experts)
+
+
+def test_divergence_is_a_clear_error_and_leaves_no_expert(cache):
+    from mergelab.training.finetuning import expert_path
+    from mergelab.training.loop import TrainingDivergedError
+
+    spec = dict(BASE, steps=20, lr=1e12, head_init="random")
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        finetune(spec, cache)
+    assert not expert_path(spec, cache).exists()

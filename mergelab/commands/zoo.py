@@ -41,6 +41,15 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 def _cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's choice; "
+                   "use 1 when the CPU is shared: OpenMP threads spin badly under oversubscription)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _bool_flag(f, "augment", "random affine augmentation (default off)")
     _bool_flag(f, "nesterov", "Nesterov momentum (SGD only)")
     f.add_argument("--branch-from", metavar="PARENT@STEP", help="continue from a parent's checkpoint (spec hash or expert folder)")
+    f.add_argument("--decay-steps", type=int, help="with --branch-from: bifurcation child of the parent's spec that "
+                   "decays (WSD) over this many steps from the branch point; other flags override its fields")
     f.add_argument("--force", action="store_true", help="retrain even if cached")
     f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     f.add_argument("--json", help="write the expert's sidecar (with its path) to this JSON file")
@@ -99,6 +110,7 @@ def _write_json(path: str | None, payload: Any) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from mergelab.errors import SpecError
     from mergelab.models.pretraining import PretrainConfig, pretrain
     from mergelab.models.registry import arch_info
@@ -128,6 +140,7 @@ def _parse_branch(value: str) -> dict[str, Any]:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
 
@@ -138,13 +151,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     for name in ("augment", "nesterov"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    if args.branch_from:
-        data["branch_from"] = _parse_branch(args.branch_from)
-    if "task" not in data:
-        from mergelab.errors import SpecError
+    from mergelab.errors import SpecError
 
-        raise SpecError("no task given (--task or a spec file with 'task')")
-    r = finetune(make_spec(data), args.cache_dir, force=args.force, progress=args.progress)
+    if args.decay_steps is not None:
+        if not args.branch_from:
+            raise SpecError("--decay-steps needs --branch-from PARENT@STEP")
+        spec = _bifurcation_child(args, data)
+    else:
+        if args.branch_from:
+            data["branch_from"] = _parse_branch(args.branch_from)
+        if "task" not in data:
+            raise SpecError("no task given (--task or a spec file with 'task')")
+        spec = make_spec(data)
+    r = finetune(spec, args.cache_dir, force=args.force, progress=args.progress)
     state = "cached" if r.cached else f"trained in {r.wall_time_s:.1f} s"
     print(f"expert {r.arch}/{r.task} {r.spec_hash} ({state}): {r.path}")
     init = f"{r.init_test_metrics.accuracy:.4f}" if r.init_test_metrics else "-"
@@ -152,6 +171,19 @@ def run_finetune(args: argparse.Namespace) -> int:
           f"train acc {r.train_metrics.accuracy:.4f}; noise scale {r.noise_scale.value:.3g} [{r.noise_scale.form}]")
     _write_json(args.json, {**json.loads(r.sidecar_json()), "path": r.path, "cached": r.cached})
     return 0
+
+
+def _bifurcation_child(args: argparse.Namespace, data: dict[str, Any]):
+    """``branch_spec(parent, step, seed, decay_steps, **other fields given)`` for ``--decay-steps``."""
+    from mergelab.errors import SpecError
+    from mergelab.training.branching import branch_spec, find_expert
+
+    branch = _parse_branch(args.branch_from)
+    parent = find_expert(branch["parent"], args.cache_dir)
+    if parent is None:
+        raise SpecError(f"--branch-from: no expert folder or cached spec hash {branch['parent']!r}")
+    seed = data.pop("seed", parent.spec.seed)
+    return branch_spec(parent, branch["step"], seed, args.decay_steps, **data)
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -169,6 +201,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from mergelab.models.registry import arch_info
     from mergelab.training.zoo import build_zoo
 
@@ -203,6 +236,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from mergelab.evaluation.task_suite import evaluate
 
     r = evaluate(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.errors import SpecError
-from mergelab.models.paths import expert_dir
+from mergelab.models.paths import cache_root
 from mergelab.training.result import ExpertResult, read_expert
 from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
 
@@ -25,21 +25,30 @@ PathLike = str | os.PathLike[str]
 _HASH_CHARS = set("0123456789abcdef")
 
 
+def find_expert(ref: str, cache_dir: PathLike | None = None) -> ExpertResult | None:
+    """The expert named by ``ref``: an expert folder path, or a spec hash anywhere in the cache."""
+    if Path(ref).is_dir():
+        return read_expert(ref)
+    if ref and set(ref) <= _HASH_CHARS:
+        for folder in sorted((cache_root(cache_dir) / "zoo").glob(f"*/experts/*/{ref}")):
+            found = read_expert(folder)
+            if found is not None:
+                return found
+    return None
+
+
 def resolve_parent(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult:
     """The parent expert of a branched ``spec``, checked for compatibility and for the checkpoint.
 
-    ``branch_from.parent`` is tried as a folder path first, then as a spec hash in the cache under the
-    child's architecture and task.
+    ``branch_from.parent`` is an expert folder path or the spec hash of an expert in the cache.
     """
     assert spec.branch_from is not None
     ref, step = spec.branch_from.parent, spec.branch_from.step
-    parent = read_expert(ref) if Path(ref).is_dir() else None
-    if parent is None and set(ref) <= _HASH_CHARS:
-        parent = read_expert(expert_dir(spec.arch, spec.task, ref, cache_dir))
+    parent = find_expert(ref, cache_dir)
     if parent is None:
         raise SpecError(
-            f"branch_from.parent {ref!r}: neither an expert folder nor the spec hash of a cached "
-            f"{spec.arch} expert for task {spec.task!r} (fine-tune the parent first)"
+            f"branch_from.parent {ref!r}: neither an expert folder nor the spec hash of an expert in the "
+            f"cache {cache_root(cache_dir)} (fine-tune the parent first)"
         )
     for field in ("arch", "task", "optimizer"):
         if getattr(parent.spec, field) != getattr(spec, field):

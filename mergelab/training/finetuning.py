@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,6 +52,9 @@ from mergelab.training.provenance import versions
 from mergelab.training.result import CHECKPOINTS, SIDECAR, ExpertResult, NoiseScale, ParentRef, read_expert
 from mergelab.training.sampler import derive_seed
 from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
+
+if TYPE_CHECKING:
+    from mergelab.tasks import TaskData
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,8 @@ def finetune(
     return _train(spec, spec_hash, parent, pre.pretrained_id, out, cache_dir, device, progress)
 
 
-def _load_data(spec: ExpertSpec):  # -> TaskData
+def _load_data(spec: ExpertSpec) -> TaskData:
+    """The task's data, subset to ``data_ratio`` of the training split with ``data_seed``."""
     from mergelab.tasks import get_task, subset
 
     data = get_task(spec.task)

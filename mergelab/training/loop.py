@@ -17,9 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergelab.errors import MergeLabError
 from mergelab.training.augment import random_affine
 from mergelab.training.sampler import BatchSampler
 from mergelab.training.schedule import lr_factor
+
+
+class TrainingDivergedError(MergeLabError):
+    """The training loss became NaN or infinite (usually: the learning rate is too large)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ def run_steps(
         optimizer.step()
         value = loss.item()
         if value != value or value in (float("inf"), float("-inf")):
-            raise FloatingPointError(f"training loss became {value} at step {step} (lr {lr:g})")
+            raise TrainingDivergedError(
+                f"training diverged: the loss became {value} at step {step} (lr {lr:g}); lower the learning rate"
+            )
         losses.append(value)
         if on_step_end is not None:
             on_step_end(step + 1)

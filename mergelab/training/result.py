@@ -6,8 +6,10 @@ An expert folder ``<root>/zoo/<arch>/experts/<task>/<spec_hash>/`` holds ``backb
 ``optimizer.pt`` (``torch.save`` of the optimizer state dict) and ``meta.json``.
 
 The sidecar records the full resolved spec and its hash, the effective noise scale, the per-step training
-loss, final train/test metrics (and the test metrics of the initial model: pretrained backbone + initial
-head), sizes, the pretrained backbone's id, wall time, device and library versions.
+loss (``loss_curve[i]`` is the loss of global step ``loss_curve_start + i``), final train/test metrics
+(train = the training subset, eval mode, no augmentation), ``init_test_metrics`` (the starting model:
+pretrained backbone + initial head, after the BN re-estimation that ``head_init="probe"`` performs; absent
+for branches), sizes, the pretrained backbone's id, wall time, device and library versions.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class NoiseScale(BaseModel):
     def of(cls, spec: ExpertSpec) -> NoiseScale:
         beta = spec.momentum
         return cls(
-            value=spec.lr / (spec.batch_size * (1 - beta)),
+            value=spec.noise_scale(),
             value_squared=spec.lr / (spec.batch_size * (1 - beta) ** 2),
             eta=spec.lr,
             batch_size=spec.batch_size,
