@@ -131,6 +131,19 @@ def test_query_filters(store: ResultsStore):
         store.query(status="finished")
 
 
+def test_non_finite_metrics_roundtrip_and_stay_queryable(store: ResultsStore):
+    """A diverged run's NaN/inf metrics are kept, and do not break JSON queries over the other rows."""
+    import math
+
+    bad = store.put("finetune", {"lr": 10.0}, status="done", metrics={"loss": float("nan"), "grad": [float("inf")],
+                                                                     "acc": -float("inf")})
+    good = store.put("finetune", {"lr": 0.1}, status="done", metrics={"loss": 0.2})
+    m = store.get(bad).metrics
+    assert math.isnan(m["loss"]) and m["grad"] == [math.inf] and m["acc"] == -math.inf
+    assert [r.key for r in store.query(where={"metrics.loss": 0.2})] == [good]
+    assert [r.key for r in store.query(where={"spec.lr": 10})] == [bad]
+
+
 def test_status_transitions_and_pending(store: ResultsStore):
     spec = {"x": 1}
     key = store.ensure("sq", spec, study="s")

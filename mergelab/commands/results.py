@@ -116,7 +116,7 @@ def run_results(args: argparse.Namespace) -> int:
                            key_prefix=args.key, limit=args.limit)
     if args.csv:
         out = to_csv(rows, args.csv)
-        print(f"wrote {len(rows)} row(s) to {out}", file=sys.stderr if not args.quiet else sys.stdout)
+        print(f"wrote {len(rows)} row(s) to {out}", file=sys.stderr)
     if args.quiet:
         return 0
     if not rows:

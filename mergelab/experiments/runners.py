@@ -168,21 +168,24 @@ class RunSummary:
 # Worker side (runs in a pool process or a Ray worker; never touches the store)
 
 
-def _init_worker(import_torch: bool = True) -> None:
+def _init_worker() -> None:
     """Worker initializer: one torch thread per worker (workers x threads must not oversubscribe the cores).
 
-    Sets ``OMP_NUM_THREADS=MKL_NUM_THREADS=1`` (read by torch when a task imports it) and, when
-    ``import_torch`` (the process-pool initializer) or torch is already loaded, ``torch.set_num_threads(1)``.
+    Sets ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, which torch reads when a task first imports it (so
+    ``torch.get_num_threads() == 1`` there), and calls ``torch.set_num_threads(1)`` if torch is loaded
+    already. Torch is not imported here: that costs about 2 s of CPU per worker, which tasks that never use
+    torch (and short test runs) should not pay; :func:`execute` repeats the call once the task's module is
+    imported.
     """
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
-    if not import_torch and "torch" not in sys.modules:
-        return
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    torch.set_num_threads(1)
+    _one_torch_thread()
+
+
+def _one_torch_thread() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def _iso(t: float) -> str:
@@ -233,13 +236,14 @@ def execute(key: str, kind: str, spec: Any, fn_ref: str, artifacts_dir: str | No
     """Run one task and return its outcome as a plain dict (``ok``, ``metrics`` or ``error``, ``timings``,
     ``versions``, ``artifacts``). Catches every exception, so a failing task never breaks a pool."""
     if init_threads:
-        _init_worker(import_torch=False)
+        _init_worker()
     t0_wall, t0 = time.time(), time.perf_counter()
     c0 = time.process_time()
     folder = Path(artifacts_dir) / f"{kind}-{key[:16]}" if artifacts_dir else None
     outcome: dict[str, Any] = {"key": key}
     try:
         fn = resolve_fn(fn_ref)
+        _one_torch_thread()  # the task's module may have imported torch
         kwargs = {"artifacts_dir": folder} if folder is not None and _accepts_artifacts_dir(fn) else {}
         result = fn(spec, **kwargs)
         artifacts = _list_artifacts(folder)
@@ -387,13 +391,9 @@ def run_tasks(
     tasks = _dedupe(tasks)
     summary = RunSummary()
     done = store.done_keys(t.key for t in tasks)
-    todo = []
-    for t in tasks:
-        if t.key in done:
-            summary.skipped.append(t.key)
-        else:
-            store.ensure(t.kind, t.spec, study=t.study)
-            todo.append(t)
+    todo = [t for t in tasks if t.key not in done]
+    summary.skipped.extend(t.key for t in tasks if t.key in done)
+    store.ensure_many((t.kind, t.spec, t.study) for t in todo)
     if summary.skipped:
         log.info("%d of %d tasks already done; skipped", len(summary.skipped), len(tasks))
     art = Path(artifacts_dir) if artifacts_dir is not None else store.path.parent / "artifacts"

@@ -146,10 +146,36 @@ def key_of(kind: str, spec: Any) -> str:
     return hashlib.sha256(canonical_json({"kind": kind, "spec": spec}).encode()).hexdigest()
 
 
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_or_text(obj: Any) -> Any:
+    """Non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: Python's JSON writes them
+    as bare ``NaN``, which is not JSON, and SQLite's JSON functions then refuse the whole column."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite_or_text(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_text(v) for v in obj]
+    return obj
+
+
+def _restore_nonfinite(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _restore_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_nonfinite(v) for v in obj]
+    return obj
+
+
 def _dumps(obj: Any) -> str | None:
+    """JSON text of a metrics/timings/versions/artifacts mapping (always valid JSON; see _finite_or_text)."""
     if obj is None:
         return None
-    return json.dumps(to_jsonable(obj), sort_keys=False, default=str, allow_nan=True)
+    return json.dumps(_finite_or_text(to_jsonable(obj)), allow_nan=False)
 
 
 def _now() -> str:
@@ -211,7 +237,8 @@ class Row:
         data = {k: r[k] for k in r.keys()}
         for col in JSON_COLUMNS:
             if data.get(col) is not None:
-                data[col] = json.loads(data[col])
+                value = json.loads(data[col])
+                data[col] = value if col == "spec" else _restore_nonfinite(value)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -576,15 +603,19 @@ class ResultsStore:
 
     def ensure(self, kind: str, spec: Any, *, study: str | None = None) -> str:
         """Add ``(kind, spec)`` as pending unless a row exists (whatever its status). Returns its key."""
-        key = key_of(kind, spec)
+        return self.ensure_many([(kind, spec, study)])[0]
+
+    def ensure_many(self, items: Iterable[tuple[str, Any, str | None]]) -> list[str]:
+        """:meth:`ensure` for many ``(kind, spec, study)`` triples in one transaction. Returns their keys."""
         now = _now()
+        rows = [(key_of(kind, spec), kind, study, canonical_json(spec), now, now) for kind, spec, study in items]
         with self.transaction() as conn:
-            conn.execute(
+            conn.executemany(
                 """INSERT INTO runs (key, kind, study, status, spec, created, updated)
                    VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (key) DO NOTHING""",
-                (key, kind, study, canonical_json(spec), now, now),
+                rows,
             )
-        return key
+        return [r[0] for r in rows]
 
     def _update(self, key: str, sets: str, params: Sequence[Any], *, where: str = "") -> bool:
         with self.transaction() as conn:
