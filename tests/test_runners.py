@@ -100,7 +100,8 @@ def test_run_tasks_rejects_bad_arguments(tmp_path: Path):
 
 def test_local_runs_records_failure_and_rerun_skips(tmp_path: Path, markers: Path):
     store = ResultsStore(tmp_path / "results.sqlite")
-    specs = [{"name": "a", "x": 1, "write": True, "torch": True}, {"name": "b", "x": 2}, {"name": "bad", "x": 3, "fail": True},
+    specs = [{"name": "a", "x": 1, "write": True, "torch": True}, {"name": "b", "x": 2},
+             {"name": "bad", "x": 3, "fail": True},
              {"name": "c", "x": 4}]
     tasks = _tasks(markers, specs)
     tasks.append(Task("tiny", {**tasks[0].spec}, tiny_task))  # a duplicate, run once
@@ -153,7 +154,8 @@ def test_interrupted_run_resumes(tmp_path: Path, markers: Path):
     import socket
 
     store = ResultsStore(tmp_path / "results.sqlite")
-    specs = [{"name": "fast", "x": 1, "wait_for": "slow"}, {"name": "slow", "x": 2, "sleep_first": 60}, {"name": "c", "x": 3},
+    specs = [{"name": "fast", "x": 1, "wait_for": "slow"}, {"name": "slow", "x": 2, "sleep_first": 60},
+             {"name": "c", "x": 3},
              {"name": "orphan", "x": 4}, {"name": "busy", "x": 5}]
     tasks = _tasks(markers, specs, study="resume")
     stop = _StopAfterFirst()
@@ -194,6 +196,19 @@ def test_dead_worker_is_recorded_and_the_pool_replaced(tmp_path: Path):
 
 
 # --- Ray backend -----------------------------------------------------------------------------------------
+
+
+def test_ray_backend_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch):
+    import sys
+
+    from mergelab.errors import MergeLabError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    store = ResultsStore(tmp_path / "results.sqlite")
+    task = Task("tiny", {"x": 1}, tiny_task)
+    with pytest.raises(MergeLabError, match=r"pip install 'mergelab\[ray\]'"):
+        run_tasks([task], store, backend="ray", progress=False)
+    assert store.get(task.key).status == "pending"  # nothing left running
 
 
 @pytest.mark.slow

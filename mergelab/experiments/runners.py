@@ -182,6 +182,15 @@ def _init_worker() -> None:
     _one_torch_thread()
 
 
+def _init_pool_worker() -> None:
+    """Process-pool initializer: :func:`_init_worker`, and Ctrl-C is left to the driver (which stops the
+    pool), so workers do not each print a KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker()
+
+
 def _one_torch_thread() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != 1:
@@ -446,7 +455,7 @@ def _run_local(todo: Sequence[Task], rec: _Recorder, workers: int, art: str) -> 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited OpenMP pools or locks
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_pool_worker)
 
     pool = new_pool()
     in_flight: dict[Any, Task] = {}
