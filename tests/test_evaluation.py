@@ -111,6 +111,18 @@ def test_evaluation_errors(zoo):
         evaluate(pre_path, experts, tasks=["mnist"])
 
 
+def test_an_expert_scored_on_another_version_of_its_task_is_refused(zoo, tmp_path):
+    import shutil
+
+    _, _, experts = zoo
+    stale = tmp_path / "stale"
+    shutil.copytree(experts[0].path, stale)
+    rec = json.loads((stale / "expert.json").read_text())
+    (stale / "expert.json").write_text(json.dumps(dict(rec, test_fingerprint="0" * 16)))
+    with pytest.raises(SpecError, match="another version of task 'mnist_parity'.*rebuild"):
+        evaluate(stale, [stale])
+
+
 def test_reset_bn_statistics_recomputes_running_moments():
     bn = nn.Sequential(nn.BatchNorm2d(3)).eval()
     x = torch.randn(64, 3, 4, 4) * 2 + 1

@@ -139,6 +139,17 @@ def test_identical_spec_reuses_the_cache(cache, monkeypatch):
     assert again.wall_time_s == first.wall_time_s  # the recorded time of the original run
 
 
+def test_a_cached_expert_is_retrained_when_its_task_data_changed(cache):
+    first = finetune(dict(BASE, steps=4), cache)
+    assert first.train_fingerprint and first.test_fingerprint
+    sidecar = first.backbone_path.parent / "expert.json"
+    rec = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(rec, train_fingerprint="0" * 16)))  # as if the task had changed
+    again = finetune(dict(BASE, steps=4), cache)
+    assert not again.cached and again.train_fingerprint == first.train_fingerprint
+    assert finetune(dict(BASE, steps=4), cache).cached
+
+
 def test_data_ratio_really_subsets(cache):
     full = mergelab.tasks.get_task(TASK).n_train
     r = finetune(dict(BASE, steps=3, data_ratio=0.05), cache)

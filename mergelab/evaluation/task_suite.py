@@ -36,6 +36,7 @@ from mergelab.models.device import default_device
 from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone, infer_arch
 from mergelab.models.state import load_backbone_state, load_head, read_backbone_state
+from mergelab.training.provenance import data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,16 @@ def load_backbone(backbone: PathLike | Mapping[str, torch.Tensor], arch: str | N
 
 
 def _expert_heads(experts: Sequence[object], arch: str | None):
-    """``{task: (head_path, expert_accuracy)}`` and the experts' common architecture."""
+    """``{task: ExpertResult}`` and the experts' common architecture."""
     from mergelab.training.result import ExpertResult, load_expert
 
-    heads: dict[str, tuple[Path, float]] = {}
+    heads: dict[str, ExpertResult] = {}
     archs = set()
     for e in experts:
         r = e if isinstance(e, ExpertResult) else load_expert(e)  # type: ignore[arg-type]
         if r.task in heads:
-            raise SpecError(f"two experts for task {r.task!r}: {heads[r.task][0].parent} and {r.path}")
-        heads[r.task] = (r.head_path, r.test_metrics.accuracy)
+            raise SpecError(f"two experts for task {r.task!r}: {heads[r.task].path} and {r.path}")
+        heads[r.task] = r
         archs.add(r.arch)
     if len(archs) > 1:
         raise SpecError(f"experts of different architectures: {sorted(archs)}")
@@ -175,7 +176,7 @@ def evaluate(
         raise SpecError(f"heads must be 'experts' or 'probe', got {heads!r}")
     if experts is not None and len(experts) == 0:
         raise SpecError("empty list of experts")
-    head_map: dict[str, tuple[Path, float]] = {}
+    head_map: dict = {}
     if experts is not None:
         head_map, arch = _expert_heads(experts, arch)
     model, arch = load_backbone(backbone, arch)
@@ -197,17 +198,23 @@ def evaluate(
         reset_bn_statistics(model, x_all, num_batches=bn_batches)
     rows, all_correct, all_loss = [], [], []
     for t, data in datas.items():
+        expert = head_map.get(t)
+        if expert is not None and expert.test_fingerprint != data_fingerprint(data.x_test, data.y_test):
+            raise SpecError(
+                f"expert {expert.path} was trained and scored on another version of task {t!r} "
+                f"(its test split changed); rebuild it (e.g. `mergelab zoo --arch {expert.arch}`)"
+            )
         if heads == "probe":
             head = fit_linear_probe(extract_features(model, data.x_train, device=dev), data.y_train, data.num_classes)
             head_desc = "linear probe"
         else:
-            head = load_head(head_map[t][0], model.feature_dim)
-            head_desc = str(head_map[t][0])
+            head = load_head(expert.head_path, model.feature_dim)
+            head_desc = str(expert.head_path)
         if head.out_features != data.num_classes:
             raise SpecError(f"head {head_desc} has {head.out_features} classes, task {t!r} has {data.num_classes}")
         correct, losses = classifier_outputs(model, head.to(dev), data.x_test, data.y_test, batch_size)
         acc, loss = correct.double().mean().item(), losses.mean().item()
-        ref = head_map[t][1] if t in head_map else None
+        ref = expert.test_metrics.accuracy if expert is not None else None
         rows.append(
             TaskEvaluation(
                 task=t,

@@ -48,7 +48,7 @@ from mergelab.models.state import BACKBONE_FILE, HEAD_FILE, load_backbone_state,
 from mergelab.training.branching import resolve_parent
 from mergelab.training.loop import LoopSettings, run_steps
 from mergelab.training.optim import build_optimizer, set_hyperparameters
-from mergelab.training.provenance import versions
+from mergelab.training.provenance import data_fingerprint, versions
 from mergelab.training.result import CHECKPOINTS, SIDECAR, ExpertResult, NoiseScale, ParentRef, read_expert
 from mergelab.training.sampler import derive_seed
 from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
@@ -101,17 +101,33 @@ def finetune(
     spec_hash = spec.spec_hash()
     out = expert_dir(spec.arch, spec.task, spec_hash, cache_dir)
     pre = ensure_pretrained(spec.arch, cache_dir)
+    data = load_task_data(spec)
     if not force:
         cached = read_expert(out)
-        if cached is not None and cached.pretrained_id == pre.pretrained_id:
+        problem = cached_problem(cached, pre.pretrained_id, data) if cached is not None else None
+        if cached is not None and problem is None:
             log.info("expert %s/%s %s found in cache", spec.arch, spec.task, spec_hash)
             return cached.model_copy(update={"cached": True})
         if cached is not None:
-            log.warning("cached expert %s was trained from another pretrained backbone; retraining", out)
-    return _train(spec, spec_hash, parent, pre.pretrained_id, out, cache_dir, device, progress)
+            log.warning("cached expert %s is stale (%s); retraining", out, problem)
+    return _train(spec, spec_hash, parent, pre.pretrained_id, data, out, cache_dir, device, progress)
 
 
-def _load_data(spec: ExpertSpec) -> TaskData:
+def fingerprints(data: TaskData) -> tuple[str, str]:
+    """``(train, test)`` data fingerprints of a task (after subsetting)."""
+    return data_fingerprint(data.x_train, data.y_train), data_fingerprint(data.x_test, data.y_test)
+
+
+def cached_problem(cached: ExpertResult, pretrained_id: str, data: TaskData) -> str | None:
+    """Why a cached expert cannot be reused (another pretrained backbone, changed task data), or ``None``."""
+    if cached.pretrained_id != pretrained_id:
+        return f"trained from pretrained backbone {cached.pretrained_id}, the cache now holds {pretrained_id}"
+    if (cached.train_fingerprint, cached.test_fingerprint) != fingerprints(data):
+        return f"the data of task {cached.task!r} changed since it was trained"
+    return None
+
+
+def load_task_data(spec: ExpertSpec) -> TaskData:
     """The task's data, subset to ``data_ratio`` of the training split with ``data_seed``."""
     from mergelab.tasks import get_task, subset
 
@@ -149,13 +165,13 @@ def _train(
     spec_hash: str,
     parent: ExpertResult | None,
     pretrained_id: str,
+    data: TaskData,
     out: Path,
     cache_dir: PathLike | None,
     device: str | torch.device | None,
     progress: bool,
 ) -> ExpertResult:
     t0 = time.perf_counter()
-    data = _load_data(spec)
     dev = default_device(device)
     start = 0
     init_metrics = None
@@ -213,6 +229,7 @@ def _train(
                 bar.close()
         train_m = evaluate_classifier(backbone, head, data.x_train, data.y_train)
         test_m = evaluate_classifier(backbone, head, data.x_test, data.y_test)
+        train_fp, test_fp = fingerprints(data)
         meta = {"arch": spec.arch, "task": spec.task, "spec_hash": spec_hash, "kind": "expert-backbone"}
         save_backbone(backbone, stage / BACKBONE_FILE, meta)
         save_head(head, stage / HEAD_FILE, {**meta, "kind": "expert-head", "num_classes": str(data.num_classes)})
@@ -226,6 +243,8 @@ def _train(
             noise_scale=NoiseScale.of(spec),
             n_train=len(data.x_train),
             n_test=len(data.x_test),
+            train_fingerprint=train_fp,
+            test_fingerprint=test_fp,
             loss_curve=losses,
             loss_curve_start=start,
             train_metrics=train_m,

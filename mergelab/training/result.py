@@ -9,7 +9,8 @@ The sidecar records the full resolved spec and its hash, the effective noise sca
 loss (``loss_curve[i]`` is the loss of global step ``loss_curve_start + i``), final train/test metrics
 (train = the training subset, eval mode, no augmentation), ``init_test_metrics`` (the starting model:
 pretrained backbone + initial head, after the BN re-estimation that ``head_init="probe"`` performs; absent
-for branches), sizes, the pretrained backbone's id, wall time, device and library versions.
+for branches), sizes and data fingerprints (:func:`~mergelab.training.provenance.data_fingerprint` of the
+training subset and of the test split), the pretrained backbone's id, wall time, device and versions.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class ExpertResult(BaseModel):
     noise_scale: NoiseScale
     n_train: int
     n_test: int
+    train_fingerprint: str | None = None
+    test_fingerprint: str | None = None
     loss_curve: list[float]
     loss_curve_start: int = 0
     train_metrics: Metrics

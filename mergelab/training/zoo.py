@@ -124,14 +124,15 @@ def build_zoo(
 
 
 def finetune_if_cached(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult | None:
-    """The cached expert of ``spec`` (trained from the current pretrained backbone), else ``None``."""
+    """The cached expert of ``spec`` if it is reusable (current pretrained backbone and task data), else ``None``."""
     from mergelab.models.paths import expert_dir
     from mergelab.models.pretraining import read_pretrained
+    from mergelab.training.finetuning import load_task_data, cached_problem
     from mergelab.training.result import read_expert
 
     pre = read_pretrained(spec.arch, cache_dir)
     found = read_expert(expert_dir(spec.arch, spec.task, spec.spec_hash(), cache_dir))
-    if found is None or pre is None or found.pretrained_id != pre.pretrained_id:
+    if found is None or pre is None or cached_problem(found, pre.pretrained_id, load_task_data(spec)) is not None:
         return None
     return found.model_copy(update={"cached": True})
 
