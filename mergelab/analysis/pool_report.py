@@ -149,6 +149,50 @@ def expert_folder(path: str | Path) -> Path | None:
         return None
 
 
+def expert_training_data(expert: ExpertResult) -> Any:
+    """The expert's training data as fine-tuning loaded it: the task, subset to ``data_ratio`` with
+    ``data_seed`` (the training module's own loader)."""
+    from mergelab.training import finetuning
+
+    loader = getattr(finetuning, "load_task_data", None) or getattr(finetuning, "_load_data", None)
+    if loader is not None:
+        return loader(expert.spec)
+    from mergelab.tasks import get_task, subset
+
+    data = get_task(expert.task)
+    return subset(data, expert.spec.data_ratio, expert.spec.data_seed) if expert.spec.data_ratio < 1.0 else data
+
+
+def stale_reason(expert: ExpertResult) -> str | None:
+    """Why ``expert`` no longer matches its task as the task suite builds it now (a task whose generator changed
+    after the expert was trained), or ``None`` when it matches. Compares the data fingerprints the sidecar
+    records when it has them, else the class count and split sizes."""
+    from mergelab.tasks import get_task
+
+    try:
+        task = get_task(expert.task)
+    except Exception as exc:  # noqa: BLE001 - an unknown or unbuildable task is a reason too
+        return f"task {expert.task!r} cannot be loaded: {exc}"
+    diffs = []
+    recorded = (getattr(expert, "train_fingerprint", None), getattr(expert, "test_fingerprint", None))
+    if all(recorded):
+        from mergelab.training import finetuning
+
+        fingerprints = getattr(finetuning, "fingerprints", None)
+        if fingerprints is not None and tuple(fingerprints(expert_training_data(expert))) != recorded:
+            diffs.append("the task's data changed since it was trained (data fingerprints differ)")
+    if task.num_classes != expert.num_classes:
+        diffs.append(f"its head has {expert.num_classes} classes, the task now has {task.num_classes}")
+    if task.n_test != expert.n_test:
+        diffs.append(f"it was tested on {expert.n_test} examples, the task's test split now has {task.n_test}")
+    if expert.spec.data_ratio == 1.0 and task.n_train != expert.n_train:
+        diffs.append(f"it trained on {expert.n_train} examples, the task's training split now has {task.n_train}")
+    if not diffs:
+        return None
+    return (f"expert {expert.path} was fine-tuned on another version of task {expert.task!r} ("
+            + "; ".join(diffs) + "): retrain it (`mergelab zoo --force` / `mergelab finetune`)")
+
+
 @dataclass
 class PoolExperts:
     """The experts of a spec read from their folders, with display labels, merge weights and the tasks the
@@ -189,6 +233,9 @@ def resolve_pool(spec: MergeSpec, data: DataSpec, *, source: str = "spec") -> Po
     archs = sorted({e.arch for e in experts})
     if len(archs) > 1:
         raise SpecError(f"{source}: models: experts of different architectures {archs} cannot be analysed together")
+    stale = [r for r in (stale_reason(e) for e in experts) if r]
+    if stale:
+        raise SpecError(f"{source}: models: " + "; ".join(stale))
     own = list(dict.fromkeys(e.task for e in experts))
     tasks = list(data.tasks) if data.tasks is not None else own
     missing = [t for t in tasks if t not in own]
@@ -319,19 +366,41 @@ def initial_model(base_state: Mapping[str, torch.Tensor], expert: ExpertResult, 
     from mergelab.models import build_backbone, load_backbone_state, load_head
     from mergelab.training import finetuning
 
-    data = train_data if train_data is not None else finetuning._load_data(expert.spec)
+    data = train_data if train_data is not None else expert_training_data(expert)
+    bn_batch = getattr(finetuning, "BN_ADAPT_BATCH", 128)
+    bn_batches = getattr(finetuning, "BN_ADAPT_BATCHES", 20)
     backbone = build_backbone(expert.arch)
     load_backbone_state(backbone, base_state, source="base (theta_0)")
     if heads == "init":
-        head = finetuning._init_head(expert.spec, backbone, data.x_train, data.y_train, data.num_classes)
+        init_head = getattr(finetuning, "_init_head", None)
+        if init_head is not None:  # the training module's own procedure, so the head is the one training used
+            head = init_head(expert.spec, backbone, data.x_train, data.y_train, data.num_classes)
+        else:  # pragma: no cover - the same procedure, should the private helper move
+            head = _initial_head(expert.spec, backbone, data)
         if expert.spec.head_init != "probe":  # probe init already adapted BN; do it for the others too
-            reset_bn_statistics(backbone, data.x_train, batch_size=finetuning.BN_ADAPT_BATCH,
-                                num_batches=finetuning.BN_ADAPT_BATCHES)
+            reset_bn_statistics(backbone, data.x_train, batch_size=bn_batch, num_batches=bn_batches)
     else:
-        reset_bn_statistics(backbone, data.x_train, batch_size=finetuning.BN_ADAPT_BATCH,
-                            num_batches=finetuning.BN_ADAPT_BATCHES)
+        reset_bn_statistics(backbone, data.x_train, batch_size=bn_batch, num_batches=bn_batches)
         head = load_head(expert.head_path, backbone.feature_dim)
     return backbone.eval(), head.eval(), data
+
+
+def _initial_head(spec: Any, backbone: torch.nn.Module, data: Any) -> torch.nn.Linear:
+    """Fine-tuning's head initialisation (:mod:`mergelab.training.finetuning`, step 3 of its docstring)."""
+    from mergelab.evaluation.bn import reset_bn_statistics
+    from mergelab.models import extract_features, fit_linear_probe, make_head
+    from mergelab.training.sampler import derive_seed
+
+    if spec.head_init == "probe":
+        reset_bn_statistics(backbone, data.x_train, batch_size=128, num_batches=20)
+        return fit_linear_probe(extract_features(backbone, data.x_train), data.y_train, data.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(spec.seed, 2))
+        head = make_head(backbone.feature_dim, data.num_classes)
+    if spec.head_init == "zero":
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    return head
 
 
 def measure_expert_at_init(
@@ -681,6 +750,12 @@ def analyze_pool_data(
         say("linear CKA against the task-arithmetic merge")
         analysis.cka, analysis.ta_lambda = _cka(pool, base_module, base_state, expert_states, samples, spec, opts)
         seconds["cka"] = time.perf_counter() - t0
+        if not analysis.cka["merge_features_finite"]:
+            warnings.append("the task-arithmetic merge's features are not finite (negative combined BN variances): "
+                            "CKA with the merge is n/a; try --bn reset")
+    bad = _nonfinite_points(analysis)
+    if bad:
+        warnings.append(f"non-finite losses along the landscape paths at {'; '.join(bad)} (see the landscape section)")
     return analysis
 
 
@@ -704,14 +779,31 @@ def _cka(pool: PoolExperts, base_module: torch.nn.Module, base_state: Mapping[st
     merged = _module_with(pool.arch, task_arithmetic_state(base_state, expert_states, lam), "task-arithmetic merge")
     x = torch.cat([samples[t][0] for t in pool.tasks])
     dev = opts.device
+    if dev is not None:
+        merged.to(dev)
+        base_module = base_module.to(dev)
+    if opts.bn == "reset":
+        from mergelab.evaluation.bn import reset_bn_statistics
+
+        x_train = torch.cat([task_samples(t, "train", max(opts.samples_per_task, 128), opts.seed + 1)[0]
+                             for t in pool.tasks])
+        reset_bn_statistics(merged, x_train, seed=opts.seed)
     f_merged = features(merged, x, device=dev)
     f_base = features(base_module, x, device=dev)
+    finite = bool(torch.isfinite(f_merged).all())
+
+    def cka(a: torch.Tensor, b: torch.Tensor) -> float:
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            return float("nan")
+        return linear_cka(a, b)
+
     rows = []
     for label, e, st in zip(pool.labels, pool.experts, expert_states):
         f_e = features(_module_with(pool.arch, st, str(e.backbone_path)), x, device=dev)
-        rows.append({"expert": label, "task": e.task, "cka_merge": linear_cka(f_e, f_merged),
-                     "cka_base": linear_cka(f_e, f_base)})
+        rows.append({"expert": label, "task": e.task, "cka_merge": cka(f_e, f_merged), "cka_base": cka(f_e, f_base)})
     return {
+        "merge_features_finite": finite,
+        "bn": opts.bn,
         "lambda": lam, "lambda_source": lam_source, "merge": f"theta_0 + {lam:.4g} * sum_i tau_i",
         "batch": {"tasks": list(pool.tasks), "per_task": int(len(x) // max(len(pool.tasks), 1)), "n": int(len(x)),
                   "split": opts.eval_split, "seed": opts.seed},
@@ -952,6 +1044,10 @@ def _cka_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
         f"CKA(TA merge, theta_0) = {_fmt(c.get('cka_merge_base'))}. An expert whose features the merge preserves "
         "has CKA near 1 with it; a low value flags the expert the merge loses most.",
     ]
+    if not c.get("merge_features_finite", True):
+        body += ["", "**The merged network's features are not finite** on this batch (CKA n/a): with BatchNorm "
+                 "statistics combined like the weights, lambda * N > 1 extrapolates the running variances below 0. "
+                 "`--bn reset` re-estimates them before measuring."]
     return "\n".join(body), c
 
 
@@ -1146,6 +1242,7 @@ __all__ = [
     "analyze_pool_data",
     "bound_pool",
     "expert_folder",
+    "expert_training_data",
     "format_data_summary",
     "initial_model",
     "load_constants",
@@ -1153,5 +1250,6 @@ __all__ = [
     "merge_coefficients",
     "pool_measurement",
     "resolve_pool",
+    "stale_reason",
     "task_samples",
 ]
