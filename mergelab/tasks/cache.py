@@ -27,7 +27,7 @@ from mergelab.tasks.base import IMAGE_SIZE, TaskData, from_uint8, standardise, t
 log = logging.getLogger(__name__)
 
 #: Bumped when code shared by all tasks (source splits, normalisation, file layout) changes.
-SUITE_VERSION = "1"
+SUITE_VERSION = "2"
 
 
 

@@ -147,82 +147,90 @@ def gen_count_dots(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return finish(ink, rng), y
 
 
+BAR_BINS = 12  # orientation classes, 15 degrees apart
+
+
 def gen_bar_orientation(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One bar whose orientation is ``k * 22.5`` degrees (+-4 jitter), k = 0..7, random length/width/place."""
-    y = balanced_labels(n, 8, rng)
-    angle = np.deg2rad(y * 22.5 + rng.uniform(-4, 4, n))
-    half = rng.uniform(5.0, 10.0, n)
-    cx, cy = rng.uniform(4 + half * np.abs(np.cos(angle)), 24 - half * np.abs(np.cos(angle))), \
-        rng.uniform(4 + half * np.abs(np.sin(angle)), 24 - half * np.abs(np.sin(angle)))
+    """One bar at orientation ``k * 15`` degrees (+-5 jitter), k = 0..11; random length/width/place, noise."""
+    y = balanced_labels(n, BAR_BINS, rng)
+    angle = np.deg2rad(y * 180.0 / BAR_BINS + rng.uniform(-5, 5, n))
+    half = rng.uniform(4.0, 10.0, n)
+    ext_x, ext_y = half * np.abs(np.cos(angle)), half * np.abs(np.sin(angle))  # half extents of the bar
+    cx, cy = rng.uniform(4 + ext_x, 24 - ext_x), rng.uniform(4 + ext_y, 24 - ext_y)
     dx, dy = half * np.cos(angle), -half * np.sin(angle)
-    d = sdf_segment(cx - dx, cy - dy, cx + dx, cy + dy, rng.uniform(1.5, 3.0, n))
-    return finish(coverage(d), rng), y
+    d = sdf_segment(cx - dx, cy - dy, cx + dx, cy + dy, rng.uniform(1.2, 2.6, n))
+    return finish(coverage(d), rng, noise=(0.05, 0.3)), y
 
 
-ARROW_CLASSES = ("right", "up", "left", "down")
+ARROW_CLASSES = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
 
 
 def gen_arrow_direction(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An arrow (shaft + triangular head) pointing right, up, left or down (+-12 degrees jitter)."""
-    y = balanced_labels(n, 4, rng)
-    angle = np.deg2rad(y * 90.0 + rng.uniform(-12, 12, n))
-    half = rng.uniform(6.0, 10.0, n)
-    cx, cy = rng.uniform(4 + half, 24 - half), rng.uniform(4 + half, 24 - half)
+    """An arrow (shaft + triangular head) pointing in one of 8 compass directions (+-8 degrees jitter)."""
+    y = balanced_labels(n, len(ARROW_CLASSES), rng)
+    angle = np.deg2rad(y * 45.0 + rng.uniform(-8, 8, n))
+    half = rng.uniform(5.0, 10.0, n)
     ux, uy = np.cos(angle), -np.sin(angle)  # image y grows downwards
-    head = rng.uniform(3.5, 5.5, n)
+    ext_x, ext_y = half * np.abs(ux) + 2, half * np.abs(uy) + 2
+    cx, cy = rng.uniform(2 + ext_x, 26 - ext_x), rng.uniform(2 + ext_y, 26 - ext_y)
+    head = rng.uniform(2.5, 4.5, n)
     tip_x, tip_y = cx + half * ux, cy + half * uy
     shaft = sdf_segment(cx - half * ux, cy - half * uy, tip_x - head * ux, tip_y - head * uy,
-                        rng.uniform(1.4, 2.6, n))
-    # Equilateral head of circumradius `head`, centred one third of its height behind the tip, one vertex
-    # pointing along the arrow: sdf_polygon puts vertices at theta + 2k*pi/3, with theta the frame rotation.
-    hx, hy = tip_x - head * ux, tip_y - head * uy
-    tri = sdf_polygon(hx, hy, head, 3, -angle)
-    return finish(coverage(np.minimum(shaft, tri)), rng), y
+                        rng.uniform(1.2, 2.2, n))
+    # Equilateral head of circumradius `head` centred `head` behind the tip, one vertex on the tip:
+    # sdf_polygon puts vertices at angles 2k*pi/3 of a frame rotated by theta (image y down, so -angle).
+    tri = sdf_polygon(tip_x - head * ux, tip_y - head * uy, head, 3, -angle)
+    return finish(coverage(np.minimum(shaft, tri)), rng, noise=(0.05, 0.3)), y
+
+
+MAX_RINGS = 5
 
 
 def gen_concentric_rings(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """1 to 4 concentric circles around a random centre, random spacing and stroke; label = count - 1."""
-    y = balanced_labels(n, 4, rng)
+    """1 to 5 thin concentric circles around a random centre, random spacing/stroke; label = count - 1."""
+    y = balanced_labels(n, MAX_RINGS, rng)
     count = y + 1
-    r0 = rng.uniform(2.0, 3.5, n)
-    max_spacing = np.where(count > 1, (11.5 - r0) / np.maximum(count - 1, 1), 4.0)
-    spacing = rng.uniform(2.6, np.maximum(max_spacing, 2.61), n)
+    r0 = rng.uniform(1.5, 3.0, n)
+    max_spacing = np.where(count > 1, (12.5 - r0) / np.maximum(count - 1, 1), 4.0)
+    spacing = rng.uniform(2.0, np.clip(max_spacing, 2.01, 4.0), n)
     outer = r0 + (count - 1) * spacing
-    cx, cy = rng.uniform(2 + outer, 26 - outer), rng.uniform(2 + outer, 26 - outer)
-    width = rng.uniform(1.0, 1.5, n)
+    cx, cy = rng.uniform(1.5 + outer, 26.5 - outer), rng.uniform(1.5 + outer, 26.5 - outer)
+    width = rng.uniform(0.8, 1.3, n)
     d = np.full((n, IMAGE_SIZE, IMAGE_SIZE), np.inf)
-    for k in range(4):
+    for k in range(MAX_RINGS):
         dk = sdf_ring(cx, cy, r0 + k * spacing, width)
         d = np.where(_col(k < count) > 0, np.minimum(d, dk), d)
-    return finish(coverage(d), rng), y
+    return finish(coverage(d), rng, noise=(0.05, 0.3), intensity=(0.5, 1.0)), y
 
 
-GRATING_FREQS = (2.0, 3.0, 4.5, 6.5, 9.0)  # cycles per 28 pixels
+#: Grating frequency classes in cycles per 28 pixels: 8 steps of a factor 5 ** (1/7) ~ 1.26 from 2 to 10.
+GRATING_FREQS = tuple(float(f) for f in np.round(2.0 * 5.0 ** (np.arange(8) / 7), 2))
+GRATING_ORIENTATIONS = 8  # classes, 22.5 degrees apart
 
 
 def _grating(n: int, rng: np.random.Generator, freq: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Sinusoidal gratings with given frequency (cycles / 28 px) and orientation, random phase and contrast."""
     phase = rng.uniform(0, 2 * np.pi, n)
-    contrast = rng.uniform(0.25, 0.5, n)
+    contrast = rng.uniform(0.1, 0.35, n)
     k = 2 * np.pi * _col(freq) / IMAGE_SIZE
     wave = np.sin(k * (_X * np.cos(_col(theta)) + _Y * np.sin(_col(theta))) + _col(phase))
     return np.clip(0.5 + _col(contrast) * wave, 0.0, 1.0)
 
 
 def gen_grating_freq(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Full-field sinusoidal grating; label = spatial-frequency class (2, 3, 4.5, 6.5, 9 cycles, +-6%)."""
+    """Full-field noisy grating, random orientation/phase; label = one of 8 frequency classes (+-5%)."""
     y = balanced_labels(n, len(GRATING_FREQS), rng)
-    freq = np.asarray(GRATING_FREQS)[y] * rng.uniform(0.94, 1.06, n)
+    freq = np.asarray(GRATING_FREQS)[y] * rng.uniform(0.95, 1.05, n)
     ink = _grating(n, rng, freq, rng.uniform(0, np.pi, n))
-    return finish(ink, rng, noise=(0.05, 0.2), intensity=(1.0, 1.0)), y
+    return finish(ink, rng, noise=(0.1, 0.35), intensity=(1.0, 1.0)), y
 
 
 def gen_grating_orientation(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Full-field grating of random frequency (2-9 cycles); label = orientation 0/45/90/135 deg (+-8)."""
-    y = balanced_labels(n, 4, rng)
-    theta = np.deg2rad(y * 45.0 + rng.uniform(-8, 8, n))
+    """Full-field noisy grating of random frequency (2-9 cycles); label = orientation, 8 bins of 22.5 deg."""
+    y = balanced_labels(n, GRATING_ORIENTATIONS, rng)
+    theta = np.deg2rad(y * 180.0 / GRATING_ORIENTATIONS + rng.uniform(-6, 6, n))
     ink = _grating(n, rng, rng.uniform(2.0, 9.0, n), theta)
-    return finish(ink, rng, noise=(0.05, 0.2), intensity=(1.0, 1.0)), y
+    return finish(ink, rng, noise=(0.1, 0.35), intensity=(1.0, 1.0)), y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,6 +310,7 @@ class ProceduralTask:
     generate: Generator
     class_names: tuple[str, ...]
     description: str
+    version: str = "1"
 
 
 EXPERT_GENERATORS: dict[str, ProceduralTask] = {
@@ -310,16 +319,21 @@ EXPERT_GENERATORS: dict[str, ProceduralTask] = {
                        "filled shape (disk/square/triangle/plus/ring), random position, size, rotation, noise"),
         ProceduralTask("count_dots", gen_count_dots, tuple(str(k) for k in range(1, 7)),
                        "count 1-6 non-overlapping dots of random size at random places"),
-        ProceduralTask("bar_orientation", gen_bar_orientation, tuple(f"{k * 22.5:g}deg" for k in range(8)),
-                       "orientation of a single bar in 8 bins of 22.5 degrees, random length/width/place"),
+        ProceduralTask("bar_orientation", gen_bar_orientation,
+                       tuple(f"{k * 180 / BAR_BINS:g}deg" for k in range(BAR_BINS)),
+                       "orientation of a single bar in 12 bins of 15 degrees, random length/width/place",
+                       version="2"),
         ProceduralTask("arrow_direction", gen_arrow_direction, ARROW_CLASSES,
-                       "direction (right/up/left/down) of an arrow, random size and place"),
-        ProceduralTask("concentric_rings", gen_concentric_rings, tuple(str(k) for k in range(1, 5)),
-                       "count 1-4 concentric circles with random spacing and stroke"),
+                       "compass direction (8 classes) of an arrow, random size and place", version="2"),
+        ProceduralTask("concentric_rings", gen_concentric_rings, tuple(str(k) for k in range(1, MAX_RINGS + 1)),
+                       "count 1-5 thin concentric circles with random spacing and stroke", version="2"),
         ProceduralTask("grating_freq", gen_grating_freq, tuple(f"{f:g}c" for f in GRATING_FREQS),
-                       "spatial frequency class (2-9 cycles) of a sinusoidal grating, random orientation/phase"),
-        ProceduralTask("grating_orientation", gen_grating_orientation, ("0deg", "45deg", "90deg", "135deg"),
-                       "orientation (0/45/90/135 deg) of a sinusoidal grating of random frequency/phase"),
+                       "spatial frequency (8 classes, 2-10 cycles) of a noisy grating, random orientation",
+                       version="2"),
+        ProceduralTask("grating_orientation", gen_grating_orientation,
+                       tuple(f"{k * 180 / GRATING_ORIENTATIONS:g}deg" for k in range(GRATING_ORIENTATIONS)),
+                       "orientation (8 bins of 22.5 deg) of a noisy grating of random frequency",
+                       version="2"),
     )
 }
 

@@ -77,7 +77,8 @@ def _procedural(name: str) -> RawTask:
 
 def _procedural_spec(name: str, family: str) -> TaskSpec:
     t = procedural.EXPERT_GENERATORS[name]
-    return TaskSpec(name, len(t.class_names), t.description, family, lambda: _procedural(name), t.class_names)
+    return TaskSpec(name, len(t.class_names), t.description, family, lambda: _procedural(name), t.class_names,
+                    t.version)
 
 
 _LABELMAP_NAMES = transforms.LABEL_MAPS
