@@ -1,0 +1,615 @@
+#!/usr/bin/env python
+"""Merge throughput and peak memory: mergelab against mergekit on a ~700M-parameter Llama-style model.
+
+Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` or ``make bench``).
+
+1. Generates once, into ``--cache`` (default ``bench/.cache``, gitignored), a Llama-style bf16 checkpoint
+   (hidden 2048, intermediate 5504, 12 layers, vocab 32000, tied embeddings: 672M parameters, 1.34 GB) in
+   three safetensors shards with an index and a LlamaConfig ``config.json``, plus ``--experts`` (default 4)
+   "fine-tuned" variants: base + N(0, (0.01 * rms(tensor))^2) per tensor, rounded to bf16. Tensors come
+   from seeded generators in chunks, so generation holds about one tensor at a time.
+2. Times, each run in a fresh subprocess and the tools ALTERNATING (mergelab, mergekit, mergelab, ...):
+   task arithmetic (lambda 1, unit weights; mergekit ``task_arithmetic``, ``normalize: false``) and TIES
+   (density 0.5, per-tensor trim, divisor = agreeing weight, election by mass; mergekit ``ties``).
+   Wall time and the child's own peak RSS come from ``os.wait4`` (the rusage of exactly that child).
+   The floor is a child that reads every tensor of every input once with mergelab's reader.
+   mergelab runs with a warm SHA-256 digest cache (``$MERGELAB_CACHE`` under the cache folder); one extra
+   TA run with the digest cache cleared shows the cost of hashing the inputs the first time.
+3. Checks once that mergelab's and mergekit's outputs agree within bf16 rounding (TA and TIES).
+
+mergekit is looked for at ``--mergekit`` or ``.venv-mergekit/bin/mergekit-yaml`` (a separate venv: it is
+not a mergelab dependency); without it only mergelab is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergelab.checkpoints import CheckpointWriter, open_checkpoint
+from mergelab.checkpoints.writer import plan_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = ROOT / "bench" / ".cache"
+
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 2048, 5504, 12, 32000, 16
+N_SHARDS = 3
+GEN_VERSION = 1  # bump to invalidate cached models when the generator changes
+CHUNK = 1 << 23  # elements generated at a time
+NOISE = 0.01  # fine-tune noise, relative to the tensor's RMS
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": HEADS,
+    "head_dim": HIDDEN // HEADS,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 2048,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
+
+
+def llama_plan() -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor, in the order HF writes a Llama checkpoint."""
+    bf16 = torch.bfloat16
+    plan = [("model.embed_tokens.weight", (VOCAB, HIDDEN), bf16)]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        plan += [
+            (p + "input_layernorm.weight", (HIDDEN,), bf16),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), bf16),
+            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), bf16),
+            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), bf16),
+            (p + "post_attention_layernorm.weight", (HIDDEN,), bf16),
+            (p + "self_attn.k_proj.weight", (HIDDEN, HIDDEN), bf16),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN), bf16),
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN), bf16),
+            (p + "self_attn.v_proj.weight", (HIDDEN, HIDDEN), bf16),
+        ]
+    plan.append(("model.norm.weight", (HIDDEN,), bf16))
+    return plan
+
+
+def _shard_limit(plan, n_shards: int) -> int:
+    """The smallest shard size limit for which the greedy writer makes ``n_shards`` shards."""
+    sizes = [math.prod(s) * d.itemsize for _, s, d in plan]
+    limit = -(-sum(sizes) // n_shards)
+    while len(plan_shards(plan, limit)) > n_shards:
+        limit += min(sizes)
+    return limit
+
+
+def _seed(*parts: object) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def _generate_tensor(name: str, shape: tuple[int, ...], base: torch.Tensor | None, variant: int) -> torch.Tensor:
+    """Base weights (variant 0): norms ~ 1 + N(0, 0.02), matrices ~ N(0, 0.02). Variants: base + noise."""
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(_seed(GEN_VERSION, variant, name))
+    is_norm = len(shape) == 1
+    if base is not None:
+        flat_base = base.reshape(-1)
+        rms = float(flat_base.float().pow(2).mean().sqrt())
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        x = torch.randn(m, generator=gen)
+        if base is None:
+            x.mul_(0.02)
+            if is_norm:
+                x.add_(1.0)
+        else:
+            x.mul_(NOISE * rms).add_(flat_base[start : start + m].float())
+        out[start : start + m] = x
+    return out.reshape(shape)
+
+
+def _write_model(path: Path, variant: int, base_dir: Path | None) -> None:
+    plan = llama_plan()
+    base = open_checkpoint(base_dir) if base_dir is not None else None
+    try:
+        with CheckpointWriter(path, plan, max_shard_bytes=_shard_limit(plan, N_SHARDS), overwrite=True) as w:
+            for name, shape, _ in plan:
+                w.write(name, _generate_tensor(name, shape, base.get(name) if base else None, variant))
+            config_dir = path.parent / f".{path.name}.config"
+            config_dir.mkdir(parents=True, exist_ok=True)
+            (config_dir / "config.json").write_text(json.dumps(LLAMA_CONFIG, indent=2) + "\n")
+            w.finish(copy_files_from=config_dir)
+            shutil.rmtree(config_dir)
+    finally:
+        if base is not None:
+            base.close()
+
+
+def ensure_models(cache: Path, n_experts: int) -> tuple[Path, list[Path]]:
+    """Generate (once) the base model and ``n_experts`` variants under ``cache/models``."""
+    models = cache / "models"
+    meta_path = models / "models.json"
+    meta = {"version": GEN_VERSION, "config": LLAMA_CONFIG, "noise": NOISE}
+    base = models / "base"
+    experts = [models / f"expert{i}" for i in range(1, n_experts + 1)]
+    try:
+        done = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        done = {}
+    have = set(done.get("complete", [])) if {k: done.get(k) for k in meta} == meta else set()
+    if "base" not in have:
+        have = set()  # the variants derive from the base: regenerate everything
+    for i, path in enumerate([base] + experts):
+        if path.name in have and path.is_dir():
+            continue
+        t0 = time.perf_counter()
+        _write_model(path, i, None if i == 0 else base)
+        have.add(path.name)
+        models.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps({**meta, "complete": sorted(have)}, indent=2))
+        print(f"generated {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return base, experts
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    label: str
+    wall: float  # seconds
+    cpu: float  # user + system seconds of the child
+    rss: int  # peak resident set of the child, bytes
+    load: float  # 1-minute load average when the run started (other work on the machine skews wall time)
+    ok: bool
+
+
+@dataclass
+class Series:
+    method: str
+    tool: str
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.runs if r.ok]
+        return statistics.median(values) if values else None
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` to completion; its wall time and its own peak RSS (``os.wait4`` rusage)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        load = _load()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    ok = proc.returncode == 0
+    if not ok:
+        tail = log.read_text().splitlines()[-15:]
+        print(f"  FAILED (exit {proc.returncode}): {' '.join(cmd)}\n    " + "\n    ".join(tail), flush=True)
+    return Run(label=" ".join(cmd[:2]), wall=wall, cpu=usage.ru_utime + usage.ru_stime, rss=rss, load=load, ok=ok)
+
+
+def mergelab_spec(method: str, base: Path, experts: list[Path]) -> dict:
+    spec: dict = {
+        "method": method,
+        "base": str(base),
+        "models": [{"path": str(e), "weight": 1.0} for e in experts],
+        "dtype": "bfloat16",
+        "device": "cpu",
+    }
+    if method == "task_arithmetic":
+        spec["parameters"] = {"lambda": 1.0}
+    elif method == "ties":
+        spec["parameters"] = {
+            "density": 0.5, "lambda": 1.0, "trim_scope": "tensor",
+            "disjoint_divisor": "weight", "sign_election": "mass",
+        }
+    return spec
+
+
+def mergekit_config(method: str, base: Path, experts: list[Path], compute_dtype: str | None) -> dict:
+    models = [{"model": str(base)}]
+    for e in experts:
+        params = {"weight": 1.0}
+        if method == "ties":
+            params["density"] = 0.5
+        models.append({"model": str(e), "parameters": params})
+    cfg: dict = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "out_dtype": "bfloat16",
+    }
+    if compute_dtype not in (None, "auto"):
+        cfg["dtype"] = compute_dtype  # mergekit computes in this dtype (default: the inputs', bf16 here)
+    if method == "task_arithmetic":
+        cfg["parameters"] = {"normalize": False, "lambda": 1.0}
+    elif method == "ties":
+        cfg["parameters"] = {"normalize": True, "lambda": 1.0}
+    return cfg
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _mergelab_cmd(args: argparse.Namespace) -> list[str]:
+    exe = Path(sys.executable).parent / "mergelab"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from mergelab.cli import main; sys.exit(main())"]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MERGELAB_CACHE"] = str(cache / "mergelab-cache")
+    # both tools run offline; these keep transformers/huggingface_hub from trying the network
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return env
+
+
+def _rm(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+READ_ALL = """
+import sys
+from mergelab.checkpoints import open_checkpoint
+total = 0
+for p in sys.argv[1:]:
+    with open_checkpoint(p) as r:
+        for name in r.keys():
+            total += r.get(name).numel()
+print(f"read {total} elements")
+"""
+
+
+# ------------------------------------------------------------------------------------------- comparing
+
+
+def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
+    """Per tensor: max |a - b| relative to the tensor's scale (max |base|), and how many entries differ.
+
+    One bf16 ulp at the tensor's largest magnitude is at most 2**-7 of it, so outputs that agree "within
+    bf16 rounding" have ``max_rel <= 2**-7``; ``frac_diff`` counts entries that are not bit-identical and
+    ``frac_gt_ulp`` those differing by more than one ulp of their own magnitude.
+    """
+    worst = {"max_rel": 0.0, "tensor": None}
+    n_total = n_diff = n_gt_ulp = 0
+    missing, extra = [], []
+    with open_checkpoint(a_dir) as a, open_checkpoint(b_dir) as b, open_checkpoint(base_dir) as base:
+        a_keys, b_keys = set(a.keys()), set(b.keys())
+        missing = sorted(a_keys - b_keys)
+        extra = sorted(b_keys - a_keys)
+        for name in a.keys():
+            if name not in b_keys:
+                continue
+            x, y = a.get(name).float(), b.get(name).float()
+            scale = float(base.get(name).float().abs().max()) if name in base else float(x.abs().max())
+            d = (x - y).abs()
+            rel = float(d.max()) / max(scale, 1e-30)
+            if rel > worst["max_rel"]:
+                worst = {"max_rel": rel, "tensor": name}
+            n_total += d.numel()
+            n_diff += int(torch.count_nonzero(d))
+            # one bf16 ulp of the larger magnitude: 2**(floor(log2|v|) - 7)
+            mag = torch.maximum(x.abs(), y.abs()).clamp_min(1e-30)
+            ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+            n_gt_ulp += int(torch.count_nonzero(d > ulp * 1.0001))
+    return {
+        **worst,
+        "frac_diff": n_diff / max(n_total, 1),
+        "frac_gt_ulp": n_gt_ulp / max(n_total, 1),
+        "only_in_mergelab": missing,
+        "only_in_mergekit": extra,
+        "within_bf16": worst["max_rel"] <= 2.0**-7 and not missing,
+    }
+
+
+def ties_kept_fraction(base_dir: Path, expert_dir: Path, density: float) -> float:
+    """Fraction of task-vector entries that survive mergelab's per-tensor trim (``|tau| >= k-th largest``).
+
+    mergekit keeps exactly ``floor(density * n)`` entries per tensor (argsort, ties broken arbitrarily);
+    mergelab keeps every entry tied with the threshold. Task vectors of bf16 checkpoints take few distinct
+    values, so the two can differ a lot; this measures by how much on the benchmark's inputs.
+    """
+    from mergelab.ops import keep_count, kth_largest
+
+    kept = total = 0
+    with open_checkpoint(base_dir) as b, open_checkpoint(expert_dir) as e:
+        for name in b.keys():
+            tau = (e.get(name).float() - b.get(name).float()).abs_().reshape(-1)
+            t = float(kth_largest(tau, keep_count(tau.numel(), density)))
+            kept += int(torch.count_nonzero(tau >= t))
+            total += tau.numel()
+    return kept / total
+
+
+def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, cold_digests: bool) -> dict:
+    """One in-process merge under cProfile, its time split into reading, finiteness checks, the method's
+    arithmetic, writing (with fsync) and hashing of inputs; what is left is casting to the output dtype
+    and bookkeeping. Run in a fresh interpreter (``--profile``) so nothing is warm but the page cache."""
+    import cProfile
+    import pstats
+    import resource
+
+    from mergelab.engine import merge
+
+    os.environ["MERGELAB_CACHE"] = str(cache / "mergelab-cache")
+    digests = cache / "mergelab-cache" / "digests.json"
+    if cold_digests and digests.exists():
+        digests.unlink()
+    out = cache / "runs" / f"out-profile-{method}"
+    _rm(out)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(merge, mergelab_spec(method, base, experts), out, progress=False)
+    total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # (file, line, func) -> (cc, nc, tottime, cumtime, callers)
+
+    def cum(file_end: str, func: str) -> float:
+        return sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(file_end) and fn == func)
+
+    def tot(func: str) -> float:
+        return sum(v[2] for (f, _, fn), v in stats.items() if fn == func)
+
+    method_fn = {"task_arithmetic": "task_arithmetic", "ties": "ties"}.get(method, method)
+    parts = {
+        "hash inputs (SHA-256)": cum("digest.py", "file_digest"),
+        "read (preadv)": cum("reader.py", "get"),
+        "finiteness checks": cum("engine.py", "_check_finite"),
+        "global thresholds": cum("engine.py", "_global_thresholds"),
+        f"method arithmetic ({method_fn})": cum("data_free.py", method_fn),
+        "write tensors": cum("writer.py", "write"),
+        "finish (fsync, rename)": cum("writer.py", "finish"),
+    }
+    parts["other (cast to bf16, bookkeeping)"] = total - sum(parts.values())
+    top = sorted(((v[2], f"{Path(f).name}:{fn}") for (f, _, fn), v in stats.items()), reverse=True)[:12]
+    return {"total": total, "parts": parts, "top_tottime": top, "fsync": tot("fsync"),
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+
+
+def print_profile(method: str, result: dict, label: str) -> None:
+    print(f"profile: {method}, {label}: {result['total']:.2f} s, peak RSS {result['rss'] / 1e9:.2f} GB")
+    for name, secs in result["parts"].items():
+        if secs > 0.005:
+            print(f"  {name:38s} {secs:7.2f} s {100 * secs / result['total']:5.1f}%")
+    print("  top functions by own time: " + ", ".join(f"{n} {t:.2f}" for t, n in result["top_tottime"][:8]))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _fmt(v: float | None, scale: float = 1.0, width: int = 9, prec: int = 2) -> str:
+    return f"{'-':>{width}s}" if v is None else f"{v / scale:{width}.{prec}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="models, outputs and logs (default bench/.cache)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
+                    help="mergekit-yaml executable (skipped when absent)")
+    ap.add_argument("--no-mergekit", action="store_true", help="time mergelab only")
+    ap.add_argument("--mergekit-dtype", default="auto",
+                    help="mergekit's compute dtype for the timed runs; 'auto' leaves it to mergekit (the inputs' "
+                         "dtype, bf16 here), its fastest on CPU")
+    ap.add_argument("--check-dtype", default="float32",
+                    help="mergekit's compute dtype for the equivalence check (mergelab computes in float32); "
+                         "if it differs from --mergekit-dtype, one extra mergekit run per method")
+    ap.add_argument("--mergekit-args", default="--out-shard-size 500M --no-copy-tokenizer --no-write-model-card --quiet",
+                    help="extra mergekit-yaml flags (default: its fastest, lowest-memory CPU settings found here)")
+    ap.add_argument("--no-check", action="store_true", help="skip the output equivalence check")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--profile", metavar="METHOD",
+                    help="instead of timing: profile one mergelab merge (cProfile) in a fresh process, "
+                         "first with an empty digest cache, then with a warm one")
+    ap.add_argument("--_profile-child", dest="profile_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    cache = args.cache.resolve()
+    env = _env(cache)
+    base, experts = ensure_models(cache, args.experts)
+    if args.profile_child:
+        method, cold = args.profile_child.split(":")
+        result = profile_merge(method, base, experts, cache, cold == "cold")
+        print_profile(method, result, "digests not cached (first run: inputs hashed)" if cold == "cold"
+                      else "digests cached")
+        return 0
+    if args.profile:
+        for mode in ("cold", "warm"):
+            subprocess.run([sys.executable, __file__, "--cache", str(cache), "--experts", str(args.experts),
+                            "--_profile-child", f"{args.profile}:{mode}"], check=True, env=env)
+        return 0
+    inputs = [base] + experts
+    in_bytes = sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors"))
+    print(f"inputs: {len(inputs)} checkpoints, {in_bytes / 1e9:.2f} GB in total; {os.cpu_count()} CPUs, "
+          f"load average {_load():.2f}", flush=True)
+
+    mergekit = None if args.no_mergekit else args.mergekit
+    if mergekit is not None and not mergekit.exists():
+        print(f"mergekit not found at {mergekit}: timing mergelab only", flush=True)
+        mergekit = None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    work = cache / "runs"
+    logs = cache / "logs"
+    ml_cmd = _mergelab_cmd(args)
+    series: dict[tuple[str, str], Series] = {}
+
+    def show(method: str, tool: str, i: int, run: Run) -> None:
+        print(f"{method:16s} {tool:18s} run {i}: {run.wall:7.2f} s wall {run.cpu:7.2f} s cpu "
+              f"{run.rss / 1e9:5.2f} GB  (load {run.load:.1f})", flush=True)
+
+    # the floor: read every tensor of every input once
+    floor = series.setdefault(("read all inputs", "mergelab"), Series("read all inputs", "mergelab"))
+    for r in range(args.repeats):
+        run = run_child([sys.executable, "-c", READ_ALL, *map(str, inputs)], logs / f"read-{r}.log", env)
+        floor.runs.append(run)
+        show("read all inputs", "mergelab", r + 1, run)
+
+    # one mergelab run with an empty digest cache: SHA-256 of every input file (later runs reuse the digests)
+    digests = Path(env["MERGELAB_CACHE"]) / "digests.json"
+    if "task_arithmetic" in methods:
+        if digests.exists():
+            digests.unlink()
+        spec = _write_yaml(work / "task_arithmetic.mergelab.yaml", mergelab_spec("task_arithmetic", base, experts))
+        out = work / "out-mergelab-task_arithmetic"
+        _rm(out)
+        run = run_child([*ml_cmd, "merge", str(spec), "--out", str(out), "--no-progress"],
+                        logs / "mergelab-ta-cold-digests.log", env)
+        series[("task_arithmetic", "mergelab (hashing)")] = Series("task_arithmetic", "mergelab (hashing)", [run])
+        show("task_arithmetic", "mergelab (hashing)", 1, run)
+
+    check_outputs: dict[str, Path] = {}
+    for method in methods:
+        ml_spec = _write_yaml(work / f"{method}.mergelab.yaml", mergelab_spec(method, base, experts))
+        mk_cfg = _write_yaml(work / f"{method}.mergekit.yml",
+                             mergekit_config(method, base, experts, args.mergekit_dtype))
+        ml_out = work / f"out-mergelab-{method}"
+        mk_out = work / f"out-mergekit-{method}"
+        s_ml = series.setdefault((method, "mergelab"), Series(method, "mergelab"))
+        s_mk = series.setdefault((method, "mergekit"), Series(method, "mergekit"))
+        for r in range(args.repeats):
+            _rm(ml_out)
+            run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress"],
+                            logs / f"mergelab-{method}-{r}.log", env)
+            s_ml.runs.append(run)
+            show(method, "mergelab", r + 1, run)
+            if mergekit is not None:
+                _rm(mk_out)
+                run = run_child([str(mergekit), str(mk_cfg), str(mk_out), *args.mergekit_args.split()],
+                                logs / f"mergekit-{method}-{r}.log", env)
+                s_mk.runs.append(run)
+                show(method, "mergekit", r + 1, run)
+        if mergekit is not None and not args.no_check and args.check_dtype != args.mergekit_dtype:
+            cfg = _write_yaml(work / f"{method}.mergekit-{args.check_dtype}.yml",
+                              mergekit_config(method, base, experts, args.check_dtype))
+            out = work / f"out-mergekit-{method}-{args.check_dtype}"
+            _rm(out)
+            tool = f"mergekit ({args.check_dtype})"
+            run = run_child([str(mergekit), str(cfg), str(out), *args.mergekit_args.split()],
+                            logs / f"mergekit-{method}-{args.check_dtype}.log", env)
+            series[(method, tool)] = Series(method, tool, [run])
+            show(method, tool, 1, run)
+            check_outputs[method] = out
+        elif mergekit is not None:
+            check_outputs[method] = mk_out
+
+    checks: dict[str, dict] = {}
+    if not args.no_check:
+        for method, mk_out in check_outputs.items():
+            ml_out = work / f"out-mergelab-{method}"
+            if ml_out.is_dir() and mk_out.is_dir():
+                checks[f"{method} vs {mk_out.name}"] = compare(ml_out, mk_out, base)
+            timed = work / f"out-mergekit-{method}"
+            if timed != mk_out and ml_out.is_dir() and timed.is_dir():
+                checks[f"{method} vs {timed.name} (mergekit computing in {args.mergekit_dtype})"] = \
+                    compare(ml_out, timed, base)
+
+    kept = None
+    if "ties" in methods and not args.no_check:
+        kept = ties_kept_fraction(base, experts[0], 0.5)
+
+    # ---- report
+    print()
+    print(f"{'method':18s} {'tool':20s} {'runs':>4s} {'wall s':>9s} {'cpu s':>9s} {'peak RSS GB':>12s} {'load':>6s}"
+          "   (medians)")
+    for (method, tool), s in series.items():
+        n = sum(r.ok for r in s.runs)
+        print(f"{method:18s} {tool:20s} {n:4d} {_fmt(s.median('wall'))} {_fmt(s.median('cpu'))} "
+              f"{_fmt(s.median('rss'), 1e9, 12)} {_fmt(s.median('load'), 1, 6, 1)}")
+    print()
+
+    def med(method: str, tool: str, attr: str = "wall") -> float | None:
+        s = series.get((method, tool))
+        return s.median(attr) if s else None
+
+    ratios: dict[str, float] = {}
+    for method in methods:
+        for attr in ("wall", "cpu"):
+            ml, mk = med(method, "mergelab", attr), med(method, "mergekit", attr)
+            if ml and mk:
+                ratios[f"{method}: mergekit/mergelab ({attr})"] = mk / ml
+    for attr in ("wall", "cpu"):
+        ta, ties = med("task_arithmetic", "mergelab", attr), med("ties", "mergelab", attr)
+        if ta and ties:
+            ratios[f"mergelab TIES/TA ({attr})"] = ties / ta
+    targets = {"task_arithmetic: mergekit/mergelab": (">=", 3.0), "ties: mergekit/mergelab": (">=", 10.0),
+               "mergelab TIES/TA": ("<=", 2.0)}
+    for key, value in ratios.items():
+        op, goal = targets.get(key.rsplit(" (", 1)[0], ("", None))
+        met = "" if goal is None else (f"   target {op} {goal:g}: " +
+                                       ("met" if (value >= goal if op == ">=" else value <= goal) else "MISSED"))
+        print(f"{key:42s} {value:6.2f}{met}")
+    peak = max((r.rss for (m, t), s in series.items() if t == "mergelab" and m in methods for r in s.runs), default=0)
+    if peak:
+        print(f"{'mergelab max peak RSS GB':42s} {peak / 1e9:6.2f}   target < 2.5: {'met' if peak < 2.5e9 else 'MISSED'}")
+    for key, c in checks.items():
+        print(f"equivalence {key}: max|mergelab - mergekit| / max|base| = {c['max_rel']:.2e} (in {c['tensor']}); "
+              f"{c['frac_diff'] * 100:.3f}% of entries differ, {c['frac_gt_ulp'] * 100:.4f}% by more than one bf16 ulp; "
+              f"within bf16 rounding of the tensor scale: {c['within_bf16']}"
+              + (f"; only in mergekit's output: {c['only_in_mergekit']}" if c["only_in_mergekit"] else "")
+              + (f"; missing from mergekit's output: {c['only_in_mergelab']}" if c["only_in_mergelab"] else ""))
+    if kept is not None:
+        print(f"TIES trim at density 0.5 on these bf16 inputs: mergelab keeps {kept * 100:.1f}% of each task vector "
+              "(all entries tied with the threshold); mergekit keeps exactly 50% (ties broken by argsort order)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "series": [{"method": s.method, "tool": s.tool, "runs": [r.__dict__ for r in s.runs]}
+                       for s in series.values()],
+            "ratios": ratios, "checks": checks, "input_bytes": in_bytes, "ties_kept_fraction": kept,
+        }, indent=2))
+    failed = any(not r.ok for s in series.values() for r in s.runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
