@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override the spec's device")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; use 1 when the CPU "
+                   "is shared: OpenMP threads spin badly under oversubscription)")
     g = p.add_argument_group(
         "data-dependent analysis",
         "needs expert folders as models and the pretrained folder as base; runs when the spec has a 'data:' "
@@ -234,6 +236,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     from mergelab.analysis.report import diagnostics_report, format_summary
     from mergelab.errors import SpecError
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     spec, sections, warnings = load_analysis_spec(args.spec)
     if spec.base is None:
         raise SpecError(f"{args.spec}: base: the analysis needs the base (pretrained) model to form task vectors")
