@@ -9,7 +9,7 @@ import torch
 
 import mergelab.tasks
 from mergelab.engine import merge
-from mergelab.errors import CheckpointError, SpecError
+from mergelab.errors import CheckpointError, NonFiniteError, SpecError
 from mergelab.evaluation import evaluate
 from mergelab.methods.data_informed.context import MergeContext
 from mergelab.methods.data_informed.surgery import (
@@ -162,3 +162,11 @@ def test_merged_path_and_errors(zoo, tmp_path):
     with pytest.raises(SpecError, match="no surgery module for task 'mnist'"):
         apply_surgery(torch.nn.Identity(), {"a": SurgeryModule(4, 2)}, "mnist", torch.zeros(1, 4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m1", "s1", "ta"]
+
+
+def test_non_finite_merged_features_are_refused(zoo):
+    ctx = _context(zoo, samples_per_task=8)
+    merged = read_backbone_state(zoo[0])
+    merged["layer3.0.bn2.running_var"][0] = -1.0  # what task arithmetic with lambdas summing past 1 can produce
+    with pytest.raises(NonFiniteError, match="non-finite features on task 'mnist_parity'.*layer3.0.bn2.running_var"):
+        train_surgery(ctx, merged, steps=0)

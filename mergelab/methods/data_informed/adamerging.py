@@ -335,7 +335,9 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
     if params is None:
         params = AdaMergingParams()
     elif not isinstance(params, AdaMergingParams):
-        params = AdaMergingParams.model_validate(dict(params))
+        from mergelab.methods.data_informed import parse_params
+
+        params = parse_params(METHODS[0], dict(params))  # a SpecError naming the bad parameter
     backbone = context.build_backbone().eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from mergelab.errors import CheckpointError, SpecError, TensorMismatchError
+from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMismatchError
 from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.adamerging import TaskBatches, record_output
@@ -229,6 +229,13 @@ def train_surgery(context: MergeContext, merged: Mapping[str, torch.Tensor], *, 
     for task in tqdm(context.tasks, desc="surgery", unit="task", disable=not context.progress):
         x, _ = context.samples(task, split)  # unlabelled: the labels are not used
         z_merged = _features(backbone, x)
+        if not torch.isfinite(z_merged).all():
+            bad = [n for n, t in merged.items() if n.endswith("running_var") and bool((t < 0).any())]
+            raise NonFiniteError(
+                f"surgery: the merged backbone gives non-finite features on task '{task}'"
+                + (f" (negative BN running variance in {', '.join(bad[:3])}: task-vector extrapolation with "
+                   "coefficients summing past 1; use a smaller lambda)" if bad else "")
+            )
         index = next(i for i, e in enumerate(context.experts) if e.task == task)
         expert = context.build_backbone()
         load_backbone_state(expert, context.expert_state(index), source=str(context.experts[index].backbone_path))
