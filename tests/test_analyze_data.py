@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,7 @@ def _plain_pool(folder: Path) -> list[Path]:
         ("not_experts", "not expert folder(s)"),
         ("mixed", "not expert folder(s)"),
         ("constants", "has no 'c_stab'"),
+        ("stale", "another version of task 'digits' (the task's data changed"),
     ],
 )
 def test_clear_errors(zoo, tmp_path, capsys, case, message):
@@ -223,6 +225,13 @@ def test_clear_errors(zoo, tmp_path, capsys, case, message):
         pre = models[0]
     elif case == "mixed":
         models = [experts[0].path, _plain_pool(tmp_path)[0]]
+    elif case == "stale":  # an expert whose recorded data fingerprint no longer matches its task
+        stale = tmp_path / "stale"
+        shutil.copytree(experts[0].path, stale)
+        side = json.loads((stale / "expert.json").read_text())
+        side["train_fingerprint"] = "0" * 16
+        (stale / "expert.json").write_text(json.dumps(side))
+        models = [stale, experts[1].path]
     elif case == "constants":
         (tmp_path / "c.json").write_text(json.dumps({"c_opt": 1.0}))
         flags = ["--constants", str(tmp_path / "c.json")]

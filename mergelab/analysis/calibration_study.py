@@ -121,7 +121,7 @@ def discover_experts(arch: str, cache_dir: PathLike | None = None, tasks: Sequen
     """``(pretrained folder, experts, notes)``: the complete cached experts of ``arch`` fine-tuned from the
     current pretrained backbone, sorted by task then spec hash; ``notes`` say what was skipped."""
     from mergelab.models.paths import arch_dir, pretrained_dir
-    from mergelab.analysis.pool_report import stale_reason
+    from mergelab.analysis.pool_report import has_fingerprints, stale_reason
     from mergelab.models.pretraining import read_pretrained
     from mergelab.training.result import read_expert
 
@@ -146,6 +146,9 @@ def discover_experts(arch: str, cache_dir: PathLike | None = None, tasks: Sequen
         if tasks is not None and r.task not in tasks:
             continue
         reason = stale_reason(r)
+        if reason is None and not has_fingerprints(r):
+            reason = (f"expert {r.path} records no data fingerprints (trained before they existed), so its task data "
+                      f"cannot be verified and evaluation refuses it; rebuild it (e.g. `mergelab zoo --arch {arch}`)")
         if reason:
             notes.append(f"skipped: {reason}")
             continue
@@ -184,7 +187,8 @@ def draw_pools(n_experts: int, pools: int, min_size: int, max_size: int, seed: i
 
 # ------------------------------------------------------------------------------------ measurements
 def _measurement_key(expert: ExpertResult, cfg: StudyConfig) -> str:
-    blob = json.dumps({"spec_hash": expert.spec_hash, "pretrained_id": expert.pretrained_id, "samples": cfg.samples,
+    blob = json.dumps({"spec_hash": expert.spec_hash, "pretrained_id": expert.pretrained_id, "created": expert.created,
+                       "train_fingerprint": getattr(expert, "train_fingerprint", None), "samples": cfg.samples,
                        "seed": cfg.seed, "heads": cfg.heads, "hessian_iters": cfg.hessian_iters,
                        "hessian_tol": cfg.hessian_tol, "format": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -190,7 +190,13 @@ def stale_reason(expert: ExpertResult) -> str | None:
     if not diffs:
         return None
     return (f"expert {expert.path} was fine-tuned on another version of task {expert.task!r} ("
-            + "; ".join(diffs) + "): retrain it (`mergelab zoo --force` / `mergelab finetune`)")
+            + "; ".join(diffs) + f"): rebuild it (e.g. `mergelab zoo --arch {expert.arch}`)")
+
+
+def has_fingerprints(expert: ExpertResult) -> bool:
+    """Whether the sidecar records the data fingerprints that prove which task data the expert saw (older
+    sidecars do not; :func:`mergelab.evaluation.evaluate` refuses such experts)."""
+    return bool(getattr(expert, "train_fingerprint", None) and getattr(expert, "test_fingerprint", None))
 
 
 @dataclass
@@ -236,6 +242,7 @@ def resolve_pool(spec: MergeSpec, data: DataSpec, *, source: str = "spec") -> Po
     stale = [r for r in (stale_reason(e) for e in experts) if r]
     if stale:
         raise SpecError(f"{source}: models: " + "; ".join(stale))
+    unverified = [e.task for e in experts if not has_fingerprints(e)]
     own = list(dict.fromkeys(e.task for e in experts))
     tasks = list(data.tasks) if data.tasks is not None else own
     missing = [t for t in tasks if t not in own]
@@ -245,6 +252,9 @@ def resolve_pool(spec: MergeSpec, data: DataSpec, *, source: str = "spec") -> Po
             f"that task's expert head); the pool's tasks are: {', '.join(own)}"
         )
     warnings = []
+    if unverified:
+        warnings.append(f"expert(s) {unverified} record no data fingerprints (trained before they existed): their "
+                        "class counts and split sizes match the current tasks, the data themselves cannot be checked")
     base = Path(spec.base)
     base_folder = base.parent if base.is_file() else base
     sidecar = base_folder / "pretrained.json"
@@ -1244,6 +1254,7 @@ __all__ = [
     "expert_folder",
     "expert_training_data",
     "format_data_summary",
+    "has_fingerprints",
     "initial_model",
     "load_constants",
     "measure_expert_at_init",
