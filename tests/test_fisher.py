@@ -32,7 +32,8 @@ TASKS = ["mnist_parity", "mnist_rot90"]
 def _states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [
-        {"w": torch.randn(4, 3, generator=g), "b": torch.randn(4, generator=g), "bn.running_var": torch.rand(4, generator=g)}
+        {"w": torch.randn(4, 3, generator=g), "b": torch.randn(4, generator=g),
+         "bn.running_var": torch.rand(4, generator=g)}
         for _ in range(n)
     ]
 

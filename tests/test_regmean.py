@@ -64,7 +64,8 @@ def test_alpha_zero_is_the_per_input_feature_weighted_average():
 
 def test_off_diagonal_scaling():
     gram = torch.tensor([[4.0, 2.0], [2.0, 9.0]], dtype=torch.float64)
-    torch.testing.assert_close(reduce_off_diagonal(gram, 0.25), torch.tensor([[4.0, 0.5], [0.5, 9.0]], dtype=torch.float64))
+    expected = torch.tensor([[4.0, 0.5], [0.5, 9.0]], dtype=torch.float64)
+    torch.testing.assert_close(reduce_off_diagonal(gram, 0.25), expected)
     assert torch.equal(reduce_off_diagonal(gram, 1.0), gram)
 
 

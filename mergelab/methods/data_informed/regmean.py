@@ -186,7 +186,9 @@ def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- merging
 
 
-def _solve(a: torch.Tensor, b: torch.Tensor, avg_t: torch.Tensor, ridge: float, name: str) -> tuple[torch.Tensor, float]:
+def _solve(
+    a: torch.Tensor, b: torch.Tensor, avg_t: torch.Tensor, ridge: float, name: str
+) -> tuple[torch.Tensor, float]:
     """``(a + mu I)^{-1} (b + mu avg_t)`` with ``mu = 0`` unless ``a`` is singular / ill-conditioned."""
     scale = float(a.diagonal().mean())
     if not scale > 0:  # no input energy at all: nothing to regress on
