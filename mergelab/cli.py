@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "analyze",
     "calibrate",
     "results",
+    "compare",
 )
 
 log = logging.getLogger("mergelab")

@@ -1,0 +1,618 @@
+"""Method comparison on a task group: every merging method against the usual reference points, one table.
+
+``run_comparison(arch, tasks, methods)`` takes the zoo's experts for ``tasks`` (or an explicit ``pool`` of
+expert folders, which may hold more experts than tasks), and produces one :class:`MethodRow` per method:
+per-task test accuracy and loss, their average, normalized accuracy (mean over tasks of
+``acc_t / acc(expert_t on t)``, THEORY.md section 2), wall time and peak memory.
+
+Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`):
+
+* ``pretrained``: the pretrained backbone theta_0 read through each task's expert head (the floor).
+* ``individual``: each task's own expert on its own task (the ceiling; normalized accuracy 1 by definition).
+  Its wall time is the summed fine-tuning time of the experts (from their sidecars).
+* ``multitask``: traditional multi-task learning, one backbone fine-tuned jointly on all the tasks' training
+  data from theta_0, each task through its own (jointly trained) head (:mod:`mergelab.training.multitask`,
+  cached by spec hash like an expert). Its wall time is its training time.
+* merges, each written to disk by :func:`mergelab.engine.merge` and evaluated with
+  :func:`mergelab.evaluation.evaluate` through the experts' heads (BatchNorm statistics as the method
+  produced them; no re-estimation):
+
+  ==================  ========================================================================================
+  weight_average      plain average of the experts (Wortsman et al. 2022, model soups)
+  task_arithmetic     lambda 0.3: the common default for many tasks when no validation set is used (Ilharco et
+                      al. 2023 pick lambda on validation data, 0.3-0.4 for 8 ViT tasks; AdaMerging (Yang et al.
+                      2024), TIES and FusionBench's 8-task baselines report task arithmetic at 0.3)
+  ties                lambda 1, density 0.2 (top 20 %), mass sign election, disjoint mean: the TIES paper's
+                      recommended setting without a validation set (Yadav et al. 2023, sec. 7.4 / app. C:
+                      k = 20 %, lambda = 1)
+  dare                DARE + task arithmetic: drop with density 0.5 and rescale by 1/0.5 (Yu et al. 2024; 0.5
+                      is a neutral middle for a small model), then task arithmetic at lambda 0.3 as above.
+                      BatchNorm running statistics are not dropped (a per-tensor override with density 1, so
+                      they follow task arithmetic): DARE is defined for learned weight deltas, and a dropped
+                      and doubled ``running_var`` delta went negative on the resnet_s zoo, which turns that
+                      channel into NaN and the whole model into chance
+  fisher              Fisher merging, exact diagonal Fisher (Matena & Raffel 2022)
+  regmean             RegMean, alpha 0.9, Linear and Conv2d layers (Jin et al. 2023)
+  adamerging          layer-wise AdaMerging, 500 Adam steps, init 0.3 (Yang et al. 2024)
+  adamerging_surgery  representation surgery (rank 16, 1,000 steps per task; Yang et al. 2024b) on the
+                      AdaMerging model; wall time and peak memory include AdaMerging's
+  fw_hard / fw_soft   FW-Merging (Chen et al. 2025): hard, 3 iterations from task arithmetic (0.3) with line
+                      search; soft, 15 iterations from theta_0, k = number of tasks
+  ==================  ========================================================================================
+
+  Data-informed methods use ``samples_per_task`` examples of each evaluated task (default 100, the
+  FW-Merging paper's budget; also given to Fisher and RegMean, whose own defaults are 256) from the split each
+  method defaults to (labelled train for FW/Fisher/RegMean, unlabelled test for AdaMerging and surgery, as
+  their papers do). Any other registered method name (``breadcrumbs``, ``model_stock`` ...) runs with its
+  defaults.
+
+**Wall time and peak memory.** Each merge (and the multi-task training) runs in a fresh process started with
+``multiprocessing``'s *spawn* method; the child times the merge (:func:`time.perf_counter` around
+:func:`~mergelab.engine.merge`, reading inputs and writing the output included, evaluation excluded) and
+reads its resident-set high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` right after it:
+``peak_mb`` is that mark (Python, torch and mergelab loaded included), ``base_mb`` the child's resident set
+just before the merge, so ``peak_mb - base_mb`` is what the merge itself added. (``tracemalloc`` sees
+Python allocations only, not torch's tensors, and a long-lived process's high-water mark is set by whatever
+ran before; psutil is not a dependency.) With ``isolate=False`` methods run in this process and peak memory
+is this process's high-water mark after resetting it through ``/proc/self/clear_refs`` (Linux), i.e. it
+includes whatever the process already held; NaN where that is unavailable. ``quick=True`` runs in-process.
+
+``quick=True``: few samples and steps everywhere (tests, CI, smoke runs); the numbers mean little.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergelab.errors import MergeLabError, SpecError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: The default 4-task group of ``mergelab compare`` (tasks with different inputs and label spaces).
+DEFAULT_TASKS: tuple[str, ...] = ("mnist", "mnist_rot90", "digits", "shapes")
+REFERENCE_ROWS = ("pretrained", "individual", "multitask")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One row of the comparison: the mergelab method it runs and with which parameters (and why)."""
+
+    name: str
+    method: str | None  # None for the reference rows
+    params: Mapping[str, Any] = field(default_factory=dict)
+    quick_params: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def parameters(self, quick: bool) -> dict[str, Any]:
+        return {**self.params, **(self.quick_params if quick else {})}
+
+
+_TA_LAMBDA = 0.3
+CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
+    MethodConfig("pretrained", None, source="theta_0 with the experts' heads"),
+    MethodConfig("individual", None, source="each expert on its own task"),
+    MethodConfig("multitask", None, {"steps": 200, "batch_size": 32}, {"steps": 4, "batch_size": 8},
+                 "joint fine-tuning on all tasks (mergelab.training.multitask defaults)"),
+    MethodConfig("weight_average", "weight_average", source="Wortsman et al. 2022"),
+    MethodConfig("task_arithmetic", "task_arithmetic", {"lambda": _TA_LAMBDA},
+                 source="lambda 0.3: common default for many tasks (Ilharco et al. 2023; Yang et al. 2024)"),
+    MethodConfig("ties", "ties", {"lambda": 1.0, "density": 0.2},
+                 source="k 20%, lambda 1: TIES paper's no-validation setting (Yadav et al. 2023)"),
+    MethodConfig("dare", "dare_linear", {"density": 0.5, "lambda": _TA_LAMBDA},
+                 source="DARE drop 0.5 + task arithmetic lambda 0.3 (Yu et al. 2024); BN statistics not dropped"),
+    MethodConfig("fisher", "fisher", {}, source="exact diagonal Fisher (Matena & Raffel 2022)"),
+    MethodConfig("regmean", "regmean", {}, source="alpha 0.9 (Jin et al. 2023)"),
+    MethodConfig("adamerging", "adamerging", {}, {"steps": 3},
+                 source="layer-wise, 500 steps, init 0.3 (Yang et al. 2024)"),
+    MethodConfig("adamerging_surgery", "surgery", {}, {"steps": 10},
+                 source="surgery rank 16, 1000 steps/task on AdaMerging (Yang et al. 2024b)"),
+    MethodConfig("fw_hard", "fw_hard", {}, {"iterations": 1, "line_search_steps": 1},
+                 source="3 iterations from TA 0.3, line search (Chen et al. 2025)"),
+    MethodConfig("fw_soft", "fw_soft", {}, {"iterations": 2, "pgd_steps": 3},
+                 source="15 iterations from theta_0, k = #tasks (Chen et al. 2025)"),
+)}
+DEFAULT_METHODS: tuple[str, ...] = tuple(CATALOG)
+QUICK_SAMPLES = 16
+
+
+@dataclass
+class MethodRow:
+    """One method's results. Accuracies in [0, 1]; ``wall_s`` seconds; ``peak_mb`` MiB (NaN: not measured)."""
+
+    method: str
+    per_task: dict[str, float]
+    per_task_loss: dict[str, float]
+    average: float
+    normalized: float
+    wall_s: float
+    peak_mb: float
+    params: dict
+    base_mb: float = math.nan
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_number(v) for k, v in asdict(self).items()}
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_number(x) for k, x in v.items()}
+    return v
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+@dataclass
+class ComparisonTable:
+    """Rows of a comparison on ``tasks``; ``meta`` says how it was measured."""
+
+    arch: str
+    tasks: list[str]
+    rows: list[MethodRow]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, method: str) -> MethodRow:
+        for r in self.rows:
+            if r.method == method:
+                return r
+        raise KeyError(f"no row {method!r}; rows: {', '.join(r.method for r in self.rows)}")
+
+    def format(self) -> str:
+        """A fixed-width text table: per-task accuracy (%), average, normalized (%), wall time, peak memory."""
+        names = [_short(t) for t in self.tasks]
+        widths = [max(6, len(n)) for n in names]
+        mwidth = max([18] + [len(r.method) for r in self.rows])
+        head = f"{'method':<{mwidth}} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+        head += f" {'avg':>6} {'norm':>6} {'wall s':>8} {'peak MB':>8} {'+MB':>6}"
+        lines = [f"{self.arch} on {len(self.tasks)} tasks: " + ", ".join(self.tasks), head, "-" * len(head)]
+        pct = lambda v, w=6: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{100 * v:{w}.1f}"  # noqa: E731
+        num = lambda v, w, d: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{v:{w}.{d}f}"  # noqa: E731
+        for r in self.rows:
+            if r.error is not None:
+                lines.append(f"{r.method:<{mwidth}} failed: {r.error}")
+                continue
+            cells = " ".join(pct(r.per_task.get(t), w) for t, w in zip(self.tasks, widths))
+            lines.append(f"{r.method:<{mwidth}} {cells} {pct(r.average)} {pct(r.normalized)} "
+                         f"{num(r.wall_s, 8, 1)} {num(r.peak_mb, 8, 0)} {num(r.peak_mb - r.base_mb, 6, 0)}")
+        lines.append("accuracy and normalized accuracy in %; " + self.meta.get("memory_note", ""))
+        if self.meta.get("wall_note"):
+            lines.append(self.meta["wall_note"])
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "tasks": list(self.tasks), "rows": [r.to_dict() for r in self.rows],
+                "meta": _json_number(dict(self.meta))}
+
+    def to_json(self, path: PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        return path
+
+    def to_csv(self, path: PathLike) -> Path:
+        """One line per method: accuracy and loss per task, average, normalized, wall_s, peak_mb, base_mb."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cols = (["method"] + [f"acc:{t}" for t in self.tasks] + [f"loss:{t}" for t in self.tasks]
+                + ["average", "normalized", "wall_s", "peak_mb", "base_mb", "error", "params"])
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in self.rows:
+                cell = lambda v: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v  # noqa: E731
+                w.writerow([r.method] + [cell(r.per_task.get(t)) for t in self.tasks]
+                           + [cell(r.per_task_loss.get(t)) for t in self.tasks]
+                           + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb),
+                              r.error or "", json.dumps(r.params, sort_keys=True, default=str)])
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ComparisonTable:
+        rows = [MethodRow(**{k: (_num(v) if k in ("average", "normalized", "wall_s", "peak_mb", "base_mb") else v)
+                             for k, v in r.items()}) for r in data["rows"]]
+        return cls(data["arch"], list(data["tasks"]), rows, dict(data.get("meta") or {}))
+
+
+def _short(task: str, n: int = 12) -> str:
+    return task if len(task) <= n else task[: n - 1] + "~"
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _rss_mb() -> float:
+    """This process's current resident set (MiB), from /proc; NaN where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return math.nan
+
+
+def _hwm_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return math.nan
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------ child jobs
+
+
+def _job_merge(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    from mergelab.engine import merge
+
+    result = merge(spec, out_dir, overwrite=True, progress=False, hash_inputs=False)
+    return {"seconds": result.seconds, "out_dir": str(result.out_dir)}
+
+
+def _job_multitask(spec: dict[str, Any], cache_dir: str | None, experts: list[str]) -> dict[str, Any]:
+    from mergelab.training.multitask import train_multitask
+
+    r = train_multitask(spec, cache_dir, experts=experts)
+    return {"path": r.path, "cached": r.cached, "wall_time_s": r.wall_time_s, "peak_rss_mb": r.peak_rss_mb}
+
+
+_JOBS: dict[str, Callable[..., dict[str, Any]]] = {"merge": _job_merge, "multitask": _job_multitask}
+
+
+def _child(job: str, kwargs: dict[str, Any], threads: int, log_level: int) -> dict[str, Any]:
+    """Entry point of a spawned child: run ``job``, measure wall time and the RSS high-water mark."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    import mergelab.engine  # noqa: F401 - loaded before the baseline, like everything a merge always needs
+    import mergelab.evaluation.task_suite  # noqa: F401
+
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    out = _JOBS[job](**kwargs)
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_mb"] = _maxrss_mb()
+    out["base_mb"] = base
+    return out
+
+
+def _run_job(job: str, kwargs: dict[str, Any], isolate: bool) -> dict[str, Any]:
+    import torch
+
+    if isolate:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(_child, job, kwargs, torch.get_num_threads(), level).result()
+    base = _rss_mb()
+    measured = _reset_hwm()
+    t0 = time.perf_counter()
+    out = _JOBS[job](**kwargs)
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_mb"] = _hwm_mb() if measured else math.nan
+    out["base_mb"] = base if measured else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------- resolution
+
+
+@dataclass
+class _Setup:
+    arch: str
+    tasks: list[str]
+    pool: list[Any]  # ExpertResults, merge order
+    heads: list[Any]  # one ExpertResult per task (its head and reference accuracy)
+    base: Path
+
+
+def _resolve(arch: str, tasks: Sequence[str] | None, pool: Sequence[PathLike] | None, cache_dir: PathLike | None) -> _Setup:
+    from mergelab.evaluation import default_experts
+    from mergelab.models.pretraining import read_pretrained
+    from mergelab.tasks import task_spec
+    from mergelab.training.result import load_expert
+
+    if tasks is not None:
+        tasks = list(tasks)
+        if not tasks:
+            raise SpecError("tasks: empty list of tasks")
+        for t in tasks:
+            task_spec(t)  # unknown names: a clear error listing the valid ones
+        if len(set(tasks)) != len(tasks):
+            raise SpecError(f"tasks: a task is listed twice: {tasks}")
+    if pool is None:
+        tasks = list(tasks) if tasks is not None else list(DEFAULT_TASKS)
+        experts = default_experts(arch, tasks, cache_dir)
+    else:
+        if len(pool) == 0:
+            raise SpecError("pool: empty list of experts")
+        experts = []
+        for p in pool:
+            try:
+                experts.append(load_expert(p))
+            except MergeLabError as exc:
+                raise SpecError(f"pool: {exc}") from None
+        archs = {e.arch for e in experts}
+        if archs != {arch}:
+            raise SpecError(f"pool: the experts are {', '.join(sorted(archs))}, the comparison is for {arch}")
+        own = list(dict.fromkeys(e.task for e in experts))
+        tasks = list(tasks) if tasks is not None else own
+        missing = [t for t in tasks if t not in own]
+        if missing:
+            raise SpecError(f"tasks: no expert in the pool for {', '.join(missing)} (its head is needed); "
+                            f"the pool's tasks are: {', '.join(own)}")
+    heads = [next(e for e in experts if e.task == t) for t in tasks]
+    pre = read_pretrained(arch, cache_dir)
+    if pre is None:
+        raise SpecError(f"no pretrained {arch} backbone in the cache; build the zoo with `mergelab zoo --arch {arch}`")
+    stale = [e.path for e in experts if e.pretrained_id != pre.pretrained_id]
+    if stale:
+        raise SpecError(f"expert(s) {', '.join(map(str, stale))} were fine-tuned from another pretrained {arch} "
+                        f"backbone than the cache's ({pre.pretrained_id}); rebuild them with `mergelab zoo --arch {arch}`")
+    return _Setup(arch, tasks, experts, heads, Path(pre.path))
+
+
+def _method_configs(methods: Sequence[str] | None) -> list[MethodConfig]:
+    from mergelab.methods import METHODS as DATA_FREE
+    from mergelab.methods.data_informed import registry
+
+    if methods is None:
+        return [CATALOG[m] for m in DEFAULT_METHODS]
+    out = []
+    informed = registry()
+    for m in methods:
+        if m in CATALOG:
+            out.append(CATALOG[m])
+        elif m in DATA_FREE or m in informed:
+            out.append(MethodConfig(m, m, source="method defaults"))
+        else:
+            known = list(CATALOG) + sorted((set(DATA_FREE) | set(informed)) - {c.method for c in CATALOG.values()})
+            raise SpecError(f"unknown method {m!r}; known: {', '.join(known)}")
+    if len({c.name for c in out}) != len(out):
+        raise SpecError(f"methods: a method is listed twice: {list(methods)}")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- rows
+
+
+def _row_from_eval(name: str, result: Any, tasks: Sequence[str], wall: float, peak: float, base: float,
+                   params: dict) -> MethodRow:
+    by = result.by_task()
+    acc = {t: by[t].accuracy for t in tasks}
+    loss = {t: by[t].loss for t in tasks}
+    norms = [by[t].normalized_accuracy for t in tasks]
+    return MethodRow(method=name, per_task=acc, per_task_loss=loss, average=sum(acc.values()) / len(acc),
+                     normalized=(sum(norms) / len(norms)) if all(n is not None for n in norms) else math.nan,
+                     wall_s=wall, peak_mb=peak, params=params, base_mb=base)
+
+
+def _negative_variances(path: PathLike) -> int:
+    """Number of negative BatchNorm ``running_var`` entries in a merged backbone (they make features NaN)."""
+    from mergelab.models import read_backbone_state
+
+    return int(sum((t < 0).sum().item() for n, t in read_backbone_state(path).items() if n.endswith("running_var")))
+
+
+def _failed(name: str, error: str, params: dict) -> MethodRow:
+    nan = math.nan
+    return MethodRow(name, {}, {}, nan, nan, nan, nan, params, nan, error)
+
+
+def run_comparison(
+    arch: str = "resnet_s",
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    *,
+    pool: Sequence[str | Path] | None = None,
+    samples_per_task: int = 100,
+    cache_dir: PathLike | None = None,
+    workdir: PathLike | None = None,
+    progress: bool = True,
+    quick: bool = False,
+    isolate: bool | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ComparisonTable:
+    """Compare ``methods`` on ``tasks``; see the module docstring.
+
+    Args:
+        arch: architecture of the zoo. tasks: tasks to evaluate (default :data:`DEFAULT_TASKS`, or the
+            pool's tasks). methods: row names of :data:`CATALOG` or any registered method (default: all of
+            :data:`DEFAULT_METHODS`).
+        pool: expert folders to merge (default: the zoo's default experts for ``tasks``); every task needs
+            an expert in the pool, extra experts are merged too (pool-scaling studies).
+        samples_per_task: examples per task for data-informed methods.
+        cache_dir: zoo cache root. workdir: where merged models are written (kept); default a temporary
+            folder, removed at the end.
+        quick: tiny budgets everywhere (tests). isolate: run each merge in a fresh spawned process to
+            measure its peak memory (default: True, False when ``quick``).
+        overrides: ``{row name: {parameter: value}}`` replacing the catalog's settings.
+
+    Raises :class:`~mergelab.errors.SpecError` for unknown tasks/methods, tasks without experts, an empty or
+    inconsistent pool. A method that fails while running gives a row with ``error`` set (the others go on).
+    """
+    from mergelab.evaluation import evaluate
+
+    if samples_per_task < 1:
+        raise SpecError(f"samples_per_task must be >= 1, got {samples_per_task}")
+    isolate = (not quick) if isolate is None else isolate
+    setup = _resolve(arch, tasks, pool, cache_dir)
+    configs = _method_configs(methods)
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {c.name for c in configs}
+    if unknown:
+        raise SpecError(f"overrides: for method(s) not compared: {', '.join(sorted(unknown))}")
+    samples = min(samples_per_task, QUICK_SAMPLES) if quick else samples_per_task
+    tmp = None
+    if workdir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="mergelab-compare-"))
+        work = tmp
+    else:
+        work = Path(workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    heads = setup.heads
+    data = {"tasks": setup.tasks, "samples_per_task": samples}
+    started = time.perf_counter()
+    rows: list[MethodRow] = []
+    outputs: dict[str, dict[str, Any]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(configs), desc=f"compare {setup.arch}", unit="method")
+    try:
+        for cfg in configs:
+            if bar is not None:
+                bar.set_postfix_str(cfg.name)
+            params = {**cfg.parameters(quick), **dict(overrides.get(cfg.name, {}))}
+            try:
+                row = _run_one(cfg, params, setup, data, work, cache_dir, quick, isolate, outputs, evaluate)
+            except MergeLabError as exc:
+                log.error("%s failed: %s", cfg.name, exc)
+                row = _failed(cfg.name, f"{type(exc).__name__}: {exc}", params)
+            except Exception as exc:  # noqa: BLE001 - one broken method must not lose a long comparison
+                log.exception("%s failed", cfg.name)
+                row = _failed(cfg.name, f"{type(exc).__name__}: {exc}", params)
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = {
+        "pool": [str(e.path) for e in setup.pool],
+        "pool_tasks": [e.task for e in setup.pool],
+        "samples_per_task": samples,
+        "quick": quick,
+        "isolated": isolate,
+        "seconds": round(time.perf_counter() - started, 2),
+        "memory_note": ("peak MB: ru_maxrss of a fresh spawned process per method (torch loaded); "
+                        "+MB: above that process's RSS before the merge" if isolate else
+                        "peak MB: this process's VmHWM after a /proc/self/clear_refs reset (includes memory "
+                        "already held); +MB: above its RSS before the method"),
+        "wall_note": ("wall s: merge time (read, merge, write; evaluation excluded); individual: summed expert "
+                      "fine-tuning time; multitask: its training time; adamerging_surgery: AdaMerging + surgery"),
+        "sources": {c.name: c.source for c in configs},
+    }
+    if workdir is not None:
+        meta["workdir"] = str(work)
+    return ComparisonTable(setup.arch, list(setup.tasks), rows, meta)
+
+
+def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dict[str, Any], work: Path,
+             cache_dir: PathLike | None, quick: bool, isolate: bool, outputs: dict[str, dict[str, Any]],
+             evaluate: Callable[..., Any]) -> MethodRow:
+    tasks, heads = setup.tasks, setup.heads
+    nan = math.nan
+    if cfg.name == "pretrained":
+        r = evaluate(setup.base, heads, tasks=tasks)
+        return _row_from_eval(cfg.name, r, tasks, 0.0, nan, nan, params)
+    if cfg.name == "individual":
+        rows = [evaluate(e.path, [e], tasks=[e.task]).by_task()[e.task] for e in heads]
+        acc = {row.task: row.accuracy for row in rows}
+        loss = {row.task: row.loss for row in rows}
+        norm = [row.normalized_accuracy for row in rows]
+        return MethodRow(cfg.name, acc, loss, sum(acc.values()) / len(acc),
+                         sum(norm) / len(norm) if all(n is not None for n in norm) else nan,
+                         sum(e.wall_time_s for e in heads), nan, {"experts": [str(e.path) for e in heads]}, nan)
+    if cfg.name == "multitask":
+        from mergelab.training.multitask import multitask_spec, read_multitask
+
+        spec = multitask_spec(tasks, setup.arch, experts=heads, **params)
+        job = _run_job("multitask", {"spec": spec.canonical(), "cache_dir": None if cache_dir is None else str(cache_dir),
+                                     "experts": [str(e.path) for e in heads]}, isolate)
+        mtl = read_multitask(job["path"])
+        if mtl is None:  # pragma: no cover - the job just wrote it
+            raise SpecError(f"multi-task model missing at {job['path']}")
+        r = evaluate(mtl.backbone_path, mtl.head_experts(heads), tasks=tasks)
+        peak = job["peak_mb"] if not job["cached"] else _num(mtl.peak_rss_mb)
+        base = job["base_mb"] if not job["cached"] else nan
+        return _row_from_eval(cfg.name, r, tasks, mtl.wall_time_s, peak, base,
+                              {**spec.canonical(), "path": mtl.path, "cached": job["cached"]})
+    if cfg.method is None:  # pragma: no cover - catalog rows all have a method
+        raise SpecError(f"row {cfg.name!r} has no method")
+    from mergelab.methods.data_informed import registry
+
+    informed = cfg.method in registry()
+    out = work / cfg.name
+    spec: dict[str, Any] = {"method": cfg.method, "base": str(setup.base),
+                            "models": [str(e.path) for e in setup.pool], "parameters": dict(params),
+                            "device": "auto"}
+    if informed:
+        spec["data"] = dict(data)
+    if cfg.name == "dare" and "overrides" not in params:
+        spec["overrides"] = [{"pattern": "re:running_(mean|var)$", "parameters": {"density": 1.0}}]
+    extra_wall, extra_peak = 0.0, nan
+    if cfg.method == "surgery":
+        modules = work / f"{cfg.name}.surgery"
+        spec["parameters"]["modules_dir"] = str(modules)
+        prior = outputs.get("adamerging")
+        if prior is not None and "merged" not in params and "from" not in params:
+            spec["parameters"]["merged"] = prior["out_dir"]
+            extra_wall, extra_peak = prior["wall_s"], prior["peak_mb"]
+        elif "merged" not in params and "from" not in params:
+            spec["parameters"]["from"] = "adamerging"
+            if quick:
+                spec["parameters"]["from_parameters"] = dict(CATALOG["adamerging"].parameters(True))
+    job = _run_job("merge", {"spec": spec, "out_dir": str(out)}, isolate)
+    outputs[cfg.name] = job
+    if cfg.method == "surgery":
+        from mergelab.methods.data_informed.surgery import evaluate_with_surgery
+
+        r = evaluate_with_surgery(out, spec["parameters"]["modules_dir"], heads, tasks=tasks)
+    else:
+        r = evaluate(out, heads, tasks=tasks)
+    peak = job["peak_mb"] if math.isnan(extra_peak) else max(job["peak_mb"], extra_peak)
+    record_params = dict(spec["parameters"])
+    if spec.get("overrides"):
+        record_params["overrides"] = spec["overrides"]
+    negative = _negative_variances(out)
+    if negative:
+        log.warning("%s: %d BatchNorm running_var entries of the merged model are negative (NaN features)",
+                    cfg.name, negative)
+        record_params["negative_running_var"] = negative
+    return _row_from_eval(cfg.name, r, tasks, job["wall_s"] + extra_wall, peak, job["base_mb"],
+                          {"method": cfg.method, **record_params})
+
+
+__all__ = ["CATALOG", "DEFAULT_METHODS", "DEFAULT_TASKS", "ComparisonTable", "MethodConfig", "MethodRow",
+           "REFERENCE_ROWS", "run_comparison"]

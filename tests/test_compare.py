@@ -1,0 +1,213 @@
+"""Method comparison, multi-task learning and pool scaling on a tiny zoo (tiny pretrained resnet_s, quick experts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import mergelab.evaluation
+import mergelab.tasks
+from mergelab.cli import main
+from mergelab.errors import SpecError
+from mergelab.experiments.compare import CATALOG, ComparisonTable, MethodRow, run_comparison
+from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools, run_pool_scaling
+from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.tasks import TaskData
+from mergelab.training import finetune, load_expert
+from mergelab.training.multitask import MultitaskSpec, multitask_spec, read_multitask, train_multitask
+
+TASKS = ["mnist", "mnist_rot90"]
+EXTRA = "shapes"
+
+
+def _tiny_pool() -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 4
+    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
+    for c in range(4):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
+    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """(cache root, {task: expert folder}) with a tiny pretrained resnet_s and three quick experts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cmpzoo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
+        pretrain("resnet_s", root, PretrainConfig(steps=10, batch_size=32, lr=0.05))
+    experts = {t: finetune(dict(task=t, steps=20, batch_size=32, data_ratio=0.1), root).path for t in [*TASKS, EXTRA]}
+    yield root, experts
+    torch.set_num_threads(before)
+
+
+def _pool(zoo, tasks=TASKS):
+    return [zoo[1][t] for t in tasks]
+
+
+ALL_ROWS = list(CATALOG)
+
+
+def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
+    root, _ = zoo
+    table = run_comparison("resnet_s", TASKS, ALL_ROWS, pool=_pool(zoo), cache_dir=root, workdir=tmp_path / "w",
+                           progress=False, quick=True)
+    assert table.tasks == TASKS and [r.method for r in table.rows] == ALL_ROWS
+    for r in table.rows:
+        assert r.error is None, (r.method, r.error)
+        assert set(r.per_task) == set(TASKS) and set(r.per_task_loss) == set(TASKS)
+        assert all(0.0 <= a <= 1.0 for a in r.per_task.values()), r
+        assert r.average == pytest.approx(sum(r.per_task.values()) / len(TASKS))
+        assert math.isfinite(r.normalized) and r.wall_s >= 0
+    individual = table.row("individual")
+    assert individual.normalized == pytest.approx(1.0)
+    for t in TASKS:
+        assert individual.per_task[t] == pytest.approx(load_expert(zoo[1][t]).test_metrics.accuracy)
+    # merges are real files in the work folder, the comparison's settings are recorded
+    assert (tmp_path / "w" / "ties").is_dir()
+    assert table.row("task_arithmetic").params["lambda"] == 0.3 and table.row("ties").params["lambda"] == 1.0
+    assert table.row("dare").params["overrides"][0]["parameters"] == {"density": 1.0}
+    assert table.row("adamerging_surgery").params["merged"] == str(tmp_path / "w" / "adamerging")
+    # in-process peak memory is measured from the reset high-water mark where Linux allows it
+    assert table.row("weight_average").peak_mb > 0 or math.isnan(table.row("weight_average").peak_mb)
+
+    text = table.format()
+    assert "individual" in text and "100.0" in text and "peak MB" in text
+    csv_path, json_path = table.to_csv(tmp_path / "c.csv"), table.to_json(tmp_path / "c.json")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["method"] for r in rows] == ALL_ROWS and float(rows[1]["normalized"]) == pytest.approx(1.0)
+    data = json.loads(json_path.read_text())
+    assert data["tasks"] == TASKS and len(data["rows"]) == len(ALL_ROWS)
+    back = ComparisonTable.from_dict(data)
+    assert back.row("ties").per_task == table.row("ties").per_task
+
+
+def test_isolated_merge_measures_peak_memory_in_a_fresh_process(zoo):
+    root, _ = zoo
+    table = run_comparison("resnet_s", TASKS, ["task_arithmetic"], pool=_pool(zoo), cache_dir=root,
+                           progress=False, quick=True, isolate=True)
+    row = table.row("task_arithmetic")
+    assert row.error is None and math.isfinite(row.peak_mb) and row.peak_mb >= row.base_mb > 50
+    assert table.meta["isolated"] and "ru_maxrss" in table.meta["memory_note"]
+
+
+def test_a_larger_pool_is_merged_but_only_the_tasks_are_evaluated(zoo):
+    root, experts = zoo
+    table = run_comparison("resnet_s", ["mnist"], ["task_arithmetic", "fw_hard"], pool=list(experts.values()),
+                           cache_dir=root, progress=False, quick=True)
+    assert table.tasks == ["mnist"] and len(table.meta["pool"]) == 3
+    assert all(set(r.per_task) == {"mnist"} for r in table.rows)
+
+
+def test_multitask_training_runs_and_is_cached(zoo):
+    root, experts = zoo
+    spec = multitask_spec(TASKS, "resnet_s", experts=[experts[t] for t in TASKS], steps=3, batch_size=8)
+    assert spec.head_init == "experts" and set(spec.head_experts) == set(TASKS)
+    assert multitask_spec(list(reversed(TASKS)), experts=[experts[t] for t in TASKS], steps=3,
+                          batch_size=8).spec_hash() == spec.spec_hash()
+    first = train_multitask(spec, root, experts=[experts[t] for t in TASKS])
+    assert not first.cached and len(first.loss_curve) == 3 and set(first.test_metrics) == set(TASKS)
+    assert read_multitask(first.path) is not None and first.head_path("mnist").is_file()
+    again = train_multitask(spec, root)  # heads found by spec hash in the cache; the model itself is cached
+    assert again.cached and again.path == first.path
+    # evaluation through the multi-task heads, normalized against each task's own expert
+    result = mergelab.evaluation.evaluate(first.backbone_path, first.head_experts([experts[t] for t in TASKS]))
+    for row in result.tasks:
+        assert row.accuracy == pytest.approx(first.test_metrics[row.task].accuracy)
+    probe = train_multitask(MultitaskSpec(tasks=TASKS, steps=2, batch_size=8, train_heads=False), root)
+    assert probe.spec.head_init == "probe" and probe.path != first.path
+
+
+def test_multitask_spec_errors(zoo):
+    with pytest.raises(SpecError, match="unknown task"):
+        MultitaskSpec(tasks=["nope"])
+    with pytest.raises(SpecError, match="needs an expert for every task"):
+        MultitaskSpec(tasks=TASKS, head_init="experts", head_experts={"mnist": "abc"})
+    with pytest.raises(SpecError, match="no expert 0000"):
+        train_multitask(MultitaskSpec(tasks=["mnist"], head_init="experts", head_experts={"mnist": "0000"},
+                                      steps=1), zoo[0])
+
+
+def test_missing_tasks_and_bad_input_fail_clearly(zoo, tmp_path):
+    root, experts = zoo
+    with pytest.raises(SpecError, match=r"no cached default resnet_s expert for task\(s\) mnist_rot45.*mergelab zoo"):
+        run_comparison("resnet_s", ["mnist_rot45"], ["task_arithmetic"], cache_dir=root, progress=False, quick=True)
+    with pytest.raises(SpecError, match="no expert in the pool for shapes"):
+        run_comparison("resnet_s", ["shapes"], ["ties"], pool=_pool(zoo), cache_dir=root, progress=False, quick=True)
+    with pytest.raises(SpecError, match="unknown task 'mnistt'"):
+        run_comparison("resnet_s", ["mnistt"], cache_dir=root, progress=False, quick=True)
+    with pytest.raises(SpecError, match="unknown method 'tiez'"):
+        run_comparison("resnet_s", TASKS, ["tiez"], pool=_pool(zoo), cache_dir=root, progress=False, quick=True)
+    with pytest.raises(SpecError, match="pool: .*not an expert folder"):
+        run_comparison("resnet_s", TASKS, ["ties"], pool=[tmp_path], cache_dir=root, progress=False, quick=True)
+    with pytest.raises(SpecError, match="no pretrained resnet_s backbone"):
+        run_comparison("resnet_s", TASKS, ["ties"], pool=_pool(zoo), cache_dir=tmp_path, progress=False, quick=True)
+
+
+def test_cli_compare_and_its_errors(zoo, tmp_path, capsys):
+    root, _ = zoo
+    out = tmp_path / "out"
+    code = main(["compare", "--pool", *map(str, _pool(zoo)), "--methods", "pretrained,individual,ties",
+                 "--set", "ties.density=0.5", "--quick", "--no-isolate", "--no-progress", "--cache-dir", str(root),
+                 "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "pretrained" in text and "ties" in text and (out / "comparison.csv").is_file()
+    data = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["pretrained", "individual", "ties"]
+    assert data["rows"][2]["params"]["density"] == 0.5 and (out / "merged" / "ties").is_dir()
+
+    assert main(["compare", "--tasks", "mnist,count_dots", "--cache-dir", str(root), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "mergelab compare: error:" in err and "no cached default resnet_s expert" in err and "count_dots" in err
+
+
+def test_plan_pools_orders_and_errors():
+    avail = [f"t{i}" for i in range(10)]
+    pools, evals = plan_pools("irrelevant", avail, ["t3", "t7"], [2, 6, 10], seed=1)
+    assert pools[2] == ["t3", "t7"] and all(evals[n] == ["t3", "t7"] for n in pools)
+    assert pools[10][:6] == pools[6] and sorted(pools[10]) == sorted(avail)
+    pools, evals = plan_pools("relevant", avail, None, [4, 8], seed=0)
+    assert evals[4] == pools[4] and pools[8][:4] == pools[4] and len(set(pools[8])) == 8
+    assert plan_pools("relevant", avail, None, [4], seed=0) == plan_pools("relevant", avail, None, [4], seed=0)
+    with pytest.raises(SpecError, match="needs 12 experts"):
+        plan_pools("relevant", avail, None, [12])
+    with pytest.raises(SpecError, match="must hold the 2 evaluated tasks"):
+        plan_pools("irrelevant", avail, ["t0", "t1"], [1, 4])
+    with pytest.raises(SpecError, match="no cached default expert"):
+        plan_pools("irrelevant", avail, ["zz"], [4])
+    with pytest.raises(SpecError, match="'irrelevant' or 'relevant'"):
+        plan_pools("both", avail, None, [4])  # type: ignore[arg-type]
+
+
+def test_pool_scaling_runs_on_the_tiny_zoo(zoo, monkeypatch, tmp_path):
+    root, experts = zoo
+    monkeypatch.setattr(mergelab.evaluation, "default_experts",
+                        lambda arch, tasks=None, cache_dir=None, required=True: [load_expert(p) for p in experts.values()])
+    seen = []
+    result = run_pool_scaling("irrelevant", tasks=["mnist"], sizes=(1, 3), methods=["task_arithmetic", "fw_soft"],
+                              cache_dir=root, progress=False, quick=True, on_table=lambda n, t: seen.append(n))
+    assert seen == [1, 3] and result.pools[1] == ["mnist"] and len(result.pools[3]) == 3
+    assert result.eval_tasks[3] == ["mnist"]
+    for n in (1, 3):
+        assert 0.0 <= result.accuracy("task_arithmetic", n) <= 1.0 and 0.0 <= result.accuracy("fw_soft", n) <= 1.0
+    text = result.format()
+    assert "pool scaling (irrelevant" in text and "70.3" in text  # the paper's endpoints are quoted
+    back = PoolScalingResult.from_dict(json.loads(result.to_json(tmp_path / "p.json").read_text()))
+    assert back.accuracy("fw_soft", 3) == pytest.approx(result.accuracy("fw_soft", 3))
+    lines = list(csv.DictReader(result.to_csv(tmp_path / "p.csv").open()))
+    assert len(lines) == 4 and {r["pool_size"] for r in lines} == {"1", "3"}
+
+
+def test_method_row_json_turns_nan_into_null():
+    row = MethodRow("pretrained", {"a": 0.5}, {"a": 1.0}, 0.5, 0.6, 0.0, math.nan, {})
+    assert row.to_dict()["peak_mb"] is None
+    table = ComparisonTable("resnet_s", ["a"], [row])
+    assert json.loads(json.dumps(table.to_dict()))["rows"][0]["peak_mb"] is None
