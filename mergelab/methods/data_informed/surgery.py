@@ -333,7 +333,8 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
 
     ``backbone``: a merged folder/file, a state dict or a module; ``modules``: a mapping or a folder written
     by :func:`save_surgery_modules`; ``experts``: expert folders or :class:`ExpertResult` s (heads and
-    reference accuracies). ``tasks`` defaults to the modules' tasks; each needs an expert. Returns an :class:`~mergelab.evaluation.EvaluationResult` (normalized accuracy, joint).
+    reference accuracies). ``tasks`` defaults to the modules' tasks; each needs an expert. Returns an
+    :class:`~mergelab.evaluation.EvaluationResult` (per-task and normalized accuracy, joint metrics).
     """
     from mergelab.evaluation import EvaluationResult, Metrics, TaskEvaluation, load_backbone
     from mergelab.evaluation.metrics import classifier_outputs
@@ -367,7 +368,8 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
         module = modules[t]
         feature_dim = getattr(model, "feature_dim", module.dim)
         if module.dim != feature_dim:
-            raise TensorMismatchError(f"surgery module for '{t}' expects {module.dim} features, the backbone gives {feature_dim}")
+            raise TensorMismatchError(
+                f"surgery module for '{t}' expects {module.dim} features, the backbone gives {feature_dim}")
         head = load_head(by_task[t].head_path, module.dim).to(dev)
         data = get_task(t)
         wrapped = SurgeredBackbone(model, module.to(dev))
@@ -385,7 +387,8 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
         heads="experts + surgery", reset_bn=False, tasks=rows,
         joint=Metrics(accuracy=correct_cat.double().mean().item(), loss=loss_cat.mean().item(), n=len(correct_cat)),
         mean_accuracy=sum(r.accuracy for r in rows) / len(rows),
-        mean_normalized_accuracy=(sum(norms) / len(norms)) if all(n is not None for n in norms) else None,  # type: ignore[arg-type]
+        mean_normalized_accuracy=(sum(norms) / len(norms))  # type: ignore[arg-type]
+        if all(n is not None for n in norms) else None,
     )
 
 
