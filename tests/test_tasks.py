@@ -26,6 +26,7 @@ from mergelab.tasks import (
     task_spec,
 )
 from mergelab.tasks import cache as task_cache
+from mergelab.tasks.base import to_uint8
 from mergelab.tasks.sources import digits_split, load_mnist, load_mnist1d, make_mnist1d, mnist_split
 from mergelab.tasks.subset import subset_indices
 
@@ -119,6 +120,34 @@ def _digest(task: TaskData) -> str:
     return h.hexdigest()
 
 
+# sha256 (first 20 hex digits) of the 8-bit images and labels of each task, train then test. A change means
+# the generator's output changed: bump the task's version in its spec (or SUITE_VERSION) and update here.
+GOLDEN = {
+    "mnist": "1ee1bd230cfc9e7f76ed",
+    "mnist_rot45": "14ad7ae5680de49d4da8",
+    "mnist_patch_perm": "4ee55ea7f786eef366c5",
+    "mnist_noise": "f1c4f1ef1d676d33aca0",
+    "mnist_mod3": "f7b190ebff424e9069a0",
+    "digits": "23ce0e511f84543de2bc",
+    "mnist1d": "49e82204a2bd6201a7d1",
+    "shapes": "c170c67ef171d75f6834",
+    "count_dots": "ec710c085b80d95e8269",
+    "grating_freq": "f8b7842fada0248e22ab",
+}
+
+
+def test_golden_digests(sample: dict[str, TaskData]) -> None:
+    p, y = load_mnist()
+    raw = hashlib.sha256(np.rint(p * 255).astype(np.uint8).tobytes() + y.tobytes()).hexdigest()
+    assert raw == "1f75c140503b3082c96134f5593303f3133e59989a92e21f060c644c655c3722"
+    for name, task in sample.items():
+        h = hashlib.sha256()
+        for a in (to_uint8(task.x_train, task.norm), task.y_train.numpy(),
+                  to_uint8(task.x_test, task.norm), task.y_test.numpy()):
+            h.update(a.tobytes())
+        assert h.hexdigest()[:20] == GOLDEN[name], f"task {name!r} changed: bump its version, update GOLDEN"
+
+
 def test_deterministic_across_cache_dirs_and_processes(tmp_path: Path, sample: dict[str, TaskData]) -> None:
     names = ("mnist_noise", "mnist_patch_perm", "digits", "count_dots", "grating_freq")
     rebuilt = {n: get_task(n, cache_dir=tmp_path / "other") for n in names}
@@ -133,9 +162,9 @@ def test_deterministic_across_cache_dirs_and_processes(tmp_path: Path, sample: d
             "    print(n, h.hexdigest())\n")
     env = {"MERGELAB_CACHE": str(tmp_path / "proc"), "PYTHONHASHSEED": "12345",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", code, "count_dots", "digits"], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", code, "count_dots", "grating_freq"], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    assert dict(zip(out[::2], out[1::2])) == {n: _digest(sample[n]) for n in ("count_dots", "digits")}
+    assert dict(zip(out[::2], out[1::2])) == {n: _digest(sample[n]) for n in ("count_dots", "grating_freq")}
     assert (tmp_path / "proc" / "tasks").is_dir()
 
 
