@@ -116,7 +116,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from mergelab.models.registry import arch_info
 
     arch_info(args.arch)
-    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}.items() if v is not None}
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    overrides = {k: v for k, v in given.items() if v is not None}
     try:
         config = PretrainConfig.default(args.arch).model_copy(update=overrides)
         config = PretrainConfig.model_validate(config.model_dump())

@@ -14,7 +14,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def reset_bn_statistics(backbone: nn.Module, x: torch.Tensor, batch_size: int = 128, num_batches: int = 20, seed: int = 0) -> int:
+def reset_bn_statistics(
+    backbone: nn.Module, x: torch.Tensor, batch_size: int = 128, num_batches: int = 20, seed: int = 0
+) -> int:
     """Re-estimate BN running statistics of ``backbone`` on up to ``num_batches`` random batches of ``x``.
 
     Returns the number of BatchNorm layers reset (0 for a BN-free backbone, which is left untouched).

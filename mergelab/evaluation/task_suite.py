@@ -76,8 +76,14 @@ class EvaluationResult(BaseModel):
         lines.append(f"{'task':<22} {'n':>6} {'acc':>7} {'loss':>8} {'expert':>7} {'norm':>7}")
         fmt = lambda v: "   -   " if v is None else f"{v:7.4f}"  # noqa: E731
         for r in self.tasks:
-            lines.append(f"{r.task:<22} {r.n_test:>6} {r.accuracy:7.4f} {r.loss:8.4f} {fmt(r.expert_accuracy)} {fmt(r.normalized_accuracy)}")
-        lines.append(f"{'mean over tasks':<22} {'':>6} {self.mean_accuracy:7.4f} {'':>8} {'':>7} {fmt(self.mean_normalized_accuracy)}")
+            lines.append(
+                f"{r.task:<22} {r.n_test:>6} {r.accuracy:7.4f} {r.loss:8.4f} "
+                f"{fmt(r.expert_accuracy)} {fmt(r.normalized_accuracy)}"
+            )
+        lines.append(
+            f"{'mean over tasks':<22} {'':>6} {self.mean_accuracy:7.4f} {'':>8} {'':>7} "
+            f"{fmt(self.mean_normalized_accuracy)}"
+        )
         lines.append(f"{'joint (union)':<22} {self.joint.n:>6} {self.joint.accuracy:7.4f} {self.joint.loss:8.4f}")
         return "\n".join(lines)
 

@@ -4,18 +4,19 @@ Procedure (spec fields in ``code``):
 
 1. Resolve the spec (defaults; a branch's parent path becomes the parent's spec hash) and hash it. If
    ``<root>/zoo/<arch>/experts/<task>/<hash>/`` holds a complete expert trained from the current pretrained
-   backbone, return it (``cached=True``) without training.
+   backbone on the current task data (same data fingerprints), return it (``cached=True``) without training;
+   a stale one is retrained (with a warning).
 2. Data: ``get_task(task)``; if ``data_ratio < 1``, ``subset(task, data_ratio, data_seed)``.
 3. Model: the pretrained backbone (pretrained at defaults if missing) and a head initialised by
    ``head_init``: ``probe`` (default) = a linear probe fitted on frozen pretrained features of the training
    subset (LP-FT, Kumar et al. 2022: starting from a fitted head distorts the features less), ``zero``, or
    ``random`` (PyTorch's Linear init under ``seed``). With ``probe``, the BatchNorm running statistics are
-   first re-estimated on the task's training images (up to 20 batches of 128): the pretrained statistics
-   are the pool's, and a probe fitted under them meets very different train-mode (batch-statistics)
-   features at step 0 -- initial losses of 10-60 nats on some tasks. Only BN buffers change; the
-   parameters stay theta_0, and the task's statistics would replace the pool's within the first ~50 steps
-   anyway (BN momentum 0.1). ``init_test_metrics`` in the sidecar is this starting model. A branch instead loads model and optimizer state from
-   the parent's checkpoint.
+   first re-estimated on the task's training images (up to 20 batches of 128): the pretrained statistics are
+   the pool's, and a probe fitted under them meets very different train-mode (batch-statistics) features at
+   step 0 -- initial losses of 10-60 nats on some tasks. Only BN buffers change; the parameters stay
+   theta_0, and the task's statistics would replace the pool's within the first ~50 steps anyway (BN
+   momentum 0.1). ``init_test_metrics`` in the sidecar is this starting model. A branch instead loads model
+   and optimizer state from the parent's checkpoint.
 4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head), see
    :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps.
 5. Final metrics on the training subset and the test split (eval mode, BatchNorm running statistics), and the
@@ -44,7 +45,15 @@ from mergelab.models.paths import expert_dir
 from mergelab.models.pretraining import ensure_pretrained, load_pretrained_backbone
 from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone
-from mergelab.models.state import BACKBONE_FILE, HEAD_FILE, load_backbone_state, load_head, read_backbone_state, save_backbone, save_head
+from mergelab.models.state import (
+    BACKBONE_FILE,
+    HEAD_FILE,
+    load_backbone_state,
+    load_head,
+    read_backbone_state,
+    save_backbone,
+    save_head,
+)
 from mergelab.training.branching import resolve_parent
 from mergelab.training.loop import LoopSettings, run_steps
 from mergelab.training.optim import build_optimizer, set_hyperparameters
@@ -261,6 +270,11 @@ def _train(
         (stage / SIDECAR).write_text(result.sidecar_json())
     log.info(
         "expert %s/%s %s: test acc %.4f (init %.4f) in %.1fs",
-        spec.arch, spec.task, spec_hash, test_m.accuracy, init_metrics.accuracy if init_metrics else float("nan"), result.wall_time_s,
+        spec.arch,
+        spec.task,
+        spec_hash,
+        test_m.accuracy,
+        init_metrics.accuracy if init_metrics else float("nan"),
+        result.wall_time_s,
     )
     return result.model_copy(update={"path": str(out)})

@@ -99,7 +99,8 @@ def build_zoo(
                 bar.update(1)
         else:
             level = logging.getLogger().getEffectiveLevel()
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_spawn(), initializer=_init_worker, initargs=(level,)) as pool:
+            pool_args = dict(max_workers=workers, mp_context=_spawn(), initializer=_init_worker, initargs=(level,))
+            with ProcessPoolExecutor(**pool_args) as pool:
                 futures = {pool.submit(_run, spec.canonical(), cdir, force): spec.task for spec in todo}
                 for fut in as_completed(futures):
                     task = futures[fut]
