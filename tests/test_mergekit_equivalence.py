@@ -16,6 +16,8 @@ Semantics matched (see DESIGN.md, "name the semantics that differ between librar
   weights) == ``ties`` with ``trim_scope: tensor``, ``sign_election: mass``, ``disjoint_divisor: weight``.
   mergekit elects +1 on an exact tie and mergelab 0, and mergekit keeps exactly ``floor(density * n)`` entries
   where mergelab keeps every entry tied with the threshold; neither happens with random float32 values.
+  Weights are positive here: with a negative weight the two differ (mergekit tests the sign of ``w_i tau_i``
+  against the elected sign, mergelab the sign of ``tau_i``), about half the entries on these models.
 
 Everything is float32 in and out, so the results agree to float32 rounding.
 """
