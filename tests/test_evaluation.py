@@ -87,7 +87,14 @@ def test_a_merged_backbone_folder_evaluates_and_bn_can_be_reset(zoo, tmp_path):
     plain = evaluate(out, experts)  # arch inferred from the tensors of the merged folder
     assert plain.arch == "resnet_s" and len(plain.tasks) == 2 and 0 <= plain.mean_accuracy <= 1
     reset = evaluate(out, experts, reset_bn=True, bn_batches=3)
-    assert reset.reset_bn and reset.mean_accuracy != plain.mean_accuracy
+    assert reset.reset_bn == "joint" and reset.mean_accuracy != plain.mean_accuracy
+    per_task = evaluate(out, experts, reset_bn="per_task", bn_batches=3)
+    assert per_task.reset_bn == "per_task" and per_task.mean_accuracy != reset.mean_accuracy
+    # per-task re-estimation of one task equals a joint re-estimation on that task alone
+    alone = evaluate(out, experts, tasks=[experts[0].task], reset_bn="joint", bn_batches=3)
+    assert per_task.tasks[0].accuracy == alone.tasks[0].accuracy
+    with pytest.raises(SpecError, match="reset_bn must be"):
+        evaluate(out, experts, reset_bn="sometimes")
     json.loads(reset.model_dump_json())
 
 

@@ -96,7 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--arch", help="architecture (default: inferred)")
     e.add_argument("--tasks", nargs="+", help="only these tasks")
     e.add_argument("--probe", action="store_true", help="fit a linear probe per task instead of expert heads")
-    e.add_argument("--reset-bn", action="store_true", help="re-estimate BatchNorm statistics on training batches")
+    e.add_argument("--reset-bn", nargs="?", const="joint", default="off", choices=["off", "joint", "per-task"],
+                   help="re-estimate BatchNorm statistics on training images: joint (the default when given: "
+                   "the union of the tasks) or per-task (each task's own images before scoring it)")
     e.add_argument("--bn-batches", type=int, default=20, help="batches for --reset-bn (default 20)")
     e.add_argument("--json", help="write the result to this JSON file")
     _cache_flag(e)
@@ -242,7 +244,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     r = evaluate(
         args.backbone, args.experts, arch=args.arch, tasks=args.tasks, heads="probe" if args.probe else "experts",
-        cache_dir=args.cache_dir, reset_bn=args.reset_bn, bn_batches=args.bn_batches,
+        cache_dir=args.cache_dir, reset_bn=args.reset_bn.replace("-", "_"), bn_batches=args.bn_batches,
     )
     print(r.table())
     _write_json(args.json, r.model_dump(mode="json"))

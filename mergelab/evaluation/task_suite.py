@@ -13,9 +13,12 @@ unless expert folders are given. ``probe`` mode fits a linear probe per task on 
 (:func:`mergelab.models.probe.fit_linear_probe`, training split) — the "pretrained + fitted head" baseline.
 
 **BatchNorm.** A merged backbone's BN running statistics are merged like parameters (averaged by most
-methods), which mismatches the merged network's activations; pass ``reset_bn=True`` to re-estimate them on
-``bn_batches`` batches drawn from the union of the tasks' training splits
-(:func:`mergelab.evaluation.bn.reset_bn_statistics`). Evaluation never changes files on disk.
+methods), which mismatches the merged network's activations. ``reset_bn`` re-estimates them
+(:func:`mergelab.evaluation.bn.reset_bn_statistics`, ``bn_batches`` batches of 128 training images):
+``"joint"`` (or ``True``) once on the union of the tasks' training splits -- one merged model for all
+tasks; ``"per_task"`` separately for each task on its own training split before scoring it -- the merged
+parameters with task-specific BN statistics (a few task images, no labels). ``False``/``"off"`` (default)
+uses the merged statistics as they are. Evaluation never changes files on disk.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class EvaluationResult(BaseModel):
     backbone: str
     arch: str
     heads: str
-    reset_bn: bool
+    reset_bn: str = "off"
     tasks: list[TaskEvaluation]
     joint: Metrics
     mean_accuracy: float
@@ -72,7 +75,7 @@ class EvaluationResult(BaseModel):
 
     def table(self) -> str:
         """A fixed-width text table (one row per task, then mean and joint rows)."""
-        lines = [f"backbone: {self.backbone}  (arch {self.arch}, heads: {self.heads}{', BN reset' if self.reset_bn else ''})"]
+        lines = [f"backbone: {self.backbone}  (arch {self.arch}, heads: {self.heads}{'' if self.reset_bn == 'off' else ', BN reset: ' + self.reset_bn})"]
         lines.append(f"{'task':<22} {'n':>6} {'acc':>7} {'loss':>8} {'expert':>7} {'norm':>7}")
         fmt = lambda v: "   -   " if v is None else f"{v:7.4f}"  # noqa: E731
         for r in self.tasks:
@@ -160,7 +163,7 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     heads: str = "experts",
     cache_dir: PathLike | None = None,
-    reset_bn: bool = False,
+    reset_bn: bool | str = False,
     bn_batches: int = 20,
     batch_size: int = 512,
     device: str | torch.device | None = None,
@@ -174,10 +177,14 @@ def evaluate(
         arch: architecture; inferred from the experts, the backbone's sidecar or its tensors if not given.
         tasks: restrict to these tasks (default: the experts' tasks, or all tasks).
         heads: ``"experts"`` or ``"probe"`` (fit a linear probe per task on this backbone's features).
-        reset_bn: re-estimate BatchNorm statistics on ``bn_batches`` batches of the tasks' training data.
+        reset_bn: ``False``/``"off"``, ``True``/``"joint"`` or ``"per_task"`` BatchNorm re-estimation on
+            ``bn_batches`` batches of training images (module docstring).
     """
     from mergelab.tasks import get_task
 
+    bn_mode = {False: "off", True: "joint"}.get(reset_bn, reset_bn) if isinstance(reset_bn, bool) else reset_bn
+    if bn_mode not in ("off", "joint", "per_task"):
+        raise SpecError(f"reset_bn must be off, joint or per_task, got {reset_bn!r}")
     if heads not in ("experts", "probe"):
         raise SpecError(f"heads must be 'experts' or 'probe', got {heads!r}")
     if experts is not None and len(experts) == 0:
@@ -199,7 +206,7 @@ def evaluate(
     dev = default_device(device)
     model.to(dev)
     datas = {t: get_task(t) for t in task_names}
-    if reset_bn:
+    if bn_mode == "joint":
         x_all = torch.cat([d.x_train for d in datas.values()])
         reset_bn_statistics(model, x_all, num_batches=bn_batches)
     rows, all_correct, all_loss = [], [], []
@@ -210,6 +217,8 @@ def evaluate(
                 f"expert {expert.path} was trained and scored on another version of task {t!r} "
                 f"(its test split changed); rebuild it (e.g. `mergelab zoo --arch {expert.arch}`)"
             )
+        if bn_mode == "per_task":
+            reset_bn_statistics(model, data.x_train, num_batches=bn_batches)
         if heads == "probe":
             head = fit_linear_probe(extract_features(model, data.x_train, device=dev), data.y_train, data.num_classes)
             head_desc = "linear probe"
@@ -242,7 +251,7 @@ def evaluate(
         backbone=str(backbone) if not isinstance(backbone, Mapping) else "<state dict>",
         arch=arch,
         heads=heads,
-        reset_bn=reset_bn,
+        reset_bn=bn_mode,
         tasks=rows,
         joint=Metrics(accuracy=correct_cat.double().mean().item(), loss=loss_cat.mean().item(), n=len(correct_cat)),
         mean_accuracy=sum(r.accuracy for r in rows) / len(rows),
