@@ -121,8 +121,16 @@ def test_multitask_training_runs_and_is_cached(zoo):
     result = mergelab.evaluation.evaluate(first.backbone_path, first.head_experts([experts[t] for t in TASKS]))
     for row in result.tasks:
         assert row.accuracy == pytest.approx(first.test_metrics[row.task].accuracy)
-    probe = train_multitask(MultitaskSpec(tasks=TASKS, steps=2, batch_size=8, train_heads=False), root)
-    assert probe.spec.head_init == "probe" and probe.path != first.path
+
+    def small(name, cache_dir=None):  # probe heads fitted on a few examples keep this test fast
+        d = full(name, cache_dir)
+        return TaskData(d.name, d.num_classes, d.x_train[:96], d.y_train[:96], d.x_test[:64], d.y_test[:64], d.description)
+
+    full = mergelab.tasks.get_task
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mergelab.tasks, "get_task", small)
+        probe = train_multitask(MultitaskSpec(tasks=TASKS, steps=2, batch_size=8, train_heads=False), root)
+    assert probe.spec.head_init == "probe" and probe.path != first.path and len(probe.loss_curve) == 2
 
 
 def test_multitask_spec_errors(zoo):

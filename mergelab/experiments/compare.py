@@ -51,7 +51,9 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
 :func:`~mergelab.engine.merge`, reading inputs and writing the output included, evaluation excluded) and
 reads its resident-set high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` right after it:
 ``peak_mb`` is that mark (Python, torch and mergelab loaded included), ``base_mb`` the child's resident set
-just before the merge, so ``peak_mb - base_mb`` is what the merge itself added. (``tracemalloc`` sees
+just before the merge, after loading the merge modules and one warm-up forward pass of the architecture (so
+torch's CPU kernels are resident), so ``peak_mb - base_mb`` is roughly what the merge itself added (task data
+of data-informed methods included). (``tracemalloc`` sees
 Python allocations only, not torch's tensors, and a long-lived process's high-water mark is set by whatever
 ran before; psutil is not a dependency.) With ``isolate=False`` methods run in this process and peak memory
 is this process's high-water mark after resetting it through ``/proc/self/clear_refs`` (Linux), i.e. it
@@ -292,15 +294,32 @@ def _job_multitask(spec: dict[str, Any], cache_dir: str | None, experts: list[st
 _JOBS: dict[str, Callable[..., dict[str, Any]]] = {"merge": _job_merge, "multitask": _job_multitask}
 
 
-def _child(job: str, kwargs: dict[str, Any], threads: int, log_level: int) -> dict[str, Any]:
+def _warm_up(arch: str | None) -> None:
+    """Load what every merge loads anyway (modules, torch's CPU kernels) before the baseline is taken."""
+    import torch
+
+    import mergelab.checkpoints  # noqa: F401
+    import mergelab.engine  # noqa: F401
+    import mergelab.evaluation.task_suite  # noqa: F401
+    from mergelab.methods.data_informed import registry
+    from mergelab.models import build_backbone
+
+    registry()
+    if arch:
+        try:
+            with torch.no_grad():
+                build_backbone(arch).eval()(torch.zeros(2, 1, 28, 28))  # the task suite's image shape
+        except Exception:  # noqa: BLE001 - a warm-up only
+            log.debug("warm-up forward pass failed", exc_info=True)
+
+
+def _child(job: str, kwargs: dict[str, Any], threads: int, log_level: int, arch: str | None) -> dict[str, Any]:
     """Entry point of a spawned child: run ``job``, measure wall time and the RSS high-water mark."""
     import torch
 
     torch.set_num_threads(max(1, threads))
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    import mergelab.engine  # noqa: F401 - loaded before the baseline, like everything a merge always needs
-    import mergelab.evaluation.task_suite  # noqa: F401
-
+    _warm_up(arch)
     base = _rss_mb()
     t0 = time.perf_counter()
     out = _JOBS[job](**kwargs)
@@ -310,7 +329,7 @@ def _child(job: str, kwargs: dict[str, Any], threads: int, log_level: int) -> di
     return out
 
 
-def _run_job(job: str, kwargs: dict[str, Any], isolate: bool) -> dict[str, Any]:
+def _run_job(job: str, kwargs: dict[str, Any], isolate: bool, arch: str | None = None) -> dict[str, Any]:
     import torch
 
     if isolate:
@@ -320,7 +339,7 @@ def _run_job(job: str, kwargs: dict[str, Any], isolate: bool) -> dict[str, Any]:
         ctx = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(_child, job, kwargs, torch.get_num_threads(), level).result()
+            return pool.submit(_child, job, kwargs, torch.get_num_threads(), level, arch).result()
     base = _rss_mb()
     measured = _reset_hwm()
     t0 = time.perf_counter()
@@ -559,7 +578,7 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
 
         spec = multitask_spec(tasks, setup.arch, experts=heads, **params)
         job = _run_job("multitask", {"spec": spec.canonical(), "cache_dir": None if cache_dir is None else str(cache_dir),
-                                     "experts": [str(e.path) for e in heads]}, isolate)
+                                     "experts": [str(e.path) for e in heads]}, isolate, setup.arch)
         mtl = read_multitask(job["path"])
         if mtl is None:  # pragma: no cover - the job just wrote it
             raise SpecError(f"multi-task model missing at {job['path']}")
@@ -593,7 +612,7 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
             spec["parameters"]["from"] = "adamerging"
             if quick:
                 spec["parameters"]["from_parameters"] = dict(CATALOG["adamerging"].parameters(True))
-    job = _run_job("merge", {"spec": spec, "out_dir": str(out)}, isolate)
+    job = _run_job("merge", {"spec": spec, "out_dir": str(out)}, isolate, setup.arch)
     outputs[cfg.name] = job
     if cfg.method == "surgery":
         from mergelab.methods.data_informed.surgery import evaluate_with_surgery
