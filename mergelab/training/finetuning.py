@@ -131,6 +131,8 @@ def cached_problem(cached: ExpertResult, pretrained_id: str, data: TaskData) -> 
     """Why a cached expert cannot be reused (another pretrained backbone, changed task data), or ``None``."""
     if cached.pretrained_id != pretrained_id:
         return f"trained from pretrained backbone {cached.pretrained_id}, the cache now holds {pretrained_id}"
+    if cached.train_fingerprint is None or cached.test_fingerprint is None:
+        return "its sidecar records no data fingerprints (written by an older mergelab)"
     if (cached.train_fingerprint, cached.test_fingerprint) != fingerprints(data):
         return f"the data of task {cached.task!r} changed since it was trained"
     return None
