@@ -9,6 +9,11 @@ Format (chosen so that ``mergelab merge`` can merge experts' backbones file by f
   tensors do not average meaningfully).
 * ``head.safetensors`` holds the task head: ``weight`` ``[num_classes, feature_dim]`` and ``bias``.
 
+To merge experts, give ``mergelab merge`` their ``backbone.safetensors`` files as models and the pretrained
+``<root>/zoo/<arch>/pretrained/backbone.safetensors`` as base; the merged output folder is itself a valid
+backbone for ``mergelab evaluate`` (which pairs it with each task's expert head). Expert folders are not HF
+folders (no ``model.safetensors``), so the merge engine rejects them by name rather than merging heads.
+
 Readers also accept a single state dict whose keys carry ``backbone.`` / ``head.`` prefixes, a merged
 output folder (``model.safetensors`` or sharded safetensors + index), and ``.pt`` / ``.bin`` files: all
 non-directory-layout inputs go through :func:`mergelab.checkpoints.load_state_dict`.
