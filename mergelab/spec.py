@@ -186,6 +186,29 @@ def parse_spec(data: Mapping[str, Any] | MergeSpec, *, source: str = "spec", roo
     return spec.resolve_paths(root) if root is not None else spec
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-6`` is a float, not the string '1e-6'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely, reading ``1e-6``-style numbers as floats (PyYAML alone reads them as strings)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+
+
 def load_spec(path: str | Path) -> MergeSpec:
     """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder."""
     path = Path(path)
@@ -194,7 +217,7 @@ def load_spec(path: str | Path) -> MergeSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

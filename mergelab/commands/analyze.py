@@ -93,6 +93,8 @@ def load_analysis_spec(path: str | Path) -> tuple[Any, dict[str, Any], list[str]
     """
     import yaml
 
+    from mergelab.spec import read_yaml
+
     from mergelab.errors import SpecError
     from mergelab.spec import MergeSpec, parse_spec
 
@@ -102,7 +104,7 @@ def load_analysis_spec(path: str | Path) -> tuple[Any, dict[str, Any], list[str]
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if raw is None:

@@ -190,7 +190,7 @@ def _bifurcation_child(args: argparse.Namespace, data: dict[str, Any]):
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from mergelab.spec import read_yaml
 
     from mergelab.errors import SpecError
 
@@ -199,7 +199,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--set expects FIELD=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = read_yaml(value)
     return out
 
 

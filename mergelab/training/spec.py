@@ -198,13 +198,15 @@ def load_spec_file(path: str) -> dict[str, Any]:
 
     import yaml
 
+    from mergelab.spec import read_yaml
+
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise SpecError(f"{p}: cannot read spec file: {exc.strerror}") from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else read_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
     if not isinstance(data, dict):
