@@ -63,8 +63,9 @@ Defaults and sources
 fw_hard: 3 iterations from ``task_arithmetic`` with ``init_lambda = 0.3`` (paper, vision: 3 iterations from a
 TA or AdaMerging start; 0.3 is TA's usual coefficient and the public code's scaling factor), line search.
 fw_soft: 15 iterations from ``pretrained`` (paper), ``k`` = number of tasks in ``data.tasks`` (the public
-code merges one selected checkpoint per task per iteration), ``pgd_steps = 20``, ``pgd_lr = 0.1``
-(mergelab's, measured on the resnet_s zoo: see the module's tests and ``bench/fw_memory.py``).
+code merges one selected checkpoint per task per iteration), ``simplex: solid``, ``pgd_steps = 20`` and
+``pgd_lr = 0.1`` (mergelab's choices — the paper gives no PGD settings: from lambda = 0 the first step moves
+each coefficient by 0.1 x that vertex's linearised gain ``<-g_t, s_j - theta_t>``, and rejected steps halve).
 Both: ``granularity: task`` (the paper states the algorithm per model; the public code's default),
 ``objective: ce`` with 100 samples per task (paper), ``score: inner_product`` and the gap test with
 ``gap_tolerance = 0`` (paper; the public code has neither the gap test nor the simplex projection — its soft
@@ -86,11 +87,13 @@ Memory: constant in the pool size
 Checkpoints stay on disk. Each iteration the oracle streams through the pool with
 :meth:`MergeContext.expert_state` (one expert read, scored and released at a time), keeping only the scores
 (an n x blocks table of floats); then only the selected vertices are read again. Held at any time: the
-current model ``theta_t``, its gradient, one work copy (the line-search or PGD candidate), the selected
-vertices (hard: 1; soft: k, stored as differences ``s_j - theta_t``; layer-wise vertices are assembled tensor
-by tensor from the experts that were selected for some tensor) and one streamed expert, plus the backbone
-module, the heads and the data. Peak: about (4 + k) backbones for soft, 5 for hard, whatever n is
-(AdaMerging holds N + 2). The cost is time: each iteration reads the whole pool once for the oracle.
+current model ``theta_t``, its gradient (dropped once the scores are taken), one work copy (the line-search
+or PGD candidate), the selected vertices (hard: 1; soft: k, stored as differences ``s_j - theta_t``;
+layer-wise vertices are assembled tensor by tensor from the experts that were selected for some tensor) and
+one streamed expert, plus the backbone module, the heads and the data: at most 4 backbone-sized sets of
+tensors for hard and k + 3 for soft (the gradient of a PGD candidate included), whatever n is (AdaMerging
+holds N + 2). ``bench/fw_memory.py`` measures it. The cost is time: each iteration reads the whole pool
+once for the oracle.
 
 Python API
 ----------
