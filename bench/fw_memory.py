@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':12s}" + "".join(f"{'N=' + str(n):>9s}" for n in sizes))
     for m in methods:
         print(f"{m:12s}" + "".join(f"{med(m, n, 'seconds_per_iteration'):9.2f}" for n in sizes))
-    print("\nbaseline RSS (MB): " + ", ".join(f"{m} {statistics.median(r['baseline_mb'] for r in runs if r['method'] == m):.0f}"
-                                              for m in methods))
+    baselines = {m: statistics.median(r["baseline_mb"] for r in runs if r["method"] == m) for m in methods}
+    print("\nbaseline RSS (MB): " + ", ".join(f"{m} {v:.0f}" for m, v in baselines.items()))
 
 
 if __name__ == "__main__":

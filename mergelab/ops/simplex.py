@@ -39,7 +39,8 @@ def _check(v: torch.Tensor, radius: float) -> torch.Tensor:
     if not v.is_floating_point():
         raise TypeError(f"simplex projection needs a floating tensor, got {v.dtype}")
     if v.ndim == 0 or v.shape[-1] == 0:
-        raise ValueError(f"simplex projection needs at least one entry along the last dimension, got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"simplex projection needs at least one entry along the last dimension, got shape {tuple(v.shape)}")
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"simplex radius must be a finite number > 0, got {radius!r}")
     if not torch.isfinite(v).all():
@@ -61,7 +62,8 @@ def project_simplex(v: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
     j = torch.arange(1, n + 1, dtype=w.dtype, device=w.device)
     cond = (u - css / j) > 0
     # rho = the largest j satisfying the condition (the condition holds on a prefix 1..rho)
-    rho = torch.where(cond, torch.arange(n, device=w.device), torch.zeros((), dtype=torch.long, device=w.device)).amax(-1, keepdim=True)
+    index = torch.arange(n, device=w.device)
+    rho = torch.where(cond, index, torch.zeros_like(index)).amax(-1, keepdim=True)
     tau = torch.gather(css, -1, rho) / (rho + 1).to(w.dtype)
     return torch.clamp(w - tau, min=0).to(v.dtype)
 

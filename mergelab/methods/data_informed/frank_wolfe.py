@@ -228,7 +228,8 @@ class ModelObjective:
                 yb = None if y is None else y[start : start + self.batch_size]
                 yield task, x[start : start + self.batch_size], yb, 1.0 / (n * tasks)
 
-    def _loss(self, state: Mapping[str, torch.Tensor], task: str, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, state: Mapping[str, torch.Tensor], task: str, x: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
         features = functional_call(self.backbone, dict(state), (x,))
         head = self.heads[task]
         logits = F.linear(features, head.weight.to(features.dtype), head.bias.to(features.dtype))
@@ -322,7 +323,8 @@ class ContextPool:
         if missing or extra:
             parts = ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + (
                 [f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}"] if extra else [])
-            raise TensorMismatchError(f"{source}: does not match the base {self.context.base_path}: " + "; ".join(parts))
+            raise TensorMismatchError(
+                f"{source}: does not match the base {self.context.base_path}: " + "; ".join(parts))
         out: Point = {}
         device = self.context.device
         for name in self.floating:
@@ -619,7 +621,8 @@ def _check_groups(groups: Mapping[str, Sequence[str]], theta: Mapping[str, torch
     if len(seen) != len(set(seen)):
         raise ValueError("groups overlap: a tensor belongs to two groups")
     if set(seen) != floating:
-        raise ValueError(f"groups must partition the floating tensors of theta; these differ: {sorted(set(seen) ^ floating)[:5]}")
+        raise ValueError("groups must partition the floating tensors of theta; these differ: "
+                         f"{sorted(set(seen) ^ floating)[:5]}")
 
 
 def _combine(theta: Mapping[str, torch.Tensor], directions: Sequence[Point], lam: torch.Tensor,
