@@ -22,7 +22,7 @@ from mergelab.methods.data_informed.adamerging import (
     softmax_entropy,
 )
 from mergelab.methods.data_informed.context import MergeContext
-from mergelab.models import read_backbone_state
+from mergelab.models import load_backbone_state, read_backbone_state
 from mergelab.models.pretraining import PretrainConfig, pretrain
 from mergelab.spec import DataSpec
 from mergelab.tasks import TaskData
@@ -115,6 +115,24 @@ def test_zero_steps_equals_task_arithmetic(zoo, tmp_path, granularity):
     assert list(got) == list(expected)
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_bn_batch_mode_reestimates_running_statistics_of_the_result(zoo, tmp_path):
+    from mergelab.evaluation import reset_bn_statistics
+
+    context = _context(zoo, samples_per_task=40, batch_size=16)
+    state, coef = adamerging(context, {"granularity": "task", "steps": 0, "bn": "batch"})
+    ta = merge(_spec(zoo, "task_arithmetic", {"lambda": 0.3}), tmp_path / "ta", progress=False)
+    backbone = context.build_backbone()
+    load_backbone_state(backbone, read_backbone_state(ta.out_dir))
+    x = torch.cat([context.samples(t, "test")[0] for t in context.tasks])
+    reset_bn_statistics(backbone, x, batch_size=16, num_batches=5, seed=0)
+    expected = backbone.state_dict()
+    for name, t in state.items():
+        assert torch.allclose(t, expected[name], rtol=1e-5, atol=1e-6), name
+    assert not torch.allclose(state["stem.bn.running_var"], read_backbone_state(ta.out_dir)["stem.bn.running_var"])
+    _, coef = adamerging(context, {"granularity": "task", "steps": 3, "bn": "batch", "lr": 0.05})
+    assert len(coef.objective) == 3 and all(v > 0 for v in coef.objective)
 
 
 def test_entropy_objective_decreases(zoo):

@@ -35,13 +35,17 @@ Mapping to mergelab:
 * The backbone runs in eval mode (BatchNorm uses its running statistics, as at evaluation) and functionally
   (:func:`torch.func.functional_call`), its parameters built as a differentiable function of lambda, so the
   gradient reaches lambda through the whole network.
-* **BatchNorm buffers** (``running_mean``, ``running_var``) are merged with the same coefficients as the
-  weights but carry no gradient (PyTorch's eval-mode ``batch_norm`` is not differentiable in them; the
+* **BatchNorm buffers** (``bn: merged``, the default) (``running_mean``, ``running_var``) are merged with
+  the same coefficients as the weights but carry no gradient (PyTorch's eval-mode ``batch_norm`` is not differentiable in them; the
   gradient is the partial one through the parameters): task-wise with lambda_i, layer-wise with the
   coefficient of their own BN layer's ``weight``. Only floating **parameters** define (and receive
   gradients for) coefficients. Merged running variances are clamped at
   0 (entropy minimisation tends to grow ``sum_i lambda_i`` past 1, where the task-arithmetic extrapolation
   of a variance can go negative). Non-floating tensors are copied from the base.
+  ``bn: batch`` instead normalises with each task batch's own statistics while optimising (BN in train
+  mode, as test-time entropy minimisation does, e.g. TENT, Wang et al. 2021) and re-estimates the result's
+  running statistics on the union of the unlabelled examples at the end: with running statistics fixed,
+  the entropy can be driven down by inflating activations (and logits) instead of by better features.
 
 **Memory grows linearly with the pool**: the N task vectors are held in memory (on ``context.device``) for
 the whole optimisation, since every step rebuilds the merged model from all of them — N + 2 backbones in
@@ -73,6 +77,7 @@ from mergelab.methods.data_informed.context import MergeContext
 log = logging.getLogger(__name__)
 
 Granularity = Literal["task", "layer"]
+BnMode = Literal["merged", "batch"]
 
 
 class AdaMergingParams(MethodParams):
@@ -82,6 +87,8 @@ class AdaMergingParams(MethodParams):
     steps: int = Field(500, ge=0, description="Adam steps")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     clamp: bool = Field(True, description="project the coefficients onto [0, 1] after every step")
+    bn: BnMode = Field("merged", description="merged: BN running statistics follow lambda; batch: BN uses batch "
+                                              "statistics while optimising, re-estimated at the end")
 
     @field_validator("init", "lr")
     @classmethod
@@ -348,6 +355,10 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
     backbone = context.build_backbone().eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if params.bn == "batch":
+        for m in bns:
+            m.train()  # batch statistics; the running buffers it updates are rebuilt every step
     pool = load_task_vectors(context, backbone)
     merge = CoefficientMerge(pool, [n for n, _ in backbone.named_parameters()], params.granularity)
     lam = merge.initial(params.init, [e.weight for e in context.experts])
@@ -384,10 +395,26 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
         bar.set_postfix(entropy=f"{value:.4f}")
     with torch.no_grad():
         state = {k: v.detach().to("cpu").contiguous() for k, v in merge.state(lam).items()}
+    if params.bn == "batch" and bns:
+        state = _reestimate_bn(backbone, state, torch.cat(list(xs.values())), context.data.batch_size,
+                               context.data.seed)
     coefficients = AdaMergingCoefficients(params.granularity, pool.labels, merge.columns,
                                           lam.detach().cpu().clone(), initial, objective)
     _log_coefficients(coefficients)
     return state, coefficients
+
+
+def _reestimate_bn(backbone: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """``state`` with its BN running statistics re-estimated on ``x`` (all of it, cumulative average)."""
+    from mergelab.evaluation import reset_bn_statistics
+    from mergelab.models import load_backbone_state
+
+    load_backbone_state(backbone, state, source="AdaMerging result")
+    reset_bn_statistics(backbone, x, batch_size=batch_size, num_batches=-(-len(x) // batch_size), seed=seed)
+    own = backbone.state_dict()
+    return {k: own[k].detach().to("cpu").clone() if k.endswith(("running_mean", "running_var")) else v
+            for k, v in state.items()}
 
 
 def _log_coefficients(c: AdaMergingCoefficients) -> None:
