@@ -434,6 +434,9 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
         by_size.setdefault(int(s), []).append(k)
     within = {str(s): _spearman(feats[idx].sum(1), y[idx]) for s, idx in sorted(by_size.items()) if len(idx) >= 3}
     baselines["within_size_raw_bound"] = within
+    baselines["within_size_pools"] = {str(s): len(idx) for s, idx in sorted(by_size.items()) if len(idx) >= 3}
+    baselines["pool_size_dependence"] = {"raw_bound_vs_N": _spearman(feats.sum(1), sizes),
+                                         "measured_loss_vs_N": _spearman(sizes, y)}
     repeats = _repeated_splits(feats, sizes, y, cfg)
     res = StudyResult(cfg, [str(e.path) for e in experts], records, result, baselines, repeats, seconds, notes)
     write_study(res, out)
@@ -577,8 +580,21 @@ def study_markdown(res: StudyResult) -> str:
         lines += [f"Over {rep['repeats']} further random splits ({rep['n_test']} held out each), held-out Spearman:", "",
                   markdown_table(["predictor", "splits", "mean", "q25", "median", "q75", "fraction > 0"], rows), ""]
     if b.get("within_size_raw_bound"):
-        lines += ["Within a pool size (does the bound order pools of equal N?), Spearman of the raw bound: "
-                  + ", ".join(f"N={k}: {_f(v)}" for k, v in b["within_size_raw_bound"].items()), ""]
+        counts = b.get("within_size_pools", {})
+        lines += ["Within a pool size (does the bound order pools of equal N?), Spearman of the raw bound with the "
+                  "measured loss: " + ", ".join(f"N={k} ({counts.get(k, '?')} pools): {_f(v)}"
+                                                for k, v in b["within_size_raw_bound"].items()), ""]
+    dep = b.get("pool_size_dependence", {})
+    if dep:
+        rb, ml = dep.get("raw_bound_vs_N"), dep.get("measured_loss_vs_N")
+        lines += [f"Dependence on the pool size over all pools: Spearman(raw bound, N) = {_f(rb)}, "
+                  f"Spearman(measured loss, N) = {_f(ml)}."]
+        if rb is not None and ml is not None and math.isfinite(rb) and math.isfinite(ml) and rb * ml < 0:
+            lines += ["**The bound and the measured loss move in opposite directions with N**: for a simple "
+                      "average alpha_i = 1/N, so eps^2 = sum_i p_i alpha_i^2 eps_i^2 and the minibatch-noise term "
+                      "L sum_i a_i^2 ... fall as 1/N, and chi^2(alpha||w) = 0 when the experts share eta and K, "
+                      "which removes the one term where heterogeneity enters the optimisation error."]
+        lines.append("")
     rows = [[p.index, p.split, p.size, ", ".join(p.members), p.opt, p.gen, p.predicted, p.measured_loss,
              p.measured_accuracy, "yes" if p.all_valid else "no"] for p in res.pools]
     lines += [
