@@ -96,6 +96,7 @@ def test_spec_defaults_are_resolved_and_hashed():
         (dict(task="no_such_task"), r"task: unknown task 'no_such_task'; known: mnist"),
         (dict(task=TASK, lr=-0.1), r"lr: Input should be greater than 0 \(got -0.1\)"),
         (dict(task=TASK, lr=0), r"lr: Input should be greater than 0"),
+        (dict(task=TASK, lr=float("inf")), r"lr: Input should be a finite number"),
         (dict(task=TASK, data_ratio=0), r"data_ratio: Input should be greater than 0"),
         (dict(task=TASK, data_ratio=1.5), r"data_ratio: Input should be less than or equal to 1"),
         (dict(task=TASK, batch_size=0), r"batch_size: Input should be greater than or equal to 1"),

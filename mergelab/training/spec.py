@@ -61,7 +61,7 @@ class BranchFrom(BaseModel):
 class ExpertSpec(BaseModel):
     """A fine-tuning run of one expert (see the module docstring for fields and defaults)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     task: str
     arch: str = "resnet_s"
