@@ -3,7 +3,20 @@
 ``build_zoo(arch)`` pretrains ``arch`` if needed (in the calling process, using all threads), then fine-tunes
 ``make_spec(task=t, arch=arch, **overrides)`` for every task ``t`` in :func:`mergelab.tasks.list_tasks` in
 a process pool of ``workers`` processes (spawned; ``torch.set_num_threads(1)`` in each), skipping experts
-already in the cache. Results come back in task order.
+already in the cache. Results come back in task order; an expert that fails (e.g. diverges) is reported in
+``ZooResult.failures`` and does not stop the others.
+
+Defaults (the :class:`~mergelab.training.spec.ExpertSpec` defaults): K = 300 steps, batch 64, cosine
+schedule, linear-probe head init, no augmentation; ResNets SGD lr 0.05 momentum 0.9 wd 5e-4; ViT AdamW lr
+1e-3 wd 0.01. Measured on the 21-task suite (test accuracy, mean over tasks; "start" = pretrained backbone
+with BN statistics re-estimated on the task and a fitted linear probe):
+
+=========  =======  ======  ==============================================
+arch       start    expert  CPU time per expert (one core)
+=========  =======  ======  ==============================================
+resnet_s   0.825    0.972   ~11 s
+vit_s      0.707    0.860   ~13 s
+=========  =======  ======  ==============================================
 """
 
 from __future__ import annotations
@@ -76,7 +89,7 @@ def build_zoo(
     from mergelab.tasks import list_tasks
 
     t0 = time.perf_counter()
-    task_names = list(tasks) if tasks is not None else list_tasks()
+    task_names = list(dict.fromkeys(tasks)) if tasks is not None else list_tasks()
     specs = [default_spec(t, arch, **dict(overrides or {})) for t in task_names]
     ensure_pretrained(arch, cache_dir, progress=progress)
     t_pre = time.perf_counter() - t0
@@ -95,11 +108,15 @@ def build_zoo(
     try:
         if workers <= 1 or len(todo) <= 1:
             for spec in todo:
-                results[spec.task] = finetune(spec, cache_dir, force=force)
+                try:
+                    results[spec.task] = finetune(spec, cache_dir, force=force)
+                except Exception as exc:  # as in the pool: keep building the rest, report at the end
+                    failures[spec.task] = f"{type(exc).__name__}: {exc}"
+                    log.error("expert %s/%s failed: %s", arch, spec.task, failures[spec.task])
                 bar.update(1)
         else:
             level = logging.getLogger().getEffectiveLevel()
-            pool_args = dict(max_workers=workers, mp_context=_spawn(), initializer=_init_worker, initargs=(level,))
+            pool_args = dict(max_workers=min(workers, len(todo)), mp_context=_spawn(), initializer=_init_worker, initargs=(level,))
             with ProcessPoolExecutor(**pool_args) as pool:
                 futures = {pool.submit(_run, spec.canonical(), cdir, force): spec.task for spec in todo}
                 for fut in as_completed(futures):
