@@ -592,7 +592,8 @@ def study_markdown(res: StudyResult) -> str:
         if rb is not None and ml is not None and math.isfinite(rb) and math.isfinite(ml) and rb * ml < 0:
             lines += ["**The bound and the measured loss move in opposite directions with N**: for a simple "
                       "average alpha_i = 1/N, so eps^2 = sum_i p_i alpha_i^2 eps_i^2 and the minibatch-noise term "
-                      "L sum_i a_i^2 ... fall as 1/N, and chi^2(alpha||w) = 0 when the experts share eta and K, "
+                      "L sum_i a_i^2 (...) shrink with N (alpha_i^2 = 1/N^2 per expert), and chi^2(alpha||w) = 0 "
+                      "when the experts share eta and K, "
                       "which removes the one term where heterogeneity enters the optimisation error."]
         lines.append("")
     rows = [[p.index, p.split, p.size, ", ".join(p.members), p.opt, p.gen, p.predicted, p.measured_loss,
