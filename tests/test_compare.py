@@ -101,9 +101,26 @@ def test_isolated_merge_measures_peak_memory_in_a_fresh_process(zoo):
 def test_a_larger_pool_is_merged_but_only_the_tasks_are_evaluated(zoo):
     root, experts = zoo
     table = run_comparison("resnet_s", ["mnist"], ["task_arithmetic", "fw_hard"], pool=list(experts.values()),
-                           cache_dir=root, progress=False, quick=True)
-    assert table.tasks == ["mnist"] and len(table.meta["pool"]) == 3
-    assert all(set(r.per_task) == {"mnist"} for r in table.rows)
+                           cache_dir=root, progress=False, quick=True, reset_bn=True)
+    assert table.tasks == ["mnist"] and len(table.meta["pool"]) == 3 and table.meta["reset_bn"]
+    assert all(set(r.per_task) == {"mnist"} and 0 <= r.average <= 1 for r in table.rows)
+
+
+def test_negative_running_variances_are_counted(zoo, tmp_path):
+    from mergelab.experiments.compare import _negative_variances
+    from mergelab.models import read_backbone_state, save_backbone, build_backbone, load_backbone_state
+
+    root, experts = zoo
+    state = read_backbone_state(experts["mnist"])
+    name = next(n for n in state if n.endswith("running_var"))
+    state[name] = state[name].clone()
+    state[name][:3] = -1.0
+    backbone = build_backbone("resnet_s")
+    with torch.no_grad():
+        load_backbone_state(backbone, {n: t.abs() if n == name else t for n, t in state.items()})
+        dict(backbone.named_buffers())[name].copy_(state[name])
+    save_backbone(backbone, tmp_path / "backbone.safetensors")
+    assert _negative_variances(tmp_path) == 3 and _negative_variances(experts["mnist"]) == 0
 
 
 def test_multitask_training_runs_and_is_cached(zoo):

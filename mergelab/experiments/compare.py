@@ -15,7 +15,9 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
   cached by spec hash like an expert). Its wall time is its training time.
 * merges, each written to disk by :func:`mergelab.engine.merge` and evaluated with
   :func:`mergelab.evaluation.evaluate` through the experts' heads (BatchNorm statistics as the method
-  produced them; no re-estimation):
+  produced them unless ``reset_bn=True``; a merge whose ``running_var`` has negative entries — task
+  arithmetic extrapolating the variances of many experts does this — gets NaN features in those channels,
+  and its row's ``params["negative_running_var"]`` counts them):
 
   ==================  ========================================================================================
   weight_average      plain average of the experts (Wortsman et al. 2022, model soups)
@@ -75,6 +77,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -468,6 +471,7 @@ def run_comparison(
     quick: bool = False,
     isolate: bool | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    reset_bn: bool = False,
 ) -> ComparisonTable:
     """Compare ``methods`` on ``tasks``; see the module docstring.
 
@@ -483,6 +487,10 @@ def run_comparison(
         quick: tiny budgets everywhere (tests). isolate: run each merge in a fresh spawned process to
             measure its peak memory (default: True, False when ``quick``).
         overrides: ``{row name: {parameter: value}}`` replacing the catalog's settings.
+        reset_bn: evaluate the pretrained and merged backbones after re-estimating their BatchNorm
+            statistics on the tasks' training images (:func:`mergelab.evaluation.evaluate`'s ``reset_bn``);
+            default False: the statistics as each method merged them. Not applied to the individual and
+            multi-task rows (their statistics are their own) nor to surgery (trained on the merged features).
 
     Raises :class:`~mergelab.errors.SpecError` for unknown tasks/methods, tasks without experts, an empty or
     inconsistent pool. A method that fails while running gives a row with ``error`` set (the others go on).
@@ -522,7 +530,8 @@ def run_comparison(
                 bar.set_postfix_str(cfg.name)
             params = {**cfg.parameters(quick), **dict(overrides.get(cfg.name, {}))}
             try:
-                row = _run_one(cfg, params, setup, data, work, cache_dir, quick, isolate, outputs, evaluate)
+                row = _run_one(cfg, params, setup, data, work, cache_dir, quick, isolate, outputs,
+                               partial(evaluate, reset_bn=reset_bn), evaluate)
             except MergeLabError as exc:
                 log.error("%s failed: %s", cfg.name, exc)
                 row = _failed(cfg.name, f"{type(exc).__name__}: {exc}", params)
@@ -543,6 +552,7 @@ def run_comparison(
         "samples_per_task": samples,
         "quick": quick,
         "isolated": isolate,
+        "reset_bn": reset_bn,
         "seconds": round(time.perf_counter() - started, 2),
         "memory_note": ("peak MB: ru_maxrss of a fresh spawned process per method (torch loaded); "
                         "+MB: above that process's RSS before the merge" if isolate else
@@ -559,14 +569,14 @@ def run_comparison(
 
 def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dict[str, Any], work: Path,
              cache_dir: PathLike | None, quick: bool, isolate: bool, outputs: dict[str, dict[str, Any]],
-             evaluate: Callable[..., Any]) -> MethodRow:
+             evaluate: Callable[..., Any], evaluate_own: Callable[..., Any]) -> MethodRow:
     tasks, heads = setup.tasks, setup.heads
     nan = math.nan
     if cfg.name == "pretrained":
         r = evaluate(setup.base, heads, tasks=tasks)
         return _row_from_eval(cfg.name, r, tasks, 0.0, nan, nan, params)
     if cfg.name == "individual":
-        rows = [evaluate(e.path, [e], tasks=[e.task]).by_task()[e.task] for e in heads]
+        rows = [evaluate_own(e.path, [e], tasks=[e.task]).by_task()[e.task] for e in heads]
         acc = {row.task: row.accuracy for row in rows}
         loss = {row.task: row.loss for row in rows}
         norm = [row.normalized_accuracy for row in rows]
@@ -582,7 +592,7 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
         mtl = read_multitask(job["path"])
         if mtl is None:  # pragma: no cover - the job just wrote it
             raise SpecError(f"multi-task model missing at {job['path']}")
-        r = evaluate(mtl.backbone_path, mtl.head_experts(heads), tasks=tasks)
+        r = evaluate_own(mtl.backbone_path, mtl.head_experts(heads), tasks=tasks)
         peak = job["peak_mb"] if not job["cached"] else _num(mtl.peak_rss_mb)
         base = job["base_mb"] if not job["cached"] else nan
         return _row_from_eval(cfg.name, r, tasks, mtl.wall_time_s, peak, base,
