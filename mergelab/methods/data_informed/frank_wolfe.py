@@ -95,6 +95,16 @@ tensors for hard and k + 3 for soft (the gradient of a PGD candidate included), 
 holds N + 2). ``bench/fw_memory.py`` measures it. The cost is time: each iteration reads the whole pool
 once for the oracle.
 
+Spec
+----
+```yaml
+method: fw_soft                     # or fw_hard
+base: ~/.cache/mergelab/zoo/resnet_s/pretrained
+models: [experts/mnist/..., experts/digits/..., ...]     # the pool: expert folders
+parameters: {granularity: layer, iterations: 15, k: 4}
+data: {tasks: [mnist, digits], samples_per_task: 100}   # the objective's tasks (default: the experts' own)
+```
+
 Python API
 ----------
 :func:`frank_wolfe` ``(context, params) -> (state, FWTrace)``; the zoo-independent core
