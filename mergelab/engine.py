@@ -227,9 +227,10 @@ def _compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -
 
 def _global_thresholds(
     inputs: _Inputs, method: Method, params_of: _ParamResolver, device: torch.device, progress: bool
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Whole-model trim thresholds: for each group of tensors sharing a density, each expert's k-th largest
-    |tau| over the group (k = floor(density * group size)), by two streaming passes."""
+    |tau| over the group (k = floor(density * group size)), by two streaming passes; and for each tensor
+    how many entries tied at the threshold it keeps, so that exactly k entries survive per expert."""
     groups: dict[float, list[str]] = defaultdict(list)
     for name in inputs.names:
         info = inputs.reference.info(name)
@@ -239,34 +240,38 @@ def _global_thresholds(
         if density is not None:
             groups[density].append(name)
     if not groups:
-        return {}
+        return {}, {}
     thresholds: dict[str, list[float]] = {}
+    ties: dict[str, list[int]] = {}
     n_exp = len(inputs.experts)
     for density, names in groups.items():
         total = sum(math.prod(inputs.reference.info(n).shape) for n in names)
         selectors = [StreamingKthLargest(total, keep_count(total, density)) for _ in range(n_exp)]
 
-        def stream(observe: str, desc: str) -> None:
+        def stream(observe: str, desc: str, active: list[int]) -> None:
             for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
                 base, experts = inputs.load(name, device)
                 dtype = _compute_dtype(base, experts)
                 b = base.to(dtype)
-                for sel, e in zip(selectors, experts):
-                    getattr(sel, observe)((e.to(dtype) - b).abs_())
+                for i in active:
+                    getattr(selectors[i], observe)((experts[i].to(dtype) - b).abs_())
 
-        stream("observe_sample", f"global threshold (density {density}): sampling")
-        pending = list(range(n_exp))
+        everyone = list(range(n_exp))
+        stream("observe_sample", f"global threshold (density {density}): sampling", everyone)
+        pending = everyone
         values: list[float | None] = [None] * n_exp
         while pending:
             for i in pending:
                 selectors[i].bracket()
-            stream("observe_exact", f"global threshold (density {density}): selecting")
+            stream("observe_exact", f"global threshold (density {density}): selecting", pending)
             for i in pending:
                 values[i] = selectors[i].result()
             pending = [i for i in pending if values[i] is None]
-        for name in names:
+        quotas = [sel.tie_quotas() for sel in selectors]
+        for j, name in enumerate(names):
             thresholds[name] = [float(v) for v in values]  # type: ignore[arg-type]
-    return thresholds
+            ties[name] = [q[j] for q in quotas]
+    return thresholds, ties
 
 
 def _record(spec: MergeSpec, method: Method, params: MethodParams) -> dict[str, Any]:
@@ -328,7 +333,7 @@ def merge(
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             plan.append((name, tuple(info.shape), dtype))
 
-        thresholds = _global_thresholds(inputs, method, params_of, device, progress)
+        thresholds, tie_quotas = _global_thresholds(inputs, method, params_of, device, progress)
         weights = [m.weight for m in spec.models]
         total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
         with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite) as writer:
@@ -342,7 +347,8 @@ def merge(
                     else:
                         tensor_inputs = TensorInputs(
                             name=name, base=base, experts=experts, weights=weights,
-                            thresholds=thresholds.get(name), compute_dtype=_compute_dtype(base, experts),
+                            thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
+                            compute_dtype=_compute_dtype(base, experts),
                         )
                         merged = method.merge(tensor_inputs, params_of(name))
                         del tensor_inputs

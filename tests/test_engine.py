@@ -529,3 +529,26 @@ def test_cli_merge_success_and_bad_spec(tmp_path: Path, capsys) -> None:
     assert main(["merge", str(bad), "--out", str(tmp_path / "bad_out"), "--no-progress"]) == 1
     assert "not valid YAML" in capsys.readouterr().err
     assert_nothing_written(tmp_path / "bad_out")
+
+
+def test_global_ties_keeps_exactly_k_entries_of_a_bf16_model(tmp_path: Path, monkeypatch) -> None:
+    # bf16 task vectors tie massively at the threshold; exactly floor(density * n) entries must survive
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    gen = torch.Generator().manual_seed(5)
+    base = {"a": torch.randn(300, 200, generator=gen).to(torch.bfloat16),
+            "b": torch.randn(50_000, generator=gen).to(torch.bfloat16)}
+    def moved(v: torch.Tensor) -> torch.Tensor:  # |noise| >= 0.5 always changes a bf16 value of N(0, 1) scale
+        noise = torch.sign(torch.randn(v.shape, generator=gen)) * (0.5 + torch.rand(v.shape, generator=gen))
+        return (v.float() + noise).to(torch.bfloat16)
+
+    expert = {k: moved(v) for k, v in base.items()}
+    save_state_dict(base, tmp_path / "base.safetensors")
+    save_state_dict(expert, tmp_path / "e.safetensors")
+    changed_inputs = sum(int(torch.count_nonzero(expert[k] != base[k])) for k in base)
+    total = sum(v.numel() for v in base.values())
+    assert changed_inputs == total  # every coordinate moved, so kept entries are exactly the changed ones
+    merge({"method": "ties", "base": str(tmp_path / "base.safetensors"), "models": [str(tmp_path / "e.safetensors")],
+           "parameters": {"density": 0.5}}, tmp_path / "out", progress=False)
+    merged = load_state_dict(tmp_path / "out")
+    kept = sum(int(torch.count_nonzero(merged[k] != base[k])) for k in base)
+    assert kept == total // 2

@@ -155,10 +155,49 @@ def test_trim_hand_computed() -> None:
     assert torch.equal(ops.trim(tau, 0.1), torch.tensor([0.0, -0.5, 0.0, 0.0, 0.0]))
 
 
-def test_trim_keeps_all_entries_tied_with_the_threshold() -> None:
+def test_trim_keeps_exactly_k_breaking_ties_by_position() -> None:
     tau = torch.tensor([[1.0, -2.0], [2.0, 0.5]])
-    # k = 1: the threshold is 2, and both entries of magnitude 2 are kept (|tau| >= t)
-    assert torch.equal(ops.trim(tau, 0.25), torch.tensor([[0.0, -2.0], [2.0, 0.0]]))
+    # k = 1: the threshold is 2; of the two entries tied at 2, the first in flat order is kept
+    assert torch.equal(ops.trim(tau, 0.25), torch.tensor([[0.0, -2.0], [0.0, 0.0]]))
+    # k = 2: both tied entries
+    assert torch.equal(ops.trim(tau, 0.5), torch.tensor([[0.0, -2.0], [2.0, 0.0]]))
+
+
+def test_trim_exact_density_on_bf16_task_vectors() -> None:
+    # bf16 task vectors tie massively; "keep |tau| >= t" kept 65% of entries at density 0.5 on a bf16 model
+    gen = torch.Generator().manual_seed(0)
+    tau = (0.01 * torch.randn(200_000, generator=gen)).to(torch.bfloat16).float()
+    for density in (0.2, 0.5, 0.9):
+        kept = int(torch.count_nonzero(ops.trim(tau, density)))
+        assert kept == ops.keep_count(tau.numel(), density)
+
+
+def test_trim_given_threshold_with_tie_quota() -> None:
+    tau = torch.tensor([3.0, -1.0, 1.0, 0.5, -1.0])
+    assert torch.equal(ops.trim(tau, 0.5, threshold=1.0, ties=1), torch.tensor([3.0, -1.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(ops.trim(tau, 0.5, threshold=1.0, ties=0), torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(ops.trim(tau, 0.5, threshold=1.0), torch.tensor([3.0, -1.0, 1.0, 0.0, -1.0]))
+
+
+def test_streaming_tie_quotas_keep_exactly_k_over_tensors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    parts = [(0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float().abs() for n in (70_000, 5, 90_000)]
+    total = sum(p.numel() for p in parts)
+    k = total // 3
+    sel = ops.StreamingKthLargest(total, k)
+    for p in parts:
+        sel.observe_sample(p)
+    while True:
+        sel.bracket()
+        for p in parts:
+            sel.observe_exact(p)
+        t = sel.result()
+        if t is not None:
+            break
+    quotas = sel.tie_quotas()
+    kept = sum(int(torch.count_nonzero(ops.trim(p, 0.5, threshold=t, ties=q))) for p, q in zip(parts, quotas))
+    assert kept == k
+    assert t == float(torch.cat(parts).topk(k).values[-1])
 
 
 def test_trim_with_given_threshold() -> None:

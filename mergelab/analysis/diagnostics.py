@@ -191,6 +191,7 @@ def apply_operator(
     *,
     name: str = "",
     thresholds: Sequence[float] | None = None,
+    ties: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """``[T(tau_1), ..., T(tau_N)]`` for the operator ``op`` (see :data:`OPERATORS`) on one tensor.
 
@@ -201,7 +202,9 @@ def apply_operator(
 
     def trimmed() -> list[torch.Tensor]:
         return [
-            ops.trim(t, d, threshold=None if thresholds is None else thresholds[i]) for i, t in enumerate(taus)
+            ops.trim(t, d, threshold=None if thresholds is None else thresholds[i],
+                     ties=None if thresholds is None or ties is None else ties[i])
+            for i, t in enumerate(taus)
         ]
 
     def dropped() -> list[torch.Tensor]:
@@ -487,6 +490,7 @@ def tensor_stats(
     *,
     name: str = "",
     thresholds: Sequence[float] | None = None,
+    ties: Sequence[int] | None = None,
     chunk: int = _CHUNK,
 ) -> PoolStats:
     """All raw sums (:class:`PoolStats`) of one tensor's task vectors, operators included.
@@ -514,7 +518,7 @@ def tensor_stats(
         if step is not None and step in reuse:
             outs = sign_consensus(reuse.pop(step), weights, by=config.sign_election)
         else:
-            outs = apply_operator(op, taus, weights, config, name=name, thresholds=thresholds)
+            outs = apply_operator(op, taus, weights, config, name=name, thresholds=thresholds, ties=ties)
         if any(_CONSENSUS_OF.get(later) == op for later in ops_list[pos + 1 :]):
             reuse[op] = outs
         acc = OperatorStats.empty(n)
@@ -832,10 +836,11 @@ def pool_diagnostics(
     pool = _Pool(base, experts, labels)
     try:
         thresholds: dict[str, list[float]] = {}
+        tie_quotas: dict[str, list[int]] = {}
         if config.trim_scope == "global" and any(op in ("trim", "ties") for op in config.operators):
             ties = get_method("ties")
             params = ties.parse_params({"density": config.density, "trim_scope": "global"})
-            thresholds = _global_thresholds(pool, ties, lambda _name: params, dev, progress)
+            thresholds, tie_quotas = _global_thresholds(pool, ties, lambda _name: params, dev, progress)
         total = PoolStats(n_experts=n)
         layers: list[LayerDiagnostics] = []
         skipped: list[str] = []
@@ -849,7 +854,8 @@ def pool_diagnostics(
             bb = b.to(dtype)
             taus = [e.to(dtype) - bb for e in es]
             del b, es, bb
-            stats = tensor_stats(taus, weights, config, name=name, thresholds=thresholds.get(name))
+            stats = tensor_stats(taus, weights, config, name=name, thresholds=thresholds.get(name),
+                                 ties=tie_quotas.get(name))
             del taus
             layers.append(LayerDiagnostics(name, tuple(info.shape), stats))
             total.add_(stats)

@@ -56,7 +56,8 @@ class TensorInputs:
     """Everything a method sees for one tensor.
 
     ``thresholds[i]`` is expert i's whole-model trim threshold when the method trims with global scope
-    (computed by the engine's streaming pre-pass), else ``None``.
+    (computed by the engine's streaming pre-pass), else ``None``; ``tie_quotas[i]`` is how many of this
+    tensor's entries tied at that threshold expert i keeps (so exactly k survive over the model).
     """
 
     name: str
@@ -65,6 +66,7 @@ class TensorInputs:
     weights: Sequence[float]
     thresholds: Sequence[float] | None = None
     compute_dtype: torch.dtype = torch.float32
+    tie_quotas: Sequence[int] | None = None
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.base is None:

@@ -91,8 +91,10 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
             f"ties with trim_scope 'global' needs whole-model thresholds for tensor '{inp.name}'; "
             "merge through mergelab.engine.merge (which computes them) or use trim_scope 'tensor'"
         )
+    quotas = inp.tie_quotas if thresholds is not None else None
     taus = [
-        ops.trim(tau, p.density, threshold=None if thresholds is None else thresholds[i])
+        ops.trim(tau, p.density, threshold=None if thresholds is None else thresholds[i],
+                 ties=None if quotas is None else quotas[i])
         for i, tau in enumerate(inp.task_vectors())
     ]
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)

@@ -64,6 +64,9 @@ def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     rank = n - k
     lo, hi = _bracket(sample, rank / n)
     below = int(torch.count_nonzero(flat < lo)) if lo != -math.inf else 0
+    if lo == hi:  # many tied values (bf16 task vectors): count them instead of collecting them
+        if below <= rank < below + int(torch.count_nonzero(flat == lo)):
+            return flat.new_tensor(lo)
     inside = flat[(flat >= lo) & (flat <= hi)]
     local = rank - below
     if 0 <= local < inside.numel():
@@ -132,9 +135,28 @@ class StreamingKthLargest:
         inside = torch.cat(self._inside) if self._inside else torch.empty(0)
         local = (self.total - self.k) - self._below
         if 0 <= local < inside.numel():
-            return float(torch.kthvalue(inside, local + 1).values)
+            self._value = float(torch.kthvalue(inside, local + 1).values)
+            return self._value
         self.widen *= 8.0
         return None
+
+    def tie_quotas(self) -> list[int]:
+        """After a successful :meth:`result` t: how many entries equal to t each observed tensor keeps.
+
+        Exactly k entries are kept overall: all entries > t, plus the first ``k - #{> t}`` entries equal to
+        t in stream order (tensor by tensor, as passed to :meth:`observe_exact`), so ties are broken by
+        position and the kept count is exactly k even when many values tie (bf16 task vectors).
+        """
+        t = self._value
+        above = self.total - self._below - sum(x.numel() for x in self._inside)  # entries > hi
+        above += sum(int(torch.count_nonzero(x > t)) for x in self._inside)
+        remaining = self.k - above
+        quotas = []
+        for x in self._inside:
+            take = max(0, min(remaining, int(torch.count_nonzero(x == t))))
+            quotas.append(take)
+            remaining -= take
+        return quotas
 
 
 def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -> float:

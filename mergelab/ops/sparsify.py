@@ -21,25 +21,53 @@ def _check_density(density: float) -> None:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
 
-def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None) -> torch.Tensor:
+def keep_top(magnitude: torch.Tensor, threshold: float, ties: int | None) -> torch.Tensor:
+    """Boolean mask of the entries kept by a top-k selection with k-th value ``threshold``.
+
+    All entries with ``magnitude > threshold``, plus the first ``ties`` entries equal to it in flat order
+    (all of them when ``ties`` is None). Breaking ties by position keeps exactly k entries even when many
+    values tie at the threshold, as they do in bf16 task vectors (with ``>=`` a density of 0.5 kept 65% of
+    the entries of a bf16 model).
+    """
+    keep = magnitude > threshold
+    if ties is None:
+        return keep | (magnitude == threshold)
+    if ties > 0:
+        equal = (magnitude == threshold).reshape(-1)
+        n_equal = int(torch.count_nonzero(equal))
+        if ties >= n_equal:
+            keep |= equal.view_as(keep)
+        else:
+            first = torch.nonzero(equal).squeeze(1)[:ties]
+            keep.view(-1)[first] = True
+    return keep
+
+
+def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, ties: int | None = None) -> torch.Tensor:
     """Magnitude trimming (TIES step 1, Yadav et al. 2023, "TIES-Merging", eq. "Trim").
 
-    ``trim(tau)_j = tau_j if |tau_j| >= t else 0``, where ``t`` is the k-th largest ``|tau_j|`` with
-    ``k = floor(density * numel)`` (at least 1). With ``threshold`` given, ``t`` is that value instead: the
-    whole-model scope of the paper, where ``t`` is the k-th largest magnitude over all tensors of the model
-    (see :func:`mergelab.engine` for the streaming pass that finds it). Entries tied with ``t`` are all
-    kept (the paper's ``|tau| >= kth value`` rule). ``density == 1`` returns a copy of ``tau``.
-    The threshold is found by exact sample-based selection, never by sorting.
+    Keeps the ``k = floor(density * numel)`` (at least 1) entries of largest ``|tau_j|`` and zeroes the rest:
+    ``trim(tau)_j = tau_j`` if ``|tau_j| > t``, or ``|tau_j| = t`` and j is among the first entries tied at
+    ``t`` needed to make k, else 0; ``t`` is the k-th largest magnitude, found by exact sample-based
+    selection (never by sorting). Exactly k entries survive, as in mergekit; the TIES paper's code keeps
+    every entry tied at ``t``, which is the same for continuous values but not for bf16 models.
+
+    With ``threshold`` given, ``t`` is that value instead and ``ties`` says how many entries equal to it to
+    keep (None: all): the whole-model scope of the paper, where ``t`` is the k-th largest magnitude over all
+    tensors of the model and the engine's streaming pass assigns each tensor its share of the ties.
+    ``density == 1`` returns a copy of ``tau``.
     """
     _check_density(density)
     if threshold is None:
         if density >= 1.0 or tau.numel() == 0:
             return tau.clone()
+        magnitude = tau.abs()
         k = keep_count(tau.numel(), density)
-        threshold = float(kth_largest(tau.abs(), k))
-    out = tau.clone()
-    out.masked_fill_(tau.abs() < threshold, 0)
-    return out
+        threshold = float(kth_largest(magnitude, k))
+        ties = k - int(torch.count_nonzero(magnitude > threshold))
+    else:
+        magnitude = tau.abs()
+    return tau * keep_top(magnitude, threshold, ties)
 
 
 def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
