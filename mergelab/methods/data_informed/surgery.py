@@ -340,6 +340,7 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
     from mergelab.evaluation.metrics import classifier_outputs
     from mergelab.models import default_device, load_head
     from mergelab.tasks import get_task
+    from mergelab.training.provenance import data_fingerprint
     from mergelab.training.result import ExpertResult, load_expert
 
     if not isinstance(modules, Mapping):
@@ -372,6 +373,9 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
                 f"surgery module for '{t}' expects {module.dim} features, the backbone gives {feature_dim}")
         head = load_head(by_task[t].head_path, module.dim).to(dev)
         data = get_task(t)
+        if by_task[t].test_fingerprint != data_fingerprint(data.x_test, data.y_test):  # as evaluate() checks
+            raise SpecError(f"expert {by_task[t].path} was trained and scored on another version of task {t!r} "
+                            f"(its test split changed); rebuild it (e.g. `mergelab zoo --arch {by_task[t].arch}`)")
         wrapped = SurgeredBackbone(model, module.to(dev))
         correct, losses = classifier_outputs(wrapped, head, data.x_test, data.y_test, batch_size)
         acc, ref = correct.double().mean().item(), by_task[t].test_metrics.accuracy
@@ -384,7 +388,7 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
     norms = [r.normalized_accuracy for r in rows]
     return EvaluationResult(
         backbone=desc, arch=results[0].arch if results else "",
-        heads="experts + surgery", reset_bn=False, tasks=rows,
+        heads="experts + surgery", tasks=rows,
         joint=Metrics(accuracy=correct_cat.double().mean().item(), loss=loss_cat.mean().item(), n=len(correct_cat)),
         mean_accuracy=sum(r.accuracy for r in rows) / len(rows),
         mean_normalized_accuracy=(sum(norms) / len(norms))  # type: ignore[arg-type]
