@@ -209,8 +209,9 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
 
 
-def load_spec(path: str | Path) -> MergeSpec:
-    """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder."""
+def read_yaml_file(path: str | Path) -> Any:
+    """The parsed content of a YAML (or JSON) spec file; :class:`SpecError` naming the file if it cannot be
+    read, is not valid YAML, or is empty."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -222,4 +223,10 @@ def load_spec(path: str | Path) -> MergeSpec:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         raise SpecError(f"{path}: the spec is empty")
-    return parse_spec(data, source=str(path), root=path.resolve().parent)
+    return data
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder."""
+    path = Path(path)
+    return parse_spec(read_yaml_file(path), source=str(path), root=path.resolve().parent)

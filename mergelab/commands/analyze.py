@@ -91,24 +91,11 @@ def load_analysis_spec(path: str | Path) -> tuple[Any, dict[str, Any], list[str]
     resolved against the file's folder), the reserved sections set aside (``data``, ``analysis``), and
     warnings about ignored keys. Raises :class:`~mergelab.errors.SpecError` naming the file on bad input.
     """
-    import yaml
-
-    from mergelab.spec import read_yaml
-
     from mergelab.errors import SpecError
-    from mergelab.spec import MergeSpec, parse_spec
+    from mergelab.spec import MergeSpec, parse_spec, read_yaml_file
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec: {exc.strerror or exc}") from None
-    try:
-        raw = read_yaml(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raise SpecError(f"{path}: the spec is empty")
+    raw = read_yaml_file(path)
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: a merge spec must be a mapping, got {type(raw).__name__}")
     data = dict(raw)

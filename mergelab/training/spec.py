@@ -196,19 +196,18 @@ def load_spec_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON spec file into a dict (not yet validated)."""
     from pathlib import Path
 
-    import yaml
-
-    from mergelab.spec import read_yaml
+    from mergelab.spec import read_yaml_file
 
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError(f"{p}: cannot read spec file: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else read_yaml(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except OSError as exc:
+            raise SpecError(f"{p}: cannot read spec file: {exc.strerror}") from None
+        except ValueError as exc:
+            raise SpecError(f"{p}: not valid JSON: {exc}") from None
+    else:
+        data = read_yaml_file(p)
     if not isinstance(data, dict):
         raise SpecError(f"{p}: a spec file must hold a mapping of fields, got {type(data).__name__}")
     return data
