@@ -89,8 +89,11 @@ def disjoint_mean(
         raise ValueError(f"disjoint divisor must be 'count' or 'weight', got {divisor!r}")
     numerator = torch.zeros_like(taus[0])
     denominator = torch.zeros_like(taus[0])
+    agree = torch.empty_like(taus[0])
     for tau, w in zip(taus, weights):
-        agree = (torch.sign(tau) == sign) & (tau != 0)
-        numerator.add_(tau * agree, alpha=w)
-        denominator.add_(agree.to(denominator.dtype), alpha=(1.0 if divisor == "count" else w))
-    return torch.where(denominator != 0, numerator / denominator.where(denominator != 0, 1.0), 0.0)
+        # tau_ij * gamma_j > 0  <=>  sgn(tau_ij) = gamma_j and tau_ij != 0 (gamma_j = 0 agrees with nobody)
+        torch.mul(tau, sign, out=agree).gt_(0)
+        numerator.addcmul_(tau, agree, value=w)
+        denominator.add_(agree, alpha=(1.0 if divisor == "count" else w))
+    empty = denominator == 0  # no agreeing model (or agreeing weights cancelling): the entry is 0
+    return numerator.masked_fill_(empty, 0.0).div_(denominator.masked_fill_(empty, 1.0))
