@@ -147,6 +147,12 @@ def test_merged_path_and_errors(zoo, tmp_path):
                 tmp_path / "s1", progress=False)
     expected, got = read_backbone_state(ta.out_dir), read_backbone_state(out.out_dir)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # a data-informed starting point, computed in memory on the same pool: AdaMerging at zero steps = TA 0.3
+    ada = merge(_spec(zoo, {"from": "adamerging", "from_parameters": {"granularity": "task", "steps": 0},
+                            "steps": 0, "modules_dir": str(tmp_path / "m0")}), tmp_path / "s0", progress=False)
+    ta3 = merge(_spec(zoo, {"lambda": 0.3}, method="task_arithmetic"), tmp_path / "ta3", progress=False)
+    got, expected = read_backbone_state(ada.out_dir), read_backbone_state(ta3.out_dir)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-7) for k in expected)
     with pytest.raises(SpecError, match="modules_dir"):
         merge(_spec(zoo, {"steps": 0}), tmp_path / "x1", progress=False)
     with pytest.raises(SpecError, match="either 'merged'.*or 'from'"):
@@ -161,7 +167,7 @@ def test_merged_path_and_errors(zoo, tmp_path):
         merge(_spec(zoo, {"rank": 0, "modules_dir": str(tmp_path / "m5")}), tmp_path / "x5", progress=False)
     with pytest.raises(SpecError, match="no surgery module for task 'mnist'"):
         apply_surgery(torch.nn.Identity(), {"a": SurgeryModule(4, 2)}, "mnist", torch.zeros(1, 4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m1", "s1", "ta"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "s0", "s1", "ta", "ta3"]
 
 
 def test_non_finite_merged_features_are_refused(zoo):

@@ -46,6 +46,10 @@ Mapping to mergelab:
   mode, as test-time entropy minimisation does, e.g. TENT, Wang et al. 2021) and re-estimates the result's
   running statistics on the union of the unlabelled examples at the end: with running statistics fixed,
   the entropy can be driven down by inflating activations (and logits) instead of by better features.
+  On the resnet_s zoo (8 MNIST-family experts, init 1/8) ``merged`` took layer-wise AdaMerging from 0.53 to
+  0.21 mean accuracy while the entropy fell 6.4 -> 1.2; ``batch`` gave 0.68 (0.66 at zero steps): prefer
+  ``bn: batch`` for BatchNorm backbones. The default stays ``merged``, the published setting (CLIP ViTs
+  have no BatchNorm, so there the two coincide).
 
 **Memory grows linearly with the pool**: the N task vectors are held in memory (on ``context.device``) for
 the whole optimisation, since every step rebuilds the merged model from all of them — N + 2 backbones in
