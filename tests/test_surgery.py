@@ -153,8 +153,9 @@ def test_merged_path_and_errors(zoo, tmp_path):
     ta3 = merge(_spec(zoo, {"lambda": 0.3}, method="task_arithmetic"), tmp_path / "ta3", progress=False)
     got, expected = read_backbone_state(ada.out_dir), read_backbone_state(ta3.out_dir)
     assert all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-7) for k in expected)
-    with pytest.raises(SpecError, match="modules_dir"):
-        merge(_spec(zoo, {"steps": 0}), tmp_path / "x1", progress=False)
+    # without modules_dir the modules go next to the output, in <out>.surgery
+    merge(_spec(zoo, {"steps": 0}), tmp_path / "x1", progress=False)
+    assert any((tmp_path / "x1.surgery").glob("*.safetensors"))
     with pytest.raises(SpecError, match="either 'merged'.*or 'from'"):
         merge(_spec(zoo, {"merged": str(ta.out_dir), "from": "ties", "modules_dir": str(tmp_path / "m2")}),
               tmp_path / "x2", progress=False)
@@ -167,7 +168,7 @@ def test_merged_path_and_errors(zoo, tmp_path):
         merge(_spec(zoo, {"rank": 0, "modules_dir": str(tmp_path / "m5")}), tmp_path / "x5", progress=False)
     with pytest.raises(SpecError, match="no surgery module for task 'mnist'"):
         apply_surgery(torch.nn.Identity(), {"a": SurgeryModule(4, 2)}, "mnist", torch.zeros(1, 4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "s0", "s1", "ta", "ta3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "s0", "s1", "ta", "ta3", "x1", "x1.surgery"]
 
 
 def test_non_finite_merged_features_are_refused(zoo):

@@ -81,6 +81,7 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
     device = _resolve_device(spec.device)
     context = MergeContext.from_spec(spec.base, [(m.path, m.weight) for m in spec.models], spec.data, device,
                                      progress)
+    context.out_dir = Path(out_dir)
     state = method.run(context, params)
     seconds = time.perf_counter() - started
     record = {
@@ -96,6 +97,7 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
                        for e in context.experts],
         },
         "seconds": round(seconds, 3),
+        **({"outputs": context.outputs} if context.outputs else {}),
     }
     out = write_state(state, out_dir, record=record, dtype=spec.dtype, shard_size=spec.shard_size,
                       overwrite=overwrite, copy_files_from=Path(context.base_path) if Path(context.base_path).is_dir() else None)

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -62,6 +62,8 @@ class MergeContext:
     data: DataSpec
     device: torch.device
     progress: bool = True
+    out_dir: Path | None = None  # the merge's output folder (set by run_merge)
+    outputs: dict[str, Any] = field(default_factory=dict)  # JSON-able results, stored in the merge record
     _heads: dict[str, nn.Linear] = field(default_factory=dict)
 
     @classmethod
