@@ -8,15 +8,15 @@ already in the cache. Results come back in task order; an expert that fails (e.g
 
 Defaults (the :class:`~mergelab.training.spec.ExpertSpec` defaults): K = 300 steps, batch 64, cosine
 schedule, linear-probe head init, no augmentation; ResNets SGD lr 0.05 momentum 0.9 wd 5e-4; ViT AdamW lr
-1e-3 wd 0.01. Measured on the 21-task suite (test accuracy, mean over tasks; "start" = pretrained backbone
-with BN statistics re-estimated on the task and a fitted linear probe):
+1e-3 wd 0.01. Measured on the 21-task suite (test accuracy, mean over tasks; "probe" = the pretrained
+backbone with a linear probe fitted per task, ``mergelab evaluate <pretrained> --probe``), and the wall
+time of ``mergelab zoo --arch A`` from an empty zoo cache on an otherwise idle 2-core CPU::
 
-=========  =======  ======  ==============================================
-arch       start    expert  CPU time per expert (one core)
-=========  =======  ======  ==============================================
-resnet_s   0.825    0.972   ~11 s
-vit_s      0.707    0.860   ~13 s
-=========  =======  ======  ==============================================
+    arch       probe   expert   pretrain   21 experts   total
+    resnet_s   0.830   0.972      33 s       108 s       144 s
+    resnet_l   0.827   0.976     125 s       360 s       487 s
+    vit_s      0.707   0.860      55 s       119 s       176 s
+    resnet_m   0.835   0.977     (not timed idle)
 """
 
 from __future__ import annotations
