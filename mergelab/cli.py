@@ -18,6 +18,7 @@ from mergelab.errors import MergeLabError
 
 # Modules under mergelab.commands, in the order their verbs appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
+    "quickstart",
     "merge",
     "demo",
     "zoo",
@@ -25,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "calibrate",
     "results",
     "compare",
+    "experiment",
+    "report",
 )
 
 log = logging.getLogger("mergelab")
