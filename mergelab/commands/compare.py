@@ -2,10 +2,11 @@
 
 * ``mergelab compare --arch resnet_s --tasks a,b,c,d [--methods m1,m2] [--out DIR] [--quick]`` prints the
   comparison table (per-task accuracy, average, normalized accuracy, wall time, peak memory) and, with
-  ``--out``, writes ``comparison.csv`` and ``comparison.json`` there (and keeps the merged models in
-  ``DIR/merged``).
+  ``--out``, writes ``comparison.csv``, ``comparison.json`` and the report document ``report.json`` there
+  (``mergelab report DIR`` draws it; the merged models are kept in ``DIR/merged``).
 * ``mergelab compare --pool-scaling irrelevant|relevant [--sizes 4,8,12,16,20]`` runs the FW-Merging pool
-  scaling protocol (:mod:`mergelab.experiments.pool_scaling`) and writes ``pool_scaling_<mode>.csv/json``.
+  scaling protocol (:mod:`mergelab.experiments.pool_scaling`) and writes ``pool_scaling_<mode>.csv/json`` and
+  ``report.json`` (holding both modes when both were run into the same folder).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if out is not None:
         csv_path = table.to_csv(out / "comparison.csv")
         json_path = table.to_json(out / "comparison.json")
-        print(f"wrote {csv_path} and {json_path}")
+        doc_path = table.to_report(config={"overrides": overrides}).to_json(out)
+        print(f"wrote {csv_path}, {json_path} and {doc_path} (draw it with `mergelab report {out}`)")
     return 1 if any(r.error for r in table.rows) else 0
 
 
@@ -135,5 +137,21 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
     if out is not None:
         csv_path = result.to_csv(out / f"pool_scaling_{mode}.csv")
         json_path = result.to_json(out / f"pool_scaling_{mode}.json")
-        print(f"wrote {csv_path} and {json_path}")
+        doc_path = _write_pool_scaling_report(result, out)
+        print(f"wrote {csv_path}, {json_path} and {doc_path} (draw it with `mergelab report {out}`)")
     return 1 if any(r.error for t in result.tables.values() for r in t.rows) else 0
+
+
+def _write_pool_scaling_report(result: Any, out: Path) -> Path:
+    """Write ``out/report.json``: this mode's sections, keeping another mode's from an earlier run there."""
+    from mergelab.errors import SpecError
+    from mergelab.report.convert import merge_pool_scaling_documents
+    from mergelab.report.document import REPORT_FILENAME, ReportDocument
+
+    old = None
+    if (out / REPORT_FILENAME).is_file():
+        try:
+            old = ReportDocument.from_json(out)
+        except SpecError:  # an unreadable earlier document is replaced
+            old = None
+    return merge_pool_scaling_documents(old, result.to_report()).to_json(out)

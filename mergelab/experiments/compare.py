@@ -79,9 +79,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import MergeLabError, SpecError
+
+if TYPE_CHECKING:
+    from mergelab.report.document import ReportDocument, Section
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,19 @@ class ComparisonTable:
                            + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb),
                               r.error or "", json.dumps(r.params, sort_keys=True, default=str)])
         return path
+
+    def to_report(self, **kwargs: Any) -> ReportDocument:
+        """This table as a :class:`~mergelab.report.ReportDocument` (``kwargs``: title, study, summary, config;
+        see :func:`mergelab.report.convert.comparison_document`)."""
+        from mergelab.report.convert import comparison_document
+
+        return comparison_document(self, **kwargs)
+
+    def report_sections(self) -> list[Section]:
+        """This table as report :class:`~mergelab.report.Section` s (for a study's own document)."""
+        from mergelab.report.convert import comparison_sections
+
+        return comparison_sections(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonTable:

@@ -33,10 +33,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable, run_comparison
+
+if TYPE_CHECKING:
+    from mergelab.report.document import ReportDocument, Section
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,19 @@ class PoolScalingResult:
                                 cell(r.peak_mb), r.error or "", " ".join(self.eval_tasks[n]), " ".join(self.pools[n]),
                                 json.dumps(r.per_task, sort_keys=True)])
         return path
+
+    def to_report(self, **kwargs: Any) -> ReportDocument:
+        """This run as a :class:`~mergelab.report.ReportDocument` (study ``pool_scaling``; ``kwargs``: title,
+        config; see :func:`mergelab.report.convert.pool_scaling_document`)."""
+        from mergelab.report.convert import pool_scaling_document
+
+        return pool_scaling_document(self, **kwargs)
+
+    def report_sections(self) -> list[Section]:
+        """This run as report :class:`~mergelab.report.Section` s (figures, tables, the paper's claims)."""
+        from mergelab.report.convert import pool_scaling_sections
+
+        return pool_scaling_sections(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolScalingResult:

@@ -1,0 +1,68 @@
+"""``mergelab report``: draw study folders' ``report.json`` documents into a static HTML page.
+
+* ``mergelab report DIR`` writes ``DIR/report.html`` from ``DIR/report.json`` and prints its path.
+* ``mergelab report DIR1 DIR2 ... [--out FILE.html]`` writes **one combined page** holding every study in
+  the order given (default ``./mergelab-report.html``); ``--separate`` instead writes one page per study,
+  next to each ``report.json``.
+
+Each argument is a study folder holding ``report.json`` or a ``.json`` report document itself. A missing or
+invalid document is an error naming the file and what is wrong, with a non-zero exit status; nothing is
+written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMBINED_DEFAULT = "mergelab-report.html"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a static HTML report (figures, tables, verdicts) of one or more study folders",
+        description="Read each study folder's report.json (or a report .json file) and write a self-contained "
+                    "HTML page: figures, tables, theory-vs-measurement verdicts, configuration. One study: "
+                    "STUDY_DIR/report.html by default; several: one combined page (--out, default "
+                    f"./{COMBINED_DEFAULT}) or one page each (--separate).",
+    )
+    p.add_argument("studies", nargs="+", metavar="STUDY_DIR", help="study folder with report.json, or a report .json file")
+    p.add_argument("--out", help="HTML file to write (one page for all the studies)")
+    p.add_argument("--separate", action="store_true", help="one page per study, written next to its report.json")
+    p.add_argument("--title", help="page title of a combined report")
+    p.set_defaults(func=run_report)
+
+
+def _html_name(arg: str) -> Path:
+    path = Path(arg)
+    if path.is_dir():
+        return path / "report.html"
+    return path.with_suffix(".html")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from mergelab.errors import SpecError
+    from mergelab.report.document import ReportDocument
+    from mergelab.report.html import write_html
+
+    for arg in args.studies:
+        if not Path(arg).exists():
+            raise SpecError(f"{arg}: no such study folder or report file")
+    docs = [ReportDocument.from_json(a) for a in args.studies]  # every document is checked before writing
+    if args.separate:
+        if args.out:
+            raise SpecError("--out names one combined page; with --separate each page goes next to its report.json")
+        for arg, doc in zip(args.studies, docs):
+            print(write_html(doc, _html_name(arg)))
+        return 0
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise SpecError(f"--out {out}: is a folder; name the HTML file to write (e.g. {out / 'report.html'})")
+    elif len(docs) == 1:
+        out = _html_name(args.studies[0])
+    else:
+        out = Path(COMBINED_DEFAULT)
+    print(write_html(docs if len(docs) > 1 else docs[0], out, title=args.title))
+    return 0

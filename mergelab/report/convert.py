@@ -1,0 +1,338 @@
+"""Existing results as report documents: a method comparison and a pool-scaling run.
+
+* :func:`comparison_sections` / :func:`comparison_document` turn a
+  :class:`~mergelab.experiments.compare.ComparisonTable` into sections: the accuracy table (per task, average,
+  normalized, wall time, peak memory), a bar figure of average and normalized accuracy per method, a bar
+  figure of per-task accuracy, a wall-time figure, the methods' settings, and three paper claims checked on
+  the table (see :func:`comparison_verdicts`).
+* :func:`pool_scaling_sections` / :func:`pool_scaling_document` turn a
+  :class:`~mergelab.experiments.pool_scaling.PoolScalingResult` into a line figure of average accuracy against
+  pool size per method with the FW-Merging paper's endpoints (:data:`PAPER_TABLE3`) as points, a normalized
+  accuracy figure, tables, and the paper's claims as verdicts (:func:`pool_scaling_verdicts`).
+
+Verdict rules are deliberately simple and printed with each verdict: a difference smaller than
+:data:`TIE_TOLERANCE` (accuracy, 0.5 points) counts as *undecided* (the test sets hold a few hundred
+examples per task, so smaller differences are within noise), a missing or failed row is *undecided*.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict, versions
+
+if TYPE_CHECKING:
+    from mergelab.experiments.compare import ComparisonTable
+    from mergelab.experiments.pool_scaling import PoolScalingResult
+
+#: Accuracy differences below this (absolute, in [0, 1]) are called undecided.
+TIE_TOLERANCE = 0.005
+#: Largest fall of FW-soft's accuracy (absolute) still called "flat" when irrelevant experts join.
+FLAT_TOLERANCE = 0.02
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else 100.0 * v
+
+
+def _fin(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _fmt_pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
+# ---------------------------------------------------------------------------------------- comparison
+
+
+def _ok_rows(table: ComparisonTable) -> list[Any]:
+    return [r for r in table.rows if r.error is None]
+
+
+def _average(table: ComparisonTable, method: str) -> float | None:
+    for r in table.rows:
+        if r.method == method and r.error is None and math.isfinite(r.average):
+            return float(r.average)
+    return None
+
+
+def _better(claim: str, predicted: str, a_name: str, a: float | None, b_name: str, b: float | None,
+            source: str) -> Verdict:
+    """Verdict for "``a`` is more accurate than ``b``" (undecided when missing or within the tolerance)."""
+    if a is None or b is None:
+        missing = [n for n, v in ((a_name, a), (b_name, b)) if v is None]
+        return Verdict(claim=claim, predicted=predicted, measured=f"{', '.join(missing)} not measured",
+                       agrees=None, detail=source)
+    diff = a - b
+    agrees: bool | None = None if abs(diff) < TIE_TOLERANCE else diff > 0
+    return Verdict(claim=claim, predicted=predicted,
+                   measured=f"{a_name} {_fmt_pct(a)} vs {b_name} {_fmt_pct(b)} ({100 * diff:+.1f} points)",
+                   agrees=agrees,
+                   detail=f"{source} Average accuracy over the evaluated tasks; differences under "
+                          f"{100 * TIE_TOLERANCE:.1f} points are undecided.")
+
+
+def comparison_verdicts(table: ComparisonTable) -> list[Verdict]:
+    """Paper claims about method rankings, checked on the comparison's average accuracies.
+
+    * TIES and DARE beat task arithmetic: sparsification / sign consensus shrinks the heterogeneity term
+      (stability paper, Corollary 1; Yadav et al. 2023; Yu et al. 2024).
+    * AdaMerging beats task arithmetic (Yang et al. 2024).
+    * FW-soft beats task arithmetic (Chen et al. 2025).
+
+    Only claims whose rows were compared are returned.
+    """
+    ta = _average(table, "task_arithmetic")
+    names = {r.method for r in table.rows}
+    out = []
+    if "task_arithmetic" not in names:
+        return out
+    if "ties" in names:
+        out.append(_better("TIES beats task arithmetic", "higher accuracy (trim + sign consensus shrink the "
+                           "task-heterogeneity term)", "ties", _average(table, "ties"), "task_arithmetic", ta,
+                           "Stability paper, Corollary 1; Yadav et al. 2023."))
+    if "dare" in names:
+        out.append(_better("DARE beats task arithmetic", "higher accuracy (random drop + rescale shrinks the "
+                           "task-heterogeneity term)", "dare", _average(table, "dare"), "task_arithmetic", ta,
+                           "Stability paper, Corollary 1; Yu et al. 2024."))
+    if "adamerging" in names:
+        out.append(_better("AdaMerging beats task arithmetic", "higher accuracy (learned layer-wise coefficients)",
+                           "adamerging", _average(table, "adamerging"), "task_arithmetic", ta,
+                           "Yang et al. 2024 (ICLR)."))
+    if "fw_soft" in names:
+        out.append(_better("FW-soft beats task arithmetic", "higher accuracy (Frank-Wolfe over the pool's hull)",
+                           "fw_soft", _average(table, "fw_soft"), "task_arithmetic", ta, "Chen et al. 2025 (ICCV)."))
+    return out
+
+
+def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list[Section]:
+    """Sections of a comparison: accuracy table and figures, costs, settings, paper claims.
+
+    ``prefix`` starts every figure id (figure ids are unique within a document).
+    """
+    rows = table.rows
+    ok = _ok_rows(table)
+    methods = [r.method for r in ok]
+    acc_cols = ["method", *[f"{t} (%)" for t in table.tasks], "average (%)", "normalized (%)", "wall (s)",
+                "peak memory (MB)", "error"]
+    acc_rows = []
+    for r in rows:
+        if r.error is not None:
+            acc_rows.append([r.method, *[None] * (len(table.tasks) + 4), r.error])
+            continue
+        acc_rows.append([r.method, *[_pct(r.per_task.get(t)) for t in table.tasks], _pct(r.average),
+                         _pct(r.normalized), _fin(r.wall_s), _fin(r.peak_mb), None])
+    notes = " ".join(n for n in (table.meta.get("memory_note", ""), table.meta.get("wall_note", "")) if n)
+    accuracy = Table(title=f"{table.arch}: accuracy per method on {len(table.tasks)} tasks", columns=acc_cols,
+                     rows=acc_rows, digits=1,
+                     caption="Test accuracy through each task's expert head; normalized = mean over tasks of "
+                             f"merged / expert accuracy. {notes}".strip())
+    main_fig = Figure(
+        id=f"{prefix}-accuracy", title="Average and normalized accuracy per method", xlabel="method",
+        ylabel="accuracy (%)", kind="bar",
+        series=[Series(label="average accuracy", x=methods, y=[_pct(r.average) for r in ok]),
+                Series(label="normalized accuracy", x=methods, y=[_pct(r.normalized) for r in ok])],
+        caption="Bars are missing for methods that failed (see the table).") if methods else None
+    per_task_fig = Figure(
+        id=f"{prefix}-per-task", title="Accuracy per task and method", xlabel="method", ylabel="accuracy (%)",
+        kind="bar", series=[Series(label=t, x=methods, y=[_pct(r.per_task.get(t)) for r in ok])
+                            for t in table.tasks]) if methods else None
+    timed = [r for r in ok if math.isfinite(r.wall_s) and r.wall_s > 0]
+    wall_fig = Figure(
+        id=f"{prefix}-wall", title="Wall time per method", xlabel="method", ylabel="seconds (log scale)",
+        kind="bar", yscale="log",
+        series=[Series(label="wall time", x=[r.method for r in timed], y=[r.wall_s for r in timed])],
+        caption=table.meta.get("wall_note", "")) if timed else None
+    sources = table.meta.get("sources", {}) or {}
+    settings = Table(
+        title="Settings per method", columns=["row", "mergelab method", "parameters", "source"],
+        rows=[[r.method, r.params.get("method") if isinstance(r.params.get("method"), str) else None,
+               _jsonable({k: v for k, v in r.params.items() if k not in ("experts", "method")}),
+               sources.get(r.method, "")] for r in rows])
+    sections = [
+        Section(title=f"Method comparison ({table.arch}: {', '.join(table.tasks)})",
+                text=f"Every method merges the same pool of {len(table.meta.get('pool', [])) or len(table.tasks)} "
+                     "experts; each merged backbone is evaluated on each task's test set through that task's expert "
+                     "head. 'pretrained' is the floor, 'individual' (each expert on its own task) the ceiling.",
+                figures=[f for f in (main_fig, per_task_fig) if f is not None], tables=[accuracy]),
+        Section(title="Cost and settings", figures=[wall_fig] if wall_fig else [], tables=[settings]),
+    ]
+    verdicts = comparison_verdicts(table)
+    if verdicts:
+        sections.append(Section(title="Paper claims on this comparison",
+                                text="Rankings the papers report, checked on this table's average accuracy.",
+                                verdicts=verdicts))
+    return sections
+
+
+def comparison_document(table: ComparisonTable, *, title: str | None = None, study: str = "comparison",
+                        summary: str | None = None, config: Mapping[str, Any] | None = None) -> ReportDocument:
+    """A report document holding :func:`comparison_sections` (config: the table's settings and ``config``)."""
+    ok = _ok_rows(table)
+    merges = [r for r in ok if r.method not in ("pretrained", "individual", "multitask")]
+    best = max(merges, key=lambda r: r.average if math.isfinite(r.average) else -1.0, default=None)
+    auto = (f"{len(table.rows)} rows on {table.arch} ({', '.join(table.tasks)})."
+            + (f" Best merge by average accuracy: {best.method} ({_fmt_pct(best.average)}, normalized "
+               f"{_fmt_pct(best.normalized)})." if best is not None else ""))
+    failed = [r.method for r in table.rows if r.error is not None]
+    if failed:
+        auto += f" Failed: {', '.join(failed)}."
+    cfg = {"arch": table.arch, "tasks": list(table.tasks), "methods": [r.method for r in table.rows],
+           **{k: v for k, v in table.meta.items() if k not in ("memory_note", "wall_note", "sources")},
+           **dict(config or {})}
+    return ReportDocument(title=title or f"Method comparison: {table.arch} on {len(table.tasks)} tasks", study=study,
+                          summary=summary if summary is not None else auto, config=_jsonable(cfg),
+                          sections=comparison_sections(table), created=_now(), versions=versions())
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (str, int, bool)):
+        return v
+    return str(v)
+
+
+# -------------------------------------------------------------------------------------- pool scaling
+
+
+def _pool_value(result: PoolScalingResult, method: str, n: int, what: str = "average") -> float | None:
+    table = result.tables.get(n)
+    if table is None:
+        return None
+    try:
+        row = table.row(method)
+    except KeyError:
+        return None
+    if row.error is not None:
+        return None
+    v = getattr(row, what)
+    return float(v) if math.isfinite(v) else None
+
+
+def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
+    """The FW-Merging paper's pool-scaling claims, checked between the smallest and largest pool measured.
+
+    * irrelevant experts join: task arithmetic falls (paper 70.3 -> 21.2); FW-soft stays flat (74.1 -> 74.2):
+      agrees when it falls by less than :data:`FLAT_TOLERANCE`.
+    * relevant experts join: FW-soft rises (59.2 -> 68.3).
+    """
+    from mergelab.experiments.pool_scaling import PAPER_TABLE3
+
+    sizes = sorted(n for n in result.sizes if n in result.tables)
+    paper = PAPER_TABLE3.get(result.mode, {})
+
+    def ends(method: str) -> tuple[int, float | None, int, float | None] | None:
+        if len(sizes) < 2 or method not in result.methods:
+            return None
+        return sizes[0], _pool_value(result, method, sizes[0]), sizes[-1], _pool_value(result, method, sizes[-1])
+
+    def paper_text(method: str) -> str:
+        p = paper.get(method, {})
+        return " -> ".join(f"{v:.1f}% ({n} models)" for n, v in sorted(p.items()))
+
+    def measured(e: tuple[int, float | None, int, float | None]) -> str:
+        n0, a0, n1, a1 = e
+        return f"{_fmt_pct(a0)} ({n0} experts) -> {_fmt_pct(a1)} ({n1} experts)"
+
+    out: list[Verdict] = []
+    note = "FW-Merging paper Table 3 (ViT-B/32 CLIP experts; this run: {arch}, smallest vs largest pool)."
+    src = note.format(arch=result.arch)
+    if result.mode == "irrelevant":
+        e = ends("task_arithmetic")
+        if e is not None:
+            agrees = None if e[1] is None or e[3] is None or abs(e[3] - e[1]) < TIE_TOLERANCE else e[3] < e[1]
+            out.append(Verdict(claim="Task arithmetic falls as irrelevant experts join",
+                               predicted=f"falls: {paper_text('task_arithmetic')}", measured=measured(e),
+                               agrees=agrees, detail=src))
+        e = ends("fw_soft")
+        if e is not None:
+            agrees = None if e[1] is None or e[3] is None else e[3] >= e[1] - FLAT_TOLERANCE
+            out.append(Verdict(claim="FW-soft stays flat as irrelevant experts join",
+                               predicted=f"flat: {paper_text('fw_soft')}", measured=measured(e), agrees=agrees,
+                               detail=f"{src} Flat: falls by less than {100 * FLAT_TOLERANCE:.0f} points."))
+    else:
+        e = ends("fw_soft")
+        if e is not None:
+            agrees = None if e[1] is None or e[3] is None or abs(e[3] - e[1]) < TIE_TOLERANCE else e[3] > e[1]
+            out.append(Verdict(claim="FW-soft improves as relevant experts join",
+                               predicted=f"rises: {paper_text('fw_soft')}", measured=measured(e), agrees=agrees,
+                               detail=f"{src} The evaluated tasks grow with the pool here, as in the paper."))
+    return out
+
+
+def pool_scaling_sections(result: PoolScalingResult, prefix: str | None = None) -> list[Section]:
+    """Sections of a pool-scaling run (one mode): figures, tables and the paper's claims as verdicts."""
+    from mergelab.experiments.pool_scaling import PAPER_TABLE3
+
+    prefix = prefix or f"pool-{result.mode}"
+    sizes = sorted(n for n in result.sizes if n in result.tables)
+    paper = PAPER_TABLE3.get(result.mode, {})
+    acc_series = [Series(label=m, x=list(sizes), y=[_pct(_pool_value(result, m, n)) for n in sizes])
+                  for m in result.methods]
+    acc_series += [Series(label=f"paper: {m}", x=sorted(p), y=[p[n] for n in sorted(p)], style="points")
+                   for m, p in paper.items()]
+    what = ("the 4 evaluated tasks stay fixed while experts of other tasks join" if result.mode == "irrelevant"
+            else "each pool is evaluated on all of its tasks")
+    fig_acc = Figure(id=f"{prefix}-accuracy", title=f"Average accuracy vs pool size ({result.mode} experts join)",
+                     xlabel="experts in the pool", ylabel="average accuracy (%)", series=acc_series,
+                     caption=f"{result.arch}: {what}. Diamonds: the FW-Merging paper's endpoints (Table 3, ViT-B/32 "
+                             "CLIP experts on other tasks: compare shapes, not levels).")
+    fig_norm = Figure(id=f"{prefix}-normalized", title=f"Normalized accuracy vs pool size ({result.mode})",
+                      xlabel="experts in the pool", ylabel="normalized accuracy (%)",
+                      series=[Series(label=m, x=list(sizes), y=[_pct(_pool_value(result, m, n, "normalized"))
+                                                                for n in sizes]) for m in result.methods])
+    rows: list[list[Any]] = [[m, *[_pct(_pool_value(result, m, n)) for n in sizes]] for m in result.methods]
+    rows += [[f"paper: {m}", *[p.get(n) for n in sizes]] for m, p in paper.items()]
+    acc_table = Table(title=f"Average accuracy (%) by pool size ({result.mode})",
+                      columns=["method", *[f"{n} experts" for n in sizes]], rows=rows, digits=1,
+                      caption="Paper rows: FW-Merging Table 3 endpoints (ViT-B/32).")
+    cost = Table(title=f"Wall time (s) by pool size ({result.mode})", columns=["method", *[f"{n} experts" for n in sizes]],
+                 rows=[[m, *[_pool_value(result, m, n, "wall_s") for n in sizes]] for m in result.methods], digits=1)
+    pools = Table(title="Pools", columns=["experts", "pool tasks", "evaluated tasks"],
+                  rows=[[n, ", ".join(result.pools[n]), ", ".join(result.eval_tasks[n])] for n in sizes])
+    failed = [f"{r.method} at {n}: {r.error}" for n in sizes for r in result.tables[n].rows if r.error]
+    text = (f"Pool scaling with {result.mode} experts on {result.arch}: {what}."
+            + (" Failed: " + "; ".join(failed) if failed else ""))
+    return [Section(title=f"Pool scaling: {result.mode} experts join", text=text, figures=[fig_acc, fig_norm],
+                    tables=[acc_table, cost, pools], verdicts=pool_scaling_verdicts(result))]
+
+
+def pool_scaling_document(result: PoolScalingResult, *, title: str | None = None,
+                          config: Mapping[str, Any] | None = None) -> ReportDocument:
+    """A report document (study ``pool_scaling``) holding :func:`pool_scaling_sections`."""
+    cfg = {"mode": result.mode, "arch": result.arch, "sizes": list(result.sizes), "methods": list(result.methods),
+           **dict(result.meta), **dict(config or {})}
+    return ReportDocument(title=title or "Pool scaling (FW-Merging Table 3)", study="pool_scaling",
+                          summary="Accuracy of merging methods as the pool of experts grows, against the FW-Merging "
+                                  "paper's claims.",
+                          config={result.mode: _jsonable(cfg)}, sections=pool_scaling_sections(result), created=_now(),
+                          versions=versions())
+
+
+def merge_pool_scaling_documents(old: ReportDocument | None, new: ReportDocument) -> ReportDocument:
+    """``new`` plus the sections and config of ``old``'s *other* pool-scaling modes (one report per folder)."""
+    if old is None or old.study != "pool_scaling":
+        return new
+    modes = set(new.config)
+    kept = [s for s in old.sections if not any(s.title.startswith(f"Pool scaling: {m} ") for m in modes)]
+    config = {**{k: v for k, v in old.config.items() if k not in modes}, **new.config}
+    ids = {f.id for s in new.sections for f in s.figures}
+    kept = [s for s in kept if not ({f.id for f in s.figures} & ids)]
+    return new.model_copy(update={"sections": kept + list(new.sections), "config": config})
+
+
+__all__ = ["FLAT_TOLERANCE", "TIE_TOLERANCE", "comparison_document", "comparison_sections", "comparison_verdicts",
+           "merge_pool_scaling_documents", "pool_scaling_document", "pool_scaling_sections", "pool_scaling_verdicts"]
