@@ -102,3 +102,81 @@ def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
         "merge_s": t_merge,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _interpolate(states: list[dict[str, Any]], weights: list[float], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``base + sum_i w_i (s_i - base)`` (or ``sum_i w_i s_i`` without ``base``) for floating tensors; other
+    tensors (BatchNorm's ``num_batches_tracked``) are taken from the first state."""
+    out = {}
+    for k, v in states[0].items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        acc = base[k].double().clone() if base is not None else v.double() * 0
+        for s, w in zip(states, weights):
+            acc += w * (s[k].double() - (base[k].double() if base is not None else 0))
+        out[k] = acc.to(v.dtype)
+    return out
+
+
+def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Merge two models of one task at their midpoint and measure the merge gain (THEORY.md section 2).
+
+    ``spec``: ``{"arch", "task", "a": spec hash, "b": spec hash, "reset_bn": bool, "ta_coefficients": [...],
+    "cache_dir"}``. Evaluates on the task's test split, each model as backbone + its own head: endpoints A and
+    B, the midpoint ``(theta_A + theta_B) / 2`` with the averaged head, and the task-arithmetic path
+    ``theta_0 + a (tau_A + tau_B)`` (head: the averaged head) at each coefficient ``a``; with ``reset_bn``
+    every model's BatchNorm statistics are re-estimated on the task's training images first (the same 20
+    batches for all). Returns accuracies, losses, the gain ``acc(mid) - (acc(A) + acc(B)) / 2``, the loss
+    barrier at the midpoint ``loss(mid) - (loss(A) + loss(B)) / 2``, the linear CKA of the endpoints'
+    penultimate test features, and the path.
+    """
+    import torch
+
+    from mergelab.analysis.cka import linear_cka
+    from mergelab.evaluation.bn import reset_bn_statistics
+    from mergelab.evaluation.metrics import classifier_outputs
+    from mergelab.models.paths import expert_dir, pretrained_dir
+    from mergelab.models.probe import extract_features
+    from mergelab.models.registry import build_backbone
+    from mergelab.models.state import load_backbone_state, read_backbone_state, read_head_state
+    from mergelab.tasks.registry import get_task
+    from mergelab.training.result import load_expert
+
+    arch, task, cache_dir = spec["arch"], spec["task"], spec.get("cache_dir")
+    ea = load_expert(expert_dir(arch, task, spec["a"], cache_dir))
+    eb = load_expert(expert_dir(arch, task, spec["b"], cache_dir))
+    data = get_task(task)
+    sa, sb = read_backbone_state(ea.backbone_path), read_backbone_state(eb.backbone_path)
+    s0 = read_backbone_state(pretrained_dir(arch, cache_dir) / "backbone.safetensors")
+    ha, hb = read_head_state(ea.head_path), read_head_state(eb.head_path)
+    h_mid = {k: (ha[k].double() + hb[k].double()).div(2).to(ha[k].dtype) for k in ha}
+
+    def run(state: dict[str, Any], head_state: dict[str, Any], features: bool = False) -> dict[str, Any]:
+        backbone = build_backbone(arch)
+        load_backbone_state(backbone, state, source=task)
+        head = torch.nn.Linear(backbone.feature_dim, data.num_classes)
+        head.load_state_dict({k: v.float() for k, v in head_state.items()})
+        if spec.get("reset_bn", True):
+            reset_bn_statistics(backbone, data.x_train)
+        with torch.no_grad():
+            correct, losses = classifier_outputs(backbone, head, data.x_test, data.y_test)
+            feats = extract_features(backbone, data.x_test) if features else None
+        return {"accuracy": correct.double().mean().item(), "loss": losses.mean().item(), "features": feats}
+
+    with torch.no_grad():
+        ra, rb = run(sa, ha, True), run(sb, hb, True)
+        rm = run(_interpolate([sa, sb], [0.5, 0.5]), h_mid)
+        path = []
+        for a in spec.get("ta_coefficients") or []:
+            r = run(_interpolate([sa, sb], [float(a), float(a)], base=s0), h_mid)
+            path.append({"a": float(a), "accuracy": r["accuracy"], "loss": r["loss"]})
+    cka = linear_cka(ra["features"], rb["features"])
+    return {
+        "accuracy_a": ra["accuracy"], "accuracy_b": rb["accuracy"], "accuracy_mid": rm["accuracy"],
+        "loss_a": ra["loss"], "loss_b": rb["loss"], "loss_mid": rm["loss"],
+        "gain": rm["accuracy"] - (ra["accuracy"] + rb["accuracy"]) / 2,
+        "barrier": rm["loss"] - (ra["loss"] + rb["loss"]) / 2,
+        "cka": cka,
+        "ta_path": path,
+    }
