@@ -117,7 +117,7 @@ class ScalingConfig(BaseModel):
             raise ValueError(f"n_tasks_grid must lie in 2..{len(self.tasks)} (the number of tasks)")
         if max(self.data_ratio_grid) > 1:
             raise ValueError("data ratios must be <= 1")
-        forbidden = {"task", "arch", "batch_size", "lr", "data_ratio", "checkpoint_every", "branch_from"} & set(self.base)
+        forbidden = {"task", "arch", "checkpoint_every", "branch_from"} & set(self.base)
         if forbidden:
             raise ValueError(f"base cannot set {sorted(forbidden)}: the study sets them")
         return self

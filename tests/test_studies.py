@@ -1,0 +1,195 @@
+"""The scaling-law and effective-noise studies: configuration checks, planning, the analysis on synthetic
+numbers with known answers, the job functions' invariants, and tiny end-to-end runs that resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergelab.errors import SpecError
+from mergelab.experiments.noise_study import NoiseConfig, cells, collapse_analysis, noise_scale, run_noise_study
+from mergelab.experiments.presets import configure, get_preset
+from mergelab.experiments.scaling_laws import ScalingConfig, plan, run_scaling_study, trend_verdict
+from mergelab.experiments.store import ResultsStore
+from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.report import ReportDocument
+
+TINY_TASKS = ("digits", "shapes", "mnist")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studyzoo")
+    pretrain("resnet_s", root, PretrainConfig(steps=4, batch_size=16, lr=0.05))
+    return root
+
+
+# ------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("bad, message", [
+    ({"lr_grid": (0.1, 0.05)}, "increasing"),
+    ({"steps_grid": (10,)}, "at least 2"),
+    ({"group_size": 7}, "exceeds the 6 tasks"),
+    ({"n_tasks_grid": (2, 9)}, "n_tasks_grid"),
+    ({"tasks": ("mnist", "nope")}, "unknown task"),
+    ({"base": {"task": "mnist"}}, "base cannot set"),
+    ({"data_ratio_grid": (0.5, 2.0)}, "<= 1"),
+])
+def test_scaling_config_rejects_bad_settings(bad, message):
+    with pytest.raises(SpecError, match=message):
+        configure(ScalingConfig(), bad)
+
+
+def test_configure_names_unknown_fields_and_allowed_ones():
+    with pytest.raises(SpecError, match=r"unknown setting\(s\) colour .*allowed: arch, tasks"):
+        configure(ScalingConfig(), {"colour": 1})
+    with pytest.raises(SpecError, match="unknown experiment preset 'nope'"):
+        get_preset("nope")
+    assert get_preset("scaling", full=True).name == "scaling-full"
+
+
+def test_plan_shares_default_experts_and_uses_the_same_groups_per_hyperparameter():
+    cfg = ScalingConfig(tasks=TINY_TASKS, group_size=2, groups=2, steps_grid=(4, 8), batch_grid=(8, 16),
+                        lr_grid=(0.01, 0.05), data_ratio_grid=(0.5, 1.0), n_tasks_grid=(2, 3))
+    p = plan(cfg)
+    # K: one run per task; b, eta: 2 values each; n: data ratio 1.0 is the default expert (shared with N);
+    # b = 64 / lr = 0.05 are not in these grids except lr 0.05, the default -> shared with N's experts
+    hashes = {s["task"] + str(s["batch_size"]) + str(s["lr"]) + str(s["data_ratio"]) + str(s["steps"]) for s in p.finetunes}
+    assert len(hashes) == len(p.finetunes)
+    assert len(p.finetunes) == 3 * (1 + 2 + 1 + 1 + 1)  # K run, b x2, lr 0.01, ratio 0.5, default
+    by_hp: dict[str, list] = {}
+    for s in p.settings:
+        by_hp.setdefault(s["hp"], []).append(s)
+        assert all(len(g) == (int(s["value"]) if s["hp"] == "N" else 2) for g in s["groups"])
+    for hp in ("K", "b", "eta", "n"):
+        tasks = [[tuple(m["task"] for m in g) for g in s["groups"]] for s in by_hp[hp]]
+        assert all(t == tasks[0] for t in tasks) and len(set(tasks[0])) == 2
+    assert [m["step"] for m in by_hp["K"][1]["groups"][0]] == [8, 8]
+    k_run = [s for s in p.finetunes if s["schedule"] == "constant"]
+    assert len(k_run) == 3 and all(s["steps"] == 8 and s["checkpoint_every"] == 4 for s in k_run)
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+@pytest.mark.parametrize("hp, loss, shape, agrees", [
+    ("N", [1.0, 1.2, 1.5], "increasing", True),
+    ("N", [1.5, 1.2, 1.0], "decreasing", False),
+    ("n", [1.5, 1.2, 1.0], "decreasing", True),
+    ("K", [1.5, 1.0, 1.4], "U", True),
+    ("b", [1.0, 1.001, 1.002], "flat", None),  # within the error bars
+])
+def test_trend_verdict_against_the_predicted_shapes(hp, loss, shape, agrees):
+    v = trend_verdict(hp, [1, 2, 3], loss, [0.01] * 3)
+    assert v["shape"] == shape and v["agrees"] is agrees
+
+
+def _grid_records(gain_of):
+    recs = []
+    for b in (16, 64):
+        for lr in (0.0125, 0.05, 0.2, 0.8):
+            t = noise_scale(lr, b, 0.9)
+            recs.append({"group": "grid", "lr": lr, "batch_size": b, "T": t, "gain": gain_of(t, b)})
+    return recs
+
+
+def test_collapse_analysis_finds_a_perfect_collapse_and_its_vertex():
+    vertex = math.log10(0.03)
+    recs = _grid_records(lambda t, b: 0.05 - (math.log10(t) - vertex) ** 2)
+    ca = collapse_analysis(recs)
+    assert ca["equal_T_mismatch"] == pytest.approx(0.0, abs=1e-12)
+    assert ca["equal_T_groups"] == 3  # lr and B grids with the same ratio share 3 values of T
+    assert ca["r2_pooled"] == pytest.approx(1.0)
+    assert ca["critical_T"] == pytest.approx(0.03, rel=1e-6) and ca["critical_source"].startswith("vertex")
+    assert ca["interior_optimum"]
+
+
+def test_collapse_analysis_reports_batch_dependence_and_monotone_gain():
+    ca = collapse_analysis(_grid_records(lambda t, b: math.log10(t) + (0.5 if b == 64 else 0.0)))
+    assert ca["equal_T_mismatch"] > 0.25
+    assert not ca["interior_optimum"]
+    assert ca["best_T"] == pytest.approx(noise_scale(0.8, 16, 0.9))
+
+
+def test_noise_cells_and_scale():
+    cfg = NoiseConfig()
+    cs = cells(cfg)
+    assert sum(c["group"] == "grid" for c in cs) == len(cfg.lr_grid) * len(cfg.batch_grid)
+    assert {c["momentum"] for c in cs if c["group"] == "momentum"} == set(cfg.momentum_grid)
+    assert noise_scale(0.1, 10, 0.9) == pytest.approx(0.1)
+    with pytest.raises(SpecError, match="different seeds"):
+        configure(NoiseConfig(), {"seeds": (3, 3)})
+
+
+# ------------------------------------------------------------------------------------------- jobs
+def test_interpolate_closed_form():
+    from mergelab.experiments.jobs import _interpolate
+
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    base = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(0)}
+    mid = _interpolate([a, b], [0.5, 0.5])
+    assert torch.equal(mid["w"], torch.tensor([2.0, 4.0])) and int(mid["n"]) == 3
+    ta = _interpolate([a, b], [0.5, 0.5], base=base)  # base + 0.5 (a - base) + 0.5 (b - base) = (a + b) / 2
+    assert torch.allclose(ta["w"], mid["w"])
+    ta1 = _interpolate([a, b], [1.0, 1.0], base=base)  # base + tau_a + tau_b
+    assert torch.allclose(ta1["w"], torch.tensor([3.0, 7.0]))
+
+
+def test_pair_gain_of_a_model_with_itself_is_zero(root):
+    from mergelab.experiments.jobs import pair_gain_job
+    from mergelab.training import finetune
+
+    e = finetune(dict(task="digits", steps=4, batch_size=16), root)
+    m = pair_gain_job({"arch": "resnet_s", "task": "digits", "a": e.spec_hash, "b": e.spec_hash, "reset_bn": True,
+                       "ta_coefficients": [0.5], "cache_dir": str(root)})
+    assert m["gain"] == pytest.approx(0.0, abs=1e-12) and m["barrier"] == pytest.approx(0.0, abs=1e-6)
+    assert m["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ta_path"][0]["accuracy"] == pytest.approx(m["accuracy_mid"])  # a = 0.5 on the TA path is the midpoint
+
+
+def test_merge_eval_of_one_expert_is_that_expert(root):
+    from mergelab.experiments.jobs import merge_eval_job
+    from mergelab.training import finetune
+
+    e = finetune(dict(task="shapes", steps=4, batch_size=16), root)
+    m = merge_eval_job({"arch": "resnet_s", "method": "weight_average", "parameters": {}, "reset_bn": "off",
+                        "members": [{"task": "shapes", "spec_hash": e.spec_hash, "step": None}], "cache_dir": str(root)})
+    assert m["accuracy"] == pytest.approx(e.test_metrics.accuracy)
+    assert m["loss"] == pytest.approx(e.test_metrics.loss, rel=1e-5)
+    with pytest.raises(SpecError, match="no checkpoint at step 3"):
+        merge_eval_job({"arch": "resnet_s", "method": "weight_average", "members": [
+            {"task": "shapes", "spec_hash": e.spec_hash, "step": 3}], "cache_dir": str(root)})
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_tiny_scaling_study_writes_a_report_and_resumes(root, tmp_path):
+    cfg = ScalingConfig(tasks=TINY_TASKS, group_size=2, groups=2, hyperparameters=("K", "N"), steps_grid=(2, 4),
+                        n_tasks_grid=(2, 3), base={"steps": 4, "batch_size": 16}, samples=8, hessian_iters=1)
+    store = ResultsStore(tmp_path / "r.sqlite")
+    doc = run_scaling_study(cfg, tmp_path / "out", store=store, workers=1, cache_dir=root, progress=False)
+    assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "merges.csv").is_file()
+    assert ReportDocument.from_json(tmp_path / "out") == doc
+    assert len(doc.verdicts()) == 2 and {f.id for f in doc.figures()} >= {"weight_average-K-loss", "weight_average-N-acc"}
+    done = store.counts(study="scaling")
+    assert done.get("done", 0) == 3 + 3 + 2 * 2 + 2 + 1  # 3 K runs, 3 defaults, K merges, N merges (2 + 1 groups)
+    # every merge has the bound's features and a calibrated prediction
+    k_fig = next(f for f in doc.figures() if f.id == "weight_average-K-loss")
+    assert all(y is not None for y in k_fig.series[1].y)
+    again = run_scaling_study(cfg, tmp_path / "out2", store=store, workers=1, cache_dir=root, progress=False)
+    assert store.counts(study="scaling") == done  # nothing re-run
+    assert [f.series[0].y for f in again.figures()] == [f.series[0].y for f in doc.figures()]
+
+
+def test_tiny_noise_study_writes_a_report(root, tmp_path):
+    cfg = NoiseConfig(tasks=("digits",), lr_grid=(0.01, 0.04), batch_grid=(8, 32), sweep_at=(0.04, 32),
+                      weight_decay_grid=(0.0,), momentum_grid=(0.9,), augment_grid=(False,), branch_steps=(2,),
+                      decay_steps=2, ta_coefficients=(0.0, 1.0))
+    doc = run_noise_study(cfg, tmp_path / "noise", store=ResultsStore(tmp_path / "n.sqlite"), workers=1,
+                          cache_dir=root, progress=False)
+    claims = [v.claim for v in doc.verdicts()]
+    assert claims == ["digits: non-monotone gain with a critical T",
+                      "digits: curves for different batch sizes collapse onto one in T",
+                      "digits: representation similarity tracks the gain"]
+    gain_fig = next(f for f in doc.figures() if f.id == "digits-gain-vs-T")
+    assert [s.label for s in gain_fig.series][:2] == ["B = 8", "B = 32"]
+    assert (tmp_path / "noise" / "pairs.csv").read_text().count("\n") == 1 + 4 + 3  # header, grid, 3 sweep cells
