@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergelab-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo quickstart mini-demo test install bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: build/reuse a small resnet_s zoo, merge a 4-task group with every method, print the table and
+# write ./mergelab-quickstart/report.html (about 5-10 min on 2 cores from an empty cache, seconds when cached).
 demo: $(STAMP)
+	$(VENV)/bin/mergelab quickstart
+
+quickstart: demo
+
+# The older 30-second demonstration (an MLP on 8x8 digits, data-free methods only).
+mini-demo: $(STAMP)
 	$(VENV)/bin/mergelab demo
 
 test: $(STAMP)

@@ -8,9 +8,10 @@
    hyperparameters, each only if it is not cached already (``$MERGELAB_CACHE``, default ``~/.cache/mergelab``).
 2. **Comparison**: :func:`mergelab.experiments.compare.run_comparison` with every row (pretrained,
    individual experts, multi-task learning, weight averaging, task arithmetic, TIES, DARE, Fisher, RegMean,
-   AdaMerging, AdaMerging + surgery, FW-hard, FW-soft) at the comparison's settings, except for the lighter
-   budgets of :data:`QUICKSTART_OVERRIDES` (the two costliest data-informed methods), run in this process
-   (``isolate=False``: no fresh process per method, so peak memory is this process's high-water mark).
+   AdaMerging, AdaMerging + surgery, FW-hard, FW-soft) at ``mergelab compare``'s settings (its ``CATALOG``;
+   :data:`QUICKSTART_OVERRIDES` could lighten them, it is empty because the full settings fit the budget),
+   run in this process (``isolate=False``: no fresh process per method, so peak memory is this process's
+   high-water mark).
 3. **Report**: the table is printed by the CLI; ``comparison.csv``, ``comparison.json``, ``report.json`` and
    the static HTML page ``report.html`` go to the output folder.
 
@@ -45,8 +46,10 @@ PathLike = str | os.PathLike[str]
 
 DEFAULT_ARCH = "resnet_s"
 DEFAULT_OUT = "mergelab-quickstart"
-#: Lighter budgets than :data:`mergelab.experiments.compare.CATALOG` for the two costliest methods, so the
-#: whole quickstart fits in 10 minutes on 2 cores from an empty cache (see the README for measured times).
+#: Per-row parameter overrides on top of :data:`mergelab.experiments.compare.CATALOG` for the quickstart. Empty:
+#: with the catalog's full settings the quickstart took 5 min 54 s from an empty cache on 2 cores that other
+#: jobs were also using (load average ~5), within the 10-minute budget; AdaMerging (500 steps, ~110 s) is the
+#: costliest row, so ``{"adamerging": {"steps": 200}}`` is the first place to cut if it ever is not.
 QUICKSTART_OVERRIDES: dict[str, dict[str, Any]] = {}
 CACHE_FORMAT = 1
 
