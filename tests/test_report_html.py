@@ -319,3 +319,17 @@ def test_compare_cli_writes_report_json(tmp_path, monkeypatch, capsys):
     assert doc.study == "comparison"
     assert main(["report", str(tmp_path)]) == 0
     assert Path(tmp_path / "report.html").is_file()
+
+
+def test_pool_scaling_cli_writes_one_report_for_both_modes(tmp_path, monkeypatch, capsys):
+    import mergelab.experiments.pool_scaling as pool_mod
+
+    results = {"irrelevant": _pool_result("irrelevant", [0.7, 0.5, 0.3], [0.74, 0.75, 0.735]),
+               "relevant": _pool_result("relevant", [0.6, 0.5, 0.4], [0.6, 0.65, 0.7])}
+    monkeypatch.setattr(pool_mod, "run_pool_scaling", lambda mode, *a, **k: results[mode])
+    for mode in ("irrelevant", "relevant", "relevant"):
+        assert main(["compare", "--pool-scaling", mode, "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "mergelab report" in capsys.readouterr().out
+    doc = ReportDocument.from_json(tmp_path)
+    assert doc.study == "pool_scaling" and set(doc.config) == {"irrelevant", "relevant"}
+    assert len(doc.sections) == 2 and len(doc.verdicts()) == 3

@@ -140,7 +140,7 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
         ylabel="accuracy (%)", kind="bar",
         series=[Series(label="average accuracy", x=methods, y=[_pct(r.average) for r in ok]),
                 Series(label="normalized accuracy", x=methods, y=[_pct(r.normalized) for r in ok])],
-        caption="Bars are missing for methods that failed (see the table).") if methods else None
+        caption="Failed methods have no bars (see the table)." if len(ok) < len(rows) else "") if methods else None
     per_task_fig = Figure(
         id=f"{prefix}-per-task", title="Accuracy per task and method", xlabel="method", ylabel="accuracy (%)",
         kind="bar", series=[Series(label=t, x=methods, y=[_pct(r.per_task.get(t)) for r in ok])
