@@ -290,10 +290,10 @@ def _section_html(section: Section, anchor: str, prefix: str) -> str:
     return "".join(out)
 
 
-def _document_html(doc: ReportDocument, prefix: str, heading: str) -> str:
+def _document_html(doc: ReportDocument, prefix: str) -> str:
     counts = verdict_counts(doc)
     out = [f'<article class="study" id="{_e(prefix)}top" data-study="{_e(doc.study)}">',
-           f"<{heading}>{_e(doc.title)}</{heading}>", _paragraphs(doc.summary)]
+           f"<h1>{_e(doc.title)}</h1>", _paragraphs(doc.summary)]
     if sum(counts.values()):
         out.append(f'<p class="verdict-summary">Verdicts: <span class="agree">{counts["agree"]} agree</span>, '
                    f'<span class="disagree">{counts["disagree"]} disagree</span>, '
@@ -331,7 +331,7 @@ def render_html(docs: ReportDocument | Sequence[ReportDocument], title: str | No
         if not isinstance(d, ReportDocument):
             raise SpecError(f"render_html expects ReportDocument objects, got {type(d).__name__}")
     single = len(docs) == 1
-    page_title = title or (docs[0].title if single else "mergelab report: " + ", ".join(d.title for d in docs))
+    page_title = title or (docs[0].title if single else f"mergelab report: {len(docs)} studies")
     prefixes = [""] if single else [f"d{i}-" for i in range(len(docs))]
     n_fig = sum(len(d.figures()) for d in docs)
     n_tab = sum(len(s.tables) + (1 if s.verdicts else 0) for d in docs for s in d.sections)
@@ -343,7 +343,7 @@ def render_html(docs: ReportDocument | Sequence[ReportDocument], title: str | No
         parts.append(f"<h1>{_e(page_title)}</h1>")
     parts.append(_toc(docs, prefixes))
     for d, p in zip(docs, prefixes):
-        parts.append(_document_html(d, p, "h1" if single else "h1"))
+        parts.append(_document_html(d, p))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
