@@ -13,6 +13,13 @@ and every shard's header are fixed before any data arrives:
   it arrives, so memory stays bounded by one tensor (plus a copy if the tensor handed in is not
   contiguous).
 
+Durability without a stall at the end: a shard is fsynced before the folder is published (so a crash
+after the rename never exposes a model whose data never reached the disk), but each written stretch of
+``WRITEBACK_BYTES`` is handed to the kernel for write-back at once (Linux ``sync_file_range``), so the disk
+writes while the merge computes and the final fsync waits only for the tail. Without that, the kernel
+starts write-back after about 30 s, and the fsync of a 1.35 GB shard stalled the end of a merge for
+1.4-2.5 s on the benchmark machine (whose disk writes about 0.5-1 GB/s).
+
 Atomicity: everything goes into a temporary sibling folder ``<out_dir>.<random>.tmp``. ``finish()``
 checks that every planned tensor arrived, fsyncs, writes ``mergelab_merge.json`` and copies
 config/tokenizer files, then renames the folder into place (an existing target, with ``overwrite``, is
@@ -48,6 +55,34 @@ INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "mergelab_merge.json"
 
 PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
+
+#: Written bytes after which their write-back is started (see the module docstring).
+WRITEBACK_BYTES = 32 * 1024**2
+
+
+def _load_sync_file_range():  # Linux only; None elsewhere
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk, without waiting for
+    it (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Durability still comes from a later fsync; this only
+    moves the disk work earlier. A no-op where unsupported."""
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -234,6 +269,7 @@ class CheckpointWriter:
         self._shard_index = -1
         self._shard_remaining = 0
         self._file: BinaryIO | None = None
+        self._synced_to = 0  # offset in the current shard up to which write-back was started
         self._finished = False
         logger.debug(
             "writing %d tensors in %d shard(s) to %s via %s", len(entries), len(self._shards), self.out_dir, self._tmp
@@ -264,6 +300,7 @@ class CheckpointWriter:
         shard = self._shards[self._shard_index]
         self._file = open(self._tmp / shard.name, "wb")
         self._file.write(self._headers[self._shard_index])
+        self._synced_to = 0
         self._shard_remaining = len(shard.entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -298,6 +335,11 @@ class CheckpointWriter:
             data = tensor_bytes(tensor)
             self._file.write(data)
             del data
+            position = self._file.tell()
+            if position - self._synced_to >= WRITEBACK_BYTES:
+                self._file.flush()
+                start_writeback(self._file.fileno(), self._synced_to, position - self._synced_to)
+                self._synced_to = position
             self._shard_remaining -= 1
             self._next += 1
             if self._shard_remaining == 0:

@@ -1,8 +1,10 @@
 """What a merging method is: a named per-tensor computation with validated parameters.
 
 A :class:`Method` receives, for one tensor name, the base tensor, the experts' tensors and weights and its
-resolved parameters (:class:`TensorInputs`), and returns the merged tensor in float32. The engine handles
-everything around it: reading, validation, whole-model statistics, dtype casting, writing.
+resolved parameters (:class:`TensorInputs`), and returns the merged tensor in the compute dtype (float32,
+float64 if an input is float64), or already in ``out_dtype`` when the engine asks for it and the method
+can round once into it. The engine handles everything around it: reading, validation, whole-model
+statistics, dtype casting, writing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class TensorInputs:
     thresholds: Sequence[float] | None = None
     compute_dtype: torch.dtype = torch.float32
     tie_quotas: Sequence[int] | None = None
+    out_dtype: torch.dtype | None = None
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype a method may return: ``out_dtype`` (the dtype the engine writes) when given, else
+        ``compute_dtype``. Methods that compute in blocks round each block into it once."""
+        return self.out_dtype if self.out_dtype is not None else self.compute_dtype
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.base is None:
@@ -86,6 +95,11 @@ class Method:
 
     ``global_trim_density(params)`` returns the density at which the engine must compute whole-model trim
     thresholds for this tensor (TIES with ``trim_scope: global``), or ``None``.
+
+    ``propagates_nonfinite`` declares that a NaN or Inf in any input always makes the output non-finite
+    (true for linear combinations: IEEE addition and multiplication never turn NaN/Inf back into a finite
+    number, and the coefficients are finite). The engine then checks only the output and rescans the inputs
+    of a tensor to name the offending file when the output is non-finite, instead of checking every input.
     """
 
     name: str
@@ -97,6 +111,7 @@ class Method:
     max_models: int | None = None
     uses_weights: bool = True
     global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
+    propagates_nonfinite: bool = False
 
     def parse_params(self, raw: dict[str, Any], where: str = "parameters") -> MethodParams:
         """Validate ``raw`` against this method's parameters; a clear :class:`SpecError` otherwise."""

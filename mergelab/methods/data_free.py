@@ -35,12 +35,29 @@ def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
     """Weight averaging / model soup (Wortsman et al. 2022): ``theta = sum_i w_i theta_i / sum_i w_i``.
 
     The base model is not part of the average (it only supplies the tensor order and config files).
-    Computed as ``theta_1 + sum_i w_i (theta_i - theta_1) / sum_i w_i`` (algebraically equal), so merging
+    Computed as ``theta_1 + (sum_i w_i (theta_i - theta_1)) / sum_i w_i`` (algebraically equal), so merging
     identical models returns that model bit-exactly and rounding acts on the small differences only.
+    Computed in cache-sized blocks (:mod:`mergelab.ops.blocks`); the result is in ``inp.result_dtype``.
     """
-    first = inp.experts[0].to(inp.compute_dtype)
-    diffs = [e.to(inp.compute_dtype) - first for e in inp.experts]
-    return first + ops.weighted_mean(diffs, inp.weights)
+    total = float(sum(inp.weights))
+    if total == 0:
+        raise ValueError("weights sum to zero; a weighted mean is undefined")
+    first_in = inp.experts[0].reshape(-1)
+    flats = [e.reshape(-1) for e in inp.experts]
+    out = torch.empty(inp.experts[0].shape, dtype=inp.result_dtype, device=first_in.device)
+    out_flat = out.view(-1)
+    buffers = ops.BlockBuffers(3, first_in.numel(), inp.compute_dtype, first_in.device)
+    for start, stop in ops.block_ranges(first_in.numel()):
+        first, acc, diff = buffers.get(stop - start)
+        first.copy_(first_in[start:stop])
+        for j, (e, w) in enumerate(zip(flats, inp.weights)):
+            diff.copy_(e[start:stop]).sub_(first)
+            if j == 0:
+                torch.mul(diff, w, out=acc)
+            else:
+                acc.add_(diff, alpha=w)
+        out_flat[start:stop].copy_(acc.div_(total).add_(first))
+    return out
 
 
 # ------------------------------------------------------------------------------------ task arithmetic
@@ -55,14 +72,28 @@ def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
 
     Default ``lambda = 1`` (the plain sum of task vectors); the paper tunes lambda on validation data
     (0.3-0.5 is typical for 8 vision tasks), so set it for your pool.
+
+    Computed in the expanded form, entry by entry in ``compute_dtype``: ``tau_i = theta_i - theta_0``
+    (exact for bf16 inputs of similar magnitude), ``s = sum_i w_i tau_i`` accumulated in model order,
+    ``theta = lambda * s + theta_0``, rounded once to ``inp.result_dtype``. (The folded form
+    ``(1 - lambda sum_i w_i) theta_0 + lambda sum_i w_i theta_i`` rounds at the scale of theta instead of
+    tau and does not return the base bit-exactly for identical models.) Each input is converted once, in
+    cache-sized blocks (:mod:`mergelab.ops.blocks`), into three reused block buffers.
     """
-    base = inp.base.to(inp.compute_dtype)
-    merged = torch.zeros_like(base)
-    tau = torch.empty_like(base)  # one reused buffer: tau_i = theta_i - theta_0, never all N at once
-    for expert, w in zip(inp.experts, inp.weights):
-        torch.sub(expert, base, out=tau)
-        merged.add_(tau, alpha=w)
-    return merged.mul_(p.lambda_).add_(base)
+    base_in = inp.base.reshape(-1)
+    flats = [e.reshape(-1) for e in inp.experts]
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)
+    out_flat = out.view(-1)
+    buffers = ops.BlockBuffers(3, base_in.numel(), inp.compute_dtype, base_in.device)
+    for start, stop in ops.block_ranges(base_in.numel()):
+        base, acc, tau = buffers.get(stop - start)
+        base.copy_(base_in[start:stop])
+        acc.zero_()
+        for e, w in zip(flats, inp.weights):
+            tau.copy_(e[start:stop]).sub_(base)
+            acc.add_(tau, alpha=w)
+        out_flat[start:stop].copy_(acc.mul_(p.lambda_).add_(base))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ TIES
@@ -84,6 +115,13 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     (``trim_scope: global``, as in the paper's code and FusionBench; ``tensor`` trims each tensor separately,
     as mergekit does), election by mass, mean over agreeing entries (``disjoint_divisor: count``;
     ``weight`` divides by the agreeing weights, mergekit's ``normalize``), lambda 1.
+
+    Computed in two passes over cache-sized blocks (:mod:`mergelab.ops.blocks`), never holding a float32
+    copy of the tensor: pass 1 finds each expert's per-tensor threshold (k-th largest ``|tau_i|``) by exact
+    sample-based selection (:class:`mergelab.ops.BlockKthLargest`); pass 2 recomputes ``tau_i`` block by
+    block, trims it (entries tied at the threshold are kept first-come in flat order, so exactly k survive,
+    as :func:`mergelab.ops.trim`), elects the sign and takes the disjoint mean. Every operation is
+    element-wise, so the result equals the whole-tensor composition of the operators bit for bit.
     """
     thresholds = inp.thresholds if p.trim_scope == "global" else None
     if p.trim_scope == "global" and thresholds is None and p.density < 1.0 and inp.base.numel() > 0:
@@ -91,15 +129,93 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
             f"ties with trim_scope 'global' needs whole-model thresholds for tensor '{inp.name}'; "
             "merge through mergelab.engine.merge (which computes them) or use trim_scope 'tensor'"
         )
-    quotas = inp.tie_quotas if thresholds is not None else None
-    taus = [
-        ops.trim(tau, p.density, threshold=None if thresholds is None else thresholds[i],
-                 ties=None if quotas is None else quotas[i])
-        for i, tau in enumerate(inp.task_vectors())
-    ]
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
-    return inp.base.to(inp.compute_dtype) + ops.scale(merged, p.lambda_)
+    base_in = inp.base.reshape(-1)
+    flats = [e.reshape(-1) for e in inp.experts]
+    n = base_in.numel()
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)
+    if n == 0:
+        return out
+    trims: list[ops.BlockTrim] | None
+    if thresholds is not None:
+        quotas = inp.tie_quotas
+        trims = [ops.BlockTrim(float(t), inp.compute_dtype, ties=None if quotas is None else quotas[i])
+                 for i, t in enumerate(thresholds)]
+    elif p.density < 1.0:
+        trims = _tensor_trims(base_in, flats, p.density, inp.compute_dtype)
+    else:
+        trims = None  # density 1: nothing trimmed
+    # a tie quota counted over the whole tensor is spent first come, first kept: blocks in order
+    in_order = trims is not None and any(t.in_order for t in trims)
+    out_flat = out.view(-1)
+
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(len(flats) + 2, n, inp.compute_dtype, base_in.device)
+        masks = ops.BlockBuffers(1, n, torch.bool, base_in.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            base, magnitude, *taus = buffers.get(end - start)
+            (keep,) = masks.get(end - start)
+            base.copy_(base_in[start:end])
+            for i, e in enumerate(flats):
+                tau = taus[i].copy_(e[start:end]).sub_(base)
+                if trims is not None:
+                    taus[i] = trims[i].apply(j, tau, magnitude, keep)
+            sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+            merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+            out_flat[start:end].copy_(merged.mul_(p.lambda_).add_(base))
+
+    ops.run_in_chunks(ops.block_count(n), work, workers=1 if in_order else None)
+    return out
+
+
+def _tensor_trims(
+    base: torch.Tensor, experts: list[torch.Tensor], density: float, dtype: torch.dtype
+) -> list[ops.BlockTrim]:
+    """Per-tensor trims of ``tau_i = expert_i - base`` (flat): each keeps the k = floor(density n) largest
+    ``|tau_i|``, i.e. those above the k-th largest t_i and the first ``k - #{> t_i}`` tied at t_i. Exact;
+    ``|tau_i|`` is only ever formed block by block, in one pass for all experts
+    (:class:`mergelab.ops.BlockKthLargest`), except for small tensors and the rare bracket miss."""
+    n = base.numel()
+    k = ops.keep_count(n, density)
+
+    def whole(expert: torch.Tensor) -> ops.BlockTrim:  # never in place: .to may alias the input
+        mag = torch.sub(expert.to(dtype), base.to(dtype)).abs_()
+        t = float(ops.kth_largest(mag, k))
+        return ops.BlockTrim(t, dtype, ties=k - int(torch.count_nonzero(mag > t)))
+
+    if n <= ops.select_small_size():
+        return [whole(e) for e in experts]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base.device)
+    base_sample = base[idx].to(dtype)
+    blocks = ops.block_count(n)
+    selectors = [ops.BlockKthLargest(n, k, torch.sub(e[idx].to(dtype), base_sample).abs_(), blocks)
+                 for e in experts]
+
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(3, n, dtype, base.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            mag, b, scratch = buffers.get(end - start)
+            b.copy_(base[start:end])
+            for selector, e in zip(selectors, experts):
+                selector.observe(j, mag.copy_(e[start:end]).sub_(b).abs_(), scratch)
+
+    ops.run_in_chunks(blocks, work)
+    trims = []
+    for selector, e in zip(selectors, experts):
+        found = selector.result()
+        if found is None:
+            trims.append(whole(e))
+            continue
+        t, above = found
+        block_ties = list(zip(selector.tie_quotas(k - above), selector.tie_counts()))
+        trims.append(ops.BlockTrim(t, dtype, block_ties=block_ties))
+    return trims
 
 
 def _ties_global_density(p: TiesParams) -> float | None:
@@ -226,12 +342,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams,
-               weight_average, needs_base=False),
+               weight_average, needs_base=False, propagates_nonfinite=True),
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               task_arithmetic),
+               task_arithmetic, propagates_nonfinite=True),
         Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
                global_trim_density=_ties_global_density),
-        Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear),
+        Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
+               propagates_nonfinite=True),
         Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties),
         Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
                BreadcrumbsParams, breadcrumbs),

@@ -14,10 +14,26 @@ from functools import reduce
 
 import torch
 
+from mergelab.ops.blocks import (
+    BLOCK,
+    BlockBuffers,
+    block_count,
+    block_ranges,
+    block_size,
+    compute_workers,
+    run_in_chunks,
+)
 from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
 from mergelab.ops.interpolate import model_stock_ratio, slerp
-from mergelab.ops.select import StreamingKthLargest, keep_count, kth_largest
-from mergelab.ops.sparsify import drop, trim, trim_band
+from mergelab.ops.select import (
+    BlockKthLargest,
+    StreamingKthLargest,
+    keep_count,
+    kth_largest,
+    select_sample_size,
+    select_small_size,
+)
+from mergelab.ops.sparsify import BlockTrim, drop, keep_top, keep_top_into, trim, trim_band
 
 TensorOp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,6 +56,15 @@ def chain(*ops: TensorOp) -> TensorOp:
 
 
 __all__ = [
+    "BLOCK",
+    "BlockBuffers",
+    "BlockKthLargest",
+    "BlockTrim",
+    "block_count",
+    "block_ranges",
+    "block_size",
+    "compute_workers",
+    "run_in_chunks",
     "StreamingKthLargest",
     "TensorOp",
     "chain",
@@ -48,9 +73,13 @@ __all__ = [
     "elect_sign",
     "identity",
     "keep_count",
+    "keep_top",
+    "keep_top_into",
     "kth_largest",
     "model_stock_ratio",
     "scale",
+    "select_sample_size",
+    "select_small_size",
     "slerp",
     "task_vector",
     "trim",

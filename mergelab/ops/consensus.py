@@ -95,5 +95,13 @@ def disjoint_mean(
         torch.mul(tau, sign, out=agree).gt_(0)
         numerator.addcmul_(tau, agree, value=w)
         denominator.add_(agree, alpha=(1.0 if divisor == "count" else w))
-    empty = denominator == 0  # no agreeing model (or agreeing weights cancelling): the entry is 0
+    # Entries with no agreeing model have numerator +-0 and denominator 0. A count is >= 1 elsewhere, and
+    # so is a sum of weights >= tiny when every weight is: clamping the denominator makes those entries
+    # +-0 / clamp = 0 with the other entries unchanged, in one float op (masked_fill is not vectorized).
+    tiny = torch.finfo(denominator.dtype).tiny
+    if divisor == "count":
+        return numerator.div_(denominator.clamp_min_(1.0))
+    if min(weights) >= tiny:
+        return numerator.div_(denominator.clamp_min_(tiny))
+    empty = denominator == 0  # agreeing weights may cancel: the entry is 0
     return numerator.masked_fill_(empty, 0.0).div_(denominator.masked_fill_(empty, 1.0))

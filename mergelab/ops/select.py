@@ -27,6 +27,16 @@ _WIDTH = 5.0  # bracket half-width in standard deviations of a sample rank
 _SMALL = 1 << 16  # below this size, plain kthvalue is fastest
 
 
+def select_sample_size() -> int:
+    """Sample size of the sample-based selection (positions drawn with replacement)."""
+    return _SAMPLE  # read at call time, so tests can change it
+
+
+def select_small_size() -> int:
+    """Tensors up to this many entries are selected with ``torch.kthvalue`` directly."""
+    return _SMALL
+
+
 def keep_count(numel: int, density: float) -> int:
     """Number of entries kept at ``density``: ``floor(density * numel)``, at least 1 when ``numel > 0``.
 
@@ -172,3 +182,108 @@ def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -
         value = sel.result()
         if value is not None:
             return value
+
+
+class BlockKthLargest:
+    """Exact k-th largest entry of a tensor that is only ever seen block by block (never stored whole).
+
+    The per-tensor trim threshold of TIES needs the k-th largest ``|tau|`` of a tensor; materialising
+    ``|tau|`` in float32 cost 4 bytes per entry (262 MB for a 65M-entry embedding) and several passes over
+    main memory. Instead, the caller hands a uniform ``sample`` of the values (``|tau|`` at random positions,
+    computed from the inputs directly) and then every block of values once (:meth:`observe`, any order):
+
+    - the sample gives a bracket ``[lo, hi]`` around the target rank (as in :func:`kth_largest`);
+    - each block adds its count of values below ``lo``; a collapsed bracket (``lo == hi``, as bf16 task
+      vectors give: their magnitudes take few distinct values) also counts the values equal to ``lo``,
+      per block; otherwise the values inside the bracket are gathered (a small fraction of the tensor);
+    - :meth:`result` returns the exact k-th largest ``t`` and the number of entries strictly above it, or
+      ``None`` when the target rank fell outside the bracket (probability ~1e-6; the caller then uses
+      :func:`kth_largest` on the whole tensor).
+
+    After a result, :meth:`tie_quotas` splits the ``k - #{> t}`` entries equal to ``t`` that a top-k keeps
+    among the blocks in order (first come, first kept), so a block-wise trim keeps exactly the entries a
+    whole-tensor :func:`mergelab.ops.keep_top` keeps.
+    """
+
+    def __init__(self, total: int, k: int, sample: torch.Tensor, blocks: int) -> None:
+        if not 1 <= k <= total:
+            raise ValueError(f"k must be in [1, {total}], got {k}")
+        self.total = total
+        self.k = k
+        sorted_sample = torch.sort(sample.reshape(-1).float().cpu()).values
+        self.lo, self.hi = _bracket(sorted_sample, (total - k) / total)
+        self.collapsed = self.lo == self.hi
+        self._seen = [False] * blocks
+        self._below = [0] * blocks
+        self._equal = [0] * blocks  # per block: entries == lo (collapsed bracket)
+        self._inside: list[torch.Tensor] = [torch.empty(0)] * blocks  # per block: entries in [lo, hi] (otherwise)
+        self._value: float | None = None
+
+    def observe(self, index: int, block: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """Count (or gather) block ``index`` of the values. Blocks may come in any order and from several
+        threads (each writes only its own slots). ``scratch`` (a float buffer of at least the block's size,
+        optional) avoids an allocation.
+
+        The counts come from ``s = sgn(block - lo)`` by two float reductions, ``sum(s)`` and ``sum(|s|)``
+        (#above - #below and #above + #below), exact for blocks of fewer than 2**24 entries: cheaper than
+        two boolean comparisons, which torch does not vectorize well.
+        """
+        m = block.numel()
+        self._seen[index] = True
+        if m == 0:
+            return
+        if self.lo == -math.inf:
+            below, equal = 0, 0
+        else:
+            if m >= 1 << 24:
+                raise ValueError(f"blocks must have fewer than 2**24 entries, got {m}")
+            s = torch.sub(block, self.lo, out=None if scratch is None else scratch[:m]).sign_()
+            balance = int(s.sum())
+            nonzero = int(s.abs_().sum())
+            below = (nonzero - balance) // 2
+            equal = m - nonzero
+        self._below[index] = below
+        if self.collapsed:
+            self._equal[index] = equal
+        else:
+            self._inside[index] = block[(block >= self.lo) & (block <= self.hi)].cpu()
+
+    def result(self) -> tuple[float, int] | None:
+        """``(t, #{entries > t})`` after every block was observed, or ``None`` (rank outside the bracket)."""
+        if not all(self._seen):
+            raise RuntimeError(f"result() before every block was observed ({self._seen.count(False)} missing)")
+        rank = self.total - self.k  # 0-indexed from the bottom
+        below = sum(self._below)
+        local = rank - below
+        if self.collapsed:
+            equal = sum(self._equal)
+            if not 0 <= local < equal:
+                return None
+            self._value = self.lo
+            return self.lo, self.total - below - equal
+        inside = torch.cat(self._inside)
+        if not 0 <= local < inside.numel():
+            return None
+        t = float(torch.kthvalue(inside, local + 1).values)
+        self._value = t
+        above = self.total - below - inside.numel() + int(torch.count_nonzero(inside > t))
+        return t, above
+
+    def tie_counts(self) -> list[int]:
+        """Per observed block, how many entries equal the result ``t``."""
+        if self._value is None:
+            raise RuntimeError("tie_counts() needs a successful result() first")
+        if self.collapsed:
+            return list(self._equal)
+        return [int(torch.count_nonzero(x == self._value)) for x in self._inside]
+
+    def tie_quotas(self, keep_ties: int) -> list[int]:
+        """How many entries equal to ``t`` each block keeps, given that ``keep_ties`` are kept in all,
+        the first ones in tensor order."""
+        quotas = []
+        remaining = keep_ties
+        for c in self.tie_counts():
+            take = max(0, min(remaining, c))
+            quotas.append(take)
+            remaining -= take
+        return quotas

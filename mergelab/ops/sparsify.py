@@ -43,6 +43,77 @@ def keep_top(magnitude: torch.Tensor, threshold: float, ties: int | None) -> tor
     return keep
 
 
+def keep_top_into(
+    magnitude: torch.Tensor, threshold: float, ties: int | None, out: torch.Tensor
+) -> int:
+    """:func:`keep_top` written into the preallocated boolean ``out`` (same shape as ``magnitude``).
+
+    For block-wise trimming, ``ties`` is how many entries tied at ``threshold`` may still be kept (the
+    first ones in flat order), None to keep all of them. Returns how many tied entries this call kept, so
+    a caller walking the blocks of a tensor in order subtracts it and keeps exactly what a whole-tensor
+    :func:`keep_top` keeps.
+    """
+    torch.gt(magnitude, threshold, out=out)
+    if ties is None:
+        out |= magnitude == threshold
+        return 0
+    if ties <= 0:
+        return 0
+    equal = magnitude == threshold
+    n_equal = int(torch.count_nonzero(equal))
+    if ties >= n_equal:
+        out |= equal
+        return n_equal
+    first = torch.nonzero(equal.reshape(-1)).squeeze(1)[:ties]
+    out.view(-1)[first] = True
+    return ties
+
+
+class BlockTrim:
+    """The trim of one task vector (:func:`trim` with a given threshold), applied block by block.
+
+    ``threshold`` t and how the entries tied at it are kept: ``block_ties`` lists, per block in order,
+    ``(kept, tied)`` (from :meth:`mergelab.ops.BlockKthLargest.tie_quotas` / ``tie_counts``), so blocks
+    may be trimmed in any order; else ``ties`` is the number kept over the whole tensor, first come first
+    kept, and blocks must come in order (None keeps them all). The common cases (a block keeps none or all
+    of its tied entries) are one ``hardshrink`` (``x`` where ``|x| > lambda``, else 0), with lambda = t or
+    the next float below t; only a block where the quota runs out needs the exact tie mask.
+    """
+
+    def __init__(self, threshold: float, dtype: torch.dtype, *, ties: int | None = None,
+                 block_ties: list[tuple[int, int]] | None = None) -> None:
+        t = torch.tensor(threshold, dtype=dtype)
+        self.threshold = float(t)
+        self.below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))) if threshold > 0 else 0.0
+        self.remaining = ties
+        self.block_ties = block_ties
+
+    @property
+    def in_order(self) -> bool:
+        """Whether blocks must be trimmed in order (a tie quota over the whole tensor)."""
+        return self.block_ties is None and self.remaining is not None
+
+    def apply(self, index: int, tau: torch.Tensor, magnitude: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Trimmed block ``index`` of the task vector (``tau``, consumed); ``magnitude`` (float) and ``mask``
+        (bool) are scratch buffers of the block's size."""
+        if self.block_ties is not None:
+            kept, tied = self.block_ties[index]
+        elif self.remaining is None:
+            kept = tied = 0
+            return torch.hardshrink(tau, self.below)
+        else:
+            kept, tied = self.remaining, -1  # unknown count: the exact path below counts it
+        if kept == 0:
+            return torch.hardshrink(tau, self.threshold)
+        if kept == tied:
+            return torch.hardshrink(tau, self.below)
+        torch.abs(tau, out=magnitude)
+        used = keep_top_into(magnitude, self.threshold, kept, mask)
+        if self.block_ties is None:
+            self.remaining = kept - used
+        return tau.mul_(mask)
+
+
 def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, ties: int | None = None) -> torch.Tensor:
     """Magnitude trimming (TIES step 1, Yadav et al. 2023, "TIES-Merging", eq. "Trim").
 
