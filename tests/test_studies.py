@@ -100,7 +100,9 @@ def test_collapse_analysis_finds_a_perfect_collapse_and_its_vertex():
     assert ca["equal_T_groups"] == 3  # lr and B grids with the same ratio share 3 values of T
     assert ca["r2_pooled"] == pytest.approx(1.0)
     assert ca["critical_T"] == pytest.approx(0.03, rel=1e-6) and ca["critical_source"].startswith("vertex")
-    assert ca["interior_optimum"]
+    assert ca["interior_optimum"] and ca["edge_gap"] > 0 and ca["edge_gap_se"] == 0.0
+    noisy = collapse_analysis([{**r, "gain_se": 0.1} for r in recs])  # 2 cells per shared T: se 0.1 * sqrt(2) / 2
+    assert noisy["edge_gap_se"] == pytest.approx(math.sqrt(2 * 0.1**2 / 4 + 0.1**2))  # best T: 2 cells, edge: 1
 
 
 def test_collapse_analysis_reports_batch_dependence_and_monotone_gain():

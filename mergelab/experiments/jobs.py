@@ -128,7 +128,9 @@ def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
     ``theta_0 + a (tau_A + tau_B)`` (head: the averaged head) at each coefficient ``a``; with ``reset_bn``
     every model's BatchNorm statistics are re-estimated on the task's training images first (the same 20
     batches for all). Returns accuracies, losses, the gain ``acc(mid) - (acc(A) + acc(B)) / 2``, the loss
-    barrier at the midpoint ``loss(mid) - (loss(A) + loss(B)) / 2``, the linear CKA of the endpoints'
+    barrier at the midpoint ``loss(mid) - (loss(A) + loss(B)) / 2``, the standard error of the gain over the test
+    samples (paired: ``std_i(c_mid,i - (c_A,i + c_B,i) / 2) / sqrt(n)`` with ``c`` the per-sample correctness), the
+    linear CKA of the endpoints'
     penultimate test features, and the path.
     """
     import torch
@@ -162,7 +164,8 @@ def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             correct, losses = classifier_outputs(backbone, head, data.x_test, data.y_test)
             feats = extract_features(backbone, data.x_test) if features else None
-        return {"accuracy": correct.double().mean().item(), "loss": losses.mean().item(), "features": feats}
+        return {"accuracy": correct.double().mean().item(), "loss": losses.mean().item(), "features": feats,
+                "correct": correct.double()}
 
     with torch.no_grad():
         ra, rb = run(sa, ha, True), run(sb, hb, True)
@@ -172,10 +175,14 @@ def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
             r = run(_interpolate([sa, sb], [float(a), float(a)], base=s0), h_mid)
             path.append({"a": float(a), "accuracy": r["accuracy"], "loss": r["loss"]})
     cka = linear_cka(ra["features"], rb["features"])
+    per_sample = rm["correct"] - (ra["correct"] + rb["correct"]) / 2  # paired over the test samples
+    gain_se = float(per_sample.std(unbiased=True) / math.sqrt(len(per_sample))) if len(per_sample) > 1 else math.nan
     return {
         "accuracy_a": ra["accuracy"], "accuracy_b": rb["accuracy"], "accuracy_mid": rm["accuracy"],
         "loss_a": ra["loss"], "loss_b": rb["loss"], "loss_mid": rm["loss"],
         "gain": rm["accuracy"] - (ra["accuracy"] + rb["accuracy"]) / 2,
+        "gain_se": gain_se,
+        "n_test": len(per_sample),
         "barrier": rm["loss"] - (ra["loss"] + rb["loss"]) / 2,
         "cka": cka,
         "ta_path": path,

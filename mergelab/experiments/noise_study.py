@@ -45,6 +45,7 @@ from mergelab.errors import SpecError
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+PAIR_JOB_VERSION = 2  # part of the pair job's key: bump when pair_gain_job's outputs change
 PAPER_FINDING = "merge gain is non-monotone in the effective noise scale T, with a critical middle that merges best"
 
 
@@ -164,7 +165,7 @@ def run_noise_study(
                 pairs.append({"task": task, "cell": cell, "step": step, "parent": parent,
                               "job": {"arch": cfg.arch, "task": task, "a": kids[0].spec_hash(), "b": kids[1].spec_hash(),
                                       "reset_bn": cfg.reset_bn, "ta_coefficients": list(cfg.ta_coefficients),
-                                      "cache_dir": cache}})
+                                      "cache_dir": cache, "version": PAIR_JOB_VERSION}})
     say(f"{len(parents)} parent runs, {len(children)} branches, {len(pairs)} merges ({backend}, {workers} workers)")
     for what, specs in (("parents", parents), ("branches", children)):
         tasks = [Task("finetune", {"spec": s.canonical(), "cache_dir": cache}, finetune_job, study=study)
@@ -186,7 +187,7 @@ def run_noise_study(
                         "momentum": c["momentum"], "weight_decay": p["parent"].weight_decay, "augment": c["augment"],
                         "branch_step": p["step"], "T": noise_scale(c["lr"], c["batch_size"], c["momentum"]),
                         **{k: row.metrics[k] for k in ("accuracy_a", "accuracy_b", "accuracy_mid", "loss_a", "loss_b",
-                                                       "loss_mid", "gain", "barrier", "cka", "ta_path")}})
+                                                       "loss_mid", "gain", "gain_se", "barrier", "cka", "ta_path")}})
     doc = build_report(cfg, records)
     doc.to_json(out)
     _write_csv(records, out / "pairs.csv")
@@ -225,13 +226,16 @@ def collapse_analysis(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     r2_sep = 1.0 - sse_sep / tot if n_sep == len(y) and tot > 0 else math.nan
     # equal-T cells with different (lr, B): the same T up to rounding
     by_t: dict[float, list[float]] = {}
+    se_t: dict[float, list[float]] = {}
     for r in grid:
         by_t.setdefault(round(math.log10(r["T"]), 6), []).append(r["gain"])
+        se_t.setdefault(round(math.log10(r["T"]), 6), []).append(float(r.get("gain_se", 0.0)))
     diffs = [max(g) - min(g) for g in by_t.values() if len(g) >= 2]
     span = float(np.ptp(y)) if len(y) > 1 else math.nan
     mismatch = (float(np.mean(diffs)) / span) if diffs and span > 0 else math.nan
     # critical point: vertex of the pooled quadratic if it is an interior maximum, else the best T (mean gain)
     means = {t: float(np.mean(g)) for t, g in by_t.items()}
+    ses = {t: math.sqrt(sum(e * e for e in v)) / len(v) for t, v in se_t.items()}
     best_t = max(means, key=means.get)
     crit, source = 10**best_t, "best cell (mean gain at equal T)"
     if pooled is not None and pooled[0] < 0:
@@ -241,9 +245,12 @@ def collapse_analysis(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ts = sorted(means)
     interior = ts[0] < best_t < ts[-1]
     edge_gap = min(means[best_t] - means[ts[0]], means[best_t] - means[ts[-1]]) if interior else 0.0
+    # the gap counts when it exceeds two standard errors of the difference to the closer edge
+    worse = ts[0] if means[ts[0]] >= means[ts[-1]] else ts[-1]
+    gap_se = math.sqrt(ses[best_t] ** 2 + ses[worse] ** 2)
     return {"cells": len(grid), "r2_pooled": r2_pooled, "r2_separate": r2_sep, "equal_T_mismatch": mismatch,
             "equal_T_groups": len(diffs), "critical_T": crit, "critical_source": source,
-            "best_T": 10**best_t, "interior_optimum": interior, "edge_gap": edge_gap,
+            "best_T": 10**best_t, "interior_optimum": interior, "edge_gap": edge_gap, "edge_gap_se": gap_se,
             "pooled_fit": None if pooled is None else [float(c) for c in pooled],
             "mean_gain_by_T": {float(10**t): g for t, g in sorted(means.items())}}
 
@@ -267,7 +274,9 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
             # one point per T: mean over branch steps
             ts = sorted({t for t, _ in pts})
             ys = [mean_and_error([g for t2, g in pts if t2 == t]) for t in ts]
-            series.append(Series(label=f"B = {b}", x=ts, y=[m for m, _ in ys], yerr=[e for _, e in ys]))
+            ses = [float(np.mean([r.get("gain_se", 0.0) for r in grid if r["batch_size"] == b and r["T"] == t])) for t in ts]
+            series.append(Series(label=f"B = {b}", x=ts, y=[m for m, _ in ys],
+                                 yerr=[max(e, s) for (_, e), s in zip(ys, ses)]))
         ca = collapse_analysis(recs)
         if ca.get("pooled_fit"):
             xs = np.linspace(math.log10(min(r["T"] for r in grid)), math.log10(max(r["T"] for r in grid)), 25)
@@ -299,9 +308,11 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
                            ylabel="gain", series=[Series(label="cells", x=[r["cka"] for r in recs], y=[r["gain"] for r in recs],
                                                          style="points")]))
         rows = [[r["group"], r["lr"], r["batch_size"], r["momentum"], r["weight_decay"], str(r["augment"]), r["branch_step"],
-                 r["T"], r["accuracy_a"], r["accuracy_b"], r["accuracy_mid"], r["gain"], r["barrier"], r["cka"]] for r in recs]
+                 r["T"], r["accuracy_a"], r["accuracy_b"], r["accuracy_mid"], r["gain"], r["gain_se"], r["barrier"], r["cka"]]
+                for r in recs]
         table = Table(title=f"{task}: every merge", columns=["group", "lr", "B", "beta", "wd", "augment", "branch", "T", "acc A",
-                                                              "acc B", "acc mid", "gain", "barrier", "CKA"], rows=rows, digits=4)
+                                                              "acc B", "acc mid", "gain", "gain s.e.", "barrier", "CKA"],
+                      rows=rows, digits=4)
         from scipy import stats
 
         uniq = list({(r["lr"], r["batch_size"], r["momentum"], r["weight_decay"], r["augment"], r["branch_step"]): r
@@ -310,10 +321,11 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
                    if len(uniq) >= 3 else math.nan)
         nonmono = Verdict(claim=f"{task}: non-monotone gain with a critical T", predicted=PAPER_FINDING,
                           measured=(f"best T = {ca['best_T']:.3g} ({'interior' if ca['interior_optimum'] else 'at the grid edge'}, "
-                                    f"{ca['edge_gap']:+.4f} above the worse edge); critical T* ~ {ca['critical_T']:.3g} "
-                                    f"({ca['critical_source']})"),
-                          agrees=bool(ca["interior_optimum"] and ca["edge_gap"] > 0.002) if ca["interior_optimum"] else False,
-                          detail="agreement needs the best T inside the grid and at least 0.2 points above both edges")
+                                    f"gain {ca['edge_gap']:+.4f} +- {ca['edge_gap_se']:.4f} above the better edge); critical "
+                                    f"T* ~ {ca['critical_T']:.3g} ({ca['critical_source']})"),
+                          agrees=(None if ca["edge_gap"] <= 2 * ca["edge_gap_se"] else True) if ca["interior_optimum"] else False,
+                          detail="agreement needs the best T inside the grid and its gain more than two standard errors "
+                                 "(paired, over test samples) above both edges; within them the data cannot decide")
         collapse = Verdict(claim=f"{task}: curves for different batch sizes collapse onto one in T",
                            predicted="gain depends on (lr, B) only through T",
                            measured=(f"equal-T gain mismatch {ca['equal_T_mismatch']:.2f} of the gain range over "
@@ -326,12 +338,13 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
                       agrees=None if not math.isfinite(cka_rho) else bool(cka_rho > 0))
         summary_rows += [[v.claim, v.measured, {True: "yes", False: "no", None: "undecided"}[v.agrees]] for v in (nonmono, collapse, cka)]
         sections.append(Section(title=f"Task {task}", figures=figs, tables=[table], verdicts=[nonmono, collapse, cka]))
-    head = Section(title="Summary", text=(
+    summary = (
         f"Bifurcation protocol on {cfg.arch}: constant-lr parents branched at step(s) {list(cfg.branch_steps)}, two children "
         f"(seeds {list(cfg.seeds)}) decayed over {cfg.decay_steps} steps, merged at a = 0.5, BatchNorm re-estimated: "
-        f"{cfg.reset_bn}. T = lr / (B (1 - beta)), linear form."),
-        tables=[Table(title="verdicts", columns=["claim", "measured", "agrees"], rows=summary_rows)])
-    return ReportDocument(title="Effective noise scale and merge gain", study="noise", summary=head.text,
+        f"{cfg.reset_bn}. T = lr / (B (1 - beta)), linear form. Gains carry paired standard errors over the test samples.")
+    head = Section(title="Summary", tables=[Table(title="verdicts at a glance", columns=["claim", "measured", "agrees"],
+                                                  rows=summary_rows)])
+    return ReportDocument(title="Effective noise scale and merge gain", study="noise", summary=summary,
                           config=cfg.model_dump(mode="json"), sections=[head, *sections],
                           created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
 
@@ -340,7 +353,7 @@ def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
     import csv
 
     cols = ["task", "group", "lr", "batch_size", "momentum", "weight_decay", "augment", "branch_step", "T", "accuracy_a",
-            "accuracy_b", "accuracy_mid", "loss_a", "loss_b", "loss_mid", "gain", "barrier", "cka"]
+            "accuracy_b", "accuracy_mid", "loss_a", "loss_b", "loss_mid", "gain", "gain_se", "barrier", "cka"]
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -415,16 +415,17 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
     valid = sum(bool(r.get("bound_valid")) for r in records)
     const_table = Table(title="calibrated constants (NNLS over all merges of the method)",
                         columns=["method", "c_opt", "c_stab"], rows=[list(c) for c in c_rows], digits=6)
-    head = Section(title="Summary", text=(
+    summary = (
         f"{len(records)} merges of {cfg.arch} experts over {len(cfg.tasks)} tasks ({', '.join(cfg.tasks)}); groups of "
         f"{cfg.group_size} tasks ({cfg.groups} per setting); BatchNorm statistics: {cfg.reset_bn}. Loss = mean over the "
         f"group's tasks of the test cross-entropy through each expert's head. The bound is the (derived) form of "
         f"THEORY.md section 1 with constants fitted to these measurements; {valid} of {len(records)} merges have "
-        f"every expert inside its step-size condition eta <= 1/(L K) (elsewhere the bound is extrapolated)."), tables=[summary_table, const_table])
+        f"every expert inside its step-size condition eta <= 1/(L K) (elsewhere the bound is extrapolated).")
+    head = Section(title="Summary", tables=[summary_table, const_table])
     return ReportDocument(
         title="Scaling laws of merging: measurement vs the stability bound",
         study="scaling",
-        summary=head.text,
+        summary=summary,
         config={**cfg.model_dump(mode="json"), "runs": counts},
         sections=[head, *sections],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
