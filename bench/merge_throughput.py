@@ -301,6 +301,8 @@ def _rm(path: Path) -> None:
 READ_ALL = """
 import sys
 from mergelab.checkpoints import open_checkpoint
+from mergelab.engine import reuse_freed_memory
+reuse_freed_memory()  # as in a merge: freed buffers are reused instead of faulting in fresh pages
 total = 0
 for p in sys.argv[1:]:
     with open_checkpoint(p) as r:
@@ -353,33 +355,61 @@ def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
 
 
 def ties_kept_fraction(base_dir: Path, expert_dir: Path, density: float) -> float:
-    """Fraction of task-vector entries that survive mergelab's per-tensor trim (``|tau| >= k-th largest``).
+    """Fraction of task-vector entries that survive mergelab's per-tensor trim (:func:`mergelab.ops.trim`).
 
     mergekit keeps exactly ``floor(density * n)`` entries per tensor (argsort, ties broken arbitrarily);
-    mergelab keeps every entry tied with the threshold. Task vectors of bf16 checkpoints take few distinct
-    values, so the two can differ a lot; this measures by how much on the benchmark's inputs.
+    mergelab keeps exactly as many, breaking the massive ties of bf16 task vectors by position. Printed to
+    show that the two trims keep the same number of entries on these inputs.
     """
-    from mergelab.ops import keep_count, kth_largest
+    from mergelab.ops import trim
 
     kept = total = 0
     with open_checkpoint(base_dir) as b, open_checkpoint(expert_dir) as e:
         for name in b.keys():
-            tau = (e.get(name).float() - b.get(name).float()).abs_().reshape(-1)
-            t = float(kth_largest(tau, keep_count(tau.numel(), density)))
-            kept += int(torch.count_nonzero(tau >= t))
+            tau = e.get(name).float() - b.get(name).float()
+            kept += int(torch.count_nonzero(trim(tau, density) != 0))
             total += tau.numel()
     return kept / total
 
 
 def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, cold_digests: bool) -> dict:
-    """One in-process merge under cProfile, its time split into reading, finiteness checks, the method's
-    arithmetic, writing (with fsync) and hashing of inputs; what is left is casting to the output dtype
-    and bookkeeping. Run in a fresh interpreter (``--profile``) so nothing is warm but the page cache."""
-    import cProfile
-    import pstats
+    """One in-process merge with each stage timed on the thread that runs it: reading (the read-ahead
+    thread), the method's arithmetic (the main thread, plus its compute threads for TIES), writing (the
+    write-behind thread, including the fsync of a full shard), finishing (last fsync, rename) and hashing
+    the inputs. Stages overlap, so their wall times add up to more than the total; thread CPU time shows
+    what each costs. Run in a fresh interpreter (``--profile``) so nothing is warm but the page cache."""
     import resource
 
-    from mergelab.engine import merge
+    import mergelab.engine as engine
+    import mergelab.provenance as provenance
+    from mergelab.checkpoints import writer
+    from mergelab.methods import get_method
+
+    stages: dict[str, list[float]] = {}
+
+    def timed(owner, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc = stages.setdefault(label, [0.0, 0.0])
+                acc[0] += time.perf_counter() - t0
+                acc[1] += time.thread_time() - c0
+
+        setattr(owner, attr, wrapper)
+
+    m = get_method(method)
+    timed(engine._Inputs, "read", "read inputs (read-ahead thread)")
+    timed(writer.CheckpointWriter, "write", "write tensors (write-behind thread)")
+    timed(writer.CheckpointWriter, "finish", "finish (last fsync, rename)")
+    timed(provenance, "file_digest", "hash inputs (SHA-256, main thread)")
+    original = m.merge
+    holder = type("H", (), {"merge": staticmethod(original)})
+    timed(holder, "merge", f"method ({method}, main thread)")
+    object.__setattr__(m, "merge", holder.merge)
 
     os.environ["MERGELAB_CACHE"] = str(cache / "mergelab-cache")
     digests = cache / "mergelab-cache" / "digests.json"
@@ -387,40 +417,18 @@ def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, col
         digests.unlink()
     out = cache / "runs" / f"out-profile-{method}"
     _rm(out)
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.runcall(merge, mergelab_spec(method, base, experts), out, progress=False)
-    total = time.perf_counter() - t0
-    stats = pstats.Stats(prof).stats  # (file, line, func) -> (cc, nc, tottime, cumtime, callers)
-
-    def cum(file_end: str, func: str) -> float:
-        return sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(file_end) and fn == func)
-
-    def tot(func: str) -> float:
-        return sum(v[2] for (f, _, fn), v in stats.items() if fn == func)
-
-    method_fn = {"task_arithmetic": "task_arithmetic", "ties": "ties"}.get(method, method)
-    parts = {
-        "hash inputs (SHA-256)": cum("digest.py", "file_digest"),
-        "read (preadv)": cum("reader.py", "get"),
-        "finiteness checks": cum("engine.py", "_check_finite"),
-        "global thresholds": cum("engine.py", "_global_thresholds"),
-        f"method arithmetic ({method_fn})": cum("data_free.py", method_fn),
-        "write tensors": cum("writer.py", "write"),
-        "finish (fsync, rename)": cum("writer.py", "finish"),
-    }
-    parts["other (cast to bf16, bookkeeping)"] = total - sum(parts.values())
-    top = sorted(((v[2], f"{Path(f).name}:{fn}") for (f, _, fn), v in stats.items()), reverse=True)[:12]
-    return {"total": total, "parts": parts, "top_tottime": top, "fsync": tot("fsync"),
+    t0, c0 = time.perf_counter(), time.process_time()
+    engine.merge(mergelab_spec(method, base, experts), out, progress=False)
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"total": total, "cpu": cpu, "stages": stages, "load": _load(),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
 
 
 def print_profile(method: str, result: dict, label: str) -> None:
-    print(f"profile: {method}, {label}: {result['total']:.2f} s, peak RSS {result['rss'] / 1e9:.2f} GB")
-    for name, secs in result["parts"].items():
-        if secs > 0.005:
-            print(f"  {name:38s} {secs:7.2f} s {100 * secs / result['total']:5.1f}%")
-    print("  top functions by own time: " + ", ".join(f"{n} {t:.2f}" for t, n in result["top_tottime"][:8]))
+    print(f"profile: {method}, {label}: {result['total']:.2f} s wall, {result['cpu']:.2f} CPU-s (all threads), "
+          f"peak RSS {result['rss'] / 1e9:.2f} GB, load {result['load']:.1f}")
+    for name, (wall, cpu) in result["stages"].items():
+        print(f"  {name:42s} {wall:7.2f} s wall {cpu:7.2f} s thread CPU")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -450,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the output equivalence check")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--profile", metavar="METHOD",
-                    help="instead of timing: profile one mergelab merge (cProfile) in a fresh process, "
+                    help="instead of timing: time the stages of one mergelab merge on their threads in a fresh process, "
                          "first with an empty digest cache, then with a warm one")
     ap.add_argument("--_profile-child", dest="profile_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -599,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; only in mergekit's output: {c['only_in_mergekit']}" if c["only_in_mergekit"] else "")
               + (f"; missing from mergekit's output: {c['only_in_mergelab']}" if c["only_in_mergelab"] else ""))
     if kept is not None:
-        print(f"TIES trim at density 0.5 on these bf16 inputs: mergelab keeps {kept * 100:.1f}% of each task vector "
-              "(all entries tied with the threshold); mergekit keeps exactly 50% (ties broken by argsort order)")
+        print(f"TIES trim at density 0.5 on these bf16 inputs: mergelab keeps {kept * 100:.2f}% of each task vector "
+              "(ties at the threshold broken by position); mergekit keeps exactly 50% (ties broken by argsort order)")
     if args.json:
         args.json.write_text(json.dumps({
             "series": [{"method": s.method, "tool": s.tool, "runs": [r.__dict__ for r in s.runs]}

@@ -303,11 +303,15 @@ def _compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -
 
 def _global_thresholds(
     inputs: _Inputs, method: Method, params_of: _ParamResolver, device: torch.device, progress: bool,
-    reader: ThreadPoolExecutor,
+    reader: ThreadPoolExecutor | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Whole-model trim thresholds: for each group of tensors sharing a density, each expert's k-th largest
     |tau| over the group (k = floor(density * group size)), by two streaming passes; and for each tensor
-    how many entries tied at the threshold it keeps, so that exactly k entries survive per expert."""
+    how many entries tied at the threshold it keeps, so that exactly k entries survive per expert.
+    Tensors are read ahead on ``reader`` (a private thread when None)."""
+    if reader is None:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as own:
+            return _global_thresholds(inputs, method, params_of, device, progress, own)
     groups: dict[float, list[str]] = defaultdict(list)
     for name in inputs.names:
         info = inputs.reference.info(name)
