@@ -233,8 +233,10 @@ def run_scaling_study(
         for method in cfg.methods:
             for members in setting["groups"]:
                 merges.append((setting, method, _merge_spec(cfg, method, members, cache)))
-    m_tasks = [Task("merge_eval", spec, merge_eval_job, study=study) for _, _, spec in merges]
-    say(f"merging and evaluating {len({t.key for t in m_tasks})} task groups")
+    # settings that share experts (b = 64, eta = 0.05, n = 1 and N = group_size are all the default experts)
+    # share their merges: one task per distinct merge
+    m_tasks = list({t.key: t for t in (Task("merge_eval", spec, merge_eval_job, study=study) for _, _, spec in merges)}.values())
+    say(f"merging and evaluating {len(m_tasks)} task groups")
     s2 = run_tasks(m_tasks, store, backend=backend, workers=workers, ray_address=ray_address, progress=progress)
     if s2.failed:
         log.warning("%d merge(s) failed; they are left out of the report", len(s2.failed))
