@@ -11,7 +11,14 @@ import torch
 from mergelab.errors import SpecError
 from mergelab.experiments.noise_study import NoiseConfig, cells, collapse_analysis, noise_scale, run_noise_study
 from mergelab.experiments.presets import configure, get_preset
-from mergelab.experiments.scaling_laws import ScalingConfig, plan, run_scaling_study, trend_verdict
+from mergelab.experiments.scaling_laws import (
+    ScalingConfig,
+    plan,
+    run_scaling_study,
+    shape_of_steps,
+    step_signs,
+    trend_verdict,
+)
 from mergelab.experiments.store import ResultsStore
 from mergelab.models.pretraining import PretrainConfig, pretrain
 from mergelab.report import ReportDocument
@@ -76,11 +83,29 @@ def test_plan_shares_default_experts_and_uses_the_same_groups_per_hyperparameter
     ("N", [1.5, 1.2, 1.0], "decreasing", False),
     ("n", [1.5, 1.2, 1.0], "decreasing", True),
     ("K", [1.5, 1.0, 1.4], "U", True),
-    ("b", [1.0, 1.001, 1.002], "flat", None),  # within the error bars
+    ("b", [1.0, 1.001, 1.002], "flat", None),  # within the noise of the groups
 ])
 def test_trend_verdict_against_the_predicted_shapes(hp, loss, shape, agrees):
-    v = trend_verdict(hp, [1, 2, 3], loss, [0.01] * 3)
+    # three task groups per value, each offset from the mean by -0.05, 0, +0.05 (unpaired: groups differ)
+    per_value = [{(f"g{i}{j}",): y + d for j, d in enumerate((-0.05, 0.0, 0.05))} for i, y in enumerate(loss)]
+    v = trend_verdict(hp, per_value)
     assert v["shape"] == shape and v["agrees"] is agrees
+
+
+def test_paired_steps_see_small_consistent_changes_that_unpaired_ones_miss():
+    groups = [("a", "b"), ("a", "c"), ("b", "c")]
+    base = {g: 1.0 + k for k, g in enumerate(groups)}  # groups differ a lot from each other
+    shifted = {g: v + 0.01 + 0.001 * k for k, (g, v) in enumerate(base.items())}  # every group up by ~0.01
+    signs, diffs = step_signs([base, shifted])
+    assert signs == [1] and diffs[0] == pytest.approx(0.011)
+    unpaired = [{("x",) + g: v for g, v in base.items()}, shifted]
+    assert step_signs(unpaired)[0] == [0]
+
+
+@pytest.mark.parametrize("signs, shape", [([0, 0], "flat"), ([1, 0, 1], "increasing"), ([-1, 0, 1], "U"),
+                                          ([1, -1], "inverted-U"), ([1, -1, 1], "non-monotone"), ([-1], "decreasing")])
+def test_shape_of_steps(signs, shape):
+    assert shape_of_steps(signs) == shape
 
 
 def _grid_records(gain_of):

@@ -340,26 +340,67 @@ def curve(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> 
     return [float(v) for v in vals], means, errs, counts
 
 
-def trend_verdict(hp: str, values: Sequence[float], loss: Sequence[float], err: Sequence[float]) -> dict[str, Any]:
-    """The measured loss curve's shape (differences within the larger standard error of the two points count
-    as ties) against :data:`PREDICTED`."""
-    from mergelab.analysis.bound import classify_shape
+def shape_of_steps(signs: Sequence[int]) -> str:
+    """The curve's shape from the signs of its consecutive steps (+1 up, -1 down, 0 tie): ``flat``,
+    ``increasing``, ``decreasing``, ``U`` (down then up), ``inverted-U`` (up then down) or ``non-monotone``."""
+    moves = [s for s in signs if s != 0]
+    if not moves:
+        return "flat"
+    if all(s > 0 for s in moves):
+        return "increasing"
+    if all(s < 0 for s in moves):
+        return "decreasing"
+    turns = sum(1 for a, b in zip(moves, moves[1:]) if a != b)
+    if turns == 1:
+        return "U" if moves[0] < 0 else "inverted-U"
+    return "non-monotone"
 
-    y = np.asarray(loss, dtype=float)
-    e = np.nan_to_num(np.asarray(err, dtype=float))
-    if len(y) < 2 or not np.all(np.isfinite(y)):
-        return {"shape": "undetermined", "agrees": None}
-    # replace differences within noise by exact ties before classifying
-    smoothed = [y[0]]
-    for i in range(1, len(y)):
-        tol = max(e[i], e[i - 1])
-        smoothed.append(smoothed[-1] if abs(y[i] - smoothed[-1]) <= tol else y[i])
-    shape = classify_shape(values, smoothed)["shape"]
+
+def step_signs(per_value: Sequence[dict[Any, float]], z: float = 2.0) -> tuple[list[int], list[float]]:
+    """Signs of the steps between consecutive grid values, each tested against its noise: with the same task
+    groups at both values (paired) the mean of the per-group differences against ``z`` standard errors of that
+    mean; otherwise the difference of the means against ``z`` times the root sum of squared standard errors.
+    Returns the signs (0 = within noise) and the mean differences."""
+    from mergelab.report import mean_and_error
+
+    signs, diffs = [], []
+    for a, b in zip(per_value, per_value[1:]):
+        common = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
+        if len(common) >= 2 and len(common) == len(a) == len(b):
+            d, se = mean_and_error([b[k] - a[k] for k in common])
+        else:
+            ma, sa = mean_and_error(list(a.values()))
+            mb, sb = mean_and_error(list(b.values()))
+            d, se = mb - ma, math.hypot(sa, sb)
+        diffs.append(d)
+        signs.append(0 if not math.isfinite(d) or abs(d) <= z * se else (1 if d > 0 else -1))
+    return signs, diffs
+
+
+def trend_verdict(hp: str, per_value: Sequence[dict[Any, float]]) -> dict[str, Any]:
+    """The measured loss curve's shape (steps within two standard errors count as ties; paired over the same
+    task groups where a hyperparameter's settings share them) against :data:`PREDICTED`."""
+    if len(per_value) < 2:
+        return {"shape": "undetermined", "agrees": None, "predicted": PREDICTED[hp][0], "signs": []}
+    signs, diffs = step_signs(per_value)
+    shape = shape_of_steps(signs)
     predicted, ok = PREDICTED[hp]
-    agrees: bool | None = shape in ok
-    if shape == "flat":
-        agrees = None
-    return {"shape": shape, "agrees": agrees, "predicted": predicted}
+    agrees: bool | None = None if shape == "flat" else shape in ok
+    return {"shape": shape, "agrees": agrees, "predicted": predicted, "signs": signs, "steps": diffs}
+
+
+def _per_value(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> list[dict[Any, float]]:
+    """Per grid value, ``{task group: key}`` over the merges of ``hp`` and ``method``."""
+    vals = sorted({r["value"] for r in records if r["hp"] == hp and r["method"] == method})
+    return [{tuple(m["task"] for m in r["members"]): float(r.get(key, math.nan)) for r in records
+             if r["hp"] == hp and r["method"] == method and r["value"] == v} for v in vals]
+
+
+def _curve_shape(values: Sequence[float]) -> str:
+    """Shape of a noiseless curve (the bound's), ties within 1e-9 relative."""
+    y = np.asarray(values, dtype=float)
+    tol = 1e-9 * max(float(np.max(np.abs(y))), 1e-300)
+    return shape_of_steps([0 if abs(d) <= tol else (1 if d > 0 else -1) for d in np.diff(y)])
 
 
 def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: dict[str, Any]) -> Any:
@@ -381,8 +422,8 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
             sub = [r for r in records if r["hp"] == hp and r["method"] == method]
             rho_all = _spearman([r.get("predicted", math.nan) for r in sub], [r["loss"] for r in sub])
             rho_grid = _spearman(pred, loss)
-            tv = trend_verdict(hp, xs, loss, lerr)
-            pshape = trend_verdict(hp, xs, pred, [0.0] * len(pred))["shape"] if all(np.isfinite(pred)) else "undetermined"
+            tv = trend_verdict(hp, _per_value(records, hp, method, "loss"))
+            pshape = _curve_shape(pred) if all(np.isfinite(pred)) else "undetermined"
             log_x = hp in ("K", "b", "eta", "n")
             tag = f"{method}-{hp}"
             figs = [
@@ -402,7 +443,8 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
                           rows=rows, digits=4)
             verdict = Verdict(
                 claim=f"{LABELS[hp]} ({method})", predicted=PREDICTED[hp][0],
-                measured=f"loss {tv['shape']} over {', '.join(f'{x:g}' for x in xs)}; bound {pshape}; "
+                measured=f"loss {tv['shape']} over {', '.join(f'{x:g}' for x in xs)} (steps "
+                         f"{', '.join(f'{d:+.3f}' + ('' if s else ' (n.s.)') for d, s in zip(tv['steps'], tv['signs']))}); bound {pshape}; "
                          f"Spearman(bound, measured) {rho_grid:.2f} (grid means), {rho_all:.2f} (all merges)",
                 agrees=tv["agrees"],
             )
