@@ -437,7 +437,7 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
                        ylabel="mean test accuracy", xscale="log" if log_x else "linear",
                        series=[Series(label="measured (mean +- s.e.)", x=xs, y=acc, yerr=aerr)]),
             ]
-            rows = [[x, l_, le, a, ae, p, c] for x, l_, le, a, ae, p, c in zip(xs, loss, lerr, acc, aerr, pred, n)]
+            rows = [[f"{x:g}", l_, le, a, ae, p, c] for x, l_, le, a, ae, p, c in zip(xs, loss, lerr, acc, aerr, pred, n)]
             table = Table(title=f"{method}: {LABELS[hp]}", columns=["value", "loss", "loss s.e.", "accuracy",
                                                                      "accuracy s.e.", "bound (calibrated)", "merges"],
                           rows=rows, digits=4)
