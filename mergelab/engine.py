@@ -3,10 +3,18 @@
 Memory model. Tensors are processed one name at a time, in the base model's storage order: the engine
 reads that tensor from the base and from every expert (lazily, from disk), hands them to the method,
 casts the result and streams it to the :class:`~mergelab.checkpoints.CheckpointWriter`, then drops all of
-them. Peak memory is therefore what the method needs for one tensor (the inputs in storage dtype plus a few
-float32 working copies), independent of the model size; the number of inputs enters only through that one
-tensor. A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two extra streaming
-passes (:class:`mergelab.ops.StreamingKthLargest`), never from concatenating models.
+them. Three threads form a pipeline one tensor apart: a read-ahead thread reads tensor k+1 while the main
+thread merges tensor k and a write-behind thread writes tensor k-1 (``pread``, ``write`` and torch kernels
+release the GIL). Peak memory is therefore about three tensors' worth: the inputs of the current and the
+next tensor in storage dtype, and two outputs. Methods work on cache-sized blocks
+(:mod:`mergelab.ops.blocks`), so their float32 temporaries are a few MiB, independent of the tensor size.
+A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two extra streaming passes
+(:class:`mergelab.ops.StreamingKthLargest`), never from concatenating models.
+
+Threads. During a merge on the CPU, torch runs its kernels on one intra-op thread (restored afterwards;
+``$MERGELAB_MERGE_THREADS`` overrides): block-sized kernels do not gain from splitting, and idle OpenMP
+workers spinning next to the reader and writer threads multiplied the CPU time by ten. Methods that are
+compute-bound (TIES) split a tensor's blocks over ``mergelab.ops.compute_workers()`` threads themselves.
 
 Rules applied to every merge:
 
@@ -16,8 +24,11 @@ Rules applied to every merge:
   float32 (float64 if any input is float64) and written in the output dtype; a warning says so;
 - integer and bool tensors (BatchNorm's ``num_batches_tracked``, position ids, masks) are never averaged:
   they are copied from the base model (the first model when there is no base);
-- NaN or Inf in an input tensor is an error naming the file and tensor (checked on every tensor read,
-  cheaply: a finite sum proves every entry finite; only a non-finite sum triggers the exact check);
+- NaN or Inf in an input tensor is an error naming the file and tensor. Methods whose output is a linear
+  combination of the inputs (``Method.propagates_nonfinite``: task arithmetic, weight averaging, DARE
+  linear) check only their output, since a non-finite input always makes it non-finite; a non-finite
+  output then rescans that tensor's inputs to name the file. Other methods check each input as it is read
+  (cheaply: a finite sum proves every entry finite; only a non-finite sum triggers the exact check);
 - the output is written atomically: a failed merge leaves nothing at the target path.
 """
 
@@ -69,7 +80,11 @@ def reuse_freed_memory() -> None:
     fresh ``mmap`` whose pages fault in on first touch, which made element-wise work 3-4x slower than the
     arithmetic itself (measured in ``bench/merge_throughput.py``). Setting ``M_MMAP_MAX = 0`` and a large
     ``M_TRIM_THRESHOLD`` makes freed blocks reusable; peak RSS is unchanged (it is the peak either way).
-    A no-op where glibc's ``mallopt`` is unavailable. Process-wide, so it is applied once, by the engine.
+    ``M_ARENA_MAX = 1`` makes the engine's reader thread allocate from that same (main) arena: in a
+    per-thread arena, whose heaps are capped at 64 MiB, a tensor buffer could not be reused and faulted in
+    afresh (reading the benchmark's inputs on a thread: 205k page faults and 1.5 s of system time, against
+    none and 1.0 s). A no-op where glibc's ``mallopt`` is unavailable. Process-wide, so it is applied once,
+    by the engine, before it starts its threads.
     """
     if getattr(reuse_freed_memory, "_done", False):
         return
@@ -78,6 +93,7 @@ def reuse_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
