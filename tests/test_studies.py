@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from mergelab.errors import SpecError
-from mergelab.experiments.noise_study import NoiseConfig, cells, collapse_analysis, noise_scale, run_noise_study
+from mergelab.experiments.noise_study import (
+    NoiseConfig,
+    _collapse_agrees,
+    cells,
+    collapse_analysis,
+    noise_scale,
+    run_noise_study,
+)
 from mergelab.experiments.presets import configure, get_preset
 from mergelab.experiments.scaling_laws import (
     ScalingConfig,
@@ -135,6 +142,10 @@ def test_collapse_analysis_reports_batch_dependence_and_monotone_gain():
     assert ca["equal_T_mismatch"] > 0.25
     assert not ca["interior_optimum"]
     assert ca["best_T"] == pytest.approx(noise_scale(0.8, 16, 0.9))
+    assert _collapse_agrees(ca) is False  # exact numbers: the batch offset is significant
+    noisy = collapse_analysis([{**r, "gain_se": 1.0} for r in _grid_records(lambda t, b: math.log10(t) + (0.5 if b == 64 else 0.0))])
+    assert noisy["equal_T_significant"] == 0 and _collapse_agrees(noisy) is None
+    assert _collapse_agrees(collapse_analysis(_grid_records(lambda t, b: -abs(math.log10(t) + 1.5)))) is True
 
 
 def test_noise_cells_and_scale():

@@ -231,6 +231,9 @@ def collapse_analysis(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         by_t.setdefault(round(math.log10(r["T"]), 6), []).append(r["gain"])
         se_t.setdefault(round(math.log10(r["T"]), 6), []).append(float(r.get("gain_se", 0.0)))
     diffs = [max(g) - min(g) for g in by_t.values() if len(g) >= 2]
+    # a mismatch is significant when the spread exceeds two standard errors of a difference of two cells
+    significant = sum(1 for t, g in by_t.items() if len(g) >= 2
+                      and max(g) - min(g) > 2 * math.sqrt(2) * max(se_t[t]))
     span = float(np.ptp(y)) if len(y) > 1 else math.nan
     mismatch = (float(np.mean(diffs)) / span) if diffs and span > 0 else math.nan
     # critical point: vertex of the pooled quadratic if it is an interior maximum, else the best T (mean gain)
@@ -249,10 +252,19 @@ def collapse_analysis(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     worse = ts[0] if means[ts[0]] >= means[ts[-1]] else ts[-1]
     gap_se = math.sqrt(ses[best_t] ** 2 + ses[worse] ** 2)
     return {"cells": len(grid), "r2_pooled": r2_pooled, "r2_separate": r2_sep, "equal_T_mismatch": mismatch,
-            "equal_T_groups": len(diffs), "critical_T": crit, "critical_source": source,
+            "equal_T_groups": len(diffs), "equal_T_significant": significant, "critical_T": crit, "critical_source": source,
             "best_T": 10**best_t, "interior_optimum": interior, "edge_gap": edge_gap, "edge_gap_se": gap_se,
             "pooled_fit": None if pooled is None else [float(c) for c in pooled],
             "mean_gain_by_T": {float(10**t): g for t, g in sorted(means.items())}}
+
+
+def _collapse_agrees(ca: dict[str, Any]) -> bool | None:
+    mismatch = ca.get("equal_T_mismatch", math.nan)
+    if not math.isfinite(mismatch):
+        return None
+    if mismatch < 0.25:
+        return True
+    return False if ca.get("equal_T_significant", 0) > 0 else None
 
 
 def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
@@ -329,10 +341,12 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
         collapse = Verdict(claim=f"{task}: curves for different batch sizes collapse onto one in T",
                            predicted="gain depends on (lr, B) only through T",
                            measured=(f"equal-T gain mismatch {ca['equal_T_mismatch']:.2f} of the gain range over "
-                                     f"{ca['equal_T_groups']} shared T values; R^2 of one quadratic in log T "
+                                     f"{ca['equal_T_groups']} shared T values ({ca['equal_T_significant']} beyond 2 s.e.); R^2 of one quadratic in log T "
                                      f"{ca['r2_pooled']:.2f} vs one per batch size {ca['r2_separate']:.2f}"),
-                           agrees=None if not math.isfinite(ca["equal_T_mismatch"]) else bool(ca["equal_T_mismatch"] < 0.25),
-                           detail="collapse when cells of equal T differ by less than a quarter of the gain's range")
+                           agrees=_collapse_agrees(ca),
+                           detail="collapse when cells of equal T differ by less than a quarter of the gain's range; no "
+                                  "collapse when they differ by more and by more than two standard errors somewhere; "
+                                  "otherwise undecided")
         cka = Verdict(claim=f"{task}: representation similarity tracks the gain", predicted="higher CKA, higher gain",
                       measured=f"Spearman(CKA, gain) = {cka_rho:.2f} over {len(uniq)} distinct merges",
                       agrees=None if not math.isfinite(cka_rho) else bool(cka_rho > 0))
