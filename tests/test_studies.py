@@ -26,6 +26,7 @@ from mergelab.experiments.scaling_laws import (
     step_signs,
     trend_verdict,
 )
+from mergelab.experiments.runners import RunOptions
 from mergelab.experiments.store import ResultsStore
 from mergelab.models.pretraining import PretrainConfig, pretrain
 from mergelab.report import ReportDocument
@@ -204,7 +205,8 @@ def test_tiny_scaling_study_writes_a_report_and_resumes(root, tmp_path):
     cfg = ScalingConfig(tasks=TINY_TASKS, group_size=2, groups=2, hyperparameters=("K", "N"), steps_grid=(2, 4),
                         n_tasks_grid=(2, 3), base={"steps": 4, "batch_size": 16}, samples=8, hessian_iters=1)
     store = ResultsStore(tmp_path / "r.sqlite")
-    doc = run_scaling_study(cfg, tmp_path / "out", store=store, workers=1, cache_dir=root, progress=False)
+    opts = RunOptions(store=store, workers=1, cache_dir=root, progress=False)
+    doc = run_scaling_study(cfg, tmp_path / "out", opts)
     assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "merges.csv").is_file()
     assert ReportDocument.from_json(tmp_path / "out") == doc
     assert len(doc.verdicts()) == 2 and {f.id for f in doc.figures()} >= {"weight_average-K-loss", "weight_average-N-acc"}
@@ -213,7 +215,7 @@ def test_tiny_scaling_study_writes_a_report_and_resumes(root, tmp_path):
     # every merge has the bound's features and a calibrated prediction
     k_fig = next(f for f in doc.figures() if f.id == "weight_average-K-loss")
     assert all(y is not None for y in k_fig.series[1].y)
-    again = run_scaling_study(cfg, tmp_path / "out2", store=store, workers=1, cache_dir=root, progress=False)
+    again = run_scaling_study(cfg, tmp_path / "out2", opts)
     assert store.counts(study="scaling") == done  # nothing re-run
     assert [f.series[0].y for f in again.figures()] == [f.series[0].y for f in doc.figures()]
 
@@ -222,8 +224,8 @@ def test_tiny_noise_study_writes_a_report(root, tmp_path):
     cfg = NoiseConfig(tasks=("digits",), lr_grid=(0.01, 0.04), batch_grid=(8, 32), sweep_at=(0.04, 32),
                       weight_decay_grid=(0.0,), momentum_grid=(0.9,), augment_grid=(False,), branch_steps=(2,),
                       decay_steps=2, ta_coefficients=(0.0, 1.0))
-    doc = run_noise_study(cfg, tmp_path / "noise", store=ResultsStore(tmp_path / "n.sqlite"), workers=1,
-                          cache_dir=root, progress=False)
+    doc = run_noise_study(cfg, tmp_path / "noise", RunOptions(store=tmp_path / "n.sqlite", workers=1, cache_dir=root,
+                                                               progress=False))
     claims = [v.claim for v in doc.verdicts()]
     assert claims == ["digits: non-monotone gain with a critical T",
                       "digits: curves for different batch sizes collapse onto one in T",

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mergelab.errors import SpecError
     from mergelab.experiments.presets import get_preset, run_preset
+    from mergelab.experiments.runners import RunOptions
     from mergelab.spec import read_yaml_file
 
     if args.list:
@@ -87,15 +88,14 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{preset.name}] {msg}", file=sys.stderr, flush=True)
 
-    doc = run_preset(preset.name, out, overrides=overrides, backend=args.backend, workers=args.workers,
-                     ray_address=args.ray_address, store=args.db, cache_dir=args.cache, progress=not args.quiet,
-                     say=say)
+    options = RunOptions(store=args.db, backend=args.backend, workers=args.workers, ray_address=args.ray_address,
+                         cache_dir=args.cache, progress=not args.quiet, say=say)
+    doc = run_preset(preset.name, out, overrides=overrides, options=options)
     verdicts = doc.verdicts()
     if verdicts:
         print(f"{'claim':58s} {'agrees':9s} measured")
         for v in verdicts:
-            mark = {True: "yes", False: "no", None: "undecided"}[v.agrees]
-            print(f"{v.claim[:58]:58s} {mark:9s} {v.measured}")
+            print(f"{v.claim[:58]:58s} {v.mark:9s} {v.measured}")
     print(f"report document: {out / 'report.json'}")
     if not args.no_html:
         from mergelab.report.html import write_html

@@ -33,7 +33,7 @@ import datetime as _dt
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergelab.errors import SpecError
+from mergelab.experiments.runners import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -129,28 +130,21 @@ def _parent_fields(cfg: NoiseConfig, task: str, cell: dict[str, Any]) -> dict[st
 def run_noise_study(
     cfg: NoiseConfig,
     out: PathLike,
-    *,
-    store: Any = None,
-    backend: str = "local",
-    workers: int | None = 2,
-    ray_address: str | None = None,
-    cache_dir: PathLike | None = None,
-    progress: bool = True,
-    say: Callable[[str], None] | None = None,
+    options: RunOptions | None = None,
 ) -> Any:
     """Run (or resume) the study and write ``report.json`` and ``pairs.csv`` into ``out``; returns the report."""
     from mergelab.experiments.jobs import finetune_job, pair_gain_job
-    from mergelab.experiments.runners import Task, run_tasks
-    from mergelab.experiments.store import ResultsStore, default_db_path, key_of
+    from mergelab.experiments.runners import Task
+    from mergelab.experiments.store import key_of
     from mergelab.models.pretraining import ensure_pretrained
     from mergelab.training.branching import branch_spec
     from mergelab.training.spec import make_spec
 
-    say = say or log.info
+    opts = options or RunOptions()
+    say = opts.say or log.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = store if isinstance(store, ResultsStore) else ResultsStore(store or default_db_path())
-    cache = None if cache_dir is None else str(Path(cache_dir).expanduser().absolute())
+    store, cache = opts.open_store(), opts.cache()
     study = "noise"
     ensure_pretrained(cfg.arch, cache)
     parents, children, pairs = {}, {}, []
@@ -166,15 +160,14 @@ def run_noise_study(
                               "job": {"arch": cfg.arch, "task": task, "a": kids[0].spec_hash(), "b": kids[1].spec_hash(),
                                       "reset_bn": cfg.reset_bn, "ta_coefficients": list(cfg.ta_coefficients),
                                       "cache_dir": cache, "version": PAIR_JOB_VERSION}})
-    say(f"{len(parents)} parent runs, {len(children)} branches, {len(pairs)} merges ({backend}, {workers} workers)")
+    say(f"{len(parents)} parent runs, {len(children)} branches, {len(pairs)} merges ({opts.backend}, {opts.workers} workers)")
     for what, specs in (("parents", parents), ("branches", children)):
         tasks = [Task("finetune", {"spec": s.canonical(), "cache_dir": cache}, finetune_job, study=study)
                  for s in sorted(specs.values(), key=lambda s: -s.batch_size * s.steps)]
-        summary = run_tasks(tasks, store, backend=backend, workers=workers, ray_address=ray_address, progress=progress)
+        summary = opts.run(tasks, store)
         if summary.failed:
             raise SpecError(f"{len(summary.failed)} of the {what} failed; see `mergelab results --study {study} --status failed`")
-    jobs = list({t.key: t for t in (Task("pair_gain", p["job"], pair_gain_job, study=study) for p in pairs)}.values())
-    summary = run_tasks(jobs, store, backend=backend, workers=workers, ray_address=ray_address, progress=progress)
+    summary = opts.run([Task("pair_gain", p["job"], pair_gain_job, study=study) for p in pairs], store)
     if summary.failed:
         log.warning("%d merge(s) failed; they are left out of the report", len(summary.failed))
     records = []
@@ -350,7 +343,7 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
         cka = Verdict(claim=f"{task}: representation similarity tracks the gain", predicted="higher CKA, higher gain",
                       measured=f"Spearman(CKA, gain) = {cka_rho:.2f} over {len(uniq)} distinct merges",
                       agrees=None if not math.isfinite(cka_rho) else bool(cka_rho > 0))
-        summary_rows += [[v.claim, v.measured, {True: "yes", False: "no", None: "undecided"}[v.agrees]] for v in (nonmono, collapse, cka)]
+        summary_rows += [[v.claim, v.measured, v.mark] for v in (nonmono, collapse, cka)]
         sections.append(Section(title=f"Task {task}", figures=figs, tables=[table], verdicts=[nonmono, collapse, cka]))
     summary = (
         f"Bifurcation protocol on {cfg.arch}: constant-lr parents branched at step(s) {list(cfg.branch_steps)}, two children "

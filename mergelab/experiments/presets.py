@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import SpecError
 from mergelab.experiments.noise_study import NoiseConfig
+from mergelab.experiments.runners import RunOptions
 from mergelab.experiments.scaling_laws import ScalingConfig
 
 log = logging.getLogger(__name__)
@@ -117,37 +118,30 @@ def run_preset(
     *,
     full: bool = False,
     overrides: Mapping[str, Any] | None = None,
-    store: Any = None,
-    backend: str = "local",
-    workers: int | None = 2,
-    ray_address: str | None = None,
-    cache_dir: PathLike | None = None,
-    progress: bool = True,
-    say: Callable[[str], None] | None = None,
+    options: RunOptions | None = None,
 ) -> Any:
     """Run (or resume) a preset into ``out`` and return its :class:`~mergelab.report.ReportDocument` (also
     written to ``out/report.json``; a preset with several configurations writes each into a subfolder and the
     combined document at the top)."""
     from mergelab.report import ReportDocument
 
+    opts = options or RunOptions()
     preset = get_preset(name, full)
     configs = [configure(c, overrides or {}) for c in preset.configs]
     out = Path(out)
     docs = []
     for i, cfg in enumerate(configs):
         sub = out if len(configs) == 1 else out / f"{i + 1}-{getattr(cfg, 'arch', 'run')}"
-        kw = dict(store=store, backend=backend, workers=workers, ray_address=ray_address, cache_dir=cache_dir,
-                  progress=progress, say=say)
         if isinstance(cfg, ScalingConfig):
             from mergelab.experiments.scaling_laws import run_scaling_study
 
-            docs.append(run_scaling_study(cfg, sub, **kw))
+            docs.append(run_scaling_study(cfg, sub, opts))
         elif isinstance(cfg, NoiseConfig):
             from mergelab.experiments.noise_study import run_noise_study
 
-            docs.append(run_noise_study(cfg, sub, **kw))
+            docs.append(run_noise_study(cfg, sub, opts))
         else:
-            docs.append(_run_pool(cfg, sub, cache_dir=cache_dir, workers=workers or 1, progress=progress, say=say))
+            docs.append(_run_pool(cfg, sub, opts))
     if len(docs) == 1:
         return docs[0]
     combined = ReportDocument(
@@ -161,16 +155,17 @@ def run_preset(
     return combined
 
 
-def _run_pool(cfg: PoolConfig, out: Path, *, cache_dir: PathLike | None, workers: int, progress: bool,
-              say: Callable[[str], None] | None) -> Any:
+def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
+    """The pool-scaling protocol in this process (its comparisons time each method; the results database and
+    the Ray backend are not used)."""
     from mergelab.experiments.pool_scaling import run_pool_scaling
     from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
     from mergelab.training.zoo import build_zoo
 
-    say = say or log.info
+    say, cache_dir, progress = opts.say or log.info, opts.cache_dir, opts.progress
     out.mkdir(parents=True, exist_ok=True)
     say(f"zoo {cfg.arch}: fine-tuning the missing default experts (cached ones are reused)")
-    build_zoo(cfg.arch, cache_dir=cache_dir, workers=workers, progress=progress)
+    build_zoo(cfg.arch, cache_dir=cache_dir, workers=opts.workers or 1, progress=progress)
     doc = None
     for mode in cfg.modes:
         say(f"pool scaling ({mode}): sizes {list(cfg.sizes)}, methods {list(cfg.methods)}")

@@ -559,3 +559,34 @@ def _run_ray(todo: Sequence[Task], rec: _Recorder, workers: int | None, art: str
     finally:
         if started:
             ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a study runs its tasks: the results ``store`` (a :class:`ResultsStore`, a path, or ``None`` for the
+    default database), the runner (``backend``, ``workers``, ``ray_address``), the expert ``cache_dir`` every
+    worker shares, a ``progress`` bar, and ``say`` for stage messages (default: the study's logger)."""
+
+    store: Any = None
+    backend: str = "local"
+    workers: int | None = 2
+    ray_address: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    progress: bool = True
+    say: Callable[[str], None] | None = None
+
+    def open_store(self) -> ResultsStore:
+        from mergelab.experiments.store import default_db_path
+
+        return self.store if isinstance(self.store, ResultsStore) else ResultsStore(self.store or default_db_path())
+
+    def cache(self) -> str | None:
+        """The cache root as an absolute path string (``None``: the default), as task specs record it."""
+        return None if self.cache_dir is None else str(Path(self.cache_dir).expanduser().absolute())
+
+    def run(self, tasks: Iterable[Task], store: ResultsStore) -> RunSummary:
+        """:func:`run_tasks` with these options; duplicate tasks (same key) run once, without a warning."""
+        unique = list({t.key: t for t in tasks}.values())
+        return run_tasks(unique, store, backend=self.backend, workers=self.workers, ray_address=self.ray_address,
+                         progress=self.progress)
+

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergelab.errors import SpecError
+from mergelab.experiments.runners import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -196,36 +197,29 @@ def _merge_spec(cfg: ScalingConfig, method: str, members: list[dict[str, Any]], 
 def run_scaling_study(
     cfg: ScalingConfig,
     out: PathLike,
-    *,
-    store: Any = None,
-    backend: str = "local",
-    workers: int | None = 2,
-    ray_address: str | None = None,
-    cache_dir: PathLike | None = None,
-    progress: bool = True,
-    say: Callable[[str], None] | None = None,
+    options: RunOptions | None = None,
 ) -> Any:
     """Run (or resume) the study and write ``report.json`` (and ``merges.csv``) into ``out``.
 
     Returns the :class:`~mergelab.report.ReportDocument`.
     """
     from mergelab.experiments.jobs import finetune_job, merge_eval_job
-    from mergelab.experiments.runners import Task, run_tasks
-    from mergelab.experiments.store import ResultsStore, default_db_path, key_of
+    from mergelab.experiments.runners import Task
+    from mergelab.experiments.store import key_of
     from mergelab.models.pretraining import ensure_pretrained
 
-    say = say or log.info
+    opts = options or RunOptions()
+    say = opts.say or log.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = store if isinstance(store, ResultsStore) else ResultsStore(store or default_db_path())
-    cache = None if cache_dir is None else str(Path(cache_dir).expanduser().absolute())
+    store, cache = opts.open_store(), opts.cache()
     study = "scaling"
     say(f"pretrained {cfg.arch}: ensuring it exists (pretrains once on an empty cache)")
     ensure_pretrained(cfg.arch, cache)
     p = plan(cfg, cache)
     ft_tasks = [Task("finetune", {"spec": s, "cache_dir": cache}, finetune_job, study=study) for s in p.finetunes]
-    say(f"fine-tuning {len(ft_tasks)} experts ({backend}, {workers} workers; cached ones are skipped)")
-    s1 = run_tasks(ft_tasks, store, backend=backend, workers=workers, ray_address=ray_address, progress=progress)
+    say(f"fine-tuning {len(ft_tasks)} experts ({opts.backend}, {opts.workers} workers; cached ones are skipped)")
+    s1 = opts.run(ft_tasks, store)
     if s1.failed:
         raise SpecError(f"{len(s1.failed)} fine-tune(s) failed; see `mergelab results --study {study} --status failed`")
     merges: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # (setting, method, merge spec)
@@ -235,9 +229,9 @@ def run_scaling_study(
                 merges.append((setting, method, _merge_spec(cfg, method, members, cache)))
     # settings that share experts (b = 64, eta = 0.05, n = 1 and N = group_size are all the default experts)
     # share their merges: one task per distinct merge
-    m_tasks = list({t.key: t for t in (Task("merge_eval", spec, merge_eval_job, study=study) for _, _, spec in merges)}.values())
-    say(f"merging and evaluating {len(m_tasks)} task groups")
-    s2 = run_tasks(m_tasks, store, backend=backend, workers=workers, ray_address=ray_address, progress=progress)
+    m_tasks = [Task("merge_eval", spec, merge_eval_job, study=study) for _, _, spec in merges]
+    say(f"merging and evaluating {len({t.key for t in m_tasks})} task groups")
+    s2 = opts.run(m_tasks, store)
     if s2.failed:
         log.warning("%d merge(s) failed; they are left out of the report", len(s2.failed))
     records = []
@@ -249,7 +243,7 @@ def run_scaling_study(
                         "members": spec["members"], **{k: row.metrics[k] for k in ("loss", "accuracy", "joint_loss", "joint_accuracy")}})
     say("theory quantities at theta_0 (once per task, cached)")
     attach_bound(cfg, records, cache, out)
-    doc = build_report(cfg, records, {"finetunes": s1.counts, "merges": s2.counts, "backend": backend})
+    doc = build_report(cfg, records, {"finetunes": s1.counts, "merges": s2.counts, "backend": opts.backend})
     doc.to_json(out)
     _write_csv(records, out / "merges.csv")
     return doc
@@ -453,7 +447,7 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
     summary_table = Table(
         title="the five predicted trends",
         columns=["hyperparameter", "predicted", "measured", "agrees"],
-        rows=[[v.claim, v.predicted, v.measured, {True: "yes", False: "no", None: "undecided"}[v.agrees]] for v in verdict_rows],
+        rows=[[v.claim, v.predicted, v.measured, v.mark] for v in verdict_rows],
     )
     c_rows = sorted({(r["method"], r.get("c_opt"), r.get("c_stab")) for r in records if "c_opt" in r})
     valid = sum(bool(r.get("bound_valid")) for r in records)

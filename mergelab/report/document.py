@@ -105,6 +105,11 @@ class Verdict(_Model):
     agrees: bool | None
     detail: str = ""
 
+    @property
+    def mark(self) -> str:
+        """``yes``, ``no`` or ``undecided``."""
+        return {True: "yes", False: "no", None: "undecided"}[self.agrees]
+
 
 class Section(_Model):
     title: str
