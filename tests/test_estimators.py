@@ -3,6 +3,7 @@ heterogeneity of quadratic tasks, noise scales and normalised-layer learning rat
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -316,3 +317,15 @@ def test_measured_noise_scale_multiplies_the_proxy_by_the_per_sample_variance():
     _, sigma2, _ = _linreg_reference(model, x, y)
     assert rep.trace_sigma == pytest.approx(sigma2, rel=1e-10)
     assert rep.T == pytest.approx(0.1 / (10 * 0.5) * sigma2, rel=1e-10)
+
+
+def test_hessian_top_eigenvalue_of_a_vision_transformer():
+    """Hessian-vector products need a twice-differentiable attention: the fused CPU kernel has no double backward."""
+    from mergelab.models.registry import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_s")
+    model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 3))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 3, (8,))
+    r = hessian_top_eigenvalue(model, x, y, batch_size=8, iters=3, tol=1e-9)
+    assert math.isfinite(r.eigenvalue) and r.eigenvalue != 0.0

@@ -276,7 +276,11 @@ def hessian_top_eigenvalue(
     idx = _sample_indices(len(x), batch_size * num_batches, seed)
     saved = {k: b.detach().clone() for k, b in model.named_buffers()} if train_mode else {}
     dim = sum(p.numel() for p in params)
-    with _mode(model, train_mode):
+    # Hessian-vector products differentiate twice: attention must use the math kernel (the fused CPU kernels
+    # have no double backward, e.g. vit_s's scaled_dot_product_attention)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with _mode(model, train_mode), sdpa_kernel([SDPBackend.MATH]):
         batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
         total = float(len(idx))
         losses = [(loss_fn(model(x[b].to(dev)), y[b].to(dev)), len(b) / total) for b in batches]
