@@ -233,3 +233,18 @@ def test_tiny_noise_study_writes_a_report(root, tmp_path):
     gain_fig = next(f for f in doc.figures() if f.id == "digits-gain-vs-T")
     assert [s.label for s in gain_fig.series][:2] == ["B = 8", "B = 32"]
     assert (tmp_path / "noise" / "pairs.csv").read_text().count("\n") == 1 + 4 + 3  # header, grid, 3 sweep cells
+
+
+def test_data_informed_merge_of_checkpoints(root):
+    """AdaMerging needs expert folders: checkpoint members get one (linked files, sidecar with steps = step)."""
+    from mergelab.experiments.jobs import merge_eval_job
+    from mergelab.training import finetune
+
+    members = []
+    for task in ("digits", "shapes"):
+        e = finetune(dict(task=task, steps=4, batch_size=16, checkpoint_every=2, schedule="constant"), root)
+        members.append({"task": task, "spec_hash": e.spec_hash, "step": 2})
+    m = merge_eval_job({"arch": "resnet_s", "method": "adamerging", "parameters": {"steps": 1}, "reset_bn": "off",
+                        "members": members, "data_samples": 8, "cache_dir": str(root)})
+    assert [t["task"] for t in m["tasks"]] == ["digits", "shapes"]
+    assert 0.0 <= m["accuracy"] <= 1.0 and math.isfinite(m["loss"])

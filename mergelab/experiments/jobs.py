@@ -62,6 +62,24 @@ def member_expert(member: dict[str, Any], arch: str, cache_dir: str | None) -> A
     return r.model_copy(update={"path": str(r.checkpoint_dir(step)), "spec": spec})
 
 
+def expert_folder(expert: Any, dest: Path) -> Path:
+    """``expert``'s folder if it is a complete expert folder; otherwise (a checkpoint member) ``dest`` made into
+    one: its backbone and head linked and its sidecar written (the spec with ``steps`` = the checkpoint's step;
+    the test metrics are the finished expert's)."""
+    import os
+
+    from mergelab.training.result import BACKBONE_FILE, HEAD_FILE, SIDECAR, read_expert
+
+    folder = Path(expert.path)
+    if read_expert(folder) is not None:
+        return folder
+    dest.mkdir(parents=True)
+    for name in (BACKBONE_FILE, HEAD_FILE):
+        os.symlink(folder / name, dest / name)
+    (dest / SIDECAR).write_text(expert.sidecar_json())
+    return dest
+
+
 def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Merge the members and evaluate the merge on their tasks; see the module docstring."""
     from mergelab.engine import merge
@@ -75,17 +93,17 @@ def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
     if len(set(tasks)) != len(tasks):
         raise SpecError(f"merge members must be of distinct tasks, got {tasks}")
     base = pretrained_dir(arch, cache_dir) / "backbone.safetensors"
-    merge_spec: dict[str, Any] = {
-        "method": spec["method"],
-        "base": str(base),
-        "models": [str(Path(e.path) / "backbone.safetensors") for e in experts],
-        "parameters": dict(spec.get("parameters") or {}),
-        "device": "cpu",
-    }
-    if spec["method"] in registry():
-        merge_spec["data"] = {"tasks": tasks, "samples_per_task": int(spec.get("data_samples", 100))}
+    informed = spec["method"] in registry()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergelab-study-") as tmp:
+        # data-informed methods read each expert's task and head from an expert folder: a checkpoint member
+        # gets one (its files linked, its sidecar saying steps = step) in the temporary folder
+        models = ([str(expert_folder(e, Path(tmp) / f"member{i}")) for i, e in enumerate(experts)] if informed
+                  else [str(Path(e.path) / "backbone.safetensors") for e in experts])
+        merge_spec: dict[str, Any] = {"method": spec["method"], "base": str(base), "models": models,
+                                      "parameters": dict(spec.get("parameters") or {}), "device": "cpu"}
+        if informed:
+            merge_spec["data"] = {"tasks": tasks, "samples_per_task": int(spec.get("data_samples", 100))}
         out = Path(tmp) / "merged"
         merge(merge_spec, out, progress=False, hash_inputs=False)
         t_merge = time.perf_counter() - t0
