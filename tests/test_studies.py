@@ -248,3 +248,17 @@ def test_data_informed_merge_of_checkpoints(root):
                         "members": members, "data_samples": 8, "cache_dir": str(root)})
     assert [t["task"] for t in m["tasks"]] == ["digits", "shapes"]
     assert 0.0 <= m["accuracy"] <= 1.0 and math.isfinite(m["loss"])
+
+
+def test_experiment_cli_lists_presets_and_rejects_bad_settings(capsys, tmp_path):
+    from mergelab.cli import main
+
+    assert main(["experiment", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("scaling", "noise", "pool", "scaling-full")) and '"lr_grid"' in out
+    assert main(["experiment", "scaling", "--set", "colour=red", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown setting(s) colour" in capsys.readouterr().err
+    assert main(["experiment", "noise", "--set", "lr_grid=[0.1,0.01]", "--out", str(tmp_path / "x")]) == 1
+    assert "lr_grid: must be positive and increasing" in capsys.readouterr().err
+    assert main(["experiment"]) == 1 and "name a preset" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written on bad input
