@@ -33,7 +33,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 log = logging.getLogger("mergelab")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only`` (a name in ``COMMAND_MODULES``), only that module's verbs are
+    registered, so running one verb does not import every command's dependencies."""
     parser = argparse.ArgumentParser(
         prog="mergelab",
         description="Merge fine-tuned models in parameter space and analyse their mergeability.",
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if only is None else (only,):
         try:
             module = importlib.import_module(f"mergelab.commands.{name}")
         except ModuleNotFoundError as exc:  # a verb whose module is not present in this build
@@ -52,8 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verb_module(argv: Sequence[str]) -> str | None:
+    """The command module to import alone: the first positional argument when it names a module whose verb
+    has that name (``merge``, ``zoo``, ...); None (import all) otherwise, e.g. for ``--help`` or ``methods``."""
+    for arg in argv:
+        if arg in ("-h", "--help"):  # the top-level help lists every verb
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMAND_MODULES else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_verb_module(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -46,17 +46,24 @@ def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
     flats = [e.reshape(-1) for e in inp.experts]
     out = torch.empty(inp.experts[0].shape, dtype=inp.result_dtype, device=first_in.device)
     out_flat = out.view(-1)
-    buffers = ops.BlockBuffers(3, first_in.numel(), inp.compute_dtype, first_in.device)
-    for start, stop in ops.block_ranges(first_in.numel()):
-        first, acc, diff = buffers.get(stop - start)
-        first.copy_(first_in[start:stop])
-        for j, (e, w) in enumerate(zip(flats, inp.weights)):
-            diff.copy_(e[start:stop]).sub_(first)
-            if j == 0:
-                torch.mul(diff, w, out=acc)
-            else:
-                acc.add_(diff, alpha=w)
-        out_flat[start:stop].copy_(acc.div_(total).add_(first))
+    n = first_in.numel()
+    block = ops.block_size()
+
+    def work(first_block: int, stop_block: int) -> None:
+        buffers = ops.BlockBuffers(3, n, inp.compute_dtype, first_in.device)
+        for j in range(first_block, stop_block):
+            start, stop = j * block, min(n, (j + 1) * block)
+            first, acc, diff = buffers.get(stop - start)
+            first.copy_(first_in[start:stop])
+            for i, (e, w) in enumerate(zip(flats, inp.weights)):
+                diff.copy_(e[start:stop]).sub_(first)
+                if i == 0:
+                    torch.mul(diff, w, out=acc)
+                else:
+                    acc.add_(diff, alpha=w)
+            out_flat[start:stop].copy_(acc.div_(total).add_(first))
+
+    ops.run_in_chunks(ops.block_count(n), work)
     return out
 
 
@@ -84,15 +91,22 @@ def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
     flats = [e.reshape(-1) for e in inp.experts]
     out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)
     out_flat = out.view(-1)
-    buffers = ops.BlockBuffers(3, base_in.numel(), inp.compute_dtype, base_in.device)
-    for start, stop in ops.block_ranges(base_in.numel()):
-        base, acc, tau = buffers.get(stop - start)
-        base.copy_(base_in[start:stop])
-        acc.zero_()
-        for e, w in zip(flats, inp.weights):
-            tau.copy_(e[start:stop]).sub_(base)
-            acc.add_(tau, alpha=w)
-        out_flat[start:stop].copy_(acc.mul_(p.lambda_).add_(base))
+    n = base_in.numel()
+    block = ops.block_size()
+
+    def work(first: int, stop_block: int) -> None:  # blocks are independent: split over the cores
+        buffers = ops.BlockBuffers(3, n, inp.compute_dtype, base_in.device)
+        for j in range(first, stop_block):
+            start, stop = j * block, min(n, (j + 1) * block)
+            base, acc, tau = buffers.get(stop - start)
+            base.copy_(base_in[start:stop])
+            acc.zero_()
+            for e, w in zip(flats, inp.weights):
+                tau.copy_(e[start:stop]).sub_(base)
+                acc.add_(tau, alpha=w)
+            out_flat[start:stop].copy_(acc.mul_(p.lambda_).add_(base))
+
+    ops.run_in_chunks(ops.block_count(n), work)
     return out
 
 
