@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     from pathlib import Path
 
     import torch

@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     if args.threads:
         import torch
 

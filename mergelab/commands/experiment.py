@@ -62,6 +62,9 @@ def _list() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     import sys
 
     from mergelab.errors import SpecError

@@ -8,7 +8,6 @@ comparison table and writes ``report.json`` and ``report.html`` to ``--out`` (de
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -44,20 +43,10 @@ def _csv(text: str | None) -> list[str] | None:
     return items or None
 
 
-def _passive_omp_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose.
-
-    On a 2-core machine that other processes also use, torch's spinning intra-op threads are descheduled
-    mid-region and every parallel region waits for them: a resnet_s training step measured 1.0-1.9 s with 2
-    threads (default policy) against 0.07-0.16 s with 2 passive threads, on the same loaded machine. It must be
-    set before torch is imported (the command imports torch only after this).
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run(args: argparse.Namespace) -> int:
-    _passive_omp_threads()
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     from mergelab.quickstart import run_quickstart
 
     start = time.perf_counter()

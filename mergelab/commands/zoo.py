@@ -112,6 +112,9 @@ def _write_json(path: str | None, payload: Any) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     _set_threads(args)
     from mergelab.errors import SpecError
     from mergelab.models.pretraining import PretrainConfig, pretrain
@@ -143,6 +146,9 @@ def _parse_branch(value: str) -> dict[str, Any]:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     _set_threads(args)
     from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
@@ -204,6 +210,9 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
+    from mergelab.runtime import prefer_passive_omp
+
+    prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     _set_threads(args)
     from mergelab.models.registry import arch_info
     from mergelab.training.zoo import build_zoo
