@@ -5,8 +5,10 @@ reads that tensor from the base and from every expert (lazily, from disk), hands
 casts the result and streams it to the :class:`~mergelab.checkpoints.CheckpointWriter`, then drops all of
 them. Three threads form a pipeline one tensor apart: a read-ahead thread reads tensor k+1 while the main
 thread merges tensor k and a write-behind thread writes tensor k-1 (``pread``, ``write`` and torch kernels
-release the GIL). Peak memory is therefore about three tensors' worth: the inputs of the current and the
-next tensor in storage dtype, and two outputs. Methods work on cache-sized blocks
+release the GIL); small tensors queue deeper, up to ``PIPELINE_BYTES`` (256 MiB) of inputs read ahead and
+of outputs waiting to be written, so a stall of one stage (a write held up by the disk) does not stop the
+others at once. Peak memory is therefore about three tensors' worth plus those two budgets: the inputs of
+the current and the next tensor in storage dtype, and two outputs. Methods work on cache-sized blocks
 (:mod:`mergelab.ops.blocks`), so their float32 temporaries are a few MiB, independent of the tensor size.
 A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two extra streaming passes
 (:class:`mergelab.ops.StreamingKthLargest`), never from concatenating models.
@@ -34,6 +36,7 @@ Rules applied to every merge:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -246,17 +249,40 @@ def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tenso
     return tensor.to(device, non_blocking=True)
 
 
+# Bytes that may wait in each pipeline queue beyond the one tensor always allowed: the inputs read ahead
+# and the outputs waiting to be written. Small tensors then queue several deep, so a stall of one stage
+# (a write blocked by the disk, a read by another process) does not stop the others at once.
+PIPELINE_BYTES = 256 * 1024**2
+
+
 def _prefetched(
     io: ThreadPoolExecutor, inputs: _Inputs, names: Sequence[str], check: bool
 ) -> Iterator[tuple[str, torch.Tensor | None, list[torch.Tensor]]]:
-    """Yield ``(name, base, experts)`` for each name in order, reading the next tensor on the I/O thread
-    ``io`` while the caller works on the current one. At most one tensor is read ahead, so memory stays
-    bounded by two tensors' inputs."""
-    future: Future | None = io.submit(inputs.read, names[0], check) if names else None
-    for i, name in enumerate(names):
-        assert future is not None
+    """Yield ``(name, base, experts)`` for each name in order, reading ahead on the I/O thread ``io`` while
+    the caller works on the current one: the next tensor always, further ones while the tensors read
+    ahead hold at most ``PIPELINE_BYTES``, so memory stays bounded by two tensors' inputs plus that."""
+    pending: collections.deque[tuple[Future, int]] = collections.deque()
+    queued = 0
+    ahead = 0  # next index to submit
+
+    def input_bytes(name: str) -> int:
+        return sum(_nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
+
+    for name in names:
+        # keep the next tensor in flight, and more while they fit the budget
+        while ahead < len(names) and (not pending or queued + input_bytes(names[ahead]) <= PIPELINE_BYTES):
+            size = input_bytes(names[ahead])
+            pending.append((io.submit(inputs.read, names[ahead], check), size))
+            queued += size
+            ahead += 1
+        future, size = pending.popleft()
+        queued -= size
         base, experts = future.result()
-        future = io.submit(inputs.read, names[i + 1], check) if i + 1 < len(names) else None
+        if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
+            size = input_bytes(names[ahead])
+            pending.append((io.submit(inputs.read, names[ahead], check), size))
+            queued += size
+            ahead += 1
         yield name, base, experts
 
 
@@ -389,14 +415,16 @@ def _merge_tensors(
     """The streaming loop: three stages on three threads, one tensor apart.
 
     The ``reader`` thread reads tensor k+1 (``pread``, which releases the GIL) while this thread merges
-    tensor k (torch kernels release it too) and a writer thread writes tensor k-1; at most one tensor
-    waits at each stage, so memory is bounded by about three tensors' worth. Inputs of a method whose
+    tensor k (torch kernels release it too) and a writer thread writes tensor k-1; one tensor may always
+    wait at each stage, more while they fit ``PIPELINE_BYTES``, so memory is bounded by about three
+    tensors' worth plus twice that budget. Inputs of a method whose
     output shows any NaN/Inf of its inputs (``method.propagates_nonfinite``) are checked through the
     output: only a non-finite output rescans them, to name the offending file.
     """
     check_inputs = not method.propagates_nonfinite
     items = _prefetched(reader, inputs, [name for name, _, _ in plan], check_inputs)
-    written: Future | None = None
+    writes: collections.deque[tuple[Future, int]] = collections.deque()  # oldest first
+    waiting = 0  # bytes of the outputs in ``writes``
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writing:
         try:
             for (name, shape, dtype), (_, base, experts) in zip(plan, items):
@@ -417,18 +445,23 @@ def _merge_tensors(
                             inputs.check(name, base, experts)  # names the input file if one is bad
                         _check_finite(merged, f"merge result ({method.name})", name)
                 del base, experts
-                if written is not None:
-                    written.result()  # at most one tensor waits to be written
-                written = writing.submit(writer.write, name, merged.cpu())
+                size = _nbytes(shape, dtype)
+                # one output always may wait to be written; more while they fit PIPELINE_BYTES
+                while writes and waiting + size > PIPELINE_BYTES:
+                    done, done_size = writes.popleft()
+                    done.result()
+                    waiting -= done_size
+                writes.append((writing.submit(writer.write, name, merged.cpu()), size))
+                waiting += size
                 del merged
-                bar.update(_nbytes(shape, dtype))
+                bar.update(size)
         except BaseException:
-            if written is not None:  # the pending write ends before the writer may abort and delete
+            for pending, _ in writes:  # pending writes end before the writer may abort and delete
                 with contextlib.suppress(BaseException):
-                    written.result()
+                    pending.result()
             raise
-        if written is not None:
-            written.result()
+        for pending, _ in writes:
+            pending.result()
 
 
 def _record(spec: MergeSpec, method: Method, params: MethodParams) -> dict[str, Any]:

@@ -104,7 +104,9 @@ def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
             for e, w in zip(flats, inp.weights):
                 tau.copy_(e[start:stop]).sub_(base)
                 acc.add_(tau, alpha=w)
-            out_flat[start:stop].copy_(acc.mul_(p.lambda_).add_(base))
+            if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+                acc.mul_(p.lambda_)
+            out_flat[start:stop].copy_(acc.add_(base))
 
     ops.run_in_chunks(ops.block_count(n), work)
     return out
@@ -178,7 +180,9 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
                     taus[i] = trims[i].apply(j, tau, magnitude, keep)
             sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
             merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
-            out_flat[start:end].copy_(merged.mul_(p.lambda_).add_(base))
+            if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+                merged.mul_(p.lambda_)
+            out_flat[start:end].copy_(merged.add_(base))
 
     ops.run_in_chunks(ops.block_count(n), work, workers=1 if in_order else None)
     return out
