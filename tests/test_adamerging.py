@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mergelab.tasks
 from mergelab.engine import merge
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import registry
@@ -23,32 +22,20 @@ from mergelab.methods.data_informed.adamerging import (
 )
 from mergelab.methods.data_informed.context import MergeContext
 from mergelab.models import load_backbone_state, read_backbone_state
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.spec import DataSpec
-from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 TASKS = ["mnist_parity", "mnist_rot90"]
 ZOO_DIR = "tiny_zoo_adamerging_surgery"  # shared with tests/test_surgery.py (same specs: cached the second time)
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(128) % 4
-    x = torch.randn(128, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:96], y[:96], x[96:], y[96:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(pretrained folder, experts) of a tiny resnet_s zoo: 5 pretraining steps, 10 fine-tuning steps."""
     root = tmp_path_factory.getbasetemp() / ZOO_DIR
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=5, batch_size=16, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=5, batch_size=16, lr=0.05), n=128)
     experts = [finetune(dict(task=t, steps=10, batch_size=16, data_ratio=0.05), root) for t in TASKS]
     return pre.path, experts
 

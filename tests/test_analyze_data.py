@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import mergelab.tasks
 from mergelab.analysis.bound import BoundConstants, BoundExpert, BoundPool, chi2_divergence, evaluate_bound, schedule_moments
 from mergelab.analysis.pool_report import load_constants, merge_coefficients
 from mergelab.checkpoints import save_state_dict
 from mergelab.cli import main
 from mergelab.errors import SpecError
-from mergelab.models.pretraining import PretrainConfig, pretrain
-from mergelab.tasks import TaskData
+from mergelab.models.pretraining import PretrainConfig
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,23 +36,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(128) % 4
-    x = torch.randn(128, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:96], y[:96], x[96:], y[96:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(cache root, pretrained folder, three experts); the third trains for fewer steps (a nonzero chi^2)."""
     root = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=4, batch_size=16, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=4, batch_size=16, lr=0.05), n=128)
     experts = [
         finetune(dict(task="digits", steps=6, batch_size=16, data_ratio=0.1), root),
         finetune(dict(task="digits_invert", steps=6, batch_size=16, data_ratio=0.1), root),

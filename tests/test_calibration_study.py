@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import mergelab.tasks
 from mergelab.analysis.bound import evaluate_bound
 from mergelab.analysis.calibration_study import (
     StudyConfig,
@@ -26,9 +25,9 @@ from mergelab.analysis.calibration_study import (
 from mergelab.cli import main
 from mergelab.errors import SpecError
 from mergelab.evaluation import evaluate
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.models.state import read_backbone_state
-from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 TASKS = ("digits", "digits_invert", "mnist_parity")
@@ -42,22 +41,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(128) % 4
-    x = torch.randn(128, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:96], y[:96], x[96:], y[96:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=4, batch_size=16, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=4, batch_size=16, lr=0.05), n=128, seed=1)
     experts = [finetune(dict(task=t, steps=5, batch_size=16, data_ratio=0.05), root) for t in TASKS]
     return root, Path(pre.path), experts
 

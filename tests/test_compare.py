@@ -15,23 +15,14 @@ from mergelab.cli import main
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import CATALOG, ComparisonTable, MethodRow, run_comparison
 from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools, run_pool_scaling
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune, load_expert
 from mergelab.training.multitask import MultitaskSpec, multitask_spec, read_multitask, train_multitask
 
 TASKS = ["mnist", "mnist_rot90"]
 EXTRA = "shapes"
-
-
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +31,7 @@ def zoo(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cmpzoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pretrain("resnet_s", root, PretrainConfig(steps=10, batch_size=32, lr=0.05))
+    pretrain_tiny(root, PretrainConfig(steps=10, batch_size=32, lr=0.05))
     experts = {t: finetune(dict(task=t, steps=20, batch_size=32, data_ratio=0.1), root).path for t in [*TASKS, EXTRA]}
     yield root, experts
     torch.set_num_threads(before)

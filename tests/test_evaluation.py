@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import mergelab.tasks
 from mergelab.cli import main
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.evaluation import evaluate, evaluate_classifier, reset_bn_statistics
 from mergelab.models import build_backbone, make_head
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.models.state import backbone_state
-from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 TASKS = ["mnist_parity", "mnist_rot90"]
@@ -30,23 +29,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(cache root, pretrained folder, two experts) with a tiny pretrained resnet_s."""
     root = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
     experts = [finetune(dict(task=t, steps=25, batch_size=32, data_ratio=0.1), root) for t in TASKS]
     return root, pre.path, experts
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-import mergelab.tasks
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import parse_params, registry
 from mergelab.methods.data_informed.context import MergeContext
@@ -31,9 +30,9 @@ from mergelab.methods.data_informed.frank_wolfe import (
     tensor_groups,
 )
 from mergelab.models import build_backbone, load_backbone_state, read_backbone_state
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.spec import DataSpec
-from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 F64 = torch.float64
@@ -256,25 +255,13 @@ RELEVANT = ["mnist_parity", "mnist_rot90"]
 IRRELEVANT = "shapes"
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(pretrained folder, {task: expert folder}) with a tiny pretrained resnet_s and three quick experts."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fwzoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=8, batch_size=32, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=8, batch_size=32, lr=0.05))
     experts = {t: finetune(dict(task=t, steps=15, batch_size=32, data_ratio=0.1), root).path
                for t in [*RELEVANT, IRRELEVANT]}
     yield pre.path, experts

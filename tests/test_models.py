@@ -20,7 +20,6 @@ from mergelab.models import (
 )
 from mergelab.models.registry import infer_arch
 from mergelab.models.state import backbone_state
-from mergelab.tasks import TaskData
 
 
 
@@ -134,21 +133,12 @@ def test_linear_probe_fits_separable_features():
     assert torch.equal(again.weight, head.weight)  # deterministic
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):  # class = which quadrant is bright
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
-
-
 def test_pretrain_caches_and_replaces_on_new_config(tmp_path, monkeypatch):
     import mergelab.tasks
     from mergelab.models.pretraining import PretrainConfig, load_pretrained_backbone, pretrain, read_pretrained
+    from tiny_zoo import tiny_pool
 
-    monkeypatch.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
+    monkeypatch.setattr(mergelab.tasks, "pretraining_pool", tiny_pool)
     cfg = PretrainConfig(steps=15, batch_size=32, lr=0.05)
     r1 = pretrain("resnet_s", tmp_path, cfg)
     assert (tmp_path / "zoo/resnet_s/pretrained/backbone.safetensors").is_file()
@@ -161,7 +151,7 @@ def test_pretrain_caches_and_replaces_on_new_config(tmp_path, monkeypatch):
     monkeypatch.setattr("mergelab.training.loop.run_steps", boom)
     assert pretrain("resnet_s", tmp_path, cfg).pretrained_id == r1.pretrained_id  # cached
     monkeypatch.undo()
-    monkeypatch.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
+    monkeypatch.setattr(mergelab.tasks, "pretraining_pool", tiny_pool)
     r2 = pretrain("resnet_s", tmp_path, cfg.model_copy(update={"steps": 5}))
     assert r2.pretrained_id != r1.pretrained_id
     backbone, record = load_pretrained_backbone("resnet_s", tmp_path)

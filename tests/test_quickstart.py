@@ -12,10 +12,10 @@ import mergelab.quickstart
 import mergelab.tasks
 from mergelab.cli import main
 from mergelab.errors import SpecError
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.quickstart import run_quickstart
 from mergelab.report import ReportDocument
-from test_compare import _tiny_pool
+from tiny_zoo import pretrain_tiny
 
 TASKS = ["mnist", "mnist_rot90"]
 METHODS = ["pretrained", "individual", "task_arithmetic"]
@@ -28,9 +28,7 @@ def cache(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("qscache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pretrain("resnet_s", root, PretrainConfig(steps=5, batch_size=32, lr=0.05))
+    pretrain_tiny(root, PretrainConfig(steps=5, batch_size=32, lr=0.05))
     yield root
     torch.set_num_threads(before)
 

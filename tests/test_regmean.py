@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mergelab.tasks
 from mergelab.engine import merge
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import registry
@@ -22,8 +21,8 @@ from mergelab.methods.data_informed.regmean import (
     regmean_merge_states,
 )
 from mergelab.models import build_backbone, read_backbone_state
-from mergelab.models.pretraining import PretrainConfig, pretrain
-from mergelab.tasks import TaskData
+from mergelab.models.pretraining import PretrainConfig
+from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
 TASKS = ["mnist_parity", "mnist_rot90"]
@@ -203,23 +202,11 @@ def test_layers_of_the_zoo_architectures():
 # ----------------------------------------------------------------------------------------- end to end
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(pretrained folder, two tiny resnet_s experts)."""
     root = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pre = pretrain("resnet_s", root, PretrainConfig(steps=10, batch_size=32, lr=0.05))
+    pre = pretrain_tiny(root, PretrainConfig(steps=10, batch_size=32, lr=0.05))
     experts = [finetune(dict(task=t, steps=10, batch_size=32, data_ratio=0.05), root) for t in TASKS]
     return pre.path, [e.path for e in experts]
 

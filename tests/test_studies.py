@@ -28,8 +28,9 @@ from mergelab.experiments.scaling_laws import (
 )
 from mergelab.experiments.runners import RunOptions
 from mergelab.experiments.store import ResultsStore
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.report import ReportDocument
+from tiny_zoo import pretrain_tiny
 
 TINY_TASKS = ("digits", "shapes", "mnist")
 
@@ -37,7 +38,7 @@ TINY_TASKS = ("digits", "shapes", "mnist")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("studyzoo")
-    pretrain("resnet_s", root, PretrainConfig(steps=4, batch_size=16, lr=0.05))
+    pretrain_tiny(root, PretrainConfig(steps=4, batch_size=16, lr=0.05))
     return root
 
 

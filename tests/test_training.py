@@ -11,9 +11,9 @@ import torch
 import mergelab.tasks
 from mergelab.cli import main
 from mergelab.errors import SpecError
-from mergelab.models.pretraining import PretrainConfig, pretrain
+from mergelab.models.pretraining import PretrainConfig
 from mergelab.models.state import read_backbone_state
-from mergelab.tasks import TaskData
+from tiny_zoo import pretrain_tiny
 from mergelab.training import ExpertSpec, branch_spec, build_zoo, finetune, load_expert, make_spec, read_expert
 from mergelab.training.sampler import BatchSampler
 from mergelab.training.schedule import lr_factor
@@ -33,23 +33,11 @@ TASK = "mnist_rot90"
 BASE = dict(task=TASK, arch="resnet_s", steps=30, batch_size=32, data_ratio=0.2)
 
 
-def _tiny_pool() -> TaskData:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 4
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.3
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, r * 14 : (r + 1) * 14, q * 14 : (q + 1) * 14] += 1.0
-    return TaskData("pool", 4, x[:192], y[:192], x[192:], y[192:], "tiny synthetic pool")
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A cache root holding a tiny pretrained resnet_s (15 steps on a synthetic pool)."""
     root = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mergelab.tasks, "pretraining_pool", _tiny_pool)
-        pretrain("resnet_s", root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
+    pretrain_tiny(root, PretrainConfig(steps=15, batch_size=32, lr=0.05))
     return root
 
 
