@@ -99,23 +99,9 @@ class MultitaskSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_defaults(cls, data: Any) -> Any:
-        from mergelab.models.registry import arch_info
-        from mergelab.training.spec import DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY
+        from mergelab.training.spec import fill_optimizer_defaults
 
-        if not isinstance(data, Mapping):
-            return data
-        data = {k: v for k, v in data.items() if v is not None}
-        try:
-            family = arch_info(data.get("arch", "resnet_s")).family
-        except SpecError:
-            family = "resnet"  # the arch validator reports it
-        data.setdefault("optimizer", DEFAULT_OPTIMIZER.get(family, "sgd"))
-        opt = data["optimizer"]
-        if isinstance(opt, str) and opt in DEFAULT_LR:
-            data.setdefault("lr", DEFAULT_LR[opt])
-            data.setdefault("weight_decay", DEFAULT_WEIGHT_DECAY[opt])
-        data.setdefault("momentum", DEFAULT_MOMENTUM)
-        return data
+        return fill_optimizer_defaults(data) if isinstance(data, Mapping) else data
 
     @field_validator("arch")
     @classmethod

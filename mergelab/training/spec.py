@@ -96,18 +96,7 @@ class ExpertSpec(BaseModel):
     @classmethod
     def _fill_defaults(cls, data: Any) -> Any:
         """Resolve the architecture- and optimizer-dependent defaults."""
-        if not isinstance(data, Mapping):
-            return data
-        data = {k: v for k, v in data.items() if v is not None}
-        arch = data.get("arch", "resnet_s")
-        family = _family(arch) or "resnet"  # an unknown arch is reported by its own validator
-        data.setdefault("optimizer", DEFAULT_OPTIMIZER[family])
-        opt = data.get("optimizer")
-        if isinstance(opt, str) and opt in DEFAULT_LR:
-            data.setdefault("lr", DEFAULT_LR[opt])
-            data.setdefault("weight_decay", DEFAULT_WEIGHT_DECAY[opt])
-        data.setdefault("momentum", DEFAULT_MOMENTUM)
-        return data
+        return fill_optimizer_defaults(data) if isinstance(data, Mapping) else data
 
     @field_validator("arch")
     @classmethod
@@ -155,6 +144,21 @@ class ExpertSpec(BaseModel):
         For Adam the proxy only compares runs of the same optimizer (its update is normalised per coordinate).
         """
         return self.lr / (self.batch_size * (1.0 - self.momentum))
+
+
+def fill_optimizer_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without ``None`` values and with the architecture- and optimizer-dependent defaults filled in:
+    ``optimizer`` by family (:data:`DEFAULT_OPTIMIZER`), then ``lr`` and ``weight_decay`` by optimizer, and
+    ``momentum``. Shared by :class:`ExpertSpec` and the multi-task spec."""
+    out = {k: v for k, v in data.items() if v is not None}
+    family = _family(out.get("arch", "resnet_s")) or "resnet"  # an unknown arch is reported by its own validator
+    out.setdefault("optimizer", DEFAULT_OPTIMIZER[family])
+    opt = out.get("optimizer")
+    if isinstance(opt, str) and opt in DEFAULT_LR:
+        out.setdefault("lr", DEFAULT_LR[opt])
+        out.setdefault("weight_decay", DEFAULT_WEIGHT_DECAY[opt])
+    out.setdefault("momentum", DEFAULT_MOMENTUM)
+    return out
 
 
 def _family(arch: Any) -> str | None:
