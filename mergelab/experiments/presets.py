@@ -130,18 +130,19 @@ def run_preset(
     configs = [configure(c, overrides or {}) for c in preset.configs]
     out = Path(out)
     docs = []
-    for i, cfg in enumerate(configs):
-        sub = out if len(configs) == 1 else out / f"{i + 1}-{getattr(cfg, 'arch', 'run')}"
-        if isinstance(cfg, ScalingConfig):
-            from mergelab.experiments.scaling_laws import run_scaling_study
+    with opts.session():  # one Ray session for every phase of every configuration
+        for i, cfg in enumerate(configs):
+            sub = out if len(configs) == 1 else out / f"{i + 1}-{getattr(cfg, 'arch', 'run')}"
+            if isinstance(cfg, ScalingConfig):
+                from mergelab.experiments.scaling_laws import run_scaling_study
 
-            docs.append(run_scaling_study(cfg, sub, opts))
-        elif isinstance(cfg, NoiseConfig):
-            from mergelab.experiments.noise_study import run_noise_study
+                docs.append(run_scaling_study(cfg, sub, opts))
+            elif isinstance(cfg, NoiseConfig):
+                from mergelab.experiments.noise_study import run_noise_study
 
-            docs.append(run_noise_study(cfg, sub, opts))
-        else:
-            docs.append(_run_pool(cfg, sub, opts))
+                docs.append(run_noise_study(cfg, sub, opts))
+            else:
+                docs.append(_run_pool(cfg, sub, opts))
     if len(docs) == 1:
         return docs[0]
     combined = ReportDocument(

@@ -45,6 +45,7 @@ Backends
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
@@ -56,7 +57,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -509,22 +510,32 @@ def _kill_pool(pool: Any) -> None:
         p.join(timeout=5)
 
 
-def _run_ray(todo: Sequence[Task], rec: _Recorder, workers: int | None, art: str,
-             address: str | None, init_kwargs: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def ray_session(address: str | None = None, init_kwargs: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Ray initialised for the block: a running session is reused and left running; one started here (local,
+    or joining ``address``) is shut down at the end."""
     try:
         import ray
     except ImportError as exc:
         from mergelab.errors import MergeLabError
 
         raise MergeLabError("backend 'ray' needs Ray: pip install 'mergelab[ray]' (or pip install ray)") from exc
-
-    started = False
-    if not ray.is_initialized():
-        init_kwargs.setdefault("include_dashboard", False)
-        init_kwargs.setdefault("log_to_driver", True)
-        ray.init(address=address, **init_kwargs)
-        started = True
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = {"include_dashboard": False, "log_to_driver": True, **dict(init_kwargs or {})}
+    ray.init(address=address, **kwargs)
     try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run_ray(todo: Sequence[Task], rec: _Recorder, workers: int | None, art: str,
+             address: str | None, init_kwargs: dict[str, Any]) -> None:
+    with ray_session(address, init_kwargs):
+        import ray
+
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=1, max_retries=0)(execute)
@@ -556,9 +567,6 @@ def _run_ray(todo: Sequence[Task], rec: _Recorder, workers: int | None, art: str
                 except Exception:  # pragma: no cover - best effort
                     pass
             raise
-    finally:
-        if started:
-            ray.shutdown()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -583,6 +591,10 @@ class RunOptions:
     def cache(self) -> str | None:
         """The cache root as an absolute path string (``None``: the default), as task specs record it."""
         return None if self.cache_dir is None else str(Path(self.cache_dir).expanduser().absolute())
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Keep one Ray session for all of a study's phases (a no-op for the local backend)."""
+        return ray_session(self.ray_address) if self.backend == "ray" else contextlib.nullcontext()
 
     def run(self, tasks: Iterable[Task], store: ResultsStore) -> RunSummary:
         """:func:`run_tasks` with these options; duplicate tasks (same key) run once, without a warning."""
