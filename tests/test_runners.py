@@ -235,3 +235,18 @@ def test_ray_backend(tmp_path: Path, markers: Path, monkeypatch):
     # rerun: nothing to do, Ray is not even started
     again = run_tasks(tasks[:2], store, backend="ray", progress=False)
     assert again.counts["skipped"] == 2 and not ray.is_initialized()
+
+
+def test_run_options_dedupe_and_resolve_the_cache(tmp_path: Path, markers: Path, monkeypatch):
+    import contextlib
+
+    from mergelab.experiments.runners import RunOptions
+
+    monkeypatch.chdir(tmp_path)
+    opts = RunOptions(store=tmp_path / "r.sqlite", workers=1, cache_dir="rel/cache", progress=False)
+    assert opts.cache() == str(tmp_path / "rel" / "cache")  # workers may run elsewhere: an absolute path
+    assert RunOptions().cache() is None
+    assert isinstance(opts.session(), contextlib.nullcontext)  # local backend: no session to keep
+    tasks = _tasks(markers, [{"name": "d", "x": 3}]) * 2  # the same task twice
+    summary = opts.run(tasks, opts.open_store())
+    assert summary.counts["done"] == 1 and _calls(markers, "d") == 1
