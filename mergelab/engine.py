@@ -15,8 +15,9 @@ A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two e
 
 Threads. During a merge on the CPU, torch runs its kernels on one intra-op thread (restored afterwards;
 ``$MERGELAB_MERGE_THREADS`` overrides): block-sized kernels do not gain from splitting, and idle OpenMP
-workers spinning next to the reader and writer threads multiplied the CPU time by ten. Methods that are
-compute-bound (TIES) split a tensor's blocks over ``mergelab.ops.compute_workers()`` threads themselves.
+workers spinning next to the reader and writer threads multiplied the CPU time by ten. Methods whose
+blocks are independent (task arithmetic, weight averaging, TIES) split a tensor's blocks over
+``mergelab.ops.compute_workers()`` threads themselves.
 
 Rules applied to every merge:
 
