@@ -57,6 +57,13 @@ def test_scaling_config_rejects_bad_settings(bad, message):
         configure(ScalingConfig(), bad)
 
 
+def test_reset_bn_accepts_yaml_booleans():
+    from mergelab.spec import read_yaml
+
+    assert configure(ScalingConfig(), {"reset_bn": read_yaml("off")}).reset_bn == "off"
+    assert configure(ScalingConfig(), {"reset_bn": True}).reset_bn == "joint"
+
+
 def test_configure_names_unknown_fields_and_allowed_ones():
     with pytest.raises(SpecError, match=r"unknown setting\(s\) colour .*allowed: arch, tasks"):
         configure(ScalingConfig(), {"colour": 1})

@@ -94,6 +94,12 @@ class ScalingConfig(BaseModel):
     samples: int = Field(128, ge=2)
     hessian_iters: int = Field(10, ge=1)
 
+    @field_validator("reset_bn", mode="before")
+    @classmethod
+    def _bn_words(cls, v: Any) -> Any:
+        """YAML reads ``off`` as ``False``: ``False`` means ``off`` and ``True`` ``joint``."""
+        return {False: "off", True: "joint"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("steps_grid", "batch_grid", "lr_grid", "data_ratio_grid", "n_tasks_grid")
     @classmethod
     def _increasing(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
