@@ -437,6 +437,16 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
                        ylabel="mean test accuracy", xscale="log" if log_x else "linear",
                        series=[Series(label="measured (mean +- s.e.)", x=xs, y=acc, yerr=aerr)]),
             ]
+            _, opt, _, _ = curve(records, hp, method, "opt")
+            _, gen, _, _ = curve(records, hp, method, "gen")
+            if all(np.isfinite(opt)) and all(np.isfinite(gen)) and min(opt + gen) > 0:
+                figs.append(Figure(
+                    id=f"{tag}-terms", title=f"{method}: the bound's two terms (unit constants) vs {LABELS[hp]}",
+                    xlabel=LABELS[hp], ylabel="term (mean over merges)", xscale="log" if log_x else "linear",
+                    yscale="log", series=[Series(label="optimisation term", x=xs, y=opt),
+                                          Series(label="generalisation (stability) term", x=xs, y=gen)],
+                    caption=f"optimisation term {_curve_shape(opt)}, stability term {_curve_shape(gen)} in "
+                            f"{LABELS[hp]}; the calibrated bound weighs them by c_opt and c_stab"))
             rows = [[f"{x:g}", l_, le, a, ae, p, c] for x, l_, le, a, ae, p, c in zip(xs, loss, lerr, acc, aerr, pred, n)]
             table = Table(title=f"{method}: {LABELS[hp]}", columns=["value", "loss", "loss s.e.", "accuracy",
                                                                      "accuracy s.e.", "bound (calibrated)", "merges"],
