@@ -9,8 +9,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """Digest cache in a tmp folder (never ~/.cache); one intra-op thread, restored after the test (tests that
+    change it, e.g. to exercise two compute threads, do not leak the setting)."""
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

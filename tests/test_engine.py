@@ -20,14 +20,7 @@ from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMi
 from mergelab.methods import TensorInputs, get_method
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Digest cache in a tmp folder (never ~/.cache); one intra-op thread (tiny tensors, loaded 2-core box)."""
-    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest cache, one thread
 
 
 def _gen(seed: int) -> torch.Generator:

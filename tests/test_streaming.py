@@ -18,13 +18,7 @@ from mergelab.ops import blocks as blocks_mod
 from mergelab.ops import select as select_mod
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest cache, one thread
 
 
 def _small_blocks(monkeypatch: pytest.MonkeyPatch, block: int = 37, small: int = 50, sample: int = 64) -> None:
