@@ -270,3 +270,28 @@ def test_experiment_cli_lists_presets_and_rejects_bad_settings(capsys, tmp_path)
     assert "lr_grid: must be positive and increasing" in capsys.readouterr().err
     assert main(["experiment"]) == 1 and "name a preset" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written on bad input
+
+
+def test_pool_preset_records_each_size_and_resumes(root, tmp_path, monkeypatch):
+    """One results-database row per (mode, pool size); a rerun answers from the database."""
+    import mergelab.evaluation
+    import mergelab.training.zoo
+    from mergelab.experiments.presets import PoolConfig, _run_pool
+    from mergelab.training import finetune
+
+    experts = [finetune(dict(task=t, steps=4, batch_size=16), root) for t in ("digits", "shapes", "mnist")]
+    monkeypatch.setattr(mergelab.training.zoo, "build_zoo", lambda *a, **k: None)  # the tiny experts stand in
+    monkeypatch.setattr(mergelab.evaluation, "default_experts", lambda *a, **k: experts)
+    cfg = PoolConfig(modes=("irrelevant",), sizes=(2, 3), methods=("task_arithmetic",), tasks=("digits", "shapes"),
+                     quick=True, samples_per_task=8)
+    opts = RunOptions(store=tmp_path / "p.sqlite", workers=1, cache_dir=root, progress=False)
+    doc = _run_pool(cfg, tmp_path / "pool", opts)
+    store = opts.open_store()
+    counts = store.counts(study="pool")
+    assert counts["done"] == 2 and counts["failed"] == 0
+    table = next(t for s in doc.sections for t in s.tables if t.title.startswith("Average accuracy"))
+    ta = next(r for r in table.rows if r[0] == "task_arithmetic")
+    assert all(v is not None and 0 <= v <= 100 for v in ta[1:3])
+    again = _run_pool(cfg, tmp_path / "pool2", opts)
+    assert store.counts(study="pool") == counts  # nothing re-run
+    assert [t.rows for s in again.sections for t in s.tables] == [t.rows for s in doc.sections for t in s.tables]

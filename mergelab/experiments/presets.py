@@ -50,6 +50,8 @@ class PoolConfig(BaseModel):
     samples_per_task: int = Field(100, ge=1)
     seed: int = 0
     reset_bn: bool = False
+    tasks: tuple[str, ...] | None = None  # evaluated group (irrelevant) or task order (relevant); default as compare
+    quick: bool = False  # tiny budgets for every method (smoke tests)
 
 
 @dataclass(frozen=True)
@@ -157,22 +159,37 @@ def run_preset(
 
 
 def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
-    """The pool-scaling protocol in this process (its comparisons time each method; the results database and
-    the Ray backend are not used)."""
-    from mergelab.experiments.pool_scaling import run_pool_scaling
+    """The pool-scaling protocol, one task per (mode, pool size) through the results database and the runner
+    (resumable; each comparison still runs its methods in fresh processes to time them)."""
+    from mergelab.evaluation import default_experts
+    from mergelab.experiments.compare import ComparisonTable
+    from mergelab.experiments.jobs import pool_size_job
+    from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools
+    from mergelab.experiments.runners import Task
+    from mergelab.experiments.store import key_of
     from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
     from mergelab.training.zoo import build_zoo
 
-    say, cache_dir, progress = opts.say or log.info, opts.cache_dir, opts.progress
+    say, store, cache = opts.say or log.info, opts.open_store(), opts.cache()
     out.mkdir(parents=True, exist_ok=True)
     say(f"zoo {cfg.arch}: fine-tuning the missing default experts (cached ones are reused)")
-    build_zoo(cfg.arch, cache_dir=cache_dir, workers=opts.workers or 1, progress=progress)
+    build_zoo(cfg.arch, cache_dir=cache, workers=opts.workers or 1, progress=opts.progress)
+    experts = {e.task: e for e in default_experts(cfg.arch, None, cache, required=False)}
     doc = None
     for mode in cfg.modes:
-        say(f"pool scaling ({mode}): sizes {list(cfg.sizes)}, methods {list(cfg.methods)}")
-        result = run_pool_scaling(mode, cfg.arch, sizes=cfg.sizes, methods=cfg.methods,  # type: ignore[arg-type]
-                                  samples_per_task=cfg.samples_per_task, cache_dir=cache_dir, workdir=out / "work",
-                                  progress=progress, seed=cfg.seed, reset_bn=cfg.reset_bn)
+        pools, evals = plan_pools(mode, list(experts), cfg.tasks, cfg.sizes, cfg.seed)  # type: ignore[arg-type]
+        specs = {n: {"arch": cfg.arch, "mode": mode, "size": n, "eval_tasks": evals[n],
+                     "pool": [{"task": t, "spec_hash": experts[t].spec_hash} for t in pools[n]],
+                     "methods": list(cfg.methods), "samples_per_task": cfg.samples_per_task, "reset_bn": cfg.reset_bn,
+                     "quick": cfg.quick, "cache_dir": cache} for n in pools}
+        say(f"pool scaling ({mode}): sizes {sorted(pools)}, methods {list(cfg.methods)}")
+        summary = opts.run([Task("pool_size", spec, pool_size_job, study="pool") for spec in specs.values()], store)
+        if summary.failed:
+            raise SpecError(f"{len(summary.failed)} pool size(s) failed; see `mergelab results --study pool --status failed --errors`")
+        tables = {n: ComparisonTable.from_dict(store.get(key_of("pool_size", spec)).metrics) for n, spec in specs.items()}
+        result = PoolScalingResult(mode, cfg.arch, sorted(pools), list(cfg.methods), pools, evals, tables,
+                                   {"seed": cfg.seed, "samples_per_task": cfg.samples_per_task, "quick": cfg.quick,
+                                    "reset_bn": cfg.reset_bn})
         result.to_json(out / f"pool_scaling_{mode}.json")
         doc = merge_pool_scaling_documents(doc, pool_scaling_document(result, config=cfg.model_dump(mode="json")))
     assert doc is not None
