@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable
 from mergelab.report.document import ReportDocument
@@ -94,13 +95,6 @@ def _read_cached(path: Path) -> ComparisonTable | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable cached comparison %s: %s", path, exc)
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_names(tasks: Sequence[str], methods: Sequence[str] | None) -> None:
@@ -191,7 +185,7 @@ def run_quickstart(
                                cache_dir=cache_dir, progress=progress, quick=quick, isolate=False,
                                overrides=merged_overrides, reset_bn=reset_bn)
         if not any(r.error for r in table.rows):  # a failed method is retried on the next run
-            _write_atomic(cached_path, json.dumps(table.to_dict(), indent=1, default=str) + "\n")
+            write_text_atomic(cached_path, json.dumps(table.to_dict(), indent=1, default=str) + "\n")
     else:
         say(f"[2/3] comparison: reusing {cached_path} (same settings and experts; --force recomputes)")
     timings["comparison_s"] = round(time.perf_counter() - t1, 2)

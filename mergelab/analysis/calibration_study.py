@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -471,19 +472,12 @@ def constants_payload(res: StudyResult) -> dict[str, Any]:
     })
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_study(res: StudyResult, out: Path) -> None:
     """``constants.json``, ``calibration.json``, ``calibration.md`` and ``calibration.png`` into ``out``."""
     paths = {name: str(out / name) for name in ("constants.json", "calibration.json", "calibration.md",
                                                  "calibration.png")}
     res.paths = paths
-    _atomic_text(out / "constants.json", json.dumps(constants_payload(res), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "constants.json", json.dumps(constants_payload(res), indent=2, allow_nan=False) + "\n")
     try:
         import matplotlib
 
@@ -493,8 +487,8 @@ def write_study(res: StudyResult, out: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the numbers
         log.warning("calibration.png could not be drawn: %s: %s", type(exc).__name__, exc)
         paths.pop("calibration.png")
-    _atomic_text(out / "calibration.json", json.dumps(res.to_dict(), indent=2, allow_nan=False) + "\n")
-    _atomic_text(out / "calibration.md", study_markdown(res))
+    write_text_atomic(out / "calibration.json", json.dumps(res.to_dict(), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "calibration.md", study_markdown(res))
 
 
 def plot_study(res: StudyResult) -> MplFigure:

@@ -33,6 +33,7 @@ import numpy as np
 
 from mergelab import __version__
 from mergelab.analysis.diagnostics import OPERATORS, PoolDiagnostics, to_jsonable
+from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import MergeLabError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -179,32 +180,21 @@ class Report:
                     paths.figures.append(out / f.filename)
         for s in self.sections:
             for name, text in s.files.items():
-                _atomic_write(out / name, text)
+                write_text_atomic(out / name, text)
                 paths.files.append(out / name)
         data = self.to_dict()
         for sec in data["sections"].values():
             sec["figures"] = [name for name in sec["figures"] if name in drawn]
         data["meta"].setdefault("mergelab_version", __version__)
         data["meta"].setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _atomic_write(paths.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        write_text_atomic(paths.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
         md_report = Report(self.title, intro=self.intro, meta=self.meta)
         md_report.sections = [
             Section(s.key, s.title, s.markdown, s.data, [f for f in s.figures if f.filename in drawn], s.files)
             for s in self.sections
         ]
-        _atomic_write(paths.markdown, md_report.to_markdown())
+        write_text_atomic(paths.markdown, md_report.to_markdown())
         return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_figure(figure: Figure, path: Path) -> None:

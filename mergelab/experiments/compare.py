@@ -66,7 +66,6 @@ includes whatever the process already held; NaN where that is unavailable. ``qui
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -210,27 +209,26 @@ class ComparisonTable:
                 "meta": _json_number(dict(self.meta))}
 
     def to_json(self, path: PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        return path
+        """Write :meth:`to_dict` as JSON, atomically."""
+        from mergelab.atomic_files import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: PathLike) -> Path:
         """One line per method: accuracy and loss per task, average, normalized, wall_s, peak_mb, base_mb."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from mergelab.atomic_files import write_csv_atomic
+
         cols = (["method"] + [f"acc:{t}" for t in self.tasks] + [f"loss:{t}" for t in self.tasks]
                 + ["average", "normalized", "wall_s", "peak_mb", "base_mb", "error", "params"])
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for r in self.rows:
-                cell = lambda v: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v  # noqa: E731
-                w.writerow([r.method] + [cell(r.per_task.get(t)) for t in self.tasks]
-                           + [cell(r.per_task_loss.get(t)) for t in self.tasks]
-                           + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb),
-                              r.error or "", json.dumps(r.params, sort_keys=True, default=str)])
-        return path
+
+        def cell(v: Any) -> Any:
+            return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+        return write_csv_atomic(path, cols, (
+            [r.method] + [cell(r.per_task.get(t)) for t in self.tasks] + [cell(r.per_task_loss.get(t)) for t in self.tasks]
+            + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb), r.error or "",
+               json.dumps(r.params, sort_keys=True, default=str)]
+            for r in self.rows))
 
     def to_report(self, **kwargs: Any) -> ReportDocument:
         """This table as a :class:`~mergelab.report.ReportDocument` (``kwargs``: title, study, summary, config;

@@ -357,14 +357,8 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
 
 
 def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    import csv
+    from mergelab.atomic_files import write_csv_atomic
 
     cols = ["task", "group", "lr", "batch_size", "momentum", "weight_decay", "augment", "branch_step", "T", "accuracy_a",
             "accuracy_b", "accuracy_mid", "loss_a", "loss_b", "loss_mid", "gain", "gain_se", "barrier", "cka"]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for r in records:
-            w.writerow([r[c] for c in cols])
-    os.replace(tmp, path)
+    write_csv_atomic(path, cols, ([r[c] for c in cols] for r in records))

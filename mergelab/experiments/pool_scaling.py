@@ -23,7 +23,6 @@ joining (4 -> 20 models, 4 evaluated tasks) task arithmetic falls 70.3 -> 21.2 w
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -119,28 +118,24 @@ class PoolScalingResult:
                 "meta": self.meta}
 
     def to_json(self, path: PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        return path
+        """Write :meth:`to_dict` as JSON, atomically."""
+        from mergelab.atomic_files import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: PathLike) -> Path:
         """Long format: one line per (pool size, method)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mode", "pool_size", "method", "average", "normalized", "wall_s", "peak_mb", "error",
-                        "eval_tasks", "pool_tasks", "per_task"])
-            for n in self.sizes:
-                if n not in self.tables:
-                    continue
-                for r in self.tables[n].rows:
-                    cell = lambda v: "" if not math.isfinite(v) else v  # noqa: E731
-                    w.writerow([self.mode, n, r.method, cell(r.average), cell(r.normalized), cell(r.wall_s),
-                                cell(r.peak_mb), r.error or "", " ".join(self.eval_tasks[n]), " ".join(self.pools[n]),
-                                json.dumps(r.per_task, sort_keys=True)])
-        return path
+        from mergelab.atomic_files import write_csv_atomic
+
+        def cell(v: float) -> Any:
+            return "" if not math.isfinite(v) else v
+
+        header = ["mode", "pool_size", "method", "average", "normalized", "wall_s", "peak_mb", "error", "eval_tasks",
+                  "pool_tasks", "per_task"]
+        return write_csv_atomic(path, header, (
+            [self.mode, n, r.method, cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb),
+             r.error or "", " ".join(self.eval_tasks[n]), " ".join(self.pools[n]), json.dumps(r.per_task, sort_keys=True)]
+            for n in self.sizes if n in self.tables for r in self.tables[n].rows))
 
     def to_report(self, **kwargs: Any) -> ReportDocument:
         """This run as a :class:`~mergelab.report.ReportDocument` (study ``pool_scaling``; ``kwargs``: title,

@@ -488,14 +488,8 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
 
 
 def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    import csv
+    from mergelab.atomic_files import write_csv_atomic
 
     cols = ["hp", "value", "method", "tasks", "loss", "accuracy", "joint_loss", "joint_accuracy", "opt", "gen", "predicted"]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for r in records:
-            w.writerow([r["hp"], r["value"], r["method"], "+".join(m["task"] for m in r["members"]),
-                        *(r.get(k, "") for k in cols[4:])])
-    os.replace(tmp, path)
+    write_csv_atomic(path, cols, ([r["hp"], r["value"], r["method"], "+".join(m["task"] for m in r["members"]),
+                                   *(r.get(k, "") for k in cols[4:])] for r in records))

@@ -32,7 +32,6 @@ the driver writes the rows. Keep the database on the driver's local disk; put on
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -295,20 +294,9 @@ def to_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
     ...; see :meth:`Row.flat`). Missing fields are empty cells. Written atomically; returns the path."""
     rows = list(rows)
     columns, flats = flat_columns(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for f in flats:
-                writer.writerow({k: ("" if v is None else v) for k, v in f.items()})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from mergelab.atomic_files import write_csv_atomic
+
+    return write_csv_atomic(path, columns, ([("" if f.get(c) is None else f[c]) for c in columns] for f in flats))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -153,16 +152,9 @@ class ReportDocument(_Model):
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.model_dump_json(indent=1))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from mergelab.atomic_files import write_text_atomic
+
+        return write_text_atomic(path, self.model_dump_json(indent=1))
 
     @classmethod
     def from_json(cls, path: PathLike) -> ReportDocument:

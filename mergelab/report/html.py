@@ -41,12 +41,12 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict
 
@@ -357,17 +357,7 @@ def write_html(doc: ReportDocument | Sequence[ReportDocument], out: PathLike, ti
     if path.is_dir():
         path = path / HTML_FILENAME
     text = render_html(doc, title)  # fully rendered before anything touches the disk
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 __all__ = ["HTML_FILENAME", "VERDICT_MARKERS", "figure_png", "format_cell", "render_html", "verdict_counts",
