@@ -106,11 +106,9 @@ class MultitaskSpec(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from mergelab.models.registry import list_archs
+        from mergelab.training.spec import known_arch
 
-        if arch not in list_archs():
-            raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_archs())}")
-        return arch
+        return known_arch(arch)
 
     @field_validator("tasks")
     @classmethod

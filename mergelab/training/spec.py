@@ -101,11 +101,7 @@ class ExpertSpec(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from mergelab.models.registry import list_archs
-
-        if arch not in list_archs():
-            raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_archs())}")
-        return arch
+        return known_arch(arch)
 
     @field_validator("task")
     @classmethod
@@ -144,6 +140,15 @@ class ExpertSpec(BaseModel):
         For Adam the proxy only compares runs of the same optimizer (its update is normalised per coordinate).
         """
         return self.lr / (self.batch_size * (1.0 - self.momentum))
+
+
+def known_arch(arch: str) -> str:
+    """``arch`` if it is a registered architecture; else ``ValueError`` listing the known ones (for validators)."""
+    from mergelab.models.registry import list_archs
+
+    if arch not in list_archs():
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_archs())}")
+    return arch
 
 
 def fill_optimizer_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
