@@ -266,34 +266,33 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
     from mergelab.analysis.pool_report import bound_pool, merge_coefficients, pool_measurement
     from mergelab.experiments.jobs import member_expert
     from mergelab.models.paths import pretrained_dir
-    from mergelab.training.result import read_expert
-    from mergelab.training.spec import make_spec
-    from mergelab.models.paths import expert_dir
+    from mergelab.training import finetune
 
-    defaults = {}
-    for task in cfg.tasks:
-        spec = make_spec(_spec_fields(cfg, task))
-        r = read_expert(expert_dir(cfg.arch, task, spec.spec_hash(), cache))
-        if r is None:  # the N study is off and the default expert was never trained
-            from mergelab.training import finetune
-
-            r = finetune(spec, cache_dir=cache)
-        defaults[task] = r
+    if not records:
+        return
+    # theta_0 statistics come from each task's default expert (cached; trained here only when no study used it)
+    defaults = {task: finetune(_spec_fields(cfg, task), cache_dir=cache) for task in cfg.tasks}
     scfg = StudyConfig(arch=cfg.arch, samples=cfg.samples, hessian_iters=cfg.hessian_iters)
     inits, _ = expert_measurements(pretrained_dir(cfg.arch, cache), list(defaults.values()), scfg,
                                    cache=out / "measurements")
     at_init = {d.task: i for d, i in zip(defaults.values(), inits)}
+    members: dict[tuple[Any, ...], Any] = {}  # each expert's sidecar is read once, not once per merge
+
+    def expert(m: dict[str, Any]) -> Any:
+        key = (m["task"], m["spec_hash"], m.get("step"))
+        if key not in members:
+            members[key] = member_expert(m, cfg.arch, cache)
+        return members[key]
+
     pools = []
     for rec in records:
-        experts = [member_expert(m, cfg.arch, cache) for m in rec["members"]]
+        experts = [expert(m) for m in rec["members"]]
         group_inits = [replace(at_init[e.task], n=int(e.n_train)) for e in experts]
         coeffs = merge_coefficients(rec["method"], cfg.method_parameters.get(rec["method"], {}), [1.0] * len(experts))
         pools.append(bound_pool(pool_measurement(group_inits), experts, coeffs))
-    if not records:
-        return
     bound_log = logging.getLogger("mergelab.analysis.bound")
     level = bound_log.level
-    bound_log.setLevel(logging.ERROR)  # the validity warning is counted per merge instead of logged per merge
+    bound_log.setLevel(logging.ERROR)  # its per-pool validity message is counted per merge instead
     try:
         reports = [evaluate_bound(pool, BoundConstants()) for pool in pools]
     finally:
