@@ -321,6 +321,17 @@ def _task_key(item: Any) -> str:
     raise TypeError(f"expected a Task, a (kind, spec) pair or a key, got {type(item).__name__}")
 
 
+def _study_kind(study: str | None, kind: str | None) -> tuple[list[str], list[Any]]:
+    """SQL clauses and parameters selecting rows of ``study`` and ``kind`` (each ``None``: any)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (("study", study), ("kind", kind)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return clauses, params
+
+
 def _where_path(name: str) -> tuple[str, str]:
     """``"spec.optim.lr"`` -> (``"spec"``, ``"$.optim.lr"``); a bare ``"lr"`` means ``spec.lr``."""
     head, _, rest = name.partition(".")
@@ -476,14 +487,7 @@ class ResultsStore:
         (``1 == 1.0``), ``True``/``False`` match JSON booleans, ``None`` matches a JSON null or a missing
         field, lists and dicts match by canonical JSON.
         """
-        clauses: list[str] = []
-        params: list[Any] = []
-        if study is not None:
-            clauses.append("study = ?")
-            params.append(study)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
+        clauses, params = _study_kind(study, kind)
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
             bad = [s for s in statuses if s not in STATUSES]
@@ -524,13 +528,7 @@ class ResultsStore:
 
     def counts(self, study: str | None = None, kind: str | None = None) -> dict[str, int]:
         """Number of rows per status (every status present, zero when absent)."""
-        clauses, params = [], []
-        if study is not None:
-            clauses.append("study = ?")
-            params.append(study)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
+        clauses, params = _study_kind(study, kind)
         sql = "SELECT status, COUNT(*) FROM runs" + (" WHERE " + " AND ".join(clauses) if clauses else "")
         out = dict.fromkeys(STATUSES, 0)
         for status, n in self._read(sql + " GROUP BY status", params):
