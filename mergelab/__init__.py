@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily so ``mergelab --help`` stays fast):
 
-- :func:`merge` (:func:`mergelab.engine.merge`): run a merge spec, write a loadable model;
+- :func:`merge` (:func:`mergelab.merging.merge`): run a merge spec, write a loadable model;
 - :class:`MergeSpec`, :func:`load_spec`: the validated merge specification;
 - :mod:`mergelab.ops`: the task-vector operators; :mod:`mergelab.methods`: the methods.
 """
@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "merge": ("mergelab.engine", "merge"),
-    "MergeResult": ("mergelab.engine", "MergeResult"),
+    "merge": ("mergelab.merging", "merge"),
+    "MergeResult": ("mergelab.merge_inputs", "MergeResult"),
     "MergeSpec": ("mergelab.spec", "MergeSpec"),
     "load_spec": ("mergelab.spec", "load_spec"),
 }

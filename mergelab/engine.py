@@ -54,52 +54,31 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
-from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMismatchError
-from mergelab.methods import Method, MethodParams, TensorInputs, get_method
+from mergelab.checkpoints import CheckpointReader, CheckpointWriter
+from mergelab.errors import NonFiniteError, SpecError
+from mergelab.merge_inputs import (
+    MergeInputs,
+    OUTPUT_DTYPES,
+    MergeResult,
+    ParamResolver,
+    check_models,
+    describe_path,
+    merge_record,
+    nbytes,
+    nonfinite_message,
+    output_plan,
+)
+from mergelab.methods import Method, TensorInputs, get_method
 from mergelab.ops import StreamingKthLargest, keep_count
-from mergelab.provenance import environment, input_digest
-from mergelab.spec import MergeSpec, load_spec, parse_spec
+from mergelab.runtime import reuse_freed_memory
+from mergelab.merging import merge  # noqa: F401  (the public entry point, re-exported for old imports)
+from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class MergeResult:
-    out_dir: Path
-    method: str
-    tensors: int
-    bytes_written: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-def reuse_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS at once.
-
-    Merging allocates and frees tensors of tens of MB per tensor; by default each such allocation is a
-    fresh ``mmap`` whose pages fault in on first touch, which made element-wise work 3-4x slower than the
-    arithmetic itself (measured in ``bench/merge_throughput.py``). Setting ``M_MMAP_MAX = 0`` and a large
-    ``M_TRIM_THRESHOLD`` makes freed blocks reusable; peak RSS is unchanged (it is the peak either way).
-    ``M_ARENA_MAX = 1`` makes the engine's reader thread allocate from that same (main) arena: in a
-    per-thread arena, whose heaps are capped at 64 MiB, a tensor buffer could not be reused and faulted in
-    afresh (reading the benchmark's inputs on a thread: 205k page faults and 1.5 s of system time, against
-    none and 1.0 s). A no-op where glibc's ``mallopt`` is unavailable. Process-wide, so it is applied once,
-    by the engine, before it starts its threads.
-    """
-    if getattr(reuse_freed_memory, "_done", False):
-        return
-    reuse_freed_memory._done = True  # type: ignore[attr-defined]
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+_describe_path = describe_path  # the data-informed methods record their inputs the same way
 
 
 def _threads(device: torch.device) -> int | None:
@@ -142,77 +121,12 @@ def _check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
-        n_nan = int(torch.isnan(tensor).sum())
-        raise NonFiniteError(
-            f"{where}: tensor '{name}' holds {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf); "
-            "refusing to merge"
-        )
+        raise NonFiniteError(nonfinite_message(where, name, bad, int(torch.isnan(tensor).sum())))
 
 
-class _Inputs:
-    """The opened checkpoints of one merge, validated against each other from their headers."""
-
-    def __init__(self, spec: MergeSpec, method: Method) -> None:
-        self.readers: list[CheckpointReader] = []
-        self.warnings: list[str] = []
-        try:
-            self.base = open_checkpoint(spec.base) if spec.base is not None else None
-            if self.base is not None:
-                self.readers.append(self.base)
-            self.experts = []
-            for entry in spec.models:
-                reader = open_checkpoint(entry.path)
-                self.readers.append(reader)
-                self.experts.append(reader)
-            self.reference = self.base if self.base is not None else self.experts[0]
-            self.names = self.reference.keys()
-            self._validate(method)
-        except BaseException:
-            self.close()
-            raise
-
-    def _validate(self, method: Method) -> None:
-        ref = self.reference
-        ref_keys = set(self.names)
-        for reader in self.readers:
-            if reader is ref:
-                continue
-            keys = set(reader.keys())
-            missing = [n for n in self.names if n not in keys]
-            extra = sorted(keys - ref_keys)
-            if missing or extra:
-                parts = []
-                if missing:
-                    parts.append(f"missing {len(missing)} tensor(s) present in {ref.path}: {_few(missing)}")
-                if extra:
-                    parts.append(f"has {len(extra)} tensor(s) not in {ref.path}: {_few(extra)}")
-                raise TensorMismatchError(f"{reader.path}: " + "; ".join(parts))
-        mixed: set[str] = set()
-        for name in self.names:
-            info = ref.info(name)
-            for reader in self.readers:
-                if reader is ref:
-                    continue
-                other = reader.info(name)
-                if tuple(other.shape) != tuple(info.shape):
-                    raise TensorMismatchError(
-                        f"{other.file}: tensor '{name}' has shape {tuple(other.shape)} but {info.file} has "
-                        f"{tuple(info.shape)}"
-                    )
-                if other.dtype.is_floating_point != info.dtype.is_floating_point:
-                    raise TensorMismatchError(
-                        f"{other.file}: tensor '{name}' is {other.dtype} but {info.file} has {info.dtype}; "
-                        "floating and integer tensors cannot be merged"
-                    )
-                if other.dtype != info.dtype:
-                    mixed.add(f"{name} ({info.dtype} vs {other.dtype} in {other.file})")
-        if mixed:
-            msg = (
-                f"inputs store {len(mixed)} tensor(s) in different floating dtypes, e.g. {_few(sorted(mixed), 2)}; "
-                "they are merged in float32 (float64 if an input is float64) and written in the output dtype"
-            )
-            log.warning(msg)
-            self.warnings.append(msg)
+class _Inputs(MergeInputs):
+    """The opened, validated checkpoints of one merge (:class:`~mergelab.merge_inputs.MergeInputs`), read
+    as torch tensors."""
 
     def read(self, name: str, check: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Tensor ``name`` of the base (None without one) and of every expert, on the CPU; with ``check``,
@@ -238,11 +152,6 @@ class _Inputs:
         base, experts = self.read(name)
         return _to_device(base, device), [_to_device(e, device) for e in experts]  # type: ignore[misc]
 
-    def close(self) -> None:
-        for reader in self.readers:
-            with contextlib.suppress(Exception):
-                reader.close()
-
 
 def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     if tensor is None or device.type == "cpu":
@@ -267,7 +176,7 @@ def _prefetched(
     ahead = 0  # next index to submit
 
     def input_bytes(name: str) -> int:
-        return sum(_nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
+        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
 
     for name in names:
         # keep the next tensor in flight, and more while they fit the budget
@@ -301,51 +210,13 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _few(items: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(repr(i) if not i.endswith(")") else i for i in items[:n])
-    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
-class _ParamResolver:
-    """Per-tensor parameters: the spec's parameters, updated by the first override whose pattern matches."""
-
-    def __init__(self, spec: MergeSpec, method: Method) -> None:
-        self.default = method.parse_params(spec.parameters)
-        self.rules = [
-            (o, method.parse_params({**spec.parameters, **o.parameters}, where=f"overrides[{i}] ({o.pattern!r})"))
-            for i, o in enumerate(spec.overrides)
-        ]
-
-    def __call__(self, name: str) -> MethodParams:
-        for override, params in self.rules:
-            if override.matches(name):
-                return params
-        return self.default
-
-
-def _check_models(spec: MergeSpec, method: Method) -> None:
-    n = len(spec.models)
-    if n < method.min_models:
-        raise SpecError(f"models: method '{method.name}' needs at least {method.min_models} models, got {n}")
-    if method.max_models is not None and n > method.max_models:
-        raise SpecError(f"models: method '{method.name}' takes at most {method.max_models} models, got {n}")
-    if method.needs_base and spec.base is None:
-        raise SpecError(f"base: method '{method.name}' needs a base model (the pretrained checkpoint)")
-    if method.name == "slerp" and n == 1 and spec.base is None:
-        raise SpecError("base: slerp with one model interpolates from the base model; give base or two models")
-    if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):
-        raise SpecError(f"models: method '{method.name}' does not use per-model weights; remove 'weight'")
-    if method.uses_weights and method.name == "weight_average" and sum(m.weight for m in spec.models) == 0:
-        raise SpecError("models: the weights sum to zero; weight averaging is undefined")
-
-
 def _compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.dtype:
     tensors = ([base] if base is not None else []) + list(experts)
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _global_thresholds(
-    inputs: _Inputs, method: Method, params_of: _ParamResolver, device: torch.device, progress: bool,
+    inputs: _Inputs, method: Method, params_of: ParamResolver, device: torch.device, progress: bool,
     reader: ThreadPoolExecutor | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Whole-model trim thresholds: for each group of tensors sharing a density, each expert's k-th largest
@@ -404,7 +275,7 @@ def _merge_tensors(
     inputs: _Inputs,
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
     method: Method,
-    params_of: _ParamResolver,
+    params_of: ParamResolver,
     weights: Sequence[float],
     thresholds: Mapping[str, list[float]],
     tie_quotas: Mapping[str, list[int]],
@@ -446,7 +317,7 @@ def _merge_tensors(
                             inputs.check(name, base, experts)  # names the input file if one is bad
                         _check_finite(merged, f"merge result ({method.name})", name)
                 del base, experts
-                size = _nbytes(shape, dtype)
+                size = nbytes(shape, dtype)
                 # one output always may wait to be written; more while they fit PIPELINE_BYTES
                 while writes and waiting + size > PIPELINE_BYTES:
                     done, done_size = writes.popleft()
@@ -465,67 +336,26 @@ def _merge_tensors(
             pending.result()
 
 
-def _record(spec: MergeSpec, method: Method, params: MethodParams) -> dict[str, Any]:
-    return {
-        "method": method.name,
-        "parameters": params.model_dump(by_alias=True),
-        "overrides": [o.model_dump() for o in spec.overrides],
-        "dtype": spec.dtype,
-        "environment": environment(),
-    }
-
-
-def merge(
-    spec: MergeSpec | Mapping[str, Any] | str | Path,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    hash_inputs: bool = True,
+def merge_streaming(
+    spec: MergeSpec, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+    hash_inputs: bool = True, started: float | None = None,
 ) -> MergeResult:
-    """Merge the checkpoints described by ``spec`` into a safetensors folder at ``out_dir``.
-
-    ``spec`` is a :class:`~mergelab.spec.MergeSpec`, a mapping of the same shape, or the path of a YAML file.
-    The output folder holds the (sharded) weights, the base model's config/tokenizer files, and
-    ``mergelab_merge.json`` (method, resolved parameters, inputs with SHA-256 content hashes, versions).
-    Raises :class:`~mergelab.errors.MergeLabError` subclasses on bad input; nothing is written then.
-    """
-    started = time.perf_counter()
-    if isinstance(spec, (str, Path)):
-        spec = load_spec(spec)
-    else:
-        spec = parse_spec(spec)
-    from mergelab.methods import data_informed
-
-    if spec.method in data_informed.registry():
-        return data_informed.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
-                                       hash_inputs=hash_inputs)
-    if spec.data is not None:
-        raise SpecError(f"data: method '{spec.method}' is data-free and takes no data section")
+    """The torch engine: merge the data-free ``spec`` into a safetensors folder at ``out_dir``, streaming
+    tensor by tensor on three threads (see the module docstring). :func:`mergelab.merging.merge` chooses
+    between this and the numpy engine; call that. ``started`` is when the caller's clock started."""
+    started = time.perf_counter() if started is None else started
     method = get_method(spec.method)
-    _check_models(spec, method)
-    params_of = _ParamResolver(spec, method)
+    check_models(spec, method)
+    params_of = ParamResolver(spec, method)
     device = _resolve_device(spec.device)
-    out_dtype = _DTYPES.get(spec.dtype)
     reuse_freed_memory()
 
-    inputs = _Inputs(spec, method)
+    inputs = _Inputs.open(spec)
     try:
-        record = _record(spec, method, params_of.default)
-        record["inputs"] = {
-            "base": None if inputs.base is None else _describe(inputs.base, None, hash_inputs),
-            "models": [
-                _describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)
-            ],
-        }
-        plan = []
-        for name in inputs.names:
-            info = inputs.reference.info(name)
-            dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            plan.append((name, tuple(info.shape), dtype))
-
+        record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
+        plan = [(name, shape, dtype.to_torch()) for name, shape, dtype in output_plan(inputs, spec.dtype)]
         weights = [m.weight for m in spec.models]
-        total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
+        total_bytes = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
         try:
             with _intra_op_threads(_threads(device)):
@@ -539,6 +369,7 @@ def merge(
                                        reader, writer, bar)
                     seconds = time.perf_counter() - started
                     record["seconds"] = round(seconds, 3)
+                    record["engine"] = "torch"
                     record["warnings"] = inputs.warnings
                     path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
         finally:
@@ -548,24 +379,6 @@ def merge(
     log.info("merged %d tensors with %s into %s in %.1f s", len(plan), method.name, path, seconds)
     return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total_bytes,
                        seconds=seconds, warnings=inputs.warnings, record=record)
-
-
-def _describe(reader: CheckpointReader, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "path": str(reader.path),
-        "files": [
-            {"path": str(f), "sha256": input_digest(f) if hash_inputs else None} for f in reader.files
-        ],
-    }
-    if weight is not None:
-        out["weight"] = weight
-    return out
-
-
-def _describe_path(path: Path, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
-    """Like :func:`_describe` for a checkpoint given by path (opened only to list its data files)."""
-    with open_checkpoint(path) as reader:
-        return _describe(reader, weight, hash_inputs)
 
 
 def write_state(
@@ -583,7 +396,7 @@ def write_state(
     For methods that must hold the merged model anyway (the data-informed ones). Floating tensors are cast
     to ``dtype`` unless it is ``auto``; non-finite values are refused, naming the tensor.
     """
-    out_dtype = _DTYPES.get(dtype)
+    out_dtype = OUTPUT_DTYPES[dtype].to_torch() if dtype in OUTPUT_DTYPES else None
     tensors = {}
     for name, t in state.items():
         t = t.detach().cpu()
@@ -598,8 +411,3 @@ def write_state(
         return writer.finish(copy_files_from=copy_files_from, record=dict(record))
 
 
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n

@@ -8,14 +8,14 @@ git's index trusts stat data: a file that changed in any of these is hashed agai
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mergelab import __version__
 from mergelab.checkpoints import file_digest
@@ -65,8 +65,18 @@ def input_digest(path: Path, *, use_cache: bool = True) -> str:
 
 
 def environment() -> dict[str, Any]:
+    """Versions of mergelab, torch and Python; torch's comes from the loaded module when imported, else from
+    the installed distribution's metadata (so recording it does not import torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch_version = torch.__version__
+    else:
+        try:
+            torch_version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            torch_version = None
     return {
         "mergelab": __version__,
-        "torch": torch.__version__,
+        "torch": torch_version,
         "python": platform.python_version(),
     }

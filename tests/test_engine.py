@@ -279,7 +279,7 @@ def test_mixed_precision_merges_in_float32_writes_base_dtype(tmp_path: Path) -> 
         assert torch.equal(merged[tensor], ref.to(torch.bfloat16))  # ... written in the base's dtype
     assert len(result.warnings) == 1
     assert "6 tensor(s) in different floating dtypes" in result.warnings[0]  # every float tensor, incl. empty
-    assert "bfloat16 vs torch.float32" in result.warnings[0] and "merged in float32" in result.warnings[0]
+    assert "bfloat16 vs float32" in result.warnings[0] and "merged in float32" in result.warnings[0]
     record = json.loads((tmp_path / "out" / "mergelab_merge.json").read_text())
     assert record["warnings"] == result.warnings
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab import ops
+from mergelab import linear_engine, ops
 from mergelab.checkpoints import open_checkpoint, save_state_dict
 from mergelab.engine import merge
 from mergelab.errors import NonFiniteError
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest c
 def _small_blocks(monkeypatch: pytest.MonkeyPatch, block: int = 37, small: int = 50, sample: int = 64) -> None:
     """Blocks, selection cut-off and sample small enough that tiny tensors take every block-wise path."""
     monkeypatch.setattr(blocks_mod, "BLOCK", block)
+    monkeypatch.setattr(linear_engine, "BLOCK", block)  # the numpy engine's blocks too
     monkeypatch.setattr(select_mod, "_SMALL", small)
     monkeypatch.setattr(select_mod, "_SAMPLE", sample)
 
@@ -149,18 +150,21 @@ def _write(folder: Path, n: int = 3, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize(
-    ("method", "params"),
-    [("task_arithmetic", {"lambda": 0.5}), ("weight_average", {}), ("dare_linear", {"density": 0.6}),
-     ("ties", {"density": 0.4, "trim_scope": "tensor"}), ("ties", {"density": 0.3, "trim_scope": "global"})],
+    ("method", "params", "engine"),
+    [("task_arithmetic", {"lambda": 0.5}, "numpy"), ("task_arithmetic", {"lambda": 0.5}, "torch"),
+     ("weight_average", {}, "numpy"), ("weight_average", {}, "torch"), ("dare_linear", {"density": 0.6}, "auto"),
+     ("ties", {"density": 0.4, "trim_scope": "tensor"}, "auto"),
+     ("ties", {"density": 0.3, "trim_scope": "global"}, "auto")],
 )
-def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params):
-    """The read-ahead / write-behind pipeline and block-wise methods write exactly what calling the method
-    on each tensor gives, with the default blocks and with tiny ones."""
+def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params, engine):
+    """Both engines' pipelines and block-wise methods write exactly what calling the (torch) method on each
+    tensor gives, with the default blocks and with tiny ones."""
     base_path, paths = _write(tmp_path / "in")
     spec = {"method": method, "base": str(base_path), "models": [str(p) for p in paths], "parameters": params}
-    merge(spec, tmp_path / "big", progress=False)
+    result = merge(spec, tmp_path / "big", progress=False, engine=engine)
+    assert result.record["engine"] == ("numpy" if engine == "numpy" else "torch")
     _small_blocks(monkeypatch, block=29, small=40, sample=64)
-    merge(spec, tmp_path / "small", progress=False)
+    merge(spec, tmp_path / "small", progress=False, engine=engine)
     with open_checkpoint(tmp_path / "big") as big, open_checkpoint(tmp_path / "small") as small:
         assert big.keys() == small.keys()
         for name in big.keys():
@@ -183,9 +187,11 @@ def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params)
                 r.close()
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "dare_linear"])
+@pytest.mark.parametrize(("method", "engine"), [("task_arithmetic", "numpy"), ("task_arithmetic", "torch"),
+                                                ("weight_average", "numpy"), ("weight_average", "torch"),
+                                                ("dare_linear", "torch")])
 @pytest.mark.parametrize("where", ["base", "expert"])
-def test_output_only_finite_check_names_the_input(tmp_path, method, where):
+def test_output_only_finite_check_names_the_input(tmp_path, method, engine, where):
     """Linear methods check only their output; a NaN/Inf in an input is still named with file and tensor."""
     base_path, paths = _write(tmp_path / "in", dtype=torch.float32)
     bad_path = base_path if where == "base" else paths[1]
@@ -197,16 +203,19 @@ def test_output_only_finite_check_names_the_input(tmp_path, method, where):
     if method == "weight_average" and where == "base":
         spec["models"] = [str(base_path), *spec["models"][1:]]
     with pytest.raises(NonFiniteError) as info:
-        merge(spec, tmp_path / "out", progress=False)
+        merge(spec, tmp_path / "out", progress=False, engine=engine)
     msg = str(info.value)
     assert str(bad_path) in msg and "'a.bias'" in msg and ("Inf" in msg or "NaN" in msg)
     assert not (tmp_path / "out").exists()
 
 
-def test_overflowing_output_is_an_error_naming_the_result(tmp_path):
-    base_path, paths = _write(tmp_path / "in", dtype=torch.float32)
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize(("dtype", "lam"), [(torch.float32, 1e40), (torch.bfloat16, 1e40), (torch.float16, 1e8)])
+def test_overflowing_output_is_an_error_naming_the_result(tmp_path, engine, dtype, lam):
+    """Finite inputs whose merge overflows the output dtype (float16 already at 65520) are refused."""
+    base_path, paths = _write(tmp_path / "in", dtype=dtype)
     spec = {"method": "task_arithmetic", "base": str(base_path), "models": [str(p) for p in paths],
-            "parameters": {"lambda": 1e40}}
+            "parameters": {"lambda": lam}}
     with pytest.raises(NonFiniteError, match="merge result"):
-        merge(spec, tmp_path / "out", progress=False)
+        merge(spec, tmp_path / "out", progress=False, engine=engine)
     assert not (tmp_path / "out").exists()

@@ -573,22 +573,16 @@ class _Pool(_Inputs):
     (keys, shapes, float-vs-integer; NaN/Inf on read), by the engine's :class:`~mergelab.engine._Inputs`."""
 
     def __init__(self, base: Source, experts: Sequence[Source], labels: Sequence[str]) -> None:
-        self.readers = []
-        self.warnings = []
+        opened = []
         try:
-            self.base = _open(base, "<base>")
-            self.readers.append(self.base)
-            self.experts = []
+            opened.append(_open(base, "<base>"))
             for source, label in zip(experts, labels):
-                reader = _open(source, f"<{label}>")
-                self.readers.append(reader)
-                self.experts.append(reader)
-            self.reference = self.base
-            self.names = self.reference.keys()
-            self._validate(None)  # type: ignore[arg-type]  # the method is not used by the checks
+                opened.append(_open(source, f"<{label}>"))
         except BaseException:
-            self.close()
+            for reader in opened:
+                reader.close()
             raise
+        super().__init__(opened[0], opened[1:])
 
 
 # ------------------------------------------------------------------------------------------- results

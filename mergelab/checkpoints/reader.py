@@ -16,6 +16,9 @@ checkpoint at a time.
 * torch files (``.pt``/``.pth``/``.bin``): loaded with ``torch.load(weights_only=True, mmap=True)``, so
   data pages are only touched when a tensor is copied out by ``get``. Legacy (pre-zip) torch files cannot
   be memory-mapped and are loaded whole. A file holding ``{"state_dict": {...}}`` is accepted.
+
+Opening safetensors checkpoints and reading raw bytes (:meth:`CheckpointReader.read_range`) does not import
+torch; :meth:`CheckpointReader.get` and torch files do.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import logging
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergelab.checkpoints import layout as _layout
-from mergelab.checkpoints.safetensors_format import HeaderEntry, read_header
+from mergelab.checkpoints.safetensors_format import HeaderEntry, StorageDtype, read_header, storage_dtype
 from mergelab.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +44,34 @@ logger = logging.getLogger(__name__)
 _MAX_READ = 1 << 30
 
 
-@dataclass(frozen=True)
 class TensorInfo:
-    """What a checkpoint says about one tensor, known without reading its data."""
+    """What a checkpoint says about one tensor, known without reading its data: ``name``, ``shape``,
+    ``storage`` (a :class:`~mergelab.checkpoints.safetensors_format.StorageDtype`; ``dtype`` is the torch
+    dtype) and ``file``, the data file holding it. Built from a torch, numpy or storage dtype."""
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path  # the data file holding it
+    __slots__ = ("name", "shape", "storage", "file")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, file: Path) -> None:
+        self.name = name
+        self.shape = tuple(shape)
+        self.storage: StorageDtype = storage_dtype(dtype)
+        self.file = file
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.to_torch()
+
+    def _key(self) -> tuple:
+        return (self.name, self.shape, self.storage, self.file)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorInfo) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"TensorInfo({self.name!r}, {self.shape}, {self.storage.name}, {str(self.file)!r})"
 
 
 class _SafetensorsFile:
@@ -75,31 +99,42 @@ class _SafetensorsFile:
         e = self.entries[name]
         return TensorInfo(name, e.shape, e.dtype, self.path)
 
-    def get(self, name: str) -> torch.Tensor:
+    def read_range(self, name: str, offset: int, out: memoryview) -> None:
+        """Fill the writable byte buffer ``out`` with bytes ``[offset, offset + len(out))`` of tensor
+        ``name``'s data (``pread``: thread-safe, no file position)."""
         e = self.entries[name]
         fd = self._fd
         if fd is None:
             raise CheckpointError(f"{self.path}: checkpoint is closed (reading tensor {name!r})")
-        nbytes = e.end - e.begin
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buf.numpy()).cast("B")
-            done = 0
-            position = self._data_start + e.begin
-            while done < nbytes:
-                try:
-                    n = os.preadv(fd, [view[done : done + min(nbytes - done, _MAX_READ)]], position + done)
-                except OSError as exc:
-                    raise CheckpointError(
-                        f"{self.path}: I/O error reading tensor {name!r}: {exc.strerror or exc}"
-                    ) from None
-                if n == 0:
-                    raise CheckpointError(
-                        f"{self.path}: truncated: tensor {name!r} needs bytes [{e.begin}, {e.end}) of the data "
-                        f"section but the file ended after {e.begin + done} (did it change while open?)"
-                    )
-                done += n
-        return buf.view(e.dtype).reshape(e.shape)
+        nbytes = len(out)
+        if offset < 0 or offset + nbytes > e.end - e.begin:
+            raise ValueError(f"bytes [{offset}, {offset + nbytes}) are outside tensor {name!r} ({e.end - e.begin} bytes)")
+        done = 0
+        position = self._data_start + e.begin + offset
+        while done < nbytes:
+            try:
+                n = os.preadv(fd, [out[done : done + min(nbytes - done, _MAX_READ)]], position + done)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{self.path}: I/O error reading tensor {name!r}: {exc.strerror or exc}"
+                ) from None
+            if n == 0:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} needs bytes [{e.begin}, {e.end}) of the data "
+                    f"section but the file ended after {e.begin + offset + done} (did it change while open?)"
+                )
+            done += n
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        e = self.entries[name]
+        if self._fd is None:
+            raise CheckpointError(f"{self.path}: checkpoint is closed (reading tensor {name!r})")
+        buf = torch.empty(e.end - e.begin, dtype=torch.uint8)
+        if e.end > e.begin:
+            self.read_range(name, 0, memoryview(buf.numpy()).cast("B"))
+        return buf.view(e.dtype.to_torch()).reshape(e.shape)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -111,6 +146,8 @@ class _TorchFile:
     """One torch-serialized data file (a dict of tensors, possibly under "state_dict")."""
 
     def __init__(self, path: Path) -> None:
+        import torch
+
         self.path = path
         mmap = zipfile.is_zipfile(path)
         if not mmap:
@@ -158,6 +195,8 @@ class _TorchFile:
         return TensorInfo(name, tuple(t.shape), t.dtype, self.path)
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         t = self._tensor(name)
         return t.detach().clone(memory_format=torch.contiguous_format)
 
@@ -215,6 +254,20 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """Read only ``name`` and return it as a fresh, writable CPU tensor that owns its memory."""
         return self._file_of(name).get(name)
+
+    def read_range(self, name: str, offset: int, out: memoryview) -> None:
+        """Fill the writable byte buffer ``out`` with bytes ``[offset, offset + len(out))`` of tensor
+        ``name``'s raw (little-endian, row-major) data, without importing torch. safetensors only:
+        ``TypeError`` for a torch file."""
+        data_file = self._file_of(name)
+        if not isinstance(data_file, _SafetensorsFile):
+            raise TypeError(f"{data_file.path}: raw reads need a safetensors file")
+        data_file.read_range(name, offset, out)
+
+    @property
+    def is_safetensors(self) -> bool:
+        """Whether every data file is safetensors (so :meth:`read_range` works for every tensor)."""
+        return all(isinstance(f, _SafetensorsFile) for f in self._data_files)
 
     def close(self) -> None:
         """Release file descriptors and memory maps. Idempotent."""

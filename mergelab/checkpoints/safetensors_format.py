@@ -14,6 +14,10 @@ This module only deals with the header: :func:`read_header` reads and validates 
 descriptor (the tensor data is never touched, so opening a checkpoint costs a few KiB of I/O), and
 :func:`build_header` produces the bytes a writer puts in front of the tensor data. Shared by
 :mod:`mergelab.checkpoints.reader` and :mod:`mergelab.checkpoints.writer`.
+
+It does not import torch: dtypes are :class:`StorageDtype` records (code, name, size, kind), convertible
+to and from torch and numpy dtypes by name, so that a merge which never computes with torch (the numpy
+engine of :mod:`mergelab.linear_engine`) never pays the 1.5 s of ``import torch``.
 """
 
 from __future__ import annotations
@@ -25,53 +29,106 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergelab.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Largest header we accept (the reference implementation uses the same bound).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-_DTYPE_CANDIDATES: list[tuple[str, str]] = [
-    ("F64", "float64"),
-    ("F32", "float32"),
-    ("F16", "float16"),
-    ("BF16", "bfloat16"),
-    ("I64", "int64"),
-    ("I32", "int32"),
-    ("I16", "int16"),
-    ("I8", "int8"),
-    ("U8", "uint8"),
-    ("BOOL", "bool"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
+DtypeKind = Literal["float", "int", "bool", "complex", "other"]
+
+
+@dataclass(frozen=True)
+class StorageDtype:
+    """How a tensor's entries are stored: safetensors ``code`` (None for dtypes safetensors cannot hold,
+    which only torch files have), ``name`` (torch's and numpy's spelling: ``bfloat16``), ``itemsize`` in
+    bytes and ``kind``. :meth:`to_torch` gives the torch dtype (importing torch)."""
+
+    code: str | None
+    name: str
+    itemsize: int
+    kind: DtypeKind
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.kind == "float"
+
+    def to_torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_STORAGE = [
+    StorageDtype("F64", "float64", 8, "float"),
+    StorageDtype("F32", "float32", 4, "float"),
+    StorageDtype("F16", "float16", 2, "float"),
+    StorageDtype("BF16", "bfloat16", 2, "float"),
+    StorageDtype("I64", "int64", 8, "int"),
+    StorageDtype("I32", "int32", 4, "int"),
+    StorageDtype("I16", "int16", 2, "int"),
+    StorageDtype("I8", "int8", 1, "int"),
+    StorageDtype("U8", "uint8", 1, "int"),
+    StorageDtype("BOOL", "bool", 1, "bool"),
+    StorageDtype("U16", "uint16", 2, "int"),
+    StorageDtype("U32", "uint32", 4, "int"),
+    StorageDtype("U64", "uint64", 8, "int"),
+    StorageDtype("F8_E4M3", "float8_e4m3fn", 1, "float"),
+    StorageDtype("F8_E5M2", "float8_e5m2", 1, "float"),
 ]
-
-#: safetensors dtype string -> torch dtype (only those this torch build has).
-DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, attr) for code, attr in _DTYPE_CANDIDATES if hasattr(torch, attr)
-}
-#: torch dtype -> safetensors dtype string.
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+#: safetensors dtype code -> storage dtype.
+STORAGE_DTYPES: dict[str, StorageDtype] = {d.code: d for d in _STORAGE}  # type: ignore[misc]
+_BY_NAME: dict[str, StorageDtype] = {d.name: d for d in _STORAGE}
 
 
-def dtype_code(dtype: torch.dtype, *, where: str) -> str:
-    """The safetensors name of ``dtype``; CheckpointError (prefixed by ``where``) if it has none."""
+def storage_dtype(dtype: Any) -> StorageDtype:
+    """The :class:`StorageDtype` of a torch dtype, a numpy dtype, a dtype name (``"bfloat16"``) or a
+    StorageDtype; ``TypeError`` if ``dtype`` is none of these."""
+    if isinstance(dtype, StorageDtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__ == "torch":  # a torch.dtype: "torch.bfloat16"
+        name = str(dtype).removeprefix("torch.")
+        if name not in _BY_NAME:  # complex, quantized, ...: describe it from torch itself
+            kind: DtypeKind = (
+                "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "other"
+            )
+            return StorageDtype(None, name, dtype.itemsize, kind)
+    elif hasattr(dtype, "itemsize") and hasattr(dtype, "name"):  # a numpy dtype (ml_dtypes' bfloat16 too)
+        name = "bool" if dtype.name == "bool" else dtype.name
+    else:
+        raise TypeError(f"{dtype!r} is not a dtype")
     try:
-        return DTYPE_CODES[dtype]
+        return _BY_NAME[name]
     except KeyError:
+        raise TypeError(f"{dtype!r} is not a dtype safetensors can store") from None
+
+
+def dtype_code(dtype: Any, *, where: str) -> str:
+    """The safetensors name of ``dtype`` (torch, numpy or storage dtype); CheckpointError (prefixed by
+    ``where``) if it has none."""
+    try:
+        code = storage_dtype(dtype).code
+    except TypeError:
+        code = None
+    if code is None:
         raise CheckpointError(
             f"{where}: dtype {dtype} cannot be stored in safetensors "
-            f"(supported: {', '.join(str(d) for d in DTYPE_CODES)})"
-        ) from None
+            f"(supported: {', '.join(d.name for d in _STORAGE)})"
+        )
+    return code
 
 
-def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    """Number of bytes of a contiguous tensor of this shape and dtype."""
+def tensor_nbytes(shape: Sequence[int], dtype: Any) -> int:
+    """Number of bytes of a contiguous tensor of this shape and dtype (anything with ``itemsize``)."""
     return math.prod(shape) * dtype.itemsize
 
 
@@ -80,7 +137,7 @@ class HeaderEntry:
     """One tensor as described by a header; ``begin``/``end`` are relative to the data section."""
 
     name: str
-    dtype: torch.dtype
+    dtype: StorageDtype
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -170,9 +227,9 @@ def read_header(fd: int, path: Path) -> Header:
         code = spec.get("dtype")
         shape = spec.get("shape")
         offsets = spec.get("data_offsets")
-        if code not in DTYPES:
+        if code not in STORAGE_DTYPES:
             raise CheckpointError(
-                f"{where}: unknown dtype {code!r} (supported: {', '.join(DTYPES)})"
+                f"{where}: unknown dtype {code!r} (supported: {', '.join(STORAGE_DTYPES)})"
             )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: corrupt header: bad shape {shape!r}")
@@ -183,7 +240,7 @@ def read_header(fd: int, path: Path) -> Header:
             or offsets[0] > offsets[1]
         ):
             raise CheckpointError(f"{where}: corrupt header: bad data_offsets {offsets!r}")
-        dtype = DTYPES[code]
+        dtype = STORAGE_DTYPES[code]
         begin, end = offsets
         expected = tensor_nbytes(shape, dtype)
         if end - begin != expected:
@@ -212,12 +269,13 @@ def read_header(fd: int, path: Path) -> Header:
 
 
 def build_header(
-    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Sequence[tuple[str, tuple[int, ...], Any]],
     metadata: Mapping[str, str] | None,
     *,
     where: str,
 ) -> bytes:
-    """Serialize a header for ``tensors`` laid out back to back in the given order.
+    """Serialize a header for ``tensors`` (name, shape, torch/numpy/storage dtype) laid out back to back in
+    the given order.
 
     Returns the 8-byte length prefix plus the JSON, padded with spaces so the data section starts at a
     multiple of 8 bytes (as the reference implementation does). ``metadata`` must be str -> str.
@@ -247,8 +305,15 @@ def build_header(
     return struct.pack("<Q", len(text)) + text
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of ``tensor`` in row-major order, without copying when it is already a
-    contiguous CPU tensor (one copy otherwise). Works for every dtype, bf16 and float8 included."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+def tensor_bytes(tensor: Any) -> memoryview:
+    """The raw little-endian bytes of a torch tensor or numpy array in row-major order, without copying
+    when it is already contiguous (on the CPU); one copy otherwise. Works for every dtype, bf16 and float8
+    included."""
+    if type(tensor).__module__.startswith("torch"):
+        import torch
+
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    import numpy as np
+
+    return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)).cast("B")

@@ -27,6 +27,10 @@ first renamed away and only deleted once the new folder is in place). Any failur
 ``with`` block by an exception, deletes the temporary folder: the target never holds a half-written model.
 
 :func:`save_state_dict` writes a single ``.safetensors`` file atomically (temporary file + rename).
+
+Tensors may be torch tensors or numpy arrays (ml_dtypes' ``bfloat16`` for bf16); plan dtypes may be torch,
+numpy or :class:`~mergelab.checkpoints.safetensors_format.StorageDtype` dtypes. The module does not
+import torch.
 """
 
 from __future__ import annotations
@@ -40,13 +44,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mergelab.checkpoints.layout import is_weight_file
-from mergelab.checkpoints.safetensors_format import build_header, dtype_code, tensor_bytes, tensor_nbytes
+from mergelab.checkpoints.safetensors_format import (
+    StorageDtype,
+    build_header,
+    dtype_code,
+    storage_dtype,
+    tensor_bytes,
+    tensor_nbytes,
+)
 from mergelab.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +66,7 @@ SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "mergelab_merge.json"
 
-PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
+PlanEntry = tuple[str, tuple[int, ...], Any]  # (name, shape, torch / numpy / storage dtype)
 
 #: Written bytes after which their write-back is started (see the module docstring).
 WRITEBACK_BYTES = 32 * 1024**2
@@ -219,7 +231,7 @@ class CheckpointWriter:
     def __init__(
         self,
         out_dir: str | Path,
-        plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        plan: Sequence[PlanEntry],
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
         metadata: Mapping[str, str] | None = None,
@@ -243,11 +255,15 @@ class CheckpointWriter:
                 raise CheckpointError(f"{where}: tensor {name!r} appears twice in the plan")
             if any(d < 0 for d in shape):
                 raise CheckpointError(f"{where}: tensor {name!r}: negative dimension in shape {shape}")
-            if not isinstance(dtype, torch.dtype):
-                raise CheckpointError(f"{where}: tensor {name!r}: {dtype!r} is not a torch dtype")
+            try:
+                storage = storage_dtype(dtype)
+            except TypeError:
+                storage = None
+            if storage is None and not hasattr(dtype, "itemsize"):
+                raise CheckpointError(f"{where}: tensor {name!r}: {dtype!r} is not a dtype")
             dtype_code(dtype, where=f"{where}: tensor {name!r}")
             seen.add(name)
-            entries.append((name, shape, dtype))
+            entries.append((name, shape, storage))
         self._plan = entries
         self._metadata = {"format": "pt", **(dict(metadata) if metadata else {})}
         self._shards = plan_shards(entries, max_shard_bytes)
@@ -303,8 +319,9 @@ class CheckpointWriter:
         self._synced_to = 0
         self._shard_remaining = len(shard.entries)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` as ``name``; it must be the next tensor of the plan, with its shape and dtype.
+    def write(self, name: str, tensor: torch.Tensor | Any) -> None:
+        """Append ``tensor`` (a torch tensor or a numpy array) as ``name``; it must be the next tensor of the
+        plan, with its shape and dtype.
 
         Any error aborts the writer (the temporary folder is deleted) and raises CheckpointError.
         """
@@ -321,9 +338,15 @@ class CheckpointWriter:
                     f"(tensor #{self._next + 1} of {len(self._plan)})"
                 )
             raise self._fail(f"{self.out_dir}: tensor {name!r} is not in the plan (expected {expected_name!r} next)")
-        if not isinstance(tensor, torch.Tensor):
-            raise self._fail(f"{self.out_dir}: tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        if not _is_array(tensor):
+            raise self._fail(
+                f"{self.out_dir}: tensor {name!r}: expected a torch.Tensor or numpy array, got {type(tensor).__name__}"
+            )
+        try:
+            got: StorageDtype | None = storage_dtype(tensor.dtype)
+        except TypeError:
+            got = None
+        if tuple(tensor.shape) != shape or got != dtype:
             raise self._fail(
                 f"{self.out_dir}: tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the plan says {shape} {dtype}"
@@ -465,6 +488,14 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out_dir}: the writer was closed without finish(); nothing was written")
 
 
+def _is_array(value: object) -> bool:
+    """A torch tensor or a numpy array (what :func:`tensor_bytes` can serialize)."""
+    module = type(value).__module__
+    return (module.startswith("torch") and hasattr(value, "detach")) or (
+        module == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape")
+    )
+
+
 def save_state_dict(
     state: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -482,7 +513,7 @@ def save_state_dict(
         logger.warning("%s: writing safetensors to a file not named *.safetensors", path)
     entries: list[PlanEntry] = []
     for name, tensor in state.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+        if not isinstance(name, str) or not _is_array(tensor):
             raise CheckpointError(
                 f"{path}: entry {name!r} is not a string-named tensor ({type(tensor).__name__})"
             )

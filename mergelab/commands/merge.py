@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", help="override the spec's shard size (e.g. 500MB, 2GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-hash", action="store_true", help="do not record SHA-256 content hashes of the inputs")
+    p.add_argument("--engine", choices=["auto", "numpy", "torch"], default="auto",
+                   help="numpy: task arithmetic / weight averaging on the CPU without torch; torch: every method; "
+                        "auto (default): numpy when it can run the merge")
     p.set_defaults(func=run_merge)
 
     m = sub.add_parser("methods", help="list the merging methods and their parameters")
@@ -23,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from mergelab.engine import merge
+    from mergelab.merging import merge
     from mergelab.spec import load_spec, parse_size
 
     spec = load_spec(args.spec)
@@ -42,7 +45,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if updates:
         spec = spec.model_copy(update=updates)
     result = merge(spec, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                   hash_inputs=not args.no_hash)
+                   hash_inputs=not args.no_hash, engine=args.engine)
     for warning in result.warnings:
         print(f"warning: {warning}")
     print(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with {result.method} "

@@ -1,4 +1,5 @@
-"""Merging methods. Data-free methods are compositions of :mod:`mergelab.ops`; see :data:`METHODS`."""
+"""Merging methods. Data-free methods are compositions of :mod:`mergelab.ops`; see :data:`METHODS` (the
+catalog, :mod:`mergelab.methods.catalog`, imports without torch; the computations import it when called)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import difflib
 
 from mergelab.errors import SpecError
 from mergelab.methods.base import Method, MethodParams, TensorInputs
-from mergelab.methods.data_free import METHODS
+from mergelab.methods.catalog import METHODS
 
 
 def get_method(name: str) -> Method:

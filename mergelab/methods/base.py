@@ -13,12 +13,14 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergelab.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MethodParams(BaseModel):
@@ -67,9 +69,15 @@ class TensorInputs:
     experts: Sequence[torch.Tensor]
     weights: Sequence[float]
     thresholds: Sequence[float] | None = None
-    compute_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype | None = None  # None: float32
     tie_quotas: Sequence[int] | None = None
     out_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype is None:
+            import torch
+
+            self.compute_dtype = torch.float32
 
     @property
     def result_dtype(self) -> torch.dtype:
@@ -85,6 +93,8 @@ class TensorInputs:
 
     def generator(self, seed: int, index: int) -> torch.Generator:
         """A generator seeded by (seed, expert index, tensor name): reproducible whatever the tensor order."""
+        import torch
+
         digest = hashlib.blake2b(f"{seed}:{index}:{self.name}".encode(), digest_size=8).digest()
         return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 

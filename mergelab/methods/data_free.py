@@ -1,34 +1,31 @@
 """The data-free merging methods, each a named composition of :mod:`mergelab.ops` operators.
 
 Notation: base theta_0, experts theta_i with weights w_i, task vectors tau_i = theta_i - theta_0.
-Each method's docstring states the formula, its defaults, and where the defaults come from.
+Each method's docstring states the formula, its defaults, and where the defaults come from; their names,
+parameters and requirements are in :mod:`mergelab.methods.catalog`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, field_validator
 
 from mergelab import ops
-from mergelab.methods.base import (
-    DensityMixin,
-    DisjointDivisor,
-    Method,
-    MethodParams,
-    RescaleRule,
-    ScaledParams,
-    SignElection,
-    TensorInputs,
-    TrimScope,
+from mergelab.methods.base import TensorInputs
+from mergelab.methods.catalog import (  # noqa: F401  (re-exported: the parameters live in the catalog)
+    METHODS,
+    BreadcrumbsParams,
+    DareLinearParams,
+    DareTiesParams,
+    MethodName,
+    ModelStockParams,
+    SlerpParams,
+    TaskArithmeticParams,
+    TiesParams,
+    WeightAverageParams,
+    ties_global_density,
 )
 
 # --------------------------------------------------------------------------------------------- averaging
-
-
-class WeightAverageParams(MethodParams):
-    pass
 
 
 def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
@@ -70,10 +67,6 @@ def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ task arithmetic
 
 
-class TaskArithmeticParams(ScaledParams):
-    pass
-
-
 def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023): ``theta = theta_0 + lambda * sum_i w_i tau_i``.
 
@@ -113,13 +106,6 @@ def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ TIES
-
-
-class TiesParams(ScaledParams, DensityMixin):
-    density: float = 0.2
-    trim_scope: TrimScope = "global"
-    sign_election: SignElection = "mass"
-    disjoint_divisor: DisjointDivisor = "count"
 
 
 def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
@@ -236,17 +222,7 @@ def _tensor_trims(
     return trims
 
 
-def _ties_global_density(p: TiesParams) -> float | None:
-    return p.density if p.trim_scope == "global" and p.density < 1.0 else None
-
-
 # ------------------------------------------------------------------------------------------------ DARE
-
-
-class DareLinearParams(ScaledParams, DensityMixin):
-    density: float = 0.5
-    rescale: RescaleRule = "inverse"
-    seed: int = 0
 
 
 def _dropped(inp: TensorInputs, density: float, rescale: str, seed: int) -> list[torch.Tensor]:
@@ -268,11 +244,6 @@ def dare_linear(inp: TensorInputs, p: DareLinearParams) -> torch.Tensor:
     return inp.base.to(inp.compute_dtype) + ops.scale(merged, p.lambda_)
 
 
-class DareTiesParams(DareLinearParams):
-    sign_election: SignElection = "mass"
-    disjoint_divisor: DisjointDivisor = "count"
-
-
 def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
     """DARE + TIES consensus (Yu et al. 2024, sec. 4): drop -> elect_sign -> disjoint_mean -> scale.
 
@@ -287,18 +258,6 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- breadcrumbs
 
 
-class BreadcrumbsParams(ScaledParams, DensityMixin):
-    density: float = 0.9
-    gamma: float = Field(0.01, description="fraction of largest-magnitude entries removed")
-
-    @field_validator("gamma")
-    @classmethod
-    def _gamma_range(cls, v: float) -> float:
-        if not (0.0 <= v < 1.0):
-            raise ValueError(f"gamma must be in [0, 1), got {v}")
-        return v
-
-
 def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): ``theta_0 + lambda * sum_i w_i band(tau_i)``.
 
@@ -311,10 +270,6 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- model stock
-
-
-class ModelStockParams(MethodParams):
-    pass
 
 
 def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
@@ -332,17 +287,6 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- SLERP
 
 
-class SlerpParams(MethodParams):
-    t: float = Field(0.5, description="interpolation position: 0 gives the first model, 1 the second")
-
-    @field_validator("t")
-    @classmethod
-    def _t_range(cls, v: float) -> float:
-        if not (0.0 <= v <= 1.0):
-            raise ValueError(f"t must be in [0, 1], got {v}")
-        return v
-
-
 def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     """Spherical interpolation (Shoemake 1985; as used for model merging by mergekit), per tensor.
 
@@ -354,29 +298,3 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     else:
         a, b = inp.experts
     return ops.slerp(a.to(inp.compute_dtype), b.to(inp.compute_dtype), p.t)
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams,
-               weight_average, needs_base=False, propagates_nonfinite=True),
-        Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               task_arithmetic, propagates_nonfinite=True),
-        Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
-               global_trim_density=_ties_global_density),
-        Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
-               propagates_nonfinite=True),
-        Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties),
-        Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
-               BreadcrumbsParams, breadcrumbs),
-        Method("model_stock", "interpolate the average towards the base by the task vectors' angle",
-               ModelStockParams, model_stock, min_models=2, uses_weights=False),
-        Method("slerp", "spherical interpolation of two models", SlerpParams, slerp, needs_base=False,
-               min_models=1, max_models=2, uses_weights=False),
-    )
-}
-
-MethodName = Literal[
-    "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "slerp"
-]

@@ -1,0 +1,318 @@
+"""The numpy engine: task arithmetic and weight averaging on the CPU, without torch.
+
+The two linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
+arithmetic: the torch engine spent as long importing torch (1.5 s here) as computing. This engine computes
+the same formulas with numpy (``ml_dtypes`` supplies bfloat16) and never imports torch. Its merge of the
+benchmark's four 1.3 GB experts is measured in ``bench/merge_throughput.py``.
+
+Per tensor, in the reference's storage order, the entries are split into blocks of ``BLOCK`` entries
+and the blocks over the cores (:func:`mergelab.blockwise.run_in_chunks`). For each block every input's
+bytes are read with ``pread`` straight into a small per-thread buffer, so they arrive in the cache and
+are converted to the compute dtype there, instead of being copied into a tensor-sized buffer first and read
+back from memory. The rounded block goes into the output tensor, which a write-behind thread hands to the
+:class:`~mergelab.checkpoints.CheckpointWriter` while the next tensor is computed (at most
+``PIPELINE_BYTES`` of outputs wait). Memory: the outputs in flight plus a few MiB of block buffers per
+thread, whatever the number of experts.
+
+Arithmetic, entry by entry in the compute dtype (float32; float64 if an input is float64), one rounding
+to the output dtype at the end (round to nearest even, as torch):
+
+- task arithmetic: ``s = sum_i w_i (theta_i - theta_0)`` in model order, ``theta = lambda * s + theta_0``
+  (the ``lambda`` multiply is skipped at 1, exactly);
+- weight averaging: ``d = sum_i w_i (theta_i - theta_1)``, ``theta = d / sum_i w_i + theta_1``.
+
+These are the torch engine's operations in the torch engine's order, so with unit weights the outputs
+are bit-identical; torch computes ``acc + w * tau`` with one rounding where numpy rounds ``w * tau``
+first, so other weights may differ in the last bit of an intermediate.
+
+The rules of every merge (:mod:`mergelab.engine`) hold here too: inputs validated from their headers
+before any data is read (:class:`~mergelab.merge_inputs.MergeInputs`), integer tensors copied from the
+reference, NaN/Inf refused naming the file and tensor (through the output, as both methods propagate
+non-finite values: a non-finite output block triggers a rescan of that tensor's inputs), atomic output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mergelab.blockwise import run_in_chunks
+from mergelab.checkpoints import CheckpointReader, CheckpointWriter
+from mergelab.checkpoints.safetensors_format import StorageDtype
+from mergelab.errors import NonFiniteError
+from mergelab.merge_inputs import (
+    MergeInputs,
+    MergeResult,
+    ParamResolver,
+    check_models,
+    merge_record,
+    nbytes,
+    nonfinite_message,
+    output_plan,
+)
+from mergelab.methods import get_method
+from mergelab.runtime import reuse_freed_memory
+from mergelab.spec import MergeSpec
+
+log = logging.getLogger(__name__)
+
+#: Methods this engine computes.
+METHODS = ("task_arithmetic", "weight_average")
+#: Floating storage dtypes it reads and writes (float8 inputs go to the torch engine).
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+#: Entries per block: 1 MiB of float32 per buffer (measured on the benchmark: 2**16 and 2**18 within 5%,
+#: 2**14 1.6x slower from the per-call overhead).
+BLOCK = 1 << 18
+#: Bytes of outputs that may wait for the writer beyond the one always allowed.
+PIPELINE_BYTES = 256 * 1024**2
+
+#: Exponent masks: a float16 / bfloat16 / float32 is NaN or Inf exactly when all its exponent bits are set.
+_EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
+
+
+def unsupported(spec: MergeSpec) -> str | None:
+    """Why this engine cannot run ``spec`` (method, device, input format or dtype), or None if it can.
+
+    Opens the inputs' headers to look at their formats and dtypes; errors in the inputs themselves are
+    raised as they would be by the merge."""
+    if spec.method not in METHODS:
+        return f"it computes {' and '.join(METHODS)}, not {spec.method}"
+    if spec.device != "cpu":
+        return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return "the ml_dtypes package (bfloat16 for numpy) is not installed"
+    if spec.base is None and spec.method != "weight_average":
+        return None  # the merge itself reports the missing base
+    with MergeInputs.open(spec) as inputs:
+        for reader in inputs.readers:
+            if not reader.is_safetensors:
+                return f"{reader.path} is not a safetensors checkpoint"
+        for name in inputs.names:
+            for reader in inputs.readers:
+                storage = reader.info(name).storage
+                if storage.is_floating_point and storage.code not in FLOAT_CODES:
+                    return f"tensor '{name}' of {reader.info(name).file} is stored as {storage}"
+    return None
+
+
+def numpy_dtype(storage: StorageDtype) -> Any:
+    """The numpy dtype of a stored dtype (``ml_dtypes.bfloat16`` for bfloat16)."""
+    import numpy as np
+
+    if storage.name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(storage.name)
+
+
+def merge_linear(
+    spec: MergeSpec, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+    hash_inputs: bool = True, started: float | None = None,
+) -> MergeResult:
+    """Merge the task-arithmetic or weight-averaging ``spec`` into ``out_dir`` (call
+    :func:`mergelab.merging.merge`, which checks :func:`unsupported` first). ``started``: the caller's clock."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter() if started is None else started
+    method = get_method(spec.method)
+    check_models(spec, method)
+    params_of = ParamResolver(spec, method)
+    reuse_freed_memory()
+    with MergeInputs.open(spec) as inputs:
+        record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
+        plan = output_plan(inputs, spec.dtype)
+        total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
+        kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
+        weights = [m.weight for m in spec.models]
+        with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite) as writer:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})",
+                      disable=not progress) as bar:
+                _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar)
+            seconds = time.perf_counter() - started
+            record["seconds"] = round(seconds, 3)
+            record["engine"] = "numpy"
+            record["warnings"] = inputs.warnings
+            path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
+    log.info("merged %d tensors with %s into %s in %.1f s (numpy engine)", len(plan), method.name, path, seconds)
+    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,
+                       seconds=seconds, warnings=inputs.warnings, record=record)
+
+
+def _stream(
+    inputs: MergeInputs,
+    plan: Sequence[tuple[str, tuple[int, ...], StorageDtype]],
+    method: str,
+    kernel: Callable[..., None],
+    params_of: ParamResolver,
+    weights: Sequence[float],
+    writer: CheckpointWriter,
+    bar: Any,
+) -> None:
+    """Compute each tensor of ``plan`` on all cores and hand it to a write-behind thread."""
+    writes: collections.deque[tuple[Future, int]] = collections.deque()
+    waiting = 0
+    # task arithmetic reads theta_0 and the experts; weight averaging only the experts
+    readers = ([inputs.base] if method == "task_arithmetic" else []) + list(inputs.experts)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writing:
+        try:
+            for name, shape, storage in plan:
+                if storage.is_floating_point:
+                    out = _merge_tensor(name, shape, storage, readers, inputs, method, kernel, params_of(name),
+                                        weights)
+                else:  # integer and bool tensors are copied from the reference (never averaged)
+                    out = _read_whole(inputs.reference, name)
+                size = out.nbytes
+                while writes and waiting + size > PIPELINE_BYTES:
+                    done, done_size = writes.popleft()
+                    done.result()
+                    waiting -= done_size
+                writes.append((writing.submit(writer.write, name, out), size))
+                waiting += size
+                del out
+                bar.update(size)
+        except BaseException:
+            for pending, _ in writes:  # pending writes end before the writer may abort and delete
+                with contextlib.suppress(BaseException):
+                    pending.result()
+            raise
+        for pending, _ in writes:
+            pending.result()
+
+
+def _read_whole(reader: CheckpointReader, name: str) -> Any:
+    import numpy as np
+
+    info = reader.info(name)
+    raw = np.empty(nbytes(info.shape, info.storage), dtype=np.uint8)
+    if raw.size:
+        reader.read_range(name, 0, memoryview(raw))
+    return raw.view(numpy_dtype(info.storage)).reshape(info.shape)
+
+
+def _merge_tensor(
+    name: str, shape: tuple[int, ...], storage: StorageDtype, readers: Sequence[CheckpointReader],
+    inputs: MergeInputs, method: str, kernel: Callable[..., None], params: Any, weights: Sequence[float],
+) -> Any:
+    import numpy as np
+
+    in_dtypes = [numpy_dtype(r.info(name).storage) for r in readers]
+    compute = np.dtype(np.float64) if any(d == np.float64 for d in in_dtypes) else np.dtype(np.float32)
+    out_dtype = numpy_dtype(storage)
+    n = 1
+    for d in shape:
+        n *= d
+    out = np.empty(n, dtype=out_dtype)
+    nonfinite: list[int] = []
+    mask = _EXPONENT_MASKS[out_dtype.name]
+    bits = np.dtype(f"u{out_dtype.itemsize}")
+    widest = max(d.itemsize for d in in_dtypes)
+    blocks = -(-n // BLOCK)
+
+    def work(first: int, stop_block: int) -> None:
+        raws = [np.empty(min(n, BLOCK) * widest, dtype=np.uint8) for _ in readers]
+        buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(3)]
+        flags = np.empty(min(n, BLOCK), dtype=bits)
+        for j in range(first, stop_block):
+            start, stop = j * BLOCK, min(n, (j + 1) * BLOCK)
+            m = stop - start
+            xs = []
+            for reader, raw, dtype in zip(readers, raws, in_dtypes):
+                chunk = raw[: m * dtype.itemsize]
+                reader.read_range(name, start * dtype.itemsize, memoryview(chunk))
+                xs.append(chunk.view(dtype))
+            block_out = out[start:stop]
+            with np.errstate(all="ignore"):  # NaN/Inf are found below and reported with file and tensor
+                kernel(xs, [b[:m] for b in buffers], block_out, weights, params)
+            np.bitwise_and(block_out.view(bits), mask, out=flags[:m])
+            if flags[:m].max() == mask:  # some entry has every exponent bit set: NaN or Inf
+                nonfinite.append(j)
+
+    run_in_chunks(blocks, work)
+    if nonfinite:
+        _explain_nonfinite(name, readers, out, method)
+    return out.reshape(shape)
+
+
+def _explain_nonfinite(name: str, readers: Sequence[CheckpointReader], out: Any, method: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first input holding NaN/Inf in ``name``, else the output."""
+    import numpy as np
+
+    for reader in readers:
+        values = _read_whole(reader, name).astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise NonFiniteError(nonfinite_message(str(reader.info(name).file), name, int((~finite).sum()),
+                                                   int(np.isnan(values).sum())))
+    values = out.astype(np.float64)
+    finite = np.isfinite(values)
+    raise NonFiniteError(nonfinite_message(f"merge result ({method})", name, int((~finite).sum()),
+                                           int(np.isnan(values).sum())))
+
+
+def _round_into(acc: Any, base: Any, out: Any) -> None:
+    """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through acc."""
+    import numpy as np
+
+    if out.dtype == acc.dtype:
+        np.add(acc, base, out=out)
+    else:
+        np.add(acc, base, out=acc)
+        np.copyto(out, acc, casting="unsafe")
+
+
+def _as_compute(x: Any, buffer: Any) -> Any:
+    """``x`` in the compute dtype: itself when it already is, else converted into ``buffer``."""
+    import numpy as np
+
+    if x.dtype == buffer.dtype:
+        return x
+    np.copyto(buffer, x, casting="unsafe")
+    return buffer
+
+
+def _task_arithmetic(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                     params: Any) -> None:
+    """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see the module docstring."""
+    import numpy as np
+
+    base_buf, acc, tau = buffers
+    base = _as_compute(xs[0], base_buf)
+    for i, (x, w) in enumerate(zip(xs[1:], weights)):
+        target = acc if i == 0 else tau
+        np.subtract(x, base, out=target, dtype=acc.dtype)
+        if w != 1.0:
+            np.multiply(target, w, out=target)
+        if i > 0:
+            np.add(acc, tau, out=acc)
+    if params.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+        np.multiply(acc, params.lambda_, out=acc)
+    _round_into(acc, base, out)
+
+
+def _weight_average(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                    params: Any) -> None:
+    """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
+    averaged); see the module docstring."""
+    import numpy as np
+
+    first_buf, acc, diff = buffers
+    first = _as_compute(xs[0], first_buf)
+    total = float(sum(weights))
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        target = acc if i == 0 else diff
+        np.subtract(x, first, out=target, dtype=acc.dtype)
+        if w != 1.0:
+            np.multiply(target, w, out=target)
+        if i > 0:
+            np.add(acc, diff, out=acc)
+    np.divide(acc, total, out=acc)
+    _round_into(acc, first, out)

@@ -1,0 +1,237 @@
+"""What every data-free merge does before and after computing, shared by both engines and free of torch.
+
+Both the torch engine (:mod:`mergelab.engine`) and the numpy engine (:mod:`mergelab.linear_engine`) open
+the checkpoints of a spec and validate them against each other from their headers (:class:`MergeInputs`),
+check the model list against the method (:func:`check_models`), resolve per-tensor parameters
+(:class:`ParamResolver`), lay out the output (:func:`output_plan`) and write the same merge record
+(:func:`merge_record`). Nothing here reads tensor data or imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from mergelab.checkpoints import CheckpointReader, open_checkpoint
+from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
+from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.methods import Method, MethodParams
+from mergelab.provenance import environment, input_digest
+from mergelab.spec import MergeSpec
+
+log = logging.getLogger(__name__)
+
+#: The spec's output dtypes other than ``auto`` (each tensor keeps the reference model's dtype).
+OUTPUT_DTYPES: dict[str, StorageDtype] = {
+    "float32": STORAGE_DTYPES["F32"], "float16": STORAGE_DTYPES["F16"], "bfloat16": STORAGE_DTYPES["BF16"],
+}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def few(items: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` items, quoted, and how many more there are."""
+    shown = ", ".join(repr(i) if not i.endswith(")") else i for i in items[:n])
+    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def nonfinite_message(where: str, name: str, bad: int, n_nan: int) -> str:
+    """The error for a tensor holding ``bad`` non-finite values, ``n_nan`` of them NaN."""
+    return (
+        f"{where}: tensor '{name}' holds {bad} non-finite value(s) ({n_nan} NaN, {bad - n_nan} Inf); "
+        "refusing to merge"
+    )
+
+
+class MergeInputs:
+    """The opened checkpoints of one merge (``base``, ``experts``, ``readers`` = both), validated against
+    each other from their headers; ``reference`` is the base, or the first expert without one, and gives
+    the tensor order (``names``). Takes ownership of the readers: they are closed if validation fails,
+    else by :meth:`close` (or leaving a ``with`` block). :meth:`open` opens a spec's checkpoints."""
+
+    def __init__(self, base: CheckpointReader | None, experts: Sequence[CheckpointReader]) -> None:
+        self.base = base
+        self.experts = list(experts)
+        self.readers = ([base] if base is not None else []) + self.experts
+        self.warnings: list[str] = []
+        self.reference = base if base is not None else self.experts[0]
+        self.names = self.reference.keys()
+        try:
+            self._validate()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, spec: MergeSpec) -> Self:
+        """Open the base (if any) and every model of ``spec`` and validate them."""
+        opened: list[CheckpointReader] = []
+        try:
+            base = open_checkpoint(spec.base) if spec.base is not None else None
+            if base is not None:
+                opened.append(base)
+            for entry in spec.models:
+                opened.append(open_checkpoint(entry.path))
+        except BaseException:
+            for reader in opened:
+                reader.close()
+            raise
+        return cls(base, opened[1:] if base is not None else opened)
+
+    def _validate(self) -> None:
+        """Same tensor names and shapes everywhere, no floating-vs-integer mismatch; floating tensors stored
+        in different precisions are allowed with a warning (merged in float32, float64 if an input is)."""
+        ref = self.reference
+        ref_keys = set(self.names)
+        for reader in self.readers:
+            if reader is ref:
+                continue
+            keys = set(reader.keys())
+            missing = [n for n in self.names if n not in keys]
+            extra = sorted(keys - ref_keys)
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} tensor(s) present in {ref.path}: {few(missing)}")
+                if extra:
+                    parts.append(f"has {len(extra)} tensor(s) not in {ref.path}: {few(extra)}")
+                raise TensorMismatchError(f"{reader.path}: " + "; ".join(parts))
+        mixed: set[str] = set()
+        for name in self.names:
+            info = ref.info(name)
+            for reader in self.readers:
+                if reader is ref:
+                    continue
+                other = reader.info(name)
+                if other.shape != info.shape:
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{name}' has shape {other.shape} but {info.file} has {info.shape}"
+                    )
+                if other.storage.is_floating_point != info.storage.is_floating_point:
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{name}' is {other.storage} but {info.file} has {info.storage}; "
+                        "floating and integer tensors cannot be merged"
+                    )
+                if other.storage != info.storage:
+                    mixed.add(f"{name} ({info.storage} vs {other.storage} in {other.file})")
+        if mixed:
+            msg = (
+                f"inputs store {len(mixed)} tensor(s) in different floating dtypes, e.g. {few(sorted(mixed), 2)}; "
+                "they are merged in float32 (float64 if an input is float64) and written in the output dtype"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            with contextlib.suppress(Exception):
+                reader.close()
+
+    def __enter__(self) -> MergeInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_models(spec: MergeSpec, method: Method) -> None:
+    """The model list suits ``method`` (count, base model, per-model weights); a :class:`SpecError` otherwise."""
+    n = len(spec.models)
+    if n < method.min_models:
+        raise SpecError(f"models: method '{method.name}' needs at least {method.min_models} models, got {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise SpecError(f"models: method '{method.name}' takes at most {method.max_models} models, got {n}")
+    if method.needs_base and spec.base is None:
+        raise SpecError(f"base: method '{method.name}' needs a base model (the pretrained checkpoint)")
+    if method.name == "slerp" and n == 1 and spec.base is None:
+        raise SpecError("base: slerp with one model interpolates from the base model; give base or two models")
+    if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):
+        raise SpecError(f"models: method '{method.name}' does not use per-model weights; remove 'weight'")
+    if method.uses_weights and method.name == "weight_average" and sum(m.weight for m in spec.models) == 0:
+        raise SpecError("models: the weights sum to zero; weight averaging is undefined")
+
+
+class ParamResolver:
+    """Per-tensor parameters: the spec's parameters, updated by the first override whose pattern matches."""
+
+    def __init__(self, spec: MergeSpec, method: Method) -> None:
+        self.default = method.parse_params(spec.parameters)
+        self.rules = [
+            (o, method.parse_params({**spec.parameters, **o.parameters}, where=f"overrides[{i}] ({o.pattern!r})"))
+            for i, o in enumerate(spec.overrides)
+        ]
+
+    def __call__(self, name: str) -> MethodParams:
+        for override, params in self.rules:
+            if override.matches(name):
+                return params
+        return self.default
+
+
+def output_plan(inputs: MergeInputs, dtype: str) -> list[tuple[str, tuple[int, ...], StorageDtype]]:
+    """(name, shape, stored dtype) of every output tensor in the reference's order: floating tensors in the
+    spec's output ``dtype`` (``auto``: the reference's), others as the reference stores them."""
+    out = OUTPUT_DTYPES.get(dtype)
+    plan = []
+    for name in inputs.names:
+        info = inputs.reference.info(name)
+        plan.append((name, info.shape, out if (out is not None and info.storage.is_floating_point) else info.storage))
+    return plan
+
+
+def describe(reader: CheckpointReader, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
+    """An input's entry in the merge record: its path, data files with SHA-256 (unless not hashing), weight."""
+    out: dict[str, Any] = {
+        "path": str(reader.path),
+        "files": [
+            {"path": str(f), "sha256": input_digest(f) if hash_inputs else None} for f in reader.files
+        ],
+    }
+    if weight is not None:
+        out["weight"] = weight
+    return out
+
+
+def describe_path(path: Path, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
+    """Like :func:`describe` for a checkpoint given by path (opened only to list its data files)."""
+    with open_checkpoint(path) as reader:
+        return describe(reader, weight, hash_inputs)
+
+
+def merge_record(
+    spec: MergeSpec, method: Method, params: MethodParams, inputs: MergeInputs, hash_inputs: bool
+) -> dict[str, Any]:
+    """The record written as ``mergelab_merge.json``: method, parameters, overrides, dtype, versions and the
+    inputs with their content hashes (the engine adds seconds and warnings when done)."""
+    return {
+        "method": method.name,
+        "parameters": params.model_dump(by_alias=True),
+        "overrides": [o.model_dump() for o in spec.overrides],
+        "dtype": spec.dtype,
+        "environment": environment(),
+        "inputs": {
+            "base": None if inputs.base is None else describe(inputs.base, None, hash_inputs),
+            "models": [describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)],
+        },
+    }
+
+
+def nbytes(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes of a contiguous tensor of ``shape`` and ``dtype`` (anything with ``itemsize``)."""
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
