@@ -12,7 +12,9 @@ Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` 
    task arithmetic (lambda 1, unit weights; mergekit ``task_arithmetic``, ``normalize: false``) and TIES
    (density 0.5, per-tensor trim, divisor = agreeing weight, election by mass; mergekit ``ties``).
    Wall time and the child's own peak RSS come from ``os.wait4`` (the rusage of exactly that child).
-   The floor is a child that reads every tensor of every input once with mergelab's reader.
+   The floor is a child that reads every tensor of every input once with mergelab's reader, as the numpy
+   engine reads (raw bytes in blocks into one reused buffer, no torch import). Task arithmetic runs on the
+   numpy engine (the default for it); its torch engine (``--engine torch``) is timed alongside.
    mergelab runs with a warm SHA-256 digest cache (``$MERGELAB_CACHE`` under the cache folder); one extra
    TA run with the digest cache cleared shows the cost of hashing the inputs the first time.
 3. Checks once that mergelab's and mergekit's outputs agree within bf16 rounding (TA and TIES).
@@ -41,6 +43,7 @@ from mergelab.checkpoints import CheckpointWriter, open_checkpoint
 from mergelab.checkpoints.writer import plan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH_ENGINE = "mergelab (torch eng.)"
 DEFAULT_CACHE = ROOT / "bench" / ".cache"
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 2048, 5504, 12, 32000, 16
@@ -301,14 +304,21 @@ def _rm(path: Path) -> None:
 READ_ALL = """
 import sys
 from mergelab.checkpoints import open_checkpoint
-from mergelab.engine import reuse_freed_memory
-reuse_freed_memory()  # as in a merge: freed buffers are reused instead of faulting in fresh pages
+# as the numpy engine reads: raw bytes, block by block (2**18 bf16 entries), into one reused buffer; no torch
+block = bytearray(2 * 2**18)
+view = memoryview(block)
 total = 0
 for p in sys.argv[1:]:
     with open_checkpoint(p) as r:
         for name in r.keys():
-            total += r.get(name).numel()
-print(f"read {total} elements")
+            info = r.info(name)
+            size = info.storage.itemsize
+            for d in info.shape:
+                size *= d
+            for start in range(0, size, len(block)):
+                r.read_range(name, start, view[: min(len(block), size - start)])
+            total += size
+print(f"read {total} bytes")
 """
 
 
@@ -418,7 +428,10 @@ def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, col
     out = cache / "runs" / f"out-profile-{method}"
     _rm(out)
     t0, c0 = time.perf_counter(), time.process_time()
-    engine.merge(mergelab_spec(method, base, experts), out, progress=False)
+    from mergelab.spec import parse_spec
+
+    # the torch engine's stages (the numpy engine has no separate read and compute stages to time)
+    engine.merge_streaming(parse_spec(mergelab_spec(method, base, experts)), out, progress=False)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"total": total, "cpu": cpu, "stages": stages, "load": _load(),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
@@ -458,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the output equivalence check")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--profile", metavar="METHOD",
-                    help="instead of timing: time the stages of one mergelab merge on their threads in a fresh process, "
+                    help="instead of timing: time the stages of one torch-engine merge on their threads in a fresh process, "
                          "first with an empty digest cache, then with a warm one")
     ap.add_argument("--_profile-child", dest="profile_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -524,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         ml_out = work / f"out-mergelab-{method}"
         mk_out = work / f"out-mergekit-{method}"
         s_ml = series.setdefault((method, "mergelab"), Series(method, "mergelab"))
+        # task arithmetic runs on the numpy engine; its torch engine is timed alongside for comparison
+        s_torch = (series.setdefault((method, TORCH_ENGINE), Series(method, TORCH_ENGINE))
+                   if method == "task_arithmetic" else None)
         s_mk = series.setdefault((method, "mergekit"), Series(method, "mergekit"))
         for r in range(args.repeats):
             _rm(ml_out)
@@ -531,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
                             logs / f"mergelab-{method}-{r}.log", env)
             s_ml.runs.append(run)
             show(method, "mergelab", r + 1, run)
+            if s_torch is not None:
+                _rm(ml_out)
+                run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
+                                 "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
+                s_torch.runs.append(run)
+                show(method, TORCH_ENGINE, r + 1, run)
             if mergekit is not None:
                 _rm(mk_out)
                 run = run_child([str(mergekit), str(mk_cfg), str(mk_out), *args.mergekit_args.split()],
@@ -590,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         ta, ties = med("task_arithmetic", "mergelab", attr), med("ties", "mergelab", attr)
         if ta and ties:
             ratios[f"mergelab TIES/TA ({attr})"] = ties / ta
+        ta_torch = med("task_arithmetic", TORCH_ENGINE, attr)
+        if ta_torch and ties:
+            ratios[f"mergelab TIES/TA torch engine ({attr})"] = ties / ta_torch
     targets = {"task_arithmetic: mergekit/mergelab": (">=", 3.0), "ties: mergekit/mergelab": (">=", 10.0),
                "mergelab TIES/TA": ("<=", 2.0)}
     for key, value in ratios.items():
