@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import math
 import os
@@ -51,7 +50,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
+from mergelab.checkpoints.writer import WriteBehind
 from mergelab.errors import NonFiniteError, SpecError
 from mergelab.merge_inputs import (
     MergeInputs,
@@ -299,45 +298,29 @@ def _merge_tensors(
     """
     check_inputs = not method.propagates_nonfinite
     items = _prefetched(reader, inputs, [name for name, _, _ in plan], check_inputs)
-    writes: collections.deque[tuple[Future, int]] = collections.deque()  # oldest first
-    waiting = 0  # bytes of the outputs in ``writes``
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writing:
-        try:
-            for (name, shape, dtype), (_, base, experts) in zip(plan, items):
-                base = _to_device(base, device)
-                experts = [_to_device(e, device) for e in experts]  # type: ignore[misc]
-                if not dtype.is_floating_point:
-                    merged = (base if base is not None else experts[0]).to(dtype)
-                else:
-                    tensor_inputs = TensorInputs(
-                        name=name, base=base, experts=experts, weights=weights,
-                        thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
-                        compute_dtype=_compute_dtype(base, experts), out_dtype=dtype,
-                    )
-                    merged = method.merge(tensor_inputs, params_of(name)).to(dtype)
-                    del tensor_inputs
-                    if check_inputs or not _is_finite(merged):
-                        if not check_inputs:
-                            inputs.check(name, base, experts)  # names the input file if one is bad
-                        _check_finite(merged, f"merge result ({method.name})", name)
-                del base, experts
-                size = nbytes(shape, dtype)
-                # one output always may wait to be written; more while they fit PIPELINE_BYTES
-                while writes and waiting + size > PIPELINE_BYTES:
-                    done, done_size = writes.popleft()
-                    done.result()
-                    waiting -= done_size
-                writes.append((writing.submit(writer.write, name, merged.cpu()), size))
-                waiting += size
-                del merged
-                bar.update(size)
-        except BaseException:
-            for pending, _ in writes:  # pending writes end before the writer may abort and delete
-                with contextlib.suppress(BaseException):
-                    pending.result()
-            raise
-        for pending, _ in writes:
-            pending.result()
+    with WriteBehind(writer, PIPELINE_BYTES) as writes:
+        for (name, shape, dtype), (_, base, experts) in zip(plan, items):
+            base = _to_device(base, device)
+            experts = [_to_device(e, device) for e in experts]  # type: ignore[misc]
+            if not dtype.is_floating_point:
+                merged = (base if base is not None else experts[0]).to(dtype)
+            else:
+                tensor_inputs = TensorInputs(
+                    name=name, base=base, experts=experts, weights=weights,
+                    thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
+                    compute_dtype=_compute_dtype(base, experts), out_dtype=dtype,
+                )
+                merged = method.merge(tensor_inputs, params_of(name)).to(dtype)
+                del tensor_inputs
+                if check_inputs or not _is_finite(merged):
+                    if not check_inputs:
+                        inputs.check(name, base, experts)  # names the input file if one is bad
+                    _check_finite(merged, f"merge result ({method.name})", name)
+            del base, experts
+            size = nbytes(shape, dtype)
+            writes.put(name, merged.cpu(), size)
+            del merged
+            bar.update(size)
 
 
 def merge_streaming(

@@ -33,17 +33,15 @@ non-finite values: a non-finite output block triggers a rescan of that tensor's 
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mergelab.blockwise import run_in_chunks
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
+from mergelab.checkpoints.writer import WriteBehind
 from mergelab.checkpoints.safetensors_format import StorageDtype
 from mergelab.errors import NonFiniteError
 from mergelab.merge_inputs import (
@@ -158,34 +156,18 @@ def _stream(
     bar: Any,
 ) -> None:
     """Compute each tensor of ``plan`` on all cores and hand it to a write-behind thread."""
-    writes: collections.deque[tuple[Future, int]] = collections.deque()
-    waiting = 0
     # task arithmetic reads theta_0 and the experts; weight averaging only the experts
     readers = ([inputs.base] if method == "task_arithmetic" else []) + list(inputs.experts)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as writing:
-        try:
-            for name, shape, storage in plan:
-                if storage.is_floating_point:
-                    out = _merge_tensor(name, shape, storage, readers, inputs, method, kernel, params_of(name),
-                                        weights)
-                else:  # integer and bool tensors are copied from the reference (never averaged)
-                    out = _read_whole(inputs.reference, name)
-                size = out.nbytes
-                while writes and waiting + size > PIPELINE_BYTES:
-                    done, done_size = writes.popleft()
-                    done.result()
-                    waiting -= done_size
-                writes.append((writing.submit(writer.write, name, out), size))
-                waiting += size
-                del out
-                bar.update(size)
-        except BaseException:
-            for pending, _ in writes:  # pending writes end before the writer may abort and delete
-                with contextlib.suppress(BaseException):
-                    pending.result()
-            raise
-        for pending, _ in writes:
-            pending.result()
+    with WriteBehind(writer, PIPELINE_BYTES) as writes:
+        for name, shape, storage in plan:
+            if storage.is_floating_point:
+                out = _merge_tensor(name, shape, storage, readers, inputs, method, kernel, params_of(name),
+                                    weights)
+            else:  # integer and bool tensors are copied from the reference (never averaged)
+                out = _read_whole(inputs.reference, name)
+            writes.put(name, out, out.nbytes)
+            bar.update(out.nbytes)
+            del out
 
 
 def _read_whole(reader: CheckpointReader, name: str) -> Any:
@@ -279,6 +261,20 @@ def _as_compute(x: Any, buffer: Any) -> Any:
     return buffer
 
 
+def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float], acc: Any, tmp: Any) -> None:
+    """``acc = sum_i w_i (x_i - ref)`` in model order, in ``acc``'s dtype (each stored ``x_i`` is converted
+    inside numpy's buffered ufunc loop, in cache); ``tmp`` is scratch of the same size."""
+    import numpy as np
+
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        target = acc if i == 0 else tmp
+        np.subtract(x, ref, out=target, dtype=acc.dtype)
+        if w != 1.0:
+            np.multiply(target, w, out=target)
+        if i > 0:
+            np.add(acc, tmp, out=acc)
+
+
 def _task_arithmetic(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
                      params: Any) -> None:
     """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see the module docstring."""
@@ -286,13 +282,7 @@ def _task_arithmetic(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weight
 
     base_buf, acc, tau = buffers
     base = _as_compute(xs[0], base_buf)
-    for i, (x, w) in enumerate(zip(xs[1:], weights)):
-        target = acc if i == 0 else tau
-        np.subtract(x, base, out=target, dtype=acc.dtype)
-        if w != 1.0:
-            np.multiply(target, w, out=target)
-        if i > 0:
-            np.add(acc, tau, out=acc)
+    _weighted_differences(xs[1:], base, weights, acc, tau)
     if params.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
         np.multiply(acc, params.lambda_, out=acc)
     _round_into(acc, base, out)
@@ -306,13 +296,6 @@ def _weight_average(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights
 
     first_buf, acc, diff = buffers
     first = _as_compute(xs[0], first_buf)
-    total = float(sum(weights))
-    for i, (x, w) in enumerate(zip(xs, weights)):
-        target = acc if i == 0 else diff
-        np.subtract(x, first, out=target, dtype=acc.dtype)
-        if w != 1.0:
-            np.multiply(target, w, out=target)
-        if i > 0:
-            np.add(acc, diff, out=acc)
-    np.divide(acc, total, out=acc)
+    _weighted_differences(xs, first, weights, acc, diff)
+    np.divide(acc, float(sum(weights)), out=acc)
     _round_into(acc, first, out)

@@ -35,12 +35,15 @@ import torch.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import os
 import shutil
 import secrets
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -486,6 +489,45 @@ class CheckpointWriter:
         elif not self._finished and self._tmp is not None:
             self.abort()
             raise CheckpointError(f"{self.out_dir}: the writer was closed without finish(); nothing was written")
+
+
+class WriteBehind:
+    """Hands tensors to a :class:`CheckpointWriter` on a background thread, in order, so the caller computes
+    the next tensor while the last one is written (``write`` releases the GIL). One tensor may always wait;
+    more while the waiting ones hold at most ``budget`` bytes, so a write held up by the disk does not stop
+    the caller at once. Leaving the ``with`` block waits for every pending write (re-raising a write's error;
+    after an exception in the block, pending writes still end before the writer may abort and delete)."""
+
+    def __init__(self, writer: CheckpointWriter, budget: int) -> None:
+        self.writer = writer
+        self.budget = budget
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
+        self._waiting = 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write")
+
+    def put(self, name: str, tensor: Any, nbytes: int) -> None:
+        """Queue ``tensor`` (``nbytes`` bytes) as the next tensor ``name``; blocks while over budget."""
+        while self._pending and self._waiting + nbytes > self.budget:
+            done, size = self._pending.popleft()
+            done.result()
+            self._waiting -= size
+        self._pending.append((self._thread.submit(self.writer.write, name, tensor), nbytes))
+        self._waiting += nbytes
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            for pending, _ in self._pending:
+                if exc_type is None:
+                    pending.result()
+                else:
+                    with contextlib.suppress(BaseException):
+                        pending.result()
+        finally:
+            self._thread.shutdown(wait=True)
 
 
 def _is_array(value: object) -> bool:
