@@ -229,12 +229,13 @@ def _explain_nonfinite(name: str, readers: Sequence[CheckpointReader], out: Any,
     import numpy as np
 
     for reader in readers:
-        values = _read_whole(reader, name).astype(np.float64)
+        values = _read_whole(reader, name)
+        values = values.astype(np.float64 if values.dtype == np.float64 else np.float32)
         finite = np.isfinite(values)
         if not finite.all():
             raise NonFiniteError(nonfinite_message(str(reader.info(name).file), name, int((~finite).sum()),
                                                    int(np.isnan(values).sum())))
-    values = out.astype(np.float64)
+    values = out.astype(np.float64 if out.dtype == np.float64 else np.float32)
     finite = np.isfinite(values)
     raise NonFiniteError(nonfinite_message(f"merge result ({method})", name, int((~finite).sum()),
                                            int(np.isnan(values).sum())))
