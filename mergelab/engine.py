@@ -65,11 +65,11 @@ from mergelab.merge_inputs import (
     MergeResult,
     ParamResolver,
     check_models,
-    describe_path,
     merge_record,
     nbytes,
     nonfinite_message,
     output_plan,
+    write_merge,
 )
 from mergelab.methods import Method, TensorInputs, get_method
 from mergelab.ops import StreamingKthLargest, keep_count
@@ -79,9 +79,6 @@ from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 
-
-
-_describe_path = describe_path  # the data-informed methods record their inputs the same way
 
 
 def _threads(device: torch.device) -> int | None:
@@ -342,30 +339,20 @@ def merge_streaming(
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = [(name, shape, dtype.to_torch()) for name, shape, dtype in output_plan(inputs, spec.dtype)]
         weights = [m.weight for m in spec.models]
-        total_bytes = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
         try:
             with _intra_op_threads(_threads(device)):
                 thresholds, tie_quotas = _global_thresholds(inputs, method, params_of, device, progress, reader)
-                with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size,
-                                      overwrite=overwrite) as writer:
-                    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge ({method.name})",
-                               disable=not progress)
-                    with bar:
-                        _merge_tensors(inputs, plan, method, params_of, weights, thresholds, tie_quotas, device,
-                                       reader, writer, bar)
-                    seconds = time.perf_counter() - started
-                    record["seconds"] = round(seconds, 3)
-                    record["engine"] = "torch"
-                    record["warnings"] = inputs.warnings
-                    path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
+                return write_merge(
+                    spec, method, inputs, record, plan, out_dir,
+                    lambda writer, bar: _merge_tensors(inputs, plan, method, params_of, weights, thresholds,
+                                                       tie_quotas, device, reader, writer, bar),
+                    engine="torch", overwrite=overwrite, progress=progress, started=started,
+                )
         finally:
             reader.shutdown(wait=True, cancel_futures=True)
     finally:
         inputs.close()
-    log.info("merged %d tensors with %s into %s in %.1f s", len(plan), method.name, path, seconds)
-    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total_bytes,
-                       seconds=seconds, warnings=inputs.warnings, record=record)
 
 
 def write_state(

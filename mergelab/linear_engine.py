@@ -34,10 +34,13 @@ non-finite values: a non-finite output block triggers a rescan of that tensor's 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mergelab.blockwise import run_in_chunks
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
@@ -53,6 +56,7 @@ from mergelab.merge_inputs import (
     nbytes,
     nonfinite_message,
     output_plan,
+    write_merge,
 )
 from mergelab.methods import get_method
 from mergelab.runtime import reuse_freed_memory
@@ -83,10 +87,6 @@ def unsupported(spec: MergeSpec) -> str | None:
         return f"it computes {' and '.join(METHODS)}, not {spec.method}"
     if spec.device != "cpu":
         return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
-    try:
-        import ml_dtypes  # noqa: F401
-    except ImportError:
-        return "the ml_dtypes package (bfloat16 for numpy) is not installed"
     if spec.base is None and spec.method != "weight_average":
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:
@@ -103,8 +103,6 @@ def unsupported(spec: MergeSpec) -> str | None:
 
 def numpy_dtype(storage: StorageDtype) -> Any:
     """The numpy dtype of a stored dtype (``ml_dtypes.bfloat16`` for bfloat16)."""
-    import numpy as np
-
     if storage.name == "bfloat16":
         import ml_dtypes
 
@@ -118,8 +116,6 @@ def merge_linear(
 ) -> MergeResult:
     """Merge the task-arithmetic or weight-averaging ``spec`` into ``out_dir`` (call
     :func:`mergelab.merging.merge`, which checks :func:`unsupported` first). ``started``: the caller's clock."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter() if started is None else started
     method = get_method(spec.method)
     check_models(spec, method)
@@ -128,21 +124,13 @@ def merge_linear(
     with MergeInputs.open(spec) as inputs:
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = output_plan(inputs, spec.dtype)
-        total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
         kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
         weights = [m.weight for m in spec.models]
-        with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite) as writer:
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})",
-                      disable=not progress) as bar:
-                _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar)
-            seconds = time.perf_counter() - started
-            record["seconds"] = round(seconds, 3)
-            record["engine"] = "numpy"
-            record["warnings"] = inputs.warnings
-            path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
-    log.info("merged %d tensors with %s into %s in %.1f s (numpy engine)", len(plan), method.name, path, seconds)
-    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,
-                       seconds=seconds, warnings=inputs.warnings, record=record)
+        return write_merge(
+            spec, method, inputs, record, plan, out_dir,
+            lambda writer, bar: _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar),
+            engine="numpy", overwrite=overwrite, progress=progress, started=started,
+        )
 
 
 def _stream(
@@ -161,8 +149,7 @@ def _stream(
     with WriteBehind(writer, PIPELINE_BYTES) as writes:
         for name, shape, storage in plan:
             if storage.is_floating_point:
-                out = _merge_tensor(name, shape, storage, readers, inputs, method, kernel, params_of(name),
-                                    weights)
+                out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name), weights)
             else:  # integer and bool tensors are copied from the reference (never averaged)
                 out = _read_whole(inputs.reference, name)
             writes.put(name, out, out.nbytes)
@@ -171,8 +158,6 @@ def _stream(
 
 
 def _read_whole(reader: CheckpointReader, name: str) -> Any:
-    import numpy as np
-
     info = reader.info(name)
     raw = np.empty(nbytes(info.shape, info.storage), dtype=np.uint8)
     if raw.size:
@@ -182,16 +167,12 @@ def _read_whole(reader: CheckpointReader, name: str) -> Any:
 
 def _merge_tensor(
     name: str, shape: tuple[int, ...], storage: StorageDtype, readers: Sequence[CheckpointReader],
-    inputs: MergeInputs, method: str, kernel: Callable[..., None], params: Any, weights: Sequence[float],
+    method: str, kernel: Callable[..., None], params: Any, weights: Sequence[float],
 ) -> Any:
-    import numpy as np
-
     in_dtypes = [numpy_dtype(r.info(name).storage) for r in readers]
     compute = np.dtype(np.float64) if any(d == np.float64 for d in in_dtypes) else np.dtype(np.float32)
     out_dtype = numpy_dtype(storage)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     out = np.empty(n, dtype=out_dtype)
     nonfinite: list[int] = []
     mask = _EXPONENT_MASKS[out_dtype.name]
@@ -226,25 +207,24 @@ def _merge_tensor(
 
 def _explain_nonfinite(name: str, readers: Sequence[CheckpointReader], out: Any, method: str) -> None:
     """Raise :class:`NonFiniteError` naming the first input holding NaN/Inf in ``name``, else the output."""
-    import numpy as np
-
     for reader in readers:
-        values = _read_whole(reader, name)
-        values = values.astype(np.float64 if values.dtype == np.float64 else np.float32)
-        finite = np.isfinite(values)
-        if not finite.all():
-            raise NonFiniteError(nonfinite_message(str(reader.info(name).file), name, int((~finite).sum()),
-                                                   int(np.isnan(values).sum())))
-    values = out.astype(np.float64 if out.dtype == np.float64 else np.float32)
+        counts = _nonfinite_counts(_read_whole(reader, name))
+        if counts is not None:
+            raise NonFiniteError(nonfinite_message(str(reader.info(name).file), name, *counts))
+    raise NonFiniteError(nonfinite_message(f"merge result ({method})", name, *(_nonfinite_counts(out) or (0, 0))))
+
+
+def _nonfinite_counts(values: Any) -> tuple[int, int] | None:
+    """(non-finite entries, NaN entries) of a floating array, or None when every entry is finite."""
+    values = values.astype(np.float64 if values.dtype == np.float64 else np.float32)
     finite = np.isfinite(values)
-    raise NonFiniteError(nonfinite_message(f"merge result ({method})", name, int((~finite).sum()),
-                                           int(np.isnan(values).sum())))
+    if finite.all():
+        return None
+    return int((~finite).sum()), int(np.isnan(values).sum())
 
 
 def _round_into(acc: Any, base: Any, out: Any) -> None:
     """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through acc."""
-    import numpy as np
-
     if out.dtype == acc.dtype:
         np.add(acc, base, out=out)
     else:
@@ -254,8 +234,6 @@ def _round_into(acc: Any, base: Any, out: Any) -> None:
 
 def _as_compute(x: Any, buffer: Any) -> Any:
     """``x`` in the compute dtype: itself when it already is, else converted into ``buffer``."""
-    import numpy as np
-
     if x.dtype == buffer.dtype:
         return x
     np.copyto(buffer, x, casting="unsafe")
@@ -265,8 +243,6 @@ def _as_compute(x: Any, buffer: Any) -> Any:
 def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float], acc: Any, tmp: Any) -> None:
     """``acc = sum_i w_i (x_i - ref)`` in model order, in ``acc``'s dtype (each stored ``x_i`` is converted
     inside numpy's buffered ufunc loop, in cache); ``tmp`` is scratch of the same size."""
-    import numpy as np
-
     for i, (x, w) in enumerate(zip(xs, weights)):
         target = acc if i == 0 else tmp
         np.subtract(x, ref, out=target, dtype=acc.dtype)
@@ -279,8 +255,6 @@ def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float],
 def _task_arithmetic(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
                      params: Any) -> None:
     """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see the module docstring."""
-    import numpy as np
-
     base_buf, acc, tau = buffers
     base = _as_compute(xs[0], base_buf)
     _weighted_differences(xs[1:], base, weights, acc, tau)
@@ -293,8 +267,6 @@ def _weight_average(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights
                     params: Any) -> None:
     """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
     averaged); see the module docstring."""
-    import numpy as np
-
     first_buf, acc, diff = buffers
     first = _as_compute(xs[0], first_buf)
     _weighted_differences(xs, first, weights, acc, diff)

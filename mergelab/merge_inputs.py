@@ -3,20 +3,23 @@
 Both the torch engine (:mod:`mergelab.engine`) and the numpy engine (:mod:`mergelab.linear_engine`) open
 the checkpoints of a spec and validate them against each other from their headers (:class:`MergeInputs`),
 check the model list against the method (:func:`check_models`), resolve per-tensor parameters
-(:class:`ParamResolver`), lay out the output (:func:`output_plan`) and write the same merge record
-(:func:`merge_record`). Nothing here reads tensor data or imports torch.
+(:class:`ParamResolver`), lay out the output (:func:`output_plan`), and stream their tensors into an
+atomic writer that publishes the folder with the same merge record (:func:`write_merge`). Nothing here
+reads tensor data or imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
-from mergelab.checkpoints import CheckpointReader, open_checkpoint
+from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.methods import Method, MethodParams
@@ -78,18 +81,23 @@ class MergeInputs:
     @classmethod
     def open(cls, spec: MergeSpec) -> Self:
         """Open the base (if any) and every model of ``spec`` and validate them."""
+        base = None if spec.base is None else partial(open_checkpoint, spec.base)
+        return cls.from_openers(base, [partial(open_checkpoint, m.path) for m in spec.models])
+
+    @classmethod
+    def from_openers(
+        cls, base: Callable[[], CheckpointReader] | None, experts: Sequence[Callable[[], CheckpointReader]]
+    ) -> Self:
+        """Call each opener, closing what was opened if one fails, and validate the checkpoints."""
         opened: list[CheckpointReader] = []
         try:
-            base = open_checkpoint(spec.base) if spec.base is not None else None
-            if base is not None:
-                opened.append(base)
-            for entry in spec.models:
-                opened.append(open_checkpoint(entry.path))
+            for opener in ([base] if base is not None else []) + list(experts):
+                opened.append(opener())
         except BaseException:
             for reader in opened:
                 reader.close()
             raise
-        return cls(base, opened[1:] if base is not None else opened)
+        return cls(opened[0], opened[1:]) if base is not None else cls(None, opened)
 
     def _validate(self) -> None:
         """Same tensor names and shapes everywhere, no floating-vs-integer mismatch; floating tensors stored
@@ -215,7 +223,7 @@ def merge_record(
     spec: MergeSpec, method: Method, params: MethodParams, inputs: MergeInputs, hash_inputs: bool
 ) -> dict[str, Any]:
     """The record written as ``mergelab_merge.json``: method, parameters, overrides, dtype, versions and the
-    inputs with their content hashes (the engine adds seconds and warnings when done)."""
+    inputs with their content hashes (:func:`write_merge` adds seconds, engine and warnings when done)."""
     return {
         "method": method.name,
         "parameters": params.model_dump(by_alias=True),
@@ -227,6 +235,40 @@ def merge_record(
             "models": [describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)],
         },
     }
+
+
+def write_merge(
+    spec: MergeSpec,
+    method: Method,
+    inputs: MergeInputs,
+    record: dict[str, Any],
+    plan: Sequence[tuple[str, tuple[int, ...], Any]],
+    out_dir: str | Path,
+    compute: Callable[[CheckpointWriter, Any], None],
+    *,
+    engine: str,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+) -> MergeResult:
+    """Open an atomic :class:`CheckpointWriter` for ``plan`` at ``out_dir``, let ``compute(writer, bar)``
+    write every tensor (``bar`` is a progress bar over output bytes), then publish the folder with the
+    reference's config files and ``record`` plus the seconds since ``started``, the engine and the warnings.
+    Any error leaves nothing at ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
+    with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite) as writer:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})",
+                  disable=not progress) as bar:
+            compute(writer, bar)
+        seconds = time.perf_counter() - started
+        record.update(seconds=round(seconds, 3), engine=engine, warnings=inputs.warnings)
+        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
+    log.info("merged %d tensors with %s into %s in %.1f s (%s engine)", len(plan), method.name, path, seconds,
+             engine)
+    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,
+                       seconds=seconds, warnings=inputs.warnings, record=record)
 
 
 def nbytes(shape: Sequence[int], dtype: Any) -> int:

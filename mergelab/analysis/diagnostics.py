@@ -62,6 +62,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -572,17 +573,11 @@ class _Pool(_Inputs):
     """A base and N experts, opened lazily and validated against each other exactly as a merge validates them
     (keys, shapes, float-vs-integer; NaN/Inf on read), by the engine's :class:`~mergelab.engine._Inputs`."""
 
-    def __init__(self, base: Source, experts: Sequence[Source], labels: Sequence[str]) -> None:
-        opened = []
-        try:
-            opened.append(_open(base, "<base>"))
-            for source, label in zip(experts, labels):
-                opened.append(_open(source, f"<{label}>"))
-        except BaseException:
-            for reader in opened:
-                reader.close()
-            raise
-        super().__init__(opened[0], opened[1:])
+    @classmethod
+    def of(cls, base: Source, experts: Sequence[Source], labels: Sequence[str]) -> _Pool:
+        """Open ``base`` and ``experts`` (paths or in-memory state dicts named ``<label>``) and validate them."""
+        return cls.from_openers(partial(_open, base, "<base>"),
+                                [partial(_open, source, f"<{label}>") for source, label in zip(experts, labels)])
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -827,7 +822,7 @@ def pool_diagnostics(
         str(e) if not isinstance(e, Mapping) else f"expert {i + 1}" for i, e in enumerate(experts)
     ]
     dev = _resolve_device(device)
-    pool = _Pool(base, experts, labels)
+    pool = _Pool.of(base, experts, labels)
     try:
         thresholds: dict[str, list[float]] = {}
         tie_quotas: dict[str, list[int]] = {}

@@ -261,10 +261,9 @@ class CheckpointWriter:
             try:
                 storage = storage_dtype(dtype)
             except TypeError:
-                storage = None
-            if storage is None and not hasattr(dtype, "itemsize"):
-                raise CheckpointError(f"{where}: tensor {name!r}: {dtype!r} is not a dtype")
-            dtype_code(dtype, where=f"{where}: tensor {name!r}")
+                if not hasattr(dtype, "itemsize"):
+                    raise CheckpointError(f"{where}: tensor {name!r}: {dtype!r} is not a dtype") from None
+            dtype_code(dtype, where=f"{where}: tensor {name!r}")  # a dtype safetensors cannot store fails here
             seen.add(name)
             entries.append((name, shape, storage))
         self._plan = entries

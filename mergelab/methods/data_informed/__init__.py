@@ -67,7 +67,8 @@ def parse_params(method: DataInformedMethod, raw: dict[str, Any]) -> MethodParam
 def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
               hash_inputs: bool = True) -> Any:
     """Run a data-informed merge spec (a validated :class:`~mergelab.spec.MergeSpec`); see the module doc."""
-    from mergelab.engine import MergeResult, _describe_path, _resolve_device, write_state
+    from mergelab.engine import _resolve_device, write_state
+    from mergelab.merge_inputs import MergeResult, describe_path
     from mergelab.errors import SpecError
     from mergelab.provenance import environment
 
@@ -92,8 +93,8 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
         "dtype": spec.dtype,
         "environment": environment(),
         "inputs": {
-            "base": _describe_path(context.base_path, None, hash_inputs),
-            "models": [_describe_path(e.backbone_path, e.weight, hash_inputs) | {"task": e.task}
+            "base": describe_path(context.base_path, None, hash_inputs),
+            "models": [describe_path(e.backbone_path, e.weight, hash_inputs) | {"task": e.task}
                        for e in context.experts],
         },
         "seconds": round(seconds, 3),
