@@ -1,7 +1,7 @@
 """Splitting element-wise work on independent blocks over threads, without torch.
 
 Used by the torch methods that work in cache-sized blocks (:mod:`mergelab.ops.blocks`) and by the numpy
-engine (:mod:`mergelab.linear_engine`): their kernels (torch's, numpy's ufuncs, ``pread``) release the GIL,
+engine (:mod:`mergelab.numpy_engine`): their kernels (torch's, numpy's ufuncs, ``pread``) release the GIL,
 so the chunks of one tensor run on all cores.
 """
 

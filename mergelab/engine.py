@@ -2,7 +2,7 @@
 
 It runs every data-free method, on the CPU or a GPU; :func:`mergelab.merging.merge` (re-exported here as
 ``merge``) sends task arithmetic and weight averaging on the CPU to the numpy engine
-(:mod:`mergelab.linear_engine`) instead, which does not import torch.
+(:mod:`mergelab.numpy_engine`) instead, which does not import torch.
 
 Memory model. Tensors are processed one name at a time, in the base model's storage order: the engine
 reads that tensor from the base and from every expert (lazily, from disk), hands them to the method,

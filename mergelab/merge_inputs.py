@@ -1,6 +1,6 @@
 """What every data-free merge does before and after computing, shared by both engines and free of torch.
 
-Both the torch engine (:mod:`mergelab.engine`) and the numpy engine (:mod:`mergelab.linear_engine`) open
+Both the torch engine (:mod:`mergelab.engine`) and the numpy engine (:mod:`mergelab.numpy_engine`) open
 the checkpoints of a spec and validate them against each other from their headers (:class:`MergeInputs`),
 check the model list against the method (:func:`check_models`), resolve per-tensor parameters
 (:class:`ParamResolver`), lay out the output (:func:`output_plan`), and stream their tensors into an

@@ -2,7 +2,7 @@
 
 Two engines compute the data-free methods:
 
-- the numpy engine (:mod:`mergelab.linear_engine`) for task arithmetic and weight averaging on the CPU from
+- the numpy engine (:mod:`mergelab.numpy_engine`) for task arithmetic and weight averaging on the CPU from
   safetensors inputs, the common case: it never imports torch (1.5 s of a merge's start-up here) and reads
   each input block by block straight into cache-sized buffers;
 - the torch engine (:mod:`mergelab.engine`) for everything else: every method, torch files, GPUs.
@@ -63,11 +63,11 @@ def merge(
     if spec.data is not None:
         raise SpecError(f"data: method '{spec.method}' is data-free and takes no data section")
     if engine != "torch":
-        from mergelab import linear_engine
+        from mergelab import numpy_engine
 
-        reason = linear_engine.unsupported(spec)
+        reason = numpy_engine.unsupported(spec)
         if reason is None:
-            return linear_engine.merge_linear(spec, out_dir, overwrite=overwrite, progress=progress,
+            return numpy_engine.merge_numpy(spec, out_dir, overwrite=overwrite, progress=progress,
                                               hash_inputs=hash_inputs, started=started)
         if engine == "numpy":
             raise SpecError(f"engine: the numpy engine cannot run this merge: {reason} (use auto or torch)")

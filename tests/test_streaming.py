@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab import linear_engine, ops
+from mergelab import numpy_engine, ops
 from mergelab.checkpoints import open_checkpoint, save_state_dict
 from mergelab.engine import merge
 from mergelab.errors import NonFiniteError
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest c
 def _small_blocks(monkeypatch: pytest.MonkeyPatch, block: int = 37, small: int = 50, sample: int = 64) -> None:
     """Blocks, selection cut-off and sample small enough that tiny tensors take every block-wise path."""
     monkeypatch.setattr(blocks_mod, "BLOCK", block)
-    monkeypatch.setattr(linear_engine, "BLOCK", block)  # the numpy engine's blocks too
+    monkeypatch.setattr(numpy_engine, "BLOCK", block)  # the numpy engine's blocks too
     monkeypatch.setattr(select_mod, "_SMALL", small)
     monkeypatch.setattr(select_mod, "_SAMPLE", sample)
 

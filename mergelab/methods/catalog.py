@@ -3,7 +3,7 @@ what each needs (a base model, how many experts, per-model weights).
 
 The computations live in :mod:`mergelab.methods.data_free` and are imported, with torch, on the first
 call of a method's ``merge``: reading this catalog to validate a spec, or to merge with the numpy engine
-(:mod:`mergelab.linear_engine`), does not import torch. The defaults and their sources are stated in each
+(:mod:`mergelab.numpy_engine`), does not import torch. The defaults and their sources are stated in each
 computation's docstring.
 """
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mergelab import linear_engine
+from mergelab import numpy_engine
 from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import SpecError
 from mergelab.merging import merge
@@ -96,7 +96,7 @@ def test_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, method, dtyp
     paths = _models(tmp_path, dtypes, seed=5)
     spec = _spec(method, paths, parameters={"lambda": 0.7} if method == "task_arithmetic" else {})
     merge(spec, tmp_path / "torch", progress=False, engine="torch")
-    monkeypatch.setattr(linear_engine, "BLOCK", 17)  # several blocks per tensor, split over the threads
+    monkeypatch.setattr(numpy_engine, "BLOCK", 17)  # several blocks per tensor, split over the threads
     monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
     merge(spec, tmp_path / "numpy", progress=False, engine="numpy")
     a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
@@ -131,10 +131,10 @@ def test_output_dtype_and_record(tmp_path):
 
 def test_engine_selection(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
-    assert linear_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
-    why = linear_engine.unsupported(parse_spec(_spec("ties", paths)))
+    assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
+    why = numpy_engine.unsupported(parse_spec(_spec("ties", paths)))
     assert "task_arithmetic and weight_average, not ties" in why
-    assert "device: cpu" in linear_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
+    assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
     # auto falls back to torch for what numpy cannot run
     assert merge(_spec("ties", paths), tmp_path / "t", progress=False).record["engine"] == "torch"
     assert merge(_spec("task_arithmetic", paths, device="auto"), tmp_path / "a",
@@ -143,12 +143,12 @@ def test_engine_selection(tmp_path):
     pt = tmp_path / "m1.pt"
     torch.save(load_state_dict(paths[1]), pt)
     spec = _spec("task_arithmetic", [paths[0], pt])
-    assert "not a safetensors checkpoint" in linear_engine.unsupported(parse_spec(spec))
+    assert "not a safetensors checkpoint" in numpy_engine.unsupported(parse_spec(spec))
     assert merge(spec, tmp_path / "p", progress=False).record["engine"] == "torch"
     f8 = tmp_path / "f8.safetensors"
     save_state_dict({k: (v.to(torch.float8_e4m3fn) if v.is_floating_point() else v)
                      for k, v in load_state_dict(paths[1]).items()}, f8)
-    assert "stored as float8_e4m3fn" in linear_engine.unsupported(parse_spec(_spec("task_arithmetic", [paths[0], f8])))
+    assert "stored as float8_e4m3fn" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", [paths[0], f8])))
 
 
 def test_engine_errors(tmp_path):

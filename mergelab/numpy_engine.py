@@ -110,7 +110,7 @@ def numpy_dtype(storage: StorageDtype) -> Any:
     return np.dtype(storage.name)
 
 
-def merge_linear(
+def merge_numpy(
     spec: MergeSpec, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
     hash_inputs: bool = True, started: float | None = None,
 ) -> MergeResult:
