@@ -41,7 +41,6 @@ Rules applied to every merge:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
@@ -49,7 +48,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ from mergelab.merge_inputs import (
     nbytes,
     nonfinite_message,
     output_plan,
+    read_ahead,
     write_merge,
 )
 from mergelab.methods import Method, TensorInputs, get_method
@@ -168,31 +168,14 @@ PIPELINE_BYTES = 256 * 1024**2
 def _prefetched(
     io: ThreadPoolExecutor, inputs: _Inputs, names: Sequence[str], check: bool
 ) -> Iterator[tuple[str, torch.Tensor | None, list[torch.Tensor]]]:
-    """Yield ``(name, base, experts)`` for each name in order, reading ahead on the I/O thread ``io`` while
-    the caller works on the current one: the next tensor always, further ones while the tensors read
-    ahead hold at most ``PIPELINE_BYTES``, so memory stays bounded by two tensors' inputs plus that."""
-    pending: collections.deque[tuple[Future, int]] = collections.deque()
-    queued = 0
-    ahead = 0  # next index to submit
+    """Yield ``(name, base, experts)`` for each name in order, read ahead on the I/O thread ``io``
+    (:func:`~mergelab.merge_inputs.read_ahead`, at most ``PIPELINE_BYTES`` beyond the next tensor)."""
 
     def input_bytes(name: str) -> int:
         return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
 
-    for name in names:
-        # keep the next tensor in flight, and more while they fit the budget
-        while ahead < len(names) and (not pending or queued + input_bytes(names[ahead]) <= PIPELINE_BYTES):
-            size = input_bytes(names[ahead])
-            pending.append((io.submit(inputs.read, names[ahead], check), size))
-            queued += size
-            ahead += 1
-        future, size = pending.popleft()
-        queued -= size
-        base, experts = future.result()
-        if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
-            size = input_bytes(names[ahead])
-            pending.append((io.submit(inputs.read, names[ahead], check), size))
-            queued += size
-            ahead += 1
+    for name, (base, experts) in read_ahead(io, names, lambda n: inputs.read(n, check), input_bytes,
+                                            PIPELINE_BYTES):
         yield name, base, experts
 
 

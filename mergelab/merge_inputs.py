@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
@@ -27,6 +29,8 @@ from mergelab.provenance import environment, input_digest
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The spec's output dtypes other than ``auto`` (each tensor keeps the reference model's dtype).
 OUTPUT_DTYPES: dict[str, StorageDtype] = {
@@ -277,3 +281,32 @@ def nbytes(shape: Sequence[int], dtype: Any) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def read_ahead(
+    io: Executor, names: Sequence[str], read: Callable[[str], T], size: Callable[[str], int], budget: int
+) -> Iterator[tuple[str, T]]:
+    """Yield ``(name, read(name))`` for each name in order, reading ahead on the executor ``io`` while the
+    caller works on the current one: the next name always, further ones while the reads in flight hold
+    at most ``budget`` bytes (``size(name)`` each), so memory stays bounded by two items plus that and a
+    stall of one stage (a read held up by the disk) does not stop the caller at once."""
+    pending: collections.deque[tuple[Future[T], int]] = collections.deque()
+    queued = 0
+    ahead = 0  # next index to submit
+
+    def submit() -> None:
+        nonlocal queued, ahead
+        nbytes_ = size(names[ahead])
+        pending.append((io.submit(read, names[ahead]), nbytes_))
+        queued += nbytes_
+        ahead += 1
+
+    for name in names:
+        while ahead < len(names) and (not pending or queued + size(names[ahead]) <= budget):
+            submit()
+        future, nbytes_ = pending.popleft()
+        queued -= nbytes_
+        value = future.result()
+        if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
+            submit()
+        yield name, value

@@ -37,6 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,18 @@ from mergelab.merge_inputs import (
     nbytes,
     nonfinite_message,
     output_plan,
+    read_ahead,
     write_merge,
 )
 from mergelab.methods import get_method
+from mergelab.numpy_ties import TiesKernel, tensor_trims
 from mergelab.runtime import reuse_freed_memory
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 
-#: Methods this engine computes.
-METHODS = ("task_arithmetic", "weight_average")
+#: Methods this engine computes (TIES with ``trim_scope: tensor``, or at density 1).
+METHODS = ("task_arithmetic", "weight_average", "ties")
 #: Floating storage dtypes it reads and writes (float8 inputs go to the torch engine).
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 #: Entries per block: 1 MiB of float32 per buffer (measured on the benchmark: 2**16 and 2**18 within 5%,
@@ -84,9 +87,16 @@ def unsupported(spec: MergeSpec) -> str | None:
     Opens the inputs' headers to look at their formats and dtypes; errors in the inputs themselves are
     raised as they would be by the merge."""
     if spec.method not in METHODS:
-        return f"it computes {' and '.join(METHODS)}, not {spec.method}"
+        return f"it computes {', '.join(METHODS[:-1])} and {METHODS[-1]}, not {spec.method}"
     if spec.device != "cpu":
         return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
+    if spec.method == "ties":
+        params = ParamResolver(spec, get_method("ties"))
+        for where, p in [("parameters", params.default)] + [(f"overrides ({o.pattern!r})", q)
+                                                             for o, q in params.rules]:
+            if p.trim_scope == "global" and p.density < 1.0:
+                return (f"its TIES trims per tensor; {where} ask for trim_scope: global (whole-model "
+                        "thresholds, computed by the torch engine)")
     if spec.base is None and spec.method != "weight_average":
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:
@@ -124,13 +134,17 @@ def merge_numpy(
     with MergeInputs.open(spec) as inputs:
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = output_plan(inputs, spec.dtype)
-        kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
         weights = [m.weight for m in spec.models]
-        return write_merge(
-            spec, method, inputs, record, plan, out_dir,
-            lambda writer, bar: _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar),
-            engine="numpy", overwrite=overwrite, progress=progress, started=started,
-        )
+        if method.name == "ties":
+            def stream(writer: CheckpointWriter, bar: Any) -> None:
+                _stream_ties(inputs, plan, params_of, weights, writer, bar)
+        else:
+            kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
+
+            def stream(writer: CheckpointWriter, bar: Any) -> None:
+                _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar)
+        return write_merge(spec, method, inputs, record, plan, out_dir, stream, engine="numpy",
+                           overwrite=overwrite, progress=progress, started=started)
 
 
 def _stream(
@@ -155,6 +169,58 @@ def _stream(
             writes.put(name, out, out.nbytes)
             bar.update(out.nbytes)
             del out
+
+
+def _stream_ties(
+    inputs: MergeInputs,
+    plan: Sequence[tuple[str, tuple[int, ...], StorageDtype]],
+    params_of: ParamResolver,
+    weights: Sequence[float],
+    writer: CheckpointWriter,
+    bar: Any,
+) -> None:
+    """TIES tensor by tensor: an I/O thread reads the next tensors' inputs whole (the selection samples
+    them at random positions and both passes read them) while all cores merge the current one
+    (:mod:`mergelab.numpy_ties`), and a write-behind thread writes the previous ones."""
+    readers = [inputs.base, *inputs.experts]
+
+    def read(name: str) -> list[Any]:
+        return [_read_whole(r, name).reshape(-1) for r in readers]  # type: ignore[union-attr]
+
+    def size(name: str) -> int:
+        return sum(nbytes(r.info(name).shape, r.info(name).storage) for r in readers)  # type: ignore[union-attr]
+
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
+    try:
+        with WriteBehind(writer, PIPELINE_BYTES) as writes:
+            tensors = read_ahead(io, [name for name, _, _ in plan], read, size, PIPELINE_BYTES)
+            for (name, shape, storage), (_, arrays) in zip(plan, tensors):
+                if storage.is_floating_point:
+                    out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers)
+                else:  # integer and bool tensors are copied from the base (never averaged)
+                    out = arrays[0]
+                out = out.reshape(shape)
+                del arrays
+                writes.put(name, out, out.nbytes)
+                bar.update(out.nbytes)
+                del out
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
+
+
+def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params: Any,
+                 weights: Sequence[float], readers: Sequence[CheckpointReader]) -> Any:
+    """One tensor of TIES from its inputs (flat, stored dtypes; ``arrays[0]`` the base)."""
+    base, experts = arrays[0], arrays[1:]
+    compute = np.dtype(np.float64) if any(a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
+    out = np.empty(base.size, dtype=numpy_dtype(storage))
+    if base.size == 0:
+        return out
+    with np.errstate(all="ignore"):  # non-finite inputs reach the output, which is checked
+        trims = None if params.density >= 1.0 else tensor_trims(base, experts, params.density, compute)
+    kernel = TiesKernel(tuple(weights), params.sign_election, params.disjoint_divisor, params.lambda_)
+    kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"))
+    return out
 
 
 def _read_whole(reader: CheckpointReader, name: str) -> Any:

@@ -132,8 +132,15 @@ def test_output_dtype_and_record(tmp_path):
 def test_engine_selection(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
     assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
-    why = numpy_engine.unsupported(parse_spec(_spec("ties", paths)))
-    assert "task_arithmetic and weight_average, not ties" in why
+    why = numpy_engine.unsupported(parse_spec(_spec("dare_linear", paths)))
+    assert "task_arithmetic, weight_average and ties, not dare_linear" in why
+    assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"trim_scope": "tensor"}))) is None
+    assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"density": 1.0}))) is None
+    why = numpy_engine.unsupported(parse_spec(_spec("ties", paths)))  # the paper's whole-model trim
+    assert "parameters ask for trim_scope: global" in why
+    spec = _spec("ties", paths, parameters={"trim_scope": "tensor"},
+                 overrides=[{"pattern": "w", "parameters": {"trim_scope": "global"}}])
+    assert "overrides ('w') ask for trim_scope: global" in numpy_engine.unsupported(parse_spec(spec))
     assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
     # auto falls back to torch for what numpy cannot run
     assert merge(_spec("ties", paths), tmp_path / "t", progress=False).record["engine"] == "torch"
@@ -154,7 +161,7 @@ def test_engine_selection(tmp_path):
 def test_engine_errors(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
     with pytest.raises(SpecError, match="numpy engine cannot run this merge: it computes"):
-        merge(_spec("ties", paths), tmp_path / "o", progress=False, engine="numpy")
+        merge(_spec("dare_ties", paths), tmp_path / "o", progress=False, engine="numpy")
     with pytest.raises(SpecError, match="engine: 'gpu' is not one of auto, numpy, torch"):
         merge(_spec("task_arithmetic", paths), tmp_path / "o", progress=False, engine="gpu")
     spec = _spec("task_arithmetic", paths)
@@ -164,11 +171,13 @@ def test_engine_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_merge_does_not_import_torch(tmp_path):
-    """The numpy engine's point: `mergelab merge` of task arithmetic never pays for `import torch`."""
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_cli_merge_does_not_import_torch(tmp_path, method):
+    """The numpy engine's point: `mergelab merge` of task arithmetic or TIES never pays for `import torch`."""
     paths = _models(tmp_path, [torch.bfloat16] * 3)
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec("task_arithmetic", paths)))
+    spec_path.write_text(yaml.safe_dump(_spec(method, paths, parameters={"trim_scope": "tensor"}
+                                              if method == "ties" else {})))
     code = (
         "import sys\n"
         "from mergelab.cli import main\n"

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab import numpy_engine, ops
+from mergelab import numpy_engine, numpy_ties, ops, order_stats
 from mergelab.checkpoints import open_checkpoint, save_state_dict
 from mergelab.engine import merge
 from mergelab.errors import NonFiniteError
 from mergelab.methods import TensorInputs, get_method
 from mergelab.ops import blocks as blocks_mod
-from mergelab.ops import select as select_mod
 
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest cache, one thread
@@ -25,8 +24,9 @@ def _small_blocks(monkeypatch: pytest.MonkeyPatch, block: int = 37, small: int =
     """Blocks, selection cut-off and sample small enough that tiny tensors take every block-wise path."""
     monkeypatch.setattr(blocks_mod, "BLOCK", block)
     monkeypatch.setattr(numpy_engine, "BLOCK", block)  # the numpy engine's blocks too
-    monkeypatch.setattr(select_mod, "_SMALL", small)
-    monkeypatch.setattr(select_mod, "_SAMPLE", sample)
+    monkeypatch.setattr(numpy_ties, "BLOCK", block)
+    monkeypatch.setattr(order_stats, "SMALL", small)
+    monkeypatch.setattr(order_stats, "SAMPLE", sample)
 
 
 def _inputs(n_experts: int, n: int, dtype: torch.dtype, seed: int = 0, scale: float = 0.01):
@@ -74,7 +74,7 @@ def test_blockwise_ties_equals_whole_tensor(monkeypatch, dtype, threads, density
 
 def test_blockwise_ties_bracket_miss_falls_back(monkeypatch):
     _small_blocks(monkeypatch)
-    monkeypatch.setattr(select_mod, "_WIDTH", 0.0)  # a bracket of one sample rank: the exact pass misses
+    monkeypatch.setattr(order_stats, "WIDTH", 0.0)  # a bracket of one sample rank: the exact pass misses
     base, experts = _inputs(2, 900, torch.float32, seed=3)
     p = get_method("ties").parse_params({"density": 0.3, "trim_scope": "tensor"})
     out = get_method("ties").merge(TensorInputs("w", base, experts, [1.0, 1.0]), p)
@@ -101,7 +101,7 @@ def test_blockwise_task_arithmetic_and_average_equal_whole_tensor(monkeypatch, d
 
 
 def test_block_kth_largest_any_order_and_tie_quotas(monkeypatch):
-    monkeypatch.setattr(select_mod, "_SAMPLE", 256)
+    monkeypatch.setattr(order_stats, "SAMPLE", 256)
     g = torch.Generator().manual_seed(5)
     values = torch.randint(0, 7, (5000,), generator=g).float()  # massive ties
     block = 333
@@ -153,7 +153,8 @@ def _write(folder: Path, n: int = 3, dtype=torch.bfloat16):
     ("method", "params", "engine"),
     [("task_arithmetic", {"lambda": 0.5}, "numpy"), ("task_arithmetic", {"lambda": 0.5}, "torch"),
      ("weight_average", {}, "numpy"), ("weight_average", {}, "torch"), ("dare_linear", {"density": 0.6}, "auto"),
-     ("ties", {"density": 0.4, "trim_scope": "tensor"}, "auto"),
+     ("ties", {"density": 0.4, "trim_scope": "tensor"}, "numpy"),
+     ("ties", {"density": 0.4, "trim_scope": "tensor"}, "torch"),
      ("ties", {"density": 0.3, "trim_scope": "global"}, "auto")],
 )
 def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params, engine):
@@ -189,10 +190,12 @@ def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params,
 
 @pytest.mark.parametrize(("method", "engine"), [("task_arithmetic", "numpy"), ("task_arithmetic", "torch"),
                                                 ("weight_average", "numpy"), ("weight_average", "torch"),
-                                                ("dare_linear", "torch")])
+                                                ("dare_linear", "torch"), ("ties", "numpy"),
+                                                ("ties", "torch")])
 @pytest.mark.parametrize("where", ["base", "expert"])
 def test_output_only_finite_check_names_the_input(tmp_path, method, engine, where):
-    """Linear methods check only their output; a NaN/Inf in an input is still named with file and tensor."""
+    """Methods whose output shows every non-finite input (the linear ones, the numpy engine's TIES) check only
+    their output; a NaN/Inf in an input is still named with file and tensor."""
     base_path, paths = _write(tmp_path / "in", dtype=torch.float32)
     bad_path = base_path if where == "base" else paths[1]
     with open_checkpoint(bad_path) as r:
@@ -200,6 +203,8 @@ def test_output_only_finite_check_names_the_input(tmp_path, method, engine, wher
     state["a.bias"][3] = float("inf") if where == "base" else float("nan")
     save_state_dict(state, bad_path)
     spec = {"method": method, "base": str(base_path), "models": [str(p) for p in paths]}
+    if method == "ties":
+        spec["parameters"] = {"trim_scope": "tensor", "density": 0.5}
     if method == "weight_average" and where == "base":
         spec["models"] = [str(base_path), *spec["models"][1:]]
     with pytest.raises(NonFiniteError) as info:

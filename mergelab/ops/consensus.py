@@ -54,11 +54,18 @@ def elect_sign(
 
     Returns a tensor of -1, 0, +1 in the task vectors' dtype. An exact tie (sum zero) elects 0, so no model
     agrees there and the merged entry is 0 (mergekit elects +1 on ties instead).
+
+    The mass is summed as ``P + N`` with ``P = sum_i w_i max(tau_i, 0)`` and ``N = sum_i w_i min(tau_i, 0)``
+    (each in model order): the same sum, rounded once where positive and negative parts meet, and ``P`` and
+    ``N`` are exactly the numerators :func:`disjoint_mean` forms on each side, which lets the numpy engine
+    (:mod:`mergelab.numpy_ties`) compute TIES from the two parts alone with the same result.
     """
     weights = [1.0] * len(taus) if weights is None else weights
     _check(taus, weights)
     if by == "mass":
-        return torch.sign(weighted_sum(taus, weights))
+        positive = weighted_sum([tau.clamp_min(0) for tau in taus], weights)
+        negative = weighted_sum([tau.clamp_max(0) for tau in taus], weights)
+        return torch.sign(positive.add_(negative))
     if by == "count":
         votes = torch.sign(taus[0])
         for tau in taus[1:]:

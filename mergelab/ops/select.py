@@ -22,41 +22,23 @@ from collections.abc import Iterable
 
 import torch
 
-_SAMPLE = 1 << 14
-_WIDTH = 5.0  # bracket half-width in standard deviations of a sample rank
-_SMALL = 1 << 16  # below this size, plain kthvalue is fastest
+from mergelab import order_stats
+from mergelab.order_stats import keep_count  # noqa: F401  (re-exported through mergelab.ops)
+
 
 
 def select_sample_size() -> int:
     """Sample size of the sample-based selection (positions drawn with replacement)."""
-    return _SAMPLE  # read at call time, so tests can change it
+    return order_stats.SAMPLE  # read at call time, so tests can change it
 
 
 def select_small_size() -> int:
     """Tensors up to this many entries are selected with ``torch.kthvalue`` directly."""
-    return _SMALL
-
-
-def keep_count(numel: int, density: float) -> int:
-    """Number of entries kept at ``density``: ``floor(density * numel)``, at least 1 when ``numel > 0``.
-
-    ``floor`` matches mergekit's ``int(density * numel)``; the minimum of one avoids an all-zero task
-    vector at tiny densities on tiny tensors.
-    """
-    if numel == 0:
-        return 0
-    return max(1, min(numel, int(math.floor(density * numel))))
+    return order_stats.SMALL
 
 
 def _bracket(sample_sorted: torch.Tensor, rank_frac: float) -> tuple[float, float]:
-    m = sample_sorted.numel()
-    centre = rank_frac * m
-    half = _WIDTH * math.sqrt(max(rank_frac * (1.0 - rank_frac), 1.0 / m) * m) + 1.0
-    lo_i = int(math.floor(centre - half))
-    hi_i = int(math.ceil(centre + half))
-    lo = -math.inf if lo_i < 0 else float(sample_sorted[lo_i])
-    hi = math.inf if hi_i >= m else float(sample_sorted[hi_i])
-    return lo, hi
+    return order_stats.bracket_values(sample_sorted, rank_frac, order_stats.WIDTH)
 
 
 def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
@@ -65,10 +47,10 @@ def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n <= _SMALL:
+    if n <= order_stats.SMALL:
         return torch.kthvalue(flat, n - k + 1).values
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, n, (_SAMPLE,), generator=gen).to(flat.device)
+    idx = torch.randint(0, n, (order_stats.SAMPLE,), generator=gen).to(flat.device)
     sample = torch.sort(flat[idx]).values.cpu()
     # rank counted from the bottom, 0-indexed: the k-th largest is the (n-k)-th smallest
     rank = n - k
@@ -126,7 +108,7 @@ class StreamingKthLargest:
         if self.widen > 1.0:  # a retry: widen the bracket geometrically in sample ranks
             m = sample.numel()
             centre = rank_frac * m
-            half = self.widen * _WIDTH * math.sqrt(m) + 1.0
+            half = self.widen * order_stats.WIDTH * math.sqrt(m) + 1.0
             lo_i, hi_i = int(centre - half), int(math.ceil(centre + half))
             lo = -math.inf if lo_i < 0 else float(sample[lo_i])
             hi = math.inf if hi_i >= m else float(sample[hi_i])
