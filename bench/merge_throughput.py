@@ -537,9 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         ml_out = work / f"out-mergelab-{method}"
         mk_out = work / f"out-mergekit-{method}"
         s_ml = series.setdefault((method, "mergelab"), Series(method, "mergelab"))
-        # task arithmetic runs on the numpy engine; its torch engine is timed alongside for comparison
-        s_torch = (series.setdefault((method, TORCH_ENGINE), Series(method, TORCH_ENGINE))
-                   if method == "task_arithmetic" else None)
+        # both methods run on the numpy engine; the torch engine is timed alongside for comparison
+        s_torch = series.setdefault((method, TORCH_ENGINE), Series(method, TORCH_ENGINE))
         s_mk = series.setdefault((method, "mergekit"), Series(method, "mergekit"))
         for r in range(args.repeats):
             _rm(ml_out)
@@ -547,12 +546,11 @@ def main(argv: list[str] | None = None) -> int:
                             logs / f"mergelab-{method}-{r}.log", env)
             s_ml.runs.append(run)
             show(method, "mergelab", r + 1, run)
-            if s_torch is not None:
-                _rm(ml_out)
-                run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
-                                 "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
-                s_torch.runs.append(run)
-                show(method, TORCH_ENGINE, r + 1, run)
+            _rm(ml_out)
+            run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
+                             "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
+            s_torch.runs.append(run)
+            show(method, TORCH_ENGINE, r + 1, run)
             if mergekit is not None:
                 _rm(mk_out)
                 run = run_child([str(mergekit), str(mk_cfg), str(mk_out), *args.mergekit_args.split()],
@@ -612,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         ta, ties = med("task_arithmetic", "mergelab", attr), med("ties", "mergelab", attr)
         if ta and ties:
             ratios[f"mergelab TIES/TA ({attr})"] = ties / ta
-        ta_torch = med("task_arithmetic", TORCH_ENGINE, attr)
-        if ta_torch and ties:
-            ratios[f"mergelab TIES/TA torch engine ({attr})"] = ties / ta_torch
+        ta_torch, ties_torch = med("task_arithmetic", TORCH_ENGINE, attr), med("ties", TORCH_ENGINE, attr)
+        if ta_torch and ties_torch:
+            ratios[f"torch engine TIES/TA ({attr})"] = ties_torch / ta_torch
+        if ties_torch and ties:
+            ratios[f"TIES torch engine/numpy engine ({attr})"] = ties_torch / ties
     targets = {"task_arithmetic: mergekit/mergelab": (">=", 3.0), "ties: mergekit/mergelab": (">=", 10.0),
                "mergelab TIES/TA": ("<=", 2.0)}
     for key, value in ratios.items():

@@ -218,7 +218,9 @@ def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params
         return out
     with np.errstate(all="ignore"):  # non-finite inputs reach the output, which is checked
         trims = None if params.density >= 1.0 else tensor_trims(base, experts, params.density, compute)
-    kernel = TiesKernel(tuple(weights), params.sign_election, params.disjoint_divisor, params.lambda_)
+    # with unit weights the sum of the agreeing weights is the agreeing count, exactly: count in bytes
+    divisor = "count" if all(w == 1.0 for w in weights) else params.disjoint_divisor
+    kernel = TiesKernel(tuple(weights), params.sign_election, divisor, params.lambda_)
     kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"))
     return out
 

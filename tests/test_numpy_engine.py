@@ -15,7 +15,7 @@ import yaml
 
 from mergelab import numpy_engine
 from mergelab.checkpoints import load_state_dict, save_state_dict
-from mergelab.errors import SpecError
+from mergelab.errors import NonFiniteError, SpecError
 from mergelab.merging import merge
 from mergelab.spec import parse_spec
 
@@ -189,3 +189,175 @@ def test_cli_merge_does_not_import_torch(tmp_path, method):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert load_state_dict(tmp_path / "out")["w"].dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ TIES
+
+
+def _keep_top_k(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Reference trim mask: the k largest magnitudes, ties broken by position (a stable sort)."""
+    keep = np.zeros(magnitude.size, bool)
+    keep[np.argsort(-magnitude, kind="stable")[:k]] = True
+    return keep
+
+
+def _ties_reference(base, experts, weights, density, sign_election, divisor, lam):
+    """TIES written out from the paper's definition in float64 (task vectors formed in float32, as the engines
+    form them): stable-sort top-k trim, sign election, disjoint mean over the agreeing models, scale."""
+    b32 = base.astype(np.float32)
+    taus = [(e.astype(np.float32) - b32).astype(np.float64).reshape(-1) for e in experts]
+    if density < 1.0:
+        k = max(1, int(np.floor(density * taus[0].size)))
+        taus = [t * _keep_top_k(np.abs(t), k) for t in taus]
+    if sign_election == "mass":
+        gamma = np.sign(sum(w * t for w, t in zip(weights, taus)))
+    else:
+        gamma = np.sign(sum(np.sign(t) for t in taus))
+    agree = [(np.sign(t) == gamma) & (t != 0) for t in taus]
+    numerator = sum(w * t * a for w, t, a in zip(weights, taus, agree))
+    denominator = sum((1.0 if divisor == "count" else w) * a for w, a in zip(weights, agree))
+    merged = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
+    return (base.astype(np.float64).reshape(-1) + lam * merged).reshape(base.shape)
+
+
+def _small_selection(monkeypatch, block: int = 64, small: int = 100, sample: int = 128) -> None:
+    """Blocks, direct-selection size and sample small enough that tiny tensors take the block-wise paths."""
+    from mergelab import numpy_ties, order_stats
+
+    monkeypatch.setattr(numpy_ties, "BLOCK", block)
+    monkeypatch.setattr(order_stats, "SMALL", small)
+    monkeypatch.setattr(order_stats, "SAMPLE", sample)
+
+
+@pytest.mark.parametrize(("density", "sign_election", "divisor", "weights", "lam"), [
+    (0.2, "mass", "count", [1.0, 1.0, 1.0], 1.0),
+    (0.5, "count", "weight", [0.5, 2.0, 1.0], 0.7),
+    (0.7, "mass", "weight", [1.0, -0.5, 2.0], 1.3),
+    (1.0, "mass", "count", [1.0, 1.0, 1.0], 1.0),
+])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_ties_closed_form(tmp_path, monkeypatch, density, sign_election, divisor, weights, lam, threads):
+    """Per-tensor TIES against the paper's definition, on the block-wise selection path and the direct one."""
+    _small_selection(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", threads)
+    paths = _models(tmp_path, [torch.float32] * 4, seed=3)
+    params = {"density": density, "trim_scope": "tensor", "sign_election": sign_election,
+              "disjoint_divisor": divisor, "lambda": lam}
+    result = merge(_spec("ties", paths, weights, parameters=params), tmp_path / "out", progress=False,
+                   engine="numpy")
+    assert result.record["engine"] == "numpy"
+    out = load_state_dict(tmp_path / "out")
+    inputs = [{k: v.numpy() for k, v in load_state_dict(p).items()} for p in paths]
+    for name in SHAPES:  # w (143 entries) goes through the blocks and the sample, b and scalar are selected whole
+        expected = _ties_reference(inputs[0][name], [m[name] for m in inputs[1:]], weights, density,
+                                   sign_election, divisor, lam)
+        np.testing.assert_allclose(out[name].numpy(), expected, rtol=2e-6, atol=2e-7, err_msg=name)
+    assert torch.equal(out["steps"], torch.tensor([7, 3]))  # copied from the base
+
+
+@pytest.mark.parametrize("width", [5.0, 0.0])  # 0: a one-rank bracket, which misses on continuous values
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ties_trim_keeps_exactly_k_first_ties_kept(monkeypatch, width, dtype):
+    """Exactly k entries survive each trim, the earliest ties first: bf16 task vectors tie massively at the
+    threshold; on float32 ones a missed bracket falls back to selecting among all entries, with the same result."""
+    import ml_dtypes
+
+    from mergelab import numpy_ties, order_stats
+
+    _small_selection(monkeypatch, block=97, small=50, sample=256)
+    monkeypatch.setattr(order_stats, "WIDTH", width)
+    whole, original = [], numpy_ties.whole_trim
+    monkeypatch.setattr(numpy_ties, "whole_trim", lambda *a: whole.append(1) or original(*a))
+    rng = np.random.default_rng(0)
+    stored = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    base = rng.standard_normal(5000).astype(stored)
+    experts = [(base.astype(np.float32) + 0.01 * rng.standard_normal(5000)).astype(stored) for _ in range(3)]
+    for density in (0.1, 0.5, 0.9):
+        trims = numpy_ties.tensor_trims(base, experts, density, np.dtype(np.float32))
+        k = int(np.floor(density * 5000))
+        for trim, e in zip(trims, experts):
+            magnitude = np.abs(e.astype(np.float32) - base.astype(np.float32))
+            position = np.arange(magnitude.size)
+            kept = np.where(position < trim.cutoff, magnitude >= trim.threshold, magnitude > trim.threshold)
+            assert kept.sum() == k
+            if dtype == "bfloat16":  # the case this is about: many entries tied at the threshold
+                assert np.count_nonzero(magnitude == trim.threshold) > 1
+            np.testing.assert_array_equal(kept, _keep_top_k(magnitude, k))
+    assert bool(whole) == (width == 0.0 and dtype == "float32")
+
+
+@pytest.mark.parametrize("dtypes", [[torch.bfloat16] * 4, [torch.float16] * 4, [torch.float32] * 4,
+                                    [torch.bfloat16, torch.float32, torch.bfloat16, torch.float16]])
+def test_ties_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes):
+    """Per-tensor TIES on both engines, with every option, on the block-wise paths: the same bits."""
+    paths = _models(tmp_path, dtypes, seed=11)
+    _small_selection(monkeypatch)
+    from mergelab import order_stats  # the torch engine's selection reads the same sizes
+    from mergelab.ops import blocks as torch_blocks
+
+    monkeypatch.setattr(torch_blocks, "BLOCK", 40)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    assert order_stats.SMALL == 100
+    for params in ({"density": 0.3}, {"density": 0.6, "sign_election": "count", "disjoint_divisor": "weight",
+                                      "lambda": 0.5}, {"density": 1.0, "disjoint_divisor": "weight"}):
+        spec = _spec("ties", paths, parameters={"trim_scope": "tensor", **params})
+        merge(spec, tmp_path / "torch", progress=False, engine="torch", overwrite=True)
+        merge(spec, tmp_path / "numpy", progress=False, engine="numpy", overwrite=True)
+        a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+        for name in a:
+            assert a[name].dtype == b[name].dtype
+            assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), (params, name)
+
+
+def test_ties_invariants(tmp_path):
+    """Identical experts return the model; TIES at density 1 with one model equals task arithmetic."""
+    paths = _models(tmp_path, [torch.bfloat16] * 3)
+    merge(_spec("ties", [paths[0], paths[1], paths[1]], parameters={"trim_scope": "tensor", "density": 1.0}),
+          tmp_path / "same", progress=False, engine="numpy")
+    original = load_state_dict(paths[1])
+    merged = load_state_dict(tmp_path / "same")
+    for name in SHAPES:  # floating tensors (the integer counter comes from the base)
+        assert torch.equal(merged[name], original[name]), name
+    merge(_spec("ties", paths[:2], parameters={"density": 1.0, "lambda": 0.6}), tmp_path / "ties",
+          progress=False, engine="numpy")
+    merge(_spec("task_arithmetic", paths[:2], parameters={"lambda": 0.6}), tmp_path / "ta", progress=False,
+          engine="numpy")
+    ties, ta = load_state_dict(tmp_path / "ties"), load_state_dict(tmp_path / "ta")
+    for name in ta:
+        assert torch.equal(ties[name], ta[name]), name
+
+
+def test_ties_float64_inputs_compute_in_float64(tmp_path):
+    paths = _models(tmp_path, [torch.float64, torch.float64, torch.float64])
+    merge(_spec("ties", paths, parameters={"trim_scope": "tensor", "density": 0.5}), tmp_path / "out",
+          progress=False, engine="numpy")
+    out = load_state_dict(tmp_path / "out")
+    inputs = [{k: v.numpy() for k, v in load_state_dict(p).items()} for p in paths]
+    assert out["w"].dtype == torch.float64
+    # the float64 reference (task vectors in float64 too): equal up to float64 rounding
+    b = inputs[0]["w"].reshape(-1)
+    taus = [m["w"].reshape(-1) - b for m in inputs[1:]]
+    k = int(0.5 * b.size)
+    taus = [t * _keep_top_k(np.abs(t), k) for t in taus]
+    gamma = np.sign(taus[0] + taus[1])
+    agree = [(np.sign(t) == gamma) & (t != 0) for t in taus]
+    num, den = sum(t * a for t, a in zip(taus, agree)), sum(a * 1.0 for a in agree)
+    expected = b + np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+    np.testing.assert_allclose(out["w"].numpy().reshape(-1), expected, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ties_nonfinite_input_on_the_block_path_is_named(tmp_path, monkeypatch, bad):
+    """A NaN/Inf in an expert reaches TIES's output through the block-wise selection and merge, and the
+    error names the file and tensor; nothing is written."""
+
+    _small_selection(monkeypatch)
+    paths = _models(tmp_path, [torch.float32] * 4)
+    state = load_state_dict(paths[2])
+    state["w"][5, 3] = bad
+    save_state_dict(state, paths[2])
+    with pytest.raises(NonFiniteError) as info:
+        merge(_spec("ties", paths, parameters={"trim_scope": "tensor", "density": 0.3}), tmp_path / "out",
+              progress=False, engine="numpy")
+    assert str(paths[2]) in str(info.value) and "'w'" in str(info.value)
+    assert not (tmp_path / "out").exists()
