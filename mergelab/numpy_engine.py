@@ -36,13 +36,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from mergelab import order_stats
 from mergelab.blockwise import run_in_chunks
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
 from mergelab.checkpoints.writer import WriteBehind
@@ -61,13 +64,22 @@ from mergelab.merge_inputs import (
     write_merge,
 )
 from mergelab.methods import get_method
-from mergelab.numpy_ties import TiesKernel, tensor_trims
+from mergelab.numpy_ties import (
+    BlockSelection,
+    TiesKernel,
+    count_blocks,
+    sample_magnitudes,
+    select_global,
+    tensor_trims,
+    trim_at,
+)
+from mergelab.order_stats import keep_count
 from mergelab.runtime import reuse_freed_memory
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 
-#: Methods this engine computes (TIES with ``trim_scope: tensor``, or at density 1).
+#: Methods this engine computes.
 METHODS = ("task_arithmetic", "weight_average", "ties")
 #: Floating storage dtypes it reads and writes (float8 inputs go to the torch engine).
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
@@ -90,13 +102,6 @@ def unsupported(spec: MergeSpec) -> str | None:
         return f"it computes {', '.join(METHODS[:-1])} and {METHODS[-1]}, not {spec.method}"
     if spec.device != "cpu":
         return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
-    if spec.method == "ties":
-        params = ParamResolver(spec, get_method("ties"))
-        for where, p in [("parameters", params.default)] + [(f"overrides ({o.pattern!r})", q)
-                                                             for o, q in params.rules]:
-            if p.trim_scope == "global" and p.density < 1.0:
-                return (f"its TIES trims per tensor; {where} ask for trim_scope: global (whole-model "
-                        "thresholds, computed by the torch engine)")
     if spec.base is None and spec.method != "weight_average":
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:
@@ -137,7 +142,7 @@ def merge_numpy(
         weights = [m.weight for m in spec.models]
         if method.name == "ties":
             def stream(writer: CheckpointWriter, bar: Any) -> None:
-                _stream_ties(inputs, plan, params_of, weights, writer, bar)
+                _stream_ties(inputs, plan, params_of, weights, writer, bar, progress)
         else:
             kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
 
@@ -178,10 +183,12 @@ def _stream_ties(
     weights: Sequence[float],
     writer: CheckpointWriter,
     bar: Any,
+    progress: bool,
 ) -> None:
     """TIES tensor by tensor: an I/O thread reads the next tensors' inputs whole (the selection samples
     them at random positions and both passes read them) while all cores merge the current one
-    (:mod:`mergelab.numpy_ties`), and a write-behind thread writes the previous ones."""
+    (:mod:`mergelab.numpy_ties`), and a write-behind thread writes the previous ones. Tensors trimmed with
+    ``trim_scope: global`` get their whole-model thresholds first, from two more streaming passes."""
     readers = [inputs.base, *inputs.experts]
 
     def read(name: str) -> list[Any]:
@@ -192,11 +199,13 @@ def _stream_ties(
 
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
     try:
+        global_trims = _global_selections(inputs, params_of, read, size, io, progress)
         with WriteBehind(writer, PIPELINE_BYTES) as writes:
             tensors = read_ahead(io, [name for name, _, _ in plan], read, size, PIPELINE_BYTES)
             for (name, shape, storage), (_, arrays) in zip(plan, tensors):
                 if storage.is_floating_point:
-                    out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers)
+                    out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers,
+                                       global_trims.pop(name, None))
                 else:  # integer and bool tensors are copied from the base (never averaged)
                     out = arrays[0]
                 out = out.reshape(shape)
@@ -209,20 +218,104 @@ def _stream_ties(
 
 
 def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params: Any,
-                 weights: Sequence[float], readers: Sequence[CheckpointReader]) -> Any:
-    """One tensor of TIES from its inputs (flat, stored dtypes; ``arrays[0]`` the base)."""
+                 weights: Sequence[float], readers: Sequence[CheckpointReader],
+                 global_trim: tuple[list[BlockSelection], list[int]] | None) -> Any:
+    """One tensor of TIES from its inputs (flat, stored dtypes; ``arrays[0]`` the base); ``global_trim``:
+    this tensor's counts against the whole-model thresholds and its tie quotas (``trim_scope: global``)."""
     base, experts = arrays[0], arrays[1:]
-    compute = np.dtype(np.float64) if any(a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
+    compute = _compute_dtype(arrays)
     out = np.empty(base.size, dtype=numpy_dtype(storage))
     if base.size == 0:
         return out
     with np.errstate(all="ignore"):  # non-finite inputs reach the output, which is checked
-        trims = None if params.density >= 1.0 else tensor_trims(base, experts, params.density, compute)
+        if params.density >= 1.0:
+            trims = None
+        elif global_trim is not None:
+            selections, quotas = global_trim
+            trims = [trim_at(s, q, base, e, compute) for s, q, e in zip(selections, quotas, experts)]
+        else:
+            trims = tensor_trims(base, experts, params.density, compute)
     # with unit weights the sum of the agreeing weights is the agreeing count, exactly: count in bytes
     divisor = "count" if all(w == 1.0 for w in weights) else params.disjoint_divisor
     kernel = TiesKernel(tuple(weights), params.sign_election, divisor, params.lambda_)
     kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"))
     return out
+
+
+def _compute_dtype(arrays: Sequence[Any]) -> np.dtype:
+    return np.dtype(np.float64) if any(a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
+
+
+#: Sample size of a whole-model selection, spread over the tensors by size (the torch engine's too).
+GLOBAL_SAMPLE = 1 << 16
+
+
+def _global_selections(
+    inputs: MergeInputs, params_of: ParamResolver, read: Callable[[str], list[Any]], size: Callable[[str], int],
+    io: ThreadPoolExecutor, progress: bool,
+) -> dict[str, tuple[list[BlockSelection], list[int]]]:
+    """Whole-model trims (``trim_scope: global``, the TIES paper's): for each group of tensors sharing a
+    density, each expert's k-th largest ``|tau_i|`` over the group (k = floor(density * group size)), by
+    two streaming passes (a sample for a bracket, then counts against it, as :func:`numpy_ties.tensor_trims`
+    does within a tensor; a bracket that misses, with probability ~1e-6, is widened and counted again); the
+    entries tied at it
+    are kept first come in model order, so exactly k survive per expert. Returns, per tensor, its counts
+    (their blocks' tie counts) and how many tied entries it keeps per expert."""
+    groups: dict[float, list[str]] = defaultdict(list)
+    for name in inputs.names:
+        info = inputs.reference.info(name)
+        p = params_of(name)
+        if info.storage.is_floating_point and math.prod(info.shape) and p.trim_scope == "global" and p.density < 1:
+            groups[p.density].append(name)
+    n_experts = len(inputs.experts)
+    result: dict[str, tuple[list[BlockSelection], list[int]]] = {}
+    for density, names in groups.items():
+        sizes = {name: math.prod(inputs.reference.info(name).shape) for name in names}
+        total = sum(sizes.values())
+        k = keep_count(total, density)
+
+        def stream(desc: str) -> Any:
+            return tqdm(read_ahead(io, names, read, size, PIPELINE_BYTES), total=len(names), unit="tensor",
+                        desc=f"global threshold (density {density:g}): {desc}", disable=not progress, leave=False)
+
+        rng = np.random.default_rng(0)
+        samples: list[list[Any]] = [[] for _ in range(n_experts)]
+        for name, arrays in stream("sampling"):
+            m = max(1, round(GLOBAL_SAMPLE * sizes[name] / total))
+            with np.errstate(all="ignore"):
+                for i, x in enumerate(sample_magnitudes(arrays[0], arrays[1:], m, rng, _compute_dtype(arrays))):
+                    samples[i].append(x)
+        ordered = [np.sort(np.concatenate(x)) for x in samples]
+        selections: dict[str, list[Any]] = {name: [None] * n_experts for name in names}
+        found: list[tuple[float, int] | None] = [None] * n_experts
+        pending, attempt = list(range(n_experts)), 0
+        while pending:
+            # a bracket that missed is widened 8x in sample ranks; after three misses it holds everything
+            width = (order_stats.WIDTH if attempt == 0 else max(order_stats.WIDTH, 1.0) * 8.0 ** attempt
+                     if attempt < 3 else math.inf)
+            brackets = [(-math.inf, math.inf) if width == math.inf else
+                        order_stats.bracket_values(ordered[i], (total - k) / total, width) for i in pending]
+            for name, arrays in stream("selecting"):
+                with np.errstate(all="ignore"):
+                    counted = count_blocks(arrays[0], [arrays[1 + i] for i in pending], brackets,
+                                           _compute_dtype(arrays))
+                for i, selection in zip(pending, counted):
+                    selections[name][i] = selection
+            for i in pending:
+                found[i] = select_global([selections[name][i] for name in names], k)
+            pending = [i for i in pending if found[i] is None]
+            attempt += 1
+        quotas: dict[str, list[int]] = {name: [0] * n_experts for name in names}
+        for i, (_, above) in enumerate(found):  # type: ignore[misc]
+            remaining = k - above
+            for name in names:
+                selection = selections[name][i]
+                quotas[name][i] = take = max(0, min(remaining, selection.ties()))
+                remaining -= take
+                selection.settle()
+        for name in names:
+            result[name] = (selections[name], quotas[name])
+    return result
 
 
 def _read_whole(reader: CheckpointReader, name: str) -> Any:

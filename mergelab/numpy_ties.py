@@ -85,18 +85,20 @@ def whole_trim(magnitude: Any, k: int) -> Trim:
     return Trim.at(t, cutoff, magnitude.dtype)
 
 
-class _BlockSelection:
-    """The k-th largest of ``n`` magnitudes seen block by block, from a sorted sample's bracket (the numpy
-    counterpart of :class:`mergelab.ops.BlockKthLargest`); blocks may come in any order, from any thread."""
+class BlockSelection:
+    """Counts of one tensor's magnitudes against a value bracket ``[lo, hi]``, block by block (the numpy
+    counterpart of :class:`mergelab.ops.BlockKthLargest`): per block, the magnitudes below ``lo`` and either
+    those equal to ``lo`` (a collapsed bracket, ``lo == hi``) or the values inside the bracket. Blocks may
+    be counted in any order, from any thread. One tensor's selection (:meth:`result`) or a whole model's
+    (:func:`select_global`) is then exact."""
 
-    def __init__(self, n: int, k: int, sorted_sample: Any, blocks: int) -> None:
-        self.n, self.k = n, k
-        self.lo, self.hi = order_stats.bracket_values(sorted_sample, (n - k) / n, order_stats.WIDTH)
-        self.collapsed = self.lo == self.hi
+    def __init__(self, n: int, lo: float, hi: float, blocks: int) -> None:
+        self.n, self.lo, self.hi = n, lo, hi
+        self.collapsed = lo == hi
         self.below = [0] * blocks
         self.equal = [0] * blocks  # collapsed bracket: per block, entries == lo
-        self.inside: list[Any] = [None] * blocks  # otherwise: per block, the entries in [lo, hi]
-        self.value: float | None = None
+        self.inside: list[Any] = [np.empty(0)] * blocks  # otherwise: per block, the entries in [lo, hi]
+        self.value: float | None = None  # the selected value, once known
 
     def observe(self, j: int, magnitude: Any, flags: Any) -> None:
         """Count block ``j`` (``flags``: a bool scratch buffer of the block's size)."""
@@ -110,26 +112,28 @@ class _BlockSelection:
                 flags &= magnitude <= self.hi
             self.inside[j] = magnitude[flags]  # a copy
 
-    def result(self) -> tuple[float, int] | None:
-        """``(t, #{> t})``, or None when the target rank fell outside the bracket."""
-        local = (self.n - self.k) - sum(self.below)
-        if self.collapsed:
-            equal = sum(self.equal)
-            if not 0 <= local < equal:
-                return None
-            self.value = self.lo
-            return self.lo, self.n - sum(self.below) - equal
-        inside = np.concatenate(self.inside)
-        if not 0 <= local < inside.size:
-            return None
-        t = np.partition(inside, local)[local]
-        self.value = float(t)
-        return self.value, self.n - sum(self.below) - inside.size + int(np.count_nonzero(inside > t))
+    def result(self, k: int) -> tuple[float, int] | None:
+        """``(t, #{> t})`` for the k-th largest of this tensor, or None when it lies outside the bracket."""
+        return select_global([self], k)
+
+    def ties(self) -> int:
+        """Entries equal to the selected value."""
+        return sum(self._tie_counts())
+
+    def settle(self) -> None:
+        """Keep only the per-block tie counts (free the values gathered inside the bracket)."""
+        self._ties = self._tie_counts()
+        self.inside = []
+
+    def _tie_counts(self) -> list[int]:
+        if getattr(self, "_ties", None) is not None:
+            return self._ties
+        return self.equal if self.collapsed else [int(np.count_nonzero(x == self.value)) for x in self.inside]
 
     def cutoff(self, ties: int, block_magnitude: Callable[[int], Any]) -> int:
-        """The position just after the ``ties``-th entry equal to the result, in flat order;
+        """The position just after the ``ties``-th entry equal to the selected value, in flat order;
         ``block_magnitude(j)`` recomputes block ``j`` (only the block holding it is searched)."""
-        counts = self.equal if self.collapsed else [int(np.count_nonzero(x == self.value)) for x in self.inside]
+        counts = self._tie_counts()
         if ties <= 0:
             return 0
         if ties >= sum(counts):
@@ -141,6 +145,29 @@ class _BlockSelection:
                 return j * BLOCK + int(tied[ties - seen - 1]) + 1
             seen += c
         raise AssertionError("unreachable: ties < sum(counts)")
+
+
+def select_global(selections: Sequence[BlockSelection], k: int) -> tuple[float, int] | None:
+    """``(t, #{> t})`` for the k-th largest magnitude over every tensor counted by ``selections`` (all with
+    the same bracket), or None when it lies outside the bracket; sets each selection's ``value`` to ``t``."""
+    total = sum(s.n for s in selections)
+    below = sum(sum(s.below) for s in selections)
+    local = (total - k) - below
+    first = selections[0]
+    if first.collapsed:
+        equal = sum(sum(s.equal) for s in selections)
+        if not 0 <= local < equal:
+            return None
+        t, above = first.lo, total - below - equal
+    else:
+        inside = np.concatenate([x for s in selections for x in s.inside])
+        if not 0 <= local < inside.size:
+            return None
+        value = np.partition(inside, local)[local]
+        t, above = float(value), total - below - inside.size + int(np.count_nonzero(inside > value))
+    for s in selections:
+        s.value = t
+    return t, above
 
 
 def _block(n: int, j: int) -> tuple[int, int]:
@@ -157,18 +184,20 @@ def _magnitude_into(x: Any, base: Any, out: Any) -> Any:
     return out
 
 
-def tensor_trims(base: Any, experts: Sequence[Any], density: float, compute: np.dtype) -> list[Trim]:
-    """Per-tensor trims of ``tau_i = experts[i] - base`` (flat arrays in their stored dtypes) at ``density``."""
+def sample_magnitudes(base: Any, experts: Sequence[Any], m: int, rng: np.random.Generator,
+                      compute: np.dtype) -> list[Any]:
+    """``|tau_i|`` at ``m`` uniform positions (drawn with replacement by ``rng``), per expert."""
+    idx = rng.integers(0, base.size, m)
+    b = base[idx].astype(compute)
+    return [np.abs(e[idx].astype(compute) - b) for e in experts]
+
+
+def count_blocks(base: Any, experts: Sequence[Any], brackets: Sequence[tuple[float, float]],
+                 compute: np.dtype) -> list[BlockSelection]:
+    """One pass over the blocks of a tensor (all cores) counting each expert's ``|tau_i|`` against its bracket."""
     n = base.size
-    k = order_stats.keep_count(n, density)
-    if n <= order_stats.SMALL:
-        b = base.astype(compute)
-        return [whole_trim(np.abs(e.astype(compute) - b), k) for e in experts]
-    idx = np.random.default_rng(0).integers(0, n, order_stats.SAMPLE)
-    base_sample = base[idx].astype(compute)
     blocks = -(-n // BLOCK)
-    selections = [_BlockSelection(n, k, np.sort(np.abs(e[idx].astype(compute) - base_sample)), blocks)
-                  for e in experts]
+    selections = [BlockSelection(n, lo, hi, blocks) for lo, hi in brackets]
 
     def work(first: int, stop: int) -> None:
         b, magnitude = np.empty(BLOCK, compute), np.empty(BLOCK, compute)
@@ -181,18 +210,36 @@ def tensor_trims(base: Any, experts: Sequence[Any], density: float, compute: np.
                 selection.observe(j, _magnitude_into(e[start:end], b[:m], magnitude[:m]), flags[:m])
 
     run_in_chunks(blocks, work)
+    return selections
+
+
+def trim_at(selection: BlockSelection, ties: int, base: Any, expert: Any, compute: np.dtype) -> Trim:
+    """The trim at ``selection``'s value keeping its first ``ties`` tied entries (``base`` and ``expert``:
+    the tensor's flat inputs, to search the block where the ties run out)."""
+
+    def block_magnitude(j: int) -> Any:
+        start, end = _block(selection.n, j)
+        return _magnitude_into(expert[start:end], base[start:end].astype(compute), np.empty(end - start, compute))
+
+    return Trim.at(selection.value, selection.cutoff(ties, block_magnitude), compute)
+
+
+def tensor_trims(base: Any, experts: Sequence[Any], density: float, compute: np.dtype) -> list[Trim]:
+    """Per-tensor trims of ``tau_i = experts[i] - base`` (flat arrays in their stored dtypes) at ``density``."""
+    n = base.size
+    k = order_stats.keep_count(n, density)
+    if n <= order_stats.SMALL:
+        b = base.astype(compute)
+        return [whole_trim(np.abs(e.astype(compute) - b), k) for e in experts]
+    samples = sample_magnitudes(base, experts, order_stats.SAMPLE, np.random.default_rng(0), compute)
+    brackets = [order_stats.bracket_values(np.sort(x), (n - k) / n, order_stats.WIDTH) for x in samples]
     trims = []
-    for selection, e in zip(selections, experts):
-        found = selection.result()
+    for selection, e in zip(count_blocks(base, experts, brackets, compute), experts):
+        found = selection.result(k)
         if found is None:  # the rank fell outside the bracket: select among all entries
             trims.append(whole_trim(np.abs(e.astype(compute) - base.astype(compute)), k))
-            continue
-
-        def block_magnitude(j: int, e: Any = e) -> Any:
-            start, end = _block(n, j)
-            return _magnitude_into(e[start:end], base[start:end].astype(compute), np.empty(end - start, compute))
-
-        trims.append(Trim.at(found[0], selection.cutoff(k - found[1], block_magnitude), compute))
+        else:
+            trims.append(trim_at(selection, k - found[1], base, e, compute))
     return trims
 
 

@@ -134,16 +134,12 @@ def test_engine_selection(tmp_path):
     assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
     why = numpy_engine.unsupported(parse_spec(_spec("dare_linear", paths)))
     assert "task_arithmetic, weight_average and ties, not dare_linear" in why
+    assert numpy_engine.unsupported(parse_spec(_spec("ties", paths))) is None  # the paper's whole-model trim
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"trim_scope": "tensor"}))) is None
-    assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"density": 1.0}))) is None
-    why = numpy_engine.unsupported(parse_spec(_spec("ties", paths)))  # the paper's whole-model trim
-    assert "parameters ask for trim_scope: global" in why
-    spec = _spec("ties", paths, parameters={"trim_scope": "tensor"},
-                 overrides=[{"pattern": "w", "parameters": {"trim_scope": "global"}}])
-    assert "overrides ('w') ask for trim_scope: global" in numpy_engine.unsupported(parse_spec(spec))
     assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
     # auto falls back to torch for what numpy cannot run
-    assert merge(_spec("ties", paths), tmp_path / "t", progress=False).record["engine"] == "torch"
+    assert merge(_spec("ties", paths), tmp_path / "t", progress=False).record["engine"] == "numpy"
+    assert merge(_spec("dare_ties", paths), tmp_path / "d", progress=False).record["engine"] == "torch"
     assert merge(_spec("task_arithmetic", paths, device="auto"), tmp_path / "a",
                  progress=False).record["engine"] == "torch"
     # torch files and float8 tensors go to torch too
@@ -361,3 +357,46 @@ def test_ties_nonfinite_input_on_the_block_path_is_named(tmp_path, monkeypatch, 
               progress=False, engine="numpy")
     assert str(paths[2]) in str(info.value) and "'w'" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [5.0, 0.0])  # 0: the first bracket misses (float32), is widened and recounted
+def test_ties_global_trim_closed_form_and_torch_engine(tmp_path, monkeypatch, dtype, width):
+    """The paper's whole-model trim: per expert, exactly k = floor(density * N) entries over all tensors of a
+    density group survive, ties kept first in model order; the same bits as the torch engine's."""
+    from mergelab import order_stats
+    from mergelab.checkpoints import open_checkpoint
+
+    paths = _models(tmp_path, [dtype] * 4, seed=21)
+    _small_selection(monkeypatch)
+    monkeypatch.setattr(order_stats, "WIDTH", width)
+    monkeypatch.setattr(numpy_engine, "GLOBAL_SAMPLE", 64)
+    spec = _spec("ties", paths, parameters={"density": 0.4},
+                 overrides=[{"pattern": "b", "parameters": {"density": 0.6}}])  # two density groups
+    merge(spec, tmp_path / "numpy", progress=False, engine="numpy")
+    merge(spec, tmp_path / "torch", progress=False, engine="torch")
+    a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+    for name in a:
+        assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
+    # the reference: trim over the concatenated task vectors of each group, in the base's storage order
+    with open_checkpoint(paths[0]) as r:
+        order = [n for n in r.keys() if n in SHAPES and r.info(n).shape != (0, 4)]
+    inputs = [{k: v.float().numpy().reshape(-1) for k, v in load_state_dict(p).items()} for p in paths]
+    groups = {0.4: [n for n in order if n != "b"], 0.6: ["b"]}
+    kept = {}
+    for density, names in groups.items():
+        for i, expert in enumerate(inputs[1:]):
+            tau = np.concatenate([expert[n] - inputs[0][n] for n in names])
+            keep = _keep_top_k(np.abs(tau), max(1, int(np.floor(density * tau.size))))
+            offsets = np.cumsum([0] + [inputs[0][n].size for n in names])
+            for j, n in enumerate(names):
+                kept[n, i] = keep[offsets[j]:offsets[j + 1]]
+    for n in order:
+        taus = [(e[n] - inputs[0][n]).astype(np.float64) * kept[n, i] for i, e in enumerate(inputs[1:])]
+        gamma = np.sign(sum(taus))
+        agree = [(np.sign(t) == gamma) & (t != 0) for t in taus]
+        num, den = sum(t * g for t, g in zip(taus, agree)), sum(g * 1.0 for g in agree)
+        expected = inputs[0][n] + np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+        got = b[n].to(torch.float64).numpy().reshape(-1)
+        ulp = 8e-3 if dtype == torch.bfloat16 else 1e-6
+        np.testing.assert_allclose(got, expected, rtol=ulp, atol=ulp, err_msg=n)

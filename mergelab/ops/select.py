@@ -108,7 +108,7 @@ class StreamingKthLargest:
         if self.widen > 1.0:  # a retry: widen the bracket geometrically in sample ranks
             m = sample.numel()
             centre = rank_frac * m
-            half = self.widen * order_stats.WIDTH * math.sqrt(m) + 1.0
+            half = self.widen * max(order_stats.WIDTH, 1.0) * math.sqrt(m) + 1.0
             lo_i, hi_i = int(centre - half), int(math.ceil(centre + half))
             lo = -math.inf if lo_i < 0 else float(sample[lo_i])
             hi = math.inf if hi_i >= m else float(sample[hi_i])
