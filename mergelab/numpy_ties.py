@@ -23,20 +23,26 @@ How it is computed, for a tensor whose inputs are in memory in their stored dtyp
   below ``lo`` and either counts those equal to ``lo`` (a collapsed bracket, as bf16 task vectors give:
   their magnitudes take few values) or collects those inside the bracket; the k-th largest is then selected
   among a few percent of the entries (or, with probability ~1e-6, among all of them). Tensors of at most
-  ``order_stats.SMALL`` entries are selected whole.
+  ``order_stats.SMALL`` entries are selected whole. With ``trim_scope: global`` (the paper's) the same
+  counts are taken over every tensor of the model against one bracket (:func:`select_global`; the engine
+  streams the model twice for it), and the tied entries are kept first in model order.
 - **Ties as a cut-off position.** Keeping the first ``q = k - #{|tau_i| > t_i}`` entries tied at ``t_i`` in
   flat order is keeping ``|tau_i| >= t_i`` before a position ``c_i`` (just after the q-th tie) and
   ``|tau_i| > t_i`` from it on. The per-block tie counts of the selection pass locate the block holding
   ``c_i``; only that block is searched. The trim of any block is then one or two comparisons, so blocks
   are merged in any order, on all cores.
-- **Merge** (a second pass over the blocks): ``hat tau_i = tau_i * (|tau_i| > lambda_i)``; the numerator
-  as ``gamma * sum_i w_i max(gamma hat tau_i, 0)`` (the agreeing entries of each model, in model order:
-  for unit weights bit for bit the sum the torch engine forms with a mask) and the count of agreeing
-  models in bytes. With unit weights the output equals the torch engine's bit for bit (tested); with
-  other weights an intermediate may differ in its last bit (torch fuses ``acc + w * x``).
+- **Merge** (a second pass over the blocks), from the positive and negative parts of the trimmed task
+  vectors: ``up_i = tau_i > lambda_i``, ``down_i = tau_i < -lambda_i`` (the trim, signed: no ``|tau|``
+  pass), ``P = sum_i w_i tau_i up_i`` and ``N = sum_i w_i tau_i down_i`` in model order, and the counts
+  (or weights) of each side in bytes. The elected sign is that of ``P + N`` (mass; as
+  :func:`mergelab.ops.elect_sign` sums it) or of ``#up - #down`` (count); the agreeing models' sum is then
+  ``P`` or ``N``, exactly the masked sum the torch engine forms, and the divisor that side's count or
+  weight. With unit weights the output equals the torch engine's bit for bit (tested); with other weights
+  an intermediate may differ in its last bit (torch fuses ``acc + w * x``).
 
-Non-finite inputs always reach the output (NaN survives the trim's multiply by 0, Inf is kept), where
-the engine finds them by their exponent bits and names the input file.
+Non-finite inputs always reach the output (``NaN * False`` is NaN, so a NaN survives the trim; Inf is kept,
+and the parts enter the numerator by a product, not a selection), where the engine finds them by their
+exponent bits and names the input file.
 """
 
 from __future__ import annotations
