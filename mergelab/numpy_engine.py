@@ -191,13 +191,15 @@ def _stream_ties(
     ``trim_scope: global`` get their whole-model thresholds first, from two more streaming passes."""
     readers = [inputs.base, *inputs.experts]
 
-    def read(name: str) -> list[Any]:
-        return [_read_whole(r, name).reshape(-1) for r in readers]  # type: ignore[union-attr]
+    def read(name: str) -> list[Any]:  # the inputs on both loader threads (the start waits for the first)
+        futures = [loaders.submit(_read_whole, r, name) for r in readers]
+        return [f.result().reshape(-1) for f in futures]
 
     def size(name: str) -> int:
         return sum(nbytes(r.info(name).shape, r.info(name).storage) for r in readers)  # type: ignore[union-attr]
 
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
+    loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelab-load")
     try:
         global_trims = _global_selections(inputs, params_of, read, size, io, progress)
         with WriteBehind(writer, PIPELINE_BYTES) as writes:
@@ -215,6 +217,7 @@ def _stream_ties(
                 del out
     finally:
         io.shutdown(wait=True, cancel_futures=True)
+        loaders.shutdown(wait=True, cancel_futures=True)
 
 
 def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params: Any,

@@ -100,6 +100,96 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+#: Bytes staged before each direct write (a multiple of ``DIRECT_ALIGN``).
+DIRECT_CHUNK = 8 * 1024**2
+#: Alignment of direct writes' memory, offsets and lengths (covers 512-byte and 4 KiB logical blocks).
+DIRECT_ALIGN = 4096
+
+
+class DirectFile:
+    """A new file written with ``O_DIRECT`` through a page-aligned staging buffer, bypassing the page cache.
+
+    A buffered ``write`` copies every byte into freshly allocated page-cache pages, which cost 1.2-1.9 s
+    of system CPU time for a 1.35 GB shard on the benchmark machine; staged into a reused buffer and written
+    directly it cost 0.2 s, for the same wall time (the disk is the limit either way), and the final fsync
+    has nothing left to flush. Data are staged and written in ``DIRECT_CHUNK`` pieces; the last piece is
+    padded to ``DIRECT_ALIGN`` and the file truncated back to its length. :meth:`open` returns None where
+    direct I/O is unavailable (no ``O_DIRECT``, a file system such as tmpfs that refuses it, or
+    ``MERGELAB_DIRECT_IO=0``), and the writer then uses a buffered file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        import mmap
+
+        import numpy as np
+
+        self._fd: int | None = fd
+        self._buffer = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned
+        self._staged = np.frombuffer(self._buffer, dtype=np.uint8)
+        self._fill = 0
+        self._written = 0  # bytes accepted so far
+
+    @classmethod
+    def open(cls, path: Path) -> DirectFile | None:
+        flag = getattr(os, "O_DIRECT", None)
+        if flag is None or os.environ.get("MERGELAB_DIRECT_IO", "1") == "0":
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError:
+            return None
+        return cls(fd)
+
+    def write(self, data: Any) -> None:
+        import numpy as np
+
+        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        done = 0
+        while done < src.size:
+            n = min(src.size - done, DIRECT_CHUNK - self._fill)
+            self._staged[self._fill : self._fill + n] = src[done : done + n]  # numpy copies without the GIL
+            self._fill += n
+            done += n
+            if self._fill == DIRECT_CHUNK:
+                self._flush_staged(DIRECT_CHUNK)
+        self._written += src.size
+
+    def _flush_staged(self, nbytes: int) -> None:
+        assert self._fd is not None
+        view = memoryview(self._buffer)[:nbytes]
+        while view:  # a short write leaves an aligned remainder (page-sized units)
+            n = os.write(self._fd, view)
+            if n <= 0 or n % DIRECT_ALIGN:
+                raise OSError(f"direct write wrote {n} of {len(view)} bytes")
+            view = view[n:]
+        self._fill = 0
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        """Nothing to flush before :meth:`close_durably` (data wait in the staging buffer)."""
+
+    def close_durably(self) -> None:
+        """Write the staged tail (padded to the alignment, then truncated back), fsync and close."""
+        assert self._fd is not None
+        if self._fill:
+            padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._staged[self._fill : padded] = 0
+            self._flush_staged(padded)
+            os.ftruncate(self._fd, self._written)
+        os.fsync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        self._staged = None  # type: ignore[assignment]  # release the map's export before closing it
+        with contextlib.suppress(BufferError):
+            self._buffer.close()
+
+
 def _fsync_dir(path: Path) -> None:
     """fsync a directory so renames and new entries in it are durable (no-op where unsupported)."""
     try:
@@ -286,7 +376,7 @@ class CheckpointWriter:
         self._next = 0  # index into self._plan of the next expected tensor
         self._shard_index = -1
         self._shard_remaining = 0
-        self._file: BinaryIO | None = None
+        self._file: BinaryIO | DirectFile | None = None
         self._synced_to = 0  # offset in the current shard up to which write-back was started
         self._finished = False
         logger.debug(
@@ -306,7 +396,9 @@ class CheckpointWriter:
 
     def _close_shard(self) -> None:
         f, self._file = self._file, None
-        if f is not None:
+        if isinstance(f, DirectFile):
+            f.close_durably()
+        elif f is not None:
             f.flush()
             os.fsync(f.fileno())
             f.close()
@@ -316,7 +408,8 @@ class CheckpointWriter:
         self._close_shard()
         self._shard_index += 1
         shard = self._shards[self._shard_index]
-        self._file = open(self._tmp / shard.name, "wb")
+        path = self._tmp / shard.name
+        self._file = DirectFile.open(path) or open(path, "wb")
         self._file.write(self._headers[self._shard_index])
         self._synced_to = 0
         self._shard_remaining = len(shard.entries)
@@ -361,7 +454,7 @@ class CheckpointWriter:
             self._file.write(data)
             del data
             position = self._file.tell()
-            if position - self._synced_to >= WRITEBACK_BYTES:
+            if not isinstance(self._file, DirectFile) and position - self._synced_to >= WRITEBACK_BYTES:
                 self._file.flush()
                 start_writeback(self._file.fileno(), self._synced_to, position - self._synced_to)
                 self._synced_to = position
