@@ -624,13 +624,16 @@ def test_writer_direct_and_buffered_files_are_identical(tmp_path: Path, monkeypa
     state = {f"t{i}": torch.randn(37 * i + 3, dtype=torch.float32) for i in range(6)}
     state["h"] = torch.arange(7, dtype=torch.int64)
     plan = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-    outputs = {}
-    for mode in ("1", "0"):
+    outputs, direct = {}, []
+    real_open = writer_mod.DirectFile.open
+    monkeypatch.setattr(writer_mod.DirectFile, "open", classmethod(lambda cls, p: direct.append(p) or real_open(p)))
+    for mode in ("1", "0"):  # the environment overrides the writer's direct_io
         monkeypatch.setenv("MERGELAB_DIRECT_IO", mode)
-        with CheckpointWriter(tmp_path / mode, plan, max_shard_bytes=600) as w:
+        with CheckpointWriter(tmp_path / mode, plan, max_shard_bytes=600, direct_io=True) as w:
             for k, v in state.items():
                 w.write(k, v)
             w.finish()
         outputs[mode] = {p.name: p.read_bytes() for p in sorted((tmp_path / mode).iterdir())}
     assert outputs["1"] == outputs["0"] and len(outputs["1"]) > 2  # several shards and the index
+    assert len(direct) == len(outputs["1"]) - 1  # every shard of the first writer went through O_DIRECT
     assert all(torch.equal(load_state_dict(tmp_path / "1")[k], v) for k, v in state.items())
