@@ -7,9 +7,10 @@ so the chunks of one tensor run on all cores.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 _pool: ThreadPoolExecutor | None = None
@@ -37,23 +38,50 @@ def run_in_chunks(blocks: int, work: Callable[[int, int], None], workers: int | 
     blocks run in parallel; each chunk allocates its own block buffers. Used when the blocks are
     independent.
     """
-    global _pool
+    if blocks <= 0:
+        return
     workers = compute_workers() if workers is None else workers
     workers = max(1, min(workers, blocks))
-    if workers == 1:
-        if blocks:
-            work(0, blocks)
+    bounds = [blocks * w // workers for w in range(workers + 1)]
+    _on_threads([lambda w=w: work(bounds[w], bounds[w + 1]) for w in range(workers)])
+
+
+def run_blocks(blocks: int, work: Callable[[Iterator[int]], None], workers: int | None = None) -> None:
+    """Call ``work(indices)`` on each worker thread (the calling thread is one), where ``indices`` hands
+    out the block numbers ``0 .. blocks-1`` one at a time, shared by all workers: a thread slowed down by
+    others (the reader and writer threads, another process) simply takes fewer blocks, where the fixed
+    halves of :func:`run_in_chunks` leave the faster thread waiting. ``work`` allocates its buffers once
+    and loops over ``indices``."""
+    if blocks <= 0:
+        return
+    workers = compute_workers() if workers is None else workers
+    workers = max(1, min(workers, blocks))
+    counter = itertools.count()
+
+    def indices() -> Iterator[int]:
+        while (j := next(counter)) < blocks:  # next() on a count is atomic under the GIL
+            yield j
+
+    _on_threads([lambda: work(indices()) for _ in range(workers)])
+
+
+def _on_threads(calls: list[Callable[[], None]]) -> None:
+    """Run the calls on the compute pool (the first on this thread) and wait for all; re-raise the first
+    error (after every call ended: they write into shared outputs)."""
+    global _pool
+    if len(calls) <= 1:
+        for call in calls:
+            call()
         return
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers - 1:  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="mergelab-compute")
+        if _pool is None or _pool._max_workers < len(calls) - 1:  # type: ignore[attr-defined]
+            _pool = ThreadPoolExecutor(max_workers=len(calls) - 1, thread_name_prefix="mergelab-compute")
         pool = _pool
-    bounds = [blocks * w // workers for w in range(workers + 1)]
-    futures = [pool.submit(work, bounds[w], bounds[w + 1]) for w in range(1, workers)]
+    futures = [pool.submit(call) for call in calls[1:]]
     error: BaseException | None = None
     try:
-        work(bounds[0], bounds[1])
-    except BaseException as exc:  # still wait for the other chunks: they write into shared outputs
+        calls[0]()
+    except BaseException as exc:
         error = exc
     for f in futures:
         try:

@@ -6,7 +6,7 @@ the same formulas with numpy (``ml_dtypes`` supplies bfloat16) and never imports
 benchmark's four 1.3 GB experts is measured in ``bench/merge_throughput.py``.
 
 Per tensor, in the reference's storage order, the entries are split into blocks of ``BLOCK`` entries
-and the blocks over the cores (:func:`mergelab.blockwise.run_in_chunks`). For each block every input's
+and the blocks over the cores (:func:`mergelab.blockwise.run_blocks`). For each block every input's
 bytes are read with ``pread`` straight into a small per-thread buffer, so they arrive in the cache and
 are converted to the compute dtype there, instead of being copied into a tensor-sized buffer first and read
 back from memory. The rounded block goes into the output tensor, which a write-behind thread hands to the
@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mergelab import order_stats
-from mergelab.blockwise import run_in_chunks
+from mergelab.blockwise import run_blocks
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
 from mergelab.checkpoints.writer import WriteBehind
 from mergelab.checkpoints.safetensors_format import StorageDtype
@@ -259,11 +259,11 @@ def _global_selections(
 ) -> dict[str, tuple[list[BlockSelection], list[int]]]:
     """Whole-model trims (``trim_scope: global``, the TIES paper's): for each group of tensors sharing a
     density, each expert's k-th largest ``|tau_i|`` over the group (k = floor(density * group size)), by
-    two streaming passes (a sample for a bracket, then counts against it, as :func:`numpy_ties.tensor_trims`
-    does within a tensor; a bracket that misses, with probability ~1e-6, is widened and counted again); the
-    entries tied at it
-    are kept first come in model order, so exactly k survive per expert. Returns, per tensor, its counts
-    (their blocks' tie counts) and how many tied entries it keeps per expert."""
+    two streaming passes: a sample spread over the tensors by size gives a bracket, then every tensor's
+    blocks are counted against it (as :func:`mergelab.numpy_ties.tensor_trims` does within a tensor; a
+    bracket that misses, with probability ~1e-6, is widened and counted again). The entries tied at the
+    threshold are kept first come in model order, so exactly k survive per expert. Returns, per tensor,
+    its counts (reduced to its blocks' tie counts) and how many tied entries it keeps per expert."""
     groups: dict[float, list[str]] = defaultdict(list)
     for name in inputs.names:
         info = inputs.reference.info(name)
@@ -344,11 +344,11 @@ def _merge_tensor(
     widest = max(d.itemsize for d in in_dtypes)
     blocks = -(-n // BLOCK)
 
-    def work(first: int, stop_block: int) -> None:
+    def work(indices: Iterator[int]) -> None:
         raws = [np.empty(min(n, BLOCK) * widest, dtype=np.uint8) for _ in readers]
         buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(3)]
         flags = np.empty(min(n, BLOCK), dtype=bits)
-        for j in range(first, stop_block):
+        for j in indices:
             start, stop = j * BLOCK, min(n, (j + 1) * BLOCK)
             m = stop - start
             xs = []
@@ -363,7 +363,7 @@ def _merge_tensor(
             if flags[:m].max() == mask:  # some entry has every exponent bit set: NaN or Inf
                 nonfinite.append(j)
 
-    run_in_chunks(blocks, work)
+    run_blocks(blocks, work)
     if nonfinite:
         _explain_nonfinite(name, readers, out, method)
     return out.reshape(shape)

@@ -606,6 +606,7 @@ def test_direct_file_writes_exact_bytes_across_chunks(tmp_path: Path, monkeypatc
     from mergelab.checkpoints import writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "DIRECT_CHUNK", chunk)
+    monkeypatch.setattr(writer_mod, "DIRECT_FLUSH_BYTES", 3 * chunk)  # a few fdatasyncs along the way
     f = writer_mod.DirectFile.open(tmp_path / "d.bin")
     if f is None:
         pytest.skip("this file system refuses O_DIRECT")
