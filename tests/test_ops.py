@@ -179,11 +179,14 @@ def test_trim_given_threshold_with_tie_quota() -> None:
     assert torch.equal(ops.trim(tau, 0.5, threshold=1.0), torch.tensor([3.0, -1.0, 1.0, 0.0, -1.0]))
 
 
-def test_streaming_tie_quotas_keep_exactly_k_over_tensors() -> None:
+@pytest.mark.parametrize("quantum", [None, 2.0**-8])  # 2**-8: a handful of magnitudes, the bracket collapses
+def test_streaming_tie_quotas_keep_exactly_k_over_tensors(quantum) -> None:
     gen = torch.Generator().manual_seed(1)
     parts = [(0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float().abs() for n in (70_000, 5, 90_000)]
+    if quantum is not None:
+        parts = [torch.round(p / quantum) * quantum for p in parts]
     total = sum(p.numel() for p in parts)
-    k = total // 3
+    k = total // 2  # quantized: the median falls inside one level, held by 23% of the entries
     sel = ops.StreamingKthLargest(total, k)
     for p in parts:
         sel.observe_sample(p)
@@ -198,6 +201,8 @@ def test_streaming_tie_quotas_keep_exactly_k_over_tensors() -> None:
     kept = sum(int(torch.count_nonzero(ops.trim(p, 0.5, threshold=t, ties=q))) for p, q in zip(parts, quotas))
     assert kept == k
     assert t == float(torch.cat(parts).topk(k).values[-1])
+    if quantum is not None:  # counted, not gathered: nothing of the model is held
+        assert sel._collapsed and not sel._inside
 
 
 def test_trim_with_given_threshold() -> None:
