@@ -123,7 +123,7 @@ class DirectFile:
     writer then uses a buffered file.
 
     The cost: one write in flight at a time, so a merge that waits for the disk anyway (task arithmetic
-    on the benchmark: 2.9 s buffered, 3.5 s direct, medians of 4) is slower; the page-cache write-back
+    on the benchmark: 3.1 s buffered, 3.3 s direct, medians of 4) is slower; the page-cache write-back
     queues deeper. Hence an option of :class:`CheckpointWriter`, taken by CPU-bound merges.
     """
 
