@@ -470,3 +470,23 @@ def test_model_stock_ratio_is_zero_when_task_vectors_point_apart(degrees: float)
     u = torch.tensor([1.0, 0.0], dtype=torch.float64)
     v = torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)
     assert ops.model_stock_ratio([u, v]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_streaming_selection_sample_overflowing_its_buffer_is_still_exact() -> None:
+    """The pooled sample lives in a buffer of sample_size + 4096 values; tensors beyond it still count."""
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.rand(3, generator=gen) for _ in range(3000)]  # one sample per tensor at least: 3000 > 8 + ...
+    total, k = 9000, 1234
+    sel = ops.StreamingKthLargest(total, k, sample_size=8)
+    sel._pool = sel._pool[:100]  # a small buffer, so most samples overflow into the list
+    for p in parts:
+        sel.observe_sample(p)
+    assert sel._pooled == 100 and len(sel._samples) == 2900
+    while True:
+        sel.bracket()
+        for p in parts:
+            sel.observe_exact(p)
+        t = sel.result()
+        if t is not None:
+            break
+    assert t == float(torch.cat(parts).topk(k).values[-1])

@@ -89,7 +89,12 @@ class StreamingKthLargest:
         self.k = k
         self.sample_size = sample_size
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
-        self._samples: list[torch.Tensor] = []
+        # the pooled sample lives in one buffer allocated up front: a small tensor kept per observed tensor,
+        # allocated between the caller's large temporaries, pinned the heap and grew it by a temporary's
+        # size per tensor (the benchmark's whole-model TIES: RSS 7.6 GB, against 1.6 GB of working set)
+        self._pool = torch.empty(sample_size + 4096)
+        self._pooled = 0
+        self._samples: list[torch.Tensor] = []  # overflow beyond the buffer (one entry per tiny tensor)
         self._lo = -math.inf
         self._hi = math.inf
         self._below = 0
@@ -103,10 +108,15 @@ class StreamingKthLargest:
             return
         m = max(1, round(self.sample_size * flat.numel() / self.total))
         idx = torch.randint(0, flat.numel(), (m,), generator=self._gen).to(flat.device)
-        self._samples.append(flat[idx].float().cpu())
+        values = flat[idx].float().cpu()
+        if self._pooled + m <= self._pool.numel():
+            self._pool[self._pooled : self._pooled + m].copy_(values)
+            self._pooled += m
+        else:
+            self._samples.append(values)
 
     def bracket(self) -> tuple[float, float]:
-        sample = torch.sort(torch.cat(self._samples)).values
+        sample = torch.sort(torch.cat([self._pool[: self._pooled], *self._samples])).values
         rank_frac = (self.total - self.k) / self.total
         lo, hi = _bracket(sample, rank_frac)
         if self.widen > 1.0:  # a retry: widen the bracket geometrically in sample ranks
