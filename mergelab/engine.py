@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,6 +63,7 @@ from mergelab.merge_inputs import (
     MergeResult,
     ParamResolver,
     check_models,
+    global_trim_groups,
     merge_record,
     nbytes,
     nonfinite_message,
@@ -209,14 +209,7 @@ def _global_thresholds(
     if reader is None:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as own:
             return _global_thresholds(inputs, method, params_of, device, progress, own)
-    groups: dict[float, list[str]] = defaultdict(list)
-    for name in inputs.names:
-        info = inputs.reference.info(name)
-        if not info.dtype.is_floating_point or math.prod(info.shape) == 0:  # empty: nothing to trim
-            continue
-        density = method.global_trim_density(params_of(name))
-        if density is not None:
-            groups[density].append(name)
+    groups = global_trim_groups(inputs, method, params_of)
     if not groups:
         return {}, {}
     thresholds: dict[str, list[float]] = {}

@@ -10,10 +10,11 @@ reads tensor data or imports torch.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import math
 import time
-import collections
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -191,6 +192,21 @@ class ParamResolver:
             if override.matches(name):
                 return params
         return self.default
+
+
+def global_trim_groups(inputs: MergeInputs, method: Method, params_of: ParamResolver) -> dict[float, list[str]]:
+    """The tensors trimmed over the whole model (``method.global_trim_density``), grouped by density, in the
+    reference's order: each group shares one threshold per expert. Empty and non-floating tensors are left
+    out (nothing to trim)."""
+    groups: dict[float, list[str]] = {}
+    for name in inputs.names:
+        info = inputs.reference.info(name)
+        if not info.storage.is_floating_point or math.prod(info.shape) == 0:
+            continue
+        density = method.global_trim_density(params_of(name))
+        if density is not None:
+            groups.setdefault(density, []).append(name)
+    return groups
 
 
 def output_plan(inputs: MergeInputs, dtype: str) -> list[tuple[str, tuple[int, ...], StorageDtype]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +55,7 @@ from mergelab.merge_inputs import (
     MergeResult,
     ParamResolver,
     check_models,
+    global_trim_groups,
     merge_record,
     nbytes,
     nonfinite_message,
@@ -64,6 +64,7 @@ from mergelab.merge_inputs import (
     write_merge,
 )
 from mergelab.methods import get_method
+from mergelab.numpy_storage import any_nonfinite, compute_dtype, exponent_scratch, numpy_dtype
 from mergelab.numpy_ties import (
     BlockSelection,
     TiesKernel,
@@ -89,9 +90,6 @@ BLOCK = 1 << 18
 #: Bytes of outputs that may wait for the writer beyond the one always allowed.
 PIPELINE_BYTES = 256 * 1024**2
 
-#: Exponent masks: a float16 / bfloat16 / float32 is NaN or Inf exactly when all its exponent bits are set.
-_EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
-
 
 def unsupported(spec: MergeSpec) -> str | None:
     """Why this engine cannot run ``spec`` (method, device, input format or dtype), or None if it can.
@@ -114,15 +112,6 @@ def unsupported(spec: MergeSpec) -> str | None:
                 if storage.is_floating_point and storage.code not in FLOAT_CODES:
                     return f"tensor '{name}' of {reader.info(name).file} is stored as {storage}"
     return None
-
-
-def numpy_dtype(storage: StorageDtype) -> Any:
-    """The numpy dtype of a stored dtype (``ml_dtypes.bfloat16`` for bfloat16)."""
-    if storage.name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(storage.name)
 
 
 def merge_numpy(
@@ -190,6 +179,8 @@ def _stream_ties(
     (:mod:`mergelab.numpy_ties`), and a write-behind thread writes the previous ones. Tensors trimmed with
     ``trim_scope: global`` get their whole-model thresholds first, from two more streaming passes."""
     readers = [inputs.base, *inputs.experts]
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
+    loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelab-load")
 
     def read(name: str) -> list[Any]:  # the inputs on both loader threads (the start waits for the first)
         futures = [loaders.submit(_read_whole, r, name) for r in readers]
@@ -198,8 +189,6 @@ def _stream_ties(
     def size(name: str) -> int:
         return sum(nbytes(r.info(name).shape, r.info(name).storage) for r in readers)  # type: ignore[union-attr]
 
-    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
-    loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelab-load")
     try:
         global_trims = _global_selections(inputs, params_of, read, size, io, progress)
         with WriteBehind(writer, PIPELINE_BYTES) as writes:
@@ -226,7 +215,7 @@ def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params
     """One tensor of TIES from its inputs (flat, stored dtypes; ``arrays[0]`` the base); ``global_trim``:
     this tensor's counts against the whole-model thresholds and its tie quotas (``trim_scope: global``)."""
     base, experts = arrays[0], arrays[1:]
-    compute = _compute_dtype(arrays)
+    compute = compute_dtype(a.dtype for a in arrays)
     out = np.empty(base.size, dtype=numpy_dtype(storage))
     if base.size == 0:
         return out
@@ -245,10 +234,6 @@ def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params
     return out
 
 
-def _compute_dtype(arrays: Sequence[Any]) -> np.dtype:
-    return np.dtype(np.float64) if any(a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
-
-
 #: Sample size of a whole-model selection, spread over the tensors by size (the torch engine's too).
 GLOBAL_SAMPLE = 1 << 16
 
@@ -264,12 +249,7 @@ def _global_selections(
     bracket that misses, with probability ~1e-6, is widened and counted again). The entries tied at the
     threshold are kept first come in model order, so exactly k survive per expert. Returns, per tensor,
     its counts (reduced to its blocks' tie counts) and how many tied entries it keeps per expert."""
-    groups: dict[float, list[str]] = defaultdict(list)
-    for name in inputs.names:
-        info = inputs.reference.info(name)
-        p = params_of(name)
-        if info.storage.is_floating_point and math.prod(info.shape) and p.trim_scope == "global" and p.density < 1:
-            groups[p.density].append(name)
+    groups = global_trim_groups(inputs, get_method("ties"), params_of)
     n_experts = len(inputs.experts)
     result: dict[str, tuple[list[BlockSelection], list[int]]] = {}
     for density, names in groups.items():
@@ -286,7 +266,8 @@ def _global_selections(
         for name, arrays in stream("sampling"):
             m = max(1, round(GLOBAL_SAMPLE * sizes[name] / total))
             with np.errstate(all="ignore"):
-                for i, x in enumerate(sample_magnitudes(arrays[0], arrays[1:], m, rng, _compute_dtype(arrays))):
+                for i, x in enumerate(sample_magnitudes(arrays[0], arrays[1:], m, rng,
+                                                                compute_dtype(a.dtype for a in arrays))):
                     samples[i].append(x)
         ordered = [np.sort(np.concatenate(x)) for x in samples]
         selections: dict[str, list[Any]] = {name: [None] * n_experts for name in names}
@@ -301,7 +282,7 @@ def _global_selections(
             for name, arrays in stream("selecting"):
                 with np.errstate(all="ignore"):
                     counted = count_blocks(arrays[0], [arrays[1 + i] for i in pending], brackets,
-                                           _compute_dtype(arrays))
+                                           compute_dtype(a.dtype for a in arrays))
                 for i, selection in zip(pending, counted):
                     selections[name][i] = selection
             for i in pending:
@@ -334,20 +315,18 @@ def _merge_tensor(
     method: str, kernel: Callable[..., None], params: Any, weights: Sequence[float],
 ) -> Any:
     in_dtypes = [numpy_dtype(r.info(name).storage) for r in readers]
-    compute = np.dtype(np.float64) if any(d == np.float64 for d in in_dtypes) else np.dtype(np.float32)
+    compute = compute_dtype(in_dtypes)
     out_dtype = numpy_dtype(storage)
     n = math.prod(shape)
     out = np.empty(n, dtype=out_dtype)
     nonfinite: list[int] = []
-    mask = _EXPONENT_MASKS[out_dtype.name]
-    bits = np.dtype(f"u{out_dtype.itemsize}")
     widest = max(d.itemsize for d in in_dtypes)
     blocks = -(-n // BLOCK)
 
     def work(indices: Iterator[int]) -> None:
         raws = [np.empty(min(n, BLOCK) * widest, dtype=np.uint8) for _ in readers]
         buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(3)]
-        flags = np.empty(min(n, BLOCK), dtype=bits)
+        flags = exponent_scratch(out_dtype, min(n, BLOCK))
         for j in indices:
             start, stop = j * BLOCK, min(n, (j + 1) * BLOCK)
             m = stop - start
@@ -359,8 +338,7 @@ def _merge_tensor(
             block_out = out[start:stop]
             with np.errstate(all="ignore"):  # NaN/Inf are found below and reported with file and tensor
                 kernel(xs, [b[:m] for b in buffers], block_out, weights, params)
-            np.bitwise_and(block_out.view(bits), mask, out=flags[:m])
-            if flags[:m].max() == mask:  # some entry has every exponent bit set: NaN or Inf
+            if any_nonfinite(block_out, flags):
                 nonfinite.append(j)
 
     run_blocks(blocks, work)

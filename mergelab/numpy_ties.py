@@ -56,6 +56,7 @@ import numpy as np
 
 from mergelab import order_stats
 from mergelab.blockwise import run_blocks
+from mergelab.numpy_storage import any_nonfinite, exponent_scratch
 
 #: Entries per block. Each block costs about 40 ufunc calls, and each call holds the GIL for its set-up,
 #: so small blocks serialise the threads: on an 11M-entry bf16 tensor with 4 experts, merge pass on 1 / 2
@@ -105,6 +106,7 @@ class BlockSelection:
         self.equal = [0] * blocks  # collapsed bracket: per block, entries == lo
         self.inside: list[Any] = [np.empty(0)] * blocks  # otherwise: per block, the entries in [lo, hi]
         self.value: float | None = None  # the selected value, once known
+        self._ties: list[int] | None = None  # per-block tie counts, once settled
 
     def observe(self, j: int, magnitude: Any, flags: Any) -> None:
         """Count block ``j`` (``flags``: a bool scratch buffer of the block's size)."""
@@ -132,7 +134,7 @@ class BlockSelection:
         self.inside = []
 
     def _tie_counts(self) -> list[int]:
-        if getattr(self, "_ties", None) is not None:
+        if self._ties is not None:
             return self._ties
         return self.equal if self.collapsed else [int(np.count_nonzero(x == self.value)) for x in self.inside]
 
@@ -266,21 +268,18 @@ class TiesKernel:
         """Write the merged flat tensor into ``out`` (its storage dtype), all cores over the blocks;
         calls ``on_nonfinite`` (which raises) when an output entry is NaN or Inf."""
         n = base.size
-        bits = np.dtype(f"u{out.dtype.itemsize}")
-        mask = _EXPONENT_MASKS[out.dtype.name]
         bad: list[int] = []
 
         def work(indices: Iterator[int]) -> None:
             buffers = _Buffers(len(experts), compute, min(n, BLOCK))
-            exponent = np.empty(min(n, BLOCK), bits)
+            exponent = exponent_scratch(out.dtype, min(n, BLOCK))
             for j in indices:
                 start, end = _block(n, j)
                 block_out = out[start:end]
                 with np.errstate(all="ignore"):  # NaN/Inf reach the output and are reported from there
                     self._block(base[start:end], [e[start:end] for e in experts], trims, start, block_out,
                                 buffers.sized(end - start))
-                flags = np.bitwise_and(block_out.view(bits), mask, out=exponent[: end - start])
-                if flags.max() == mask:  # every exponent bit set: NaN or Inf
+                if any_nonfinite(block_out, exponent):
                     bad.append(j)
 
         run_blocks(-(-n // BLOCK), work)
@@ -376,11 +375,6 @@ def signed_keep(tau: Any, trim: Trim, start: int, up: Any, down: Any) -> None:
         if lo < hi:
             np.greater(tau[lo:hi], level, out=up[lo:hi])
             np.less(tau[lo:hi], -level, out=down[lo:hi])
-
-
-#: Exponent masks: a float16 / bfloat16 / float32 / float64 is NaN or Inf exactly when all its exponent
-#: bits are set.
-_EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
 
 
 class _Buffers:

@@ -190,13 +190,7 @@ def test_streaming_tie_quotas_keep_exactly_k_over_tensors(quantum) -> None:
     sel = ops.StreamingKthLargest(total, k)
     for p in parts:
         sel.observe_sample(p)
-    while True:
-        sel.bracket()
-        for p in parts:
-            sel.observe_exact(p)
-        t = sel.result()
-        if t is not None:
-            break
+    t = sel.select_in_memory(parts)
     quotas = sel.tie_quotas()
     kept = sum(int(torch.count_nonzero(ops.trim(p, 0.5, threshold=t, ties=q))) for p, q in zip(parts, quotas))
     assert kept == k
@@ -482,11 +476,5 @@ def test_streaming_selection_sample_overflowing_its_buffer_is_still_exact() -> N
     for p in parts:
         sel.observe_sample(p)
     assert sel._pooled == 100 and len(sel._samples) == 2900
-    while True:
-        sel.bracket()
-        for p in parts:
-            sel.observe_exact(p)
-        t = sel.result()
-        if t is not None:
-            break
+    t = sel.select_in_memory(parts)
     assert t == float(torch.cat(parts).topk(k).values[-1])

@@ -18,7 +18,7 @@ idea across many tensors (a whole model) in two streaming passes without concate
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -160,6 +160,17 @@ class StreamingKthLargest:
         self.widen *= 8.0
         return None
 
+    def select_in_memory(self, items: Sequence[torch.Tensor]) -> float:
+        """Pass 2 over ``items`` (the sampled tensors, in memory), repeated with a wider bracket until
+        :meth:`result` succeeds; returns it."""
+        while True:
+            self.bracket()
+            for t in items:
+                self.observe_exact(t)
+            value = self.result()
+            if value is not None:
+                return value
+
     def tie_quotas(self) -> list[int]:
         """After a successful :meth:`result` t: how many entries equal to t each observed tensor keeps.
 
@@ -190,13 +201,7 @@ def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -
     sel = StreamingKthLargest(total, k)
     for t in items:
         sel.observe_sample(t)
-    while True:
-        sel.bracket()
-        for t in items:
-            sel.observe_exact(t)
-        value = sel.result()
-        if value is not None:
-            return value
+    return sel.select_in_memory(items)
 
 
 class BlockKthLargest:
