@@ -52,7 +52,7 @@ DEFAULT_OUT = "mergelab-quickstart"
 #: jobs were also using (load average ~5), within the 10-minute budget; AdaMerging (500 steps, ~110 s) is the
 #: costliest row, so ``{"adamerging": {"steps": 200}}`` is the first place to cut if it ever is not.
 QUICKSTART_OVERRIDES: dict[str, dict[str, Any]] = {}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: BN protocol, validation-chosen lambdas, invalid rows
 
 
 @dataclass
@@ -70,12 +70,12 @@ class QuickstartResult:
 
 
 def _settings(arch: str, tasks: Sequence[str], methods: Sequence[str] | None, samples_per_task: int, quick: bool,
-              overrides: Mapping[str, Mapping[str, Any]], reset_bn: bool) -> dict[str, Any]:
+              overrides: Mapping[str, Mapping[str, Any]], bn: str, select: str) -> dict[str, Any]:
     from mergelab.experiments.compare import DEFAULT_METHODS
 
     return {"arch": arch, "tasks": list(tasks), "methods": list(methods) if methods is not None else list(DEFAULT_METHODS),
             "samples_per_task": samples_per_task, "quick": quick,
-            "overrides": {k: dict(v) for k, v in sorted(overrides.items())}, "reset_bn": reset_bn, "isolate": False}
+            "overrides": {k: dict(v) for k, v in sorted(overrides.items())}, "bn": bn, "select": select, "isolate": False}
 
 
 def cache_key(settings: Mapping[str, Any], experts: Sequence[Any], pretrained_id: str) -> str:
@@ -118,7 +118,8 @@ def run_quickstart(
     quick: bool = False,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     zoo_overrides: Mapping[str, Any] | None = None,
-    reset_bn: bool = False,
+    bn: str | None = None,
+    select: str = "validation",
     cache_dir: PathLike | None = None,
     workers: int = 2,
     force: bool = False,
@@ -135,6 +136,8 @@ def run_quickstart(
         quick: tiny budgets (tests). overrides: ``{row: {param: value}}`` on top of
             :data:`QUICKSTART_OVERRIDES` (ignored for rows not compared).
         zoo_overrides: expert spec fields for the zoo's fine-tuning (default: the zoo's defaults).
+        bn: BatchNorm protocol (default: joint for BatchNorm architectures, :mod:`mergelab.evaluation.protocol`).
+        select: ``validation`` (lambda of TA/TIES/DARE on validation data) or ``fixed``.
         cache_dir: cache root. workers: fine-tuning processes. force: recompute the comparison even if cached.
         progress: progress bars. on_stage: called with a one-line message at the start of each step.
     """
@@ -173,7 +176,9 @@ def run_quickstart(
     if pre is None:  # pragma: no cover - build_zoo just made it
         raise SpecError(f"no pretrained {arch} backbone after building the zoo")
 
-    settings = _settings(arch, tasks, chosen, samples_per_task, quick, merged_overrides, reset_bn)
+    from mergelab.evaluation.protocol import resolve_bn
+
+    settings = _settings(arch, tasks, chosen, samples_per_task, quick, merged_overrides, resolve_bn(bn, arch), select)
     key = cache_key(settings, zoo.experts, pre.pretrained_id)
     cached_path = cache_root(cache_dir) / "quickstart" / key / "comparison.json"
     t1 = time.perf_counter()
@@ -183,7 +188,7 @@ def run_quickstart(
         say(f"[2/3] comparison: merging {len(tasks)} experts with {len(settings['methods'])} methods and evaluating")
         table = run_comparison(arch, tasks, chosen, pool=[e.path for e in zoo.experts], samples_per_task=samples_per_task,
                                cache_dir=cache_dir, progress=progress, quick=quick, isolate=False,
-                               overrides=merged_overrides, reset_bn=reset_bn)
+                               overrides=merged_overrides, bn=settings["bn"], select=select)
         if not any(r.error for r in table.rows):  # a failed method is retried on the next run
             write_text_atomic(cached_path, json.dumps(table.to_dict(), indent=1, default=str) + "\n")
     else:

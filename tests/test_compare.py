@@ -61,8 +61,17 @@ def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
         assert individual.per_task[t] == pytest.approx(load_expert(zoo[1][t]).test_metrics.accuracy)
     # merges are real files in the work folder, the comparison's settings are recorded
     assert (tmp_path / "w" / "ties").is_dir()
-    assert table.row("task_arithmetic").params["lambda"] == 0.3 and table.row("ties").params["lambda"] == 1.0
-    assert table.row("dare").params["overrides"][0]["parameters"] == {"density": 1.0}
+    # lambda chosen on the validation split: the grid point with the best validation accuracy (first on ties)
+    for name in ("task_arithmetic", "ties", "dare"):
+        sel = table.row(name).params["selected"]["lambda"]
+        scores = sel["validation_accuracy"]
+        assert len(sel["grid"]) == 3 and sel["chosen"] == sel["grid"][scores.index(max(scores))]
+        assert table.row(name).params["lambda"] == sel["chosen"]
+    # BN statistics: the experts' mean, never trimmed, dropped or scaled by lambda
+    assert table.row("task_arithmetic").params["overrides"][0]["parameters"] == {"lambda": 1 / len(TASKS)}
+    assert table.row("dare").params["overrides"][0]["parameters"] == {"density": 1.0, "lambda": 1 / len(TASKS)}
+    assert table.meta["bn"] == "joint" and all(r.bn in ("joint", "own") for r in table.rows)
+    assert table.row("adamerging").params["bn"] == "batch"
     assert table.row("adamerging_surgery").params["merged"] == str(tmp_path / "w" / "adamerging")
     # in-process peak memory is measured from the reset high-water mark where Linux allows it
     assert table.row("weight_average").peak_mb > 0 or math.isnan(table.row("weight_average").peak_mb)
@@ -90,8 +99,9 @@ def test_isolated_merge_measures_peak_memory_in_a_fresh_process(zoo):
 def test_a_larger_pool_is_merged_but_only_the_tasks_are_evaluated(zoo):
     root, experts = zoo
     table = run_comparison("resnet_s", ["mnist"], ["task_arithmetic", "fw_hard"], pool=list(experts.values()),
-                           cache_dir=root, progress=False, quick=True, reset_bn=True)
-    assert table.tasks == ["mnist"] and len(table.meta["pool"]) == 3 and table.meta["reset_bn"]
+                           cache_dir=root, progress=False, quick=True, bn="per_task", select="fixed")
+    assert table.tasks == ["mnist"] and len(table.meta["pool"]) == 3 and table.meta["bn"] == "per_task"
+    assert table.row("task_arithmetic").params["lambda"] == 0.3 and "selected" not in table.row("task_arithmetic").params
     assert all(set(r.per_task) == {"mnist"} and 0 <= r.average <= 1 for r in table.rows)
 
 

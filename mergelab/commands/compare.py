@@ -74,9 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets everywhere (smoke tests, CI)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", default=None,
                    help="run methods in this process (faster; peak memory then includes what it already holds)")
-    p.add_argument("--reset-bn", action="store_true",
-                   help="re-estimate the BatchNorm statistics of the pretrained and merged backbones on the tasks' "
-                        "training images before evaluating them")
+    p.add_argument("--bn", choices=["joint", "per_task", "merged"], default=None,
+                   help="BatchNorm protocol of the pretrained row and every merge: joint (default for BatchNorm "
+                        "architectures: statistics re-estimated on the group's unlabelled training images), "
+                        "per_task (re-estimated per task) or merged (kept as merged)")
+    p.add_argument("--reset-bn", dest="bn", action="store_const", const="joint", help="same as --bn joint")
+    p.add_argument("--select", choices=["validation", "fixed"], default="validation",
+                   help="choose lambda of task arithmetic, TIES and DARE on the validation split of the training "
+                        "data (default; never the test split) or use the papers' no-validation defaults (fixed)")
     p.add_argument("--pool-scaling", choices=["irrelevant", "relevant"],
                    help="run the pool-scaling protocol (FW-Merging Table 3) instead of one comparison")
     p.add_argument("--sizes", type=_sizes, default=None, help="pool sizes for --pool-scaling (default 4,8,12,16,20)")
@@ -109,7 +114,7 @@ def run_compare(args: argparse.Namespace) -> int:
         args.arch, _csv_list(args.tasks), _csv_list(args.methods), pool=args.pool,
         samples_per_task=args.samples_per_task, cache_dir=args.cache_dir,
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick,
-        isolate=args.isolate, overrides=overrides, reset_bn=args.reset_bn)
+        isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select)
     print(table.format())
     if out is not None:
         csv_path = table.to_csv(out / "comparison.csv")
@@ -135,7 +140,8 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
         mode, args.arch, tasks=_csv_list(args.tasks), sizes=args.sizes or DEFAULT_SIZES,
         methods=_csv_list(args.methods), samples_per_task=args.samples_per_task, cache_dir=args.cache_dir,
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick, seed=args.seed,
-        isolate=args.isolate, overrides=overrides, reset_bn=args.reset_bn, on_table=save_partial)
+        isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select,
+        on_table=save_partial)
     print(result.format())
     if out is not None:
         csv_path = result.to_csv(out / f"pool_scaling_{mode}.csv")

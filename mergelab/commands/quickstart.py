@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help="comma-separated comparison rows (default: all; see `mergelab compare --help`)")
     p.add_argument("--samples-per-task", type=int, default=100, help="examples per task for data-informed methods")
     p.add_argument("--quick", action="store_true", help="tiny budgets everywhere (smoke test; numbers mean little)")
+    p.add_argument("--bn", choices=["joint", "per_task", "merged"], default=None,
+                   help="BatchNorm protocol (default joint for BatchNorm architectures; see `mergelab compare --help`)")
+    p.add_argument("--select", choices=["validation", "fixed"], default="validation",
+                   help="lambda of TA/TIES/DARE chosen on validation data (default) or the no-validation defaults")
     p.add_argument("--force", action="store_true", help="recompute the comparison even if a cached result matches")
     p.add_argument("--workers", type=int, default=2, help="fine-tuning processes (default 2)")
     p.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_quickstart(
         args.out, arch=args.arch, tasks=_csv(args.tasks), methods=_csv(args.methods),
         samples_per_task=args.samples_per_task, quick=args.quick, cache_dir=args.cache_dir, workers=args.workers,
-        force=args.force, progress=args.progress, on_stage=stage)
+        force=args.force, progress=args.progress, on_stage=stage, bn=args.bn, select=args.select)
     print(result.table.format())
     print()
     print(f"report: {result.html}")

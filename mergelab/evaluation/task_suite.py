@@ -17,8 +17,17 @@ methods), which mismatches the merged network's activations. ``reset_bn`` re-est
 (:func:`mergelab.evaluation.bn.reset_bn_statistics`, ``bn_batches`` batches of 128 training images):
 ``"joint"`` (or ``True``) once on the union of the tasks' training splits -- one merged model for all
 tasks; ``"per_task"`` separately for each task on its own training split before scoring it -- the merged
-parameters with task-specific BN statistics (a few task images, no labels). ``False``/``"off"`` (default)
-uses the merged statistics as they are. Evaluation never changes files on disk.
+parameters with task-specific BN statistics (a few task images, no labels). ``"merged"`` (default; also
+``False``/``"off"``) uses the merged statistics as they are. The protocols and the default that
+comparisons use are in :mod:`mergelab.evaluation.protocol`. Evaluation never changes files on disk.
+
+**Splits.** ``split="test"`` (default) scores the test split; ``split="validation"`` scores
+:func:`mergelab.tasks.validation_split` (a fixed sample of the *training* split), for choosing a merge's
+hyperparameters without looking at the test split.
+
+**Validity.** A task whose logits are non-finite for some example (NaN/Inf BN statistics or weights) records
+the count in ``nonfinite``; :attr:`EvaluationResult.valid` is False then, and its accuracy is meaningless
+(argmax of NaN): comparisons mark such a row *invalid*.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ class TaskEvaluation(BaseModel):
     expert_accuracy: float | None = None
     normalized_accuracy: float | None = None
     head: str = ""
+    nonfinite: int = 0
 
 
 class EvaluationResult(BaseModel):
@@ -64,7 +74,8 @@ class EvaluationResult(BaseModel):
     backbone: str
     arch: str
     heads: str
-    reset_bn: str = "off"
+    reset_bn: str = "merged"
+    split: str = "test"
     tasks: list[TaskEvaluation]
     joint: Metrics
     mean_accuracy: float
@@ -73,9 +84,14 @@ class EvaluationResult(BaseModel):
     def by_task(self) -> dict[str, TaskEvaluation]:
         return {row.task: row for row in self.tasks}
 
+    @property
+    def valid(self) -> bool:
+        """False when any example of any task got non-finite logits (the model is broken, not just bad)."""
+        return all(row.nonfinite == 0 for row in self.tasks)
+
     def table(self) -> str:
         """A fixed-width text table (one row per task, then mean and joint rows)."""
-        lines = [f"backbone: {self.backbone}  (arch {self.arch}, heads: {self.heads}{'' if self.reset_bn == 'off' else ', BN reset: ' + self.reset_bn})"]
+        lines = [f"backbone: {self.backbone}  (arch {self.arch}, heads: {self.heads}{'' if self.reset_bn == 'merged' else ', BN reset: ' + self.reset_bn}{'' if self.split == 'test' else ', split: ' + self.split})"]
         lines.append(f"{'task':<22} {'n':>6} {'acc':>7} {'loss':>8} {'expert':>7} {'norm':>7}")
         fmt = lambda v: "   -   " if v is None else f"{v:7.4f}"  # noqa: E731
         for r in self.tasks:
@@ -167,6 +183,7 @@ def evaluate(
     bn_batches: int = 20,
     batch_size: int = 512,
     device: str | torch.device | None = None,
+    split: str = "test",
 ) -> EvaluationResult:
     """Evaluate ``backbone`` on each task with that task's head; see the module docstring.
 
@@ -177,14 +194,18 @@ def evaluate(
         arch: architecture; inferred from the experts, the backbone's sidecar or its tensors if not given.
         tasks: restrict to these tasks (default: the experts' tasks, or all tasks).
         heads: ``"experts"`` or ``"probe"`` (fit a linear probe per task on this backbone's features).
-        reset_bn: ``False``/``"off"``, ``True``/``"joint"`` or ``"per_task"`` BatchNorm re-estimation on
-            ``bn_batches`` batches of training images (module docstring).
+        reset_bn: ``"merged"`` (also ``False``/``"off"``), ``True``/``"joint"`` or ``"per_task"`` BatchNorm
+            re-estimation on ``bn_batches`` batches of training images (module docstring).
+        split: ``"test"`` or ``"validation"`` (module docstring).
     """
-    from mergelab.tasks import get_task
+    from mergelab.tasks import get_task, validation_split
 
-    bn_mode = {False: "off", True: "joint"}.get(reset_bn, reset_bn) if isinstance(reset_bn, bool) else reset_bn
-    if bn_mode not in ("off", "joint", "per_task"):
-        raise SpecError(f"reset_bn must be off, joint or per_task, got {reset_bn!r}")
+    bn_mode = {False: "merged", True: "joint"}[reset_bn] if isinstance(reset_bn, bool) else reset_bn
+    bn_mode = "merged" if bn_mode == "off" else bn_mode
+    if bn_mode not in ("merged", "joint", "per_task"):
+        raise SpecError(f"reset_bn must be merged (off), joint or per_task, got {reset_bn!r}")
+    if split not in ("test", "validation"):
+        raise SpecError(f"split must be 'test' or 'validation', got {split!r}")
     if heads not in ("experts", "probe"):
         raise SpecError(f"heads must be 'experts' or 'probe', got {heads!r}")
     if experts is not None and len(experts) == 0:
@@ -227,9 +248,14 @@ def evaluate(
             head_desc = str(expert.head_path)
         if head.out_features != data.num_classes:
             raise SpecError(f"head {head_desc} has {head.out_features} classes, task {t!r} has {data.num_classes}")
-        correct, losses = classifier_outputs(model, head.to(dev), data.x_test, data.y_test, batch_size)
+        x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else validation_split(data)
+        correct, losses = classifier_outputs(model, head.to(dev), x_eval, y_eval, batch_size)
         acc, loss = correct.double().mean().item(), losses.mean().item()
-        ref = expert.test_metrics.accuracy if expert is not None else None
+        nonfinite = int((~torch.isfinite(losses)).sum().item())
+        if nonfinite:
+            log.warning("%s on task %s: %d of %d examples have non-finite logits (invalid model)",
+                        backbone if not isinstance(backbone, Mapping) else "<state dict>", t, nonfinite, len(losses))
+        ref = expert.test_metrics.accuracy if expert is not None and split == "test" else None
         rows.append(
             TaskEvaluation(
                 task=t,
@@ -239,6 +265,7 @@ def evaluate(
                 expert_accuracy=ref,
                 normalized_accuracy=(acc / ref) if ref else None,
                 head=head_desc,
+                nonfinite=nonfinite,
             )
         )
         all_correct.append(correct)
@@ -252,6 +279,7 @@ def evaluate(
         arch=arch,
         heads=heads,
         reset_bn=bn_mode,
+        split=split,
         tasks=rows,
         joint=Metrics(accuracy=correct_cat.double().mean().item(), loss=loss_cat.mean().item(), n=len(correct_cat)),
         mean_accuracy=sum(r.accuracy for r in rows) / len(rows),

@@ -14,28 +14,38 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
   data from theta_0, each task through its own (jointly trained) head (:mod:`mergelab.training.multitask`,
   cached by spec hash like an expert). Its wall time is its training time.
 * merges, each written to disk by :func:`mergelab.engine.merge` and evaluated with
-  :func:`mergelab.evaluation.evaluate` through the experts' heads (BatchNorm statistics as the method
-  produced them unless ``reset_bn=True``; a merge whose ``running_var`` has negative entries — task
-  arithmetic extrapolating the variances of many experts does this — gets NaN features in those channels,
-  and its row's ``params["negative_running_var"]`` counts them):
+  :func:`mergelab.evaluation.evaluate` through the experts' heads under **one declared protocol**
+  (:mod:`mergelab.evaluation.protocol`): ``bn`` says how BatchNorm statistics are obtained for the
+  pretrained row and every merge alike (default ``joint``: re-estimated on the group's unlabelled training
+  images; ``merged``: kept as merged; ``per_task``), recorded in every row and in ``meta``. BN running
+  statistics are never trimmed, dropped or scaled by lambda: data-free merges take the experts' weighted mean
+  for them (per-tensor overrides, :func:`~mergelab.evaluation.protocol.statistics_overrides`). A merge whose
+  logits are non-finite, or whose ``running_var`` has negative entries under ``bn: merged``, is **invalid**
+  (``MethodRow.invalid`` says why): no accuracy is reported for it and no verdict counts it.
+
+  **Scales chosen on validation data** (``select="validation"``, default): a row with a ``grid`` (task
+  arithmetic, TIES, DARE: lambda) is merged at every grid value, each merge is scored on the validation split
+  of the training data (:func:`mergelab.tasks.validation_split`, under the same BN protocol; never the test
+  split) and the best mean validation accuracy is kept, as Ilharco et al. 2023 (lambda in 0.05..1 on held-out
+  validation data) and Yadav et al. 2023 (lambda on validation, app. C) do. The row records the grid, the
+  validation accuracies and the chosen value. ``select="fixed"`` uses the no-validation defaults below.
 
   ==================  ========================================================================================
   weight_average      plain average of the experts (Wortsman et al. 2022, model soups)
-  task_arithmetic     lambda 0.3: the common default for many tasks when no validation set is used (Ilharco et
-                      al. 2023 pick lambda on validation data, 0.3-0.4 for 8 ViT tasks; AdaMerging (Yang et al.
-                      2024), TIES and FusionBench's 8-task baselines report task arithmetic at 0.3)
-  ties                lambda 1, density 0.2 (top 20 %), mass sign election, disjoint mean: the TIES paper's
-                      recommended setting without a validation set (Yadav et al. 2023, sec. 7.4 / app. C:
-                      k = 20 %, lambda = 1)
+  task_arithmetic     lambda from the grid 0.1 .. 1.0 on validation; fixed: 0.3, the common default for many
+                      tasks when no validation set is used (Ilharco et al. 2023 pick lambda on validation data,
+                      0.3-0.4 for 8 ViT tasks; AdaMerging (Yang et al. 2024), TIES and FusionBench's 8-task
+                      baselines report task arithmetic at 0.3)
+  ties                density 0.2 (top 20 %), mass sign election, disjoint mean; lambda from the grid 0.3 .. 1.5
+                      on validation (Yadav et al. 2023 search lambda on validation); fixed: lambda 1, the TIES
+                      paper's recommended setting without a validation set (sec. 7.4 / app. C: k = 20 %, lambda 1)
   dare                DARE + task arithmetic: drop with density 0.5 and rescale by 1/0.5 (Yu et al. 2024; 0.5
-                      is a neutral middle for a small model), then task arithmetic at lambda 0.3 as above.
-                      BatchNorm running statistics are not dropped (a per-tensor override with density 1, so
-                      they follow task arithmetic): DARE is defined for learned weight deltas, and a dropped
-                      and doubled ``running_var`` delta went negative on the resnet_s zoo, which turns that
-                      channel into NaN and the whole model into chance
+                      is a neutral middle for a small model), then task arithmetic with lambda chosen as for
+                      task arithmetic (fixed: 0.3)
   fisher              Fisher merging, exact diagonal Fisher (Matena & Raffel 2022)
   regmean             RegMean, alpha 0.9, Linear and Conv2d layers (Jin et al. 2023)
-  adamerging          layer-wise AdaMerging, 500 Adam steps, init 0.3 (Yang et al. 2024)
+  adamerging          layer-wise AdaMerging, 500 Adam steps, init 0.3 (Yang et al. 2024); with a BatchNorm
+                      protocol other than ``merged`` it optimises with batch statistics (``bn: batch``)
   adamerging_surgery  representation surgery (rank 16, 1,000 steps per task; Yang et al. 2024b) on the
                       AdaMerging model; wall time and peak memory include AdaMerging's
   fw_hard / fw_soft   FW-Merging (Chen et al. 2025): hard, 3 iterations from task arithmetic (0.3) with line
@@ -103,12 +113,17 @@ class MethodConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     quick_params: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    #: {parameter: candidate values} searched on validation data when ``select="validation"``.
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def parameters(self, quick: bool) -> dict[str, Any]:
         return {**self.params, **(self.quick_params if quick else {})}
 
 
 _TA_LAMBDA = 0.3
+#: lambda grids searched on validation data (``select="validation"``).
+TA_LAMBDA_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TIES_LAMBDA_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.2, 1.5)
 CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("pretrained", None, source="theta_0 with the experts' heads"),
     MethodConfig("individual", None, source="each expert on its own task"),
@@ -116,11 +131,14 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
                  "joint fine-tuning on all tasks (mergelab.training.multitask defaults)"),
     MethodConfig("weight_average", "weight_average", source="Wortsman et al. 2022"),
     MethodConfig("task_arithmetic", "task_arithmetic", {"lambda": _TA_LAMBDA},
-                 source="lambda 0.3: common default for many tasks (Ilharco et al. 2023; Yang et al. 2024)"),
+                 source="lambda on validation (Ilharco et al. 2023); fixed: 0.3, the common no-validation default",
+                 grid={"lambda": TA_LAMBDA_GRID}),
     MethodConfig("ties", "ties", {"lambda": 1.0, "density": 0.2},
-                 source="k 20%, lambda 1: TIES paper's no-validation setting (Yadav et al. 2023)"),
+                 source="k 20%, lambda on validation (Yadav et al. 2023); fixed: lambda 1, the paper's "
+                        "no-validation setting", grid={"lambda": TIES_LAMBDA_GRID}),
     MethodConfig("dare", "dare_linear", {"density": 0.5, "lambda": _TA_LAMBDA},
-                 source="DARE drop 0.5 + task arithmetic lambda 0.3 (Yu et al. 2024); BN statistics not dropped"),
+                 source="DARE drop 0.5 + task arithmetic, lambda on validation (Yu et al. 2024); fixed: 0.3",
+                 grid={"lambda": TA_LAMBDA_GRID}),
     MethodConfig("fisher", "fisher", {}, source="exact diagonal Fisher (Matena & Raffel 2022)"),
     MethodConfig("regmean", "regmean", {}, source="alpha 0.9 (Jin et al. 2023)"),
     MethodConfig("adamerging", "adamerging", {}, {"steps": 3},
@@ -132,6 +150,10 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("fw_soft", "fw_soft", {}, {"iterations": 2, "pgd_steps": 3},
                  source="15 iterations from theta_0, k = #tasks (Chen et al. 2025)"),
 )}
+#: Methods that take the BN protocol as a parameter: {method: {protocol: parameters}}.
+BN_PARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
+    "adamerging": {"joint": {"bn": "batch"}, "per_task": {"bn": "batch"}},
+}
 DEFAULT_METHODS: tuple[str, ...] = tuple(CATALOG)
 QUICK_SAMPLES = 16
 
@@ -150,6 +172,16 @@ class MethodRow:
     params: dict
     base_mb: float = math.nan
     error: str | None = None
+    #: The evaluation protocol of this row (:mod:`mergelab.evaluation.protocol`): BN statistics and heads.
+    bn: str = ""
+    head: str = "expert"
+    #: Why the merge is invalid (non-finite logits, negative BN variances), or None.
+    invalid: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Ran without error and is a valid model: its numbers may be compared."""
+        return self.error is None and self.invalid is None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_number(v) for k, v in asdict(self).items()}
@@ -190,15 +222,24 @@ class ComparisonTable:
         head = f"{'method':<{mwidth}} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
         head += f" {'avg':>6} {'norm':>6} {'wall s':>8} {'peak MB':>8} {'+MB':>6}"
         lines = [f"{self.arch} on {len(self.tasks)} tasks: " + ", ".join(self.tasks), head, "-" * len(head)]
+        if self.meta.get("protocol"):
+            lines.insert(1, f"protocol: {self.meta['protocol']}")
         pct = lambda v, w=6: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{100 * v:{w}.1f}"  # noqa: E731
         num = lambda v, w, d: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{v:{w}.{d}f}"  # noqa: E731
         for r in self.rows:
             if r.error is not None:
                 lines.append(f"{r.method:<{mwidth}} failed: {r.error}")
                 continue
+            if r.invalid is not None:
+                lines.append(f"{r.method:<{mwidth}} INVALID: {r.invalid}")
+                continue
             cells = " ".join(pct(r.per_task.get(t), w) for t, w in zip(self.tasks, widths))
             lines.append(f"{r.method:<{mwidth}} {cells} {pct(r.average)} {pct(r.normalized)} "
                          f"{num(r.wall_s, 8, 1)} {num(r.peak_mb, 8, 0)} {num(r.peak_mb - r.base_mb, 6, 0)}")
+        chosen = [f"{r.method} {k} {v['chosen']:g}" for r in self.rows if r.error is None
+                  for k, v in (r.params.get("selected") or {}).items()]
+        if chosen:
+            lines.append("chosen on validation data: " + ", ".join(chosen))
         lines.append("accuracy and normalized accuracy in %; " + self.meta.get("memory_note", ""))
         if self.meta.get("wall_note"):
             lines.append(self.meta["wall_note"])
@@ -219,14 +260,15 @@ class ComparisonTable:
         from mergelab.atomic_files import write_csv_atomic
 
         cols = (["method"] + [f"acc:{t}" for t in self.tasks] + [f"loss:{t}" for t in self.tasks]
-                + ["average", "normalized", "wall_s", "peak_mb", "base_mb", "error", "params"])
+                + ["average", "normalized", "wall_s", "peak_mb", "base_mb", "bn", "head", "invalid", "error", "params"])
 
         def cell(v: Any) -> Any:
             return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
         return write_csv_atomic(path, cols, (
             [r.method] + [cell(r.per_task.get(t)) for t in self.tasks] + [cell(r.per_task_loss.get(t)) for t in self.tasks]
-            + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb), r.error or "",
+            + [cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb), cell(r.base_mb), r.bn, r.head,
+               r.invalid or "", r.error or "",
                json.dumps(r.params, sort_keys=True, default=str)]
             for r in self.rows))
 
@@ -485,7 +527,9 @@ def run_comparison(
     quick: bool = False,
     isolate: bool | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    reset_bn: bool = False,
+    bn: str | bool | None = None,
+    select: str = "validation",
+    reset_bn: bool | str | None = None,
 ) -> ComparisonTable:
     """Compare ``methods`` on ``tasks``; see the module docstring.
 
@@ -501,10 +545,14 @@ def run_comparison(
         quick: tiny budgets everywhere (tests). isolate: run each merge in a fresh spawned process to
             measure its peak memory (default: True, False when ``quick``).
         overrides: ``{row name: {parameter: value}}`` replacing the catalog's settings.
-        reset_bn: evaluate the pretrained and merged backbones after re-estimating their BatchNorm
-            statistics on the tasks' training images (:func:`mergelab.evaluation.evaluate`'s ``reset_bn``);
-            default False: the statistics as each method merged them. Not applied to the individual and
-            multi-task rows (their statistics are their own) nor to surgery (trained on the merged features).
+        bn: the BatchNorm protocol of the pretrained row and every merge (:mod:`mergelab.evaluation.protocol`):
+            ``joint`` (default for BN architectures), ``per_task`` or ``merged``; ``none`` is recorded for
+            architectures without BatchNorm. Not applied to the individual and multi-task rows (their
+            statistics are their own) nor to surgery (trained on the features of its merged backbone, whose
+            statistics AdaMerging already re-estimated under ``joint``/``per_task``).
+        select: ``validation`` (default): rows with a ``grid`` choose their scale on the validation split;
+            ``fixed``: the catalog's no-validation defaults.
+        reset_bn: older name of ``bn`` (``True`` = ``joint``, ``False`` = ``merged``).
 
     Raises :class:`~mergelab.errors.SpecError` for unknown tasks/methods, tasks without experts, an empty or
     inconsistent pool. A method that fails while running gives a row with ``error`` set (the others go on).
@@ -513,8 +561,15 @@ def run_comparison(
 
     if samples_per_task < 1:
         raise SpecError(f"samples_per_task must be >= 1, got {samples_per_task}")
+    from mergelab.evaluation.protocol import describe, evaluation_reset, resolve_bn
+
     isolate = (not quick) if isolate is None else isolate
+    if select not in ("validation", "fixed"):
+        raise SpecError(f"select must be 'validation' or 'fixed', got {select!r}")
+    if bn is None and reset_bn is not None:
+        bn = reset_bn
     setup = _resolve(arch, tasks, pool, cache_dir)
+    protocol = resolve_bn(bn, setup.arch)
     configs = _method_configs(methods)
     overrides = dict(overrides or {})
     unknown = set(overrides) - {c.name for c in configs}
@@ -545,13 +600,15 @@ def run_comparison(
             params = {**cfg.parameters(quick), **dict(overrides.get(cfg.name, {}))}
             try:
                 row = _run_one(cfg, params, setup, data, work, cache_dir, quick, isolate, outputs,
-                               partial(evaluate, reset_bn=reset_bn), evaluate)
+                               partial(evaluate, reset_bn=evaluation_reset(protocol)), evaluate, protocol,
+                               _search_grid(cfg, overrides.get(cfg.name, {}), select, quick))
             except MergeLabError as exc:
                 log.error("%s failed: %s", cfg.name, exc)
                 row = _failed(cfg.name, f"{type(exc).__name__}: {exc}", params)
             except Exception as exc:  # noqa: BLE001 - one broken method must not lose a long comparison
                 log.exception("%s failed", cfg.name)
                 row = _failed(cfg.name, f"{type(exc).__name__}: {exc}", params)
+            row.bn = protocol if cfg.name not in ("individual", "multitask") else "own"
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -566,7 +623,10 @@ def run_comparison(
         "samples_per_task": samples,
         "quick": quick,
         "isolated": isolate,
-        "reset_bn": reset_bn,
+        "bn": protocol,
+        "head": "expert",
+        "protocol": describe(protocol),
+        "select": select,
         "seconds": round(time.perf_counter() - started, 2),
         "memory_note": ("peak MB: ru_maxrss of a fresh spawned process per method (torch loaded); "
                         "+MB: above that process's RSS before the merge" if isolate else
@@ -581,14 +641,63 @@ def run_comparison(
     return ComparisonTable(setup.arch, list(setup.tasks), rows, meta)
 
 
+def _search_grid(cfg: MethodConfig, user: Mapping[str, Any], select: str, quick: bool) -> dict[str, tuple[Any, ...]]:
+    """The grid to search on validation data: the row's grid minus parameters the user fixed (quick: the
+    grid's first, middle and last values)."""
+    if select != "validation":
+        return {}
+    grid = {k: tuple(v) for k, v in cfg.grid.items() if k not in user}
+    if quick:
+        grid = {k: tuple(dict.fromkeys((v[0], v[len(v) // 2], v[-1]))) for k, v in grid.items()}
+    return grid
+
+
+def _invalid(result: Any, negative: int, protocol: str) -> str | None:
+    """Why an evaluated merge is invalid (non-finite logits; negative BN variances used as they are)."""
+    bad = [f"{r.task} ({r.nonfinite}/{r.n_test})" for r in result.tasks if r.nonfinite]
+    if bad:
+        return "non-finite logits on " + ", ".join(bad)
+    if negative and protocol == "merged":
+        return f"{negative} negative BatchNorm running_var entries (statistics kept as merged)"
+    return None
+
+
+def _select_on_validation(spec: dict[str, Any], grid: Mapping[str, tuple[Any, ...]], heads: Sequence[Any],
+                          tasks: Sequence[str], work: Path, evaluate: Callable[..., Any]) -> dict[str, Any]:
+    """Merge ``spec`` at every point of ``grid`` (in-process), score each on the validation split under the
+    comparison's BN protocol, and return ``{parameter: {"grid", "validation_accuracy", "chosen"}}`` with the
+    best mean validation accuracy (ties: the first grid point; invalid merges never win)."""
+    import itertools
+
+    from mergelab.engine import merge
+
+    names = list(grid)
+    points = list(itertools.product(*(grid[n] for n in names)))
+    scores: list[float] = []
+    for point in points:
+        out = work / "validation-candidate"
+        candidate = {**spec, "parameters": {**spec["parameters"], **dict(zip(names, point))}}
+        merge(candidate, out, overwrite=True, progress=False)
+        r = evaluate(out, heads, tasks=tasks, split="validation")
+        scores.append(r.mean_accuracy if r.valid else -math.inf)
+        shutil.rmtree(out, ignore_errors=True)
+    best = max(range(len(points)), key=lambda i: (scores[i], -i))
+    return {n: {"grid": list(grid[n]) if len(names) == 1 else [p[j] for p in points],
+                "validation_accuracy": [s if math.isfinite(s) else None for s in scores],
+                "chosen": points[best][j]} for j, n in enumerate(names)}
+
+
 def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dict[str, Any], work: Path,
              cache_dir: PathLike | None, quick: bool, isolate: bool, outputs: dict[str, dict[str, Any]],
-             evaluate: Callable[..., Any], evaluate_own: Callable[..., Any]) -> MethodRow:
+             evaluate: Callable[..., Any], evaluate_own: Callable[..., Any], protocol: str = "merged",
+             grid: Mapping[str, tuple[Any, ...]] | None = None) -> MethodRow:
     tasks, heads = setup.tasks, setup.heads
     nan = math.nan
     if cfg.name == "pretrained":
         r = evaluate(setup.base, heads, tasks=tasks)
-        return _row_from_eval(cfg.name, r, tasks, 0.0, nan, nan, params)
+        row = _row_from_eval(cfg.name, r, tasks, 0.0, nan, nan, params)
+        row.invalid = _invalid(r, 0, protocol)
+        return row
     if cfg.name == "individual":
         rows = [evaluate_own(e.path, [e], tasks=[e.task]).by_task()[e.task] for e in heads]
         acc = {row.task: row.accuracy for row in rows}
@@ -622,8 +731,18 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
                             "device": "auto"}
     if informed:
         spec["data"] = dict(data)
-    if cfg.name == "dare" and "overrides" not in params:
-        spec["overrides"] = [{"pattern": "re:running_(mean|var)$", "parameters": {"density": 1.0}}]
+        spec["parameters"] = {**BN_PARAMETERS.get(cfg.method, {}).get(protocol, {}), **spec["parameters"]}
+    elif protocol != "none" and "overrides" not in params:
+        from mergelab.evaluation.protocol import statistics_overrides
+
+        # BN running statistics are not task vectors: the experts' weighted mean, whatever the method
+        spec["overrides"] = statistics_overrides(cfg.method, [1.0] * len(setup.pool))
+    if not spec.get("overrides"):
+        spec.pop("overrides", None)
+    selected = None
+    if grid and not informed:
+        selected = _select_on_validation(spec, grid, heads, tasks, work, evaluate)
+        spec["parameters"].update({k: v["chosen"] for k, v in selected.items()})
     extra_wall, extra_peak = 0.0, nan
     if cfg.method == "surgery":
         modules = work / f"{cfg.name}.surgery"
@@ -648,13 +767,19 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
     record_params = dict(spec["parameters"])
     if spec.get("overrides"):
         record_params["overrides"] = spec["overrides"]
+    if selected:
+        record_params["selected"] = selected
     negative = _negative_variances(out)
     if negative:
         log.warning("%s: %d BatchNorm running_var entries of the merged model are negative (NaN features)",
                     cfg.name, negative)
         record_params["negative_running_var"] = negative
-    return _row_from_eval(cfg.name, r, tasks, job["wall_s"] + extra_wall, peak, job["base_mb"],
-                          {"method": cfg.method, **record_params})
+    row = _row_from_eval(cfg.name, r, tasks, job["wall_s"] + extra_wall, peak, job["base_mb"],
+                         {"method": cfg.method, **record_params})
+    row.invalid = _invalid(r, negative, protocol)
+    if row.invalid:
+        log.warning("%s: invalid merge: %s", cfg.name, row.invalid)
+    return row
 
 
 __all__ = ["CATALOG", "DEFAULT_METHODS", "DEFAULT_TASKS", "ComparisonTable", "MethodConfig", "MethodRow",

@@ -210,7 +210,7 @@ def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
 def pool_size_job(spec: dict[str, Any]) -> dict[str, Any]:
     """One pool size of the pool-scaling protocol: :func:`mergelab.experiments.compare.run_comparison` of the
     ``pool`` experts (``[{"task", "spec_hash"}]``) evaluated on ``eval_tasks`` with ``methods``; ``spec`` also
-    holds ``arch``, ``samples_per_task``, ``reset_bn``, ``quick`` and ``cache_dir``. Returns the comparison
+    holds ``arch``, ``samples_per_task``, ``bn`` (BatchNorm protocol), ``select``, ``quick`` and ``cache_dir``. Returns the comparison
     table as a dict (:meth:`~mergelab.experiments.compare.ComparisonTable.to_dict`)."""
     from mergelab.experiments.compare import run_comparison
     from mergelab.models.paths import expert_dir
@@ -219,5 +219,6 @@ def pool_size_job(spec: dict[str, Any]) -> dict[str, Any]:
     pool = [expert_dir(arch, m["task"], m["spec_hash"], cache_dir) for m in spec["pool"]]
     table = run_comparison(arch, list(spec["eval_tasks"]), list(spec["methods"]), pool=pool,
                            samples_per_task=int(spec.get("samples_per_task", 100)), cache_dir=cache_dir,
-                           progress=False, quick=bool(spec.get("quick", False)), reset_bn=bool(spec.get("reset_bn", False)))
+                           progress=False, quick=bool(spec.get("quick", False)),
+                           bn=spec.get("bn", spec.get("reset_bn")), select=spec.get("select", "fixed"))
     return table.to_dict()

@@ -210,7 +210,9 @@ def run_pool_scaling(
     seed: int = 0,
     isolate: bool | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    reset_bn: bool = False,
+    bn: str | bool | None = None,
+    select: str = "validation",
+    reset_bn: bool | None = None,
     on_table: Callable[[int, ComparisonTable], None] | None = None,
 ) -> PoolScalingResult:
     """Run the pool-scaling protocol ``mode``; see the module docstring.
@@ -231,12 +233,14 @@ def run_pool_scaling(
         table = run_comparison(
             arch, evals[n], methods, pool=[experts[t].path for t in pools[n]], samples_per_task=samples_per_task,
             cache_dir=cache_dir, workdir=None if workdir is None else Path(workdir) / f"{mode}_{n}",
-            progress=progress, quick=quick, isolate=isolate, overrides=overrides, reset_bn=reset_bn)
+            progress=progress, quick=quick, isolate=isolate, overrides=overrides, bn=bn if bn is not None else reset_bn,
+            select=select)
         tables[n] = table
         if on_table is not None:
             on_table(n, table)
     return PoolScalingResult(mode, arch, sorted(pools), methods, pools, evals, tables,
-                             {"seed": seed, "samples_per_task": samples_per_task, "quick": quick, "reset_bn": reset_bn,
+                             {"seed": seed, "samples_per_task": samples_per_task, "quick": quick,
+                              "bn": next(iter(tables.values())).meta.get("bn") if tables else None, "select": select,
                               "seconds": round(time.perf_counter() - started, 1)})
 
 

@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,7 +49,8 @@ class PoolConfig(BaseModel):
     methods: tuple[str, ...] = ("task_arithmetic", "ties", "fw_soft", "fw_hard")
     samples_per_task: int = Field(100, ge=1)
     seed: int = 0
-    reset_bn: bool = False
+    bn: Literal["joint", "per_task", "merged"] = "joint"  # BatchNorm protocol (mergelab.evaluation.protocol)
+    select: Literal["validation", "fixed"] = "validation"  # lambda of TA/TIES/DARE on validation data
     tasks: tuple[str, ...] | None = None  # evaluated group (irrelevant) or task order (relevant); default as compare
     quick: bool = False  # tiny budgets for every method (smoke tests)
 
@@ -180,8 +181,8 @@ def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
         pools, evals = plan_pools(mode, list(experts), cfg.tasks, cfg.sizes, cfg.seed)  # type: ignore[arg-type]
         specs = {n: {"arch": cfg.arch, "mode": mode, "size": n, "eval_tasks": evals[n],
                      "pool": [{"task": t, "spec_hash": experts[t].spec_hash} for t in pools[n]],
-                     "methods": list(cfg.methods), "samples_per_task": cfg.samples_per_task, "reset_bn": cfg.reset_bn,
-                     "quick": cfg.quick, "cache_dir": cache} for n in pools}
+                     "methods": list(cfg.methods), "samples_per_task": cfg.samples_per_task, "bn": cfg.bn,
+                     "select": cfg.select, "quick": cfg.quick, "cache_dir": cache} for n in pools}
         say(f"pool scaling ({mode}): sizes {sorted(pools)}, methods {list(cfg.methods)}")
         summary = opts.run([Task("pool_size", spec, pool_size_job, study="pool") for spec in specs.values()], store)
         if summary.failed:
@@ -189,7 +190,7 @@ def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
         tables = {n: ComparisonTable.from_dict(store.get(key_of("pool_size", spec)).metrics) for n, spec in specs.items()}
         result = PoolScalingResult(mode, cfg.arch, sorted(pools), list(cfg.methods), pools, evals, tables,
                                    {"seed": cfg.seed, "samples_per_task": cfg.samples_per_task, "quick": cfg.quick,
-                                    "reset_bn": cfg.reset_bn})
+                                    "bn": cfg.bn, "select": cfg.select})
         result.to_json(out / f"pool_scaling_{mode}.json")
         doc = merge_pool_scaling_documents(doc, pool_scaling_document(result, config=cfg.model_dump(mode="json")))
     assert doc is not None

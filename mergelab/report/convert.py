@@ -54,30 +54,53 @@ def _fmt_pct(v: float | None) -> str:
 
 
 def _ok_rows(table: ComparisonTable) -> list[Any]:
-    return [r for r in table.rows if r.error is None]
+    """Rows that ran and are valid models (failed and invalid rows are never drawn or compared)."""
+    return [r for r in table.rows if r.usable]
 
 
 def _average(table: ComparisonTable, method: str) -> float | None:
     for r in table.rows:
-        if r.method == method and r.error is None and math.isfinite(r.average):
+        if r.method == method and r.usable and math.isfinite(r.average):
             return float(r.average)
     return None
 
 
+def _why_missing(table: ComparisonTable, method: str) -> str:
+    for r in table.rows:
+        if r.method == method:
+            return f"{method} failed" if r.error is not None else f"{method} invalid ({r.invalid})"
+    return f"{method} not measured"
+
+
+def protocol_note(meta: Mapping[str, Any]) -> str:
+    """The evaluation protocol sentence of a comparison (BN statistics, heads, how scales were chosen)."""
+    parts = []
+    if meta.get("protocol"):
+        parts.append(f"Protocol: {meta['protocol']}.")
+    if meta.get("select") == "validation":
+        parts.append("lambda of task arithmetic, TIES and DARE chosen on the validation split of the training data.")
+    elif meta.get("select") == "fixed":
+        parts.append("lambda fixed at the papers' no-validation defaults.")
+    return " ".join(parts)
+
+
 def _better(claim: str, predicted: str, a_name: str, a: float | None, b_name: str, b: float | None,
-            source: str) -> Verdict:
-    """Verdict for "``a`` is more accurate than ``b``" (undecided when missing or within the tolerance)."""
+            source: str, table: ComparisonTable | None = None) -> Verdict:
+    """Verdict for "``a`` is more accurate than ``b``" (undecided when missing, failed, invalid or within the
+    tolerance)."""
+    protocol = f" {protocol_note(table.meta)}" if table is not None else ""
     if a is None or b is None:
-        missing = [n for n, v in ((a_name, a), (b_name, b)) if v is None]
-        return Verdict(claim=claim, predicted=predicted, measured=f"{', '.join(missing)} not measured",
-                       agrees=None, detail=source)
+        missing = [(_why_missing(table, n) if table is not None else f"{n} not measured")
+                   for n, v in ((a_name, a), (b_name, b)) if v is None]
+        return Verdict(claim=claim, predicted=predicted, measured=", ".join(missing),
+                       agrees=None, detail=source + protocol)
     diff = a - b
     agrees: bool | None = None if abs(diff) < TIE_TOLERANCE else diff > 0
     return Verdict(claim=claim, predicted=predicted,
                    measured=f"{a_name} {_fmt_pct(a)} vs {b_name} {_fmt_pct(b)} ({100 * diff:+.1f} points)",
                    agrees=agrees,
                    detail=f"{source} Average accuracy over the evaluated tasks; differences under "
-                          f"{100 * TIE_TOLERANCE:.1f} points are undecided.")
+                          f"{100 * TIE_TOLERANCE:.1f} points are undecided.{protocol}")
 
 
 def comparison_verdicts(table: ComparisonTable) -> list[Verdict]:
@@ -98,18 +121,18 @@ def comparison_verdicts(table: ComparisonTable) -> list[Verdict]:
     if "ties" in names:
         out.append(_better("TIES beats task arithmetic", "higher accuracy (trim + sign consensus shrink the "
                            "task-heterogeneity term)", "ties", _average(table, "ties"), "task_arithmetic", ta,
-                           "Stability paper, Corollary 1; Yadav et al. 2023."))
+                           "Stability paper, Corollary 1; Yadav et al. 2023.", table))
     if "dare" in names:
         out.append(_better("DARE beats task arithmetic", "higher accuracy (random drop + rescale shrinks the "
                            "task-heterogeneity term)", "dare", _average(table, "dare"), "task_arithmetic", ta,
-                           "Stability paper, Corollary 1; Yu et al. 2024."))
+                           "Stability paper, Corollary 1; Yu et al. 2024.", table))
     if "adamerging" in names:
         out.append(_better("AdaMerging beats task arithmetic", "higher accuracy (learned layer-wise coefficients)",
                            "adamerging", _average(table, "adamerging"), "task_arithmetic", ta,
-                           "Yang et al. 2024 (ICLR)."))
+                           "Yang et al. 2024 (ICLR).", table))
     if "fw_soft" in names:
         out.append(_better("FW-soft beats task arithmetic", "higher accuracy (Frank-Wolfe over the pool's hull)",
-                           "fw_soft", _average(table, "fw_soft"), "task_arithmetic", ta, "Chen et al. 2025 (ICCV)."))
+                           "fw_soft", _average(table, "fw_soft"), "task_arithmetic", ta, "Chen et al. 2025 (ICCV).", table))
     return out
 
 
@@ -128,13 +151,17 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
         if r.error is not None:
             acc_rows.append([r.method, *[None] * (len(table.tasks) + 4), r.error])
             continue
+        if r.invalid is not None:
+            acc_rows.append([r.method, *[None] * (len(table.tasks) + 4), f"invalid: {r.invalid}"])
+            continue
         acc_rows.append([r.method, *[_pct(r.per_task.get(t)) for t in table.tasks], _pct(r.average),
                          _pct(r.normalized), _fin(r.wall_s), _fin(r.peak_mb), None])
     notes = " ".join(n for n in (table.meta.get("memory_note", ""), table.meta.get("wall_note", "")) if n)
     accuracy = Table(title=f"{table.arch}: accuracy per method on {len(table.tasks)} tasks", columns=acc_cols,
                      rows=acc_rows, digits=1,
                      caption="Test accuracy through each task's expert head; normalized = mean over tasks of "
-                             f"merged / expert accuracy. {notes}".strip())
+                             f"merged / expert accuracy. {protocol_note(table.meta)} Invalid rows (non-finite "
+                             f"logits) have no accuracy. {notes}".strip())
     main_fig = Figure(
         id=f"{prefix}-accuracy", title="Average and normalized accuracy per method", xlabel="method",
         ylabel="accuracy (%)", kind="bar",
@@ -161,7 +188,8 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
         Section(title=f"Method comparison ({table.arch}: {', '.join(table.tasks)})",
                 text=f"Every method merges the same pool of {len(table.meta.get('pool', [])) or len(table.tasks)} "
                      "experts; each merged backbone is evaluated on each task's test set through that task's expert "
-                     "head. 'pretrained' is the floor, 'individual' (each expert on its own task) the ceiling.",
+                     "head. 'pretrained' is the floor, 'individual' (each expert on its own task) the ceiling. "
+                     + protocol_note(table.meta),
                 figures=[f for f in (main_fig, per_task_fig) if f is not None], tables=[accuracy]),
         Section(title="Cost and settings", figures=[wall_fig] if wall_fig else [], tables=[settings]),
     ]
@@ -185,6 +213,12 @@ def comparison_document(table: ComparisonTable, *, title: str | None = None, stu
     failed = [r.method for r in table.rows if r.error is not None]
     if failed:
         auto += f" Failed: {', '.join(failed)}."
+    invalid = [r.method for r in table.rows if r.error is None and r.invalid is not None]
+    if invalid:
+        auto += f" Invalid (non-finite, not compared): {', '.join(invalid)}."
+    note = protocol_note(table.meta)
+    if note:
+        auto += " " + note
     cfg = {"arch": table.arch, "tasks": list(table.tasks), "methods": [r.method for r in table.rows],
            **{k: v for k, v in table.meta.items() if k not in ("memory_note", "wall_note", "sources")},
            **dict(config or {})}
@@ -216,7 +250,7 @@ def _pool_value(result: PoolScalingResult, method: str, n: int, what: str = "ave
         row = table.row(method)
     except KeyError:
         return None
-    if row.error is not None:
+    if not row.usable:
         return None
     v = getattr(row, what)
     return float(v) if math.isfinite(v) else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from mergelab.tasks.base import TaskData, TaskSpec
 from mergelab.tasks.pool import pool_components
 from mergelab.tasks.registry import build_all, get_task, list_tasks, pretraining_pool, task_spec
-from mergelab.tasks.subset import subset
+from mergelab.tasks.subset import subset, validation_split
 
 __all__ = [
     "TaskData",
@@ -29,4 +29,5 @@ __all__ = [
     "pretraining_pool",
     "subset",
     "task_spec",
+    "validation_split",
 ]

@@ -66,3 +66,29 @@ def subset(task: TaskData, data_ratio: float, seed: int) -> TaskData:
         class_names=task.class_names,
         norm=task.norm,
     )
+
+
+#: Seed of the validation split (distinct from every data seed a fine-tuning spec uses by default).
+VALIDATION_SEED = 10_007
+#: Size of the validation split: this fraction of the training split, at most :data:`VALIDATION_MAX`.
+VALIDATION_FRACTION = 0.1
+VALIDATION_MAX = 500
+
+
+def validation_split(task: TaskData, fraction: float = VALIDATION_FRACTION, max_examples: int = VALIDATION_MAX,
+                     seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_val, y_val)``: a fixed, class-stratified sample of ``task``'s **training** split for choosing
+    hyperparameters (e.g. a merge's lambda, as Ilharco et al. 2023 and Yadav et al. 2023 do on validation data).
+
+    ``min(max_examples, round(fraction * n_train))`` examples (at least one), the first ones of
+    :func:`subset_order` with ``seed``; deterministic and independent of the test split, which it never
+    touches. The zoo's experts are fine-tuned on the whole training split, so these examples are held out
+    from the test split, not from fine-tuning.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise SpecError(f"validation fraction must be in (0, 1], got {fraction!r}")
+    if max_examples < 1:
+        raise SpecError(f"validation max_examples must be >= 1, got {max_examples!r}")
+    k = max(1, min(int(max_examples), round(fraction * task.n_train)))
+    idx = torch.from_numpy(np.sort(subset_order(task.y_train.numpy(), int(seed))[:k]))
+    return task.x_train[idx], task.y_train[idx]
