@@ -36,8 +36,9 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
                       tasks when no validation set is used (Ilharco et al. 2023 pick lambda on validation data,
                       0.3-0.4 for 8 ViT tasks; AdaMerging (Yang et al. 2024), TIES and FusionBench's 8-task
                       baselines report task arithmetic at 0.3)
-  ties                density 0.2 (top 20 %), mass sign election, disjoint mean; lambda from the grid 0.3 .. 1.5
-                      on validation (Yadav et al. 2023 search lambda on validation); fixed: lambda 1, the TIES
+  ties                density 0.2 (top 20 %), mass sign election, disjoint mean; lambda from the grid 0.3 .. 1.3
+                      and the trim scope (whole model, the paper's, or per tensor, mergekit's) on validation
+                      (Yadav et al. 2023 search lambda on validation); fixed: lambda 1, whole-model trim, the TIES
                       paper's recommended setting without a validation set (sec. 7.4 / app. C: k = 20 %, lambda 1)
   dare                DARE + task arithmetic: drop with density 0.5 and rescale by 1/0.5 (Yu et al. 2024; 0.5
                       is a neutral middle for a small model), then task arithmetic with lambda chosen as for
@@ -123,7 +124,10 @@ class MethodConfig:
 _TA_LAMBDA = 0.3
 #: lambda grids searched on validation data (``select="validation"``).
 TA_LAMBDA_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-TIES_LAMBDA_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.2, 1.5)
+TIES_LAMBDA_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3)
+#: TIES's trim scope is searched too: whole-model (the paper's) or per tensor (mergekit's); on the resnet_s zoo
+#: the whole-model top 20 % zeroes whole small layers (their deltas are small in magnitude), per tensor does not.
+TIES_SCOPE_GRID: tuple[str, ...] = ("global", "tensor")
 CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("pretrained", None, source="theta_0 with the experts' heads"),
     MethodConfig("individual", None, source="each expert on its own task"),
@@ -135,7 +139,7 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
                  grid={"lambda": TA_LAMBDA_GRID}),
     MethodConfig("ties", "ties", {"lambda": 1.0, "density": 0.2},
                  source="k 20%, lambda on validation (Yadav et al. 2023); fixed: lambda 1, the paper's "
-                        "no-validation setting", grid={"lambda": TIES_LAMBDA_GRID}),
+                        "no-validation setting", grid={"lambda": TIES_LAMBDA_GRID, "trim_scope": TIES_SCOPE_GRID}),
     MethodConfig("dare", "dare_linear", {"density": 0.5, "lambda": _TA_LAMBDA},
                  source="DARE drop 0.5 + task arithmetic, lambda on validation (Yu et al. 2024); fixed: 0.3",
                  grid={"lambda": TA_LAMBDA_GRID}),
@@ -236,7 +240,7 @@ class ComparisonTable:
             cells = " ".join(pct(r.per_task.get(t), w) for t, w in zip(self.tasks, widths))
             lines.append(f"{r.method:<{mwidth}} {cells} {pct(r.average)} {pct(r.normalized)} "
                          f"{num(r.wall_s, 8, 1)} {num(r.peak_mb, 8, 0)} {num(r.peak_mb - r.base_mb, 6, 0)}")
-        chosen = [f"{r.method} {k} {v['chosen']:g}" for r in self.rows if r.error is None
+        chosen = [f"{r.method} {k} {v['chosen']}" for r in self.rows if r.error is None
                   for k, v in (r.params.get("selected") or {}).items()]
         if chosen:
             lines.append("chosen on validation data: " + ", ".join(chosen))
