@@ -76,6 +76,9 @@ def test_bn_protocol_names_and_defaults():
     assert resolve_bn(False, "resnet_s") == "merged" and resolve_bn("off", "resnet_s") == "merged"
     assert resolve_bn("per-task", "resnet_s") == "per_task"
     assert resolve_bn(None, "vit_s") == "none" and resolve_bn("joint", "vit_s") == "none"
+    assert resolve_bn("none", "vit_s") == "none" and resolve_bn(resolve_bn(None, "resnet_s"), "resnet_s") == "joint"
+    with pytest.raises(SpecError, match="has BatchNorm layers"):
+        resolve_bn("none", "resnet_s")
     with pytest.raises(SpecError, match="bn must be one of merged, joint, per_task"):
         resolve_bn("sometimes", "resnet_s")
 

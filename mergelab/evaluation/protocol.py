@@ -76,16 +76,21 @@ def has_batchnorm(arch: str) -> bool:
 
 def resolve_bn(bn: str | bool | None, arch: str) -> str:
     """The BN protocol for ``arch``: ``None`` -> the default (:data:`DEFAULT_BN`; ``none`` without BatchNorm);
-    ``True`` -> ``joint``, ``False``/``"off"`` -> ``merged``; names are validated."""
+    ``True`` -> ``joint``, ``False``/``"off"`` -> ``merged``; names are validated; idempotent (a resolved
+    name resolves to itself)."""
     if bn is None:
         name = DEFAULT_BN
     elif isinstance(bn, bool):
         name = "joint" if bn else "merged"
     else:
         name = {"off": "merged", "per-task": "per_task"}.get(str(bn), str(bn))
-    if name not in BN_PROTOCOLS or name == "none":
+    if name not in BN_PROTOCOLS:
         raise SpecError(f"bn must be one of merged, joint, per_task, got {bn!r}")
-    return name if has_batchnorm(arch) else "none"
+    if not has_batchnorm(arch):
+        return "none"
+    if name == "none":
+        raise SpecError(f"bn: {arch} has BatchNorm layers; choose merged, joint or per_task, not 'none'")
+    return name
 
 
 def evaluation_reset(protocol: str) -> str:
