@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,30 @@ def test_divergence_is_a_clear_error_and_leaves_no_expert(cache):
     with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
         finetune(spec, cache)
     assert not expert_path(spec, cache).exists()
+
+
+def test_training_is_bit_identical_whatever_the_callers_thread_count(tmp_path):
+    """Pretraining and fine-tuning pin torch's intra-op threads (mergelab.runtime.TRAINING_THREADS): the same
+    spec trained under 1 and under 2 caller threads gives the same bytes, and the caller's setting is restored."""
+    from safetensors.torch import load_file
+
+    from mergelab.runtime import TRAINING_THREADS
+
+    before = torch.get_num_threads()
+    weights, ids = [], []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            root = tmp_path / f"t{threads}"
+            pre = pretrain_tiny(root, PretrainConfig(steps=6, batch_size=32, lr=0.05))
+            assert torch.get_num_threads() == threads and pre.threads == TRAINING_THREADS
+            expert = finetune(dict(task="mnist", steps=4, batch_size=32, data_ratio=0.05), root)
+            assert torch.get_num_threads() == threads and expert.threads == TRAINING_THREADS
+            weights.append((load_file(str(Path(pre.path) / "backbone.safetensors")),
+                            load_file(str(Path(expert.path) / "backbone.safetensors"))))
+            ids.append(pre.pretrained_id)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*weights):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ids[0] == ids[1] and len(ids[0].split("-")) == 2  # config id - weights digest

@@ -41,8 +41,9 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 def _cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's choice; "
-                   "use 1 when the CPU is shared: OpenMP threads spin badly under oversubscription)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads in this process for evaluation (default: "
+                   "torch's choice); training always runs on mergelab.runtime.TRAINING_THREADS (1) so that its "
+                   "weights are bit-identical on every machine")
 
 
 def _set_threads(args: argparse.Namespace) -> None:

@@ -12,8 +12,12 @@ Defaults (``PretrainConfig.default(arch)``), chosen to take about a minute per a
 ResNets: SGD, momentum 0.9, lr 0.1, weight decay 5e-4; ViT: AdamW, lr 2e-3, weight decay 0.05, betas
 (0.9, 0.999). Cosine schedule with 5 % warmup, batch 128, augmentation on, seed 0.
 
-``pretrained_id`` is a hash of the architecture and config; expert sidecars record it, and a cached expert
-trained from a different pretrained backbone is retrained rather than reused.
+``pretrained_id`` is ``<config id>-<weights digest>``: a hash of the architecture, config, pretraining format
+and training thread count, then the first 12 hex digits of the SHA-256 of the weights. Expert sidecars
+record it, and a cached expert trained from a different pretrained backbone (another config *or* other
+weights for the same config) is retrained rather than reused. Training runs on
+:data:`mergelab.runtime.TRAINING_THREADS` intra-op threads (recorded as ``threads``), so one config gives
+bit-identical weights on any machine of the same kind.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergelab.errors import CheckpointError
+from mergelab.runtime import TRAINING_THREADS, training_threads
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
 from mergelab.models.device import default_device
@@ -79,13 +84,37 @@ class PretrainResult(BaseModel):
     test_metrics: dict[str, float]
     wall_time_s: float
     versions: dict[str, str]
+    threads: int | None = None  # intra-op threads the training ran on (None: recorded before they were pinned)
     path: str = ""
 
 
-def pretrained_id(arch: str, config: PretrainConfig) -> str:
-    """16-hex-digit hash of ``arch`` and ``config``."""
-    blob = json.dumps({"arch": arch, "config": config.model_dump(mode="json")}, sort_keys=True)
+#: Bump when a code change alters what a config pretrains to (2: threads pinned to TRAINING_THREADS).
+PRETRAIN_FORMAT = 2
+
+
+def config_id(arch: str, config: PretrainConfig) -> str:
+    """16-hex-digit hash of ``arch``, ``config``, :data:`PRETRAIN_FORMAT` and the training thread count: what
+    determines the weights (the cache folder is reused for one config)."""
+    blob = json.dumps({"arch": arch, "config": config.model_dump(mode="json"), "format": PRETRAIN_FORMAT,
+                       "threads": TRAINING_THREADS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_id(arch: str, config: PretrainConfig, weights_digest: str) -> str:
+    """``<config id>-<first 12 hex digits of the weights' SHA-256>``: two backbones with one config but other
+    weights (another machine's torch, an edited cache) get different ids, so experts fine-tuned from one are
+    never taken for experts of the other."""
+    return f"{config_id(arch, config)}-{weights_digest[:12]}"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_pretrained(arch: str, cache_dir: PathLike | None = None) -> PretrainResult | None:
@@ -113,20 +142,26 @@ def pretrain(
 
     A cached backbone with a different config is replaced (experts built on it will be retrained).
     """
+    config = config or PretrainConfig.default(arch)
+    cid = config_id(arch, config)
+    cached = read_pretrained(arch, cache_dir)
+    if cached is not None and not force and cached.pretrained_id.split("-")[0] == cid:
+        log.info("pretrained %s found in %s", arch, cached.path)
+        return cached
+    if cached is not None:
+        log.warning("replacing cached pretrained %s (id %s) with a backbone of config id %s", arch,
+                    cached.pretrained_id, cid)
+    return _pretrain(arch, cache_dir, config, device, progress)
+
+
+@training_threads
+def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, device: str | torch.device | None,
+              progress: bool) -> PretrainResult:
     from mergelab.evaluation.metrics import evaluate_classifier
     from mergelab.tasks import pretraining_pool
     from mergelab.training.loop import LoopSettings, run_steps
     from mergelab.training.optim import build_optimizer
     from mergelab.training.provenance import versions
-
-    config = config or PretrainConfig.default(arch)
-    pid = pretrained_id(arch, config)
-    cached = read_pretrained(arch, cache_dir)
-    if cached is not None and not force and cached.pretrained_id == pid:
-        log.info("pretrained %s found in %s", arch, cached.path)
-        return cached
-    if cached is not None:
-        log.warning("replacing cached pretrained %s (id %s) with id %s", arch, cached.pretrained_id, pid)
 
     t0 = time.perf_counter()
     pool = pretraining_pool()
@@ -157,6 +192,7 @@ def pretrain(
             bar.close()
     train_m = evaluate_classifier(backbone, head, pool.x_train, pool.y_train)
     test_m = evaluate_classifier(backbone, head, pool.x_test, pool.y_test)
+    pid = pretrained_id(arch, config, weights_digest(backbone.state_dict()))
     result = PretrainResult(
         arch=arch,
         config=config,
@@ -167,6 +203,7 @@ def pretrain(
         test_metrics={"accuracy": test_m.accuracy, "loss": test_m.loss},
         wall_time_s=time.perf_counter() - t0,
         versions=versions(),
+        threads=TRAINING_THREADS,
     )
     folder = pretrained_dir(arch, cache_dir)
     meta = {"arch": arch, "kind": "pretrained-backbone", "pretrained_id": pid}

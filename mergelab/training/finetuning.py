@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mergelab.evaluation.bn import reset_bn_statistics
+from mergelab.runtime import TRAINING_THREADS, training_threads
 from mergelab.evaluation.metrics import evaluate_classifier
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
@@ -171,6 +172,7 @@ def _save_checkpoint(folder: Path, model: Classifier, optimizer: torch.optim.Opt
     (folder / "meta.json").write_text(json.dumps({"step": step, "spec_hash": spec_hash}))
 
 
+@training_threads
 def _train(
     spec: ExpertSpec,
     spec_hash: str,
@@ -265,6 +267,7 @@ def _train(
             parent=parent_ref,
             pretrained_id=pretrained_id,
             wall_time_s=time.perf_counter() - t0,
+            threads=TRAINING_THREADS,
             device=str(dev),
             versions=versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import SpecError
 from mergelab.evaluation.metrics import Metrics
+from mergelab.runtime import TRAINING_THREADS, training_threads
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class MultitaskSpec(BaseModel):
 
     def spec_hash(self) -> str:
         """16 hex digits of SHA-256 over the canonical JSON and :data:`MULTITASK_FORMAT`."""
-        blob = json.dumps({"format": MULTITASK_FORMAT, "kind": "multitask", "spec": self.canonical()}, sort_keys=True)
+        blob = json.dumps({"format": MULTITASK_FORMAT, "kind": "multitask", "threads": TRAINING_THREADS,
+                           "spec": self.canonical()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -158,6 +160,7 @@ class MultitaskResult(BaseModel):
     test_metrics: dict[str, Metrics]
     init_test_metrics: dict[str, Metrics]
     wall_time_s: float
+    threads: int | None = None  # intra-op threads the training ran on (mergelab.runtime.TRAINING_THREADS)
     peak_rss_mb: float | None = Field(
         None, description="ru_maxrss of the training process at the end (its high-water mark: the training's "
                           "peak only when it ran in a fresh process)")
@@ -300,6 +303,7 @@ def train_multitask(
     return _train(spec, datas, fps, heads_from, pre.pretrained_id, out, cache_dir, device, progress)
 
 
+@training_threads
 def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[str]], heads_from: Mapping[str, Any],
            pretrained_id: str, out: Path, cache_dir: PathLike | None, device: str | torch.device | None,
            progress: bool) -> MultitaskResult:
@@ -392,7 +396,7 @@ def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[st
         result = MultitaskResult(
             spec=spec, spec_hash=spec_hash, arch=spec.arch, tasks=tasks, pretrained_id=pretrained_id,
             fingerprints=fps, loss_curve=losses, test_metrics=test_metrics, init_test_metrics=init_metrics,
-            wall_time_s=time.perf_counter() - t0, peak_rss_mb=peak, device=str(dev), versions=versions(),
+            wall_time_s=time.perf_counter() - t0, threads=TRAINING_THREADS, peak_rss_mb=peak, device=str(dev), versions=versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         (stage / SIDECAR).write_text(result.model_dump_json(indent=2, exclude={"path", "cached"}))

@@ -93,6 +93,7 @@ class ExpertResult(BaseModel):
     parent: ParentRef | None = None
     pretrained_id: str
     wall_time_s: float
+    threads: int | None = None  # intra-op threads the training ran on (mergelab.runtime.TRAINING_THREADS)
     device: str
     versions: dict[str, str]
     created: str

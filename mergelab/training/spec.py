@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import SpecError
 
-TRAINING_FORMAT = 1  # bump when a code change alters what a spec trains to
+TRAINING_FORMAT = 2  # bump when a code change alters what a spec trains to (2: threads pinned)
 
 DEFAULT_OPTIMIZER = {"resnet": "sgd", "vit": "adamw"}
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
