@@ -71,11 +71,12 @@ class QuickstartResult:
 
 def _settings(arch: str, tasks: Sequence[str], methods: Sequence[str] | None, samples_per_task: int, quick: bool,
               overrides: Mapping[str, Mapping[str, Any]], bn: str, select: str) -> dict[str, Any]:
-    from mergelab.experiments.compare import DEFAULT_METHODS
+    from mergelab.experiments.compare import CATALOG, DEFAULT_METHODS
 
     return {"arch": arch, "tasks": list(tasks), "methods": list(methods) if methods is not None else list(DEFAULT_METHODS),
             "samples_per_task": samples_per_task, "quick": quick,
-            "overrides": {k: dict(v) for k, v in sorted(overrides.items())}, "bn": bn, "select": select, "isolate": False}
+            "overrides": {k: dict(v) for k, v in sorted(overrides.items())}, "bn": bn, "select": select, "isolate": False,
+            "grids": {name: {k: list(v) for k, v in c.grid.items()} for name, c in CATALOG.items() if c.grid}}
 
 
 def cache_key(settings: Mapping[str, Any], experts: Sequence[Any], pretrained_id: str) -> str:

@@ -32,7 +32,7 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
 
   ==================  ========================================================================================
   weight_average      plain average of the experts (Wortsman et al. 2022, model soups)
-  task_arithmetic     lambda from the grid 0.1 .. 1.0 on validation; fixed: 0.3, the common default for many
+  task_arithmetic     lambda from the grid 0.05 .. 1.0 on validation; fixed: 0.3, the common default for many
                       tasks when no validation set is used (Ilharco et al. 2023 pick lambda on validation data,
                       0.3-0.4 for 8 ViT tasks; AdaMerging (Yang et al. 2024), TIES and FusionBench's 8-task
                       baselines report task arithmetic at 0.3)
@@ -123,7 +123,7 @@ class MethodConfig:
 
 _TA_LAMBDA = 0.3
 #: lambda grids searched on validation data (``select="validation"``).
-TA_LAMBDA_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TA_LAMBDA_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 TIES_LAMBDA_GRID: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3)
 #: TIES's trim scope is searched too: whole-model (the paper's) or per tensor (mergekit's); on the resnet_s zoo
 #: the whole-model top 20 % zeroes whole small layers (their deltas are small in magnitude), per tensor does not.
