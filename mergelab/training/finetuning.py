@@ -18,7 +18,9 @@ Procedure (spec fields in ``code``):
    momentum 0.1). ``init_test_metrics`` in the sidecar is this starting model. A branch instead loads model
    and optimizer state from the parent's checkpoint.
 4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head), see
-   :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps.
+   :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps. Steps 3-5 run on ``threads``
+   torch intra-op threads (default 1) whatever the caller's setting (:mod:`mergelab.training.threads`), so a
+   spec trains to the same weights on any machine of a kind.
 5. Final metrics on the training subset and the test split (eval mode, BatchNorm running statistics), and the
    sidecar (:mod:`mergelab.training.result`). The folder is published atomically.
 """
