@@ -29,8 +29,12 @@ def tiny_pool(n: int = 256, seed: int = 0) -> TaskData:
     return TaskData("pool", 4, x[:k], y[:k], x[k:], y[k:], "tiny synthetic pool")
 
 
-def pretrain_tiny(root, config: PretrainConfig, *, n: int = 256, seed: int = 0, arch: str = "resnet_s") -> PretrainResult:
-    """Pretrain ``arch`` into cache root ``root`` on :func:`tiny_pool` ``(n, seed)`` with ``config``."""
+def pretrain_tiny(root, config: PretrainConfig, *, n: int = 256, seed: int = 0, arch: str = "resnet_s",
+                  force: bool = False) -> PretrainResult:
+    """Pretrain ``arch`` into cache root ``root`` on :func:`tiny_pool` ``(n, seed)`` with ``config``.
+
+    Another pool ``seed`` with the same config gives another backbone under the same config id (as another
+    machine's torch would); ``force`` replaces the cached one even then."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mergelab.tasks, "pretraining_pool", partial(tiny_pool, n, seed))
-        return pretrain(arch, root, config)
+        return pretrain(arch, root, config, force=force)

@@ -39,11 +39,17 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
-def _cache_flag(p: argparse.ArgumentParser) -> None:
+def _cache_flag(p: argparse.ArgumentParser, training: str | None = None) -> None:
+    """``--cache-dir`` and ``--threads``: for a training verb (``training`` names what it trains) the pinned
+    intra-op thread count of the run, recorded in the spec / config; otherwise this process's setting."""
     p.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads in this process for evaluation (default: "
-                   "torch's choice); training always runs on mergelab.runtime.TRAINING_THREADS (1) so that its "
-                   "weights are bit-identical on every machine")
+    if training:
+        p.add_argument("--threads", type=int, help=f"torch intra-op threads {training} is pinned to (default 1, "
+                       "whatever the machine: the same weights everywhere); another count trains other weights, "
+                       "so it is recorded and enters the spec hash / pretrained id")
+    else:
+        p.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's "
+                       "choice; use 1 when the CPU is shared: OpenMP threads spin badly under oversubscription)")
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -62,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="override the default seed (0)")
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--json", help="write the pretraining record to this JSON file")
-    _cache_flag(p)
+    _cache_flag(p, "pretraining")
     p.set_defaults(func=run_pretrain)
 
     f = sub.add_parser("finetune", help="fine-tune one expert (flags and/or a YAML/JSON spec file)")
@@ -77,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--force", action="store_true", help="retrain even if cached")
     f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     f.add_argument("--json", help="write the expert's sidecar (with its path) to this JSON file")
-    _cache_flag(f)
+    _cache_flag(f, "fine-tuning")
     f.set_defaults(func=run_finetune)
 
     z = sub.add_parser("zoo", help="build one expert per task at default hyperparameters, in parallel")
@@ -88,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--force", action="store_true", help="retrain cached experts")
     z.add_argument("--no-progress", action="store_true", help="no progress bar")
     z.add_argument("--json", help="write a summary (per task: path, accuracies, time) to this JSON file")
-    _cache_flag(z)
+    _cache_flag(z, "each expert's fine-tuning (as --set threads=N; pretraining, if needed, runs on 1)")
     z.set_defaults(func=run_zoo)
 
     e = sub.add_parser("evaluate", help="per-task, joint and normalized accuracy of a backbone with task heads")
@@ -116,13 +122,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from mergelab.runtime import prefer_passive_omp
 
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    _set_threads(args)
     from mergelab.errors import SpecError
     from mergelab.models.pretraining import PretrainConfig, pretrain
     from mergelab.models.registry import arch_info
 
     arch_info(args.arch)
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "threads": args.threads}
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         config = PretrainConfig.default(args.arch).model_copy(update=overrides)
@@ -150,7 +156,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     from mergelab.runtime import prefer_passive_omp
 
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    _set_threads(args)
     from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
 
@@ -158,7 +163,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     for name, _, _ in _SPEC_FLAGS:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    for name in ("augment", "nesterov"):
+    for name in ("augment", "nesterov", "threads"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     from mergelab.errors import SpecError
@@ -214,13 +219,15 @@ def run_zoo(args: argparse.Namespace) -> int:
     from mergelab.runtime import prefer_passive_omp
 
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    _set_threads(args)
     from mergelab.models.registry import arch_info
     from mergelab.training.zoo import build_zoo
 
     arch_info(args.arch)
+    overrides = _parse_sets(args.set)
+    if args.threads is not None:
+        overrides.setdefault("threads", args.threads)
     z = build_zoo(
-        args.arch, args.tasks, args.cache_dir, workers=args.workers, overrides=_parse_sets(args.set),
+        args.arch, args.tasks, args.cache_dir, workers=args.workers, overrides=overrides,
         force=args.force, progress=not args.no_progress,
     )
     print(f"{'task':<22} {'n_train':>7} {'init':>7} {'expert':>7} {'train':>7} {'time s':>7}  cached")

@@ -6,18 +6,25 @@
 
     backbone.safetensors   the pretrained backbone theta_0 (the merge base for task arithmetic)
     head.safetensors       the pool head
-    pretrained.json        config, pretrained_id, pool metrics, wall time, versions
+    pretrained.json        config, pretrained_id, weights_sha256, threads, pool metrics, wall time, versions
 
 Defaults (``PretrainConfig.default(arch)``), chosen to take about a minute per architecture on two CPU cores:
 ResNets: SGD, momentum 0.9, lr 0.1, weight decay 5e-4; ViT: AdamW, lr 2e-3, weight decay 0.05, betas
-(0.9, 0.999). Cosine schedule with 5 % warmup, batch 128, augmentation on, seed 0.
+(0.9, 0.999). Cosine schedule with 5 % warmup, batch 128, augmentation on, seed 0, ``threads`` 1.
 
-``pretrained_id`` is ``<config id>-<weights digest>``: a hash of the architecture, config, pretraining format
-and training thread count, then the first 12 hex digits of the SHA-256 of the weights. Expert sidecars
-record it, and a cached expert trained from a different pretrained backbone (another config *or* other
-weights for the same config) is retrained rather than reused. Training runs on
-:data:`mergelab.runtime.TRAINING_THREADS` intra-op threads (recorded as ``threads``), so one config gives
-bit-identical weights on any machine of the same kind.
+Training runs on ``config.threads`` intra-op threads (default :data:`mergelab.runtime.TRAINING_THREADS`,
+whatever the caller's setting; :mod:`mergelab.training.threads`), so one config gives bit-identical weights
+on any machine of the same kind; the count used is recorded as ``threads``.
+
+``pretrained_id`` is ``<config id>-<weights digest>``: :func:`config_id` (a hash of the architecture, the
+config, thread count included, and :data:`PRETRAIN_FORMAT`), then the first 12 hex digits of
+``weights_sha256``, the SHA-256 of the saved backbone tensors (:func:`weights_digest`). Expert and multi-task
+sidecars record the id, and everything that compares it (the fine-tuning cache, ``mergelab compare``, the
+studies) treats an expert trained from another backbone -- another config *or* other weights for the same
+config, e.g. pretrained on another machine -- as stale. The cache folder stays keyed by architecture:
+:func:`pretrain` reuses it for the same config id, :func:`ensure_pretrained` takes whatever config it holds
+(re-pretraining that config when the record predates the current format), and
+:func:`load_pretrained_backbone` refuses a folder whose ``backbone.safetensors`` does not hash to its record.
 """
 
 from __future__ import annotations
@@ -34,13 +41,21 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergelab.errors import CheckpointError
-from mergelab.runtime import TRAINING_THREADS, training_threads
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
 from mergelab.models.device import default_device
 from mergelab.models.paths import pretrained_dir
 from mergelab.models.registry import arch_info, build_backbone
-from mergelab.models.state import BACKBONE_FILE, HEAD_FILE, load_backbone_state, read_backbone_state, save_backbone, save_head
+from mergelab.models.state import (
+    BACKBONE_FILE,
+    HEAD_FILE,
+    backbone_state,
+    load_backbone_state,
+    read_backbone_state,
+    save_backbone,
+    save_head,
+)
+from mergelab.runtime import TRAINING_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +78,7 @@ class PretrainConfig(BaseModel):
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     augment: bool = True
     seed: int = 0
+    threads: int = Field(TRAINING_THREADS, ge=1)
 
     @classmethod
     def default(cls, arch: str) -> PretrainConfig:
@@ -85,18 +101,25 @@ class PretrainResult(BaseModel):
     wall_time_s: float
     versions: dict[str, str]
     threads: int | None = None  # intra-op threads the training ran on (None: recorded before they were pinned)
+    weights_sha256: str | None = None  # weights_digest of backbone.safetensors (None: an older record)
     path: str = ""
 
+    def is_current(self) -> bool:
+        """Whether the record was written by the current pretraining code: its id is the current
+        ``<config id>-<digest>`` of its config and weights (older records are re-pretrained)."""
+        return self.weights_sha256 is not None and self.pretrained_id == pretrained_id(
+            self.arch, self.config, self.weights_sha256)
 
-#: Bump when a code change alters what a config pretrains to (2: threads pinned to TRAINING_THREADS).
+
+#: Bump when a code change alters what a config pretrains to (2: intra-op threads pinned, ``config.threads``).
 PRETRAIN_FORMAT = 2
 
 
 def config_id(arch: str, config: PretrainConfig) -> str:
-    """16-hex-digit hash of ``arch``, ``config``, :data:`PRETRAIN_FORMAT` and the training thread count: what
+    """16-hex-digit hash of ``arch``, ``config`` (thread count included) and :data:`PRETRAIN_FORMAT`: what
     determines the weights (the cache folder is reused for one config)."""
-    blob = json.dumps({"arch": arch, "config": config.model_dump(mode="json"), "format": PRETRAIN_FORMAT,
-                       "threads": TRAINING_THREADS}, sort_keys=True)
+    blob = json.dumps({"arch": arch, "config": config.model_dump(mode="json"), "format": PRETRAIN_FORMAT},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -108,7 +131,10 @@ def pretrained_id(arch: str, config: PretrainConfig, weights_digest: str) -> str
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in name order."""
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in name order.
+
+    Taken over what ``backbone.safetensors`` holds (:func:`~mergelab.models.state.backbone_state`: no
+    ``num_batches_tracked`` counters), so a folder's file can be checked against its record."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -140,21 +166,24 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain ``arch`` on the pretraining pool, or return the cached result for the same config.
 
-    A cached backbone with a different config is replaced (experts built on it will be retrained).
+    A cached backbone with a different config (or an older record) is replaced (experts built on it will be
+    retrained). Training runs on ``config.threads`` intra-op threads, whatever the caller's setting.
     """
+    from mergelab.training.threads import pinned_threads
+
     config = config or PretrainConfig.default(arch)
     cid = config_id(arch, config)
     cached = read_pretrained(arch, cache_dir)
-    if cached is not None and not force and cached.pretrained_id.split("-")[0] == cid:
+    if cached is not None and not force and cached.is_current() and cached.pretrained_id.split("-")[0] == cid:
         log.info("pretrained %s found in %s", arch, cached.path)
         return cached
     if cached is not None:
         log.warning("replacing cached pretrained %s (id %s) with a backbone of config id %s", arch,
                     cached.pretrained_id, cid)
-    return _pretrain(arch, cache_dir, config, device, progress)
+    with pinned_threads(config.threads):
+        return _pretrain(arch, cache_dir, config, device, progress)
 
 
-@training_threads
 def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, device: str | torch.device | None,
               progress: bool) -> PretrainResult:
     from mergelab.evaluation.metrics import evaluate_classifier
@@ -192,7 +221,8 @@ def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, dev
             bar.close()
     train_m = evaluate_classifier(backbone, head, pool.x_train, pool.y_train)
     test_m = evaluate_classifier(backbone, head, pool.x_test, pool.y_test)
-    pid = pretrained_id(arch, config, weights_digest(backbone.state_dict()))
+    digest = weights_digest(backbone_state(backbone))
+    pid = pretrained_id(arch, config, digest)
     result = PretrainResult(
         arch=arch,
         config=config,
@@ -203,7 +233,8 @@ def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, dev
         test_metrics={"accuracy": test_m.accuracy, "loss": test_m.loss},
         wall_time_s=time.perf_counter() - t0,
         versions=versions(),
-        threads=TRAINING_THREADS,
+        threads=torch.get_num_threads(),
+        weights_sha256=digest,
     )
     folder = pretrained_dir(arch, cache_dir)
     meta = {"arch": arch, "kind": "pretrained-backbone", "pretrained_id": pid}
@@ -216,15 +247,32 @@ def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, dev
 
 
 def ensure_pretrained(arch: str, cache_dir: PathLike | None = None, **kwargs: object) -> PretrainResult:
-    """The cached pretrained ``arch`` whatever its config, pretraining at defaults if there is none."""
+    """The cached pretrained ``arch`` whatever its config, pretraining at defaults (or ``kwargs["config"]``) if
+    there is none. A record written by older pretraining code (no weights digest in its id, another format) is
+    re-pretrained with its own config under the current code."""
     cached = read_pretrained(arch, cache_dir)
-    return cached if cached is not None else pretrain(arch, cache_dir, **kwargs)  # type: ignore[arg-type]
+    if cached is not None and cached.is_current():
+        return cached
+    if cached is not None:
+        log.warning("cached pretrained %s (id %s) was written by an older mergelab; pretraining its config again",
+                    arch, cached.pretrained_id)
+        kwargs = {**kwargs, "config": cached.config}
+    return pretrain(arch, cache_dir, **kwargs)  # type: ignore[arg-type]
 
 
 def load_pretrained_backbone(arch: str, cache_dir: PathLike | None = None) -> tuple[torch.nn.Module, PretrainResult]:
-    """``(backbone, record)``: the cached pretrained backbone (pretrained at defaults if missing), on CPU."""
+    """``(backbone, record)``: the cached pretrained backbone (pretrained at defaults if missing), on CPU.
+
+    Raises :class:`CheckpointError` when ``backbone.safetensors`` does not hash to the record's
+    ``weights_sha256`` (a folder mixing two backbones)."""
     record = ensure_pretrained(arch, cache_dir)
     backbone = build_backbone(arch)
     path = Path(record.path) / BACKBONE_FILE
-    load_backbone_state(backbone, read_backbone_state(path), source=str(path))
+    state = read_backbone_state(path)
+    digest = weights_digest(state)
+    if digest != record.weights_sha256:
+        raise CheckpointError(f"{path}: its weights (sha256 {digest[:12]}) are not the backbone its record "
+                              f"{SIDECAR} describes (id {record.pretrained_id}); re-pretrain with "
+                              f"`mergelab pretrain --arch {arch} --force`")
+    load_backbone_state(backbone, state, source=str(path))
     return backbone, record

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mergelab.evaluation.bn import reset_bn_statistics
-from mergelab.runtime import TRAINING_THREADS, training_threads
 from mergelab.evaluation.metrics import evaluate_classifier
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
@@ -64,6 +63,7 @@ from mergelab.training.provenance import data_fingerprint, versions
 from mergelab.training.result import CHECKPOINTS, SIDECAR, ExpertResult, NoiseScale, ParentRef, read_expert
 from mergelab.training.sampler import derive_seed
 from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
+from mergelab.training.threads import pinned_threads
 
 if TYPE_CHECKING:
     from mergelab.tasks import TaskData
@@ -122,7 +122,8 @@ def finetune(
             return cached.model_copy(update={"cached": True})
         if cached is not None:
             log.warning("cached expert %s is stale (%s); retraining", out, problem)
-    return _train(spec, spec_hash, parent, pre.pretrained_id, data, out, cache_dir, device, progress)
+    with pinned_threads(spec.threads):
+        return _train(spec, spec_hash, parent, pre.pretrained_id, data, out, cache_dir, device, progress)
 
 
 def fingerprints(data: TaskData) -> tuple[str, str]:
@@ -174,7 +175,6 @@ def _save_checkpoint(folder: Path, model: Classifier, optimizer: torch.optim.Opt
     (folder / "meta.json").write_text(json.dumps({"step": step, "spec_hash": spec_hash}))
 
 
-@training_threads
 def _train(
     spec: ExpertSpec,
     spec_hash: str,
@@ -269,7 +269,7 @@ def _train(
             parent=parent_ref,
             pretrained_id=pretrained_id,
             wall_time_s=time.perf_counter() - t0,
-            threads=TRAINING_THREADS,
+            threads=torch.get_num_threads(),
             device=str(dev),
             versions=versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

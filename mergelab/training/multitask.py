@@ -21,7 +21,9 @@ Procedure (``MultitaskSpec`` fields in ``code``):
    concatenated batch, so BatchNorm sees mixed-task batch statistics and its running statistics become
    those of the task mixture. Optimizer, learning rate, momentum, weight decay and schedule default to the
    experts' (:class:`~mergelab.training.spec.ExpertSpec`: SGD, lr 0.05, momentum 0.9, weight decay 5e-4,
-   cosine for the ResNets; AdamW 1e-3 for the ViT). Batches are a function of ``(seed, task, step)``.
+   cosine for the ResNets; AdamW 1e-3 for the ViT). Batches are a function of ``(seed, task, step)``; the
+   run is pinned to ``threads`` intra-op threads (default 1, :mod:`mergelab.training.threads`), so a spec gives
+   the same weights on any machine of a kind.
 4. Test metrics per task, and the folder ``<root>/zoo/<arch>/multitask/<spec_hash>/`` with
    ``backbone.safetensors``, ``heads/<task>/head.safetensors`` and ``multitask.json``, published atomically.
 
@@ -57,14 +59,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import SpecError
 from mergelab.evaluation.metrics import Metrics
-from mergelab.runtime import TRAINING_THREADS, training_threads
+from mergelab.runtime import TRAINING_THREADS
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 SIDECAR = "multitask.json"
 HEADS = "heads"
-MULTITASK_FORMAT = 1  # bump when a code change alters what a spec trains to
+MULTITASK_FORMAT = 2  # bump when a code change alters what a spec trains to (2: pinned intra-op threads)
 
 
 class MultitaskSpec(BaseModel):
@@ -88,6 +90,7 @@ class MultitaskSpec(BaseModel):
     head_experts: dict[str, str] | None = Field(None, description="task -> spec hash of the expert whose head is used")
     train_heads: bool = True
     seed: int = 0
+    threads: int = Field(TRAINING_THREADS, ge=1, description="torch intra-op threads (mergelab.training.threads)")
 
     def __init__(self, **data: Any) -> None:
         from mergelab.training.spec import format_validation_error
@@ -141,8 +144,7 @@ class MultitaskSpec(BaseModel):
 
     def spec_hash(self) -> str:
         """16 hex digits of SHA-256 over the canonical JSON and :data:`MULTITASK_FORMAT`."""
-        blob = json.dumps({"format": MULTITASK_FORMAT, "kind": "multitask", "threads": TRAINING_THREADS,
-                           "spec": self.canonical()}, sort_keys=True)
+        blob = json.dumps({"format": MULTITASK_FORMAT, "kind": "multitask", "spec": self.canonical()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -160,7 +162,7 @@ class MultitaskResult(BaseModel):
     test_metrics: dict[str, Metrics]
     init_test_metrics: dict[str, Metrics]
     wall_time_s: float
-    threads: int | None = None  # intra-op threads the training ran on (mergelab.runtime.TRAINING_THREADS)
+    threads: int | None = None  # intra-op threads the training ran on (spec.threads; None: before they were pinned)
     peak_rss_mb: float | None = Field(
         None, description="ru_maxrss of the training process at the end (its high-water mark: the training's "
                           "peak only when it ran in a fresh process)")
@@ -300,10 +302,12 @@ def train_multitask(
         if cached is not None:
             log.warning("cached multi-task model %s is stale (other pretrained backbone or task data); retraining", out)
     heads_from = _resolve_head_experts(spec, experts, cache_dir)
-    return _train(spec, datas, fps, heads_from, pre.pretrained_id, out, cache_dir, device, progress)
+    from mergelab.training.threads import pinned_threads
+
+    with pinned_threads(spec.threads):
+        return _train(spec, datas, fps, heads_from, pre.pretrained_id, out, cache_dir, device, progress)
 
 
-@training_threads
 def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[str]], heads_from: Mapping[str, Any],
            pretrained_id: str, out: Path, cache_dir: PathLike | None, device: str | torch.device | None,
            progress: bool) -> MultitaskResult:
@@ -396,7 +400,8 @@ def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[st
         result = MultitaskResult(
             spec=spec, spec_hash=spec_hash, arch=spec.arch, tasks=tasks, pretrained_id=pretrained_id,
             fingerprints=fps, loss_curve=losses, test_metrics=test_metrics, init_test_metrics=init_metrics,
-            wall_time_s=time.perf_counter() - t0, threads=TRAINING_THREADS, peak_rss_mb=peak, device=str(dev), versions=versions(),
+            wall_time_s=time.perf_counter() - t0, threads=torch.get_num_threads(), peak_rss_mb=peak, device=str(dev),
+            versions=versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         (stage / SIDECAR).write_text(result.model_dump_json(indent=2, exclude={"path", "cached"}))

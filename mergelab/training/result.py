@@ -10,7 +10,8 @@ loss (``loss_curve[i]`` is the loss of global step ``loss_curve_start + i``), fi
 (train = the training subset, eval mode, no augmentation), ``init_test_metrics`` (the starting model:
 pretrained backbone + initial head, after the BN re-estimation that ``head_init="probe"`` performs; absent
 for branches), sizes and data fingerprints (:func:`~mergelab.training.provenance.data_fingerprint` of the
-training subset and of the test split), the pretrained backbone's id, wall time, device and versions.
+training subset and of the test split), the pretrained backbone's id, the intra-op thread count the run was
+pinned to (``threads``, :mod:`mergelab.training.threads`), wall time, device and versions.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class ExpertResult(BaseModel):
     parent: ParentRef | None = None
     pretrained_id: str
     wall_time_s: float
-    threads: int | None = None  # intra-op threads the training ran on (mergelab.runtime.TRAINING_THREADS)
+    threads: int | None = None  # intra-op threads the training ran on (spec.threads; None: before they were pinned)
     device: str
     versions: dict[str, str]
     created: str

@@ -17,6 +17,10 @@ head_init        ``probe`` (linear probe on frozen pretrained features: LP-FT), 
 seed             0 — controls data order, augmentation and (``random``) head init
 checkpoint_every 0 (none); k > 0 saves model + optimizer state every k steps
 branch_from      none; ``{parent, step}`` continues from the parent's checkpoint at ``step``
+threads          1 (:data:`mergelab.runtime.TRAINING_THREADS`): torch intra-op threads of the run, pinned
+                 whatever the caller's setting, so that a spec trains to the same weights on any machine of
+                 a kind (:mod:`mergelab.training.threads`); another count is an explicit override and
+                 trains other weights (it is part of the hash)
 ===============  =============================================================================
 
 **Branching** (the bifurcation protocol, THEORY.md section 2): a child spec with
@@ -40,6 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import SpecError
+from mergelab.runtime import TRAINING_THREADS
 
 TRAINING_FORMAT = 2  # bump when a code change alters what a spec trains to (2: threads pinned)
 
@@ -84,6 +89,7 @@ class ExpertSpec(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)
     branch_from: BranchFrom | None = None
+    threads: int = Field(TRAINING_THREADS, ge=1)
 
     def __init__(self, **data: Any) -> None:
         """Validate ``data``; problems raise :class:`SpecError` with one line per field."""

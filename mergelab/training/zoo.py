@@ -1,10 +1,14 @@
 """Building a zoo: one expert per task of the suite, at default hyperparameters, in parallel.
 
-``build_zoo(arch)`` pretrains ``arch`` if needed (in the calling process, using all threads), then fine-tunes
+``build_zoo(arch)`` pretrains ``arch`` if needed (in the calling process), then fine-tunes
 ``make_spec(task=t, arch=arch, **overrides)`` for every task ``t`` in :func:`mergelab.tasks.list_tasks` in
 a process pool of ``workers`` processes (spawned; ``torch.set_num_threads(1)`` in each), skipping experts
 already in the cache. Results come back in task order; an expert that fails (e.g. diverges) is reported in
 ``ZooResult.failures`` and does not stop the others.
+
+Every run is pinned to its spec's intra-op thread count (``threads``, default 1; pretraining to its config's,
+:mod:`mergelab.training.threads`), so a zoo is bit-identical whatever the machine's cores, its load or the
+number of workers: the parallelism is across experts, not inside one.
 
 Defaults (the :class:`~mergelab.training.spec.ExpertSpec` defaults): K = 300 steps, batch 64, cosine
 schedule, linear-probe head init, no augmentation; ResNets SGD lr 0.05 momentum 0.9 wd 5e-4; ViT AdamW lr
