@@ -298,3 +298,29 @@ def test_an_expert_of_another_backbone_with_the_same_config_is_stale(tmp_path):
     assert other.pretrained_id.split("-")[0] == first_pre.pretrained_id.split("-")[0]  # one config id
     again = finetune(spec, tmp_path)
     assert not again.cached and again.pretrained_id == other.pretrained_id != first.pretrained_id
+
+
+# ------------------------------------------------------------------------------------------ frozen shared heads
+def test_frozen_heads_are_the_tasks_probe_shared_by_every_expert_and_never_updated(cache, tmp_path):
+    from mergelab.models.state import read_head_state
+    from mergelab.training import default_spec, frozen_head
+
+    a = finetune(dict(BASE, steps=6, head_mode="frozen", checkpoint_every=3), cache)
+    # another lr, seed, data subset and a weight decay that would visibly shrink a head in the optimizer
+    b = finetune(dict(BASE, steps=4, head_mode="frozen", lr=0.01, seed=5, data_ratio=0.1, weight_decay=0.5), cache)
+    ha, hb, h0 = read_head_state(a.head_path), read_head_state(b.head_path), frozen_head(TASK, "resnet_s", cache)
+    assert all(torch.equal(ha[k], hb[k]) and torch.equal(ha[k], getattr(h0, k).detach()) for k in ("weight", "bias"))
+    assert not _same_weights(a.backbone_path, b.backbone_path)  # the backbones did train
+    assert a.spec.head_mode == "frozen" and default_spec(TASK, head_mode="frozen").head_mode == "frozen"
+    # a branch of a frozen parent keeps the head and resumes exactly; a trained-head branch of it is refused
+    child = finetune(dict(BASE, steps=6, head_mode="frozen", branch_from={"parent": a.spec_hash, "step": 3}), cache)
+    assert _same_weights(child.backbone_path, a.backbone_path) and _same_weights(child.head_path, a.head_path)
+    with pytest.raises(SpecError, match="head_mode='frozen'.*head_mode='trained'"):
+        finetune(dict(BASE, steps=6, branch_from={"parent": a.spec_hash, "step": 3}), cache)
+    with pytest.raises(SpecError, match="head_mode 'frozen' keeps the task's probe head: it needs head_init 'probe'"):
+        make_spec(dict(BASE, head_mode="frozen", head_init="zero"))
+    out = tmp_path / "frozen.json"
+    assert main(["finetune", "--task", TASK, "--steps", "2", "--batch-size", "32", "--data-ratio", "0.05",
+                 "--head-mode", "frozen", "--no-progress", "--cache-dir", str(cache), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["spec"]["head_mode"] == "frozen" and _same_weights(Path(rec["path"]) / "head.safetensors", a.head_path)

@@ -30,6 +30,8 @@ _SPEC_FLAGS: list[tuple[str, type, str]] = [
     ("decay_frac", float, "WSD decay fraction of the steps (default 0.2)"),
     ("min_lr_ratio", float, "final lr / lr (default 0)"),
     ("head_init", str, "probe | zero | random (default probe)"),
+    ("head_mode", str, "trained | frozen (default trained); frozen: the task's probe head on the pretrained "
+     "backbone, shared by every expert of the task and never updated (the CLIP protocol of task arithmetic)"),
     ("seed", int, "seed of data order, augmentation and random head init (default 0)"),
     ("checkpoint_every", int, "save model + optimizer every k steps (default 0: never)"),
 ]

@@ -3,7 +3,8 @@
 Public API (imported lazily, so ``import mergelab.training`` is cheap)::
 
     ExpertSpec, make_spec, load_spec_file      the validated spec            (spec.py)
-    finetune, expert_path, resolve_spec        train or fetch one expert     (finetuning.py)
+    finetune, expert_path, resolve_spec,
+    frozen_head                                train or fetch one expert     (finetuning.py)
     ExpertResult, read_expert, load_expert,
     load_expert_model, NoiseScale              the sidecar and readers       (result.py)
     branch_spec, resolve_parent                bifurcation protocol          (branching.py)
@@ -23,6 +24,7 @@ _EXPORTS = {
     "finetune": "finetuning",
     "expert_path": "finetuning",
     "resolve_spec": "finetuning",
+    "frozen_head": "finetuning",
     "ExpertResult": "result",
     "NoiseScale": "result",
     "read_expert": "result",

@@ -50,7 +50,7 @@ def resolve_parent(spec: ExpertSpec, cache_dir: PathLike | None = None) -> Exper
             f"branch_from.parent {ref!r}: neither an expert folder nor the spec hash of an expert in the "
             f"cache {cache_root(cache_dir)} (fine-tune the parent first)"
         )
-    for field in ("arch", "task", "optimizer"):
+    for field in ("arch", "task", "optimizer", "head_mode"):  # head_mode: the optimizer state's parameters
         if getattr(parent.spec, field) != getattr(spec, field):
             raise SpecError(
                 f"branch_from: parent {parent.spec_hash} has {field}={getattr(parent.spec, field)!r}, "

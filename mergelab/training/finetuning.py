@@ -17,7 +17,17 @@ Procedure (spec fields in ``code``):
    theta_0, and the task's statistics would replace the pool's within the first ~50 steps anyway (BN
    momentum 0.1). ``init_test_metrics`` in the sidecar is this starting model. A branch instead loads model
    and optimizer state from the parent's checkpoint.
-4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head), see
+
+   ``head_mode: frozen`` (frozen shared heads, the CLIP protocol of Ilharco et al. 2023, "Editing models
+   with task arithmetic": fine-tuning keeps the zero-shot heads fixed, so the pretrained model, every expert
+   and every merge share one head per task): the head is :func:`frozen_head`, the same probe fitted on the
+   task's *full* training split (BN re-estimated on a copy of the pretrained backbone; no seed but BN's
+   fixed batch order), whatever ``data_ratio`` -- a function of the pretrained backbone and the task only,
+   bit-identical for every expert of the task. The backbone's BN statistics are then re-estimated on the
+   expert's training subset as with ``probe``.
+4. ``steps`` optimizer steps of cross-entropy on the whole model (backbone and head; with ``head_mode:
+   frozen`` the head is not in the optimizer and has ``requires_grad`` off, so neither gradient steps nor
+   weight decay touch it and the saved head is exactly :func:`frozen_head`), see
    :mod:`mergelab.training.loop`; checkpoints every ``checkpoint_every`` steps. Steps 3-5 run on ``threads``
    torch intra-op threads (default 1) whatever the caller's setting (:mod:`mergelab.training.threads`), so a
    spec trains to the same weights on any machine of a kind.
@@ -152,8 +162,36 @@ def load_task_data(spec: ExpertSpec) -> TaskData:
     return data
 
 
+def probe_head(backbone: torch.nn.Module, data: TaskData) -> torch.nn.Linear:
+    """The frozen shared head of ``data``'s task on ``backbone`` (left unchanged): BN statistics re-estimated on
+    the task's training images on a copy of ``backbone``, then :func:`fit_linear_probe` on its features."""
+    import copy
+
+    probe_backbone = copy.deepcopy(backbone)
+    reset_bn_statistics(probe_backbone, data.x_train, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
+    return fit_linear_probe(extract_features(probe_backbone, data.x_train), data.y_train, data.num_classes)
+
+
+def frozen_head(task: str, arch: str = "resnet_s", cache_dir: PathLike | None = None,
+                threads: int | None = None) -> torch.nn.Linear:
+    """The head every ``head_mode: frozen`` expert of ``task`` fine-tuned from the cached pretrained ``arch``
+    keeps (and saves): :func:`probe_head` of the pretrained backbone on the task's full training split, on
+    ``threads`` pinned intra-op threads (default 1, as the experts' default). CPU, eval mode."""
+    from mergelab.tasks import get_task
+
+    with pinned_threads(threads):
+        backbone, _ = load_pretrained_backbone(arch, cache_dir)
+        return probe_head(backbone, get_task(task)).eval()
+
+
 def _init_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.nn.Linear:
     dim = backbone.feature_dim
+    if spec.head_mode == "frozen":  # the task's shared head (full training split), then BN on the subset
+        from mergelab.tasks import get_task
+
+        head = probe_head(backbone, get_task(spec.task))
+        reset_bn_statistics(backbone, x, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
+        return head
     if spec.head_init == "probe":
         reset_bn_statistics(backbone, x, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
         return fit_linear_probe(extract_features(backbone, x), y, num_classes)
@@ -203,9 +241,10 @@ def _train(
         load_backbone_state(backbone, read_backbone_state(ckpt / BACKBONE_FILE), source=str(ckpt / BACKBONE_FILE))
         head = load_head(ckpt / HEAD_FILE, backbone.feature_dim)
         parent_ref = ParentRef(spec_hash=parent.spec_hash, path=parent.path, step=start)
+    head.requires_grad_(spec.head_mode == "trained")  # frozen: no gradient, not in the optimizer, no decay
     model = Classifier(backbone, head).to(dev)
     optimizer = build_optimizer(
-        model.parameters(), spec.optimizer, spec.lr, spec.momentum, spec.weight_decay, spec.beta2, spec.nesterov
+        [p for p in model.parameters() if p.requires_grad], spec.optimizer, spec.lr, spec.momentum, spec.weight_decay, spec.beta2, spec.nesterov
     )
     if parent is not None:
         state = torch.load(parent.checkpoint_dir(start) / OPTIMIZER_FILE, map_location=dev, weights_only=True)

@@ -14,6 +14,8 @@ schedule         ``cosine`` (also ``constant``, ``wsd``); warmup_frac 0; decay_f
                  min_lr_ratio 0
 augment          off (random affine: +-10 deg, +-10 % scale, +-2 px)
 head_init        ``probe`` (linear probe on frozen pretrained features: LP-FT), or ``zero``/``random``
+head_mode        ``trained`` (the head is fine-tuned with the backbone), or ``frozen``: the task's shared
+                 probe head, fitted once on the pretrained backbone and never updated (see below)
 seed             0 — controls data order, augmentation and (``random``) head init
 checkpoint_every 0 (none); k > 0 saves model + optimizer state every k steps
 branch_from      none; ``{parent, step}`` continues from the parent's checkpoint at ``step``
@@ -29,6 +31,16 @@ global steps ``s .. steps-1`` with its own seed, learning rate and schedule (eva
 ``parent`` is a parent spec hash (looked up in the cache) or a path to an expert folder. A child with the
 parent's exact hyperparameters and seed reproduces the parent's uninterrupted run.
 :func:`mergelab.training.branching.branch_spec` builds a WSD child that decays from the branch point.
+
+**Frozen shared heads** (``head_mode: frozen``), the protocol of the papers' CLIP setting (Ilharco et al.
+2023, "Editing models with task arithmetic": the classification heads are the zero-shot heads, kept frozen
+during fine-tuning, so the pretrained model, every expert and every merge use the same head per task): the
+head is the linear probe of the ``probe`` init (:func:`mergelab.training.finetuning.frozen_head`: BatchNorm
+re-estimated on the task's training images, then an L-BFGS probe on the pretrained features), fitted on the
+task's *full* training split whatever ``data_ratio``, so it depends only on the pretrained backbone and the
+task. It is left out of the optimizer (``requires_grad`` off: no gradient step, no weight decay) and the
+expert's saved head is exactly that probe head, bit-identical for every expert of the task on the same
+pretrained backbone. It needs ``head_init: probe``.
 
 The **spec hash** is the first 16 hex digits of SHA-256 over the canonical JSON of the resolved spec plus
 the training code version (:data:`TRAINING_FORMAT`).
@@ -86,6 +98,7 @@ class ExpertSpec(BaseModel):
     decay_frac: float = Field(0.2, gt=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     head_init: Literal["probe", "zero", "random"] = "probe"
+    head_mode: Literal["trained", "frozen"] = "trained"
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)
     branch_from: BranchFrom | None = None
@@ -121,6 +134,9 @@ class ExpertSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExpertSpec:
+        if self.head_mode == "frozen" and self.head_init != "probe":
+            raise ValueError(f"head_mode 'frozen' keeps the task's probe head: it needs head_init 'probe', "
+                             f"got {self.head_init!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         if self.branch_from is not None and self.branch_from.step >= self.steps:

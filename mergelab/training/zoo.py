@@ -10,6 +10,11 @@ Every run is pinned to its spec's intra-op thread count (``threads``, default 1;
 :mod:`mergelab.training.threads`), so a zoo is bit-identical whatever the machine's cores, its load or the
 number of workers: the parallelism is across experts, not inside one.
 
+``overrides`` apply to every expert, e.g. ``{"head_mode": "frozen"}`` (``mergelab zoo --set head_mode=frozen``)
+for the frozen shared heads protocol of the papers' CLIP setting (Ilharco et al. 2023: zero-shot heads kept
+frozen during fine-tuning): each task's head is its probe on the pretrained backbone, shared by the
+pretrained model, every expert of the task and every merge (:class:`~mergelab.training.spec.ExpertSpec`).
+
 Defaults (the :class:`~mergelab.training.spec.ExpertSpec` defaults): K = 300 steps, batch 64, cosine
 schedule, linear-probe head init, no augmentation; ResNets SGD lr 0.05 momentum 0.9 wd 5e-4; ViT AdamW lr
 1e-3 wd 0.01. Measured on the 21-task suite (test accuracy, mean over tasks; "probe" = the pretrained
@@ -44,7 +49,8 @@ PathLike = str | os.PathLike[str]
 
 
 def default_spec(task: str, arch: str = "resnet_s", **overrides: Any) -> ExpertSpec:
-    """The zoo's spec for ``task``: the :class:`ExpertSpec` defaults of ``arch``, updated by ``overrides``."""
+    """The zoo's spec for ``task``: the :class:`ExpertSpec` defaults of ``arch``, updated by ``overrides``
+    (e.g. ``head_mode="frozen"``)."""
     return make_spec(task=task, arch=arch, **overrides)
 
 
