@@ -3,10 +3,7 @@
 :func:`reuse_freed_memory` tunes glibc's allocator for the merge engines (see its docstring).
 
 :func:`prefer_passive_omp` lets idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)
-unless the user chose a policy.
-
-:func:`training_threads` pins torch's intra-op thread count while a model trains (:data:`TRAINING_THREADS`),
-so training is bit-reproducible across machines. On a 2-core machine that other processes also use, torch's spinning intra-op
+unless the user chose a policy. On a 2-core machine that other processes also use, torch's spinning intra-op
 threads are descheduled mid-region and every parallel region waits for them: a resnet_s training step
 measured 1.0-1.9 s with 2 threads under the default policy against 0.07-0.16 s with 2 passive threads, on the
 same loaded machine. OpenMP reads the variable once, when torch loads it, so this must run before torch is
@@ -16,14 +13,8 @@ imported; the training and evaluation commands call it first thing (the merge en
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def prefer_passive_omp() -> bool:
@@ -59,25 +50,8 @@ def reuse_freed_memory() -> None:
         pass
 
 
-#: Intra-op threads every training run uses (pretraining, fine-tuning, branches, multi-task): a fixed count
-#: makes the weights bit-identical for one spec and seed on any machine of the same kind, whatever its core
-#: count or load (torch's reductions split work by thread count, so 1 and 2 threads round differently).
-#: Parallelism comes from training several experts at once (``mergelab zoo`` runs a process per expert).
+
+#: Intra-op threads every training run uses unless its spec or config says otherwise (pretraining, fine-tuning,
+#: branches, multi-task; see :mod:`mergelab.training.threads`): a fixed count makes the weights bit-identical for
+#: one spec and seed on any machine of the same kind, whatever its core count or load.
 TRAINING_THREADS = 1
-
-
-def training_threads(fn: Callable[P, R]) -> Callable[P, R]:
-    """Decorator: run ``fn`` with torch on :data:`TRAINING_THREADS` intra-op threads (restored afterwards)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        import torch  # here, not at module level: this module is imported before torch on purpose
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(TRAINING_THREADS)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return wrapper

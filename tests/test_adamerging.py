@@ -160,12 +160,22 @@ def test_gradient_matches_finite_differences(zoo, granularity):
     (grad,) = torch.autograd.grad(f(lam), lam)
     eps = 1e-6
     coords = [(i, k) for i in range(2) for k in ([0] if granularity == "task" else [0, 1, 5, 13, 26])]
+    checked = 0
     with torch.no_grad():
+        f0 = f(lam).item()
         for i, k in coords:
             step = torch.zeros_like(lam)
             step[i, k] = eps
-            fd = (f(lam + step) - f(lam - step)).item() / (2 * eps)
-            assert grad[i, k].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), (i, k)
+            up, down = f(lam + step).item(), f(lam - step).item()
+            forward, backward = (up - f0) / eps, (f0 - down) / eps
+            # a ReLU switching inside [lam - eps, lam + eps] makes f non-differentiable there (the one-sided
+            # slopes differ): where the weights put a kink is an accident of training, so such a coordinate
+            # is skipped rather than failed; everywhere else the central difference must match
+            if abs(forward - backward) > 1e-4 * max(1.0, abs(forward)):
+                continue
+            checked += 1
+            assert grad[i, k].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9), (i, k)
+    assert checked >= len(coords) // 2
 
 
 def test_clamping_keeps_coefficients_in_the_unit_interval(zoo):
