@@ -172,14 +172,14 @@ def probe_head(backbone: torch.nn.Module, data: TaskData) -> torch.nn.Linear:
     return fit_linear_probe(extract_features(probe_backbone, data.x_train), data.y_train, data.num_classes)
 
 
-def frozen_head(task: str, arch: str = "resnet_s", cache_dir: PathLike | None = None,
-                threads: int | None = None) -> torch.nn.Linear:
+def frozen_head(task: str, arch: str = "resnet_s", cache_dir: PathLike | None = None) -> torch.nn.Linear:
     """The head every ``head_mode: frozen`` expert of ``task`` fine-tuned from the cached pretrained ``arch``
-    keeps (and saves): :func:`probe_head` of the pretrained backbone on the task's full training split, on
-    ``threads`` pinned intra-op threads (default 1, as the experts' default). CPU, eval mode."""
+    keeps (and saves): :func:`probe_head` of the pretrained backbone on the task's full training split, always
+    on :data:`~mergelab.runtime.TRAINING_THREADS` pinned threads (also for an expert whose ``threads`` differ),
+    so it depends on the backbone and the task only. CPU, eval mode."""
     from mergelab.tasks import get_task
 
-    with pinned_threads(threads):
+    with pinned_threads():
         backbone, _ = load_pretrained_backbone(arch, cache_dir)
         return probe_head(backbone, get_task(task)).eval()
 
@@ -189,7 +189,8 @@ def _init_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: 
     if spec.head_mode == "frozen":  # the task's shared head (full training split), then BN on the subset
         from mergelab.tasks import get_task
 
-        head = probe_head(backbone, get_task(spec.task))
+        with pinned_threads():  # the default count whatever spec.threads: one head per task and backbone
+            head = probe_head(backbone, get_task(spec.task))
         reset_bn_statistics(backbone, x, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
         return head
     if spec.head_init == "probe":
