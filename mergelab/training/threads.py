@@ -21,8 +21,11 @@ Inter-op threads are left alone: eager training runs no inter-op work (they serv
 ``torch.set_num_interop_threads`` may be called only once per process, before any such work.
 
 Parallelism comes from training several experts at once instead (``mergelab zoo`` runs a process pool of
-one-thread workers). Pretraining, one process, pays for it: 1000 steps of resnet_s took 53-63 s with two
-threads and 95-100 s with one on the same shared 2-core machine.
+one-thread workers). Pretraining, one process, pays for it on an idle machine: the 1000 steps of resnet_s
+took 53-63 s on two threads at load ~1 on a shared 2-core machine, and one thread costs ~96 ms a step there
+(~95-100 s); under a load of 4-5 from other processes one thread was the faster (116 s against 150 s on two,
+whose threads wait for each other). Pinned to two threads (``--threads 2``) the run reproduced the earlier
+unpinned two-thread backbone bit for bit: the deterministic-algorithms mode changes no CPU weights.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ time of ``mergelab zoo --arch A`` from an empty zoo cache on an otherwise idle 2
     resnet_l   0.827   0.976     125 s       360 s       487 s
     vit_s      0.707   0.860      55 s       119 s       176 s
     resnet_m   0.835   0.977     (not timed idle)
+
+(measured before training was pinned to one intra-op thread: pretraining used both cores then, and takes
+longer on one when the machine is idle, see :mod:`mergelab.training.threads`; the experts already ran on one
+thread per worker.)
 """
 
 from __future__ import annotations
