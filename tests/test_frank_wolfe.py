@@ -22,6 +22,8 @@ from mergelab.methods.data_informed.frank_wolfe import (
     FWConfig,
     FWHardParams,
     FWSoftParams,
+    ModelObjective,
+    TaskFunctionObjective,
     TensorPool,
     frank_wolfe,
     line_search,
@@ -138,6 +140,125 @@ def test_line_search_finds_the_minimum_and_never_increases():
     assert gamma == 0.5
 
 
+# ----------------------------------------------------------------------------------- per-task oracle
+
+
+def _unit(i: int, n: int = 4, scale: float = 1.0) -> torch.Tensor:
+    v = torch.zeros(n, dtype=F64)
+    v[i] = scale
+    return v
+
+
+def _loud_task_objective() -> TaskFunctionObjective:
+    # three tasks with optima e0, e1, e2; task "loud" weighs 10x, so at theta = 0 its gradient -20 e0 is 10x the
+    # others' (-2 e1, -2 e2): the mean loss is dominated by it
+    e = [_unit(i) for i in range(3)]
+    return TaskFunctionObjective({
+        "loud": lambda th: 10 * ((th["x"] - e[0]) ** 2).sum(),
+        "quiet1": lambda th: ((th["x"] - e[1]) ** 2).sum(),
+        "quiet2": lambda th: ((th["x"] - e[2]) ** 2).sum(),
+    })
+
+
+# vertices 0-2 serve the loud task (e0 scaled), 3 and 4 the quiet ones, 5 none (an irrelevant direction)
+LOUD_POOL = [_unit(0), _unit(0, scale=0.9), _unit(0, scale=0.8), _unit(1), _unit(2), _unit(3, scale=5.0)]
+
+
+def test_joint_oracle_follows_the_loud_task_and_per_task_gives_each_task_its_vertex():
+    objective = _loud_task_objective()
+    theta = {"x": torch.zeros(4, dtype=F64)}
+    pool = TensorPool([{"x": v} for v in LOUD_POOL])
+    value, task_values, task_grads = objective.task_values_and_grads(theta)
+    assert task_values == pytest.approx({"loud": 10.0, "quiet1": 1.0, "quiet2": 1.0}) and value == pytest.approx(4.0)
+    _, grad = objective.value_and_grad(theta)
+    # joint scores <g, v> with g = (1/3)(-20 e0 - 2 e1 - 2 e2): -20/3, -18/3, -16/3, -2/3, -2/3, 0
+    joint = linear_minimization_oracle(grad, theta, pool, {MODEL_GROUP: ["x"]}, k=3)
+    assert joint.selected() == {MODEL_GROUP: [0, 1, 2]}  # only the loud task's vertices
+    per_task = linear_minimization_oracle(None, theta, pool, {MODEL_GROUP: ["x"]}, k=3, oracle="per_task",
+                                          task_grads=task_grads)
+    assert per_task.proposed() == {MODEL_GROUP: [0, 3, 4]}  # each task's own argmin
+    assert per_task.selected() == {MODEL_GROUP: [0, 3, 4]}  # one per task, best joint score first
+    # the tables and the gap are the joint oracle's (the joint gradient is the mean of the tasks')
+    assert per_task.inner[:, 0].tolist() == pytest.approx([-20 / 3, -6.0, -16 / 3, -2 / 3, -2 / 3, 0.0])
+    assert per_task.gap == pytest.approx(joint.gap) and per_task.selected_gap == pytest.approx(20 / 3)
+    assert per_task.task_tensor_inner[1, :, 0].tolist() == pytest.approx([0, 0, 0, -2.0, 0, 0])
+    # k below the number of distinct proposals: the proposals with the best joint score (fw_hard's per_task)
+    one = linear_minimization_oracle(None, theta, pool, {MODEL_GROUP: ["x"]}, k=1, oracle="per_task",
+                                     task_grads=task_grads)
+    assert one.selected() == {MODEL_GROUP: [0]}
+    # k above it: filled with the best remaining vertices by joint score
+    five = linear_minimization_oracle(None, theta, pool, {MODEL_GROUP: ["x"]}, k=5, oracle="per_task",
+                                      task_grads=task_grads)
+    assert five.selected() == {MODEL_GROUP: [0, 1, 2, 3, 4]}
+    with pytest.raises(ValueError, match="per_task.*task_grads"):
+        linear_minimization_oracle(grad, theta, pool, {MODEL_GROUP: ["x"]}, oracle="per_task")
+
+
+def test_per_task_oracle_fills_coinciding_proposals_by_the_joint_score():
+    # both quiet tasks' optima lie along e1 + e2, so both propose vertex 3; k = 3 takes the best other vertex
+    # by joint score (the loud task's second vertex), never the irrelevant one
+    both = _unit(1) + _unit(2)
+    objective = TaskFunctionObjective({
+        "loud": lambda th: 10 * ((th["x"] - _unit(0)) ** 2).sum(),
+        "quiet1": lambda th: ((th["x"] - both) ** 2).sum(),
+        "quiet2": lambda th: ((th["x"] - both) ** 2).sum(),
+    })
+    pool = TensorPool([{"x": v} for v in [_unit(0), _unit(0, scale=0.9), _unit(3, scale=5.0), both]])
+    theta = {"x": torch.zeros(4, dtype=F64)}
+    _, _, task_grads = objective.task_values_and_grads(theta)
+    lmo = linear_minimization_oracle(None, theta, pool, {MODEL_GROUP: ["x"]}, k=3, oracle="per_task",
+                                     task_grads=task_grads)
+    assert lmo.proposed() == {MODEL_GROUP: [0, 3, 3]}
+    assert lmo.selected() == {MODEL_GROUP: [0, 1, 3]}  # joint scores -20/3, -6, 0, -8/3
+
+
+def test_layer_wise_per_task_oracle_proposes_per_block():
+    # two blocks; task A cares about block a only, task B about block b only; in each block the task that
+    # cares proposes its best vertex, the indifferent one (zero gradient there: no vertex decreases its
+    # linearised loss) proposes none (-1), and the second slot is filled by the joint score
+    objective = TaskFunctionObjective({
+        "A": lambda th: 10 * ((th["a"] - 1.0) ** 2).sum(),
+        "B": lambda th: ((th["b"] - 1.0) ** 2).sum(),
+    })
+    theta = {"a": torch.zeros(1, dtype=F64), "b": torch.zeros(1, dtype=F64)}
+    rows = [(0.0, 0.0), (1.0, 0.2), (0.3, 1.0), (0.9, 0.9)]
+    pool = TensorPool([{"a": torch.tensor([a], dtype=F64), "b": torch.tensor([b], dtype=F64)} for a, b in rows])
+    _, _, task_grads = objective.task_values_and_grads(theta)
+    lmo = linear_minimization_oracle(None, theta, pool, {"a": ["a"], "b": ["b"]}, k=2, oracle="per_task",
+                                     task_grads=task_grads)
+    assert lmo.proposed() == {"a": [1, -1], "b": [-1, 2]}
+    assert lmo.selected() == {"a": [1, 3], "b": [2, 3]}  # joint scores: a 0, -10, -3, -9; b 0, -0.2, -1, -0.9
+
+
+def test_soft_fw_with_the_per_task_oracle_reaches_the_optimum_the_joint_oracle_cannot():
+    # the mean loss's minimiser x* = (10 e0 + e1 + e2) / 12 is the convex combination 10/12, 1/12, 1/12 of
+    # the vertices e0, e1, e2: one soft step on the per-task selection reaches it; the joint selection (three
+    # multiples of e0) only reaches the best point on the e0 axis, x = 10/12 e0
+    objective = _loud_task_objective()
+    theta0 = {"x": torch.zeros(4, dtype=F64)}
+    x_star = (10 * _unit(0) + _unit(1) + _unit(2)) / 12
+    f_star = float(objective.value({"x": x_star}))
+    f_axis = float(objective.value({"x": _unit(0, scale=10 / 12)}))
+    assert f_axis > f_star + 0.05
+    config = dict(k=3, pgd_steps=400, pgd_lr=0.01)
+    theta, per_task = run_frank_wolfe(objective, TensorPool([{"x": v} for v in LOUD_POOL]), theta0,
+                                      FWConfig("soft", 1, oracle="per_task", **config))
+    assert per_task.iterations[0].selected == {MODEL_GROUP: [0, 3, 4]}
+    assert per_task.iterations[0].proposals == {MODEL_GROUP: [0, 3, 4]}
+    assert per_task.tasks == ["loud", "quiet1", "quiet2"]
+    assert per_task.iterations[0].task_objectives == pytest.approx({"loud": 10.0, "quiet1": 1.0, "quiet2": 1.0})
+    assert theta["x"].numpy() == pytest.approx(x_star.numpy(), abs=5e-3)
+    assert per_task.final_objective == pytest.approx(f_star, abs=1e-4)  # f_axis - f_star = 0.056
+    _, joint = run_frank_wolfe(objective, TensorPool([{"x": v} for v in LOUD_POOL]), theta0,
+                               FWConfig("soft", 1, oracle="joint", **config))
+    assert joint.iterations[0].selected == {MODEL_GROUP: [0, 1, 2]} and joint.iterations[0].proposals is None
+    assert joint.final_objective >= f_axis - 1e-9
+    json.dumps(per_task.to_dict())
+    with pytest.raises(ValueError, match="per-task gradients"):
+        run_frank_wolfe(_quadratic(P_OUT), TensorPool(_points(SQUARE)), {"x": torch.zeros(2, dtype=F64)},
+                        FWConfig("soft", 1, oracle="per_task"))
+
+
 # --------------------------------------------------------------------------------------- FW core, convex
 
 
@@ -196,6 +317,45 @@ def test_soft_fw_with_all_vertices_reaches_the_optimum_in_a_few_iterations(simpl
         assert sum(coefficients) == pytest.approx(1.0)
 
 
+def test_task_wise_oracle_with_layer_wise_coefficients_solves_each_block():
+    # two blocks; the objective ||a - p_a||^2 + ||b - p_b||^2 is separable, so with one coefficient vector per
+    # block the optimum is each block's own least-squares solution, in closed form: a = lam_a1 v1_a + lam_a2 v2_a
+    # gives lam_a = p_a = (0.2, 0.5); b = (2 lam_b1, 4 lam_b2) = (1, 1) gives lam_b = (0.5, 0.25) (both inside the
+    # solid simplex), objective 0. One vector for the whole model is a compromise: d/dl1 = 2(l1 - .2) + 4(2 l1 - 1)
+    # = 0 -> l1 = 0.44; d/dl2 = 2(l2 - .5) + 8(4 l2 - 1) = 0 -> l2 = 9/34, objective 0.1308 > 0.
+    p_a, p_b = torch.tensor([0.2, 0.5], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64)
+    objective = FunctionObjective(lambda th: ((th["a"] - p_a) ** 2).sum() + ((th["b"] - p_b) ** 2).sum())
+
+    def vertex(a, b):
+        return {"a": torch.tensor(a, dtype=F64), "b": torch.tensor(b, dtype=F64)}
+
+    # v0, v1 and a third vertex the task-wise oracle leaves out (<g, v2> = +2.4 > 0)
+    pool = TensorPool([vertex([1, 0], [2, 0]), vertex([0, 1], [0, 4]), vertex([-1, 0], [0, -1])])
+    theta0 = {"a": torch.zeros(2, dtype=F64), "b": torch.zeros(2, dtype=F64)}
+    task = {MODEL_GROUP: ["a", "b"]}
+    layer = {"a": ["a"], "b": ["b"]}
+    _, grad = objective.value_and_grad(theta0)
+    lmo = linear_minimization_oracle(grad, theta0, pool, task, k=2)
+    assert lmo.selected() == {MODEL_GROUP: [1, 0]}  # <g, v>: -4.4, -9, +2.4
+    # the coefficient gradient at lam = 0 from the oracle's per-tensor table: <grad_C, s_j,C - theta_C>
+    assert lmo.coefficient_gradient(layer, task).tolist() == [[-1.0, -0.4], [-8.0, -4.0]]
+    assert lmo.coefficient_gradient(task, task).tolist() == [[-9.0, -4.4]]
+    config = FWConfig("soft", 1, k=2, pgd_steps=500, pgd_lr=0.05)
+    theta, trace = run_frank_wolfe(objective, pool, theta0, config, task, coefficient_groups=layer)
+    assert trace.granularity == "task" and trace.coefficients == "layer" and trace.coefficient_groups == ["a", "b"]
+    coefficients = trace.iterations[0].coefficients  # slots: vertex 1, then vertex 0
+    assert coefficients["a"] == pytest.approx([0.5, 0.2], abs=5e-3)
+    assert coefficients["b"] == pytest.approx([0.25, 0.5], abs=5e-3)
+    assert theta["a"].tolist() == pytest.approx(p_a.tolist(), abs=5e-3)
+    assert theta["b"].tolist() == pytest.approx(p_b.tolist(), abs=5e-3)
+    assert trace.final_objective == pytest.approx(0.0, abs=1e-4)
+    _, whole = run_frank_wolfe(objective, pool, theta0, config, task)
+    assert whole.coefficients == "task"
+    assert whole.iterations[0].coefficients[MODEL_GROUP] == pytest.approx([9 / 34, 0.44], abs=5e-3)
+    assert whole.final_objective == pytest.approx(0.24**2 + (0.5 - 9 / 34) ** 2 + 0.12**2 + (1 - 36 / 34) ** 2,
+                                                  abs=1e-4)
+
+
 def test_soft_fw_from_outside_the_hull_keeps_the_current_point_as_an_option():
     # the start is the optimum of the objective itself (outside the hull): the solid simplex allows lambda = 0
     p = np.array([3.0, 1.2])
@@ -228,6 +388,169 @@ def test_the_pool_is_streamed_once_per_iteration():
     assert pool.loads == 5 * (4 + 1)  # the oracle's pass + the selected vertex
 
 
+# ------------------------------------------------------------------------------ BatchNorm and the gradient
+
+
+def test_an_oracle_blind_to_a_tensor_the_update_moves_stalls_at_its_start():
+    # The mechanism of fw_hard returning its task-arithmetic start on the BatchNorm zoo: the update moves every
+    # floating tensor (weights and BN running statistics) towards the vertex, but the gradient covered the
+    # parameters only. Here l = (w - 1)^2 + 10 (m + 0.2)^2 at w = m = 0 (m plays a running statistic):
+    # the w-only gradient (-2) scores vertex 0 (w = 1, m = 1) at -2, vertex 1 (w = 0.5, m = 0) at -1, and picks
+    # vertex 0; along it phi(gamma) = (gamma - 1)^2 + 10 (gamma + 0.2)^2 rises from gamma = 0 (phi'(0) = +2),
+    # so the line search returns gamma = 0 and the run stops at iteration 0 with the start unchanged (its FW
+    # gap, +2, is positive: nothing is wrong with the gap test). With the gradient in m too (+4), vertex 0
+    # scores +2, vertex 1 -1, and the run descends.
+    fn = lambda th: ((th["w"] - 1) ** 2).sum() + 10 * ((th["m"] + 0.2) ** 2).sum()  # noqa: E731
+    pool = TensorPool([{"w": torch.tensor([1.0], dtype=F64), "m": torch.tensor([1.0], dtype=F64)},
+                       {"w": torch.tensor([0.5], dtype=F64), "m": torch.tensor([0.0], dtype=F64)}])
+    start = {"w": torch.zeros(1, dtype=F64), "m": torch.zeros(1, dtype=F64)}
+    theta, blind = run_frank_wolfe(FunctionObjective(fn, differentiable=["w"]), pool, start, FWConfig("hard", 3))
+    assert blind.stop_reason == "no_progress" and len(blind.iterations) == 1
+    first = blind.iterations[0]
+    assert first.selected == {MODEL_GROUP: [0]} and first.step == 0.0 and first.gap == pytest.approx(2.0)
+    assert theta["w"].item() == 0.0 and theta["m"].item() == 0.0
+    theta, full = run_frank_wolfe(FunctionObjective(fn), pool, start, FWConfig("hard", 3))
+    assert full.iterations[0].selected == {MODEL_GROUP: [1]} and full.iterations[0].step == 1.0
+    assert full.final_objective == pytest.approx(0.25 + 0.4) and theta["w"].item() == pytest.approx(0.5)
+
+
+class _TinyBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+
+def _tiny_bn_problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = _TinyBN().double()
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.randn(3, generator=gen, dtype=F64) * 0.3)
+        net.bn.running_var.copy_(torch.rand(3, generator=gen, dtype=F64) + 0.5)
+        net.bn.weight.copy_(torch.rand(3, generator=gen, dtype=F64) + 0.5)
+        net.bn.bias.copy_(torch.randn(3, generator=gen, dtype=F64) * 0.1)
+    heads = {t: torch.nn.Linear(3, 4).double() for t in ("t1", "t2")}
+    data = {t: (torch.randn(7, 1, 5, 5, generator=gen, dtype=F64), torch.randint(0, 4, (7,), generator=gen))
+            for t in heads}
+    theta = {n: t.detach().clone() for n, t in net.state_dict().items() if t.is_floating_point()}
+    return net, heads, data, theta
+
+
+def _reference_loss(net, heads, data, theta, train: bool) -> float:
+    """Mean over tasks of the mean CE, each task's examples in one forward of a plain copy of ``net``."""
+    import copy
+
+    ref = copy.deepcopy(net)
+    ref.load_state_dict(theta, strict=False)
+    ref.train(train)
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.cross_entropy(heads[t](ref(x)), y)) for t, (x, y) in data.items()) / 2
+
+
+def test_merged_bn_objective_differentiates_the_running_statistics():
+    net, heads, data, theta = _tiny_bn_problem()
+    expected = _reference_loss(net, heads, data, theta, train=False)  # before the objective takes the module over
+    objective = ModelObjective(net, heads, data, "ce", batch_size=3)
+    assert {"bn.running_mean", "bn.running_var"} <= set(objective.differentiable)
+    assert objective.value(theta) == pytest.approx(expected, rel=1e-12)  # the same function as eval-mode BN
+    value, grad = objective.value_and_grad(theta)
+    assert value == pytest.approx(expected, rel=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    for name in ("bn.running_mean", "bn.running_var", "conv.weight"):  # central differences, random direction
+        d = torch.randn(theta[name].shape, generator=gen, dtype=F64)
+        eps = 1e-6
+        plus = objective.value({**theta, name: theta[name] + eps * d})
+        minus = objective.value({**theta, name: theta[name] - eps * d})
+        assert float((grad[name] * d).sum()) == pytest.approx((plus - minus) / (2 * eps), rel=1e-6, abs=1e-9)
+    total, values, task_grads = objective.task_values_and_grads(theta)
+    assert total == pytest.approx(value) and set(values) == {"t1", "t2"}
+    for name in grad:
+        assert torch.allclose((task_grads["t1"][name] + task_grads["t2"][name]) / 2, grad[name])
+    net2, heads2, data2, theta2 = _tiny_bn_problem()
+    params_only = ModelObjective(net2, heads2, data2, "ce", statistics_gradient=False)
+    assert "bn.running_mean" not in params_only.differentiable
+    assert params_only.value(theta2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_batch_bn_objective_uses_each_task_batch_and_never_the_running_statistics():
+    net, heads, data, theta = _tiny_bn_problem()
+    expected = _reference_loss(net, heads, data, theta, train=True)  # train-mode BN on each task's whole set
+    objective = ModelObjective(net, heads, data, "ce", batch_size=3, bn="batch")
+    assert "bn.running_mean" not in objective.differentiable and "bn.weight" in objective.differentiable
+    before = {n: t.clone() for n, t in theta.items()}
+    value, grad = objective.value_and_grad(theta)
+    assert value == pytest.approx(expected, rel=1e-12)  # one batch per task, whatever batch_size is
+    assert all(torch.equal(theta[n], before[n]) for n in theta)  # the point's statistics are never written
+    other = {**theta, "bn.running_mean": theta["bn.running_mean"] + 5.0, "bn.running_var": theta["bn.running_var"] * 9}
+    assert objective.value(other) == pytest.approx(value, rel=1e-12)  # and never read
+    assert set(grad) == set(objective.parameter_names)
+
+
+def test_bn_batch_reestimates_the_statistics_of_the_result_on_the_objective_examples(zoo):
+    from mergelab.evaluation import reset_bn_statistics
+
+    context = _context(zoo, RELEVANT, samples=8)
+    merged, _ = frank_wolfe(context, FWHardParams(iterations=0))  # the task-arithmetic start, statistics as merged
+    batch, trace = frank_wolfe(context, FWHardParams(iterations=0, bn="batch"))
+    stats = [n for n in merged if n.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(merged[n], batch[n]) for n in merged if n not in stats)
+    # the same as re-estimating by hand on the objective's examples (labelled train split for ce)
+    backbone = build_backbone("resnet_s")
+    load_backbone_state(backbone, merged, source="test")
+    x = torch.cat([context.samples(t, "train")[0].float() for t in context.tasks])
+    reset_bn_statistics(backbone, x, batch_size=context.data.batch_size,
+                        num_batches=-(-len(x) // context.data.batch_size), seed=context.data.seed)
+    own = backbone.state_dict()
+    assert all(torch.allclose(batch[n], own[n]) for n in stats)
+    assert any(not torch.allclose(batch[n], merged[n]) for n in stats)
+
+
+# ------------------------------------------------------------------------------------ pool scaling
+
+
+def test_pool_scaling_gives_the_fw_rows_the_entropy_objective_and_records_it(monkeypatch):
+    import mergelab.evaluation
+    from mergelab.experiments import pool_scaling
+    from mergelab.experiments.compare import ComparisonTable
+
+    class _Expert:
+        def __init__(self, task):
+            self.task, self.path = task, f"/experts/{task}"
+
+    monkeypatch.setattr(mergelab.evaluation, "default_experts",
+                        lambda arch, tasks=None, cache_dir=None, required=True: [_Expert(t) for t in "abc"])
+    calls = []
+
+    def fake(arch, tasks, methods, **kwargs):
+        calls.append(kwargs["overrides"])
+        return ComparisonTable(arch, list(tasks), [], {"bn": "joint"})
+
+    monkeypatch.setattr(pool_scaling, "run_comparison", fake)
+    result = pool_scaling.run_pool_scaling("irrelevant", tasks=["a"], sizes=(1, 3),
+                                           methods=["ties", "fw_soft", "fw_hard"], progress=False,
+                                           overrides={"fw_hard": {"iterations": 1}})
+    assert calls == [{"fw_soft": {"objective": "entropy"}, "fw_hard": {"objective": "entropy", "iterations": 1}}] * 2
+    assert result.meta["fw_objective"] == "entropy"
+    assert result.meta["fw_objectives"] == {"fw_soft": "entropy", "fw_hard": "entropy"}
+    calls.clear()
+    result = pool_scaling.run_pool_scaling("irrelevant", tasks=["a"], sizes=(1,), methods=["fw_soft"], progress=False,
+                                           fw_objective="ce")
+    assert calls == [{"fw_soft": {"objective": "ce"}}] and result.meta["fw_objective"] == "ce"
+    calls.clear()  # an explicit override wins, and the record says what ran
+    result = pool_scaling.run_pool_scaling("irrelevant", tasks=["a"], sizes=(1,), methods=["ties"], progress=False)
+    assert calls == [{}] and result.meta["fw_objectives"] == {}
+    result = pool_scaling.run_pool_scaling("irrelevant", tasks=["a"], sizes=(1,), methods=["fw_soft"], progress=False,
+                                           overrides={"fw_soft": {"objective": "ce"}})
+    assert result.meta["fw_objectives"] == {"fw_soft": "ce"}
+    with pytest.raises(SpecError, match="fw_objective"):
+        pool_scaling.run_pool_scaling("irrelevant", tasks=["a"], sizes=(1,),
+                                      fw_objective="mse")  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------ parameters
 
 
@@ -236,9 +559,21 @@ def test_parameters_and_registry():
     assert {"fw_hard", "fw_soft"} <= set(methods)
     hard = parse_params(methods["fw_hard"], {})
     assert (hard.iterations, hard.init, hard.init_lambda, hard.step, hard.granularity, hard.objective, hard.score) == (
-        3, "task_arithmetic", 0.3, "line_search", "task", "ce", "inner_product")
-    soft = parse_params(methods["fw_soft"], {"k": 2, "granularity": "layer"})
-    assert (soft.iterations, soft.init, soft.k, soft.simplex) == (15, "pretrained", 2, "solid")
+        3, "task_arithmetic", 0.3, "line_search", "layer", "ce", "inner_product")
+    assert (hard.oracle, hard.bn) == ("joint", "merged")
+    assert not hasattr(hard, "coefficients")  # one step size gamma
+    soft = parse_params(methods["fw_soft"], {})
+    assert (soft.iterations, soft.init, soft.k, soft.simplex, soft.granularity, soft.coefficients, soft.oracle,
+            soft.bn) == (15, "pretrained", None, "solid", "task", "layer", "per_task", "merged")
+    soft = parse_params(methods["fw_soft"], {"k": 2, "granularity": "layer", "coefficients": "task", "oracle": "joint",
+                                             "bn": "batch"})
+    assert (soft.k, soft.granularity, soft.coefficients, soft.oracle, soft.bn) == (2, "layer", "task", "joint", "batch")
+    for method, bad in [("fw_soft", {"oracle": "tasks"}), ("fw_hard", {"bn": "train"}),
+                        ("fw_soft", {"coefficients": "row"})]:
+        with pytest.raises(SpecError, match=next(iter(bad))):
+            parse_params(methods[method], bad)
+    with pytest.raises(SpecError, match="does not take parameter.*'coefficients'"):
+        parse_params(methods["fw_hard"], {"coefficients": "layer"})
     with pytest.raises(SpecError, match="does not take parameter.*'step'"):
         parse_params(methods["fw_soft"], {"step": "schedule"})
     with pytest.raises(SpecError, match="step_size"):

@@ -4,26 +4,50 @@ Optimization"): merging as constrained optimisation over the convex hull of a po
 The problem
 -----------
 ``min_theta l(theta, D)`` over ``theta in conv{theta_1, ..., theta_n}`` (the experts' backbones, the
-*vertices* ``s``). ``l`` is measured on a small data set D through each task's own expert head:
+*vertices* ``s``). ``l`` is measured on a small data set D through each task's own expert head, as the mean
+of per-task losses ``l = (1/T) sum_t l_t`` over the T tasks of ``data.tasks``:
 
-* ``objective: ce`` (default, the paper's): ``l = (1/T) sum_t (1/|D_t|) sum_{(x,y) in D_t} CE(h_t(f(x; theta)), y)``,
-  mean over the T tasks of ``data.tasks`` of the mean cross-entropy on ``data.samples_per_task`` labelled
-  examples (default 100, the paper's) of split ``data.split`` (default ``train``);
+* ``objective: ce`` (default, the paper's): ``l_t = (1/|D_t|) sum_{(x,y) in D_t} CE(h_t(f(x; theta)), y)``,
+  the mean cross-entropy on ``data.samples_per_task`` labelled examples (default 100, the paper's) of split
+  ``data.split`` (default ``train``);
 * ``objective: entropy``: the same with the Shannon entropy ``H(softmax(.))`` of the predictions instead of
   the cross-entropy, on unlabelled examples (default split ``test``, AdaMerging's test-time convention).
 
-One iteration at ``theta_t`` with gradient ``g_t = grad l(theta_t)``:
+One iteration at ``theta_t`` with gradient ``g = grad l(theta_t)`` (and, per task, ``g_t = grad l_t(theta_t)``,
+so ``g = (1/T) sum_t g_t``):
 
-1. **Linear minimisation oracle** over the pool: ``s_t = argmin_s <g_t, s>`` (equivalently
-   ``argmin_s <g_t, s - theta_t>``). ``granularity: task`` picks one vertex for the whole model;
-   ``granularity: layer`` is block-coordinate: every tensor (block) picks its own vertex,
-   ``s_t[b] = argmin_i <g_t[b], theta_i[b]>`` — the LMO of the product of the per-tensor hulls.
-2. **FW gap** ``G_t = <-g_t, s_t - theta_t>`` (layer-wise: summed over the blocks). It is >= 0 whenever
-   ``theta_t`` lies in the hull and bounds the primal gap for convex l; the run stops as soon as
-   ``0 <= G_t <= gap_tolerance``. A negative gap can only occur outside the hull (a pretrained or
-   task-arithmetic start): it certifies nothing there — e.g. a task-arithmetic sum of 21 BatchNorm experts
-   whose loss is in the thousands has a negative gap, yet the line search toward s_t cuts the loss by orders
-   of magnitude — so the iteration goes on and the step search decides.
+1. **Linear minimisation oracle** over the pool, per *block*. ``granularity: task``: one block, the whole
+   model; ``granularity: layer``: block-coordinate, every tensor b is a block (the LMO of the product of the
+   per-tensor hulls; buffers join their module's block, see below). The score of vertex i in block B is
+   ``<g_B, s_i,B - theta_B>`` (``score: inner_product``, the paper's LMO).
+
+   * ``oracle: joint``: the classical FW LMO of the mean loss, ``s[B] = argmin_i <g_B, s_i,B - theta_B>``
+     (soft: the k best).
+   * ``oracle: per_task`` (the paper's multi-task oracle): each task t proposes its own best vertex
+     ``p_t[B] = argmin_i <g_t,B, s_i,B - theta_B>`` — if that score is negative, i.e. the vertex decreases
+     task t's linearised loss; a task no vertex helps in B proposes none. The selection in B is the set of
+     distinct proposals, cut to the k with the best joint score when there are more than k, and filled up to
+     k with the best remaining vertices by joint score when there are fewer (two tasks proposing the same
+     expert, or a task proposing none): a filled slot is the best remaining direction for the mean loss, and
+     the simplex step can still give it coefficient 0. (The public code ``hmarkc/fusion_bench``
+     ``fw_merging/fw_soft.py`` instead lets a task whose best vertex is taken pick its runner-up, in the order
+     of the tasks.) Why: the joint gradient is dominated by the task with the largest loss — on the resnet_s
+     zoo, digits' cross-entropy at theta_0 is 8.4 nats against 0.17, 0.72 and 3.5 for mnist, mnist_rot90
+     and shapes (100 training examples each, ``bn: merged``) — so the joint top-k can be all experts that
+     help that task, crowding out the other tasks' experts; per task, every task gets the expert that helps
+     it.
+   * fw_hard takes one vertex per iteration. ``oracle: joint`` (its default): the FW step of the mean loss,
+     as in the paper's FW-hard and the public ``fw_hard.py`` (one gradient accumulated over all tasks).
+     ``oracle: per_task`` there means the rule above with k = 1: among the tasks' proposals the one with the
+     best joint score (so the vertex is always one some task asked for).
+
+   The selection is stored best joint score first.
+2. **FW gap** ``G_t = <-g, s_t - theta_t>`` for the joint LMO vertex (layer-wise: summed over the blocks),
+   whatever the oracle. It is >= 0 whenever ``theta_t`` lies in the hull and bounds the primal gap for convex
+   l; the run stops as soon as ``0 <= G_t <= gap_tolerance``. A negative gap can only occur outside the hull
+   (a pretrained or task-arithmetic start): it certifies nothing there — e.g. a task-arithmetic sum of 21
+   BatchNorm experts whose loss is in the thousands has a negative gap, yet the line search toward s_t cuts
+   the loss by orders of magnitude — so the iteration goes on and the step search decides.
 3. **Update.**
 
    * *Hard* (``fw_hard``): ``theta_{t+1} = (1 - gamma_t) theta_t + gamma_t s_t`` with ``gamma_t`` from a line
@@ -31,22 +55,32 @@ One iteration at ``theta_t`` with gradient ``g_t = grad l(theta_t)``:
      refinement around the best grid point, ``line_search_steps`` evaluations; gamma = 0 is a grid point, so
      the objective never increases) or the classical schedule ``gamma_t = step_size * 2 / (t + 2)``
      (``step: schedule``, t = 0, 1, ...; with ``step_size = 1`` the first step moves fully onto ``s_0``).
-   * *Soft* (``fw_soft``): the ``k`` vertices with the best scores ``s_1..s_k`` (per tensor when layer-wise),
-     then ``lambda* = argmin_lambda l(theta_t + sum_j lambda_j (s_j - theta_t))`` over a simplex by projected
-     gradient descent with the exact Euclidean projection of :mod:`mergelab.ops.simplex` (one lambda vector
-     for the whole model, or one per tensor when layer-wise), and
-     ``theta_{t+1} = theta_t + sum_j lambda*_j (s_j - theta_t)``. ``simplex: solid`` (default) takes lambda in
-     ``{lambda >= 0, sum_j lambda_j <= 1}``, so ``theta_{t+1} = (1 - sum lambda) theta_t + sum lambda_j s_j`` is a
-     convex combination of the current model and the selected vertices: ``lambda = 0`` (no move) and every
-     hard FW step ``gamma e_j`` are feasible, the iteration never increases l and keeps FW's O(1/T) rate.
+     One gamma for the whole model (layer-wise, ``s_t`` is the composite of the blocks' vertices).
+   * *Soft* (``fw_soft``): the k selected vertices ``s_1..s_k`` (per block when layer-wise: slot j of block B
+     holds B's j-th vertex), then ``lambda* = argmin_lambda l(theta_t + sum_j lambda_j (s_j - theta_t))`` over
+     a simplex by projected gradient descent with the exact Euclidean projection of :mod:`mergelab.ops.simplex`,
+     and ``theta_{t+1} = theta_t + sum_j lambda*_j (s_j - theta_t)``. The granularity of lambda is its own
+     parameter, independent of the oracle's: ``coefficients: task``, one lambda vector for the whole model;
+     ``coefficients: layer``, one per tensor (buffers share their module's), i.e. for tensor b
+     ``theta_{t+1}[b] = theta_t[b] + sum_j lambda_{b,j} (s_j[b] - theta_t[b])``; each tensor is then a convex
+     combination of its own values, and the iterate lies in the product of the per-tensor hulls. Any oracle
+     granularity combines with any coefficient granularity.
+     ``simplex: solid`` (default) takes each lambda vector in ``{lambda >= 0, sum_j lambda_j <= 1}``, so
+     ``theta_{t+1} = (1 - sum lambda) theta_t + sum lambda_j s_j`` is a convex combination of the current model
+     and the selected vertices: ``lambda = 0`` (no move) is feasible and the iteration never increases l (with
+     the joint oracle every hard FW step ``gamma e_1`` is feasible too, which keeps FW's O(1/T) rate; the
+     per-task selection need not contain the joint LMO vertex, so that guarantee is not claimed for it).
      ``simplex: probability`` takes ``sum lambda = 1`` exactly; ``theta_t`` then drops out
      (``theta_{t+1} = sum_j lambda_j s_j``). PGD: ``lambda <- Proj(lambda - pgd_lr * grad_lambda)`` with
-     ``d l / d lambda_j = <grad l(theta(lambda)), s_j - theta_t>``; a step that does not decrease l is
-     rejected and the step size halved, so l never increases; ``pgd_steps`` gradient evaluations at most.
+     ``d l / d lambda_{C,j} = sum_{b in C} <grad_b l(theta(lambda)), s_j[b] - theta_t[b]>`` (C a coefficient
+     block); a step that does not decrease l is rejected and the step size halved, so l never increases;
+     ``pgd_steps`` gradient evaluations at most. At ``lambda = 0`` the gradient comes from the oracle's
+     per-tensor table, without an evaluation.
 
-The iterates stay in ``conv{theta_init, theta_1, ..., theta_n}``. Besides the gap test, a run stops when an
-update leaves the model unchanged (gamma = 0, or lambda = 0 with the solid simplex: the search found no
-decrease), since every further iteration would repeat it exactly (``stop_reason`` ``no_progress``).
+The iterates stay in ``conv{theta_init, theta_1, ..., theta_n}`` (per tensor with layer-wise oracle or
+coefficients). Besides the gap test, a run stops when an update leaves the model unchanged (gamma = 0, or
+lambda = 0 with the solid simplex: the search found no decrease), since every further iteration would repeat
+it exactly (``stop_reason`` ``no_progress``).
 
 Initial solution (``init``): ``pretrained`` (theta_0), ``task_arithmetic`` (``theta_0 + init_lambda sum_i
 w_i tau_i``, streamed one expert at a time; negative BatchNorm ``running_var`` entries, which a sum of many
@@ -54,46 +88,74 @@ task vectors can produce, are set to 0) or ``adamerging`` (:mod:`mergelab.method
 with its defaults; it holds all N task vectors while it runs, so that start is not constant-memory).
 
 Scores (``score``): ``inner_product`` (the paper's, the LMO above) or ``cosine`` (the public code's
-``hmarkc/FW-Merging`` / FusionBench ``fw_merging``: the sum over tensors of ``cos(g_t[b], s[b])``, per tensor
-when layer-wise). The gap is always the inner-product FW gap; ``selected_gap`` in the trace is the gap of
-the direction actually chosen (they differ only with ``score: cosine``).
+``hmarkc/FW-Merging`` / FusionBench ``fw_merging``: the sum over tensors of ``cos(g[b], s[b])``, per tensor
+when layer-wise; per task with ``g_t``, the proposal rule then asks for a negative cosine). The gap is always
+the inner-product FW gap; ``selected_gap`` in the trace is the gap of the top-1 selected direction (it
+differs from the gap with ``score: cosine`` or the per-task oracle).
 
 Defaults and sources
 --------------------
 fw_hard: 3 iterations from ``task_arithmetic`` with ``init_lambda = 0.3`` (paper, vision: 3 iterations from a
-TA or AdaMerging start; 0.3 is TA's usual coefficient and the public code's scaling factor), line search.
+TA or AdaMerging start; 0.3 is TA's usual coefficient and the public code's scaling factor), line search,
+``granularity: layer`` (the paper's FW-hard is layer-wise; task-wise stays an option), ``oracle: joint``
+(above).
 fw_soft: 15 iterations from ``pretrained`` (paper), ``k`` = number of tasks in ``data.tasks`` (the public
-code merges one selected checkpoint per task per iteration), ``simplex: solid``, ``pgd_steps = 20`` and
-``pgd_lr = 0.1`` (mergelab's choices — the paper gives no PGD settings: from lambda = 0 the first step moves
-each coefficient by 0.1 x that vertex's linearised gain ``<-g_t, s_j - theta_t>``, and rejected steps halve).
-Both: ``granularity: task`` (the paper states the algorithm per model; the public code's default),
-``objective: ce`` with 100 samples per task (paper), ``score: inner_product`` and the gap test with
+code merges one selected checkpoint per task per iteration), ``oracle: per_task`` (the paper's multi-task
+oracle), ``granularity: task`` with ``coefficients: layer`` (the paper's main results: task-wise selection,
+layer-wise coefficients — the public code runs layer-wise AdaMerging on the selected checkpoints),
+``simplex: solid``, ``pgd_steps = 20`` and ``pgd_lr = 0.1`` (mergelab's choices — the paper gives no PGD
+settings: from lambda = 0 the first step moves each coefficient by 0.1 x its linearised gain
+``<-g, s_j - theta_t>`` over its block, and rejected steps halve).
+Both: ``objective: ce`` with 100 samples per task (paper), ``score: inner_product`` and the gap test with
 ``gap_tolerance = 0`` (paper; the public code has neither the gap test nor the simplex projection — its soft
-variant runs AdaMerging on the selected checkpoints with unconstrained coefficients).
+variant runs AdaMerging on the selected checkpoints with unconstrained coefficients), ``bn: merged``.
+Earlier mergelab versions ran both with ``granularity: task`` and the joint oracle, fw_soft with
+``coefficients: task``, and differentiated the parameters only (see below); all but the last are options.
 
 BatchNorm and which tensors move
 --------------------------------
-l is differentiated with respect to the backbone's floating **parameters** (conv/linear weights, biases, BN
-and LayerNorm affine parameters); the backbone runs in eval mode, so BatchNorm uses the merged running
-statistics, exactly as the merged model is evaluated. **Buffers** (BN ``running_mean``/``running_var``) carry no
-gradient: every vertex carries its own buffers and the merge combines them with the same convex coefficients
-as the weights — task-wise with the single gamma / lambda; layer-wise a buffer follows the vertex choice and
-coefficients of its own module's ``weight`` (else of the module's first parameter; buffers of parameter-free
-modules form one group that follows the whole-model ranking and, in soft mode, keeps its initial
-coefficients). Non-floating tensors are copied from the base.
+Every vertex carries its BN running statistics (``running_mean``/``running_var``), and the merge combines them
+with the same convex coefficients as the weights — task-wise with the single gamma / lambda; layer-wise a
+buffer follows the vertex choice and coefficients of its own module's ``weight`` (else of the module's first
+parameter; buffers of parameter-free modules form one group that follows the whole-model selection and, in
+soft mode, keeps its initial coefficients). Non-floating tensors are copied from the base. ``bn`` says how the
+objective treats BatchNorm (the same option, with the same semantics, as AdaMerging's):
+
+* ``bn: merged`` (default): the backbone runs in eval mode, BN normalising with the merged running
+  statistics, exactly as the merged model is evaluated without re-estimation. l is then a function of the
+  weights *and* the statistics, and since the update moves both, the oracle and the PGD coefficient gradient
+  differentiate l in both (PyTorch's eval-mode ``batch_norm`` has no gradient for the statistics; the
+  objective runs BN through the same formula written out, ``(x - mean) / sqrt(var + eps) * weight + bias``).
+  Differentiating the weights only — mergelab's earlier behaviour, ``ModelObjective(statistics_gradient=
+  False)`` — linearises a different move from the one the update makes: on the resnet_s zoo (4 experts, TA
+  0.3 start, l = 1.631) the weights-only oracle scored shapes best (-0.87: moving shapes' weights alone does
+  cut l, to 1.585 at gamma 0.1), but moving its weights *and* its statistics raises l for every gamma > 0
+  (1.641 at 0.01, 1.746 at 0.1), so the line search returned gamma = 0 and fw_hard stopped at iteration 0
+  (``no_progress``) on exactly its task-arithmetic start. With the statistics in the gradient the oracle
+  picks digits (whose statistics are what the digits task needs) and l falls to 0.97 in 3 iterations.
+* ``bn: batch``: BN runs in train mode, each task's examples normalised with their own batch statistics
+  (test-time adaptation's convention, e.g. TENT, Wang et al. 2021, and AdaMerging's ``bn: batch``), so l
+  depends on the weights only and the statistics get no gradient. Train-mode BN is not separable across
+  chunks, so each task's ``samples_per_task`` examples go through as **one** batch (``data.batch_size`` is
+  not used by the objective; activation memory grows with ``samples_per_task``). At the end the result's
+  running statistics are re-estimated on the union of the objective's examples of all tasks (cumulative
+  average over all of them, AdaMerging's helper), so the merged model can be evaluated in eval mode.
 
 Memory: constant in the pool size
 ---------------------------------
 Checkpoints stay on disk. Each iteration the oracle streams through the pool with
 :meth:`MergeContext.expert_state` (one expert read, scored and released at a time), keeping only the scores
-(an n x blocks table of floats); then only the selected vertices are read again. Held at any time: the
-current model ``theta_t``, its gradient (dropped once the scores are taken), one work copy (the line-search
-or PGD candidate), the selected vertices (hard: 1; soft: k, stored as differences ``s_j - theta_t``;
-layer-wise vertices are assembled tensor by tensor from the experts that were selected for some tensor) and
-one streamed expert, plus the backbone module, the heads and the data: at most 4 backbone-sized sets of
-tensors for hard and k + 3 for soft (the gradient of a PGD candidate included), whatever n is (AdaMerging
-holds N + 2). ``bench/fw_memory.py`` measures it. The cost is time: each iteration reads the whole pool
-once for the oracle.
+(n x tensors tables of floats, one per task with the per-task oracle); then only the selected vertices are
+read again. Held at any time: the current model ``theta_t``, its gradient — with ``oracle: per_task`` the T
+per-task gradients ``g_t``, T backbone-sized tensors (the joint gradient is their mean, never materialised);
+all dropped once the scores are taken —, one work copy (the line-search or PGD candidate), the selected
+vertices (hard: 1; soft: k, stored as differences ``s_j - theta_t``; layer-wise vertices are assembled tensor
+by tensor from the experts that were selected for some tensor) and one streamed expert, plus the backbone
+module, the heads and the data: at most ``max(G + 2, 4)`` backbone-sized sets of tensors for hard and
+``max(G + 2, k + 3)`` for soft (the gradient of a PGD candidate included), with G = 1 (joint oracle) or T
+(per-task oracle), whatever n is (AdaMerging holds N + 2). ``bench/fw_memory.py`` measures it. The cost is
+time: each iteration reads the whole pool once for the oracle (the per-task gradients cost no extra pass over
+the data: the same examples, accumulated per task).
 
 Spec
 ----
@@ -101,18 +163,21 @@ Spec
 method: fw_soft                     # or fw_hard
 base: ~/.cache/mergelab/zoo/resnet_s/pretrained
 models: [experts/mnist/..., experts/digits/..., ...]     # the pool: expert folders
-parameters: {granularity: layer, iterations: 15, k: 4}
+parameters: {oracle: per_task, granularity: task, coefficients: layer, iterations: 15, bn: batch}
 data: {tasks: [mnist, digits], samples_per_task: 100}   # the objective's tasks (default: the experts' own)
 ```
 
 Python API
 ----------
 :func:`frank_wolfe` ``(context, params) -> (state, FWTrace)``; the zoo-independent core
-:func:`run_frank_wolfe` ``(objective, pool, theta0, config, groups)`` works on plain tensors with any
-:class:`Objective` (e.g. :class:`FunctionObjective`) and :class:`VertexPool` (e.g. :class:`TensorPool`);
-:func:`linear_minimization_oracle`, :func:`tensor_groups`, :func:`line_search`. The trace (per iteration:
-objective, gap, selected vertices, step or coefficients, objective after the update, evaluations, seconds) is
-logged at INFO level and returned.
+:func:`run_frank_wolfe` ``(objective, pool, theta0, config, groups, coefficient_groups=...)`` works on plain
+tensors with any :class:`Objective` (e.g. :class:`FunctionObjective`; :class:`TaskFunctionObjective` and
+:class:`ModelObjective` are :class:`MultiTaskObjective` s, which ``FWConfig(oracle="per_task")`` needs) and
+:class:`VertexPool` (e.g. :class:`TensorPool`); :func:`linear_minimization_oracle`, :func:`tensor_groups`,
+:func:`line_search`. ``FWConfig.oracle`` defaults to ``joint`` (a plain objective has no tasks); the method
+defaults above are set by :class:`FWHardParams` / :class:`FWSoftParams`. The trace (per iteration:
+objective, per-task objectives and proposals, gap, selected vertices, step or coefficients, objective after
+the update, evaluations, seconds) is logged at INFO level and returned.
 """
 
 from __future__ import annotations
@@ -145,6 +210,8 @@ StepRule = Literal["line_search", "schedule"]
 SimplexKind = Literal["solid", "probability"]
 ObjectiveKind = Literal["ce", "entropy"]
 InitKind = Literal["pretrained", "task_arithmetic", "adamerging"]
+Oracle = Literal["per_task", "joint"]
+BnMode = Literal["merged", "batch"]
 
 #: the single group of task-wise FW (one vertex / coefficient vector for the whole model)
 MODEL_GROUP = "<model>"
@@ -164,10 +231,31 @@ class Objective(Protocol):
     def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]: ...
 
 
+class MultiTaskObjective(Objective, Protocol):
+    """An :class:`Objective` that is the mean of per-task losses, ``l = (1/T) sum_t l_t``, and exposes them:
+    ``task_values_and_grads(theta) -> (l, {t: l_t}, {t: grad l_t})`` (so ``grad l = (1/T) sum_t grad l_t``).
+    Needed by ``oracle: per_task``; ``tasks`` names the T tasks in a fixed order."""
+
+    tasks: list[str]
+
+    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
+                              ) -> tuple[float, dict[str, float], dict[str, Point]]: ...
+
+
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise NonFiniteError(f"Frank-Wolfe: the objective is {value} at {what}")
     return value
+
+
+def _autograd(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], theta: Mapping[str, torch.Tensor],
+              names: Sequence[str]) -> tuple[float, Point]:
+    leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
+    with torch.enable_grad():
+        out = fn({**theta, **leaves})
+        grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
+    return (_finite(float(out.detach()), "a point"),
+            {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)})
 
 
 class FunctionObjective:
@@ -181,18 +269,36 @@ class FunctionObjective:
         self.fn = fn
         self.differentiable = None if differentiable is None else list(differentiable)
 
+    def _names(self, theta: Mapping[str, torch.Tensor]) -> list[str]:
+        return self.differentiable or [n for n, t in theta.items() if t.is_floating_point()]
+
     def value(self, theta: Mapping[str, torch.Tensor]) -> float:
         with torch.no_grad():
             return _finite(float(self.fn(theta)), "a point")
 
     def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]:
-        names = self.differentiable or [n for n, t in theta.items() if t.is_floating_point()]
-        leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
-        with torch.enable_grad():
-            out = self.fn({**theta, **leaves})
-            grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
-        return (_finite(float(out.detach()), "a point"),
-                {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)})
+        return _autograd(self.fn, theta, self._names(theta))
+
+
+class TaskFunctionObjective(FunctionObjective):
+    """``l(theta) = (1/T) sum_t fns[t](theta)``: a :class:`MultiTaskObjective` from one differentiable callable
+    per task (gradients by autograd; ``differentiable`` as for :class:`FunctionObjective`)."""
+
+    def __init__(self, fns: Mapping[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]],
+                 differentiable: Collection[str] | None = None) -> None:
+        if not fns:
+            raise ValueError("the objective needs at least one task")
+        self.fns = dict(fns)
+        self.tasks = list(self.fns)
+        super().__init__(lambda th: sum(f(th) for f in self.fns.values()) / len(self.fns), differentiable)
+
+    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
+                              ) -> tuple[float, dict[str, float], dict[str, Point]]:
+        names = self._names(theta)
+        values, grads = {}, {}
+        for task, fn in self.fns.items():
+            values[task], grads[task] = _autograd(fn, theta, names)
+        return sum(values.values()) / len(values), values, grads
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -200,20 +306,70 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
-class ModelObjective:
-    """The FW-Merging objective on a backbone: mean over tasks of the mean per-example loss through each task's
-    head (``kind``: ``ce`` cross-entropy with labels, ``entropy`` prediction entropy without).
+class _StatisticsDifferentiableBN:
+    """Mixin for BatchNorm classes: in eval mode, ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``
+    written out, so that autograd reaches the running statistics (PyTorch's eval-mode ``batch_norm`` refuses
+    gradients for them). Train mode, and layers without running statistics, use the class's own forward."""
 
-    The backbone runs in eval mode through :func:`torch.func.functional_call` with the point's tensors
-    (parameters and buffers); gradients are for its floating parameters. Examples are processed in chunks of
-    ``batch_size`` (eval-mode BatchNorm makes the chunking exact).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(x)  # type: ignore[misc]
+        self._check_input_dim(x)  # type: ignore[attr-defined]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y
+
+
+_DIFFERENTIABLE_BN: dict[type, type] = {}
+
+
+def _differentiable_bn_class(cls: type) -> type:
+    if cls not in _DIFFERENTIABLE_BN:
+        name = f"StatisticsDifferentiable{cls.__name__}"
+        _DIFFERENTIABLE_BN[cls] = type(name, (_StatisticsDifferentiableBN, cls), {})
+    return _DIFFERENTIABLE_BN[cls]
+
+
+def batchnorm_layers(backbone: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: layer}`` of the backbone's BatchNorm layers."""
+    return {n: m for n, m in backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+class ModelObjective:
+    """The FW-Merging objective on a backbone: ``l = (1/T) sum_t l_t``, ``l_t`` the mean per-example loss of task t
+    through its head (``kind``: ``ce`` cross-entropy with labels, ``entropy`` prediction entropy without).
+
+    The backbone runs through :func:`torch.func.functional_call` with the point's tensors, in eval mode except
+    for BatchNorm (``bn``):
+
+    * ``merged``: BN in eval mode with the point's running statistics, as the merged model is evaluated. With
+      ``statistics_gradient`` (default) the statistics are differentiable too (the BN layers of ``backbone`` are
+      switched, in place, to an equivalent eval-mode formula that autograd can differentiate in them): they
+      move with the convex coefficients like the weights, so the oracle and the coefficient gradients must
+      see them (module docstring). ``statistics_gradient=False`` differentiates the parameters only (the
+      earlier behaviour, which let fw_hard stall on its start).
+      Examples are processed in chunks of ``batch_size`` (eval-mode BN makes the chunking exact).
+    * ``batch``: BN in train mode, normalising with the statistics of the batch; each task's examples form
+      **one** batch whatever ``batch_size`` is (train-mode BN is not separable across chunks, so chunks would
+      change the function), so ``l_t`` is a deterministic function of the parameters and the running
+      statistics do not enter it (they get no gradient; the layers' own buffers absorb the train-mode updates,
+      the point's are never written). Activation memory grows with the number of examples per task.
+
+    ``differentiable``: the names that get gradients. ``task_values_and_grads`` gives each task's loss and
+    gradient (T gradients, each the size of the differentiable tensors).
     """
 
     def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module],
                  data: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], kind: ObjectiveKind = "ce",
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, *, bn: BnMode = "merged", statistics_gradient: bool = True) -> None:
         if kind not in ("ce", "entropy"):
             raise ValueError(f"objective must be 'ce' or 'entropy', got {kind!r}")
+        if bn not in ("merged", "batch"):
+            raise ValueError(f"bn must be 'merged' or 'batch', got {bn!r}")
         if not data:
             raise ValueError("the objective needs data for at least one task")
         missing = [t for t in data if t not in heads]
@@ -225,21 +381,37 @@ class ModelObjective:
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.parameter_names = [n for n, _ in backbone.named_parameters()]
+        layers = batchnorm_layers(backbone)
+        self.statistics_names = [f"{name}.{b}" if name else b for name, m in layers.items()
+                                 for b in ("running_mean", "running_var") if getattr(m, b, None) is not None]
+        self._statistics = set(self.statistics_names)
+        self.bn = bn
+        if bn == "batch":
+            for m in layers.values():
+                m.train()
+            self.differentiable = list(self.parameter_names)
+        else:
+            if statistics_gradient:
+                for m in layers.values():
+                    m.__class__ = _differentiable_bn_class(type(m))
+            self.differentiable = self.parameter_names + (self.statistics_names if statistics_gradient else [])
         self.heads = dict(heads)
         self.data = dict(data)
+        self.tasks = list(self.data)
         self.kind = kind
         self.batch_size = int(batch_size)
 
-    def _chunks(self):
-        tasks = len(self.data)
-        for task, (x, y) in self.data.items():
-            n = len(x)
-            for start in range(0, n, self.batch_size):
-                yb = None if y is None else y[start : start + self.batch_size]
-                yield task, x[start : start + self.batch_size], yb, 1.0 / (n * tasks)
+    def _chunks(self, task: str):
+        x, y = self.data[task]
+        n = len(x)
+        size = n if self.bn == "batch" else self.batch_size
+        for start in range(0, n, size):
+            yield x[start : start + size], None if y is None else y[start : start + size], 1.0 / n
 
     def _loss(self, state: Mapping[str, torch.Tensor], task: str, x: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
+        if self.bn == "batch":  # the layers' own buffers take the train-mode updates, never the point's
+            state = {n: t for n, t in state.items() if n not in self._statistics}
         features = functional_call(self.backbone, dict(state), (x,))
         head = self.heads[task]
         logits = F.linear(features, head.weight.to(features.dtype), head.bias.to(features.dtype))
@@ -247,26 +419,39 @@ class ModelObjective:
             return F.cross_entropy(logits, y, reduction="sum")
         return softmax_entropy(logits).sum()
 
-    def value(self, theta: Mapping[str, torch.Tensor]) -> float:
-        total = 0.0
+    def task_value(self, theta: Mapping[str, torch.Tensor], task: str) -> float:
         with torch.no_grad():
-            for task, x, y, w in self._chunks():
-                total += float(self._loss(theta, task, x, y)) * w
+            return sum(float(self._loss(theta, task, x, y)) * w for x, y, w in self._chunks(task))
+
+    def value(self, theta: Mapping[str, torch.Tensor]) -> float:
+        total = sum(self.task_value(theta, task) for task in self.tasks) / len(self.tasks)
         return _finite(total, "the merged model")
 
-    def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]:
-        leaves = {n: theta[n].detach().requires_grad_(True) for n in self.parameter_names}
+    def _accumulate(self, theta: Mapping[str, torch.Tensor], task: str, scale: float, grads: Point) -> float:
+        leaves = {n: theta[n].detach().requires_grad_(True) for n in self.differentiable}
         state = {**theta, **leaves}
-        grads = {n: torch.zeros_like(t) for n, t in leaves.items()}
         total = 0.0
         with torch.enable_grad():
-            for task, x, y, w in self._chunks():
+            for x, y, w in self._chunks(task):
                 loss = self._loss(state, task, x, y) * w
                 for acc, g in zip(grads.values(), torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
                     if g is not None:
-                        acc.add_(g)
+                        acc.add_(g, alpha=scale)
                 total += float(loss.detach())
-        return _finite(total, "the merged model"), grads
+        return total
+
+    def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]:
+        grads = {n: torch.zeros_like(theta[n]) for n in self.differentiable}
+        total = sum(self._accumulate(theta, task, 1.0 / len(self.tasks), grads) for task in self.tasks)
+        return _finite(total / len(self.tasks), "the merged model"), grads
+
+    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
+                              ) -> tuple[float, dict[str, float], dict[str, Point]]:
+        values, grads = {}, {}
+        for task in self.tasks:
+            grads[task] = {n: torch.zeros_like(theta[n]) for n in self.differentiable}
+            values[task] = _finite(self._accumulate(theta, task, 1.0, grads[task]), f"the merged model ({task})")
+        return sum(values.values()) / len(values), values, grads
 
 
 # ------------------------------------------------------------------------------------------ vertex pools
@@ -394,11 +579,16 @@ def tensor_groups(names: Sequence[str], granularity: Granularity,
 
 @dataclass
 class LMOResult:
-    """What the oracle keeps of one pass over the pool: a table of scores, and the selection.
+    """What the oracle keeps of one pass over the pool: tables of scores, and the selection.
 
-    ``inner[i, G] = <grad_G, s_i,G - theta_G>`` over the differentiable tensors of group G (float64);
+    ``tensors``: the tensors with a gradient (the columns of the per-tensor tables);
+    ``tensor_inner[i, b] = <grad_b, s_i,b - theta_b>`` for the joint gradient (float64), and
+    ``task_tensor_inner[t, i, b]`` the same for each task's own gradient (per-task oracle only, else ``None``);
+    ``inner[i, G]``: ``tensor_inner`` summed over the tensors of group G;
     ``cosine[i, G] = sum_{b in G} cos(grad_b, s_i,b)`` (only with ``score == "cosine"``, else ``None``);
-    ``selection[G]`` the vertex indices of group G, best score first (k of them).
+    ``selection[G]`` the vertex indices of group G, best joint score first (k of them, fewer when the pool
+    is smaller); ``proposals[G, t]`` the vertex task t proposed for group G (per-task oracle only; -1: no
+    vertex decreases task t's linearised loss in G, so it proposed none).
     """
 
     groups: list[str]
@@ -406,6 +596,12 @@ class LMOResult:
     cosine: torch.Tensor | None
     selection: torch.Tensor
     score: Score
+    tensors: list[str] = field(default_factory=list)
+    tensor_inner: torch.Tensor | None = None
+    oracle: Oracle = "joint"
+    tasks: list[str] = field(default_factory=list)
+    task_tensor_inner: torch.Tensor | None = None
+    proposals: torch.Tensor | None = None
 
     @property
     def gap(self) -> float:
@@ -414,53 +610,160 @@ class LMOResult:
 
     @property
     def selected_gap(self) -> float:
-        """``<-grad, s_sel - theta>`` for the top-1 selection (equals :attr:`gap` with inner-product scores)."""
+        """``<-grad, s_sel - theta>`` for the top-1 selection (equals :attr:`gap` with the joint inner-product
+        oracle)."""
         cols = torch.arange(len(self.groups))
         return float((-self.inner[self.selection[:, 0], cols]).sum())
 
     def selected(self) -> dict[str, list[int]]:
         return {g: self.selection[i].tolist() for i, g in enumerate(self.groups)}
 
+    def proposed(self) -> dict[str, list[int]] | None:
+        """``{group: [vertex proposed by each task, in the order of tasks]}`` (per-task oracle), else ``None``."""
+        if self.proposals is None:
+            return None
+        return {g: self.proposals[i].tolist() for i, g in enumerate(self.groups)}
 
-def linear_minimization_oracle(grad: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], pool: VertexPool,
-                               groups: Mapping[str, Sequence[str]], *, score: Score = "inner_product",
-                               k: int = 1) -> LMOResult:
-    """Stream once through ``pool`` and select, per group, the ``k`` vertices with the lowest scores.
+    def coefficient_gradient(self, coefficient_groups: Mapping[str, Sequence[str]],
+                             selection_groups: Mapping[str, Sequence[str]]) -> torch.Tensor:
+        """``d l / d lam[C, j]`` at ``lam = 0`` for the selected directions ``s_j - theta`` (slot j of every
+        selection group): ``sum_{b in C} <grad_b, s_sel(G(b), j),b - theta_b>``, from the per-tensor table
+        (no gradient needed)."""
+        if self.tensor_inner is None:
+            raise ValueError("the per-tensor table is missing")
+        column = {b: i for i, b in enumerate(self.tensors)}
+        group_of = {b: gi for gi, g in enumerate(selection_groups) for b in selection_groups[g]}
+        m = self.selection.shape[1]
+        out = torch.zeros(len(coefficient_groups), m, dtype=torch.float64)
+        for ci, c in enumerate(coefficient_groups):
+            for b in coefficient_groups[c]:
+                if b in column:
+                    out[ci] += self.tensor_inner[self.selection[group_of[b]], column[b]]
+        return out
 
-    ``inner_product``: ``<grad_G, s_G - theta_G>`` (the FW LMO: argmin of the linearised objective);
-    ``cosine``: ``sum_{b in G} cos(grad_b, s_b)``. One vertex is loaded at a time and released before the next.
-    Groups without a differentiable tensor follow the ranking of the summed scores of all groups.
+
+def _stable_order(values: torch.Tensor) -> list[int]:
+    return torch.sort(values, stable=True).indices.tolist()
+
+
+def _per_task_selection(task_table: torch.Tensor, joint: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
+    """Per-task selection for one group from ``task_table[t, i]`` (task t's score of vertex i) and the joint
+    scores ``joint[i]``: each task proposes its best vertex if its score is negative (it decreases that task's
+    linearised loss; else the task proposes nothing, recorded as -1); the distinct proposals, cut to the ``k``
+    with the best joint score or filled up to ``k`` with the best remaining vertices by joint score; returned
+    best joint score first, with the proposals."""
+    proposals = []
+    for row in task_table:
+        best = int(torch.sort(row, stable=True).indices[0])
+        proposals.append(best if float(row[best]) < 0 else -1)
+    rank = _stable_order(joint)
+    position = {v: r for r, v in enumerate(rank)}
+    chosen = sorted({p for p in proposals if p >= 0}, key=lambda v: position[v])[:k]
+    for v in rank:
+        if len(chosen) >= k:
+            break
+        if v not in chosen:
+            chosen.append(v)
+    return sorted(chosen, key=lambda v: position[v]), proposals
+
+
+def linear_minimization_oracle(grad: Mapping[str, torch.Tensor] | None, theta: Mapping[str, torch.Tensor],
+                               pool: VertexPool, groups: Mapping[str, Sequence[str]], *,
+                               score: Score = "inner_product", k: int = 1, oracle: Oracle = "joint",
+                               task_grads: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> LMOResult:
+    """Stream once through ``pool`` and select, per group, ``k`` vertices (see the module docstring).
+
+    Scores: ``inner_product`` ``<grad_G, s_G - theta_G>`` (the FW LMO: argmin of the linearised objective) or
+    ``cosine`` ``sum_{b in G} cos(grad_b, s_b)``. ``oracle: joint`` ranks by the joint gradient ``grad``;
+    ``oracle: per_task`` needs ``task_grads`` (``{task: gradient of l_t}``; the joint gradient is then their
+    mean, ``grad`` is not needed): each task proposes its best vertex per group, the distinct proposals are
+    cut or filled to ``k`` by the joint score. With ``task_grads`` and ``oracle: joint`` the joint gradient
+    is also their mean (the per-task tables are then recorded but not used). One vertex is loaded at a time
+    and released before the next. Groups without a differentiable tensor follow the selection made on the
+    scores summed over all groups.
     """
     n = len(pool)
     if n == 0:
         raise ValueError("the pool is empty")
     if score not in ("inner_product", "cosine"):
         raise ValueError(f"score must be 'inner_product' or 'cosine', got {score!r}")
+    if oracle not in ("joint", "per_task"):
+        raise ValueError(f"oracle must be 'joint' or 'per_task', got {oracle!r}")
+    if oracle == "per_task" and not task_grads:
+        raise ValueError("oracle 'per_task' needs each task's gradient (task_grads)")
+    if task_grads is None and grad is None:
+        raise ValueError("the oracle needs a gradient")
     k = max(1, min(int(k), n))
     names = list(groups)
-    inner = torch.zeros(n, len(names), dtype=torch.float64)
-    cosine = torch.zeros(n, len(names), dtype=torch.float64) if score == "cosine" else None
-    gnorm = {b: float(g.norm()) for b, g in grad.items()}
-    has_grad = [any(b in grad for b in groups[g]) for g in names]
+    tasks = list(task_grads) if task_grads else []
+    sources: list[Mapping[str, torch.Tensor]] = (
+        [task_grads[t] for t in tasks] if task_grads else [grad])  # type: ignore[list-item]
+    member = {b: j for j, g in enumerate(names) for b in groups[g]}
+    tensors = [b for g in names for b in groups[g] if all(b in src for src in sources)]
+    column = {b: c for c, b in enumerate(tensors)}
+    rows = torch.zeros(len(sources), n, len(tensors), dtype=torch.float64)  # <g_src, s_i - theta> per tensor
+    cos_rows = torch.zeros(len(sources), n, len(tensors), dtype=torch.float64) if score == "cosine" else None
+    # the joint gradient is the mean of the sources; its cosine needs its norm, taken one tensor at a time
+    joint_cos = torch.zeros(n, len(tensors), dtype=torch.float64) if score == "cosine" else None
+    if score == "cosine":
+        gnorm = torch.tensor([[float(src[b].norm()) for b in tensors] for src in sources], dtype=torch.float64)
+        jnorm = torch.tensor([float(sum(src[b] for src in sources).norm()) / len(sources) for b in tensors],
+                             dtype=torch.float64)
     for i in range(n):
         s = pool.load(i)
-        for j, group in enumerate(names):
-            for b in groups[group]:
-                g = grad.get(b)
-                if g is None:
-                    continue
-                sb = s[b]
-                inner[i, j] += float(torch.dot(g.reshape(-1), (sb - theta[b]).reshape(-1)))
-                if cosine is not None:
-                    denom = gnorm[b] * float(sb.norm())
+        for b in tensors:
+            sb = s[b]
+            diff = (sb - theta[b]).reshape(-1)
+            c = column[b]
+            snorm = float(sb.norm()) if score == "cosine" else 0.0
+            dots = []
+            for r, src in enumerate(sources):
+                g = src[b].reshape(-1)
+                rows[r, i, c] = float(torch.dot(g, diff))
+                if cos_rows is not None:
+                    dots.append(float(torch.dot(g, sb.reshape(-1))))
+                    denom = float(gnorm[r, c]) * snorm
                     if denom > 0:
-                        cosine[i, j] += float(torch.dot(g.reshape(-1), sb.reshape(-1))) / denom
+                        cos_rows[r, i, c] = dots[-1] / denom
+            if joint_cos is not None:
+                denom = float(jnorm[c]) * snorm
+                if denom > 0:
+                    joint_cos[i, c] = sum(dots) / len(dots) / denom
+            del diff
         del s
-    table = inner if cosine is None else cosine
-    overall = torch.sort(table.sum(1), stable=True).indices[:k]
-    selection = torch.stack([torch.sort(table[:, j], stable=True).indices[:k] if has_grad[j] else overall
-                             for j in range(len(names))])
-    return LMOResult(names, inner, cosine, selection, score)
+    tensor_inner = rows.mean(0)
+    aggregate = torch.zeros(len(tensors), len(names), dtype=torch.float64)
+    for b, c in column.items():
+        aggregate[c, member[b]] = 1.0
+
+    def by_group(per_tensor: torch.Tensor) -> torch.Tensor:
+        return per_tensor @ aggregate
+
+    inner = by_group(tensor_inner)
+    cosine = by_group(joint_cos) if joint_cos is not None else None
+    joint_table = inner if cosine is None else cosine
+    task_tables = None
+    if task_grads:
+        task_tables = torch.stack([by_group(r) for r in (rows if cos_rows is None else cos_rows)])  # [T, n, G]
+    has_grad = [any(b in column for b in groups[g]) for g in names]
+    proposals = None
+    if oracle == "joint":
+        overall = _stable_order(joint_table.sum(1))[:k]
+        selection = torch.tensor([_stable_order(joint_table[:, j])[:k] if has_grad[j] else overall
+                                  for j in range(len(names))], dtype=torch.long)
+    else:
+        assert task_tables is not None
+        overall, overall_prop = _per_task_selection(task_tables.sum(2), joint_table.sum(1), k)
+        sel, prop = [], []
+        for j in range(len(names)):
+            chosen, proposed = (_per_task_selection(task_tables[:, :, j], joint_table[:, j], k) if has_grad[j]
+                                else (overall, overall_prop))
+            sel.append(chosen)
+            prop.append(proposed)
+        selection = torch.tensor(sel, dtype=torch.long)
+        proposals = torch.tensor(prop, dtype=torch.long)
+    return LMOResult(names, inner, cosine, selection, score, tensors, tensor_inner, oracle, tasks,
+                     rows if task_grads else None, proposals)
 
 
 def gather_vertices(pool: VertexPool, selection: torch.Tensor, groups: Mapping[str, Sequence[str]],
@@ -550,10 +853,13 @@ class FWConfig:
     simplex: SimplexKind = "solid"
     score: Score = "inner_product"
     gap_tolerance: float = 0.0
+    oracle: Oracle = "joint"
 
     def __post_init__(self) -> None:
         if self.variant not in ("hard", "soft"):
             raise ValueError(f"variant must be 'hard' or 'soft', got {self.variant!r}")
+        if self.oracle not in ("joint", "per_task"):
+            raise ValueError(f"oracle must be 'joint' or 'per_task', got {self.oracle!r}")
         if self.step not in ("line_search", "schedule"):
             raise ValueError(f"step must be 'line_search' or 'schedule', got {self.step!r}")
         if self.simplex not in ("solid", "probability"):
@@ -566,8 +872,10 @@ class FWConfig:
 
 @dataclass
 class FWIteration:
-    """One iteration: at ``theta_t`` the objective, the FW gap, the selection (per group, best first) and
-    the update (hard: ``step`` gamma; soft: ``coefficients`` lambda per group, aligned with ``selected``)."""
+    """One iteration: at ``theta_t`` the objective, the FW gap, the selection (per oracle group, best joint
+    score first) and the update (hard: ``step`` gamma; soft: ``coefficients`` lambda per coefficient group,
+    aligned with the selection's slots). Per-task oracle: ``task_objectives`` (``l_t`` at ``theta_t``) and
+    ``proposals`` (per oracle group, the vertex each task proposed, in the order of :attr:`FWTrace.tasks`)."""
 
     t: int
     objective: float
@@ -580,6 +888,8 @@ class FWIteration:
     evaluations: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    task_objectives: dict[str, float] | None = None
+    proposals: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -594,6 +904,11 @@ class FWTrace:
     iterations: list[FWIteration] = field(default_factory=list)
     final_objective: float | None = None
     stop_reason: str = "iterations"
+    oracle: str = "joint"
+    #: granularity of the soft coefficients (``task`` / ``layer``; ``None`` for hard: one step gamma)
+    coefficients: str | None = None
+    coefficient_groups: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
 
     @property
     def initial_objective(self) -> float | None:
@@ -618,7 +933,8 @@ class FWTrace:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "variant": self.variant, "granularity": self.granularity, "score": self.score,
+            "variant": self.variant, "granularity": self.granularity, "oracle": self.oracle,
+            "coefficients": self.coefficients, "score": self.score, "tasks": list(self.tasks),
             "vertices": list(self.vertices), "initial_objective": self.initial_objective,
             "final_objective": self.final_objective, "stop_reason": self.stop_reason,
             "iterations": [asdict(it) for it in self.iterations],
@@ -705,11 +1021,16 @@ def simplex_coefficients(objective: Objective, theta: Mapping[str, torch.Tensor]
 
 def run_frank_wolfe(objective: Objective, pool: VertexPool, theta0: Mapping[str, torch.Tensor], config: FWConfig,
                     groups: Mapping[str, Sequence[str]] | None = None, *, progress: bool = False,
-                    granularity: str | None = None) -> tuple[Point, FWTrace]:
+                    granularity: str | None = None,
+                    coefficient_groups: Mapping[str, Sequence[str]] | None = None,
+                    coefficients: str | None = None) -> tuple[Point, FWTrace]:
     """Frank-Wolfe over ``conv(pool)`` from ``theta0`` (see the module docstring); ``(theta, trace)``.
 
     ``groups`` partitions the floating tensors of ``theta0`` into oracle blocks (default: one group, i.e.
-    task-wise; see :func:`tensor_groups`). ``theta0`` is not modified; non-floating tensors are carried over.
+    task-wise; see :func:`tensor_groups`); ``coefficient_groups`` (soft only) partitions them into blocks that
+    share one coefficient vector (default: ``groups``). ``granularity`` / ``coefficients`` label them in the
+    trace. ``config.oracle == "per_task"`` needs a :class:`MultiTaskObjective`. ``theta0`` is not modified;
+    non-floating tensors are carried over.
     """
     from tqdm import tqdm
 
@@ -718,17 +1039,39 @@ def run_frank_wolfe(objective: Objective, pool: VertexPool, theta0: Mapping[str,
     if groups is None:
         groups = {MODEL_GROUP: floating}
     _check_groups(groups, theta)
+    if coefficient_groups is None:
+        coefficient_groups = groups
+    else:
+        _check_groups(coefficient_groups, theta)
+    per_task = config.oracle == "per_task"
+    if per_task and not callable(getattr(objective, "task_values_and_grads", None)):
+        raise ValueError("oracle 'per_task' needs an objective with per-task gradients (task_values_and_grads), "
+                         "e.g. TaskFunctionObjective or ModelObjective")
     labels = [pool.label(i) for i in range(len(pool))]
     gran = granularity or ("task" if len(groups) == 1 else "layer")
-    trace = FWTrace(config.variant, gran, config.score, labels, list(groups))
+    coef = None if config.variant == "hard" else (
+        coefficients or ("task" if len(coefficient_groups) == 1 else "layer"))
+    trace = FWTrace(config.variant, gran, config.score, labels, list(groups), oracle=config.oracle, coefficients=coef,
+                    coefficient_groups=list(coefficient_groups) if coef else [],
+                    tasks=list(getattr(objective, "tasks", []) or []))
     k = 1 if config.variant == "hard" else min(config.k, len(pool))
     bar = tqdm(range(config.iterations), desc=f"fw_{config.variant} ({gran})", unit="it", disable=not progress)
     last_value: float | None = None
     for t in bar:
         started = time.perf_counter()
-        value, grad = objective.value_and_grad(theta)
-        lmo = linear_minimization_oracle(grad, theta, pool, groups, score=config.score, k=k)
-        it = FWIteration(t, value, lmo.gap, lmo.selected_gap, lmo.selected(), evaluations=1)
+        task_values = None
+        if per_task:
+            value, task_values, task_grads = objective.task_values_and_grads(theta)  # type: ignore[attr-defined]
+            trace.tasks = list(task_values)
+            lmo = linear_minimization_oracle(None, theta, pool, groups, score=config.score, k=k, oracle="per_task",
+                                             task_grads=task_grads)
+            del task_grads
+        else:
+            value, grad = objective.value_and_grad(theta)
+            lmo = linear_minimization_oracle(grad, theta, pool, groups, score=config.score, k=k)
+            del grad
+        it = FWIteration(t, value, lmo.gap, lmo.selected_gap, lmo.selected(), evaluations=1,
+                         task_objectives=task_values, proposals=lmo.proposed())
         if 0.0 <= it.gap <= config.gap_tolerance:
             it.stopped = True
             it.seconds = time.perf_counter() - started
@@ -738,7 +1081,6 @@ def run_frank_wolfe(objective: Objective, pool: VertexPool, theta0: Mapping[str,
             log.info("fw_%s iteration %d: objective %.6g, FW gap %.3g <= tolerance %.3g: stop",
                      config.variant, t, value, it.gap, config.gap_tolerance)
             break
-        del grad
         if config.variant == "hard":
             (s,) = gather_vertices(pool, lmo.selection, groups, theta, subtract=False)
             if config.step == "schedule":
@@ -763,19 +1105,19 @@ def run_frank_wolfe(objective: Objective, pool: VertexPool, theta0: Mapping[str,
             directions = gather_vertices(pool, lmo.selection, groups, theta, subtract=True)
             start = None
             if config.simplex == "solid":  # lam = 0 is theta_t itself: value and gradient are already known
-                cols = lmo.selection
-                glam0 = torch.stack([lmo.inner[cols[j], j] for j in range(len(groups))])
+                glam0 = lmo.coefficient_gradient(coefficient_groups, groups)
                 start = (torch.zeros_like(glam0), value, glam0)
-            lam, after, evals = simplex_coefficients(objective, theta, directions, groups, steps=config.pgd_steps,
-                                                     lr=config.pgd_lr, simplex=config.simplex, start=start)
+            lam, after, evals = simplex_coefficients(objective, theta, directions, coefficient_groups,
+                                                     steps=config.pgd_steps, lr=config.pgd_lr,
+                                                     simplex=config.simplex, start=start)
             it.evaluations += evals
-            for gi, group in enumerate(groups):  # theta_{t+1} = theta_t + sum_j lam_j (s_j - theta_t), in place
-                for j, coef in enumerate(lam[gi].tolist()):
-                    if coef != 0.0:
-                        for b in groups[group]:
-                            theta[b].add_(directions[j][b], alpha=coef)
+            for gi, group in enumerate(coefficient_groups):  # theta_{t+1} = theta_t + sum_j lam_j (s_j - theta_t)
+                for j, c in enumerate(lam[gi].tolist()):
+                    if c != 0.0:
+                        for b in coefficient_groups[group]:
+                            theta[b].add_(directions[j][b], alpha=c)
             del directions
-            it.coefficients = {g: [round(v, 6) for v in lam[i].tolist()] for i, g in enumerate(groups)}
+            it.coefficients = {g: [round(v, 6) for v in lam[i].tolist()] for i, g in enumerate(coefficient_groups)}
             it.objective_after = after
             moved = config.simplex == "probability" or bool((lam != 0).any())
         it.seconds = time.perf_counter() - started
@@ -797,23 +1139,36 @@ def _log_iteration(trace: FWTrace, it: FWIteration) -> None:
     else:
         counts = trace.selection_counts(it.t)
         sel = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-    update = f"gamma {it.step:.4g}" if it.step is not None else (
-        f"lambda {it.coefficients[MODEL_GROUP]}" if it.coefficients and MODEL_GROUP in it.coefficients else
-        "lambda per tensor")
+    if it.step is not None:
+        update = f"gamma {it.step:.4g}"
+    elif it.coefficients and len(it.coefficients) == 1:
+        update = f"lambda {next(iter(it.coefficients.values()))}"
+    else:
+        sums = [sum(v) for v in (it.coefficients or {}).values()]
+        update = (f"lambda per tensor (sum in [{min(sums):.3g}, {max(sums):.3g}], mean {sum(sums) / len(sums):.3g})"
+                  if sums else "lambda per tensor")
     after = f" -> {it.objective_after:.6g}" if it.objective_after is not None else ""
-    log.info("fw_%s iteration %d: objective %.6g%s, FW gap %.4g, selected %s, %s (%d evaluations, %.2f s)",
-             trace.variant, it.t, it.objective, after, it.gap, sel, update, it.evaluations, it.seconds)
+    tasks = ""
+    if it.task_objectives:
+        tasks = " [" + ", ".join(f"{t} {v:.4g}" for t, v in it.task_objectives.items()) + "]"
+        if it.proposals and trace.granularity == "task":
+            prop = next(iter(it.proposals.values()))
+            tasks += ", proposed " + ", ".join(f"{t}->{trace.vertices[i]}" for t, i in zip(trace.tasks, prop))
+    log.info("fw_%s iteration %d: objective %.6g%s%s, FW gap %.4g, selected %s, %s (%d evaluations, %.2f s)",
+             trace.variant, it.t, it.objective, after, tasks, it.gap, sel, update, it.evaluations, it.seconds)
 
 
 # ------------------------------------------------------------------------------------------- parameters
 
 
 class _FWParams(MethodParams):
-    granularity: Granularity = Field("task", description="task: one vertex for the whole model; layer: per tensor")
     init_lambda: float = Field(0.3, description="task-arithmetic coefficient of init: task_arithmetic")
     objective: ObjectiveKind = Field("ce", description="ce: labelled cross-entropy; entropy: unlabelled entropy")
     score: Score = Field("inner_product", description="oracle score: inner_product (paper) or cosine (public code)")
     gap_tolerance: float = Field(0.0, description="stop when the FW gap is <= this")
+    bn: BnMode = Field("merged", description="merged: BN running statistics follow the coefficients (and get "
+                                             "gradients); batch: BN uses each task batch's statistics while "
+                                             "optimising, re-estimated on the objective's examples at the end")
 
     @field_validator("init_lambda", "gap_tolerance")
     @classmethod
@@ -826,6 +1181,10 @@ class _FWParams(MethodParams):
 class FWHardParams(_FWParams):
     """Parameters of ``fw_hard`` (module docstring: defaults and sources)."""
 
+    granularity: Granularity = Field("layer", description="oracle: task, one vertex for the whole model; layer: "
+                                                          "one per tensor (paper)")
+    oracle: Oracle = Field("joint", description="joint: the mean loss's gradient picks the vertex (paper, public "
+                                                "code); per_task: the best joint score among the tasks' proposals")
     iterations: int = Field(3, ge=0, description="Frank-Wolfe iterations (paper, vision: 3)")
     init: InitKind = Field("task_arithmetic", description="initial solution")
     step: StepRule = Field("line_search", description="line_search on [0, step_size] or schedule step_size*2/(t+2)")
@@ -843,6 +1202,12 @@ class FWHardParams(_FWParams):
 class FWSoftParams(_FWParams):
     """Parameters of ``fw_soft`` (module docstring: defaults and sources)."""
 
+    granularity: Granularity = Field("task", description="oracle: task, k vertices for the whole model (paper); "
+                                                         "layer: k per tensor")
+    coefficients: Granularity = Field("layer", description="task: one lambda vector for the whole model; layer: "
+                                                           "one per tensor (paper)")
+    oracle: Oracle = Field("per_task", description="per_task: each task's gradient proposes its vertex (paper); "
+                                                   "joint: top-k by the mean loss's gradient")
     iterations: int = Field(15, ge=0, description="Frank-Wolfe iterations (paper: 15)")
     init: InitKind = Field("pretrained", description="initial solution")
     k: int | None = Field(None, ge=1, description="vertices merged per iteration (default: the number of tasks)")
@@ -930,25 +1295,48 @@ def frank_wolfe(context: MergeContext, params: FWHardParams | FWSoftParams | Non
         x, y = context.samples(task, split)
         data[task] = (x.float(), y if params.objective == "ce" else None)
     heads = {t: context.head(t) for t in context.tasks}
-    objective = ModelObjective(backbone, heads, data, params.objective, context.data.batch_size)
-    groups = tensor_groups(list(theta0), params.granularity, set(objective.parameter_names))
+    objective = ModelObjective(backbone, heads, data, params.objective, context.data.batch_size, bn=params.bn)
+    parameter_names = set(objective.parameter_names)
+    groups = tensor_groups(list(theta0), params.granularity, parameter_names)
+    coefficient_groups = None
     if variant == "hard":
         config = FWConfig("hard", params.iterations, params.step, params.step_size, params.line_search_steps,
-                          score=params.score, gap_tolerance=params.gap_tolerance)
+                          score=params.score, gap_tolerance=params.gap_tolerance, oracle=params.oracle)
     else:
         config = FWConfig("soft", params.iterations, k=params.k or len(context.tasks), pgd_steps=params.pgd_steps,
                           pgd_lr=params.pgd_lr, simplex=params.simplex, score=params.score,
-                          gap_tolerance=params.gap_tolerance)
-    log.info("FW-Merging (%s, %s-wise, %s) over %d experts from %s on %d %s examples of %s", variant,
-             params.granularity, params.objective, len(pool), params.init, sum(len(x) for x, _ in data.values()),
-             split, ", ".join(context.tasks))
+                          gap_tolerance=params.gap_tolerance, oracle=params.oracle)
+        coefficient_groups = tensor_groups(list(theta0), params.coefficients, parameter_names)
+    log.info("FW-Merging (%s, %s-wise %s oracle%s, %s, bn %s) over %d experts from %s on %d %s examples of %s",
+             variant, params.granularity, params.oracle,
+             f", {params.coefficients}-wise coefficients" if variant == "soft" else "", params.objective, params.bn,
+             len(pool), params.init, sum(len(x) for x, _ in data.values()), split, ", ".join(context.tasks))
     theta, trace = run_frank_wolfe(objective, pool, theta0, config, groups, progress=context.progress,
-                                   granularity=params.granularity)
+                                   granularity=params.granularity, coefficient_groups=coefficient_groups,
+                                   coefficients=params.coefficients if variant == "soft" else None)
     del theta0
     state = {n: theta[n].detach().to("cpu").contiguous() for n in theta} | fixed
     log.info("FW-Merging: objective %.6g -> %.6g in %d iteration(s) (%s)", trace.initial_objective,
              trace.final_objective, len(trace.iterations), trace.stop_reason)
+    if params.bn == "batch" and objective.statistics_names:
+        state = _reestimate_statistics(backbone, state, torch.cat([x for x, _ in data.values()]), context)
     return state, trace
+
+
+def _reestimate_statistics(backbone: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
+                           context: MergeContext) -> dict[str, torch.Tensor]:
+    """``bn: batch``: the result's BN running statistics re-estimated on ``x`` (the objective's examples of every
+    task), by AdaMerging's helper (the same semantics as AdaMerging's ``bn: batch``)."""
+    try:
+        from mergelab.methods.data_informed.adamerging import _reestimate_bn
+    except ModuleNotFoundError as exc:
+        if exc.name != "mergelab.methods.data_informed.adamerging":
+            raise
+        raise SpecError("parameters: bn 'batch' re-estimates BatchNorm statistics with the helper of "
+                        "mergelab.methods.data_informed.adamerging, which is not available in this installation; "
+                        "use bn: merged") from None
+    log.info("FW-Merging: BatchNorm running statistics re-estimated on the %d examples of the objective", len(x))
+    return _reestimate_bn(backbone, state, x, context.data.batch_size, context.data.seed)
 
 
 def _record(context: MergeContext, trace: FWTrace) -> None:
@@ -982,6 +1370,7 @@ METHODS = [
 ]
 
 __all__ = ["ContextPool", "FWConfig", "FWHardParams", "FWIteration", "FWSoftParams", "FWTrace", "FunctionObjective",
-           "LMOResult", "METHODS", "ModelObjective", "Objective", "TensorPool", "VertexPool", "frank_wolfe",
-           "gather_vertices", "line_search", "linear_minimization_oracle", "run_frank_wolfe", "schedule_step",
-           "simplex_coefficients", "softmax_entropy", "tensor_groups"]
+           "LMOResult", "METHODS", "ModelObjective", "MultiTaskObjective", "Objective", "TaskFunctionObjective",
+           "TensorPool", "VertexPool", "batchnorm_layers", "frank_wolfe", "gather_vertices", "line_search",
+           "linear_minimization_oracle", "run_frank_wolfe", "schedule_step", "simplex_coefficients",
+           "softmax_entropy", "tensor_groups"]
