@@ -198,9 +198,11 @@ def test_cli_finetune_from_flags_and_spec_file(cache, tmp_path, capsys):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(f"task: {TASK}\nsteps: 4\nbatch_size: 32\ndata_ratio: 0.1\nhead_init: zero\n")
     out_json = tmp_path / "expert.json"
-    assert main(["finetune", str(spec_file), "--lr", "0.02", "--no-progress", "--cache-dir", str(cache), "--json", str(out_json)]) == 0
+    assert main(["finetune", str(spec_file), "--lr", "0.02", "--threads", "1", "--no-progress", "--cache-dir", str(cache),
+                 "--json", str(out_json)]) == 0
     rec = json.loads(out_json.read_text())
     assert rec["spec"]["lr"] == 0.02 and rec["spec"]["head_init"] == "zero" and rec["spec"]["steps"] == 4
+    assert rec["spec"]["threads"] == rec["threads"] == 1  # --threads is a spec field, recorded
     assert load_expert(rec["path"]).spec_hash == rec["spec_hash"]
     assert "test acc" in capsys.readouterr().out
     assert main(["finetune", "--task", TASK, "--lr", "-1", "--cache-dir", str(cache)]) == 1
