@@ -14,7 +14,15 @@ Order: the extra tasks (irrelevant) or all tasks (relevant) are drawn in a seede
 (``seed``, default 0) from the tasks that have a cached default expert; pools are nested (the pool of size n
 is a prefix of the pool of size n + 4). Methods (default :data:`POOL_SCALING_METHODS`): task arithmetic,
 TIES, DARE, AdaMerging, FW-soft and FW-hard with the settings of
-:data:`mergelab.experiments.compare.CATALOG`.
+:data:`mergelab.experiments.compare.CATALOG`, except the FW rows' objective (``fw_objective``):
+
+* ``entropy`` (default): the FW rows minimise the prediction entropy on unlabelled test examples, the
+  objective of the paper's pool-scaling experiments, where FW-Merging is compared with AdaMerging: both
+  data-informed rows then use the same unlabelled data and the same objective (AdaMerging's);
+* ``ce``: labelled cross-entropy on training examples (the FW methods' own default, as in ``mergelab compare``).
+
+The choice is recorded as ``fw_objective`` in the result's ``meta`` (the run's config); ``overrides`` given
+for an FW row take precedence over it.
 
 Paper reference (:data:`PAPER_TABLE3`, ViT-B/32 CLIP experts, average accuracy %): with irrelevant models
 joining (4 -> 20 models, 4 evaluated tasks) task arithmetic falls 70.3 -> 21.2 while FW-soft stays
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 Mode = Literal["irrelevant", "relevant"]
 POOL_SCALING_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "adamerging", "fw_soft", "fw_hard")
+#: The FW-Merging rows, whose objective the protocol sets (``fw_objective``).
+FW_METHODS: tuple[str, ...] = ("fw_soft", "fw_hard")
+FWObjective = Literal["entropy", "ce"]
 DEFAULT_SIZES: tuple[int, ...] = (4, 8, 12, 16, 20)
 
 #: Endpoints reported by the FW-Merging paper (Table 3; ViT-B/32, average accuracy %), as {mode: {method: {n: acc}}}.
@@ -214,18 +225,27 @@ def run_pool_scaling(
     select: str = "validation",
     reset_bn: bool | None = None,
     on_table: Callable[[int, ComparisonTable], None] | None = None,
+    fw_objective: FWObjective = "entropy",
 ) -> PoolScalingResult:
     """Run the pool-scaling protocol ``mode``; see the module docstring.
 
     ``tasks``: the evaluated group (irrelevant mode; default the comparison's 4-task group) or the task
     order (relevant mode; default a seeded shuffle of the zoo). ``on_table(n, table)`` is called after each
-    pool size (e.g. to save partial results). Other arguments as for :func:`run_comparison`.
+    pool size (e.g. to save partial results). ``fw_objective``: the FW rows' objective (``entropy``, the
+    paper's, or ``ce``; an ``objective`` in ``overrides`` wins). Other arguments as for :func:`run_comparison`.
     """
     from mergelab.evaluation import default_experts
 
+    if fw_objective not in ("entropy", "ce"):
+        raise SpecError(f"fw_objective must be 'entropy' or 'ce', got {fw_objective!r}")
     experts = {e.task: e for e in default_experts(arch, None, cache_dir, required=False)}
     pools, evals = plan_pools(mode, list(experts), tasks, sizes, seed)
     methods = list(methods) if methods is not None else list(POOL_SCALING_METHODS)
+    overrides = {m: dict(p) for m, p in (overrides or {}).items()}
+    for m in FW_METHODS:
+        if m in methods:
+            overrides[m] = {"objective": fw_objective, **overrides.get(m, {})}
+    fw_objectives = {m: overrides[m]["objective"] for m in FW_METHODS if m in methods}
     started = time.perf_counter()
     tables: dict[int, ComparisonTable] = {}
     for n in sorted(pools):
@@ -241,8 +261,9 @@ def run_pool_scaling(
     return PoolScalingResult(mode, arch, sorted(pools), methods, pools, evals, tables,
                              {"seed": seed, "samples_per_task": samples_per_task, "quick": quick,
                               "bn": next(iter(tables.values())).meta.get("bn") if tables else None, "select": select,
+                              "fw_objective": fw_objective, "fw_objectives": fw_objectives,
                               "seconds": round(time.perf_counter() - started, 1)})
 
 
-__all__ = ["DEFAULT_SIZES", "PAPER_TABLE3", "POOL_SCALING_METHODS", "PoolScalingResult", "plan_pools",
+__all__ = ["DEFAULT_SIZES", "FW_METHODS", "PAPER_TABLE3", "POOL_SCALING_METHODS", "PoolScalingResult", "plan_pools",
            "run_pool_scaling"]
