@@ -157,6 +157,8 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
 #: Methods that take the BN protocol as a parameter: {method: {protocol: parameters}}.
 BN_PARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "adamerging": {"joint": {"bn": "batch"}, "per_task": {"bn": "batch"}},
+    "fw_hard": {"joint": {"bn": "batch"}, "per_task": {"bn": "batch"}},
+    "fw_soft": {"joint": {"bn": "batch"}, "per_task": {"bn": "batch"}},
 }
 DEFAULT_METHODS: tuple[str, ...] = tuple(CATALOG)
 QUICK_SAMPLES = 16
