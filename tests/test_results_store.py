@@ -150,7 +150,7 @@ def test_status_transitions_and_pending(store: ResultsStore):
     other = store.ensure("sq", {"x": 2}, study="s")
     store.mark_running(key)
     row = store.get(key)
-    assert row.status == "running" and row.attempts == 1 and row.owner.endswith(f":{__import__('os').getpid()}")
+    assert row.status == "running" and row.attempts == 1 and row.owner.split(":")[1] == str(__import__('os').getpid())
     store.mark_failed(key, "RuntimeError: x", timings={"wall_s": 0.1})
     assert store.get(key).status == "failed" and store.get(key).error == "RuntimeError: x"
     store.mark_running(key)
@@ -182,6 +182,59 @@ def test_claim_takes_over_rows_of_dead_drivers_only(store: ResultsStore):
     assert store.claim(key)
     store.mark_done(key, metrics={})
     assert not store.claim(key)  # done rows are never claimed
+
+
+def _proc_start_ticks(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (start time in clock ticks after boot), read here independently of mergelab."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rfind(")") + 2:].split()[19])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_claim_tells_a_reused_pid_from_its_owner(store: ResultsStore, caplog):
+    """A running row is owned by a PID *and* its start time: a row whose PID now belongs to another process
+    (simulated by recording a wrong start time for a live PID) is taken over with a warning; a row of a live
+    process with the right start time is left alone. Rows written before start times were recorded
+    (``host:pid``) are taken over when the PID's process started after the row was marked running."""
+    import os
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        ticks = _proc_start_ticks(other.pid)
+        key = store.ensure("sq", {"x": 1})
+        store.mark_running(key, owner=f"{host}:{other.pid}:{ticks}")
+        assert not store.claim(key, owner="me:1")  # the live owner: skipped
+        assert store.get(key).owner == f"{host}:{other.pid}:{ticks}"
+        for pid, start in ((other.pid, ticks + 1), (os.getpid(), _proc_start_ticks(os.getpid()) - 1)):
+            store.mark_running(key, owner=f"{host}:{pid}:{start}")  # that PID's owner died; PID reused since
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="mergelab.experiments.store"):
+                assert store.claim(key, owner="me:1")
+            assert store.get(key).owner == "me:1"
+            assert [r.getMessage() for r in caplog.records] == [
+                f"{store.path}: sq row {key[:12]} was left running by driver {host}:{pid}:{start}, whose PID now "
+                f"belongs to another process; taking it over"]
+        # old rows without a start time: a PID whose process started after the row was marked is not its owner
+        store.mark_running(key, owner=f"{host}:{other.pid}")
+        with store.transaction() as conn:
+            conn.execute("UPDATE runs SET updated = '2000-01-01T00:00:00.000Z' WHERE key = ?", (key,))
+        with caplog.at_level("WARNING", logger="mergelab.experiments.store"):
+            assert store.claim(key, owner="me:1")
+        assert "whose PID now belongs to another process" in caplog.records[-1].getMessage()
+        store.mark_running(key, owner=f"{host}:{other.pid}")  # marked now, by a process started before: alive
+        assert not store.claim(key, owner="me:1")
+    finally:
+        other.kill()
+        other.wait()
+    assert store.claim(key, owner="me:1")  # its owner is gone now
+    # this process's own rows are taken over (an earlier run in it was interrupted), silently
+    store.mark_running(key)
+    assert store.get(key).owner == f"{host}:{os.getpid()}:{_proc_start_ticks(os.getpid())}"
+    caplog.clear()
+    assert store.claim(key) and not caplog.records
 
 
 def test_csv_roundtrip(store: ResultsStore, tmp_path: Path):

@@ -186,6 +186,41 @@ def test_interrupted_run_resumes(tmp_path: Path, markers: Path):
     assert rows["slow"].attempts == 2 and rows["slow"].metrics["square"] == 4
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_row_of_a_reused_pid_is_rerun_with_a_warning(tmp_path: Path, markers: Path, caplog):
+    """A row left running by a dead driver whose PID a live, unrelated process holds now (here: this process,
+    recorded with another start time) is taken over and run again, with a warning; a row running under a
+    live driver with the right identity (PID and start time) is skipped."""
+    import socket
+    import subprocess
+    import sys
+
+    def ticks(pid: int) -> int:  # /proc/PID/stat field 22
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text[text.rfind(")") + 2:].split()[19])
+
+    store = ResultsStore(tmp_path / "results.sqlite")
+    tasks = _tasks(markers, [{"name": "reused", "x": 2}, {"name": "busy", "x": 3}], study="reuse")
+    store.ensure_many((t.kind, t.spec, t.study) for t in tasks)
+    host = socket.gethostname()
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        stale = f"{host}:{os.getpid()}:{ticks(os.getpid()) - 1}"
+        store.mark_running(tasks[0].key, owner=stale)
+        store.mark_running(tasks[1].key, owner=f"{host}:{driver.pid}:{ticks(driver.pid)}")
+        with caplog.at_level("WARNING"):
+            summary = run_tasks(tasks, store, workers=1, progress=False)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert summary.done == [tasks[0].key] and summary.skipped == [tasks[1].key]
+    assert [_calls(markers, n) for n in ("reused", "busy")] == [1, 0]
+    assert store.get(tasks[0].key).metrics["square"] == 4 and store.get(tasks[1].key).status == "running"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{store.path}: tiny row {tasks[0].key[:12]} was left running by driver {stale}, whose PID now belongs "
+        f"to another process; taking it over"]
+
+
 def test_dead_worker_is_recorded_and_the_pool_replaced(tmp_path: Path):
     store = ResultsStore(tmp_path / "results.sqlite")
     tasks = [Task("crash", {"x": 1, "crash": True}, crash_task), Task("crash", {"x": 2}, crash_task)]

@@ -31,8 +31,10 @@ Interruption
     On ``KeyboardInterrupt`` (Ctrl-C, or raised by ``on_result``) the runner stops the workers, keeps every
     finished row done, puts rows it had marked running back to pending, and re-raises. Running the same
     tasks again resumes. Rows left running by a driver that was killed (``kill -9``, power loss) are taken
-    over by the next run on the same host once that driver's process is gone
-    (:meth:`ResultsStore.claim`); :meth:`ResultsStore.reset_running` releases them by hand.
+    over by the next run on the same host once that driver's process is gone -- owners are identified by PID
+    and process start time, so a PID reused by an unrelated process does not keep them (:meth:`ResultsStore.
+    claim`, :func:`~mergelab.experiments.store.owner_state`); :meth:`ResultsStore.reset_running` releases
+    them by hand.
 
 Backends
     ``local``: a ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method and one torch

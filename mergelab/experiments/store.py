@@ -13,7 +13,7 @@ Schema (version :data:`SCHEMA_VERSION`)::
          spec JSON, metrics JSON, timings JSON, versions JSON, artifacts JSON,   -- JSON text
          error TEXT,             -- traceback tail of the last failure
          attempts INTEGER,       -- how many times it was started
-         owner TEXT,             -- "host:pid" of the driver that marked it running
+         owner TEXT,             -- "host:pid:start" of the driver that marked it running (owner_id)
          created TEXT, updated TEXT)   -- ISO-8601 UTC timestamps
     schema_version(version INTEGER)    -- one row; migrations in _MIGRATIONS bring old files forward
 
@@ -36,6 +36,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -47,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergeLabError
+from mergelab.process_identity import EPOCH_SLACK_S, ProcessIdentity, pid_exists, start_epoch
+
+log = logging.getLogger(__name__)
 
 #: The schema version this code writes. A file with a newer version is refused (written by newer code).
 SCHEMA_VERSION = 1
@@ -182,30 +186,68 @@ def _now() -> str:
 
 
 def owner_id() -> str:
-    """``host:pid`` of this process (what :meth:`ResultsStore.claim` records as a running row's owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:start`` of this process: what :meth:`ResultsStore.claim` records as a running row's owner.
+
+    ``start`` is the process's start time in clock ticks after boot (:func:`mergelab.process_identity.
+    start_ticks`), so a later process that reuses the PID is not taken for the owner; off Linux it is
+    unknown and the owner is ``host:pid``.
+    """
+    me = ProcessIdentity.of()
+    base = f"{socket.gethostname()}:{me.pid}"
+    return base if me.start is None else f"{base}:{me.start}"
 
 
-def _owner_alive(owner: str | None) -> bool:
-    """Whether the driver ``host:pid`` that owns a running row is another live process on this host."""
-    if not owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return True  # cannot tell; assume it is alive (do not steal another machine's work)
+def _parse_owner(owner: str) -> tuple[str, ProcessIdentity] | None:
+    """``"host:pid:start"`` or the older ``"host:pid"`` as ``(host, identity)``; ``None`` if unparsable."""
+    parts = owner.split(":")
+    if len(parts) == 3 and parts[2].isdigit():
+        host, pid, start = parts[0], parts[1], int(parts[2])
+    else:
+        (host, _, pid), start = owner.rpartition(":"), None
+    return (host, ProcessIdentity(int(pid), start)) if pid.isdigit() else None
+
+
+def _epoch(timestamp: str | None) -> float | None:
     try:
-        pid_i = int(pid)
+        return _dt.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
     except ValueError:
-        return False
-    if pid_i == os.getpid():
-        return False  # ourselves: an earlier, interrupted run in this process
-    try:
-        os.kill(pid_i, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return None
+
+
+def owner_state(owner: str | None, since: str | None = None) -> str:
+    """Whether the driver that marked a row running still runs it.
+
+    ``owner`` is the row's owner (:func:`owner_id`); ``since`` when it was marked running (ISO-8601, the row's
+    ``updated``). Returns
+
+    - ``"alive"``: that process still runs on this host (or ``"remote"``: another host, which cannot be
+      checked, so it is assumed alive);
+    - ``"self"``: this very process (an earlier run in it was interrupted);
+    - ``"gone"``: no process has its PID, or the owner is missing or unparsable;
+    - ``"reused"``: a *different* process has the PID now -- its start time differs from the recorded one,
+      or, for an owner recorded without a start time (``host:pid``, older mergelab or no ``/proc``), the
+      process with that PID started more than :data:`~mergelab.process_identity.EPOCH_SLACK_S` after
+      ``since``, so it cannot have marked the row.
+
+    An owner without a start time whose PID is taken by a process of unknown start time counts as alive.
+    """
+    parsed = _parse_owner(owner) if owner else None
+    if parsed is None:
+        return "gone"
+    host, ident = parsed
+    if host != socket.gethostname():
+        return "remote"
+    if ident.start is None:  # recorded without a start time: compare the PID's start with the claim time
+        started, claimed = start_epoch(ident.pid), _epoch(since)
+        if started is not None and claimed is not None and started > claimed + EPOCH_SLACK_S:
+            return "reused"
+        if ident.pid == os.getpid():
+            return "self"
+        return "alive" if pid_exists(ident.pid) else "gone"
+    state = ident.state()
+    if state == "alive" and ident.pid == os.getpid():
+        return "self"
+    return "alive" if state == "unknown" else state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -618,16 +660,27 @@ class ResultsStore:
     def claim(self, key: str, *, owner: str | None = None) -> bool:
         """Atomically mark ``key`` running unless it is done or running under another live driver.
 
-        A running row whose owner is this process, a dead process on this host, or unknown is taken over
-        (the leftovers of an interrupted or killed run). Returns whether the claim succeeded.
+        A running row whose owner (:func:`owner_state`) is this process, gone, a process that reused the
+        owner's PID (logged as a warning), or unknown is taken over (the leftovers of an interrupted or killed
+        run). Rows of live drivers and of other hosts are left alone. Returns whether the claim succeeded.
         """
         owner = owner or owner_id()
         with self.transaction() as conn:
-            r = conn.execute("SELECT status, owner FROM runs WHERE key = ?", (key,)).fetchone()
+            r = conn.execute("SELECT status, owner, kind, updated FROM runs WHERE key = ?", (key,)).fetchone()
             if r is None:
                 raise KeyError(key)
-            if r["status"] == "done" or (r["status"] == "running" and _owner_alive(r["owner"])):
+            if r["status"] == "done":
                 return False
+            if r["status"] == "running":
+                state = owner_state(r["owner"], r["updated"])
+                if state in ("alive", "remote"):
+                    return False
+                if state == "reused":
+                    log.warning("%s: %s row %s was left running by driver %s, whose PID now belongs to another "
+                                "process; taking it over", self.path, r["kind"], key[:12], r["owner"])
+                elif state == "gone":
+                    log.info("%s: %s row %s was left running by driver %s, which is gone; taking it over",
+                             self.path, r["kind"], key[:12], r["owner"])
             conn.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, owner = ?, error = NULL, "
                          "updated = ? WHERE key = ?", (owner, _now(), key))
             return True
