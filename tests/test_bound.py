@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy import optimize
 
 from mergelab.analysis.bound import (
@@ -297,3 +298,205 @@ def test_calibration_with_a_floor_and_input_checks():
         fit_constants(feats, y[:-1])
     with pytest.raises(ValueError, match="positive"):
         fit_constants(feats, -y, method="log")
+
+
+# ------------------------------------------------------------------------------------------ the excess-loss form
+from mergelab.analysis.bound import (  # noqa: E402
+    ExcessConstants,
+    dispersion_from_gram,
+    excess_bound,
+    excess_terms,
+    heterogeneity_term,
+    merge_operator_vectors,
+    optimization_term,
+    stability_term,
+    task_vector_dispersion,
+)
+
+
+def _identical_pool(N: int, **kw) -> BoundPool:
+    """N experts with the same hyperparameters and statistics (delta = 0: no gradient heterogeneity)."""
+    e = _expert("t", lr=0.01, steps=100, batch_size=32, n=1000, sigma2=2.0, delta2=0.0, init_loss=1.0)
+    e = replace(e, **kw)
+    return BoundPool(tuple(replace(e, name=f"t{i}") for i in range(N)), smoothness=2.0)
+
+
+def test_stability_term_elasticities_by_construction():
+    pool = _pool()
+    s = stability_term(pool)
+    # (1/N) sum_i e eta_i^2 K_i (sigma_i^2 + b_i delta_i^2) / n_i by hand
+    eta, K = np.array([0.01, 0.02, 0.005]), np.array([100, 50, 400.0])
+    b, n = np.array([32, 64, 16.0]), np.array([1000, 3000, 500.0])
+    s2, d2 = np.array([2.0, 4.0, 1.0]), np.array([0.5, 0.1, 1.5])
+    assert s == pytest.approx(np.mean(math.e * eta**2 * K * (s2 + b * d2) / n), rel=1e-12)
+    assert stability_term(pool.scaled("K", 2.0)) == pytest.approx(2 * s, rel=1e-12)  # linear in K
+    assert stability_term(pool.scaled("eta", 2.0)) == pytest.approx(4 * s, rel=1e-12)  # quadratic in eta
+    assert stability_term(pool.scaled("n", 2.0)) == pytest.approx(s / 2, rel=1e-12)  # ~ 1/n
+    # b multiplies the heterogeneity part only: with delta = 0 the batch size does not enter
+    flat = _identical_pool(3)
+    assert stability_term(flat.scaled("b", 4.0)) == pytest.approx(stability_term(flat), rel=1e-12)
+    # flat in N for identical experts (the merged eps^2 of evaluate_bound falls as 1/N there)
+    assert [stability_term(_identical_pool(N)) for N in (2, 4, 6)] == pytest.approx([stability_term(flat)] * 3, rel=1e-12)
+
+
+def test_dispersion_of_orthonormal_task_vectors_is_one_minus_one_over_n_r_squared():
+    r = 3.0
+    for N in (2, 3, 5):
+        vecs = [r * np.eye(7)[i] for i in range(N)]
+        d = task_vector_dispersion(vecs)
+        np.testing.assert_allclose(d, (1 - 1 / N) * r * r, rtol=1e-12)
+        np.testing.assert_allclose(dispersion_from_gram(np.array(vecs) @ np.array(vecs).T), d, rtol=1e-12)
+        # HET = (1/N) sum_i (L/2) d_i: with L = 2 exactly (1 - 1/N) r^2
+        assert heterogeneity_term(d, 2.0) == pytest.approx((1 - 1 / N) * r * r, rel=1e-12)
+    # per-task L_i weigh each task's own dispersion
+    assert heterogeneity_term([1.0, 3.0], [2.0, 4.0]) == pytest.approx((1.0 + 6.0) / 2, rel=1e-12)
+    # mappings of named tensors are summed over the names
+    named = [{"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0])}, {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([1.0])}]
+    np.testing.assert_allclose(task_vector_dispersion(named), [0.5, 0.5], rtol=1e-12)
+    with pytest.raises(ValueError, match="nonnegative"):
+        heterogeneity_term([-1.0], 1.0)
+
+
+def test_ties_operator_shrinks_the_dispersion_of_a_conflicting_pair():
+    """Trim to the top half, then sign consensus (by hand): tau_1 = (3, -0.2, 1, 0) -> (3, 0, 1, 0);
+    tau_2 = (-1, 0.1, 0, 1) -> (-1, 0, 0, 1), whose -1 disagrees with the elected + on the first coordinate ->
+    (0, 0, 0, 1). Dispersion per task 4.5225 before, 2.75 after."""
+    taus = [{"w": torch.tensor([3.0, -0.2, 1.0, 0.0], dtype=torch.float64)},
+            {"w": torch.tensor([-1.0, 0.1, 0.0, 1.0], dtype=torch.float64)}]
+    before = task_vector_dispersion(taus)
+    np.testing.assert_allclose(before, [4.5225, 4.5225], rtol=1e-12)
+    for scope in ("tensor", "global"):
+        op, out = merge_operator_vectors("ties", {"density": 0.5, "trim_scope": scope}, taus)
+        assert op == "ties"
+        np.testing.assert_allclose(out[0]["w"].numpy(), [3, 0, 1, 0])
+        np.testing.assert_allclose(out[1]["w"].numpy(), [0, 0, 0, 1])
+        after = task_vector_dispersion(out)
+        np.testing.assert_allclose(after, [2.75, 2.75], rtol=1e-12)
+        assert heterogeneity_term(after, 2.0) < heterogeneity_term(before, 2.0)
+    op, same = merge_operator_vectors("weight_average", {}, taus)
+    assert op == "identity" and torch.equal(same[1]["w"], taus[1]["w"])
+
+
+def test_excess_bound_rises_with_n_for_identical_experts_where_the_old_form_falls():
+    """Identical hyperparameters and orthonormal task vectors of norm r = 2 (L = 2): STAB is flat, OPT falls as
+    1/sqrt(N), HET = (1 - 1/N) r^2 rises faster; the assembled bound (unit constants) rises with N. The form of
+    evaluate_bound falls with N for any non-negative constants (every term carries alpha^2 or 1/sqrt(N))."""
+    r = 2.0
+    sizes = (2, 3, 4, 5, 6)
+    terms = []
+    for N in sizes:
+        pool = _identical_pool(N)
+        d = task_vector_dispersion([r * np.eye(8)[i] for i in range(N)])
+        terms.append(excess_terms(pool, d))
+    stab = [t.stab for t in terms]
+    opt = [t.opt for t in terms]
+    het = [t.het for t in terms]
+    assert stab == pytest.approx([stab[0]] * len(sizes), rel=1e-12)
+    assert all(b < a for a, b in zip(opt, opt[1:]))
+    assert het == pytest.approx([(1 - 1 / N) * r * r for N in sizes], rel=1e-12)
+    bound = [excess_bound(t) for t in terms]
+    assert all(b > a for a, b in zip(bound, bound[1:]))
+    assert excess_bound(terms[0], ExcessConstants(c0=0.5, c_opt=0, c_stab=0, c_het=2)) == pytest.approx(0.5 + 2 * het[0])
+    assert terms[0].to_dict()["form"] == "derived" and "(derived)" in terms[0].formula
+    assert optimization_term(_identical_pool(2)) == pytest.approx(evaluate_bound(_identical_pool(2)).opt, rel=1e-12)
+    old = [evaluate_bound(_identical_pool(N)) for N in sizes]
+    assert all(b.opt < a.opt and b.gen < a.gen for a, b in zip(old, old[1:]))
+    with pytest.raises(ValueError, match="3 dispersions for a pool of 2"):
+        excess_terms(_identical_pool(2), [1.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------ fitting and testing it
+from mergelab.analysis.bound_fit import (  # noqa: E402
+    Interval,
+    elasticity,
+    fit_excess,
+    leave_one_out,
+    task_jackknife,
+    verdict,
+)
+
+
+def _terms_matrix(m: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.column_stack([rng.uniform(0.1, 2.0, m), rng.uniform(1e-4, 1e-2, m), rng.uniform(0.0, 50.0, m)])
+
+
+@pytest.mark.parametrize("method", ["nnls", "ols"])
+def test_fit_excess_recovers_constants_with_an_intercept(method):
+    X = _terms_matrix(40, 0)
+    y = 0.3 + 2.0 * X[:, 0] + 50.0 * X[:, 1] + 0.01 * X[:, 2]
+    fit = fit_excess(X, y, method=method)
+    c = fit.constants
+    assert (c.c0, c.c_opt, c.c_stab, c.c_het) == pytest.approx((0.3, 2.0, 50.0, 0.01), rel=1e-8)
+    np.testing.assert_allclose(fit.standardized, np.array([2.0, 50.0, 0.01]) * X.std(axis=0), rtol=1e-8)
+    assert fit.intercept == pytest.approx(y.mean()) and fit.r2 == pytest.approx(1.0)
+    np.testing.assert_allclose(fit.predict(X), y, rtol=1e-10)
+
+
+def test_nnls_keeps_slopes_nonnegative_where_ols_goes_negative():
+    X = _terms_matrix(30, 1)
+    y = 1.0 + 3.0 * X[:, 0] - 100.0 * X[:, 1]
+    assert fit_excess(X, y, method="ols").constants.c_stab == pytest.approx(-100.0, rel=1e-8)
+    nn = fit_excess(X, y, method="nnls")
+    assert min(nn.standardized) >= 0.0 and nn.standardized[1] == 0.0
+    # a constant column gets slope 0 and does not break the fit
+    Xc = X.copy()
+    Xc[:, 2] = 7.0
+    assert fit_excess(Xc, 1.0 + X[:, 0], method="ols").standardized[2] == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        fit_excess(np.array([[1.0, 2, 3], [np.nan, 1, 1]]), [1.0, 2.0])
+
+
+def test_leave_one_out_predicts_each_group_from_the_others_and_excludes_shared_merges():
+    X = _terms_matrix(25, 2)
+    y = 0.1 + X[:, 0] + 10 * X[:, 1] + 0.02 * X[:, 2]
+    groups = [g for g in "KbenN" for _ in range(5)]
+    keys = list(range(25))
+    keys[5] = keys[0]  # merge 5 (group b) is merge 0 (group K): left out of K's fit as well
+    ho = leave_one_out(X, y, groups, keys=keys, method="ols")
+    assert ho.spearman == pytest.approx(1.0) and set(ho.per_group) == set("KbenN")
+    np.testing.assert_allclose(ho.predicted, y, rtol=1e-8)
+    assert ho.fits["K"].n == 19 and ho.fits["b"].n == 19 and ho.fits["e"].n == 20
+    assert ho.to_dict()["form"] == "derived"
+
+
+def test_task_jackknife_of_a_mean_is_the_textbook_standard_error():
+    """Disjoint tasks: the delete-one-task jackknife of a mean is s / sqrt(n); values 1, 2, 4:
+    s^2 = 7/3, se = sqrt(7/9), interval 7/3 +- t_{2, 0.975} se."""
+    v = np.array([1.0, 2.0, 4.0])
+    iv = task_jackknife(lambda mask: float(v[mask].mean()), [["a"], ["b"], ["c"]])
+    assert iv.estimate == pytest.approx(7 / 3) and iv.se == pytest.approx(math.sqrt(7 / 9), rel=1e-12)
+    q = 4.302652729911275  # t_{2, 0.975}
+    assert (iv.low, iv.high) == pytest.approx((7 / 3 - q * math.sqrt(7 / 9), 7 / 3 + q * math.sqrt(7 / 9)), rel=1e-9)
+    assert iv.replicates == 3
+    # a merge that touches two tasks is removed from both replicates
+    seen = []
+    task_jackknife(lambda mask: seen.append(mask.tolist()) or 0.0, [["a", "b"], ["b", "c"], ["c"]])
+    assert seen[1:] == [[False, True, True], [False, False, True], [True, False, False]]
+
+
+def test_verdicts_follow_the_interval():
+    def iv(lo, hi):
+        return Interval((lo + hi) / 2, lo, hi, 0.1, "test", 6)
+
+    assert verdict(iv(0.6, 1.4), +1, 1.0) == ("agrees", "agrees")
+    assert verdict(iv(0.1, 0.5), +1, 1.0) == ("agrees", "disagrees")
+    assert verdict(iv(-0.3, 1.5), +1, 1.0) == ("undecided", "undecided")
+    assert verdict(iv(-2.0, -0.5), +1, 2.0) == ("disagrees", "disagrees")
+    assert verdict(iv(-0.9, -0.1), -1, None) == ("agrees", "-")
+    assert verdict(iv(math.nan, math.nan), -1, -1.0) == ("undecided", "undecided")
+
+
+def test_elasticity_of_an_exact_power_law_and_dropped_merges():
+    K = np.repeat([25.0, 50.0, 100.0, 200.0], 3)
+    members = [["a", "b"], ["b", "c"], ["a", "c"]] * 4
+    e = elasticity("K", K, 0.01 * K, members)
+    assert e.slope == pytest.approx(1.0) and e.interval.se == pytest.approx(0.0, abs=1e-12)
+    assert (e.sign_verdict, e.value_verdict) == ("agrees", "agrees") and e.dropped == 0
+    excess = 0.5 * K ** -1.0
+    excess[0] = -0.1  # no logarithm: dropped and counted
+    e = elasticity("K", K, excess, members)
+    assert e.slope == pytest.approx(-1.0) and e.dropped == 1 and e.n == 11
+    assert (e.sign_verdict, e.value_verdict) == ("disagrees", "disagrees")
+    n = elasticity("N", [2, 2, 3, 3, 4, 4], [0.1, 0.1, 0.2, 0.2, 0.4, 0.4], [["a"], ["b"], ["a"], ["b"], ["a"], ["b"]])
+    assert n.regressor == "N" and n.slope == pytest.approx(math.log(2)) and n.value_verdict == "-"
