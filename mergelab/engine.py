@@ -69,6 +69,7 @@ from mergelab.merge_inputs import (
     nonfinite_message,
     output_plan,
     read_ahead,
+    refuse_input_overlap,
     write_merge,
 )
 from mergelab.methods import Method, TensorInputs, get_method
@@ -304,6 +305,7 @@ def merge_streaming(
     tensor by tensor on three threads (see the module docstring). :func:`mergelab.merging.merge` chooses
     between this and the numpy engine; call that. ``started`` is when the caller's clock started."""
     started = time.perf_counter() if started is None else started
+    refuse_input_overlap(spec, out_dir)
     method = get_method(spec.method)
     check_models(spec, method)
     params_of = ParamResolver(spec, method)

@@ -26,6 +26,7 @@ from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkp
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.methods import Method, MethodParams
+from mergelab.output_paths import check_replaceable, refuse_overlap
 from mergelab.provenance import environment, input_digest
 from mergelab.spec import MergeSpec
 
@@ -158,6 +159,20 @@ class MergeInputs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def refuse_input_overlap(spec: MergeSpec, out_dir: str | Path, *, expert_folders: bool = False) -> None:
+    """Refuse an ``out_dir`` that is, lies inside or contains the base or a model of ``spec``
+    (:func:`mergelab.output_paths.refuse_overlap`) or has no name (:func:`~mergelab.output_paths.check_replaceable`);
+    checks paths only, so it runs before any input is opened. ``expert_folders``: a model given by a file
+    also reads the folder holding it (a zoo expert's head and sidecar, for the data-informed methods)."""
+    check_replaceable(out_dir)
+    paths: list[Path | None] = [spec.base]
+    for m in spec.models:
+        paths.append(m.path)
+        if expert_folders and Path(m.path).is_file():
+            paths.append(Path(m.path).parent)
+    refuse_overlap(out_dir, paths)
 
 
 def check_models(spec: MergeSpec, method: Method) -> None:

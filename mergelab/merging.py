@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergelab.errors import SpecError
-from mergelab.merge_inputs import MergeResult
+from mergelab.merge_inputs import MergeResult, refuse_input_overlap
 from mergelab.methods import METHODS, get_method
 from mergelab.spec import MergeSpec, load_spec, parse_spec
 
@@ -44,7 +44,9 @@ def merge(
     The output folder holds the (sharded) weights, the base model's config/tokenizer files, and
     ``mergelab_merge.json`` (method, resolved parameters, inputs with SHA-256 content hashes, versions, the
     engine used). ``engine``: ``auto`` (numpy when it supports the merge, else torch), ``numpy`` (an error
-    saying why when it cannot) or ``torch``. Raises :class:`~mergelab.errors.MergeLabError` subclasses on
+    saying why when it cannot) or ``torch``. An ``out_dir`` that is, contains or lies inside an input (the
+    base, a model, a data-informed expert's folder), or that is the current folder or ``/``, is refused
+    before anything is read (:mod:`mergelab.output_paths`), with or without ``overwrite``. Raises :class:`~mergelab.errors.MergeLabError` subclasses on
     bad input; nothing is written then.
     """
     started = time.perf_counter()
@@ -55,6 +57,7 @@ def merge(
         from mergelab.methods import data_informed
 
         if spec.method in data_informed.registry():
+            refuse_input_overlap(spec, out_dir, expert_folders=True)
             if engine == "numpy":
                 raise SpecError(f"engine: the numpy engine does not run '{spec.method}' (a data-informed method)")
             return data_informed.run_merge(spec, out_dir, overwrite=overwrite, progress=progress,
@@ -62,6 +65,7 @@ def merge(
         get_method(spec.method)
     if spec.data is not None:
         raise SpecError(f"data: method '{spec.method}' is data-free and takes no data section")
+    refuse_input_overlap(spec, out_dir)
     if engine != "torch":
         from mergelab import numpy_engine
 

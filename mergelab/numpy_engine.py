@@ -61,6 +61,7 @@ from mergelab.merge_inputs import (
     nonfinite_message,
     output_plan,
     read_ahead,
+    refuse_input_overlap,
     write_merge,
 )
 from mergelab.methods import get_method
@@ -121,6 +122,7 @@ def merge_numpy(
     """Merge the task-arithmetic or weight-averaging ``spec`` into ``out_dir`` (call
     :func:`mergelab.merging.merge`, which checks :func:`unsupported` first). ``started``: the caller's clock."""
     started = time.perf_counter() if started is None else started
+    refuse_input_overlap(spec, out_dir)
     method = get_method(spec.method)
     check_models(spec, method)
     params_of = ParamResolver(spec, method)

@@ -39,6 +39,7 @@ from typing import Any
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable
+from mergelab.output_paths import refuse_overlap
 from mergelab.report.document import ReportDocument
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def run_quickstart(
     pre = read_pretrained(arch, cache_dir)
     if pre is None:  # pragma: no cover - build_zoo just made it
         raise SpecError(f"no pretrained {arch} backbone after building the zoo")
+    refuse_overlap(out, [pre.path or None, *(e.path for e in zoo.experts)], what="--out", replaces=False)
 
     from mergelab.evaluation.protocol import resolve_bn
 

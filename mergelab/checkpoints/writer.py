@@ -59,6 +59,7 @@ from mergelab.checkpoints.safetensors_format import (
     tensor_nbytes,
 )
 from mergelab.errors import CheckpointError
+from mergelab.output_paths import check_replaceable
 
 if TYPE_CHECKING:
     import torch
@@ -347,7 +348,8 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = None,
         direct_io: bool = False,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        check_replaceable(out_dir)  # not "/", ".", nor an ancestor of the current folder
+        self.out_dir = Path(os.path.normpath(out_dir))
         self.overwrite = overwrite
         self.direct_io = {"0": False, "1": True}.get(os.environ.get("MERGELAB_DIRECT_IO", ""), direct_io)
         where = str(self.out_dir)

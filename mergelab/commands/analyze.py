@@ -224,6 +224,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from mergelab.analysis.diagnostics import pool_diagnostics
     from mergelab.analysis.report import diagnostics_report, format_summary
     from mergelab.errors import SpecError
+    from mergelab.output_paths import refuse_overlap
 
     if getattr(args, "threads", None):
         import torch
@@ -254,6 +255,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     elif not_analysed:
         print(f"note: section(s) {', '.join(not_analysed)} accepted and not analysed")
     out = Path(args.out) if args.out else Path(f"{Path(args.spec).stem}-analysis")
+    written = [out] + [out / name for name in ("report.json", "report.md", "layers.csv")]
+    for path in written:  # the report goes into a folder: never into an input, nor over the spec
+        refuse_overlap(path, [spec.base, *(m.path for m in spec.models), args.spec, args.constants],
+                       what="--out" if path == out else "report file", replaces=False)
     diag = pool_diagnostics(
         spec.base,
         [m.path for m in spec.models],

@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         overrides.update(data)
     overrides.update(dict(_assignment(s) for s in args.sets))
     out = Path(args.out or Path("mergelab-experiments") / preset.name)
+    if args.config:  # the study writes report.json/.html into --out: never over the settings file
+        from mergelab.output_paths import refuse_overlap
+
+        for name in ("report.json", "report.html"):
+            refuse_overlap(out / name, [args.config], what="--out", replaces=False)
 
     def say(msg: str) -> None:
         print(f"[{preset.name}] {msg}", file=sys.stderr, flush=True)

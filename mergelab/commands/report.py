@@ -41,8 +41,15 @@ def _html_name(arg: str) -> Path:
     return path.with_suffix(".html")
 
 
+def _document_path(arg: str) -> Path:
+    """The report document a study argument names (a folder's ``report.json``, or the file itself)."""
+    path = Path(arg)
+    return path / "report.json" if path.is_dir() else path
+
+
 def run_report(args: argparse.Namespace) -> int:
     from mergelab.errors import SpecError
+    from mergelab.output_paths import refuse_overlap
     from mergelab.report.document import ReportDocument
     from mergelab.report.html import write_html
 
@@ -53,8 +60,11 @@ def run_report(args: argparse.Namespace) -> int:
     if args.separate:
         if args.out:
             raise SpecError("--out names one combined page; with --separate each page goes next to its report.json")
-        for arg, doc in zip(args.studies, docs):
-            print(write_html(doc, _html_name(arg)))
+        pages = [_html_name(arg) for arg in args.studies]
+        for page in pages:
+            refuse_overlap(page, [_document_path(a) for a in args.studies])
+        for page, doc in zip(pages, docs):
+            print(write_html(doc, page))
         return 0
     if args.out:
         out = Path(args.out)
@@ -64,5 +74,6 @@ def run_report(args: argparse.Namespace) -> int:
         out = _html_name(args.studies[0])
     else:
         out = Path(COMBINED_DEFAULT)
+    refuse_overlap(out, [_document_path(a) for a in args.studies], what="--out" if args.out else "output")
     print(write_html(docs if len(docs) > 1 else docs[0], out, title=args.title))
     return 0

@@ -116,8 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        from mergelab.atomic_files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -161,6 +162,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
 
+    if args.json:  # the sidecar must not replace the spec it was trained from
+        from mergelab.output_paths import refuse_overlap
+
+        refuse_overlap(args.json, [args.spec], what="--json")
     data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
     for name, _, _ in _SPEC_FLAGS:
         if getattr(args, name) is not None:

@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import MergeLabError, SpecError
+from mergelab.output_paths import refuse_overlap
 
 if TYPE_CHECKING:
     from mergelab.report.document import ReportDocument, Section
@@ -577,6 +578,8 @@ def run_comparison(
     if bn is None and reset_bn is not None:
         bn = reset_bn
     setup = _resolve(arch, tasks, pool, cache_dir)
+    if workdir is not None:  # merged models go into sub-folders (each merge refuses its own inputs too)
+        refuse_overlap(workdir, [setup.base, *(e.path for e in setup.pool)], what="workdir", replaces=False)
     protocol = resolve_bn(bn, setup.arch)
     configs = _method_configs(methods)
     overrides = dict(overrides or {})

@@ -68,11 +68,12 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
               hash_inputs: bool = True) -> Any:
     """Run a data-informed merge spec (a validated :class:`~mergelab.spec.MergeSpec`); see the module doc."""
     from mergelab.engine import _resolve_device, write_state
-    from mergelab.merge_inputs import MergeResult, describe_path
+    from mergelab.merge_inputs import MergeResult, describe_path, refuse_input_overlap
     from mergelab.errors import SpecError
     from mergelab.provenance import environment
 
     started = time.perf_counter()
+    refuse_input_overlap(spec, out_dir, expert_folders=True)
     method = registry()[spec.method]
     if spec.overrides:
         raise SpecError(f"overrides: per-tensor overrides are not supported by data-informed method '{method.name}'")

@@ -62,6 +62,7 @@ from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.adamerging import TaskBatches, record_output
 from mergelab.methods.data_informed.context import MergeContext
+from mergelab.output_paths import refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +449,7 @@ def _modules_dir(context: MergeContext, params: SurgeryParams) -> Path:
 
 def _run(context: MergeContext, params: SurgeryParams) -> dict[str, torch.Tensor]:
     folder = _modules_dir(context, params)
+    refuse_overlap(folder, [context.base_path, *(e.path for e in context.experts)], what="parameters.modules_dir")
     state, source = merged_backbone(context, params)
     modules, report = train_surgery(context, state, rank=params.rank, steps=params.steps, lr=params.lr)
     info = {"merged": source, "split": context.split("test"), "samples_per_task": context.data.samples_per_task,
