@@ -230,6 +230,81 @@ def test_dead_worker_is_recorded_and_the_pool_replaced(tmp_path: Path):
     assert store.get(tasks[1].key).metrics == {"x": 2}
 
 
+_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_runners import _tasks
+from mergelab.experiments import ResultsStore, run_tasks
+from pathlib import Path
+markers = Path({markers!r})
+tasks = _tasks(markers, [{{"name": "slow1", "x": 1, "sleep_first": 600}}, {{"name": "slow2", "x": 2, "sleep_first": 600}}])
+run_tasks(tasks, ResultsStore({db!r}), workers=2, progress=False)
+"""
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Processes whose parent is ``pid``: PID -> command line."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            if int(text[text.rfind(")") + 2:].split()[1]) == pid:
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return out
+
+
+def _running(pid: int, start: str) -> bool:
+    """Whether the process ``pid`` that started at tick ``start`` still runs (not a zombie, PID not reused)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = text[text.rfind(")") + 2:].split()
+    return fields[0] != "Z" and fields[19] == start
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_workers_and_resource_tracker_exit_when_the_driver_is_killed(tmp_path: Path, markers: Path, signame: str):
+    """A driver killed outright (SIGKILL, or SIGTERM, whose default action gives Python no chance to clean
+    up) leaves no process behind: its pool workers -- busy in a long task -- and multiprocessing's resource
+    tracker exit by themselves."""
+    import signal
+    import subprocess
+    import sys
+
+    import mergelab
+
+    script = _DRIVER.format(tests=str(TESTS_DIR), markers=str(markers), db=str(tmp_path / "results.sqlite"))
+    code = str(Path(mergelab.__file__).resolve().parent.parent)  # the mergelab under test
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [code, os.environ.get("PYTHONPATH", "")])})
+    try:
+        deadline = time.monotonic() + 300
+        while _calls(markers, "slow1") + _calls(markers, "slow2") < 2:  # both tasks started in their workers
+            assert driver.poll() is None, f"the driver exited early with {driver.returncode}"
+            assert time.monotonic() < deadline, "the workers did not start within 300 s"
+            time.sleep(0.1)
+        workers = {int(p.name.split(".")[1]) for p in markers.iterdir()}
+        children = _children(driver.pid)
+        assert workers <= set(children) and len(workers) == 2
+        assert any("resource_tracker" in cmd for cmd in children.values())
+        starts = {pid: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] for pid in children}
+    finally:
+        driver.send_signal(getattr(signal, signame))
+        driver.wait()
+    deadline = time.monotonic() + 60
+    left = dict(children)
+    while left and time.monotonic() < deadline:
+        left = {pid: cmd for pid, cmd in left.items() if _running(pid, starts[pid])}
+        time.sleep(0.1)
+    for pid in left:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == {}, f"still running 60 s after the driver got {signame}"
+
+
 # --- Ray backend -----------------------------------------------------------------------------------------
 
 

@@ -406,7 +406,11 @@ def _run_job(job: str, kwargs: dict[str, Any], isolate: bool, arch: str | None =
 
         ctx = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        from mergelab.worker_lifetime import exit_with_parent
+
+        # the child exits if this process is killed (it would otherwise finish the job and wait forever)
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             return pool.submit(_child, job, kwargs, torch.get_num_threads(), level, arch).result()
     base = _rss_mb()
     measured = _reset_hwm()

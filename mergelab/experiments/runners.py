@@ -38,8 +38,10 @@ Interruption
 
 Backends
     ``local``: a ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method and one torch
-    thread per worker. ``ray``: ``ray.init(address=ray_address)`` (``None`` starts a local instance; a
-    running session is reused and left running), one ``ray.remote`` task per item with ``num_cpus=1``. On a
+    thread per worker. Workers exit when the driver dies, even by ``kill -9``
+    (:mod:`~mergelab.worker_lifetime`), and with them multiprocessing's resource tracker.
+    ``ray``: ``ray.init(address=ray_address)`` (``None`` starts a local instance; a running session is
+    reused and left running), one ``ray.remote`` task per item with ``num_cpus=1``. On a
     multi-node cluster every node must be able to import mergelab and the task function (same environment),
     and ``artifacts_dir`` must be a path that every node and the driver see (a shared file system). Ray is
     optional: ``pip install 'mergelab[ray]'``.
@@ -185,12 +187,16 @@ def _init_worker() -> None:
     _one_torch_thread()
 
 
-def _init_pool_worker() -> None:
-    """Process-pool initializer: :func:`_init_worker`, and Ctrl-C is left to the driver (which stops the
-    pool), so workers do not each print a KeyboardInterrupt traceback."""
+def _init_pool_worker(driver_pid: int) -> None:
+    """Process-pool initializer: :func:`_init_worker`; Ctrl-C is left to the driver (which stops the pool),
+    so workers do not each print a KeyboardInterrupt traceback; and the worker exits when the driver
+    ``driver_pid`` dies, however it dies (:func:`~mergelab.worker_lifetime.exit_with_parent`)."""
     import signal
 
+    from mergelab.worker_lifetime import exit_with_parent
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(driver_pid)
     _init_worker()
 
 
@@ -458,7 +464,8 @@ def _run_local(todo: Sequence[Task], rec: _Recorder, workers: int, art: str) -> 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited OpenMP pools or locks
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_pool_worker)
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_pool_worker,
+                                   initargs=(os.getpid(),))
 
     pool = new_pool()
     in_flight: dict[Any, Task] = {}

@@ -71,9 +71,14 @@ class ZooResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, driver_pid: int) -> None:
+    """Pool initializer: one torch thread, the driver's log level, and exit when the driver ``driver_pid``
+    dies (:func:`~mergelab.worker_lifetime.exit_with_parent`: a killed ``build_zoo`` leaves no workers)."""
     import torch
 
+    from mergelab.worker_lifetime import exit_with_parent
+
+    exit_with_parent(driver_pid)
     torch.set_num_threads(1)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -130,7 +135,8 @@ def build_zoo(
                 bar.update(1)
         else:
             level = logging.getLogger().getEffectiveLevel()
-            pool_args = dict(max_workers=min(workers, len(todo)), mp_context=_spawn(), initializer=_init_worker, initargs=(level,))
+            pool_args = dict(max_workers=min(workers, len(todo)), mp_context=_spawn(), initializer=_init_worker,
+                             initargs=(level, os.getpid()))
             with ProcessPoolExecutor(**pool_args) as pool:
                 futures = {pool.submit(_run, spec.canonical(), cdir, force): spec.task for spec in todo}
                 for fut in as_completed(futures):
