@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 PathLike = str | os.PathLike[str]
+
+logger = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -52,3 +56,31 @@ def write_csv_atomic(path: PathLike, header: Sequence[str], rows: Iterable[Seque
     writer.writerow(header)
     writer.writerows(rows)
     return write_text_atomic(path, buf.getvalue())
+
+
+def remove_leftover(path: PathLike, what: str) -> bool:
+    """Delete ``path`` (a folder tree, a file or a link; a missing path is fine), e.g. the previous output a
+    publication renamed away. What cannot be deleted stays, and a warning says ``{what}, ``path`` is left
+    behind`` with the first failure (the path and the system's reason): never a silent leftover. Returns
+    True when nothing is left."""
+    path = Path(path)
+    errors: list[str] = []
+
+    def failed(_func: object, where: str, exc_info: tuple) -> None:
+        exc = exc_info[1]
+        errors.append(f"{where}: {getattr(exc, 'strerror', None) or exc}")
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=failed)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror or exc}")
+    if not errors and not os.path.lexists(path):
+        return True
+    reason = errors[0] if errors else "it reappeared"
+    logger.warning("%s: %s is left behind (%s); delete it by hand", what, path, reason)
+    return False

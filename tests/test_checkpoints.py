@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -453,6 +454,33 @@ def test_writer_overwrite_replaces_and_empty_target_is_fine(tmp_path: Path) -> N
     empty.mkdir()
     write_folder(empty, {"a": torch.ones(3)})
     assert torch.equal(load_state_dict(empty)["a"], torch.ones(3))
+
+
+def test_a_previous_output_that_cannot_be_removed_is_reported(tmp_path: Path, monkeypatch, caplog) -> None:
+    # the old output is renamed to out.<hex>.old and deleted once the new one is in place; a file in it that
+    # cannot be deleted (read-only folder for a normal user; simulated: the suite may run as root) leaves it
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "locked.txt").write_text("old")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("locked.txt"):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        write_folder(target, {"a": torch.ones(3)}, overwrite=True)
+    assert sorted(os.listdir(target)) == ["model.safetensors"]
+    [old] = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert old.name.startswith("out.") and old.name.endswith(".old")
+    assert (old / "locked.txt").read_text() == "old"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{target}: the new model is in place, but the previous one could not be removed: {old} is left behind "
+        f"({old / 'locked.txt'}: Permission denied); delete it by hand"
+    ]
 
 
 def test_writer_missing_tensors_at_finish(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ starts write-back after about 30 s, and the fsync of a 1.35 GB shard stalled the
 Atomicity: everything goes into a temporary sibling folder ``<out_dir>.<random>.tmp``. ``finish()``
 checks that every planned tensor arrived, fsyncs, writes ``mergelab_merge.json`` and copies
 config/tokenizer files, then renames the folder into place (an existing target, with ``overwrite``, is
-first renamed away and only deleted once the new folder is in place). Any failure, and leaving the
+first renamed away to ``<out_dir>.<random>.old`` and only deleted once the new folder is in place; if
+that deletion fails, e.g. on a read-only file, a warning names the leftover and why). Any failure, and leaving the
 ``with`` block by an exception, deletes the temporary folder: the target never holds a half-written model.
 
 :func:`save_state_dict` writes a single ``.safetensors`` file atomically (temporary file + rename).
@@ -58,6 +59,7 @@ from mergelab.checkpoints.safetensors_format import (
     tensor_bytes,
     tensor_nbytes,
 )
+from mergelab.atomic_files import remove_leftover
 from mergelab.errors import CheckpointError
 from mergelab.output_paths import check_replaceable
 
@@ -276,16 +278,6 @@ def _is_nonempty(path: Path) -> bool:
     if path.is_dir() and not path.is_symlink():
         return any(path.iterdir())
     return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def copy_support_files(source: Path, dest: Path) -> list[str]:
@@ -565,7 +557,7 @@ class CheckpointWriter:
             raise
         _fsync_dir(parent)
         if old is not None:
-            _remove(old)
+            remove_leftover(old, f"{target}: the new model is in place, but the previous one could not be removed")
 
     def abort(self) -> None:
         """Discard everything written so far (delete the temporary folder). Idempotent."""

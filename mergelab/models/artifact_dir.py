@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergelab.atomic_files import remove_leftover
+
 
 @contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
@@ -41,4 +43,4 @@ def staged_dir(target: Path) -> Iterator[Path]:
         if not target.exists():
             raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_leftover(old, f"{target}: replaced, but the previous copy could not be removed")
