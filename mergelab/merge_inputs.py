@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
+from mergelab.checkpoints.writer import support_files
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.methods import Method, MethodParams
@@ -297,6 +298,8 @@ def write_merge(
     from tqdm.auto import tqdm
 
     total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
+    if inputs.reference.config_dir is not None:  # refused support files fail now, before the merge
+        support_files(inputs.reference.config_dir)
     # CPU-bound merges write around the page cache (whose copy cost TIES 1.2-1.9 CPU-s on the benchmark);
     # the linear methods wait for the disk anyway, where the page cache's deeper write-back is faster
     direct_io = method.name not in DISK_BOUND_METHODS

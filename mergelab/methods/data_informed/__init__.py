@@ -67,6 +67,7 @@ def parse_params(method: DataInformedMethod, raw: dict[str, Any]) -> MethodParam
 def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
               hash_inputs: bool = True) -> Any:
     """Run a data-informed merge spec (a validated :class:`~mergelab.spec.MergeSpec`); see the module doc."""
+    from mergelab.checkpoints.writer import support_files
     from mergelab.engine import _resolve_device, write_state
     from mergelab.merge_inputs import MergeResult, describe_path, refuse_input_overlap
     from mergelab.errors import SpecError
@@ -84,6 +85,8 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
     context = MergeContext.from_spec(spec.base, [(m.path, m.weight) for m in spec.models], spec.data, device,
                                      progress)
     context.out_dir = Path(out_dir)
+    if Path(context.base_path).is_dir():  # refused support files fail now, before the merge runs
+        support_files(context.base_path)
     state = method.run(context, params)
     seconds = time.perf_counter() - started
     record = {
