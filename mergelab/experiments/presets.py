@@ -4,7 +4,8 @@ variant (``--full``) for machines or clusters with time to spare.
 ==============  ===========================================================================================
 ``scaling``     :mod:`mergelab.experiments.scaling_laws`. Default: resnet_s, 6 tasks, all 15 groups of 4,
                 K in 25..400 (checkpoints), b in 16..128, eta in 0.01..0.5, data ratio 0.1..1, N in 2..6,
-                simple averaging (~60 fine-tunes, ~300 merges). Full: 8 tasks, wider grids, plus the
+                simple averaging, 3 fine-tuning seeds (~180 fine-tunes, ~900 merges; seed 0 alone: ~60 and
+                ~300). Full: 8 tasks, wider grids, plus the
                 transformer family (vit_s) merged with TIES, DARE and AdaMerging.
 ``noise``       :mod:`mergelab.experiments.noise_study`. Default: resnet_s on mnist and mnist1d, lr in
                 {0.0125, 0.05, 0.2, 0.8} x B in {16, 64}, weight decay / momentum / augmentation sweeps, one

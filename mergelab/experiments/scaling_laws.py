@@ -12,7 +12,9 @@ Protocol (:func:`run_scaling_study`, preset ``scaling`` of ``mergelab experiment
    * ``b`` (batch size), ``eta`` (learning rate), ``n`` (data ratio): one expert per value, ``steps`` fixed;
    * ``N`` (number of merged tasks): the default experts, groups of each size in ``n_tasks_grid``.
 
-   Fine-tunes are cached by spec hash in the expert cache (the zoo's default experts are reused).
+   Fine-tunes are cached by spec hash in the expert cache (the zoo's default experts are reused). Every expert
+   is fine-tuned once per seed of ``seeds`` (default 0, 1, 2; seed 0 is the spec's default seed, so its experts
+   and merges are the single-seed study's), and each group is merged per seed from that seed's experts.
 2. **Merges.** For each setting, ``groups`` distinct random task groups of ``group_size`` tasks (for ``N``: of
    each size; all groups when there are fewer), seeded and the same groups for every setting of a
    hyperparameter. Each group is merged with every method in ``methods`` (default: simple averaging,
@@ -27,8 +29,12 @@ Protocol (:func:`run_scaling_study`, preset ``scaling`` of ``mergelab experiment
    schedule's moments, n_i), and the two constants ``c_opt, c_stab`` are fitted by NNLS to all of the
    study's measured losses (per method). The calibrated prediction is drawn over the measurement.
 4. **Verdicts.** For each hyperparameter, the measured curve's shape against THEORY.md's predicted trend
-   (:data:`PREDICTED`), and the Spearman rank correlation of the calibrated bound with the measured loss,
-   over the grid means and over all merges of that hyperparameter.
+   (:data:`PREDICTED`). The groups share tasks, so they are not independent samples: each grid value's mean (over
+   groups of the group's mean over seeds) and each step between consecutive values get a delete-one-task
+   jackknife standard error (:mod:`mergelab.analysis.statistics`); a step counts only when its interval at
+   5% / (number of steps) excludes 0, otherwise the curve is "flat" and the verdict undecided (at most ~5% false
+   verdicts under no true effect, tests/test_studies.py). Also the Spearman rank correlation of the calibrated
+   bound with the measured loss, over the grid means and over all merges of that hyperparameter.
 
 Everything runs through the results store and a runner (local process pool or Ray), so a rerun skips
 finished fine-tunes and merges and an interrupted study resumes.
@@ -80,6 +86,9 @@ class ScalingConfig(BaseModel):
     group_size: int = Field(4, ge=2)
     groups: int = Field(15, ge=2)
     seed: int = 0
+    #: Fine-tuning seeds: every expert of every setting is trained once per seed (seed 0 is the expert's default
+    #: spec, so its experts and merges are the single-seed study's). Seeds are nested in a (group, value) cell.
+    seeds: tuple[int, ...] = (0, 1, 2)
     steps_grid: tuple[int, ...] = (25, 50, 100, 200, 400)
     batch_grid: tuple[int, ...] = (16, 32, 64, 128)
     lr_grid: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5)
@@ -124,15 +133,21 @@ class ScalingConfig(BaseModel):
             raise ValueError(f"n_tasks_grid must lie in 2..{len(self.tasks)} (the number of tasks)")
         if max(self.data_ratio_grid) > 1:
             raise ValueError("data ratios must be <= 1")
-        forbidden = {"task", "arch", "checkpoint_every", "branch_from"} & set(self.base)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
+        forbidden = {"task", "arch", "checkpoint_every", "branch_from", "seed"} & set(self.base)
         if forbidden:
             raise ValueError(f"base cannot set {sorted(forbidden)}: the study sets them")
         return self
 
 
-def _spec_fields(cfg: ScalingConfig, task: str, hp: str | None = None, value: float | None = None) -> dict[str, Any]:
-    """ExpertSpec fields of ``task`` at one grid point (``hp is None``: the default expert)."""
+def _spec_fields(cfg: ScalingConfig, task: str, hp: str | None = None, value: float | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """ExpertSpec fields of ``task`` at one grid point (``hp is None``: the default expert) and fine-tuning
+    ``seed`` (0: the spec's default, left unset so seed-0 experts keep the single-seed study's spec hash)."""
     fields: dict[str, Any] = {"task": task, "arch": cfg.arch, **cfg.base}
+    if seed:
+        fields["seed"] = seed
     if hp == "K":
         fields.update(steps=max(cfg.steps_grid), schedule="constant", checkpoint_every=reduce(math.gcd, cfg.steps_grid))
     elif hp in ("b", "eta", "n"):
@@ -157,7 +172,7 @@ class Plan(BaseModel):
     """The study's work: the fine-tunes (spec fields) and, per setting, the merges (members per group)."""
 
     finetunes: list[dict[str, Any]]
-    settings: list[dict[str, Any]]  # {"hp", "value", "groups": [[member, ...], ...]}
+    settings: list[dict[str, Any]]  # {"hp", "value", "seed", "groups": [[member, ...], ...]}
 
 
 def plan(cfg: ScalingConfig, cache_dir: PathLike | None = None) -> Plan:
@@ -173,22 +188,23 @@ def plan(cfg: ScalingConfig, cache_dir: PathLike | None = None) -> Plan:
         return spec.task, h
 
     settings = []
-    for hp in cfg.hyperparameters:
-        for value in grid(cfg, hp):
-            members: dict[str, dict[str, Any]] = {}
-            for task in cfg.tasks:
-                if hp == "K":
-                    t, h = expert(_spec_fields(cfg, task, "K"))
-                    members[task] = {"task": t, "spec_hash": h, "step": int(value)}
-                elif hp == "N":
-                    t, h = expert(_spec_fields(cfg, task))
-                    members[task] = {"task": t, "spec_hash": h, "step": None}
-                else:
-                    t, h = expert(_spec_fields(cfg, task, hp, value))
-                    members[task] = {"task": t, "spec_hash": h, "step": None}
-            size = int(value) if hp == "N" else cfg.group_size
-            groups = [[members[t] for t in g] for g in task_groups(cfg, size)]
-            settings.append({"hp": hp, "value": value, "groups": groups})
+    for seed in cfg.seeds:
+        for hp in cfg.hyperparameters:
+            for value in grid(cfg, hp):
+                members: dict[str, dict[str, Any]] = {}
+                for task in cfg.tasks:
+                    if hp == "K":
+                        t, h = expert(_spec_fields(cfg, task, "K", seed=seed))
+                        members[task] = {"task": t, "spec_hash": h, "step": int(value)}
+                    elif hp == "N":
+                        t, h = expert(_spec_fields(cfg, task, seed=seed))
+                        members[task] = {"task": t, "spec_hash": h, "step": None}
+                    else:
+                        t, h = expert(_spec_fields(cfg, task, hp, value, seed=seed))
+                        members[task] = {"task": t, "spec_hash": h, "step": None}
+                size = int(value) if hp == "N" else cfg.group_size
+                groups = [[members[t] for t in g] for g in task_groups(cfg, size)]
+                settings.append({"hp": hp, "value": value, "seed": seed, "groups": groups})
     # heaviest fine-tunes first (batch x steps), so the pool's tail is short
     order = sorted(finetunes.values(), key=lambda s: -s["batch_size"] * s["steps"])
     return Plan(finetunes=order, settings=settings)
@@ -245,7 +261,7 @@ def run_scaling_study(
         row = store.get(key_of("merge_eval", spec))
         if row is None or row.status != "done":
             continue
-        records.append({"hp": setting["hp"], "value": setting["value"], "method": method,
+        records.append({"hp": setting["hp"], "value": setting["value"], "seed": setting["seed"], "method": method,
                         "members": spec["members"], **{k: row.metrics[k] for k in ("loss", "accuracy", "joint_loss", "joint_accuracy")}})
     say("theory quantities at theta_0 (once per task, cached)")
     attach_bound(cfg, records, cache, out)
@@ -324,18 +340,34 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def curve(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> tuple[list[float], list[float], list[float], list[int]]:
-    """``(values, mean, standard error, count)`` of ``key`` over the merges of each grid value."""
-    from mergelab.report import mean_and_error
+def observations(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> list[Any]:
+    """The merges of ``hp`` and ``method`` as :class:`~mergelab.analysis.statistics.Observation` s of ``key``:
+    level = grid value, cell = the task group (its seeds are replicates of the cell), units = the group's tasks
+    (the independent units of the jackknife)."""
+    from mergelab.analysis.statistics import Observation
 
-    vals = sorted({r["value"] for r in records if r["hp"] == hp and r["method"] == method})
+    out = []
+    for r in records:
+        if r["hp"] == hp and r["method"] == method:
+            tasks = tuple(m["task"] for m in r["members"])
+            out.append(Observation(frozenset(tasks), r["value"], tasks, float(r.get(key, math.nan))))
+    return out
+
+
+def curve(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> tuple[list[float], list[float], list[float], list[int]]:
+    """``(values, mean, standard error, count)`` of ``key`` per grid value: the mean over task groups of each
+    group's mean over seeds, its delete-one-task jackknife standard error (NaN when not estimable, e.g. one
+    group holding every task; :mod:`mergelab.analysis.statistics`), and the number of merges."""
+    from mergelab.analysis.statistics import contrast
+
+    obs = observations(records, hp, method, key)
+    vals = sorted({o.level for o in obs})
     means, errs, counts = [], [], []
     for v in vals:
-        xs = [r.get(key, math.nan) for r in records if r["hp"] == hp and r["method"] == method and r["value"] == v]
-        m, e = mean_and_error(xs)
-        means.append(m)
-        errs.append(e)
-        counts.append(len(xs))
+        e = contrast(obs, {v: 1.0})
+        means.append(e.value)
+        errs.append(e.se)
+        counts.append(sum(1 for o in obs if o.level == v))
     return [float(v) for v in vals], means, errs, counts
 
 
@@ -355,44 +387,36 @@ def shape_of_steps(signs: Sequence[int]) -> str:
     return "non-monotone"
 
 
-def step_signs(per_value: Sequence[dict[Any, float]], z: float = 2.0) -> tuple[list[int], list[float]]:
-    """Signs of the steps between consecutive grid values, each tested against its noise: with the same task
-    groups at both values (paired) the mean of the per-group differences against ``z`` standard errors of that
-    mean; otherwise the difference of the means against ``z`` times the root sum of squared standard errors.
-    Returns the signs (0 = within noise) and the mean differences."""
-    from mergelab.report import mean_and_error
+def step_signs(obs: Sequence[Any], alpha: float = 0.05) -> tuple[list[int], list[Any]]:
+    """Signs of the steps between consecutive grid values of ``obs`` (:func:`observations`) and their estimates.
 
-    signs, diffs = [], []
-    for a, b in zip(per_value, per_value[1:]):
-        common = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-        if len(common) >= 2 and len(common) == len(a) == len(b):
-            d, se = mean_and_error([b[k] - a[k] for k in common])
-        else:
-            ma, sa = mean_and_error(list(a.values()))
-            mb, sb = mean_and_error(list(b.values()))
-            d, se = mb - ma, math.hypot(sa, sb)
-        diffs.append(d)
-        signs.append(0 if not math.isfinite(d) or abs(d) <= z * se else (1 if d > 0 else -1))
-    return signs, diffs
+    Each step is the difference of the two values' means over task groups (paired over the groups present at
+    both), with a delete-one-task jackknife standard error (t with tasks - 1 degrees of freedom); its sign counts
+    only when its interval at ``alpha / steps`` excludes 0 (Bonferroni, so a curve without a trend shows a
+    significant step with probability <= ``alpha``); 0 = undecided, NaN error included."""
+    from mergelab.analysis.statistics import significant_signs, step_contrasts
+
+    levels = sorted({o.level for o in obs})
+    steps = step_contrasts(obs, levels)
+    return significant_signs(steps, alpha), steps
 
 
-def trend_verdict(hp: str, per_value: Sequence[dict[Any, float]]) -> dict[str, Any]:
-    """The measured loss curve's shape (steps within two standard errors count as ties; paired over the same
-    task groups where a hyperparameter's settings share them) against :data:`PREDICTED`."""
-    if len(per_value) < 2:
-        return {"shape": "undetermined", "agrees": None, "predicted": PREDICTED[hp][0], "signs": []}
-    signs, diffs = step_signs(per_value)
+def trend_verdict(hp: str, obs: Sequence[Any], alpha: float = 0.05) -> dict[str, Any]:
+    """The measured loss curve's shape from its significant steps (:func:`step_signs`) against
+    :data:`PREDICTED`: ``agrees`` None (undecided) when no step is significant."""
+    if len({o.level for o in obs}) < 2:
+        return {"shape": "undetermined", "agrees": None, "predicted": PREDICTED[hp][0], "signs": [], "steps": []}
+    signs, steps = step_signs(obs, alpha)
     shape = shape_of_steps(signs)
     predicted, ok = PREDICTED[hp]
     agrees: bool | None = None if shape == "flat" else shape in ok
-    return {"shape": shape, "agrees": agrees, "predicted": predicted, "signs": signs, "steps": diffs}
+    return {"shape": shape, "agrees": agrees, "predicted": predicted, "signs": signs, "steps": steps}
 
 
-def _per_value(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> list[dict[Any, float]]:
-    """Per grid value, ``{task group: key}`` over the merges of ``hp`` and ``method``."""
-    vals = sorted({r["value"] for r in records if r["hp"] == hp and r["method"] == method})
-    return [{tuple(m["task"] for m in r["members"]): float(r.get(key, math.nan)) for r in records
-             if r["hp"] == hp and r["method"] == method and r["value"] == v} for v in vals]
+def _step_text(step: Any, sign: int) -> str:
+    lo, hi = step.interval()
+    ci = "n/a" if not math.isfinite(lo) else f"{lo:+.3f} to {hi:+.3f}"
+    return f"{step.value:+.3f} [95% CI {ci}]" + ("" if sign else " (n.s.)")
 
 
 def _curve_shape(values: Sequence[float]) -> str:
@@ -421,20 +445,21 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
             sub = [r for r in records if r["hp"] == hp and r["method"] == method]
             rho_all = _spearman([r.get("predicted", math.nan) for r in sub], [r["loss"] for r in sub])
             rho_grid = _spearman(pred, loss)
-            tv = trend_verdict(hp, _per_value(records, hp, method, "loss"))
+            tv = trend_verdict(hp, observations(records, hp, method, "loss"))
             pshape = _curve_shape(pred) if all(np.isfinite(pred)) else "undetermined"
             log_x = hp in ("K", "b", "eta", "n")
             tag = f"{method}-{hp}"
             figs = [
                 Figure(id=f"{tag}-loss", title=f"{method}: merged test loss vs {LABELS[hp]}", xlabel=LABELS[hp],
                        ylabel="mean test cross-entropy", xscale="log" if log_x else "linear",
-                       series=[Series(label=f"measured (mean +- s.e. over {max(n)} groups)", x=xs, y=loss, yerr=lerr),
+                       series=[Series(label=f"measured (mean +- jackknife s.e. over tasks; {max(n)} merges)",
+                                      x=xs, y=loss, yerr=lerr),
                                Series(label="bound, calibrated", x=xs, y=pred, style="dashed")],
                        caption=f"measured shape {tv['shape']}; bound's shape {pshape}; Spearman(bound, measured) "
                                f"over grid means {rho_grid:.2f}, over all {len(sub)} merges {rho_all:.2f}"),
                 Figure(id=f"{tag}-acc", title=f"{method}: merged test accuracy vs {LABELS[hp]}", xlabel=LABELS[hp],
                        ylabel="mean test accuracy", xscale="log" if log_x else "linear",
-                       series=[Series(label="measured (mean +- s.e.)", x=xs, y=acc, yerr=aerr)]),
+                       series=[Series(label="measured (mean +- jackknife s.e. over tasks)", x=xs, y=acc, yerr=aerr)]),
             ]
             _, opt, _, _ = curve(records, hp, method, "opt")
             _, gen, _, _ = curve(records, hp, method, "gen")
@@ -449,13 +474,18 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
             rows = [[f"{x:g}", l_, le, a, ae, p, c] for x, l_, le, a, ae, p, c in zip(xs, loss, lerr, acc, aerr, pred, n)]
             table = Table(title=f"{method}: {LABELS[hp]}", columns=["value", "loss", "loss s.e.", "accuracy",
                                                                      "accuracy s.e.", "bound (calibrated)", "merges"],
-                          rows=rows, digits=4)
+                          rows=rows, digits=4,
+                          caption="Mean over task groups of each group's mean over seeds; s.e.: delete-one-task "
+                                  "jackknife (groups share tasks; empty where not estimable).")
             verdict = Verdict(
                 claim=f"{LABELS[hp]} ({method})", predicted=PREDICTED[hp][0],
                 measured=f"loss {tv['shape']} over {', '.join(f'{x:g}' for x in xs)} (steps "
-                         f"{', '.join(f'{d:+.3f}' + ('' if s else ' (n.s.)') for d, s in zip(tv['steps'], tv['signs']))}); bound {pshape}; "
+                         f"{', '.join(_step_text(d, s) for d, s in zip(tv['steps'], tv['signs']))}); bound {pshape}; "
                          f"Spearman(bound, measured) {rho_grid:.2f} (grid means), {rho_all:.2f} (all merges)",
                 agrees=tv["agrees"],
+                detail="A step counts when its 95%/steps (Bonferroni) interval excludes 0; intervals: delete-one-"
+                       "task jackknife over the overlapping task groups (seeds averaged within a group), t with "
+                       "tasks - 1 degrees of freedom (mergelab.analysis.statistics). Otherwise undecided.",
             )
             verdict_rows.append(verdict)
             sections.append(Section(title=f"{method}: {LABELS[hp]}", figures=figs, tables=[table], verdicts=[verdict]))
@@ -489,6 +519,8 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
 def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
     from mergelab.atomic_files import write_csv_atomic
 
-    cols = ["hp", "value", "method", "tasks", "loss", "accuracy", "joint_loss", "joint_accuracy", "opt", "gen", "predicted"]
-    write_csv_atomic(path, cols, ([r["hp"], r["value"], r["method"], "+".join(m["task"] for m in r["members"]),
-                                   *(r.get(k, "") for k in cols[4:])] for r in records))
+    cols = ["hp", "value", "seed", "method", "tasks", "loss", "accuracy", "joint_loss", "joint_accuracy", "opt", "gen",
+            "predicted"]
+    write_csv_atomic(path, cols, ([r["hp"], r["value"], r.get("seed", 0), r["method"],
+                                   "+".join(m["task"] for m in r["members"]), *(r.get(k, "") for k in cols[5:])]
+                                  for r in records))
