@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from mergelab import __version__
 from mergelab.errors import MergeLabError
+from mergelab.interrupts import signals_as_interrupts
 
 # Modules under mergelab.commands, in the order their verbs appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -75,13 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with signals_as_interrupts():  # SIGTERM / SIGHUP unwind like Ctrl-C (temporary files are removed)
+            return int(args.func(args) or 0)
     except MergeLabError as exc:
         print(f"mergelab {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"mergelab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"mergelab {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
 if __name__ == "__main__":  # pragma: no cover

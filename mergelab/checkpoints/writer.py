@@ -27,6 +27,12 @@ first renamed away to ``<out_dir>.<random>.old`` and only deleted once the new f
 that deletion fails, e.g. on a read-only file, a warning names the leftover and why). Any failure, and leaving the
 ``with`` block by an exception, deletes the temporary folder: the target never holds a half-written model.
 
+Interrupted writers: the temporary folder holds ``.mergelab-writer.json`` naming its owner (host, PID and the
+process's start time; removed before publishing). The CLI turns SIGTERM and SIGHUP into an exception like
+Ctrl-C (:mod:`mergelab.interrupts`), so the folder is deleted on the way out; a writer killed outright
+(SIGKILL) cannot clean up, and the next writer to the same target removes such folders whose owner is gone
+(:func:`remove_stale_temporaries`), never one whose owner still runs.
+
 :func:`save_state_dict` writes a single ``.safetensors`` file atomically (temporary file + rename).
 
 Tensors may be torch tensors or numpy arrays (ml_dtypes' ``bfloat16`` for bf16); plan dtypes may be torch,
@@ -41,9 +47,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +72,7 @@ from mergelab.checkpoints.safetensors_format import (
 )
 from mergelab.errors import CheckpointError
 from mergelab.output_paths import check_replaceable
+from mergelab.process_identity import ProcessIdentity
 
 if TYPE_CHECKING:
     import torch
@@ -420,6 +430,79 @@ def copy_support_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+#: The file in a writer's temporary folder that names its owner (deleted just before publishing).
+OWNER_NAME = ".mergelab-writer.json"
+
+
+def _temporary_siblings(out_dir: Path) -> list[Path]:
+    """The ``<out_dir>.<8 hex>.tmp`` folders next to ``out_dir`` (writers' temporary folders)."""
+    pattern = re.compile(re.escape(out_dir.name) + r"\.[0-9a-f]{8}\.tmp")
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def write_owner(tmp: Path) -> None:
+    """Record in ``tmp`` which process writes it: host, PID and the process's start time
+    (:class:`mergelab.process_identity.ProcessIdentity`), so a later writer can tell a dead owner from a live one."""
+    me = ProcessIdentity.of()
+    record = {"host": socket.gethostname(), "pid": me.pid, "start": me.start}
+    with open(tmp / OWNER_NAME, "x", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove the temporary folders next to ``out_dir`` left by writers that are gone (killed by SIGKILL, a
+    power cut) and return them; each removal is a warning naming the folder and its dead owner.
+
+    A folder is removed only when its owner record (:func:`write_owner`) names this host and a process that no
+    longer exists, or whose PID now belongs to a process started at another time
+    (:meth:`~mergelab.process_identity.ProcessIdentity.state` ``gone`` / ``reused``). A live owner's folder, one
+    of another host and one without a readable record (a writer that has just created it, or an older mergelab)
+    are left alone; the last two are named in a warning."""
+    out_dir = Path(out_dir)
+    removed: list[Path] = []
+    for tmp in _temporary_siblings(out_dir):
+        try:
+            owner = json.loads((tmp / OWNER_NAME).read_text(encoding="utf-8"))
+            host, pid, start = owner["host"], int(owner["pid"]), owner["start"]
+        except (OSError, ValueError, TypeError, KeyError):
+            logger.warning("%s: leaving %s alone: it names no owner (delete it by hand if no merge to this "
+                           "folder is running)", out_dir, tmp)
+            continue
+        if host != socket.gethostname():
+            logger.warning("%s: leaving %s alone: its writer ran on host %s", out_dir, tmp, host)
+            continue
+        state = ProcessIdentity(pid, None if start is None else int(start)).state()
+        if state not in ("gone", "reused"):
+            logger.debug("%s: %s belongs to a running writer (pid %d)", out_dir, tmp, pid)
+            continue
+        if remove_leftover(tmp, f"{out_dir}: the temporary folder of a writer that is gone (pid {pid})"):
+            logger.warning("%s: removed %s, the temporary folder of an interrupted writer (pid %d, %s)", out_dir,
+                           tmp, pid, "no longer running" if state == "gone" else "its PID now names another process")
+            removed.append(tmp)
+    return removed
+
+
+#: Test hook: with ``$MERGELAB_TEST_PAUSE`` set to a file path, the first :meth:`WriteBehind.put` waits for its
+#: tensor to be written, creates that file (holding the temporary folder's path) and sleeps, so a test can signal
+#: or kill a merge in the middle of writing deterministically. Sleeps at most this many seconds.
+TEST_PAUSE_SECONDS = 300
+
+
+def _pause_for_tests(writer: CheckpointWriter) -> None:
+    marker = os.environ.get("MERGELAB_TEST_PAUSE")
+    if not marker or os.path.exists(marker):
+        return
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(f"{writer.temporary_folder}\n")
+    deadline = time.monotonic() + TEST_PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class CheckpointWriter:
     """Streaming, atomic writer of a (sharded) safetensors checkpoint folder. See the module docstring.
 
@@ -479,11 +562,18 @@ class CheckpointWriter:
                 f"{self.out_dir}: already exists and is not empty; pass overwrite=True to replace it"
             )
         parent = self.out_dir.parent
+        remove_stale_temporaries(self.out_dir)
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._tmp: Path | None = _make_sibling(self.out_dir, ".tmp", directory=True)
         except OSError as exc:
             raise CheckpointError(f"{self.out_dir}: cannot create a temporary folder next to it: {exc}") from None
+        try:
+            write_owner(self._tmp)
+        except OSError as exc:
+            tmp, self._tmp = self._tmp, None
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{self.out_dir}: cannot write to the temporary folder {tmp}: {exc}") from None
 
         self._next = 0  # index into self._plan of the next expected tensor
         self._shard_index = -1
@@ -496,6 +586,11 @@ class CheckpointWriter:
         )
 
     # -- streaming -----------------------------------------------------------------------------------
+
+    @property
+    def temporary_folder(self) -> Path | None:
+        """The folder written until :meth:`finish` publishes it (None once finished or aborted)."""
+        return self._tmp
 
     @property
     def shard_names(self) -> list[str]:
@@ -613,6 +708,7 @@ class CheckpointWriter:
             if copy_files_from is not None:
                 copied = copy_support_files(Path(copy_files_from), tmp)
                 logger.debug("copied %d support files from %s", len(copied), copy_files_from)
+            (tmp / OWNER_NAME).unlink(missing_ok=True)
             _fsync_dir(tmp)
             self._publish(tmp)
         except CheckpointError:
@@ -717,6 +813,10 @@ class WriteBehind:
             self._waiting -= size
         self._pending.append((self._thread.submit(self.writer.write, name, tensor), nbytes))
         self._waiting += nbytes
+        if "MERGELAB_TEST_PAUSE" in os.environ:
+            for pending, _ in self._pending:
+                pending.result()
+            _pause_for_tests(self.writer)
 
     def __enter__(self) -> WriteBehind:
         return self
