@@ -11,9 +11,12 @@ from torch import nn
 from mergelab.cli import main
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.evaluation import evaluate, evaluate_classifier, reset_bn_statistics
-from mergelab.models import build_backbone, make_head
+from mergelab.evaluation.metrics import classifier_outputs
+from mergelab.models import build_backbone, load_backbone_state, make_head, read_backbone_state
+from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.pretraining import PretrainConfig
 from mergelab.models.state import backbone_state
+from mergelab.tasks import get_task
 from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
@@ -74,9 +77,20 @@ def test_a_merged_backbone_folder_evaluates_and_bn_can_be_reset(zoo, tmp_path):
     plain = evaluate(out, experts)  # arch inferred from the tensors of the merged folder
     assert plain.arch == "resnet_s" and len(plain.tasks) == 2 and 0 <= plain.mean_accuracy <= 1
     reset = evaluate(out, experts, reset_bn=True, bn_batches=3)
-    assert reset.reset_bn == "joint" and reset.mean_accuracy != plain.mean_accuracy
+    assert reset.reset_bn == "joint"
+    # by construction, not by whether the accuracy happened to change: the joint reset is exactly the plain
+    # evaluation of the folder's backbone with its BN statistics re-estimated by hand on the union of the
+    # tasks' training inputs, and those statistics differ from the folder's (they are estimated from data)
+    merged = read_backbone_state(out)
+    model = build_backbone("resnet_s")
+    load_backbone_state(model, merged)
+    assert reset_bn_statistics(model, torch.cat([get_task(t).x_train for t in TASKS]), num_batches=3) > 0
+    by_hand = {k: v for k, v in model.state_dict().items() if k in merged}
+    assert not torch.equal(by_hand["stem.bn.running_mean"], merged["stem.bn.running_mean"])
+    expected = evaluate(by_hand, experts)
+    assert [(t.accuracy, t.loss) for t in reset.tasks] == [(t.accuracy, t.loss) for t in expected.tasks]
     per_task = evaluate(out, experts, reset_bn="per_task", bn_batches=3)
-    assert per_task.reset_bn == "per_task" and per_task.mean_accuracy != reset.mean_accuracy
+    assert per_task.reset_bn == "per_task"
     # per-task re-estimation of one task equals a joint re-estimation on that task alone
     alone = evaluate(out, experts, tasks=[experts[0].task], reset_bn="joint", bn_batches=3)
     assert per_task.tasks[0].accuracy == alone.tasks[0].accuracy
@@ -90,7 +104,14 @@ def test_probe_heads_need_no_experts(zoo):
     r = evaluate(pre_path, heads="probe", tasks=["mnist_parity"], cache_dir=root)
     row = r.tasks[0]
     assert row.head == "linear probe" and row.expert_accuracy is None and r.mean_normalized_accuracy is None
-    assert row.accuracy > 0.6  # parity from weak random-ish features is still above chance
+    # the score is the linear probe fitted on the backbone's training features, applied to the test split
+    # (computed here by hand); how well a probe does on these weak features is an accident of training
+    model = build_backbone("resnet_s")
+    load_backbone_state(model, read_backbone_state(pre_path))
+    data = get_task("mnist_parity")
+    head = fit_linear_probe(extract_features(model, data.x_train), data.y_train, data.num_classes)
+    correct, losses = classifier_outputs(model, head, data.x_test, data.y_test)
+    assert row.accuracy == correct.double().mean().item() and row.loss == losses.mean().item()
 
 
 def test_evaluation_errors(zoo):
