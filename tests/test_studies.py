@@ -306,14 +306,20 @@ def test_tiny_scaling_study_writes_a_report_and_resumes(root, tmp_path):
     doc = run_scaling_study(cfg, tmp_path / "out", opts)
     assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "merges.csv").is_file()
     assert ReportDocument.from_json(tmp_path / "out") == doc
-    assert len(doc.verdicts()) == 2 and {f.id for f in doc.figures()} >= {"weight_average-K-loss", "weight_average-N-acc"}
+    # two trends, the bound's held-out Spearman and two elasticities (K, N)
+    claims = [v.claim for v in doc.verdicts()]
+    assert len(claims) == 5 and claims[0].startswith("the corrected bound orders merges")
+    assert {f.id for f in doc.figures()} >= {"weight_average-K-loss", "weight_average-N-acc", "weight_average-K-excess"}
     done = store.counts(study="scaling")
-    # per seed: 3 K runs, 3 defaults, K merges, N merges (2 + 1 groups)
-    assert done.get("done", 0) == 2 * (3 + 3 + 2 * 2 + 2 + 1)
+    # per seed: 3 K runs, 3 defaults, K merges, N merges (2 + 1 groups), each member alone (3 tasks x 2 steps
+    # + 3 defaults)
+    assert done.get("done", 0) == 2 * (3 + 3 + 2 * 2 + 2 + 1 + 3 * 2 + 3)
     assert {r["seed"] for r in csv.DictReader((tmp_path / "out" / "merges.csv").open())} == {"0", "1"}
-    # every merge has the bound's features and a calibrated prediction
-    k_fig = next(f for f in doc.figures() if f.id == "weight_average-K-loss")
-    assert all(y is not None for y in k_fig.series[1].y)
+    # every merge has its excess loss, the bound's terms and a held-out prediction
+    k_fig = next(f for f in doc.figures() if f.id == "weight_average-K-excess")
+    assert all(y is not None for s in k_fig.series for y in s.y)
+    rows = (tmp_path / "out" / "merges.csv").read_text().splitlines()
+    assert rows[0].endswith("expert_loss,excess,opt,stab,het,predicted,heldout") and len(rows) == 1 + 2 * (4 + 3)
     again = run_scaling_study(cfg, tmp_path / "out2", opts)
     assert store.counts(study="scaling") == done  # nothing re-run
     assert [f.series[0].y for f in again.figures()] == [f.series[0].y for f in doc.figures()]
@@ -386,3 +392,23 @@ def test_pool_preset_records_each_size_and_resumes(root, tmp_path, monkeypatch):
     again = _run_pool(cfg, tmp_path / "pool2", opts)
     assert store.counts(study="pool") == counts  # nothing re-run
     assert [t.rows for s in again.sections for t in s.tables] == [t.rows for s in doc.sections for t in s.tables]
+
+
+def test_expert_alone_is_evaluated_as_a_merge_of_itself(root):
+    """The excess loss's reference: a member alone under the merges' BN protocol equals the one-member merge
+    evaluated under that protocol (excess 0), for an expert and a checkpoint; 'off' keeps its own statistics."""
+    from mergelab.experiments.jobs import expert_eval_job, merge_eval_job
+    from mergelab.training import finetune
+
+    e = finetune(dict(task="shapes", steps=4, batch_size=16), root)
+    c = finetune(dict(task="digits", steps=4, batch_size=16, checkpoint_every=2, schedule="constant"), root)
+    for member in ({"task": "shapes", "spec_hash": e.spec_hash, "step": None},
+                   {"task": "digits", "spec_hash": c.spec_hash, "step": 2}):
+        for bn in ("joint", "per_task", "off"):
+            alone = expert_eval_job({"arch": "resnet_s", "member": member, "reset_bn": bn, "cache_dir": str(root)})
+            merged = merge_eval_job({"arch": "resnet_s", "method": "weight_average", "parameters": {}, "reset_bn": bn,
+                                     "members": [member], "cache_dir": str(root)})
+            assert alone["loss"] == pytest.approx(merged["loss"], rel=1e-6) and alone["task"] == member["task"]
+    off = expert_eval_job({"arch": "resnet_s", "member": {"task": "shapes", "spec_hash": e.spec_hash, "step": None},
+                           "reset_bn": "off", "cache_dir": str(root)})
+    assert off["loss"] == pytest.approx(e.test_metrics.loss, rel=1e-5)

@@ -25,8 +25,9 @@ are pooled and ranked against the measured excess (Spearman).
 
 **Intervals.** Merges of a study share tasks (groups of 4 of 6 tasks overlap), so they are not independent:
 the independent unit is the task. Intervals are **delete-one-task jackknife** intervals
-(:func:`task_jackknife`): replicate ``t`` recomputes the statistic (refitting everything) without any merge
-that contains task ``t``; ``se = sqrt((T-1)/T sum_t (s_t - mean s)^2)`` and the interval is
+(:func:`task_jackknife`, through :func:`mergelab.analysis.statistics.jackknife`, which says why the jackknife
+and not cluster-robust errors): replicate ``t`` recomputes the statistic (refitting everything) without any
+merge that contains task ``t``; ``se = sqrt((T-1)/T sum_t (s_t - mean s)^2)`` and the interval is
 ``estimate +- t_{T-1, 0.975} se`` (Spearman's on Fisher's ``z = atanh(rho)`` scale, mapped back). With a
 handful of tasks this is wide, as it should be. The percentile bootstrap over merges
 (:func:`merge_bootstrap`) is reported beside it for reference; it treats overlapping merges as independent
@@ -223,37 +224,34 @@ class Interval:
 
 def task_jackknife(statistic: Callable[[np.ndarray], float], memberships: Sequence[Sequence[str]], *,
                    level: float = 0.95, fisher_z: bool = False) -> Interval:
-    """Delete-one-task jackknife interval of ``statistic(mask)`` (module docstring).
+    """Delete-one-task jackknife interval of ``statistic(mask)`` (module docstring), computed by
+    :func:`mergelab.analysis.statistics.jackknife` (the study's one jackknife).
 
     ``statistic`` takes a boolean mask over the merges and returns the statistic on those merges;
-    ``memberships[j]`` are merge ``j``'s tasks. Replicate ``t`` masks out every merge containing task ``t``;
-    replicates that are not finite are dropped. ``fisher_z``: jackknife ``atanh`` of the statistic (for a
-    correlation) and map the interval back with ``tanh``. Fewer than 2 finite replicates: NaN interval.
+    ``memberships[j]`` are merge ``j``'s tasks. Replicate ``t`` masks out every merge containing task ``t``.
+    ``fisher_z``: jackknife ``atanh`` of the statistic (for a correlation) and map the interval back with
+    ``tanh``. A replicate that is not finite (or fewer than 2 tasks) gives a NaN interval: undecided.
     """
-    m = len(memberships)
-    full = np.ones(m, dtype=bool)
-    est = float(statistic(full))
-    tasks = sorted({t for ms in memberships for t in ms})
+    from mergelab.analysis.statistics import jackknife
+
     member = [set(ms) for ms in memberships]
-    f = (lambda v: math.atanh(max(min(v, 1 - 1e-12), -1 + 1e-12))) if fisher_z else (lambda v: v)
-    finv = math.tanh if fisher_z else (lambda v: v)
-    reps = []
-    for t in tasks:
-        mask = np.array([t not in ms for ms in member], dtype=bool)
-        if not mask.any():
-            continue
-        v = float(statistic(mask))
-        if math.isfinite(v):
-            reps.append(f(v))
-    T = len(reps)
-    if T < 2 or not math.isfinite(est):
-        return Interval(est, math.nan, math.nan, math.nan, "delete-one-task jackknife", T)
-    r = np.array(reps)
-    se = math.sqrt((T - 1) / T * float(np.sum((r - r.mean()) ** 2)))
-    q = float(stats.t.ppf(0.5 + level / 2, T - 1))
-    centre = f(est)
-    return Interval(est, finv(centre - q * se), finv(centre + q * se), se,
-                    "delete-one-task jackknife" + (" (Fisher z)" if fisher_z else ""), T)
+    tasks = sorted({t for ms in member for t in ms})
+
+    def f(v: float) -> float:
+        return math.atanh(max(min(v, 1 - 1e-12), -1 + 1e-12)) if fisher_z and math.isfinite(v) else v
+
+    def stat(unit: Any) -> float:
+        mask = np.array([unit is None or unit not in ms for ms in member], dtype=bool)
+        return f(float(statistic(mask))) if mask.any() else math.nan
+
+    est = jackknife(stat, tasks)
+    lo, hi = est.interval(1.0 - level)
+    back = math.tanh if fisher_z else (lambda v: v)
+    value = math.tanh(est.value) if fisher_z and math.isfinite(est.value) else est.value
+    kind = "delete-one-task jackknife" + (" (Fisher z)" if fisher_z else "")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return Interval(value, math.nan, math.nan, est.se, kind, len(tasks))
+    return Interval(value, back(lo), back(hi), est.se, kind, len(tasks))
 
 
 def merge_bootstrap(statistic: Callable[[np.ndarray], float], m: int, *, replicates: int = 1000,

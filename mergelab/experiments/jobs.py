@@ -10,6 +10,10 @@ processes and Ray can import them; each takes one JSON-able spec and returns a m
   (:func:`mergelab.evaluation.evaluate`). A member with ``step`` is the checkpoint of that expert at that
   step (its backbone and head). Returns the mean over tasks of the test loss and accuracy, the joint
   (pooled) test loss and accuracy, and per-task rows.
+* :func:`expert_eval_job` ``{"arch", "member": {"task", "spec_hash", "step"}, "reset_bn", "cache_dir"}``: one
+  merge member (expert or checkpoint) on its own task under the merges' BatchNorm protocol applied to it alone
+  (``joint`` and ``per_task`` re-estimate its statistics on its task's training images, ``off`` keeps its own),
+  the reference of a merge's excess loss. Returns its test loss and accuracy.
 """
 
 from __future__ import annotations
@@ -120,6 +124,24 @@ def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
         "merge_s": t_merge,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def expert_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One merge member on its own task under the merges' BN protocol; see the module docstring.
+
+    The protocol is applied to the expert exactly as :func:`merge_eval_job` applies it to a merge of it alone
+    (:func:`mergelab.evaluation.evaluate` with ``tasks = [its task]``): a one-member merge has excess 0.
+    """
+    from mergelab.evaluation import evaluate
+    from mergelab.training.result import BACKBONE_FILE
+
+    expert = member_expert(spec["member"], spec["arch"], spec.get("cache_dir"))
+    t0 = time.perf_counter()
+    r = evaluate(Path(expert.path) / BACKBONE_FILE, [expert], tasks=[expert.task], reset_bn=spec.get("reset_bn", "off"),
+                 device="cpu")
+    row = r.tasks[0]
+    return {"task": expert.task, "loss": float(row.loss), "accuracy": float(row.accuracy), "nonfinite": row.nonfinite,
+            "seconds": time.perf_counter() - t0}
 
 
 def _interpolate(states: list[dict[str, Any]], weights: list[float], base: dict[str, Any] | None = None) -> dict[str, Any]:
