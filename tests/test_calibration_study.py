@@ -152,3 +152,13 @@ def test_clear_errors_without_a_zoo(tmp_path, capsys, zoo):
     assert main(["calibrate", "--cache-dir", str(root), "--pool-size", "4..5", "--out", str(tmp_path / "o2"),
                  "--no-progress"]) == 1
     assert "needs at least 4" in capsys.readouterr().err
+
+
+def test_refuses_to_write_into_an_expert_folder(tmp_path, capsys, zoo):
+    root, _, experts = zoo
+    target = Path(experts[0].path) / "calibration"
+    before = sorted(p.name for p in Path(experts[0].path).iterdir())
+    assert main(["calibrate", "--cache-dir", str(root), "--pools", "4", "--pool-size", "2..3", "--out", str(target),
+                 "--no-progress"]) == 1
+    assert f"--out {target}: refusing to write there: it lies inside that input's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(experts[0].path).iterdir()) == before

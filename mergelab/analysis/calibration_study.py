@@ -46,6 +46,7 @@ import torch
 
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
+from mergelab.output_paths import refuse_overlap
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure as MplFigure
@@ -362,9 +363,11 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
         log.info(msg)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     base_path, experts, notes = discover_experts(cfg.arch, cache_dir, cfg.tasks)
+    # the study writes files (and merged models, each refusing its inputs) into out: never into an input
+    refuse_overlap(out, [base_path, *(e.path for e in experts)], what="--out", replaces=False)
+    out.mkdir(parents=True, exist_ok=True)
     if len(experts) < max(2, cfg.min_size):
         raise SpecError(f"found {len(experts)} cached {cfg.arch} expert(s) fine-tuned from the current pretrained "
                         f"backbone; the study needs at least {max(2, cfg.min_size)}")
