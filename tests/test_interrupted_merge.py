@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from mergelab.checkpoints import load_state_dict, save_state_dict
-from mergelab.checkpoints.writer import OWNER_NAME, remove_stale_temporaries
+from mergelab.checkpoints.writer import remove_stale_temporaries
 from mergelab.merging import merge
 from mergelab.process_identity import start_ticks
+from mergelab.stale_temporaries import OWNER_NAME
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -158,3 +159,29 @@ def test_a_folder_whose_pid_was_reused_is_stale_and_one_without_owner_is_reporte
         assert remove_stale_temporaries(out) == [reused]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.4567cdef.tmp", "outer.89abcdef.tmp"]
     assert f"{out}: leaving {orphan} alone: it names no owner" in caplog.text
+
+
+def test_a_killed_trainers_staging_folder_is_removed_by_the_next_writer_of_the_artifact(tmp_path: Path,
+                                                                                      caplog) -> None:
+    """The zoo's artifact folders (pretrained backbones, experts) are staged the same way: a staging folder whose
+    owner is gone is removed by the next writer of that artifact, a running owner's is kept."""
+    from mergelab.models.artifact_dir import staged_dir
+
+    target = tmp_path / "expert"
+    dead = tmp_path / ".expert.staging-99-0123abcd"
+    dead.mkdir()
+    (dead / "weights.pt").write_bytes(b"x" * 100)
+    (dead / OWNER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "start": start_ticks(os.getpid()) - 1}))
+    live = tmp_path / ".expert.staging-98-4567cdef"
+    live.mkdir()
+    (live / OWNER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "start": start_ticks(os.getpid())}))
+    other = tmp_path / ".expert2.staging-97-89abcdef"  # another artifact's
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="mergelab"), staged_dir(target) as stage:
+        assert OWNER_NAME in os.listdir(stage)
+        (stage / "a.txt").write_text("a")
+    assert sorted(os.listdir(target)) == ["a.txt"]  # the owner record is not published
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "expert"])
+    assert f"removed {dead}, the temporary folder of an interrupted writer" in caplog.text

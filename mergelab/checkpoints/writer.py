@@ -50,7 +50,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import time
 from collections.abc import Mapping, Sequence
@@ -72,7 +71,7 @@ from mergelab.checkpoints.safetensors_format import (
 )
 from mergelab.errors import CheckpointError
 from mergelab.output_paths import check_replaceable
-from mergelab.process_identity import ProcessIdentity
+from mergelab.stale_temporaries import OWNER_NAME, remove_stale, write_owner
 
 if TYPE_CHECKING:
     import torch
@@ -430,10 +429,6 @@ def copy_support_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
-#: The file in a writer's temporary folder that names its owner (deleted just before publishing).
-OWNER_NAME = ".mergelab-writer.json"
-
-
 def _temporary_siblings(out_dir: Path) -> list[Path]:
     """The ``<out_dir>.<8 hex>.tmp`` folders next to ``out_dir`` (writers' temporary folders)."""
     pattern = re.compile(re.escape(out_dir.name) + r"\.[0-9a-f]{8}\.tmp")
@@ -444,46 +439,11 @@ def _temporary_siblings(out_dir: Path) -> list[Path]:
     return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
-def write_owner(tmp: Path) -> None:
-    """Record in ``tmp`` which process writes it: host, PID and the process's start time
-    (:class:`mergelab.process_identity.ProcessIdentity`), so a later writer can tell a dead owner from a live one."""
-    me = ProcessIdentity.of()
-    record = {"host": socket.gethostname(), "pid": me.pid, "start": me.start}
-    with open(tmp / OWNER_NAME, "x", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
-    """Remove the temporary folders next to ``out_dir`` left by writers that are gone (killed by SIGKILL, a
-    power cut) and return them; each removal is a warning naming the folder and its dead owner.
-
-    A folder is removed only when its owner record (:func:`write_owner`) names this host and a process that no
-    longer exists, or whose PID now belongs to a process started at another time
-    (:meth:`~mergelab.process_identity.ProcessIdentity.state` ``gone`` / ``reused``). A live owner's folder, one
-    of another host and one without a readable record (a writer that has just created it, or an older mergelab)
-    are left alone; the last two are named in a warning."""
+    """Remove the temporary folders next to ``out_dir`` whose writer is gone (killed by SIGKILL, a power cut)
+    and return them (:func:`mergelab.stale_temporaries.remove_stale`: never a running writer's)."""
     out_dir = Path(out_dir)
-    removed: list[Path] = []
-    for tmp in _temporary_siblings(out_dir):
-        try:
-            owner = json.loads((tmp / OWNER_NAME).read_text(encoding="utf-8"))
-            host, pid, start = owner["host"], int(owner["pid"]), owner["start"]
-        except (OSError, ValueError, TypeError, KeyError):
-            logger.warning("%s: leaving %s alone: it names no owner (delete it by hand if no merge to this "
-                           "folder is running)", out_dir, tmp)
-            continue
-        if host != socket.gethostname():
-            logger.warning("%s: leaving %s alone: its writer ran on host %s", out_dir, tmp, host)
-            continue
-        state = ProcessIdentity(pid, None if start is None else int(start)).state()
-        if state not in ("gone", "reused"):
-            logger.debug("%s: %s belongs to a running writer (pid %d)", out_dir, tmp, pid)
-            continue
-        if remove_leftover(tmp, f"{out_dir}: the temporary folder of a writer that is gone (pid {pid})"):
-            logger.warning("%s: removed %s, the temporary folder of an interrupted writer (pid %d, %s)", out_dir,
-                           tmp, pid, "no longer running" if state == "gone" else "its PID now names another process")
-            removed.append(tmp)
-    return removed
+    return remove_stale(_temporary_siblings(out_dir), out_dir)
 
 
 #: Test hook: with ``$MERGELAB_TEST_PAUSE`` set to a file path, the first :meth:`WriteBehind.put` waits for its

@@ -2,12 +2,15 @@
 
 Files are written into a private staging directory next to the target, which is then renamed into place;
 readers never see a half-written artifact, and concurrent writers of the same artifact (two processes
-training an identical spec) simply let the last complete copy win.
+training an identical spec) simply let the last complete copy win. A staging directory names its owner
+(:mod:`mergelab.stale_temporaries`), so one left by a process killed outright (SIGKILL, the OOM killer) is
+removed, with a warning, by the next writer of the same artifact; a running writer's is never touched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -15,6 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergelab.atomic_files import remove_leftover
+from mergelab.stale_temporaries import OWNER_NAME, remove_stale, write_owner
+
+
+def _staging_siblings(target: Path) -> list[Path]:
+    """The staging directories of ``target``'s writers (``.<name>.staging-<pid>-<8 hex>``), real folders only."""
+    pattern = re.compile(re.escape(f".{target.name}.staging-") + r"[0-9]+-[0-9a-f]{8}")
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
 @contextmanager
@@ -22,10 +36,13 @@ def staged_dir(target: Path) -> Iterator[Path]:
     """Yield an empty staging directory; on success move it to ``target`` (replacing it), else delete it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(_staging_siblings(target), target)
     stage = target.parent / f".{target.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
+        write_owner(stage)
         yield stage
+        (stage / OWNER_NAME).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
