@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.atomic_files import write_text_atomic
-from mergelab.errors import SpecError
+from mergelab.errors import MergeLabError, SpecError
+from mergelab.untrusted_input import read_json_file
 from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable
 from mergelab.output_paths import refuse_overlap
 from mergelab.report.document import ReportDocument
@@ -91,10 +92,10 @@ def cache_key(settings: Mapping[str, Any], experts: Sequence[Any], pretrained_id
 
 def _read_cached(path: Path) -> ComparisonTable | None:
     try:
-        return ComparisonTable.from_dict(json.loads(path.read_text()))
+        return ComparisonTable.from_dict(read_json_file(path, what="cached comparison"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, MergeLabError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable cached comparison %s: %s", path, exc)
         return None
 

@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergelab.errors import SpecError
+from mergelab.untrusted_input import MAX_DEPTH, MAX_YAML_NODES, check_structure, read_limited
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -204,23 +205,35 @@ _Loader.add_implicit_resolver(
 )
 
 
-def read_yaml(text: str) -> Any:
-    """Parse YAML safely, reading ``1e-6``-style numbers as floats (PyYAML alone reads them as strings)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+def read_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse YAML safely, reading ``1e-6``-style numbers as floats (PyYAML alone reads them as strings).
+
+    Hostile documents are a :class:`SpecError` naming ``source``: invalid YAML, nesting deeper than
+    :data:`~mergelab.untrusted_input.MAX_DEPTH` (or a self-referencing alias), and alias bombs expanding to
+    more than :data:`~mergelab.untrusted_input.MAX_YAML_NODES` values (:mod:`mergelab.untrusted_input`).
+    """
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    except RecursionError:
+        raise SpecError(f"{source}: YAML: nested more than {MAX_DEPTH} levels deep") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    return check_structure(data, source, what="YAML", error=SpecError, max_nodes=MAX_YAML_NODES)
 
 
 def read_yaml_file(path: str | Path) -> Any:
     """The parsed content of a YAML (or JSON) spec file; :class:`SpecError` naming the file if it cannot be
-    read, is not valid YAML, or is empty."""
+    read, is larger than 100 MiB, is not valid YAML (see :func:`read_yaml`), or is empty."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
+        raw = read_limited(path, what="spec", error=SpecError)
+    except FileNotFoundError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror or exc}") from None
     try:
-        data = read_yaml(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not valid YAML: not UTF-8 text ({exc})") from None
+    data = read_yaml(text, str(path))
     if data is None:
         raise SpecError(f"{path}: the spec is empty")
     return data

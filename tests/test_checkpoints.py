@@ -666,3 +666,41 @@ def test_writer_direct_and_buffered_files_are_identical(tmp_path: Path, monkeypa
     assert outputs["1"] == outputs["0"] and len(outputs["1"]) > 2  # several shards and the index
     assert len(direct) == len(outputs["1"]) - 1  # every shard of the first writer went through O_DIRECT
     assert all(torch.equal(load_state_dict(tmp_path / "1")[k], v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# hostile JSON: nesting, size (issue 12)
+
+DEEP = 100_000  # far beyond Python's recursion limit
+
+
+def test_deeply_nested_header_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep.safetensors"
+    text = ('{"a": ' + "[" * DEEP + "]" * DEEP + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(CheckpointError, match=r"deep\.safetensors: corrupt header: nested more than 100 levels deep"):
+        open_checkpoint(path)
+    # nesting the parser survives but no header has (200 levels) is refused the same way
+    text = ('{"a": {"dtype": "F32", "shape": ' + "[" * 200 + "]" * 200 + ', "data_offsets": [0, 0]}}').encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(CheckpointError, match=r"deep\.safetensors: corrupt header: nested more than 100 levels deep"):
+        open_checkpoint(path)
+
+
+def test_deeply_nested_or_oversized_index_is_an_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "model-00001-of-00001.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * DEEP + "]" * DEEP + "}")
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors\.index\.json: corrupt shard index: nested more than 100 levels"):
+        open_checkpoint(folder)
+    good = json.dumps({"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors"}})
+    index.write_text(good)
+    assert set(load_state_dict(folder)) == {"a"}
+    import mergelab.untrusted_input as untrusted_input
+
+    monkeypatch.setattr(untrusted_input, "MAX_DOCUMENT_BYTES", len(good) - 1)
+    with pytest.raises(CheckpointError, match=rf"index\.json: shard index is larger than the limit of {len(good) - 1} bytes"):
+        open_checkpoint(folder)

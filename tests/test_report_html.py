@@ -225,6 +225,9 @@ def test_cli_report_errors(tmp_path, capsys):
     (bad / "report.json").write_text("{not json")
     assert main(["report", str(bad)]) == 1
     assert "cannot read the report document" in capsys.readouterr().err
+    (bad / "report.json").write_text('{"title": ' + "[" * 100_000 + "]" * 100_000 + "}")  # issue 12
+    assert main(["report", str(bad)]) == 1
+    assert f"{bad / 'report.json'}: cannot read the report document: nested more than 100 levels deep" in capsys.readouterr().err
     assert main(["report", str(good), "--out", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err
 
@@ -333,3 +336,4 @@ def test_pool_scaling_cli_writes_one_report_for_both_modes(tmp_path, monkeypatch
     doc = ReportDocument.from_json(tmp_path)
     assert doc.study == "pool_scaling" and set(doc.config) == {"irrelevant", "relevant"}
     assert len(doc.sections) == 2 and len(doc.verdicts()) == 3
+

@@ -36,7 +36,6 @@ take well under a minute of compute; the options make each piece bigger. Computa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -49,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from mergelab.errors import SpecError
+from mergelab.errors import MergeLabError, SpecError
+from mergelab.untrusted_input import read_json_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure as MplFigure
@@ -260,8 +260,8 @@ def resolve_pool(spec: MergeSpec, data: DataSpec, *, source: str = "spec") -> Po
     sidecar = base_folder / "pretrained.json"
     if sidecar.is_file():
         try:
-            pid = json.loads(sidecar.read_text()).get("pretrained_id")
-        except ValueError:
+            pid = read_json_file(sidecar, what="sidecar", error=SpecError).get("pretrained_id")
+        except (OSError, MergeLabError, AttributeError):  # unreadable or not an object: no pretrained_id to check
             pid = None
         other = sorted({e.pretrained_id for e in experts if pid is not None and e.pretrained_id != pid})
         if other:
@@ -592,11 +592,9 @@ def load_constants(path: str | Path | None) -> LoadedConstants:
         return LoadedConstants()
     p = Path(path)
     try:
-        raw = json.loads(p.read_text())
-    except OSError as exc:
+        raw = read_json_file(p, what="constants file", error=SpecError)
+    except FileNotFoundError as exc:
         raise SpecError(f"{p}: cannot read constants: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise SpecError(f"{p}: constants file is not valid JSON: {exc}") from None
     if not isinstance(raw, Mapping):
         raise SpecError(f"{p}: constants file must hold a JSON object with c_opt and c_stab")
     src = raw.get("constants", raw) if isinstance(raw.get("constants"), Mapping) else raw

@@ -19,12 +19,12 @@ model.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergelab.errors import CheckpointError
+from mergelab.untrusted_input import parse_json, read_limited
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,10 @@ def file_kind(path: Path) -> str:
 
 def _read_index(index: Path) -> list[DataFile]:
     try:
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{index}: cannot read shard index: {exc}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{index}: corrupt shard index: not valid JSON ({exc})") from None
+        data = read_limited(index, what="shard index", error=CheckpointError)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{index}: cannot read shard index: {exc.strerror}") from None
+    parsed = parse_json(data, str(index), what="corrupt shard index", error=CheckpointError)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

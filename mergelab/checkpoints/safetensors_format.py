@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mergelab.errors import CheckpointError
+from mergelab.untrusted_input import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -203,10 +204,8 @@ def read_header(fd: int, path: Path) -> Header:
     raw = _pread_exact(fd, header_len, 8)
     if len(raw) != header_len:
         raise CheckpointError(f"{path}: truncated while reading the {header_len}-byte header")
-    try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt header: not valid UTF-8 JSON ({exc})") from None
+    parsed = parse_json(raw, str(path), what="corrupt header", error=CheckpointError,
+                        object_pairs_hook=_reject_duplicates)
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: corrupt header: expected a JSON object, got {type(parsed).__name__}")
 

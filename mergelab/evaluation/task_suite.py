@@ -32,7 +32,6 @@ the count in ``nonfinite``; :attr:`EvaluationResult.valid` is False then, and it
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from mergelab.errors import CheckpointError, SpecError
+from mergelab.errors import CheckpointError, MergeLabError, SpecError
 from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.evaluation.metrics import Metrics, classifier_outputs
 from mergelab.models.device import default_device
@@ -49,6 +48,7 @@ from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone, infer_arch
 from mergelab.models.state import load_backbone_state, load_head, read_backbone_state
 from mergelab.training.provenance import data_fingerprint
+from mergelab.untrusted_input import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def _arch_from_sidecar(path: Path) -> str | None:
         f = folder / name
         if f.is_file():
             try:
-                return json.loads(f.read_text()).get("arch")
-            except ValueError:
+                return read_json_file(f, what="sidecar").get("arch")
+            except (OSError, MergeLabError, AttributeError):  # unreadable or not an object: arch unknown
                 return None
     return None
 

@@ -10,7 +10,6 @@ numbers in the document (not only in pictures) means a report can be redrawn, di
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -163,12 +162,12 @@ class ReportDocument(_Model):
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_FILENAME
+        from mergelab.untrusted_input import read_json_file
+
         try:
-            data = json.loads(path.read_text())
+            data = read_json_file(path, what="cannot read the report document", error=SpecError)
         except FileNotFoundError:
             raise SpecError(f"{path}: no report document here (a study writes {REPORT_FILENAME} into its folder)") from None
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"{path}: cannot read the report document: {exc}") from None
         return cls.parse(data, str(path))
 
     @classmethod

@@ -231,12 +231,12 @@ def load_spec_file(path: str) -> dict[str, Any]:
 
     p = Path(path)
     if p.suffix == ".json":
+        from mergelab.untrusted_input import read_json_file
+
         try:
-            data = json.loads(p.read_text())
-        except OSError as exc:
+            data = read_json_file(p, what="spec file", error=SpecError)
+        except FileNotFoundError as exc:
             raise SpecError(f"{p}: cannot read spec file: {exc.strerror}") from None
-        except ValueError as exc:
-            raise SpecError(f"{p}: not valid JSON: {exc}") from None
     else:
         data = read_yaml_file(p)
     if not isinstance(data, dict):

@@ -63,6 +63,7 @@ from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.adamerging import TaskBatches, record_output
 from mergelab.methods.data_informed.context import MergeContext
 from mergelab.output_paths import refuse_overlap
+from mergelab.untrusted_input import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +297,9 @@ def load_surgery_modules(folder: PathLike, tasks: Sequence[str] | None = None) -
         raise CheckpointError(f"{folder}: no such surgery modules folder")
     files = {p.name[: -len(".safetensors")]: p for p in sorted(folder.glob("*.safetensors"))}
     try:  # the sidecar's task order, when readable
-        order = json.loads((folder / SIDECAR).read_text()).get("tasks", [])
+        order = read_json_file(folder / SIDECAR, what="sidecar", error=CheckpointError).get("tasks", [])
         files = {t: files[t] for t in order if t in files} | files
-    except (OSError, ValueError, AttributeError):
+    except (OSError, CheckpointError, AttributeError, TypeError):
         pass
     wanted = list(tasks) if tasks is not None else list(files)
     missing = [t for t in wanted if t not in files]
