@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mergelab import __version__
+from mergelab.atomic_files import write_text_atomic
 from mergelab.checkpoints import file_digest
+from mergelab.errors import MergeLabError
+from mergelab.untrusted_input import read_json_file
 
 _LOCK = threading.Lock()
 
@@ -33,6 +36,18 @@ def _stat_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
+def _read_digest_cache(store: Path) -> dict[str, str]:
+    """The digest cache's entries; empty when it is missing, unreadable or not a JSON object of strings (a
+    damaged cache is rebuilt, never an error)."""
+    try:
+        cached = read_json_file(store, what="digest cache")
+    except (OSError, MergeLabError):
+        return {}
+    if not isinstance(cached, dict):
+        return {}
+    return {k: v for k, v in cached.items() if isinstance(v, str)}
+
+
 def input_digest(path: Path, *, use_cache: bool = True) -> str:
     """``sha256:<hex>`` of ``path``, reusing a cached digest when the file's stat data is unchanged."""
     path = Path(path)
@@ -41,24 +56,15 @@ def input_digest(path: Path, *, use_cache: bool = True) -> str:
     key = _stat_key(path)
     store = cache_dir() / "digests.json"
     with _LOCK:
-        try:
-            cached = json.loads(store.read_text())
-        except (OSError, ValueError):
-            cached = {}
+        cached = _read_digest_cache(store)
         if key in cached:
             return cached[key]
     digest = file_digest(path)
     with _LOCK:
-        try:
-            cached = json.loads(store.read_text())
-        except (OSError, ValueError):
-            cached = {}
+        cached = _read_digest_cache(store)
         cached[key] = digest
         try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached))
-            os.replace(tmp, store)
+            write_text_atomic(store, json.dumps(cached))  # a random O_EXCL temporary name: no planted link is followed
         except OSError:
             pass  # the cache is an optimisation; a read-only home must not fail a merge
     return digest

@@ -35,3 +35,56 @@ def test_csv_rows_round_trip(tmp_path):
     p = write_csv_atomic(tmp_path / "t.csv", ["a", "b"], ([i, f"x,{i}"] for i in range(3)))
     with p.open(newline="") as fh:
         assert list(csv.reader(fh)) == [["a", "b"], ["0", "x,0"], ["1", "x,1"], ["2", "x,2"]]
+
+
+def test_digest_cache_never_writes_through_a_planted_symlink(tmp_path, monkeypatch):
+    # issue 12: the digest cache wrote digests.<pid>.tmp, a predictable name, following a link planted there
+    from mergelab.provenance import input_digest
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MERGELAB_CACHE", str(cache))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in (f"digests.{os.getpid()}.tmp", ".digests.json.tmp", "digests.tmp"):
+        (cache / name).symlink_to(victim)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    expected = "sha256:" + __import__("hashlib").sha256(b"weights").hexdigest()
+    assert input_digest(model) == expected
+    assert victim.read_text() == "precious"  # the link's target is untouched
+    store = cache / "digests.json"
+    assert not store.is_symlink() and expected in store.read_text()
+    assert sorted(p.name for p in cache.iterdir() if not p.is_symlink()) == ["digests.json"]  # no temporary left
+    # a link planted as digests.json itself is replaced, never written through
+    store.unlink()
+    store.symlink_to(victim)
+    assert input_digest(model, use_cache=True) == expected
+    assert victim.read_text() == "precious" and not store.is_symlink()
+
+
+def test_a_hostile_digest_cache_is_ignored(tmp_path, monkeypatch):
+    from mergelab.provenance import input_digest
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MERGELAB_CACHE", str(cache))
+    (cache / "digests.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json.loads
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"x")
+    assert input_digest(model).startswith("sha256:")
+
+
+def test_open_atomic_binary_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    target = tmp_path / "out" / "figure.png"
+    target.parent.mkdir()
+    target.symlink_to(victim)
+    with atomic_files.open_atomic(target, "wb") as fh:
+        fh.write(b"\x89PNG")
+    assert victim.read_bytes() == b"precious" and not target.is_symlink() and target.read_bytes() == b"\x89PNG"
+    with pytest.raises(RuntimeError), atomic_files.open_atomic(target, "wb") as fh:
+        fh.write(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"\x89PNG" and sorted(p.name for p in target.parent.iterdir()) == ["figure.png"]

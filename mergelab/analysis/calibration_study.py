@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from mergelab.atomic_files import write_text_atomic
+from mergelab.atomic_files import open_atomic, write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.output_paths import refuse_overlap
 
@@ -222,10 +222,8 @@ def expert_measurements(base_path: Path, experts: Sequence[ExpertResult], cfg: S
                                    device=cfg.device)
         fresh += 1
         if f is not None:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(".tmp")
-            torch.save(m.to_record(), tmp)
-            os.replace(tmp, f)
+            with open_atomic(f, "wb") as fh:  # not f.with_suffix(".tmp"): a predictable name follows planted links
+                torch.save(m.to_record(), fh)
         out.append(m)
     return out, fresh
 
@@ -486,7 +484,8 @@ def write_study(res: StudyResult, out: Path) -> None:
 
         matplotlib.use("Agg", force=False)
         fig = plot_study(res)
-        fig.savefig(out / "calibration.png", dpi=110, bbox_inches="tight")
+        with open_atomic(out / "calibration.png", "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the numbers
         log.warning("calibration.png could not be drawn: %s: %s", type(exc).__name__, exc)
         paths.pop("calibration.png")

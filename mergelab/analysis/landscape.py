@@ -776,6 +776,16 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
     return fig, fig.add_subplot(1, 1, 1)
 
 
+def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
+    """Save atomically (:func:`~mergelab.atomic_files.open_atomic`) in the format the suffix names (PNG
+    without one), as ``fig.savefig(path)`` would."""
+    from mergelab.atomic_files import open_atomic
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    with open_atomic(path, "wb") as fh:
+        fig.savefig(fh, format=fmt, dpi=120)
+
+
 def plot_interpolation(
     result: PathResult,
     metric: str = "loss",
@@ -810,7 +820,7 @@ def plot_interpolation(
         ax.legend(fontsize="small")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        _save_figure(fig, path)
     return fig
 
 
@@ -841,7 +851,7 @@ def plot_plane(
     ax.set_title(f"{metric} ({task or 'task mean'})  [BN: {result.bn}]")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        _save_figure(fig, path)
     return fig
 
 

@@ -21,8 +21,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ import numpy as np
 
 from mergelab import __version__
 from mergelab.analysis.diagnostics import OPERATORS, PoolDiagnostics, to_jsonable
-from mergelab.atomic_files import write_text_atomic
+from mergelab.atomic_files import open_atomic, write_text_atomic
 from mergelab.errors import MergeLabError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -202,14 +200,8 @@ def _save_figure(figure: Figure, path: Path) -> None:
 
     matplotlib.use("Agg", force=False)
     fig = figure.draw() if callable(figure.draw) else figure.draw
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
 
 
 # ---------------------------------------------------------------------------------------- formatting

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 _SPEC_FLAGS: list[tuple[str, type, str]] = [

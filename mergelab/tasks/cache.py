@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from mergelab.atomic_files import open_atomic
 from mergelab.tasks.base import IMAGE_SIZE, TaskData, from_uint8, standardise, to_uint8
 
 log = logging.getLogger(__name__)
@@ -64,27 +64,17 @@ def save_task(task: TaskData, path: Path, version: str) -> None:
         if not np.array_equal(standardise(u, *task.norm), x.numpy()):
             raise ValueError(f"task {task.name!r}: {split} images are not standardised 8-bit images")
         images[split] = u
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                images_train=images["train"], y_train=task.y_train.numpy(),
-                images_test=images["test"], y_test=task.y_test.numpy(),
-                name=np.asarray(task.name), num_classes=np.asarray(task.num_classes, dtype=np.int64),
-                description=np.asarray(task.description),
-                class_names=np.asarray(task.class_names, dtype=np.str_),
-                norm=np.asarray(task.norm, dtype=np.float64),
-                version=np.asarray(version),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with open_atomic(path, "wb") as fh:
+        np.savez(
+            fh,
+            images_train=images["train"], y_train=task.y_train.numpy(),
+            images_test=images["test"], y_test=task.y_test.numpy(),
+            name=np.asarray(task.name), num_classes=np.asarray(task.num_classes, dtype=np.int64),
+            description=np.asarray(task.description),
+            class_names=np.asarray(task.class_names, dtype=np.str_),
+            norm=np.asarray(task.norm, dtype=np.float64),
+            version=np.asarray(version),
+        )
 
 
 def load_task(path: Path, name: str, version: str) -> TaskData | None:
