@@ -371,3 +371,80 @@ def test_cli_results_errors(tmp_path: Path, monkeypatch, capsys):
     assert main(["results", "--where", "novalue"]) == 1
     assert "FIELD=VALUE" in capsys.readouterr().err
     assert main(["results"]) == 0
+
+
+# --- a database that exists but lost its content (issue 12) ----------------------------------------------
+
+
+def _digest(path: Path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def _filled_db(path: Path, rows: int = 300) -> Path:
+    with ResultsStore(path) as s:
+        for i in range(rows):
+            s.put("finetune", {"i": i, "pad": "x" * 200}, study="s", status="done", metrics={"acc": i / rows})
+    conn = sqlite3.connect(path)  # fold the WAL into the file, as a closed database is
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return path
+
+
+def test_truncated_database_is_an_error_and_is_not_touched(tmp_path: Path, capsys):
+    path = _filled_db(tmp_path / "results.sqlite")
+    path.write_bytes(b"")  # it existed and lost its content
+    assert main(["results", "--db", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: the results database is empty (0 bytes)" in err and "no matching rows" not in err
+    with pytest.raises(StoreError, match=r"results\.sqlite: the results database is empty \(0 bytes\)"):
+        ResultsStore(path)  # what `mergelab experiment` opens
+    assert path.read_bytes() == b""  # never initialised over
+
+
+def test_corrupt_page_is_an_error_and_the_file_is_not_modified(tmp_path: Path, capsys):
+    path = _filled_db(tmp_path / "results.sqlite")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) >= 8 * page
+    data[3 * page:len(data) - page] = b"\xa5" * (len(data) - 4 * page)  # garble every page but the first two and last
+    path.write_bytes(bytes(data))
+    before = _digest(path)
+    assert main(["results", "--db", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: the results database is corrupt" in err and "did not modify it" in err
+    assert "Traceback" not in err
+    with pytest.raises(StoreError, match=r"results\.sqlite: the results database is corrupt"):
+        ResultsStore(path)
+    assert _digest(path) == before
+
+
+def test_a_foreign_sqlite_file_is_refused_unmodified(tmp_path: Path):
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE photos (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = _digest(path)
+    with pytest.raises(StoreError, match=r"other\.sqlite: not a mergelab results database \(it holds tables: photos\)"):
+        ResultsStore(path)
+    assert _digest(path) == before
+    empty = tmp_path / "tables-dropped.sqlite"
+    conn = sqlite3.connect(empty)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("DROP TABLE t")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"tables-dropped\.sqlite: the results database holds no tables"):
+        ResultsStore(empty)
+
+
+def test_a_missing_database_is_created_whole(tmp_path: Path):
+    path = tmp_path / "new" / "results.sqlite"
+    with ResultsStore(path) as s:
+        assert len(s) == 0 and s.schema_version() == SCHEMA_VERSION
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("results.sqlite")) == []
+    with pytest.raises(StoreError, match=r"no results database at .*nothing\.sqlite"):
+        ResultsStore(tmp_path / "nothing.sqlite", create=False)
+    assert not (tmp_path / "nothing.sqlite").exists()

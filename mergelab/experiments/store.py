@@ -41,9 +41,10 @@ import math
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,91 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 class StoreError(MergeLabError):
     """The results database cannot be opened or used (corrupt, newer schema, bad query)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opening: a missing file is created whole; an existing one must be an intact mergelab database
+
+#: What every message about a damaged database ends with: mergelab never repairs, recreates or writes to it.
+_LEAVE_IT = ("mergelab did not modify it: restore it from a backup, or move it away and mergelab starts a new, "
+             "empty database there")
+
+
+def _database_error(path: Path, exc: sqlite3.DatabaseError) -> StoreError:
+    """A :class:`StoreError` for an SQLite error on ``path``: corruption (``SQLITE_CORRUPT``,
+    ``SQLITE_NOTADB``) says the database is corrupt and how to recover; anything else is quoted."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(exc) is sqlite3.DatabaseError:
+        return StoreError(f"{path}: the results database is corrupt ({exc}); {_LEAVE_IT}")
+    return StoreError(f"{path}: results database error: {exc}")
+
+
+def _check_database_file(path: Path, timeout: float) -> None:
+    """Refuse, without writing anything, an existing ``path`` that is not an intact mergelab results database:
+    0 bytes (a database that existed and lost its content: SQLite would silently start a new one in it), no
+    tables, someone else's tables, or pages that ``PRAGMA quick_check`` finds corrupt. Reads only (a WAL
+    database's ``-wal``/``-shm`` files are SQLite's own)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the results database: {exc.strerror or exc}") from None
+    if size == 0:
+        raise StoreError(f"{path}: the results database is empty (0 bytes): it existed and lost its content "
+                         f"(truncated?); {_LEAVE_IT}")
+    try:
+        conn = sqlite3.connect(path, timeout=timeout)
+    except sqlite3.DatabaseError as exc:
+        raise _database_error(path, exc) from exc
+    try:
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if not tables:
+            raise StoreError(f"{path}: the results database holds no tables: it existed and lost its content; "
+                             f"{_LEAVE_IT}")
+        if not {"runs", "schema_version"} <= set(tables):
+            raise StoreError(f"{path}: not a mergelab results database (it holds tables: {', '.join(tables)}); "
+                             "pass another --db, or move the file away")
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StoreError(f"{path}: the results database is corrupt ({'; '.join(problems)}); {_LEAVE_IT}")
+    except sqlite3.DatabaseError as exc:
+        raise _database_error(path, exc) from exc
+    finally:
+        conn.close()
+
+
+def _create_database_file(path: Path) -> None:
+    """Create the database ``path`` whole: the schema is written into a temporary file next to it, which is
+    then hard-linked into place (never replacing a file another process created meanwhile). So ``path``
+    either does not exist or holds a complete schema, and a 0-byte file there always means lost content."""
+    from mergelab.atomic_files import plain_file_mode
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, plain_file_mode())
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            _apply_migrations(conn, path)
+            conn.execute("COMMIT")  # rollback-journal mode: the schema is in the file itself, not in a WAL
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot create the results database: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the results database: {exc.strerror or exc}") from None
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,8 +472,30 @@ def _where_path(name: str) -> tuple[str, str]:
     return head, "$" + "".join(f'."{p}"' for p in parts)
 
 
+def _apply_migrations(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the database open as ``conn`` (inside a write transaction) to :data:`SCHEMA_VERSION`."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    version = row[0] or 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path}: results database schema version {version} is newer than this "
+                         f"mergelab understands ({SCHEMA_VERSION}); upgrade mergelab")
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for stmt in _MIGRATIONS[v]:
+            conn.execute(stmt)
+    if version < SCHEMA_VERSION:
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
 class ResultsStore:
-    """The results database at ``path`` (created with its folder when missing).
+    """The results database at ``path``.
+
+    A missing file is created whole, with its folder (``create=False``: :class:`StoreError` instead). An
+    existing file must be an intact mergelab database: one of 0 bytes, without tables, with someone else's
+    tables or with pages ``PRAGMA quick_check`` finds corrupt is a :class:`StoreError` naming it, and is never
+    written to, repaired or recreated (:func:`_check_database_file`). Corruption found later by a query or a
+    write is the same error.
 
     >>> store = ResultsStore(tmp / "results.sqlite")               # doctest: +SKIP
     >>> key = store.put("finetune", {"task": "digits", "lr": 0.1}, study="noise", status="done",
@@ -398,13 +506,23 @@ class ResultsStore:
     Thread-safe (one connection per process, guarded by a lock) and process-safe (see the module docstring).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 create: bool = True):
         self.path = Path(path) if path is not None else default_db_path()
         self.timeout = float(timeout)
         self._lock = threading.RLock()
         self._conn_obj: sqlite3.Connection | None = None
         self._pid = -1
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(self.path):
+            if not create:
+                raise StoreError(f"no results database at {self.path}")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create the results database's folder: "
+                                 f"{exc.strerror or exc}") from None
+            _create_database_file(self.path)
+        _check_database_file(self.path, self.timeout)
         self._migrate()
 
     # --- connection -------------------------------------------------------------------------------------
@@ -464,6 +582,12 @@ class ResultsStore:
                 raise StoreError(f"{self.path}: cannot lock the results database for writing: {exc}") from exc
             try:
                 yield conn
+            except sqlite3.DatabaseError as exc:
+                with suppress(sqlite3.DatabaseError):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise
+                raise _database_error(self.path, exc) from exc
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -476,22 +600,13 @@ class ResultsStore:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.OperationalError as exc:
                 raise StoreError(f"{self.path}: query failed: {exc}") from exc
+            except sqlite3.DatabaseError as exc:  # a corrupt page found by this query
+                raise _database_error(self.path, exc) from exc
 
     # --- schema -----------------------------------------------------------------------------------------
     def _migrate(self) -> None:
         with self.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            version = row[0] or 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: results database schema version {version} is newer than this "
-                                 f"mergelab understands ({SCHEMA_VERSION}); upgrade mergelab")
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for stmt in _MIGRATIONS[v]:
-                    conn.execute(stmt)
-            if version < SCHEMA_VERSION:
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            _apply_migrations(conn, self.path)
 
     def schema_version(self) -> int:
         return int(self._read("SELECT MAX(version) FROM schema_version")[0][0])
