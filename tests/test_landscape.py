@@ -271,3 +271,21 @@ def test_plots_write_png_files(tmp_path):
     assert (tmp_path / "plane.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SpecError, match="metric"):
         plot_interpolation(path_res, metric="f1")
+
+
+def test_task_names_with_dollar_signs_are_drawn_as_text(tmp_path):
+    # issue 12: "$x^$" crashed matplotlib's math parser when saving; "cost $5 vs $10" was drawn as math
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    from mergelab.analysis.landscape import Curve, PathResult
+
+    names = ["cost $5 vs $10", "$x^$"]
+    res = PathResult(kind="linear", alphas=[0.0, 0.5, 1.0], bn="none",
+                     curves={n: Curve(task=n, alphas=[0.0, 0.5, 1.0], loss=[1.0, 2.0, 1.5], accuracy=[0.5, 0.4, 0.6])
+                             for n in names})
+    fig = plot_interpolation(res, path=tmp_path / "dollar.png")
+    assert (tmp_path / "dollar.png").read_bytes().startswith(b"\x89PNG")
+    legend = [t.get_text() for t in fig.findobj(Text) if "$x^" in t.get_text() or "cost" in t.get_text()]
+    assert len(legend) == 2 and not any(is_math_text(t) for t in legend)
+    assert {t.replace("\\$", "$") for t in legend} == set(names)

@@ -337,3 +337,42 @@ def test_pool_scaling_cli_writes_one_report_for_both_modes(tmp_path, monkeypatch
     assert doc.study == "pool_scaling" and set(doc.config) == {"irrelevant", "relevant"}
     assert len(doc.sections) == 2 and len(doc.verdicts()) == 3
 
+
+# ------------------------------------------------------------------------------------- user text in figures
+
+
+def _dollar_figures() -> list[Figure]:
+    names = ["cost $5 vs $10", "$x^$"]  # drawn as math, and a math-text syntax error (issue 12)
+    return [
+        Figure(id="bars", title="cost $5 vs $10", xlabel="cost $5 vs $10", ylabel="$x^$", kind="bar",
+               series=[Series(label=n, x=names, y=[1.0, 2.0]) for n in names]),
+        Figure(id="lines", title="$x^$", xlabel="$x^$", ylabel="cost $5 vs $10", yscale="log",
+               series=[Series(label=n, x=names, y=[0.1, 10.0]) for n in names]),
+    ]
+
+
+def test_dollar_signs_in_figure_text_do_not_crash_the_report(tmp_path):
+    doc = ReportDocument(title="t", study="s", sections=[Section(title="s", figures=_dollar_figures())])
+    for fig in doc.figures():
+        assert html_mod.figure_png(fig).startswith(PNG_MAGIC)
+    page = write_html(doc, tmp_path / "r.html").read_text()
+    assert page.count('alt="$x^$"') == 1 and page.count('alt="cost $5 vs $10"') == 1
+
+
+def test_user_text_in_figures_is_text_not_math():
+    import io
+
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    for fig in _dollar_figures():
+        drawn = html_mod.draw_figure(fig)
+        drawn.savefig(io.BytesIO(), format="png")  # creates the tick labels
+        texts = [t.get_text() for t in drawn.findobj(Text) if t.get_visible() and t.get_text()]
+        user = [t for t in texts if "$x^" in t or "cost" in t]
+        # matplotlib draws a text literally when it has no unescaped pair of "$" and shows "\$" as "$"
+        assert user and not any(is_math_text(t) for t in user), user
+        shown = {t.replace("\\$", "$") for t in user}
+        assert {"cost $5 vs $10", "$x^$"} <= shown
+        if fig.yscale == "log":  # matplotlib's own math (log tick labels such as 10^1) is still math
+            assert any(is_math_text(t) and "10^" in t for t in texts if t not in user)

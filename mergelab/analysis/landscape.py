@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.report.figure_text import literal
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -806,7 +807,7 @@ def plot_interpolation(
     for name in names:
         c = result.curves[name]
         vals = c.loss if metric == "loss" else c.accuracy
-        (line,) = ax.plot(c.alphas, vals, marker="o", ms=3, label=name)
+        (line,) = ax.plot(c.alphas, vals, marker="o", ms=3, label=literal(name))
         if show_chord and result.kind == "linear":
             try:
                 f0, f1 = vals[_grid_index(c.alphas, 0.0)], vals[_grid_index(c.alphas, 1.0)]
@@ -844,11 +845,11 @@ def plot_plane(
     fig.colorbar(cs, ax=ax, label=metric)
     for (x, y), name in zip(result.model_coordinates, result.model_names):
         ax.plot([x], [y], marker="o", color="white", mec="black")
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small", color="white")
+        ax.annotate(literal(name), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small", color="white")
     ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("x (along theta_2 - theta_1)")
     ax.set_ylabel("y (orthogonal)")
-    ax.set_title(f"{metric} ({task or 'task mean'})  [BN: {result.bn}]")
+    ax.set_title(literal(f"{metric} ({task or 'task mean'})  [BN: {result.bn}]"))
     fig.tight_layout()
     if path is not None:
         _save_figure(fig, path)

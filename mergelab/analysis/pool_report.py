@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from mergelab.errors import MergeLabError, SpecError
+from mergelab.report.figure_text import literal
 from mergelab.untrusted_input import read_json_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1084,7 +1085,7 @@ def plot_theory(a: PoolDataAnalysis) -> MplFigure:
         ax.bar(x + (j - (k - 1) / 2) * width, np.where(v > 0, v, np.nan), width, label=name)
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([literal(x) for x in labels], rotation=30, ha="right", fontsize=8)
     ax.legend(fontsize=7, ncol=4)
     ax.set_title("theory quantities at theta_0 (log scale)", fontsize=9)
     return fig
@@ -1113,7 +1114,7 @@ def plot_bound_terms(a: PoolDataAnalysis) -> MplFigure:
     ax1.axhline(1.0, color="k", lw=0.8, ls="--")
     ax1.set_yscale("log")
     ax1.set_xticks(range(len(labels)))
-    ax1.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax1.set_xticklabels([literal(x) for x in labels], rotation=30, ha="right", fontsize=7)
     ax1.set_title("eta L K (valid <= 1)", fontsize=9)
     return fig
 
@@ -1152,7 +1153,7 @@ def plot_paths(path: PathResult, title: str) -> MplFigure:
     ax0, ax1 = fig.subplots(1, 2)
     plot_interpolation(path, "loss", ax=ax0)
     plot_interpolation(path, "accuracy", ax=ax1)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(literal(title), fontsize=9)
     return fig
 
 
@@ -1165,7 +1166,7 @@ def plot_cka(a: PoolDataAnalysis) -> MplFigure:
     ax.bar(x + 0.2, [r["cka_base"] for r in rows], 0.4, label="CKA(expert, theta_0)")
     ax.set_ylim(0, 1.05)
     ax.set_xticks(x)
-    ax.set_xticklabels([r["expert"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([literal(r["expert"]) for r in rows], rotation=30, ha="right", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title("linear CKA of penultimate features", fontsize=9)
     return fig

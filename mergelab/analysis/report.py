@@ -33,6 +33,7 @@ from mergelab import __version__
 from mergelab.analysis.diagnostics import OPERATORS, PoolDiagnostics, to_jsonable
 from mergelab.atomic_files import open_atomic, write_text_atomic
 from mergelab.errors import MergeLabError
+from mergelab.report.figure_text import literal
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure as MplFigure
@@ -391,7 +392,7 @@ def _csv_value(v: Any) -> Any:
 def _layer_axis(ax: Any, names: Sequence[str]) -> None:
     if len(names) <= 30:
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n if len(n) <= 40 else "..." + n[-37:] for n in names], rotation=90, fontsize=7)
+        ax.set_xticklabels([literal(n if len(n) <= 40 else "..." + n[-37:]) for n in names], rotation=90, fontsize=7)
     else:
         ax.set_xlabel("tensor index (storage order)")
 
@@ -407,8 +408,8 @@ def plot_cosine(diag: PoolDiagnostics, labels: Sequence[str]) -> MplFigure:
     im = ax.imshow(np.nan_to_num(cos, nan=0.0), cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xticklabels([literal(x) for x in labels], rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels([literal(x) for x in labels], fontsize=8)
     if n <= 12:
         for i in range(n):
             for j in range(n):

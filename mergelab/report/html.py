@@ -7,7 +7,8 @@ from the network, so the page works offline and can be mailed or archived as one
 
 What is drawn:
 
-* **Figures**: ``kind="line"`` plots each series against x (numeric x on a linear or log axis; non-numeric x
+* **Figures**: user text (axis labels, series labels, categories) is drawn as text, never as matplotlib math
+  (:func:`~mergelab.report.figure_text.literal`). ``kind="line"`` plots each series against x (numeric x on a linear or log axis; non-numeric x
   as equally spaced categories), ``style`` line / dashed / points, symmetric error bars where ``yerr`` is
   given, ``None`` (missing) points as gaps in the line. ``kind="bar"``: one group of bars per x category and
   one bar per series in each group, error bars where given, no bar for a missing value. A figure with no
@@ -49,6 +50,7 @@ from typing import Any
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict
+from mergelab.report.figure_text import literal
 
 PathLike = str | os.PathLike[str]
 
@@ -130,7 +132,17 @@ def _xlabel(x: Any) -> str:
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """Draw ``fig`` with matplotlib (Agg) and return the PNG bytes."""
+    """Draw ``fig`` with matplotlib (Agg, :func:`draw_figure`) and return the PNG bytes."""
+    mpl = draw_figure(fig, dpi)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # log axes with non-positive values, all-NaN error bars
+        mpl.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def draw_figure(fig: Figure, dpi: int = 100) -> Any:
+    """``fig`` drawn on a new matplotlib ``Figure`` (Agg canvas, no pyplot state), ready to save."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 
@@ -148,15 +160,13 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
             ax.set_yscale("log")
         if not any_point:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#888")
-        ax.set_xlabel(fig.xlabel)
-        ax.set_ylabel(fig.ylabel)
+        ax.set_xlabel(literal(fig.xlabel))
+        ax.set_ylabel(literal(fig.ylabel))
         ax.grid(True, alpha=0.3)
         if any_point and (len(fig.series) > 1 or fig.series[0].label):
             ax.legend(fontsize=8, loc="best")
         mpl.tight_layout()
-        buf = io.BytesIO()
-        mpl.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
+    return mpl
 
 
 _LINESTYLES = {"line": dict(linestyle="-", marker="o", markersize=4),
@@ -174,20 +184,20 @@ def _draw_lines(ax: Any, fig: Figure) -> bool:
         if numeric and fig.xscale == "log":  # a non-positive x cannot be drawn on a log axis: a gap
             ys = [y if x > 0 else math.nan for x, y in zip(xs, ys)]
         if not any(math.isfinite(y) for y in ys):
-            ax.plot([], [], label=s.label, **_LINESTYLES[s.style])
+            ax.plot([], [], label=literal(s.label), **_LINESTYLES[s.style])
             continue
         any_point = True
         style = _LINESTYLES[s.style]
         if s.yerr is not None and _finite(s.yerr):
             err = [0.0 if e is None else abs(float(e)) for e in s.yerr]
-            ax.errorbar(xs, ys, yerr=err, label=s.label, capsize=3, **style)
+            ax.errorbar(xs, ys, yerr=err, label=literal(s.label), capsize=3, **style)
         else:
-            ax.plot(xs, ys, label=s.label, **style)
+            ax.plot(xs, ys, label=literal(s.label), **style)
     if numeric and fig.xscale == "log" and any_point:
         ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(list(cats.values()))
-        ax.set_xticklabels(list(cats), rotation=30 if len(cats) > 4 else 0, ha="right" if len(cats) > 4 else "center")
+        ax.set_xticklabels([literal(c) for c in cats], rotation=30 if len(cats) > 4 else 0, ha="right" if len(cats) > 4 else "center")
     return any_point
 
 
@@ -205,11 +215,11 @@ def _draw_bars(ax: Any, fig: Figure) -> bool:
             hs.append(float(y))
             es.append(0.0 if e is None else abs(float(e)))
         any_point = any_point or bool(xs)
-        ax.bar(xs, hs, width=width * 0.95, label=s.label, yerr=es if s.yerr is not None and any(es) else None,
+        ax.bar(xs, hs, width=width * 0.95, label=literal(s.label), yerr=es if s.yerr is not None and any(es) else None,
                capsize=3 if s.yerr is not None else 0)
     ax.set_xticks(list(cats.values()))
     rotate = len(cats) > 4 or max((len(c) for c in cats), default=0) > 12
-    ax.set_xticklabels(list(cats), rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    ax.set_xticklabels([literal(c) for c in cats], rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     return any_point
 
 
@@ -360,5 +370,5 @@ def write_html(doc: ReportDocument | Sequence[ReportDocument], out: PathLike, ti
     return write_text_atomic(path, text)
 
 
-__all__ = ["HTML_FILENAME", "VERDICT_MARKERS", "figure_png", "format_cell", "render_html", "verdict_counts",
+__all__ = ["HTML_FILENAME", "VERDICT_MARKERS", "draw_figure", "figure_png", "format_cell", "render_html", "verdict_counts",
            "write_html"]
