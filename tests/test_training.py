@@ -17,6 +17,7 @@ from mergelab.models.state import read_backbone_state
 from tiny_zoo import pretrain_tiny
 from mergelab.training import ExpertSpec, branch_spec, build_zoo, finetune, load_expert, make_spec, read_expert
 from mergelab.training.sampler import BatchSampler
+from mergelab.training.loop import LoopSettings
 from mergelab.training.schedule import lr_factor
 
 
@@ -57,6 +58,34 @@ def test_schedules():
     wsd = [lr_factor(t, 100, "wsd", decay_frac=0.2) for t in range(100)]
     assert wsd[:80] == [1.0] * 80 and wsd[80] == pytest.approx(0.95) and wsd[99] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(wsd, wsd[1:]))
+
+
+def test_wsd_sqrt_schedule_is_the_one_minus_sqrt_cooldown():
+    """``wsd_sqrt``: stable at 1, then ``m + (1 - m) (1 - sqrt(p))`` with ``p = (t - start + 1) / D``."""
+    steps, start, d, m = 100, 80, 20, 0.1
+    got = [lr_factor(t, steps, "wsd_sqrt", decay_frac=0.2, min_lr_ratio=m) for t in range(steps)]
+    assert got[:start] == [1.0] * start
+    for t in range(start, steps):
+        assert got[t] == pytest.approx(m + (1 - m) * (1 - math.sqrt((t - start + 1) / d)), abs=1e-15)
+    assert got[84] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))  # a quarter of the way: 1 - 1/2
+    assert got[-1] == pytest.approx(m)
+    linear = [lr_factor(t, steps, "wsd", decay_frac=0.2, min_lr_ratio=m) for t in range(steps)]
+    # the square-root cooldown falls faster at first and lies below the linear one everywhere inside the decay
+    assert all(s < lin for s, lin in zip(got[start:-1], linear[start:-1])) and got[-1] == pytest.approx(linear[-1])
+    with pytest.raises(ValueError, match="unknown schedule 'wsd-sqrt'; known: constant, cosine, wsd, wsd_sqrt"):
+        lr_factor(0, 10, "wsd-sqrt")
+
+
+def test_branch_spec_decay_shape():
+    parent = make_spec(task="digits", steps=8, schedule="constant", checkpoint_every=4)
+    assert branch_spec(parent, 4, 1, 4).schedule == "wsd"
+    child = branch_spec(parent, 4, 1, 4, decay="sqrt")
+    assert (child.schedule, child.decay_frac, child.steps) == ("wsd_sqrt", 0.5, 8)
+    settings = LoopSettings(lr=0.2, steps=child.steps, batch_size=8, seed=1, schedule=child.schedule,
+                            decay_frac=child.decay_frac)
+    assert [settings.lr_at(t) for t in range(4, 8)] == pytest.approx([0.2 * (1 - math.sqrt(k / 4)) for k in (1, 2, 3, 4)])
+    with pytest.raises(SpecError, match="decay must be 'linear' or 'sqrt', got 'cosine'"):
+        branch_spec(parent, 4, 1, 4, decay="cosine")
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step():

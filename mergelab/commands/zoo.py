@@ -24,7 +24,7 @@ _SPEC_FLAGS: list[tuple[str, type, str]] = [
     ("weight_decay", float, "weight decay (default: sgd 5e-4, adam 0, adamw 0.01)"),
     ("momentum", float, "SGD momentum / Adam beta1, in [0, 1) (default 0.9)"),
     ("beta2", float, "Adam beta2 (default 0.999)"),
-    ("schedule", str, "constant | cosine | wsd (default cosine)"),
+    ("schedule", str, "constant | cosine | wsd | wsd_sqrt (default cosine)"),
     ("warmup_frac", float, "warmup fraction of the steps (default 0)"),
     ("decay_frac", float, "WSD decay fraction of the steps (default 0.2)"),
     ("min_lr_ratio", float, "final lr / lr (default 0)"),

@@ -4,8 +4,11 @@ Protocol: train a parent with a constant learning rate (``schedule="constant"``,
 WSD run) and ``checkpoint_every = k``; from a checkpoint at step ``s`` branch two (or more) children with
 different seeds and a decayed learning rate; merge their endpoints at ``a = 0.5`` and record the gain.
 
-:func:`branch_spec` builds such a child: ``steps = s + decay_steps``, ``schedule = "wsd"`` with
-``decay_frac = decay_steps / steps`` (the decay phase starts exactly at the branch point) and the parent's
+:func:`branch_spec` builds such a child: ``steps = s + decay_steps``, a WSD schedule with
+``decay_frac = decay_steps / steps`` (the decay phase starts exactly at the branch point) whose cooldown is
+linear (``decay="linear"``: ``schedule = "wsd"``, the default here for compatibility) or the square-root
+cooldown of the optimizer-bias paper (``decay="sqrt"``: ``schedule = "wsd_sqrt"``, the noise study's default;
+:mod:`mergelab.training.schedule` has both curves), and the parent's
 warmup expressed as a fraction of the child's length, so the child's learning rate before ``s`` equals the
 parent's (irrelevant for training, kept for a faithful record). Children never checkpoint unless asked.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from mergelab.errors import SpecError
 from mergelab.models.paths import cache_root
 from mergelab.training.result import ExpertResult, read_expert
+from mergelab.training.schedule import WSD_SHAPES
 from mergelab.training.spec import BranchFrom, ExpertSpec, make_spec
 
 PathLike = str | os.PathLike[str]
@@ -69,15 +73,20 @@ def branch_spec(
     step: int,
     seed: int,
     decay_steps: int,
+    decay: str = "linear",
     **overrides: Any,
 ) -> ExpertSpec:
-    """A WSD child of ``parent`` branching at ``step`` and decaying over ``decay_steps`` (module docstring).
+    """A WSD child of ``parent`` branching at ``step`` and decaying over ``decay_steps`` with the ``decay``
+    shape, ``"linear"`` or ``"sqrt"`` (module docstring).
 
     ``overrides`` replace any other field (e.g. ``lr``, ``min_lr_ratio``, ``batch_size``).
     """
     pspec = parent.spec if isinstance(parent, ExpertResult) else parent
     if decay_steps < 1:
         raise SpecError(f"decay_steps must be >= 1, got {decay_steps}")
+    schedule = {shape: name for name, shape in WSD_SHAPES.items()}.get(decay)
+    if schedule is None:
+        raise SpecError(f"decay must be 'linear' or 'sqrt', got {decay!r}")
     total = step + decay_steps
     warmup_steps = round(pspec.warmup_frac * pspec.steps)
     if warmup_steps > step:
@@ -86,7 +95,7 @@ def branch_spec(
     fields.update(
         seed=seed,
         steps=total,
-        schedule="wsd",
+        schedule=schedule,
         decay_frac=decay_steps / total,
         warmup_frac=warmup_steps / total,
         checkpoint_every=0,

@@ -7,8 +7,13 @@
 * ``constant``: ``factor(t) = 1``;
 * ``cosine``:   ``factor(t) = m + (1 - m) (1 + cos(pi p)) / 2``, ``p = (t - W) / (steps - W)``;
 * ``wsd`` (warmup-stable-decay): stable ``factor = 1`` until ``steps - D`` with ``D = round(decay_frac *
-  steps)``, then linear decay ``factor(t) = 1 - (1 - m) (t - (steps - D) + 1) / D``, reaching ``m`` on the
-  last step.
+  steps)``, then a cooldown ``factor(t) = m + (1 - m) (1 - s(p))`` over the fraction of the decay done,
+  ``p = (t - (steps - D) + 1) / D`` (reaching ``m`` on the last step), with the linear shape ``s(p) = p``;
+* ``wsd_sqrt``: the same with the square-root shape ``s(p) = sqrt(p)``, the "1 - sqrt" cooldown of Hagele
+  et al. 2024 ("Scaling laws and compute-optimal training beyond fixed training durations"), which the
+  optimizer-bias paper (Zhang et al. 2025, THEORY.md section 2) uses in its WSD bifurcation protocol. It
+  falls faster at first: a quarter of the way into the decay the factor is ``m + (1 - m) / 2`` (linear:
+  ``m + 3 (1 - m) / 4``).
 
 Because the schedule is a function of the global step (not of a stateful scheduler object), a run resumed
 from a checkpoint at step ``s`` with the same spec follows exactly the same learning rates.
@@ -18,7 +23,8 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "cosine", "wsd")
+SCHEDULES = ("constant", "cosine", "wsd", "wsd_sqrt")
+WSD_SHAPES = {"wsd": "linear", "wsd_sqrt": "sqrt"}  # the WSD schedules by the shape of their cooldown
 
 
 def lr_factor(
@@ -45,4 +51,5 @@ def lr_factor(
     start = steps - decay
     if step < start:
         return 1.0
-    return 1.0 - (1.0 - m) * min(1.0, (step - start + 1) / decay)
+    p = min(1.0, (step - start + 1) / decay)
+    return 1.0 - (1.0 - m) * (math.sqrt(p) if schedule == "wsd_sqrt" else p)  # = m + (1 - m) (1 - s(p))

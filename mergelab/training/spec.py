@@ -10,7 +10,7 @@ momentum         0.9 (SGD heavy-ball coefficient; Adam/AdamW ``beta1``)
 weight_decay     by optimizer: sgd 5e-4, adam 0, adamw 0.01
 beta2            0.999 (Adam/AdamW only)
 batch_size       64;  steps (K) 300;  data_ratio 1.0 (data_seed 0 picks the subset)
-schedule         ``cosine`` (also ``constant``, ``wsd``); warmup_frac 0; decay_frac 0.2 (wsd);
+schedule         ``cosine`` (also ``constant``, ``wsd``, ``wsd_sqrt``); warmup_frac 0; decay_frac 0.2 (wsd);
                  min_lr_ratio 0
 augment          off (random affine: +-10 deg, +-10 % scale, +-2 px)
 head_init        ``probe`` (linear probe on frozen pretrained features: LP-FT), or ``zero``/``random``
@@ -93,7 +93,7 @@ class ExpertSpec(BaseModel):
     beta2: float = Field(0.999, ge=0, lt=1)
     nesterov: bool = False
     augment: bool = False
-    schedule: Literal["constant", "cosine", "wsd"] = "cosine"
+    schedule: Literal["constant", "cosine", "wsd", "wsd_sqrt"] = "cosine"
     warmup_frac: float = Field(0.0, ge=0, lt=1)
     decay_frac: float = Field(0.2, gt=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -141,7 +141,7 @@ class ExpertSpec(BaseModel):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         if self.branch_from is not None and self.branch_from.step >= self.steps:
             raise ValueError(f"branch_from.step ({self.branch_from.step}) must be < steps ({self.steps})")
-        if self.schedule == "wsd" and round(self.warmup_frac * self.steps) + round(self.decay_frac * self.steps) > self.steps:
+        if self.schedule in ("wsd", "wsd_sqrt") and round(self.warmup_frac * self.steps) + round(self.decay_frac * self.steps) > self.steps:
             raise ValueError("warmup_frac + decay_frac exceed the run length")
         return self
 
