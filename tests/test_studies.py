@@ -212,36 +212,35 @@ def test_shape_of_steps(signs, shape):
     assert shape_of_steps(signs) == shape
 
 
-def _grid_records(gain_of):
+def _grid_records(gain_of, se=math.nan):
+    """Grid cells as :func:`~mergelab.experiments.noise_study.cell_summaries` gives them (median ``gain``, ``gain_se``)."""
     recs = []
     for b in (16, 64):
         for lr in (0.0125, 0.05, 0.2, 0.8):
             t = noise_scale(lr, b, 0.9)
-            recs.append({"group": "grid", "lr": lr, "batch_size": b, "T": t, "gain": gain_of(t, b)})
+            recs.append({"group": "grid", "lr": lr, "batch_size": b, "T": t, "gain": gain_of(t, b), "gain_se": se})
     return recs
 
 
-def test_collapse_analysis_finds_a_perfect_collapse_and_its_vertex():
+def test_collapse_analysis_finds_a_perfect_collapse():
     vertex = math.log10(0.03)
-    recs = _grid_records(lambda t, b: 0.05 - (math.log10(t) - vertex) ** 2)
-    ca = collapse_analysis(recs)
+    ca = collapse_analysis(_grid_records(lambda t, b: 0.05 - (math.log10(t) - vertex) ** 2))
     assert ca["equal_T_mismatch"] == pytest.approx(0.0, abs=1e-12)
     assert ca["equal_T_groups"] == 3  # lr and B grids with the same ratio share 3 values of T
     assert ca["r2_pooled"] == pytest.approx(1.0)
-    assert ca["critical_T"] == pytest.approx(0.03, rel=1e-6) and ca["critical_source"].startswith("vertex")
-    assert ca["interior_optimum"] and ca["edge_gap"] > 0 and ca["edge_gap_se"] == 0.0
-    noisy = collapse_analysis([{**r, "gain_se": 0.1} for r in recs])  # 2 cells per shared T: se 0.1 * sqrt(2) / 2
-    assert noisy["edge_gap_se"] == pytest.approx(math.sqrt(2 * 0.1**2 / 4 + 0.1**2))  # best T: 2 cells, edge: 1
+    c2, c1, _ = ca["pooled_fit"]
+    assert -c1 / (2 * c2) == pytest.approx(vertex)
 
 
-def test_collapse_analysis_reports_batch_dependence_and_monotone_gain():
-    ca = collapse_analysis(_grid_records(lambda t, b: math.log10(t) + (0.5 if b == 64 else 0.0)))
+def test_collapse_analysis_reports_batch_dependence():
+    offset = _grid_records(lambda t, b: math.log10(t) + (0.5 if b == 64 else 0.0), se=0.01)
+    ca = collapse_analysis(offset)
     assert ca["equal_T_mismatch"] > 0.25
-    assert not ca["interior_optimum"]
-    assert ca["best_T"] == pytest.approx(noise_scale(0.8, 16, 0.9))
-    assert _collapse_agrees(ca) is False  # exact numbers: the batch offset is significant
-    noisy = collapse_analysis([{**r, "gain_se": 1.0} for r in _grid_records(lambda t, b: math.log10(t) + (0.5 if b == 64 else 0.0))])
+    assert _collapse_agrees(ca) is False  # the batch offset (0.5) is far beyond 2 sqrt(2) s.e.
+    noisy = collapse_analysis([{**r, "gain_se": 1.0} for r in offset])
     assert noisy["equal_T_significant"] == 0 and _collapse_agrees(noisy) is None
+    no_error = collapse_analysis([{**r, "gain_se": math.nan} for r in offset])  # one gain per cell: no error
+    assert no_error["equal_T_significant"] == 0 and _collapse_agrees(no_error) is None
     assert _collapse_agrees(collapse_analysis(_grid_records(lambda t, b: -abs(math.log10(t) + 1.5)))) is True
 
 
@@ -252,7 +251,7 @@ def test_noise_cells_and_scale():
     assert {c["momentum"] for c in cs if c["group"] == "momentum"} == set(cfg.momentum_grid)
     assert noise_scale(0.1, 10, 0.9) == pytest.approx(0.1)
     with pytest.raises(SpecError, match="different seeds"):
-        configure(NoiseConfig(), {"seeds": (3, 3)})
+        configure(NoiseConfig(), {"seed_pairs": ((3, 3),)})
 
 
 # ------------------------------------------------------------------------------------------- jobs
@@ -327,17 +326,38 @@ def test_tiny_scaling_study_writes_a_report_and_resumes(root, tmp_path):
 
 def test_tiny_noise_study_writes_a_report(root, tmp_path):
     cfg = NoiseConfig(tasks=("digits",), lr_grid=(0.01, 0.04), batch_grid=(8, 32), sweep_at=(0.04, 32),
-                      weight_decay_grid=(0.0,), momentum_grid=(0.9,), augment_grid=(False,), branch_steps=(2,),
-                      decay_steps=2, ta_coefficients=(0.0, 1.0))
-    doc = run_noise_study(cfg, tmp_path / "noise", RunOptions(store=tmp_path / "n.sqlite", workers=1, cache_dir=root,
-                                                               progress=False))
+                      weight_decay_grid=(0.0,), momentum_grid=(0.9,), augment_grid=(False,), branch_steps=(2, 4),
+                      decay_steps=2, seed_pairs=((1, 2), (3, 4)), ta_coefficients=(0.0, 1.0), bootstrap=200)
+    store = ResultsStore(tmp_path / "n.sqlite")
+    doc = run_noise_study(cfg, tmp_path / "noise", RunOptions(store=store, workers=1, cache_dir=root, progress=False))
     claims = [v.claim for v in doc.verdicts()]
-    assert claims == ["digits: non-monotone gain with a critical T",
+    assert claims == ["digits: non-monotone gain with a critical middle T",
                       "digits: curves for different batch sizes collapse onto one in T",
                       "digits: representation similarity tracks the gain"]
     gain_fig = next(f for f in doc.figures() if f.id == "digits-gain-vs-T")
-    assert [s.label for s in gain_fig.series][:2] == ["B = 8", "B = 32"]
-    assert (tmp_path / "noise" / "pairs.csv").read_text().count("\n") == 1 + 4 + 3  # header, grid, 3 sweep cells
+    labels = [s.label for s in gain_fig.series]
+    assert labels[:3] == ["B = 8", "B = 32", "median over the cells at T"] and labels[3].startswith("T* = ")
+    assert {f.id for f in doc.figures()} >= {"digits-gain-vs-T_eff", "digits-sweep-weight_decay", "digits-ta-curves"}
+    # 5 distinct parents (the sweeps' base point is the grid cell lr 0.04, B 32; only wd 0 is new), each with
+    # 2 branch points x 2 seed pairs = 4 merges of 2 children: 5 + 40 fine-tunes, 20 merges
+    counts = store.counts(study="noise")
+    assert counts["done"] == 5 + 40 + 20 and sum(counts.values()) == counts["done"]
+    rows = (tmp_path / "noise" / "pairs.csv").read_text().splitlines()
+    assert len(rows) == 1 + (4 + 3) * 4  # header, (grid + sweep cells) x branch points x seed pairs
+    import json
+
+    specs = [json.loads(p.read_text())["spec"] for p in root.glob("zoo/resnet_s/experts/digits/*/expert.json")]
+    kids = [s for s in specs if s["branch_from"] and s["decay_frac"] == 2 / (s["branch_from"]["step"] + 2)]
+    assert len(kids) >= 40 and {k["schedule"] for k in kids} == {"wsd_sqrt"}  # the paper's square-root decay
+    curve = doc.config["noise_curves"]["digits"]
+    assert [lv["samples"] for lv in curve["levels"]] == [4, 8, 4]  # T = 0.01/0.8, 0.04/0.8 = 0.01/0.2, 0.04/0.2
+    assert all(math.isfinite(lv["se"]) for lv in curve["levels"])
+    wd = [r for r in rows[1:] if r.split(",")[1] == "weight_decay"]
+    assert len(wd) == 4 and all(float(r.split(",")[11]) > 0 for r in wd)  # T_eff recorded, positive
+    again = run_noise_study(cfg, tmp_path / "noise2", RunOptions(store=store, workers=1, cache_dir=root, progress=False))
+    assert store.counts(study="noise") == counts  # resumed: nothing re-run
+    assert (tmp_path / "noise2" / "pairs.csv").read_text().splitlines() == rows  # eta_eff, T_eff recomputed identically
+    assert again.config["noise_curves"] == doc.config["noise_curves"]
 
 
 def test_data_informed_merge_of_checkpoints(root):

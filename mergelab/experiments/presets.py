@@ -8,8 +8,10 @@ variant (``--full``) for machines or clusters with time to spare.
                 ~300). Full: 8 tasks, wider grids, plus the
                 transformer family (vit_s) merged with TIES, DARE and AdaMerging.
 ``noise``       :mod:`mergelab.experiments.noise_study`. Default: resnet_s on mnist and mnist1d, lr in
-                {0.0125, 0.05, 0.2, 0.8} x B in {16, 64}, weight decay / momentum / augmentation sweeps, one
-                branch point. Full: 3 tasks, 5 learning rates x 3 batch sizes, 3 branch points.
+                {0.0125, 0.05, 0.2, 0.8} x B in {16, 64}, weight decay / momentum / augmentation sweeps,
+                3 branch points x 2 seed pairs per cell, square-root decay (26 parents of 250 steps, 312
+                branches of 100 steps, 156 merges). Full: 3 tasks, 5 learning rates x 3 batch sizes, 3 branch
+                points x 2 seed pairs, decay 150 steps.
 ``pool``        :mod:`mergelab.experiments.pool_scaling`, both protocols (irrelevant, relevant). Default:
                 sizes 4, 12, 20 with task arithmetic, TIES, FW-soft and FW-hard; full: sizes 4..20 step 4
                 and every pool-scaling method. Needs the full resnet_s zoo (built if missing).
