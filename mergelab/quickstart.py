@@ -54,7 +54,7 @@ DEFAULT_OUT = "mergelab-quickstart"
 #: jobs were also using (load average ~5), within the 10-minute budget; AdaMerging (500 steps, ~110 s) is the
 #: costliest row, so ``{"adamerging": {"steps": 200}}`` is the first place to cut if it ever is not.
 QUICKSTART_OVERRIDES: dict[str, dict[str, Any]] = {}
-CACHE_FORMAT = 2  # 2: BN protocol, validation-chosen lambdas, invalid rows
+CACHE_FORMAT = 3  # 2: BN protocol, validation-chosen lambdas, invalid rows; 3: per-example outcomes (paired verdicts)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,18 @@ def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
     assert data["tasks"] == TASKS and len(data["rows"]) == len(ALL_ROWS)
     back = ComparisonTable.from_dict(data)
     assert back.row("ties").per_task == table.row("ties").per_task
+    # per-example outcomes, bit-packed (1 bit per example), agree with the accuracies; paired tests use them
+    for r in back.rows:
+        outs = r.outcomes()
+        assert outs is not None and set(outs) == set(TASKS), r.method
+        for t in TASKS:
+            assert outs[t].size == r.per_task_n[t] and outs[t].mean() == pytest.approx(r.per_task[t]), (r.method, t)
+            assert len(r.per_task_correct[t]) <= 4 * (r.per_task_n[t] // 24 + 1)
+    same = back.paired_test("ties", "ties")
+    assert same.difference == 0 and same.p_value == 1.0 and same.verdict() is None
+    ties = back.paired_test("ties", "task_arithmetic")
+    assert ties.difference == pytest.approx(back.row("ties").average - back.row("task_arithmetic").average)
+    assert back.paired_test("ties", "no_such_row") is None
 
 
 def test_isolated_merge_measures_peak_memory_in_a_fresh_process(zoo):
@@ -227,6 +240,7 @@ def test_pool_scaling_runs_on_the_tiny_zoo(zoo, monkeypatch, tmp_path):
         assert 0.0 <= result.accuracy("task_arithmetic", n) <= 1.0 and 0.0 <= result.accuracy("fw_soft", n) <= 1.0
     text = result.format()
     assert "pool scaling (irrelevant" in text and "70.3" in text  # the paper's endpoints are quoted
+    assert "Task arithmetic falls as irrelevant experts join" in text  # the claims' verdicts are printed
     back = PoolScalingResult.from_dict(json.loads(result.to_json(tmp_path / "p.json").read_text()))
     assert back.accuracy("fw_soft", 3) == pytest.approx(result.accuracy("fw_soft", 3))
     lines = list(csv.DictReader(result.to_csv(tmp_path / "p.csv").open()))
@@ -238,3 +252,116 @@ def test_method_row_json_turns_nan_into_null():
     assert row.to_dict()["peak_mb"] is None
     table = ComparisonTable("resnet_s", ["a"], [row])
     assert json.loads(json.dumps(table.to_dict()))["rows"][0]["peak_mb"] is None
+
+
+# ------------------------------------------------------------------- paired tests on hand-built outcomes
+N_HAND = 100
+
+
+def _hand_row(method: str, right: dict[str, range], error: str | None = None) -> MethodRow:
+    """A row right exactly on the examples ``right[task]`` of ``N_HAND`` per task."""
+    from mergelab.analysis.statistics import pack_outcomes
+
+    outs = {}
+    for t, idx in right.items():
+        x = np.zeros(N_HAND, dtype=bool)
+        x[list(idx)] = True
+        outs[t] = x
+    acc = {t: float(x.mean()) for t, x in outs.items()}
+    return MethodRow(method, acc, {t: 1.0 for t in outs}, sum(acc.values()) / len(acc), math.nan, 1.0, math.nan, {},
+                     error=error, per_task_correct={t: pack_outcomes(x) for t, x in outs.items()},
+                     per_task_n={t: N_HAND for t in outs})
+
+
+def _hand_table() -> ComparisonTable:
+    both = lambda r: {"t1": r, "t2": r}  # noqa: E731
+    rows = [_hand_row("pretrained", both(range(30))), _hand_row("individual", both(range(90))),
+            _hand_row("task_arithmetic", both(range(60))), _hand_row("ties", both(range(65))),
+            _hand_row("dare", both(range(2, 62))),
+            _hand_row("fisher", {"t1": range(1, 65), "t2": range(63)}),
+            _hand_row("fw_soft", both(range(99)), error="SpecError: boom")]
+    return ComparisonTable("resnet_s", ["t1", "t2"], rows)
+
+
+def test_paired_comparisons_have_hand_computed_mcnemar_and_holm_values(tmp_path):
+    from mergelab.analysis.statistics import holm, mcnemar_exact
+
+    # (only the merge right, only the reference right), pooled over the two tasks, by construction
+    hand = {("task_arithmetic", "pretrained"): (60, 0), ("ties", "pretrained"): (70, 0),
+            ("dare", "pretrained"): (64, 4), ("fisher", "pretrained"): (68, 1),
+            ("ties", "task_arithmetic"): (10, 0), ("dare", "task_arithmetic"): (4, 4),
+            ("fisher", "task_arithmetic"): (8, 1)}
+    table = _hand_table()
+    comps = table.paired_comparisons()
+    assert [(c.method, c.reference) for c in comps] == list(hand)  # individual is a reference row, fw_soft failed
+    assert [(c.test.a_only, c.test.b_only) for c in comps] == list(hand.values())
+    assert [c.test.p_value for c in comps] == pytest.approx([mcnemar_exact(*bc) for bc in hand.values()])
+    by = {(c.method, c.reference): c for c in comps}
+    # McNemar by hand: 2 * 0.5^10 for (10, 0); 2 (1 + 8 + ... ) for (8, 1): 2 * 10 / 2^9; (4, 4): 1
+    assert by["ties", "task_arithmetic"].test.p_value == pytest.approx(2 / 1024)
+    assert by["fisher", "task_arithmetic"].test.p_value == pytest.approx(20 / 512)
+    assert by["dare", "task_arithmetic"].test.p_value == 1.0
+    # Holm over the 7: the four vs pretrained are tiny; ties vs TA is 5th smallest (x 3), fisher 6th (x 2), dare last
+    assert by["ties", "task_arithmetic"].p_adjusted == pytest.approx(3 * 2 / 1024)
+    assert by["fisher", "task_arithmetic"].p_adjusted == pytest.approx(2 * 20 / 512)  # 0.078: raw p < 0.05, Holm not
+    assert by["dare", "task_arithmetic"].p_adjusted == 1.0
+    assert [c.p_adjusted for c in comps] == pytest.approx(holm([c.test.p_value for c in comps]))
+    assert [by[k].label for k in (("ties", "task_arithmetic"), ("fisher", "task_arithmetic"),
+                                  ("dare", "task_arithmetic"), ("fisher", "pretrained"))] == [
+        "better", "undecided", "undecided", "better"]
+    assert by["fisher", "task_arithmetic"].test.difference == pytest.approx((0.04 + 0.03) / 2)
+    # the printed table
+    text = table.format()
+    assert "Holm-adjusted over 7 comparisons" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("fisher ") and "task_arithmetic" in ln)
+    lo, hi = by["fisher", "task_arithmetic"].test.interval()
+    assert line.split()[2:] == ["+3.5", f"[{100 * lo:+.1f},", f"{100 * hi:+.1f}]", f"{20 / 512:.2g}",
+                                f"{40 / 512:.2g}", "undecided"]
+    # per-example outcomes survive the JSON file; the comparisons are the same after it
+    back = ComparisonTable.from_dict(json.loads(table.to_json(tmp_path / "c.json").read_text()))
+    assert back.row("fisher").per_task_correct == table.row("fisher").per_task_correct
+    assert back.row("fisher").per_task_n == {"t1": N_HAND, "t2": N_HAND}
+    assert np.array_equal(back.row("fisher").outcomes()["t1"], table.row("fisher").outcomes()["t1"])
+    assert [(c.method, c.reference, c.p_adjusted) for c in back.paired_comparisons()] == [
+        (c.method, c.reference, c.p_adjusted) for c in comps]
+
+
+def test_a_table_written_before_per_example_results_still_loads():
+    from mergelab.report.convert import comparison_sections, comparison_verdicts
+
+    data = json.loads(json.dumps(_hand_table().to_dict()))
+    for r in data["rows"]:
+        del r["per_task_correct"], r["per_task_n"]
+    old = ComparisonTable.from_dict(data)
+    assert old.row("ties").average == pytest.approx(0.65) and old.row("ties").outcomes() is None
+    assert old.paired_comparisons() == [] and old.paired_test("ties", "task_arithmetic") is None
+    text = old.format()
+    assert "paired tests: none (no per-example results" in text and "p (Holm)" not in text
+    assert all(v.agrees is None for v in comparison_verdicts(old))
+    assert [t.title for t in comparison_sections(old)[0].tables] == [old.arch + ": accuracy per method on 2 tasks"]
+
+
+def test_holm_keeps_false_positives_across_a_null_table_at_5_percent():
+    """Six rows with the same per-task accuracies, outcomes drawn independently per example (A and B exchangeable
+    on every example: the paired null): the share of tables with *any* significant comparison (9 per table)."""
+    from mergelab.analysis.statistics import pack_outcomes
+
+    rng = np.random.default_rng(0)
+    tasks, n, acc = ["a", "b", "c"], 150, {"a": 0.6, "b": 0.75, "c": 0.5}
+    methods = ["pretrained", "task_arithmetic", "ties", "dare", "adamerging", "fw_soft"]
+    sims, any_holm, any_raw = 1000, 0, 0
+    for _ in range(sims):
+        rows = []
+        for m in methods:
+            outs = {t: rng.random(n) < acc[t] for t in tasks}
+            pt = {t: float(o.mean()) for t, o in outs.items()}
+            rows.append(MethodRow(m, pt, {t: 1.0 for t in tasks}, sum(pt.values()) / 3, math.nan, math.nan, math.nan,
+                                  {}, per_task_correct={t: pack_outcomes(o) for t, o in outs.items()},
+                                  per_task_n={t: n for t in tasks}))
+        comps = ComparisonTable("x", tasks, rows).paired_comparisons()
+        assert len(comps) == 9
+        any_holm += any(c.verdict is not None for c in comps)
+        any_raw += any(c.test.p_value < 0.05 for c in comps)
+    se = math.sqrt(0.05 * 0.95 / sims)
+    assert any_holm / sims <= 0.05 + 2 * se  # 3.8% here; 3.3% over 4,000 tables (seed 1)
+    assert any_raw / sims > 0.15  # unadjusted: 24% of null tables show a "significant" difference

@@ -103,7 +103,12 @@ def test_validation_split_is_a_fixed_stratified_sample_of_the_training_split():
 
 
 def _row(name, avg, invalid=None):
-    return MethodRow(name, {"a": avg}, {"a": 1.0}, avg, avg, 0.0, math.nan, {}, invalid=invalid)
+    """Right on the first ``avg * 100`` of 100 test examples (paired tests need per-example results)."""
+    from mergelab.analysis.statistics import pack_outcomes
+
+    right = [i < round(100 * avg) for i in range(100)]
+    return MethodRow(name, {"a": avg}, {"a": 1.0}, avg, avg, 0.0, math.nan, {}, invalid=invalid,
+                     per_task_correct={"a": pack_outcomes(right)}, per_task_n={"a": 100})
 
 
 def test_an_invalid_merge_never_agrees_with_a_paper():
@@ -113,6 +118,7 @@ def test_an_invalid_merge_never_agrees_with_a_paper():
     verdicts = {v.claim: v for v in comparison_verdicts(table)}
     ties = verdicts["TIES beats task arithmetic"]
     assert ties.agrees is None and "invalid" in ties.measured
-    assert verdicts["AdaMerging beats task arithmetic"].agrees is True
+    assert verdicts["AdaMerging beats task arithmetic"].agrees is True  # 20 vs 0 discordant, the only comparison
+    assert "Holm-adjusted p = 1.91e-06" in verdicts["AdaMerging beats task arithmetic"].measured  # 2 * 0.5^20
     assert "kept as merged" in verdicts["AdaMerging beats task arithmetic"].detail
     assert "INVALID: non-finite logits" in table.format()

@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mergelab.report.html as html_mod
@@ -16,8 +17,8 @@ from mergelab.errors import SpecError
 from mergelab.experiments.compare import ComparisonTable, MethodRow
 from mergelab.experiments.pool_scaling import PAPER_TABLE3, PoolScalingResult
 from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
+from mergelab.analysis.statistics import holm, mcnemar_exact, pack_outcomes
 from mergelab.report.convert import (
-    TIE_TOLERANCE,
     comparison_document,
     comparison_verdicts,
     merge_pool_scaling_documents,
@@ -235,17 +236,26 @@ def test_cli_report_errors(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ converters
 
 
-def _row(method: str, avg: float, error: str | None = None) -> MethodRow:
+N_TEST = 200
+
+
+def _row(method: str, avg: float, error: str | None = None, offset: int = 0, outcomes: bool = True) -> MethodRow:
+    """A row with accuracy ``avg`` on both tasks: right on examples ``offset .. offset + avg * N_TEST`` of each."""
     nan = math.nan
     if error:
         return MethodRow(method, {}, {}, nan, nan, nan, nan, {}, nan, error)
+    right = np.zeros(N_TEST, dtype=bool)
+    right[offset:offset + round(avg * N_TEST)] = True
+    packed = {t: pack_outcomes(right) for t in ("t1", "t2")} if outcomes else {}
     return MethodRow(method, {"t1": avg, "t2": avg}, {"t1": 1.0, "t2": 1.0}, avg, avg / 0.9, 1.5, 300.0,
-                     {"method": method, "lambda": 0.3}, 200.0)
+                     {"method": method, "lambda": 0.3}, 200.0, per_task_correct=packed,
+                     per_task_n={"t1": N_TEST, "t2": N_TEST})
 
 
 def _table() -> ComparisonTable:
+    # dare: 62% against task arithmetic's 60%, but right on 14 examples per task TA misses and wrong on 10 it gets
     rows = [_row("pretrained", 0.3), _row("individual", 0.9), _row("task_arithmetic", 0.6), _row("ties", 0.7),
-            _row("dare", 0.602), _row("adamerging", 0.5), _row("fw_soft", math.nan, error="SpecError: boom")]
+            _row("dare", 0.62, offset=10), _row("adamerging", 0.5), _row("fw_soft", math.nan, error="SpecError: boom")]
     return ComparisonTable("resnet_s", ["t1", "t2"], rows, {"sources": {"ties": "Yadav"}, "wall_note": "w"})
 
 
@@ -262,11 +272,36 @@ def test_comparison_converter(tmp_path):
     failed = next(r for r in main_table.rows if r[0] == "fw_soft")
     assert failed[-1] == "SpecError: boom" and failed[1] is None
     verdicts = {v.claim: v for v in comparison_verdicts(table)}
-    assert verdicts["TIES beats task arithmetic"].agrees is True
-    assert verdicts["DARE beats task arithmetic"].agrees is None  # within the tolerance
-    assert 0.602 - 0.6 < TIE_TOLERANCE
+    assert verdicts["TIES beats task arithmetic"].agrees is True  # 40 examples only TIES gets, none the other way
+    assert verdicts["DARE beats task arithmetic"].agrees is None  # 28 vs 20 discordant examples: not significant
+    dare = table.paired_test("dare", "task_arithmetic")
+    assert (dare.a_only, dare.b_only) == (28, 20) and dare.p_value == pytest.approx(mcnemar_exact(28, 20))
+    assert dare.p_value > 0.3 and "p = 0.312" in verdicts["DARE beats task arithmetic"].measured
     assert verdicts["AdaMerging beats task arithmetic"].agrees is False
     assert verdicts["FW-soft beats task arithmetic"].agrees is None  # failed row
+    # Holm over the table's 7 paired comparisons (4 merges vs pretrained, 3 vs task arithmetic; fw_soft failed),
+    # discordant counts by construction (200 examples per task, 2 tasks)
+    hand = {("task_arithmetic", "pretrained"): (120, 0), ("ties", "pretrained"): (160, 0),
+            ("dare", "pretrained"): (148, 20), ("adamerging", "pretrained"): (80, 0),
+            ("ties", "task_arithmetic"): (40, 0), ("dare", "task_arithmetic"): (28, 20),
+            ("adamerging", "task_arithmetic"): (0, 40)}
+    comps = table.paired_comparisons()
+    assert [(c.method, c.reference) for c in comps] == list(hand) and all(c.family == 7 for c in comps)
+    assert [(c.test.a_only, c.test.b_only) for c in comps] == list(hand.values())
+    adjusted = holm([mcnemar_exact(*bc) for bc in hand.values()])
+    assert [c.p_adjusted for c in comps] == pytest.approx(adjusted)
+    ties = table.paired_test("ties", "task_arithmetic")
+    assert ties.p_value == pytest.approx(2 * 0.5 ** 40)
+    # ties and adamerging vs TA share the 5th/6th smallest p = 2^-39: both adjusted to 3 * 2^-39; dare vs TA is the
+    # largest, adjusted by 1 (its own p)
+    assert adjusted[4] == pytest.approx(3 * ties.p_value) and adjusted[6] == pytest.approx(3 * ties.p_value)
+    assert adjusted[5] == pytest.approx(mcnemar_exact(28, 20))
+    assert f"Holm-adjusted p = {3 * ties.p_value:.3g}" in verdicts["TIES beats task arithmetic"].measured
+    paired = doc.sections[0].tables[1]
+    assert paired.title.startswith("Paired tests") and len(paired.rows) == 7
+    dare_row = next(r for r in paired.rows if r[:2] == ["dare", "task_arithmetic"])
+    assert dare_row[2] == pytest.approx(100 * (0.62 - 0.6)) and dare_row[-1] == "undecided"
+    assert dare_row[3] < 0 < dare_row[4] and dare_row[-2] == f"{adjusted[5]:.3g}"
     assert "summary" and "Best merge by average accuracy: ties" in doc.summary and "Failed: fw_soft" in doc.summary
     # round trip through report.json and the HTML page
     path = doc.to_json(tmp_path)
@@ -274,6 +309,19 @@ def test_comparison_converter(tmp_path):
     assert again == doc
     page = write_html(again, tmp_path).read_text()
     assert len(_imgs(page)) == 3
+
+
+def test_a_ranking_without_per_example_results_is_undecided():
+    rows = [_row("task_arithmetic", 0.6, outcomes=False), _row("ties", 0.9, outcomes=False)]
+    (v,) = comparison_verdicts(ComparisonTable("resnet_s", ["t1", "t2"], rows))
+    assert v.agrees is None and "no per-example results" in v.measured
+
+
+def test_comparison_table_keeps_outcomes_through_json():
+    table = _table()
+    again = ComparisonTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert np.array_equal(again.row("ties").outcomes()["t1"], table.row("ties").outcomes()["t1"])
+    assert again.row("ties").outcomes()["t1"].sum() == 140
 
 
 def _pool_result(mode: str, ta: list[float], fw: list[float]) -> PoolScalingResult:
@@ -298,6 +346,10 @@ def test_pool_scaling_converter_and_verdicts(tmp_path):
     verdicts = {v.claim: v.agrees for v in pool_scaling_verdicts(irr)}
     assert verdicts == {"Task arithmetic falls as irrelevant experts join": True,
                         "FW-soft stays flat as irrelevant experts join": True}
+    text = irr.format()
+    assert "[yes] Task arithmetic falls as irrelevant experts join: 70.0% (4 experts) -> 30.0% (12 experts)" in text
+    # same examples at both sizes: paired, 160 examples only the smallest pool's TA gets right, none the other way
+    assert f"McNemar exact p = {2 * 0.5 ** 160:.3g}" in text
     falls = _pool_result("irrelevant", [0.7, 0.7, 0.71], [0.74, 0.6, 0.5])
     assert {v.claim: v.agrees for v in pool_scaling_verdicts(falls)} == {
         "Task arithmetic falls as irrelevant experts join": False, "FW-soft stays flat as irrelevant experts join": False}
@@ -310,6 +362,20 @@ def test_pool_scaling_converter_and_verdicts(tmp_path):
     assert len(again.sections) == 2
     page = write_html(both, tmp_path).read_text()
     assert len(_imgs(page)) == 4 and page.count('data-verdict="agree"') == 3
+
+
+def test_pool_scaling_over_different_evaluated_tasks_is_tested_as_independent_samples():
+    rel = _pool_result("relevant", [0.6, 0.5, 0.4], [0.6, 0.65, 0.7])
+    wide = rel.tables[12].row("fw_soft")
+    right = np.zeros(N_TEST, dtype=bool)
+    right[:140] = True
+    wide.per_task["t3"], wide.per_task_correct["t3"], wide.per_task_n["t3"] = 0.7, pack_outcomes(right), N_TEST
+    rel.eval_tasks[12] = ["t1", "t2", "t3"]
+    (v,) = pool_scaling_verdicts(rel)
+    # 60% on 2 x 200 examples -> 70% on 3 x 200: +10 points, se^2 = .6*.4/199/2 + .7*.3/199/3
+    se = math.sqrt(0.6 * 0.4 / 199 / 2 + 0.7 * 0.3 / 199 / 3)
+    assert v.agrees is True and "independent samples" in v.measured
+    assert f"95% CI {100 * (0.1 - 1.959964 * se):+.1f} to {100 * (0.1 + 1.959964 * se):+.1f}" in v.measured
 
 
 def test_compare_cli_writes_report_json(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,9 @@ import pytest
 from mergelab.analysis.statistics import (
     Estimate,
     Observation,
+    accuracy_difference,
     contrast,
+    holm,
     jackknife,
     level_means,
     mcnemar_exact,
@@ -152,3 +154,19 @@ def test_outcomes_round_trip_bit_packed(n):
     if n:
         with pytest.raises(ValueError, match="bits"):
             unpack_outcomes(packed, n + 8)
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    # sorted 0.01, 0.02, 0.04, NaN(=1): 0.01*4, max(0.04, 0.02*3), max(0.06, 0.04*2), 1
+    assert holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.08, 0.04, 1.0, 0.06])
+    assert holm([]) == [] and holm([0.3]) == [0.3] and holm([0.6, 0.6]) == [1.0, 1.0]
+
+
+def test_accuracy_difference_of_independent_evaluations():
+    a = {"x": [1, 1, 1, 0], "y": [1, 0]}
+    b = {"z": [1, 0, 0, 0, 0]}
+    e = accuracy_difference(a, b)
+    assert e.value == pytest.approx((0.75 + 0.5) / 2 - 0.2)
+    var = (np.var([1, 1, 1, 0], ddof=1) / 4 + np.var([1, 0], ddof=1) / 2) / 4 + np.var([1, 0, 0, 0, 0], ddof=1) / 5
+    assert e.se == pytest.approx(math.sqrt(var)) and math.isinf(e.df)
+    assert math.isnan(accuracy_difference({"x": [1]}, b).se)

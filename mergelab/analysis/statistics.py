@@ -64,7 +64,9 @@ __all__ = [
     "Estimate",
     "Observation",
     "PairedTest",
+    "accuracy_difference",
     "contrast",
+    "holm",
     "jackknife",
     "level_means",
     "mcnemar_exact",
@@ -222,6 +224,20 @@ def significant_signs(estimates: Sequence[Estimate], alpha: float = ALPHA) -> li
     return [e.sign(level) for e in estimates]
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979): sorted ascending, ``p_(i) * (m - i)`` made monotone and
+    capped at 1; rejecting where the adjusted value is below ``alpha`` keeps the family-wise error at ``alpha``.
+    NaN counts as 1."""
+    ps = [1.0 if not math.isfinite(p) else float(p) for p in p_values]
+    m = len(ps)
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, ps[i] * (m - rank)))
+        out[i] = running
+    return out
+
+
 # ---------------------------------------------------------------------------------- paired method comparison
 def pack_outcomes(correct: Sequence[bool] | np.ndarray) -> str:
     """Per-example correctness as base64 of its bit-packed bytes (``numpy.packbits``, big-endian bit order):
@@ -309,3 +325,21 @@ def paired_accuracy_test(a: Mapping[str, Sequence[bool] | np.ndarray], b: Mappin
         how = "stratified randomization (Monte Carlo)"
     return PairedTest(diff, math.sqrt(var) if math.isfinite(var) else math.nan, p, n_a, n_b,
                       sum(d.size for d in diffs), how)
+
+
+def accuracy_difference(a: Mapping[str, Sequence[bool] | np.ndarray], b: Mapping[str, Sequence[bool] | np.ndarray]) -> Estimate:
+    """Difference of task-averaged accuracies ``mean_t acc_A,t - mean_t acc_B,t`` between two evaluations that are
+    *not* on the same examples (e.g. different task sets), with the error of independent samples:
+    ``se^2 = sum_t s_A,t^2 / (T_A^2 n_A,t) + sum_t s_B,t^2 / (T_B^2 n_B,t)`` (``s^2`` the sample variance of the
+    per-example correctness), normal reference. Where the two share tasks their outcomes are positively
+    correlated, so this error is conservative for them; use :func:`paired_accuracy_test` when they share all."""
+    parts = []
+    for side in (a, b):
+        if not side:
+            raise ValueError("an evaluation without tasks")
+        xs = [np.asarray(v, dtype=np.float64) for v in side.values()]
+        if any(x.size < 2 for x in xs):
+            return Estimate(math.nan, math.nan)
+        parts.append((float(np.mean([x.mean() for x in xs])),
+                      sum(x.var(ddof=1) / x.size for x in xs) / len(xs) ** 2))
+    return Estimate(parts[0][0] - parts[1][0], math.sqrt(parts[0][1] + parts[1][1]))

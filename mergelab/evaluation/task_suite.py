@@ -28,6 +28,10 @@ hyperparameters without looking at the test split.
 **Validity.** A task whose logits are non-finite for some example (NaN/Inf BN statistics or weights) records
 the count in ``nonfinite``; :attr:`EvaluationResult.valid` is False then, and its accuracy is meaningless
 (argmax of NaN): comparisons mark such a row *invalid*.
+
+**Per-example outcomes.** Each row keeps its examples' correctness bit-packed (``TaskEvaluation.correct``,
+1 bit per example, :meth:`TaskEvaluation.outcomes`), so two models scored on the same test split can be
+compared pair by pair (:func:`mergelab.analysis.statistics.paired_accuracy_test`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
+from mergelab.analysis.statistics import pack_outcomes
 from mergelab.errors import CheckpointError, MergeLabError, SpecError
 from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.evaluation.metrics import Metrics, classifier_outputs
@@ -66,6 +72,15 @@ class TaskEvaluation(BaseModel):
     normalized_accuracy: float | None = None
     head: str = ""
     nonfinite: int = 0
+    #: Per-example correctness in test order, bit-packed (:func:`mergelab.analysis.statistics.pack_outcomes`,
+    #: 1 bit per example), for paired tests between methods evaluated on the same examples; "" when not kept.
+    correct: str = ""
+
+    def outcomes(self) -> np.ndarray | None:
+        """The per-example correctness (``n_test`` booleans), or None when it was not kept."""
+        from mergelab.analysis.statistics import unpack_outcomes
+
+        return unpack_outcomes(self.correct, self.n_test) if self.correct else None
 
 
 class EvaluationResult(BaseModel):
@@ -266,6 +281,7 @@ def evaluate(
                 normalized_accuracy=(acc / ref) if ref else None,
                 head=head_desc,
                 nonfinite=nonfinite,
+                correct=pack_outcomes(correct.numpy()),
             )
         )
         all_correct.append(correct)

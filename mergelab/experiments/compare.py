@@ -72,6 +72,17 @@ ran before; psutil is not a dependency.) With ``isolate=False`` methods run in t
 is this process's high-water mark after resetting it through ``/proc/self/clear_refs`` (Linux), i.e. it
 includes whatever the process already held; NaN where that is unavailable. ``quick=True`` runs in-process.
 
+**Paired tests between rows** (:meth:`ComparisonTable.paired_comparisons`). Every row is scored on the same
+test examples and keeps its per-example correctness (``MethodRow.per_task_correct``, bit-packed), so every
+merge is compared with each row of :data:`PAIRED_REFERENCES` (the pretrained floor and task arithmetic, the
+data-free baseline the papers' claims are stated against; fixed in advance, not the best row of this table,
+which would be chosen on the very examples it is tested on) by
+:func:`mergelab.analysis.statistics.paired_accuracy_test`: the difference of task-averaged accuracy, its 95%
+interval (stratified by task) and McNemar's exact p-value. The p-values are Holm-adjusted over all the table's
+comparisons (one family per table, also used by the report's paper claims), so the chance that a table with no
+real difference shows *any* significant one is at most 5%; an adjusted p >= 0.05 is *undecided*. Tables written
+before per-example results were kept load and print without the paired block.
+
 ``quick=True``: few samples and steps everywhere (tests, CI, smoke runs); the numbers mean little.
 """
 
@@ -104,6 +115,8 @@ PathLike = str | os.PathLike[str]
 #: The default 4-task group of ``mergelab compare`` (tasks with different inputs and label spaces).
 DEFAULT_TASKS: tuple[str, ...] = ("mnist", "mnist_rot90", "digits", "shapes")
 REFERENCE_ROWS = ("pretrained", "individual", "multitask")
+#: The rows every merge is tested against on the same examples (:meth:`ComparisonTable.paired_comparisons`).
+PAIRED_REFERENCES: tuple[str, ...] = ("pretrained", "task_arithmetic")
 
 
 @dataclass(frozen=True)
@@ -186,6 +199,19 @@ class MethodRow:
     head: str = "expert"
     #: Why the merge is invalid (non-finite logits, negative BN variances), or None.
     invalid: str | None = None
+    #: ``{task: bit-packed per-example correctness}`` on the test split (``TaskEvaluation.correct``), for the
+    #: paired tests between rows (:meth:`ComparisonTable.paired_test`); empty for tables written before it.
+    per_task_correct: dict[str, str] = field(default_factory=dict)
+    #: ``{task: number of test examples}`` (the length of each ``per_task_correct`` entry).
+    per_task_n: dict[str, int] = field(default_factory=dict)
+
+    def outcomes(self) -> dict[str, Any] | None:
+        """``{task: per-example correctness}`` (numpy booleans), or None when not every task's was kept."""
+        from mergelab.analysis.statistics import unpack_outcomes
+
+        if not self.per_task or any(t not in self.per_task_correct or t not in self.per_task_n for t in self.per_task):
+            return None
+        return {t: unpack_outcomes(self.per_task_correct[t], self.per_task_n[t]) for t in self.per_task}
 
     @property
     def usable(self) -> bool:
@@ -208,6 +234,30 @@ def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+@dataclass(frozen=True)
+class PairedComparison:
+    """Row ``method`` against row ``reference`` on the same test examples: the paired ``test``
+    (:class:`~mergelab.analysis.statistics.PairedTest`) and its p-value Holm-adjusted over the table's
+    ``family`` comparisons."""
+
+    method: str
+    reference: str
+    test: Any
+    p_adjusted: float
+    family: int
+
+    @property
+    def verdict(self) -> bool | None:
+        """True: ``method`` more accurate than ``reference``; False: less; None: undecided (adjusted p >= alpha)."""
+        from mergelab.analysis.statistics import ALPHA
+
+        return None if not self.p_adjusted < ALPHA else self.test.difference > 0
+
+    @property
+    def label(self) -> str:
+        return {True: "better", False: "worse", None: "undecided"}[self.verdict]
+
+
 @dataclass
 class ComparisonTable:
     """Rows of a comparison on ``tasks``; ``meta`` says how it was measured."""
@@ -222,6 +272,50 @@ class ComparisonTable:
             if r.method == method:
                 return r
         raise KeyError(f"no row {method!r}; rows: {', '.join(r.method for r in self.rows)}")
+
+    def paired_test(self, a: str, b: str) -> Any:
+        """The paired test of row ``a`` against row ``b`` on the same test examples
+        (:func:`mergelab.analysis.statistics.paired_accuracy_test`: difference of task-averaged accuracy, its
+        interval, McNemar's exact p-value), or None when either row is unusable or has no per-example results."""
+        from mergelab.analysis.statistics import paired_accuracy_test
+
+        rows = [next((r for r in self.rows if r.method == m and r.usable), None) for m in (a, b)]
+        outs = [r.outcomes() if r is not None else None for r in rows]
+        if outs[0] is None or outs[1] is None:
+            return None
+        return paired_accuracy_test({t: outs[0][t] for t in self.tasks}, {t: outs[1][t] for t in self.tasks})
+
+    def paired_comparisons(self, references: Sequence[str] = PAIRED_REFERENCES) -> list[PairedComparison]:
+        """Every usable merge row (not one of :data:`REFERENCE_ROWS`) against every row of ``references`` (itself
+        excluded), by :meth:`paired_test`, with p-values Holm-adjusted over all the comparisons made (the family:
+        pairs where both rows are usable and kept per-example results). Empty for tables without them."""
+        from mergelab.analysis.statistics import holm
+
+        pairs = [(r.method, ref) for ref in references for r in self.rows
+                 if r.method not in REFERENCE_ROWS and r.method != ref]
+        tested = [(a, b, t) for a, b in pairs if (t := self.paired_test(a, b)) is not None]
+        adjusted = holm([t.p_value for _, _, t in tested])
+        return [PairedComparison(a, b, t, p, len(tested)) for (a, b, t), p in zip(tested, adjusted)]
+
+    def format_paired(self) -> str:
+        """The paired block of :meth:`format`: per merge and reference, the difference of average accuracy
+        (points), its 95% interval, McNemar's p, the Holm-adjusted p and the verdict; "" without comparisons."""
+        comps = self.paired_comparisons()
+        if not comps:
+            if self.rows and not any(r.per_task_correct for r in self.rows):
+                return "paired tests: none (no per-example results in this table; re-run the comparison)"
+            return ""
+        mw = max([12] + [len(c.method) for c in comps])
+        rw = max([9] + [len(c.reference) for c in comps])
+        head = (f"{'method':<{mw}} {'vs':<{rw}} {'diff':>6} {'95% CI':>15} {'p':>9} {'p (Holm)':>9}  verdict")
+        lines = [f"paired tests on the same test examples (difference of average accuracy in points, McNemar exact "
+                 f"p; Holm-adjusted over {len(comps)} comparisons; undecided: adjusted p >= 0.05)", head, "-" * len(head)]
+        for c in comps:
+            lo, hi = c.test.interval()
+            ci = "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            lines.append(f"{c.method:<{mw}} {c.reference:<{rw}} {100 * c.test.difference:+6.1f} {ci:>15} "
+                         f"{c.test.p_value:9.2g} {c.p_adjusted:9.2g}  {c.label}")
+        return "\n".join(lines)
 
     def format(self) -> str:
         """A fixed-width text table: per-task accuracy (%), average, normalized (%), wall time, peak memory."""
@@ -252,6 +346,9 @@ class ComparisonTable:
         lines.append("accuracy and normalized accuracy in %; " + self.meta.get("memory_note", ""))
         if self.meta.get("wall_note"):
             lines.append(self.meta["wall_note"])
+        paired = self.format_paired()
+        if paired:
+            lines.extend(["", paired])
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -512,7 +609,9 @@ def _row_from_eval(name: str, result: Any, tasks: Sequence[str], wall: float, pe
     norms = [by[t].normalized_accuracy for t in tasks]
     return MethodRow(method=name, per_task=acc, per_task_loss=loss, average=sum(acc.values()) / len(acc),
                      normalized=(sum(norms) / len(norms)) if all(n is not None for n in norms) else math.nan,
-                     wall_s=wall, peak_mb=peak, params=params, base_mb=base)
+                     wall_s=wall, peak_mb=peak, params=params, base_mb=base,
+                     per_task_correct={t: by[t].correct for t in tasks if by[t].correct},
+                     per_task_n={t: by[t].n_test for t in tasks})
 
 
 def _negative_variances(path: PathLike) -> int:
@@ -720,7 +819,9 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
         norm = [row.normalized_accuracy for row in rows]
         return MethodRow(cfg.name, acc, loss, sum(acc.values()) / len(acc),
                          sum(norm) / len(norm) if all(n is not None for n in norm) else nan,
-                         sum(e.wall_time_s for e in heads), nan, {"experts": [str(e.path) for e in heads]}, nan)
+                         sum(e.wall_time_s for e in heads), nan, {"experts": [str(e.path) for e in heads]}, nan,
+                         per_task_correct={row.task: row.correct for row in rows if row.correct},
+                         per_task_n={row.task: row.n_test for row in rows})
     if cfg.name == "multitask":
         from mergelab.training.multitask import multitask_spec, read_multitask
 
@@ -797,5 +898,5 @@ def _run_one(cfg: MethodConfig, params: dict[str, Any], setup: _Setup, data: dic
     return row
 
 
-__all__ = ["CATALOG", "DEFAULT_METHODS", "DEFAULT_TASKS", "ComparisonTable", "MethodConfig", "MethodRow",
-           "REFERENCE_ROWS", "run_comparison"]
+__all__ = ["CATALOG", "DEFAULT_METHODS", "DEFAULT_TASKS", "PAIRED_REFERENCES", "ComparisonTable", "MethodConfig",
+           "MethodRow", "PairedComparison", "REFERENCE_ROWS", "run_comparison"]

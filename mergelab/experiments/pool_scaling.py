@@ -24,6 +24,11 @@ TIES, DARE, AdaMerging, FW-soft and FW-hard with the settings of
 The choice is recorded as ``fw_objective`` in the result's ``meta`` (the run's config); ``overrides`` given
 for an FW row take precedence over it.
 
+Verdicts on the paper's claims (:func:`mergelab.report.convert.pool_scaling_verdicts`, printed by
+:meth:`PoolScalingResult.format` and in the report) use the 95% interval of a method's change in average accuracy
+between the smallest and largest pool: a paired test on the same examples (irrelevant: the same evaluated
+tasks), independent samples when the evaluated tasks differ (relevant), from the tables' per-example results.
+
 Paper reference (:data:`PAPER_TABLE3`, ViT-B/32 CLIP experts, average accuracy %): with irrelevant models
 joining (4 -> 20 models, 4 evaluated tasks) task arithmetic falls 70.3 -> 21.2 while FW-soft stays
 74.1 -> 74.2; with relevant models joining FW-soft rises 59.2 -> 68.3. Only these endpoints are quoted here.
@@ -118,6 +123,13 @@ class PoolScalingResult:
         failed = [(n, r.method, r.error) for n in sizes for r in self.tables[n].rows if r.error]
         for n, m, e in failed:
             lines.append(f"failed: {m} at {n}: {e}")
+        from mergelab.report.convert import pool_scaling_verdicts
+
+        verdicts = pool_scaling_verdicts(self)
+        if verdicts:
+            lines.extend(["", "the paper's claims, smallest vs largest pool (95% interval of the change; paired on the "
+                              "same examples when both evaluate the same tasks):"])
+            lines.extend(f"  [{v.mark}] {v.claim}: {v.measured}" for v in verdicts)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,16 +10,22 @@
   pool size per method with the FW-Merging paper's endpoints (:data:`PAPER_TABLE3`) as points, a normalized
   accuracy figure, tables, and the paper's claims as verdicts (:func:`pool_scaling_verdicts`).
 
-Verdict rules are deliberately simple and printed with each verdict: a difference smaller than
-:data:`TIE_TOLERANCE` (accuracy, 0.5 points) counts as *undecided* (the test sets hold a few hundred
-examples per task, so smaller differences are within noise), a missing or failed row is *undecided*.
+Verdicts are statistical tests, printed with each verdict (:mod:`mergelab.analysis.statistics`). Method
+rankings ("A beats B") use the **paired test on the same test examples**: the difference of task-averaged
+accuracy with its 95% interval (paired, stratified by task) and McNemar's exact p-value, Holm-adjusted over all
+the paired comparisons of one table (every merge against pretrained and task arithmetic,
+:meth:`~mergelab.experiments.compare.ComparisonTable.paired_comparisons`, also tabulated in the report); an
+adjusted p >= 0.05 is *undecided*, as is a missing, failed or invalid row or one without per-example results
+(tables written before they were kept). Pool-scaling claims compare one method at two pool sizes
+(:func:`pool_scaling_verdicts`): paired on the same examples when both evaluate the same tasks, as independent
+samples (:func:`~mergelab.analysis.statistics.accuracy_difference`) when they do not.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict, versions
@@ -28,8 +34,6 @@ if TYPE_CHECKING:
     from mergelab.experiments.compare import ComparisonTable
     from mergelab.experiments.pool_scaling import PoolScalingResult
 
-#: Accuracy differences below this (absolute, in [0, 1]) are called undecided.
-TIE_TOLERANCE = 0.005
 #: Largest fall of FW-soft's accuracy (absolute) still called "flat" when irrelevant experts join.
 FLAT_TOLERANCE = 0.02
 
@@ -84,27 +88,51 @@ def protocol_note(meta: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _better(claim: str, predicted: str, a_name: str, a: float | None, b_name: str, b: float | None,
-            source: str, table: ComparisonTable | None = None) -> Verdict:
-    """Verdict for "``a`` is more accurate than ``b``" (undecided when missing, failed, invalid or within the
-    tolerance)."""
-    protocol = f" {protocol_note(table.meta)}" if table is not None else ""
+def _ranking(claim: str, predicted: str, a_name: str, b_name: str, source: str, table: ComparisonTable,
+             comparison: Any) -> Verdict:
+    """Verdict for "``a`` is more accurate than ``b``" from the table's paired comparison of the two
+    (:meth:`~mergelab.experiments.compare.ComparisonTable.paired_comparisons`; undecided when missing, failed,
+    invalid, without per-example results, or not significant after Holm's adjustment over the table's
+    comparisons)."""
+    from mergelab.analysis.statistics import ALPHA
+
+    protocol = f" {protocol_note(table.meta)}"
+    a, b = _average(table, a_name), _average(table, b_name)
     if a is None or b is None:
-        missing = [(_why_missing(table, n) if table is not None else f"{n} not measured")
-                   for n, v in ((a_name, a), (b_name, b)) if v is None]
+        missing = [_why_missing(table, n) for n, v in ((a_name, a), (b_name, b)) if v is None]
         return Verdict(claim=claim, predicted=predicted, measured=", ".join(missing),
                        agrees=None, detail=source + protocol)
-    diff = a - b
-    agrees: bool | None = None if abs(diff) < TIE_TOLERANCE else diff > 0
+    head = f"{a_name} {_fmt_pct(a)} vs {b_name} {_fmt_pct(b)} ({100 * (a - b):+.1f} points)"
+    if comparison is None:
+        return Verdict(claim=claim, predicted=predicted,
+                       measured=f"{head}; no per-example results to test the difference (re-run the comparison)",
+                       agrees=None, detail=source + protocol)
     return Verdict(claim=claim, predicted=predicted,
-                   measured=f"{a_name} {_fmt_pct(a)} vs {b_name} {_fmt_pct(b)} ({100 * diff:+.1f} points)",
-                   agrees=agrees,
-                   detail=f"{source} Average accuracy over the evaluated tasks; differences under "
-                          f"{100 * TIE_TOLERANCE:.1f} points are undecided.{protocol}")
+                   measured=f"{head}; {comparison.test.describe()}; Holm-adjusted p = {comparison.p_adjusted:.3g}",
+                   agrees=comparison.verdict,
+                   detail=f"{source} Paired test on the same test examples (mergelab.analysis.statistics): the "
+                          f"difference of task-averaged accuracy with its 95% interval (stratified by task) and "
+                          f"McNemar's exact p-value, Holm-adjusted over this table's {comparison.family} paired "
+                          f"comparison(s); adjusted p >= {ALPHA:g} is undecided.{protocol}")
+
+
+#: The papers' ranking claims checked on a comparison: (row, claim, predicted, source); each against task arithmetic.
+RANKING_CLAIMS: tuple[tuple[str, str, str, str], ...] = (
+    ("ties", "TIES beats task arithmetic", "higher accuracy (trim + sign consensus shrink the task-heterogeneity "
+     "term)", "Stability paper, Corollary 1; Yadav et al. 2023."),
+    ("dare", "DARE beats task arithmetic", "higher accuracy (random drop + rescale shrinks the task-heterogeneity "
+     "term)", "Stability paper, Corollary 1; Yu et al. 2024."),
+    ("adamerging", "AdaMerging beats task arithmetic", "higher accuracy (learned layer-wise coefficients)",
+     "Yang et al. 2024 (ICLR)."),
+    ("fw_soft", "FW-soft beats task arithmetic", "higher accuracy (Frank-Wolfe over the pool's hull)",
+     "Chen et al. 2025 (ICCV)."),
+)
 
 
 def comparison_verdicts(table: ComparisonTable) -> list[Verdict]:
-    """Paper claims about method rankings, checked on the comparison's average accuracies.
+    """Paper claims about method rankings (:data:`RANKING_CLAIMS`), each the table's paired test against task
+    arithmetic on the same test examples, Holm-adjusted over all the table's paired comparisons (module
+    docstring).
 
     * TIES and DARE beat task arithmetic: sparsification / sign consensus shrinks the heterogeneity term
       (stability paper, Corollary 1; Yadav et al. 2023; Yu et al. 2024).
@@ -113,27 +141,12 @@ def comparison_verdicts(table: ComparisonTable) -> list[Verdict]:
 
     Only claims whose rows were compared are returned.
     """
-    ta = _average(table, "task_arithmetic")
     names = {r.method for r in table.rows}
-    out = []
     if "task_arithmetic" not in names:
-        return out
-    if "ties" in names:
-        out.append(_better("TIES beats task arithmetic", "higher accuracy (trim + sign consensus shrink the "
-                           "task-heterogeneity term)", "ties", _average(table, "ties"), "task_arithmetic", ta,
-                           "Stability paper, Corollary 1; Yadav et al. 2023.", table))
-    if "dare" in names:
-        out.append(_better("DARE beats task arithmetic", "higher accuracy (random drop + rescale shrinks the "
-                           "task-heterogeneity term)", "dare", _average(table, "dare"), "task_arithmetic", ta,
-                           "Stability paper, Corollary 1; Yu et al. 2024.", table))
-    if "adamerging" in names:
-        out.append(_better("AdaMerging beats task arithmetic", "higher accuracy (learned layer-wise coefficients)",
-                           "adamerging", _average(table, "adamerging"), "task_arithmetic", ta,
-                           "Yang et al. 2024 (ICLR).", table))
-    if "fw_soft" in names:
-        out.append(_better("FW-soft beats task arithmetic", "higher accuracy (Frank-Wolfe over the pool's hull)",
-                           "fw_soft", _average(table, "fw_soft"), "task_arithmetic", ta, "Chen et al. 2025 (ICCV).", table))
-    return out
+        return []
+    by_pair = {(c.method, c.reference): c for c in table.paired_comparisons()}
+    return [_ranking(claim, predicted, row, "task_arithmetic", source, table, by_pair.get((row, "task_arithmetic")))
+            for row, claim, predicted, source in RANKING_CLAIMS if row in names]
 
 
 def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list[Section]:
@@ -141,6 +154,8 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
 
     ``prefix`` starts every figure id (figure ids are unique within a document).
     """
+    from mergelab.experiments.compare import PAIRED_REFERENCES
+
     rows = table.rows
     ok = _ok_rows(table)
     methods = [r.method for r in ok]
@@ -162,6 +177,17 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
                      caption="Test accuracy through each task's expert head; normalized = mean over tasks of "
                              f"merged / expert accuracy. {protocol_note(table.meta)} Invalid rows (non-finite "
                              f"logits) have no accuracy. {notes}".strip())
+    comps = table.paired_comparisons()
+    paired = Table(
+        title="Paired tests on the same test examples", digits=2,
+        columns=["method", "against", "difference (points)", "95% CI low", "95% CI high", "p (McNemar)",
+                 "p (Holm)", "verdict"],
+        rows=[[c.method, c.reference, 100 * c.test.difference, *(100 * v for v in c.test.interval()),
+               f"{c.test.p_value:.3g}", f"{c.p_adjusted:.3g}", c.label] for c in comps],
+        caption=f"Every merge against {' and '.join(PAIRED_REFERENCES)} on the same examples: the difference of "
+                "task-averaged accuracy with its 95% interval (stratified by task), McNemar's exact p-value on the "
+                "discordant examples (a stratified randomization test when tasks differ in size), Holm-adjusted "
+                f"over the table's {len(comps)} comparisons; undecided unless the adjusted p < 0.05.") if comps else None
     main_fig = Figure(
         id=f"{prefix}-accuracy", title="Average and normalized accuracy per method", xlabel="method",
         ylabel="accuracy (%)", kind="bar",
@@ -190,13 +216,15 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
                      "experts; each merged backbone is evaluated on each task's test set through that task's expert "
                      "head. 'pretrained' is the floor, 'individual' (each expert on its own task) the ceiling. "
                      + protocol_note(table.meta),
-                figures=[f for f in (main_fig, per_task_fig) if f is not None], tables=[accuracy]),
+                figures=[f for f in (main_fig, per_task_fig) if f is not None],
+                tables=[accuracy] + ([paired] if paired is not None else [])),
         Section(title="Cost and settings", figures=[wall_fig] if wall_fig else [], tables=[settings]),
     ]
     verdicts = comparison_verdicts(table)
     if verdicts:
         sections.append(Section(title="Paper claims on this comparison",
-                                text="Rankings the papers report, checked on this table's average accuracy.",
+                                text="Rankings the papers report, each a paired test on the same test examples "
+                                     "(McNemar's exact p-value, Holm-adjusted; undecided when not significant).",
                                 verdicts=verdicts))
     return sections
 
@@ -256,12 +284,36 @@ def _pool_value(result: PoolScalingResult, method: str, n: int, what: str = "ave
     return float(v) if math.isfinite(v) else None
 
 
-def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
-    """The FW-Merging paper's pool-scaling claims, checked between the smallest and largest pool measured.
+def _pool_outcomes(result: PoolScalingResult, method: str, n: int) -> dict[str, Any] | None:
+    table = result.tables.get(n)
+    row = next((r for r in table.rows if r.method == method and r.usable), None) if table is not None else None
+    return row.outcomes() if row is not None else None
 
-    * irrelevant experts join: task arithmetic falls (paper 70.3 -> 21.2); FW-soft stays flat (74.1 -> 74.2):
-      agrees when it falls by less than :data:`FLAT_TOLERANCE`.
-    * relevant experts join: FW-soft rises (59.2 -> 68.3).
+
+def _pool_change(result: PoolScalingResult, method: str, n0: int, n1: int) -> tuple[Any, str] | None:
+    """The change of ``method``'s task-averaged accuracy from pool size ``n0`` to ``n1`` as an
+    :class:`~mergelab.analysis.statistics.Estimate` and how it was tested; None without per-example results.
+    Paired on the same examples when both sizes evaluate the same tasks, else independent samples."""
+    from mergelab.analysis.statistics import Estimate, accuracy_difference, paired_accuracy_test
+
+    o0, o1 = _pool_outcomes(result, method, n0), _pool_outcomes(result, method, n1)
+    if o0 is None or o1 is None:
+        return None
+    if set(o0) == set(o1) and all(o0[t].shape == o1[t].shape for t in o0):
+        t = paired_accuracy_test(o1, o0)
+        return Estimate(t.difference, t.se), f"paired on the same examples, {t.method} p = {t.p_value:.3g}"
+    return accuracy_difference(o1, o0), "different evaluated tasks: independent samples (conservative)"
+
+
+def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
+    """The FW-Merging paper's pool-scaling claims, checked between the smallest and largest pool measured, each
+    on the 95% interval of the change in task-averaged accuracy (:func:`_pool_change`; undecided when it
+    contains 0 or per-example results are missing).
+
+    * irrelevant experts join: task arithmetic falls (paper 70.3 -> 21.2): the interval lies below 0; FW-soft
+      stays flat (74.1 -> 74.2): agrees when the interval lies above ``-FLAT_TOLERANCE`` (it falls by less than
+      :data:`FLAT_TOLERANCE`), disagrees when it lies below.
+    * relevant experts join: FW-soft rises (59.2 -> 68.3): the interval lies above 0.
     """
     from mergelab.experiments.pool_scaling import PAPER_TABLE3
 
@@ -277,9 +329,22 @@ def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
         p = paper.get(method, {})
         return " -> ".join(f"{v:.1f}% ({n} models)" for n, v in sorted(p.items()))
 
-    def measured(e: tuple[int, float | None, int, float | None]) -> str:
+    def check(e: tuple[int, float | None, int, float | None], method: str,
+              rule: Callable[[float, float], bool | None]) -> tuple[str, bool | None]:
+        """The measured text and verdict of ``rule(low, high)`` on the change's 95% interval."""
         n0, a0, n1, a1 = e
-        return f"{_fmt_pct(a0)} ({n0} experts) -> {_fmt_pct(a1)} ({n1} experts)"
+        text = f"{_fmt_pct(a0)} ({n0} experts) -> {_fmt_pct(a1)} ({n1} experts)"
+        if a0 is None or a1 is None:
+            return text, None
+        change = _pool_change(result, method, n0, n1)
+        if change is None:
+            return text + "; no per-example results to test the change", None
+        est, how = change
+        lo, hi = est.interval()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return text + f"; change {100 * est.value:+.1f} points, no interval", None
+        return (text + f"; change {100 * est.value:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}; {how})",
+                rule(lo, hi))
 
     out: list[Verdict] = []
     note = "FW-Merging paper Table 3 (ViT-B/32 CLIP experts; this run: {arch}, smallest vs largest pool)."
@@ -287,23 +352,26 @@ def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
     if result.mode == "irrelevant":
         e = ends("task_arithmetic")
         if e is not None:
-            agrees = None if e[1] is None or e[3] is None or abs(e[3] - e[1]) < TIE_TOLERANCE else e[3] < e[1]
+            measured, agrees = check(e, "task_arithmetic", lambda lo, hi: True if hi < 0 else (False if lo > 0 else None))
             out.append(Verdict(claim="Task arithmetic falls as irrelevant experts join",
-                               predicted=f"falls: {paper_text('task_arithmetic')}", measured=measured(e),
-                               agrees=agrees, detail=src))
+                               predicted=f"falls: {paper_text('task_arithmetic')}", measured=measured,
+                               agrees=agrees, detail=f"{src} Falls: the 95% interval of the change lies below 0."))
         e = ends("fw_soft")
         if e is not None:
-            agrees = None if e[1] is None or e[3] is None else e[3] >= e[1] - FLAT_TOLERANCE
+            measured, agrees = check(e, "fw_soft", lambda lo, hi: True if lo > -FLAT_TOLERANCE
+                                     else (False if hi < -FLAT_TOLERANCE else None))
             out.append(Verdict(claim="FW-soft stays flat as irrelevant experts join",
-                               predicted=f"flat: {paper_text('fw_soft')}", measured=measured(e), agrees=agrees,
-                               detail=f"{src} Flat: falls by less than {100 * FLAT_TOLERANCE:.0f} points."))
+                               predicted=f"flat: {paper_text('fw_soft')}", measured=measured, agrees=agrees,
+                               detail=f"{src} Flat: the 95% interval of the change lies above -"
+                                      f"{100 * FLAT_TOLERANCE:.0f} points (disagrees when it lies below)."))
     else:
         e = ends("fw_soft")
         if e is not None:
-            agrees = None if e[1] is None or e[3] is None or abs(e[3] - e[1]) < TIE_TOLERANCE else e[3] > e[1]
+            measured, agrees = check(e, "fw_soft", lambda lo, hi: True if lo > 0 else (False if hi < 0 else None))
             out.append(Verdict(claim="FW-soft improves as relevant experts join",
-                               predicted=f"rises: {paper_text('fw_soft')}", measured=measured(e), agrees=agrees,
-                               detail=f"{src} The evaluated tasks grow with the pool here, as in the paper."))
+                               predicted=f"rises: {paper_text('fw_soft')}", measured=measured, agrees=agrees,
+                               detail=f"{src} The evaluated tasks grow with the pool here, as in the paper; rises: "
+                                      f"the 95% interval of the change lies above 0."))
     return out
 
 
@@ -368,5 +436,5 @@ def merge_pool_scaling_documents(old: ReportDocument | None, new: ReportDocument
     return new.model_copy(update={"sections": kept + list(new.sections), "config": config})
 
 
-__all__ = ["FLAT_TOLERANCE", "TIE_TOLERANCE", "comparison_document", "comparison_sections", "comparison_verdicts",
+__all__ = ["FLAT_TOLERANCE", "RANKING_CLAIMS", "comparison_document", "comparison_sections", "comparison_verdicts",
            "merge_pool_scaling_documents", "pool_scaling_document", "pool_scaling_sections", "pool_scaling_verdicts"]

@@ -339,6 +339,7 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
     :class:`~mergelab.evaluation.EvaluationResult` (per-task and normalized accuracy, joint metrics).
     """
     from mergelab.evaluation import EvaluationResult, Metrics, TaskEvaluation, load_backbone
+    from mergelab.analysis.statistics import pack_outcomes
     from mergelab.evaluation.metrics import classifier_outputs
     from mergelab.models import default_device, load_head
     from mergelab.tasks import get_task
@@ -383,7 +384,8 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
         acc, ref = correct.double().mean().item(), by_task[t].test_metrics.accuracy
         rows.append(TaskEvaluation(task=t, n_test=len(correct), accuracy=acc, loss=losses.mean().item(),
                                    expert_accuracy=ref, normalized_accuracy=acc / ref if ref else None,
-                                   head=f"{by_task[t].head_path} + surgery (rank {module.rank})"))
+                                   head=f"{by_task[t].head_path} + surgery (rank {module.rank})",
+                                   correct=pack_outcomes(correct.numpy())))
         all_correct.append(correct)
         all_loss.append(losses)
     correct_cat, loss_cat = torch.cat(all_correct), torch.cat(all_loss)
