@@ -1,0 +1,156 @@
+"""Bit-identity harness of the data-free merge path: SHA-256 of every merged tensor, to compare two versions.
+
+Builds small hand-made models (a base and three experts, float32 and bfloat16; 1-D, 2-D and 3-D tensors,
+one larger than a compute block and than the selection's "small tensor" size, an empty tensor and an
+integer tensor), merges them with every data-free method under each of its semantics options (TIES per
+tensor and over the whole model, both sign elections and divisors, DARE with fixed seeds and both
+rescalings, ...) on every engine that runs the merge (``torch``; ``numpy`` when it can), and records the
+SHA-256 of every output tensor's bytes.
+
+    python bench/merge_digests.py --out digests.json      # record
+    python bench/merge_digests.py --check digests.json    # compare: exit 1 on any difference
+
+A refactoring of the merge engine must leave every digest unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES: dict[str, tuple[int, ...]] = {
+    "embed.weight": (700, 1000),  # 700k entries: several blocks, sample-based selection
+    "layer.0.weight": (64, 48),
+    "layer.0.bias": (1000,),
+    "layer.1.conv": (3, 5, 7),
+    "layer.1.scale": (1,),
+    "empty": (0, 4),
+}
+
+#: (method, parameters, models used, engines that must run it)
+CASES: list[tuple[str, dict[str, Any], int]] = [
+    ("weight_average", {}, 3),
+    ("task_arithmetic", {}, 3),
+    ("task_arithmetic", {"lambda": 0.7}, 3),
+    ("ties", {"density": 0.2}, 3),
+    ("ties", {"density": 0.2, "trim_scope": "tensor"}, 3),
+    ("ties", {"density": 0.05, "trim_scope": "global", "sign_election": "count"}, 3),
+    ("ties", {"density": 0.3, "trim_scope": "tensor", "disjoint_divisor": "weight", "lambda": 0.8}, 3),
+    ("ties", {"density": 1.0}, 3),
+    ("dare_linear", {"density": 0.5, "seed": 7}, 3),
+    ("dare_linear", {"density": 0.3, "rescale": "l1", "seed": 1}, 3),
+    ("dare_ties", {"density": 0.5, "seed": 3}, 3),
+    ("dare_ties", {"density": 0.4, "seed": 3, "sign_election": "count", "disjoint_divisor": "weight"}, 3),
+    ("breadcrumbs", {}, 3),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "lambda": 0.9}, 3),
+    ("model_stock", {}, 3),
+    ("slerp", {"t": 0.3}, 1),
+    ("slerp", {"t": 0.6}, 2),
+]
+#: spec sections beyond parameters, per case index (two whole-model trim groups; a narrower output dtype)
+EXTRA: dict[int, dict[str, Any]] = {
+    3: {"overrides": [{"pattern": "layer.*", "parameters": {"density": 0.5}}]},
+    2: {"dtype": "bfloat16"},
+}
+WEIGHTS = ([1.0, 1.0, 1.0], [0.5, 1.25, 0.75])
+
+
+def build_models(root: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:
+    """A base and three experts with correlated task vectors (some signs disagree), ties in bf16."""
+    gen = torch.Generator().manual_seed(1234)
+    base = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    paths = []
+    for i in range(4):
+        state = {}
+        for n, s in SHAPES.items():
+            if i == 0:
+                t = base[n]
+            else:
+                shared = torch.randn(s, generator=torch.Generator().manual_seed(99)) * 0.02
+                own = torch.randn(s, generator=gen) * 0.02 * (1 + i)
+                t = base[n] + shared + own
+            state[n] = t.to(dtype).contiguous()
+        state["layer.0.num_batches_tracked"] = torch.tensor(10 + i, dtype=torch.int64)
+        folder = root / f"{'base' if i == 0 else f'expert{i}'}_{str(dtype).split('.')[-1]}"
+        folder.mkdir()
+        save_file(state, str(folder / "model.safetensors"))
+        paths.append(folder)
+    return paths[0], paths[1:]
+
+
+def digests_of(folder: Path) -> dict[str, str]:
+    from safetensors.torch import load_file
+
+    out: dict[str, str] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, t in load_file(str(f)).items():
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            out[name] = f"{t.dtype}:{tuple(t.shape)}:{hashlib.sha256(data).hexdigest()}"
+    return out
+
+
+def run_all() -> dict[str, dict[str, str]]:
+    from mergelab.errors import SpecError
+    from mergelab.merging import merge
+
+    results: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for dtype in (torch.float32, torch.bfloat16):
+            base, experts = build_models(root, dtype)
+            for ci, (method, params, n_models) in enumerate(CASES):
+                for wi, weights in enumerate(WEIGHTS):
+                    if wi and method in ("model_stock", "slerp"):
+                        continue
+                    spec = {"method": method, "base": str(base), "parameters": params,
+                            "models": [{"path": str(p), "weight": w}
+                                       for p, w in zip(experts[:n_models], weights)],
+                            **EXTRA.get(ci, {})}
+                    for engine in ("torch", "numpy"):
+                        key = f"{str(dtype).split('.')[-1]}/{ci}:{method}{json.dumps(params, sort_keys=True)}/w{wi}/{engine}"
+                        out = root / f"out{len(results)}"
+                        try:
+                            merge(spec, out, progress=False, hash_inputs=False, engine=engine)  # type: ignore[arg-type]
+                        except SpecError as exc:
+                            if engine == "numpy" and "numpy engine cannot run" in str(exc):
+                                continue
+                            raise
+                        results[key] = digests_of(out)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--out", type=Path)
+    group.add_argument("--check", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    results = run_all()
+    n = sum(len(v) for v in results.values())
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+        print(f"recorded {len(results)} merges, {n} tensors -> {args.out}")
+        return 0
+    before = json.loads(args.check.read_text())
+    diffs = [(k, t) for k in sorted(set(before) | set(results))
+             for t in sorted(set(before.get(k, {})) | set(results.get(k, {})))
+             if before.get(k, {}).get(t) != results.get(k, {}).get(t)]
+    for k, t in diffs[:20]:
+        print(f"DIFFERENT: {k} {t}: {before.get(k, {}).get(t)} vs {results.get(k, {}).get(t)}")
+    print(f"checked {len(results)} merges, {n} tensors against {args.check}: "
+          f"{'all identical' if not diffs else f'{len(diffs)} differ'}")
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
