@@ -16,7 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from mergelab.analysis.bound import BoundConstants, BoundExpert, BoundPool, chi2_divergence, evaluate_bound, schedule_moments
+from mergelab.analysis.bound import (
+    DEFAULT_FACTORS,
+    BoundConstants,
+    BoundExpert,
+    BoundPool,
+    _typical_expert,
+    chi2_divergence,
+    evaluate_bound,
+    predict_trends,
+    recommend,
+    schedule_moments,
+)
 from mergelab.analysis.pool_report import load_constants, merge_coefficients
 from mergelab.checkpoints import save_state_dict
 from mergelab.cli import main
@@ -104,6 +115,19 @@ def test_analyze_with_data_writes_the_new_sections_and_plots(analysed, capsys):
     assert theory["pool"]["smoothness"] == pytest.approx(max(r["L"] for r in theory["experts"]))
 
 
+def _reported_pool(rep: dict, experts: list) -> BoundPool:
+    """The analysed pool rebuilt from the report's measured quantities and the experts' sidecars (task
+    arithmetic, lambda 0.3, as the spec says)."""
+    theory = rep["sections"]["theory"]["data"]
+    bes = []
+    for e, row in zip(experts, theory["experts"]):
+        m1, m2 = schedule_moments(e.spec.steps, e.spec.schedule, e.spec.warmup_frac, e.spec.decay_frac, e.spec.min_lr_ratio)
+        bes.append(BoundExpert(row["label"], e.spec.lr, e.spec.steps, e.spec.batch_size, e.n_train, row["sigma2"],
+                               row["delta2"], row["init_loss"], e.spec.momentum, "sgd", m1, m2,
+                               data_ratio=e.spec.data_ratio))
+    return BoundPool(tuple(bes), theory["pool"]["smoothness"], "task_arithmetic", 0.3)
+
+
 def test_bound_section_is_derived_and_is_the_formula_on_the_measured_quantities(analysed):
     _, rep, experts = analysed
     sec = rep["sections"]["bound"]
@@ -115,12 +139,9 @@ def test_bound_section_is_derived_and_is_the_formula_on_the_measured_quantities(
     # task arithmetic with lambda 0.3 and unit weights: alpha_i = 0.3
     assert b["alphas"] == pytest.approx([0.3, 0.3, 0.3])
     # rebuild the pool from the reported numbers and the sidecars: the same bound
-    bes = []
-    for e, row in zip(experts, theory["experts"]):
-        m1, m2 = schedule_moments(e.spec.steps, e.spec.schedule, e.spec.warmup_frac, e.spec.decay_frac, e.spec.min_lr_ratio)
-        bes.append(BoundExpert(row["label"], e.spec.lr, e.spec.steps, e.spec.batch_size, e.n_train, row["sigma2"],
-                               row["delta2"], row["init_loss"], e.spec.momentum, "sgd", m1, m2))
-    ref = evaluate_bound(BoundPool(tuple(bes), theory["pool"]["smoothness"], "task_arithmetic", 0.3))
+    pool = _reported_pool(rep, experts)
+    bes = pool.experts
+    ref = evaluate_bound(pool)
     assert b["bound"] == pytest.approx(ref.bound, rel=1e-9) and b["gen"] == pytest.approx(ref.gen, rel=1e-9)
     # chi^2(alpha || w) by hand: w_i proportional to a_i eta_i K_i m1_i; the third expert trained fewer steps
     s1 = np.array([be.eta() * be.steps * be.lr_factor_mean for be in bes])
@@ -134,18 +155,37 @@ def test_bound_section_is_derived_and_is_the_formula_on_the_measured_quantities(
 
 
 def test_trends_cover_the_five_hyperparameters_and_recommend(analysed):
-    _, rep, _ = analysed
+    """The trends and the recommendation are the formula's on the measured quantities. The bound's shape in
+    eta or K is an outcome of those quantities (opt_init ~ 1/sqrt(eta K) against the stability term: a U when
+    the initial-loss term dominates, test_bound's case), so it is checked against predict_trends on the rebuilt
+    pool; what holds for any measurement is asserted as such: eps^2 ~ eta^2 K rises in eta and K, and scaling
+    every expert's n leaves opt unchanged (p_i = n_i / n) while gen falls with eps^2 ~ 1/n."""
+    _, rep, experts = analysed
     data = rep["sections"]["trends"]["data"]
     assert data["form"] == "derived"
     assert set(data["trends"]) == {"K", "eta", "b", "n", "N"}
     for hp, t in data["trends"].items():
         assert t["form"] == "derived" and len(t["bound"]) == len(t["factors"]) >= 3
         assert t["shape"] in ("increasing", "decreasing", "flat", "U", "inverted-U", "non-monotone"), hp
-    # eta enters only through eta^2 (stability) and eta (opt noise): the derived bound rises with eta
-    assert data["trends"]["eta"]["shape"] == "increasing"
+    pool = _reported_pool(rep, experts)
+    ref = predict_trends(pool, hyperparameters=["K", "eta", "b", "n"])
+    for hp, t in ref.items():
+        got = data["trends"][hp]
+        assert got["factors"] == pytest.approx(list(t.factors)) and got["bound"] == pytest.approx(list(t.bound), rel=1e-9)
+        assert got["shape"] == t.shape and got["term_shapes"] == t.term_shapes, hp
+    assert data["trends"]["eta"]["term_shapes"]["eps2"] == "increasing"
+    assert data["trends"]["K"]["term_shapes"]["eps2"] == "increasing"
+    assert data["trends"]["n"]["shape"] == "decreasing" and data["trends"]["n"]["term_shapes"]["opt"] == "flat"
     rec = data["recommendation"]
     assert rec["form"] == "derived" and set(rec["recommended"]) == {"lr", "steps", "batch_size", "data_ratio"}
-    assert rec["bound_after"] <= rec["bound_before"]
+    expected = recommend(pool)
+    assert rec["bound_before"] == pytest.approx(expected.bound_before, rel=1e-9)
+    assert rec["bound_after"] == pytest.approx(expected.bound_after, rel=1e-9)
+    assert rec["factors"] == pytest.approx(expected.factors) and rec["recommended"] == pytest.approx(expected.recommended)
+    # the search is a minimum over a grid that holds the unchanged setting (all factors 1) with all the data
+    target = _typical_expert(pool)
+    unchanged = pool.with_experts([*pool.experts, target.scaled("n", 1 / min(1.0, target.data_ratio))])
+    assert 1.0 in DEFAULT_FACTORS and rec["bound_after"] <= evaluate_bound(unchanged).bound * (1 + 1e-12)
 
 
 def test_landscape_and_cka_sections(analysed):
@@ -275,3 +315,4 @@ def test_expert_pool_without_data_section_stays_data_free(zoo, tmp_path):
     spec = _write_spec(tmp_path, pre, [e.path for e in experts[:2]], "data:\n  samples_per_task: 8\n")
     assert main(["analyze", str(spec), "-o", str(tmp_path / "out2"), "--no-progress", "--no-plots", "--no-data"]) == 0
     assert "theory" not in json.loads((tmp_path / "out2" / "report.json").read_text())["sections"]
+
