@@ -10,8 +10,10 @@ variant (``--full``) for machines or clusters with time to spare.
 ``noise``       :mod:`mergelab.experiments.noise_study`. Default: resnet_s on mnist and mnist1d, lr in
                 {0.0125, 0.05, 0.2, 0.8} x B in {16, 64}, weight decay / momentum / augmentation sweeps,
                 3 branch points x 2 seed pairs per cell, square-root decay (26 parents of 250 steps, 312
-                branches of 100 steps, 156 merges). Full: 3 tasks, 5 learning rates x 3 batch sizes, 3 branch
-                points x 2 seed pairs, decay 150 steps.
+                branches of 100 steps, 156 merges; at the measured ~40 ms/step for B 64, ~20 ms/step for B 16
+                and ~1.5 s per merge on one thread, ~30 CPU-minutes: ~15-20 min on 2 idle cores). Full: 3 tasks,
+                5 learning rates x 3 batch sizes, 3 branch points x 2 seed pairs, decay 150 steps (72 parents,
+                864 branches, 432 merges: ~4x the default's steps).
 ``pool``        :mod:`mergelab.experiments.pool_scaling`, both protocols (irrelevant, relevant). Default:
                 sizes 4, 12, 20 with task arithmetic, TIES, FW-soft and FW-hard; full: sizes 4..20 step 4
                 and every pool-scaling method. Needs the full resnet_s zoo (built if missing).
