@@ -87,6 +87,30 @@ def test_alpha_one_solves_the_stacked_least_squares_problem():
         assert objective(merged) <= objective(merged + 1e-3 * torch.randn(4, 6, dtype=torch.float64, generator=g))
 
 
+def test_exact_on_the_experts_inputs_but_outside_their_outputs_off_them():
+    """The mechanism behind RegMean < averaging on the resnet_s zoo (module docstring), by construction.
+
+    Expert 1 sees only x = e1 and maps it to 1 (W_1 = [1, 0]); expert 2 sees only x = e1 + e2 and maps
+    everything to 0 (W_2 = [0, 0]). alpha = 1 fits both exactly with W = [1, -1], twice as far from the
+    average [0.5, 0] as the average is from W_2. On e2, an input that neither expert produced, both experts
+    output 0 but RegMean outputs -1, outside their range; the average outputs 0, their mean (for one linear
+    map the average's output is always the mean of the experts' outputs). A merged network whose inputs
+    drift away from every expert's (the zoo's large task vectors) meets exactly such inputs.
+    """
+    e1, e12, e2 = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 0.0], [1.0, 1.0], [0.0, 1.0]))
+    ws = [torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)]
+    merged = regmean_merge(ws, [torch.outer(e1, e1), torch.outer(e12, e12)], alpha=1.0)
+    torch.testing.assert_close(merged, torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+    assert float(merged @ e1) == pytest.approx(float(ws[0] @ e1))  # exact on each expert's own input
+    assert float(merged @ e12) == pytest.approx(float(ws[1] @ e12))
+    outs = [float(w @ e2) for w in ws]
+    assert float(merged @ e2) == pytest.approx(-1.0) and float(merged @ e2) < min(outs)  # extrapolates
+    assert float(((ws[0] + ws[1]) / 2) @ e2) == pytest.approx(sum(outs) / 2)
+    # alpha = 0 keeps the diagonals only: per-feature weights, never outside the experts' range per entry
+    diag = regmean_merge(ws, [torch.outer(e1, e1), torch.outer(e12, e12)], alpha=0.0)
+    torch.testing.assert_close(diag, torch.tensor([[0.5, 0.0]], dtype=torch.float64))
+
+
 def test_intermediate_alpha_matches_the_formula():
     g = torch.Generator().manual_seed(3)
     grams = [_spd(5, g) for _ in range(3)]
