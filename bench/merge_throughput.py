@@ -390,7 +390,7 @@ def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, col
     what each costs. Run in a fresh interpreter (``--profile``) so nothing is warm but the page cache."""
     import resource
 
-    import mergelab.engine as engine
+    import mergelab.merging.torch_backend as engine
     import mergelab.provenance as provenance
     from mergelab.checkpoints import writer
     from mergelab.methods import get_method
@@ -412,14 +412,13 @@ def profile_merge(method: str, base: Path, experts: list[Path], cache: Path, col
         setattr(owner, attr, wrapper)
 
     m = get_method(method)
-    timed(engine._Inputs, "read", "read inputs (read-ahead thread)")
+    timed(engine.TorchInputs, "read", "read inputs (read-ahead thread)")
     timed(writer.CheckpointWriter, "write", "write tensors (write-behind thread)")
     timed(writer.CheckpointWriter, "finish", "finish (last fsync, rename)")
     timed(provenance, "file_digest", "hash inputs (SHA-256, main thread)")
-    original = m.merge
-    holder = type("H", (), {"merge": staticmethod(original)})
-    timed(holder, "merge", f"method ({method}, main thread)")
-    object.__setattr__(m, "merge", holder.merge)
+    holder = type("H", (), {"kernel": staticmethod(engine.kernel(m))})
+    timed(holder, "kernel", f"method ({method}, main thread)")
+    engine.KERNELS[m.name] = holder.kernel
 
     os.environ["MERGELAB_CACHE"] = str(cache / "mergelab-cache")
     digests = cache / "mergelab-cache" / "digests.json"

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "merge": ("mergelab.merging", "merge"),
-    "MergeResult": ("mergelab.merge_inputs", "MergeResult"),
+    "MergeResult": ("mergelab.merging.publish", "MergeResult"),
     "MergeSpec": ("mergelab.spec", "MergeSpec"),
     "load_spec": ("mergelab.spec", "load_spec"),
 }

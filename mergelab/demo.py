@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mergelab.checkpoints import load_state_dict, save_state_dict
-from mergelab.engine import merge
+from mergelab.merging import merge
 
 log = logging.getLogger(__name__)
 

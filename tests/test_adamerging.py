@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import registry
 from mergelab.methods.data_informed.adamerging import (

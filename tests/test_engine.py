@@ -1,4 +1,4 @@
-"""Tests for mergelab.engine.merge: full merges equal the per-tensor methods, global vs per-tensor TIES
+"""Tests for mergelab.merging.merge: full merges equal the per-tensor methods, global vs per-tensor TIES
 trimming, overrides, dtype rules, the merge record, YAML specs, the CLI, and clear, atomic failures."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import yaml
 
 from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.cli import main
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMismatchError
+from mergelab.merging.torch_backend import kernel
 from mergelab.methods import TensorInputs, get_method
 
 
@@ -106,7 +107,7 @@ def test_full_merge_equals_per_tensor_reference(tmp_path: Path, name: str, param
         if not value.is_floating_point():
             assert torch.equal(got, value), tensor  # integer buffers come from the base
             continue
-        ref = method.merge(TensorInputs(tensor, value, [e[tensor] for e in experts], w, thresholds), p)
+        ref = kernel(method)(TensorInputs(tensor, value, [e[tensor] for e in experts], w, thresholds), p)
         assert torch.equal(got, ref.to(value.dtype)), (name, tensor, (got - ref).abs().max())
 
 
@@ -116,7 +117,7 @@ def test_slerp_one_model_and_weight_average_without_base(tmp_path: Path) -> None
           tmp_path / "s", progress=False)
     merged = load_state_dict(tmp_path / "s")
     for tensor in ("layers.0.weight", "layers.1.bias"):
-        ref = get_method("slerp").merge(TensorInputs(tensor, base[tensor], [experts[0][tensor]], [1.0]),
+        ref = kernel("slerp")(TensorInputs(tensor, base[tensor], [experts[0][tensor]], [1.0]),
                                         get_method("slerp").parse_params({"t": 0.25}))
         assert torch.equal(merged[tensor], ref)
     # no base: weight_average copies integer buffers from the first model
@@ -273,7 +274,7 @@ def test_mixed_precision_merges_in_float32_writes_base_dtype(tmp_path: Path) -> 
     p = get_method("task_arithmetic").parse_params({"lambda": 0.7})
     for tensor in ("layers.0.weight", "layers.1.bias", "scale"):
         assert merged[tensor].dtype == torch.bfloat16
-        ref = get_method("task_arithmetic").merge(
+        ref = kernel("task_arithmetic")(
             TensorInputs(tensor, base[tensor], [e[tensor] for e in experts], [1.0, 1.0]), p)
         assert ref.dtype == torch.float32  # computed in float32 ...
         assert torch.equal(merged[tensor], ref.to(torch.bfloat16))  # ... written in the base's dtype
@@ -285,7 +286,7 @@ def test_mixed_precision_merges_in_float32_writes_base_dtype(tmp_path: Path) -> 
 
     merge({**spec, "dtype": "float32"}, tmp_path / "f32", progress=False)
     merged = load_state_dict(tmp_path / "f32")
-    ref = get_method("task_arithmetic").merge(
+    ref = kernel("task_arithmetic")(
         TensorInputs("layers.0.weight", base["layers.0.weight"], [e["layers.0.weight"] for e in experts],
                      [1.0, 1.0]), p)
     assert merged["layers.0.weight"].dtype == torch.float32 and torch.equal(merged["layers.0.weight"], ref)

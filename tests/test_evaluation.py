@@ -69,7 +69,7 @@ def test_joint_metrics_are_the_union_of_test_sets(zoo):
 
 
 def test_a_merged_backbone_folder_evaluates_and_bn_can_be_reset(zoo, tmp_path):
-    from mergelab.engine import merge
+    from mergelab.merging import merge
 
     _, pre_path, experts = zoo
     out = tmp_path / "merged"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import registry
 from mergelab.methods.data_informed.context import MergeContext

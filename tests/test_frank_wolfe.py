@@ -611,7 +611,7 @@ def _context(zoo, models, tasks=None, samples=32) -> MergeContext:
 
 
 def test_fw_hard_and_soft_merge_through_the_engine_into_a_loadable_backbone(zoo, tmp_path):
-    from mergelab.engine import merge
+    from mergelab.merging import merge
 
     pre, experts = zoo
     for method, params in [("fw_hard", {"iterations": 1, "line_search_steps": 2}),

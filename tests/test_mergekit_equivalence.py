@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from mergelab.checkpoints import load_state_dict, save_state_dict  # noqa: E402
-from mergelab.engine import merge  # noqa: E402
+from mergelab.merging import merge  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS = 16, 32, 32, 2
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mergelab.errors import SpecError
+from mergelab.merging.torch_backend import kernel
 from mergelab.methods import METHODS, TensorInputs, get_method
 
 F64 = torch.float64
@@ -33,7 +34,7 @@ def run(name: str, base, experts, weights=None, params=None, *, tensor="layer.we
     method = get_method(name)
     weights = [1.0] * len(experts) if weights is None else weights
     p = method.parse_params(params or {})
-    return method.merge(TensorInputs(tensor, base, experts, weights, thresholds, compute_dtype), p)
+    return kernel(method)(TensorInputs(tensor, base, experts, weights, thresholds, compute_dtype), p)
 
 
 def make(n_experts: int, shape=(6, 5), seed: int = 0, tau_scale: float = 1.0):
@@ -471,4 +472,4 @@ def test_ties_global_scope_without_thresholds_is_an_error() -> None:
     base, experts = make(2, seed=3)
     p = get_method("ties").parse_params({"density": 0.5})
     with pytest.raises(ValueError, match="needs whole-model thresholds"):
-        get_method("ties").merge(TensorInputs("w", base, experts, [1.0, 1.0]), p)
+        kernel("ties")(TensorInputs("w", base, experts, [1.0, 1.0]), p)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mergelab import numpy_engine
+from mergelab.merging import numpy_backend as numpy_engine
 from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import NonFiniteError, SpecError
 from mergelab.merging import merge
@@ -218,7 +218,8 @@ def _ties_reference(base, experts, weights, density, sign_election, divisor, lam
 
 def _small_selection(monkeypatch, block: int = 64, small: int = 100, sample: int = 128) -> None:
     """Blocks, direct-selection size and sample small enough that tiny tensors take the block-wise paths."""
-    from mergelab import numpy_ties, order_stats
+    from mergelab.merging import numpy_kernels as numpy_ties
+    from mergelab.ops import selection as order_stats
 
     monkeypatch.setattr(numpy_ties, "BLOCK", block)
     monkeypatch.setattr(order_stats, "SMALL", small)
@@ -258,7 +259,8 @@ def test_ties_trim_keeps_exactly_k_first_ties_kept(monkeypatch, width, dtype):
     threshold; on float32 ones a missed bracket falls back to selecting among all entries, with the same result."""
     import ml_dtypes
 
-    from mergelab import numpy_ties, order_stats
+    from mergelab.merging import numpy_kernels as numpy_ties
+    from mergelab.ops import selection as order_stats
 
     _small_selection(monkeypatch, block=97, small=50, sample=256)
     monkeypatch.setattr(order_stats, "WIDTH", width)
@@ -288,7 +290,7 @@ def test_ties_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes)
     """Per-tensor TIES on both engines, with every option, on the block-wise paths: the same bits."""
     paths = _models(tmp_path, dtypes, seed=11)
     _small_selection(monkeypatch)
-    from mergelab import order_stats  # the torch engine's selection reads the same sizes
+    from mergelab.ops import selection as order_stats  # the torch back-end's selection reads the same sizes
     from mergelab.ops import blocks as torch_blocks
 
     monkeypatch.setattr(torch_blocks, "BLOCK", 40)
@@ -364,7 +366,7 @@ def test_ties_nonfinite_input_on_the_block_path_is_named(tmp_path, monkeypatch, 
 def test_ties_global_trim_closed_form_and_torch_engine(tmp_path, monkeypatch, dtype, width):
     """The paper's whole-model trim: per expert, exactly k = floor(density * N) entries over all tensors of a
     density group survive, ties kept first in model order; the same bits as the torch engine's."""
-    from mergelab import order_stats
+    from mergelab.ops import selection as order_stats
     from mergelab.checkpoints import open_checkpoint
 
     paths = _models(tmp_path, [dtype] * 4, seed=21)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import registry
 from mergelab.methods.data_informed.regmean import (

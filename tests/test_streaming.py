@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab import numpy_engine, numpy_ties, ops, order_stats
+from mergelab import ops
+from mergelab.merging import numpy_backend as numpy_engine
+from mergelab.merging import numpy_kernels as numpy_ties
+from mergelab.ops import selection as order_stats
 from mergelab.checkpoints import open_checkpoint, save_state_dict
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import NonFiniteError
+from mergelab.merging.torch_backend import kernel
+from mergelab.merging.torch_kernels import KERNELS
+from mergelab.methods import METHODS
 from mergelab.methods import TensorInputs, get_method
 from mergelab.ops import blocks as blocks_mod
 
@@ -36,13 +42,28 @@ def _inputs(n_experts: int, n: int, dtype: torch.dtype, seed: int = 0, scale: fl
     return base, experts
 
 
-def _ties_reference(base, experts, weights, density, sign_election, divisor, lam):
-    """TIES as the whole-tensor composition of the operators: trim -> elect_sign -> disjoint_mean -> scale."""
-    taus = [e.float() - base.float() for e in experts]
-    trimmed = [ops.trim(t, density) for t in taus]
-    sign = ops.elect_sign(trimmed, weights, by=sign_election)
-    merged = ops.disjoint_mean(trimmed, sign, weights, divisor=divisor)
-    return base.float() + ops.scale(merged, lam)
+def _ties_reference(base, experts, weights, p):
+    """TIES as the catalog specifies it: the whole-tensor composition trim -> elect_sign -> disjoint_mean -> scale."""
+    return get_method("ties").reference(TensorInputs("w", base, experts, weights), p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_torch_kernel_equals_its_catalog_reference(monkeypatch, dtype, name):
+    """Each block kernel the torch back-end registers computes its method's reference composition bit for
+    bit (several blocks, two threads, non-unit weights); the other methods run as their reference."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    base, experts = _inputs(3, 1000, dtype)
+    method = get_method(name)
+    params = {"trim_scope": "tensor", "density": 0.3} if name == "ties" else {}
+    p = method.parse_params({**params, **({"lambda": 0.6} if "lambda" in method.params.model_fields or
+                                           any(f.alias == "lambda" for f in method.params.model_fields.values())
+                                           else {})})
+    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0])
+    assert torch.equal(kernel(name)(inp, p), method.reference(inp, p))
+    for other in set(METHODS) - set(KERNELS):
+        assert kernel(other) is get_method(other).reference
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -59,11 +80,11 @@ def test_blockwise_ties_equals_whole_tensor(monkeypatch, dtype, threads, density
     p = get_method("ties").parse_params({"density": density, "trim_scope": "tensor",
                                          "sign_election": sign_election, "disjoint_divisor": divisor,
                                          "lambda": 0.7})
-    out = get_method("ties").merge(TensorInputs("w", base, experts, weights), p)
-    ref = _ties_reference(base, experts, weights, density, sign_election, divisor, 0.7)
+    out = kernel("ties")(TensorInputs("w", base, experts, weights), p)
+    ref = _ties_reference(base, experts, weights, p)
     assert torch.equal(out, ref)
     # rounded once into the output dtype when the engine asks for it
-    out_bf16 = get_method("ties").merge(TensorInputs("w", base, experts, weights, out_dtype=torch.bfloat16), p)
+    out_bf16 = kernel("ties")(TensorInputs("w", base, experts, weights, out_dtype=torch.bfloat16), p)
     assert torch.equal(out_bf16, ref.to(torch.bfloat16))
     if density < 1.0:  # the tie rule keeps exactly k entries of each trimmed task vector
         k = ops.keep_count(1000, density)
@@ -77,8 +98,8 @@ def test_blockwise_ties_bracket_miss_falls_back(monkeypatch):
     monkeypatch.setattr(order_stats, "WIDTH", 0.0)  # a bracket of one sample rank: the exact pass misses
     base, experts = _inputs(2, 900, torch.float32, seed=3)
     p = get_method("ties").parse_params({"density": 0.3, "trim_scope": "tensor"})
-    out = get_method("ties").merge(TensorInputs("w", base, experts, [1.0, 1.0]), p)
-    assert torch.equal(out, _ties_reference(base, experts, [1.0, 1.0], 0.3, "mass", "count", 1.0))
+    out = kernel("ties")(TensorInputs("w", base, experts, [1.0, 1.0]), p)
+    assert torch.equal(out, _ties_reference(base, experts, [1.0, 1.0], p))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -87,13 +108,13 @@ def test_blockwise_task_arithmetic_and_average_equal_whole_tensor(monkeypatch, d
     base, experts = _inputs(3, 500, dtype, seed=1)
     w = [1.0, 0.3, -0.7]
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    out = get_method("task_arithmetic").merge(
+    out = kernel("task_arithmetic")(
         TensorInputs("w", base, experts, w, compute_dtype=cd), get_method("task_arithmetic").parse_params({"lambda": 0.4}))
     acc = torch.zeros(500, dtype=cd)
     for e, wi in zip(experts, w):
         acc.add_(e.to(cd) - base.to(cd), alpha=wi)
     assert torch.equal(out, acc.mul_(0.4).add_(base.to(cd)))
-    out = get_method("weight_average").merge(TensorInputs("w", None, experts, w, compute_dtype=cd),
+    out = kernel("weight_average")(TensorInputs("w", None, experts, w, compute_dtype=cd),
                                              get_method("weight_average").parse_params({}))
     first = experts[0].to(cd)
     ref = first + ops.weighted_mean([e.to(cd) - first for e in experts], w)
@@ -182,7 +203,7 @@ def test_pipeline_equals_per_tensor_merge(tmp_path, monkeypatch, method, params,
                 if not b.is_floating_point():
                     assert torch.equal(big.get(name), b)
                     continue
-                ref = m.merge(TensorInputs(name, b, es, [1.0] * len(es)), p).to(b.dtype)
+                ref = kernel(m)(TensorInputs(name, b, es, [1.0] * len(es)), p).to(b.dtype)
                 assert torch.equal(big.get(name), ref), name
         finally:
             for r in readers:

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from mergelab.engine import merge
+from mergelab.merging import merge
 from mergelab.errors import CheckpointError, NonFiniteError, SpecError
 from mergelab.evaluation import evaluate
 from mergelab.methods.data_informed.context import MergeContext

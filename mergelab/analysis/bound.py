@@ -901,7 +901,7 @@ def merge_operator_vectors(method: str, parameters: Mapping[str, Any], taus: Seq
 
     ``taus``: one mapping tensor name -> torch tensor per expert. ``ties``/``dare_ties``/``dare_linear``/
     ``breadcrumbs`` apply the operator of :func:`mergelab.analysis.diagnostics.apply_operator` with the
-    method's parsed parameters (defaults of :mod:`mergelab.methods.data_free`: TIES density 0.2 trimmed over
+    method's parsed parameters (defaults of :mod:`mergelab.methods.catalog`: TIES density 0.2 trimmed over
     the whole model, DARE density 0.5 rescaled by 1/density, seeded as the merge seeds its masks); TIES's
     whole-model trim is applied to the concatenated task vector. Other methods return ``"identity"`` and
     the task vectors unchanged.

@@ -7,7 +7,7 @@ Protocol (:func:`run_study`):
 2. **Pools**: ``pools`` distinct random subsets of the experts with sizes drawn uniformly from
    ``min_size .. max_size``, seeded (:func:`draw_pools`).
 3. **Measured**: each pool is merged for real by simple averaging (``weight_average`` through
-   :func:`mergelab.engine.merge`, into a temporary folder) and the merged backbone is evaluated with
+   :func:`mergelab.merging.merge`, into a temporary folder) and the merged backbone is evaluated with
    :func:`mergelab.evaluation.evaluate` on every pool task's full test split through that task's expert head;
    the measured quantity is the mean over the pool's tasks of the test cross-entropy.
 4. **Features**: the bound's terms ``(opt, gen)`` at unit constants for the pool
@@ -239,9 +239,9 @@ def pool_bound(inits: Sequence[ExpertAtInit], experts: Sequence[ExpertResult], n
 
 def merged_loss(base_path: Path, experts: Sequence[ExpertResult], *, reset_bn: bool = False,
                 device: str = "cpu", workdir: PathLike | None = None) -> dict[str, Any]:
-    """Merge ``experts`` by simple averaging with :func:`mergelab.engine.merge` (a real merge, into a temporary
+    """Merge ``experts`` by simple averaging with :func:`mergelab.merging.merge` (a real merge, into a temporary
     folder) and evaluate it on their tasks' test splits. Returns the mean loss and the per-task rows."""
-    from mergelab.engine import merge
+    from mergelab.merging import merge
     from mergelab.evaluation import evaluate
 
     spec = {"method": "weight_average", "base": str(base_path), "models": [str(e.path) for e in experts],

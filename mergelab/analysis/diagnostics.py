@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 
 from mergelab import ops
 from mergelab.checkpoints import TensorInfo, open_checkpoint
-from mergelab.engine import _compute_dtype, _global_thresholds, _Inputs, _resolve_device
+from mergelab.merging.torch_backend import TorchInputs, compute_dtype, global_thresholds, resolve_device
 from mergelab.errors import MergeLabError, SpecError
 from mergelab.methods import TensorInputs, get_method
 
@@ -569,15 +569,12 @@ def _open(source: Source, label: str) -> Any:
     return open_checkpoint(source)
 
 
-class _Pool(_Inputs):
-    """A base and N experts, opened lazily and validated against each other exactly as a merge validates them
-    (keys, shapes, float-vs-integer; NaN/Inf on read), by the engine's :class:`~mergelab.engine._Inputs`."""
-
-    @classmethod
-    def of(cls, base: Source, experts: Sequence[Source], labels: Sequence[str]) -> _Pool:
-        """Open ``base`` and ``experts`` (paths or in-memory state dicts named ``<label>``) and validate them."""
-        return cls.from_openers(partial(_open, base, "<base>"),
-                                [partial(_open, source, f"<{label}>") for source, label in zip(experts, labels)])
+def _open_pool(base: Source, experts: Sequence[Source], labels: Sequence[str]) -> TorchInputs:
+    """Open ``base`` and ``experts`` (paths or in-memory state dicts named ``<label>``) and validate them
+    against each other exactly as a merge does (keys, shapes, float-vs-integer; NaN/Inf on read), as the
+    torch back-end's :class:`~mergelab.merging.torch_backend.TorchInputs`."""
+    return TorchInputs.from_openers(partial(_open, base, "<base>"),
+                                    [partial(_open, source, f"<{label}>") for source, label in zip(experts, labels)])
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -821,15 +818,15 @@ def pool_diagnostics(
     labels = list(labels) if labels is not None else [
         str(e) if not isinstance(e, Mapping) else f"expert {i + 1}" for i, e in enumerate(experts)
     ]
-    dev = _resolve_device(device)
-    pool = _Pool.of(base, experts, labels)
+    dev = resolve_device(device)
+    pool = _open_pool(base, experts, labels)
     try:
         thresholds: dict[str, list[float]] = {}
         tie_quotas: dict[str, list[int]] = {}
         if config.trim_scope == "global" and any(op in ("trim", "ties") for op in config.operators):
             ties = get_method("ties")
             params = ties.parse_params({"density": config.density, "trim_scope": "global"})
-            thresholds, tie_quotas = _global_thresholds(pool, ties, lambda _name: params, dev, progress)
+            thresholds, tie_quotas = global_thresholds(pool, ties, lambda _name: params, dev, progress)
         total = PoolStats(n_experts=n)
         layers: list[LayerDiagnostics] = []
         skipped: list[str] = []
@@ -839,7 +836,7 @@ def pool_diagnostics(
                 skipped.append(name)
                 continue
             b, es = pool.load(name, dev)
-            dtype = _compute_dtype(b, es)
+            dtype = compute_dtype(b, es)
             bb = b.to(dtype)
             taus = [e.to(dtype) - bb for e in es]
             del b, es, bb

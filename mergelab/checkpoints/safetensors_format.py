@@ -17,7 +17,7 @@ descriptor (the tensor data is never touched, so opening a checkpoint costs a fe
 
 It does not import torch: dtypes are :class:`StorageDtype` records (code, name, size, kind), convertible
 to and from torch and numpy dtypes by name, so that a merge which never computes with torch (the numpy
-engine of :mod:`mergelab.numpy_engine`) never pays the 1.5 s of ``import torch``.
+back-end of :mod:`mergelab.merging.numpy_backend`) never pays the 1.5 s of ``import torch``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
 * ``multitask``: traditional multi-task learning, one backbone fine-tuned jointly on all the tasks' training
   data from theta_0, each task through its own (jointly trained) head (:mod:`mergelab.training.multitask`,
   cached by spec hash like an expert). Its wall time is its training time.
-* merges, each written to disk by :func:`mergelab.engine.merge` and evaluated with
+* merges, each written to disk by :func:`mergelab.merging.merge` and evaluated with
   :func:`mergelab.evaluation.evaluate` through the experts' heads under **one declared protocol**
   (:mod:`mergelab.evaluation.protocol`): ``bn`` says how BatchNorm statistics are obtained for the
   pretrained row and every merge alike (default ``joint``: re-estimated on the group's unlabelled training
@@ -61,7 +61,7 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
 
 **Wall time and peak memory.** Each merge (and the multi-task training) runs in a fresh process started with
 ``multiprocessing``'s *spawn* method; the child times the merge (:func:`time.perf_counter` around
-:func:`~mergelab.engine.merge`, reading inputs and writing the output included, evaluation excluded) and
+:func:`~mergelab.merging.merge`, reading inputs and writing the output included, evaluation excluded) and
 reads its resident-set high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` right after it:
 ``peak_mb`` is that mark (Python, torch and mergelab loaded included), ``base_mb`` the child's resident set
 just before the merge, after loading the merge modules and one warm-up forward pass of the architecture (so
@@ -443,7 +443,7 @@ def _maxrss_mb() -> float:
 
 
 def _job_merge(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    from mergelab.engine import merge
+    from mergelab.merging import merge
 
     result = merge(spec, out_dir, overwrite=True, progress=False, hash_inputs=False)
     return {"seconds": result.seconds, "out_dir": str(result.out_dir)}
@@ -464,7 +464,7 @@ def _warm_up(arch: str | None) -> None:
     import torch
 
     import mergelab.checkpoints  # noqa: F401
-    import mergelab.engine  # noqa: F401
+    import mergelab.merging.torch_backend  # noqa: F401
     import mergelab.evaluation.task_suite  # noqa: F401
     from mergelab.methods.data_informed import registry
     from mergelab.models import build_backbone
@@ -783,7 +783,7 @@ def _select_on_validation(spec: dict[str, Any], grid: Mapping[str, tuple[Any, ..
     best mean validation accuracy (ties: the first grid point; invalid merges never win)."""
     import itertools
 
-    from mergelab.engine import merge
+    from mergelab.merging import merge
 
     names = list(grid)
     points = list(itertools.product(*(grid[n] for n in names)))

@@ -5,7 +5,7 @@ processes and Ray can import them; each takes one JSON-able spec and returns a m
   expert cache) one expert; returns its folder, spec hash, test accuracy/loss, training-set size, wall time.
 * :func:`merge_eval_job` ``{"arch", "method", "parameters", "members": [{"task", "spec_hash", "step"}],
   "reset_bn", "data_samples", "cache_dir"}``: merge the members' backbones with
-  :func:`mergelab.engine.merge` into a temporary folder (``base`` = the pretrained backbone theta_0) and
+  :func:`mergelab.merging.merge` into a temporary folder (``base`` = the pretrained backbone theta_0) and
   evaluate the merge on every member's task through that member's head
   (:func:`mergelab.evaluation.evaluate`). A member with ``step`` is the checkpoint of that expert at that
   step (its backbone and head). Returns the mean over tasks of the test loss and accuracy, the joint
@@ -86,7 +86,7 @@ def expert_folder(expert: Any, dest: Path) -> Path:
 
 def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Merge the members and evaluate the merge on their tasks; see the module docstring."""
-    from mergelab.engine import merge
+    from mergelab.merging import merge
     from mergelab.evaluation import evaluate
     from mergelab.methods.data_informed import registry
     from mergelab.models.paths import pretrained_dir

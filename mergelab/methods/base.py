@@ -1,10 +1,14 @@
-"""What a merging method is: a named per-tensor computation with validated parameters.
+"""What a data-free merging method is: a named per-tensor computation with validated parameters and traits.
 
-A :class:`Method` receives, for one tensor name, the base tensor, the experts' tensors and weights and its
-resolved parameters (:class:`TensorInputs`), and returns the merged tensor in the compute dtype (float32,
-float64 if an input is float64), or already in ``out_dtype`` when the engine asks for it and the method
-can round once into it. The engine handles everything around it: reading, validation, whole-model
-statistics, dtype casting, writing.
+A :class:`Method` declares its parameters (a pydantic model with the papers' defaults), its traits (needs a
+base, how many models, per-model weights, linear or not, I/O- or CPU-bound, whole-model trim) and its
+``reference``: the composition of :mod:`mergelab.ops` operators on whole tensors that *specifies* it. A
+reference receives, for one tensor name, the base tensor, the experts' tensors and weights and the resolved
+parameters (:class:`TensorInputs`), and returns the merged tensor in the compute dtype (float32, float64
+if an input is float64). The merge back-ends (:mod:`mergelab.merging`) may register faster kernels for a
+method (blocks, threads, numpy); each kernel is tested against the reference, and a back-end without a
+kernel for a method runs its reference. The back-end handles everything around it: reading, validation,
+whole-model statistics, dtype casting, writing.
 """
 
 from __future__ import annotations
@@ -101,27 +105,48 @@ class TensorInputs:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered merging method.
+    """A data-free merging method: parameters, traits and its reference composition of operators.
 
-    ``global_trim_density(params)`` returns the density at which the engine must compute whole-model trim
-    thresholds for this tensor (TIES with ``trim_scope: global``), or ``None``.
+    Traits, read by the merge back-ends, diagnostics and the experiments (never listed anywhere else):
 
-    ``propagates_nonfinite`` declares that a NaN or Inf in any input always makes the output non-finite
-    (true for linear combinations: IEEE addition and multiplication never turn NaN/Inf back into a finite
-    number, and the coefficients are finite). The engine then checks only the output and rescans the inputs
-    of a tensor to name the offending file when the output is non-finite, instead of checking every input.
+    - ``needs_base``, ``min_models``, ``max_models``, ``uses_weights``: what the model list must be;
+      ``base_or_two``: with one model the base is the other end (SLERP); ``weights_nonzero``: the weights
+      may not sum to zero (a weighted mean);
+    - ``linear``: the output is a linear combination of the inputs with finite coefficients, so a NaN or
+      Inf in any input always reaches the output (IEEE addition and multiplication never turn NaN/Inf back
+      into a finite number): back-ends check only the output, and rescan a tensor's inputs to name the
+      offending file when the output is not finite, instead of checking every input as it is read;
+    - ``io_bound``: a merge waits for the disk rather than the CPU (written through the page cache);
+    - ``global_trim_density(params)``: the density at which a back-end must compute whole-model trim
+      thresholds for a tensor (TIES with ``trim_scope: global``), or ``None``; the thresholds and tie quotas
+      reach the method in :class:`TensorInputs`;
+    - ``operator``: the name of the sparsification/consensus operator T the method applies to each task
+      vector before combining them (:func:`mergelab.analysis.diagnostics.apply_operator`), or ``None``.
     """
 
     name: str
     summary: str
     params: type[MethodParams]
-    merge: Callable[[TensorInputs, Any], torch.Tensor]
+    reference: Callable[[TensorInputs, Any], torch.Tensor]
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
     uses_weights: bool = True
+    base_or_two: bool = False
+    weights_nonzero: bool = False
+    linear: bool = False
+    io_bound: bool = False
     global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
-    propagates_nonfinite: bool = False
+    operator: str | None = None
+
+    @property
+    def propagates_nonfinite(self) -> bool:
+        """A NaN/Inf in any input always reaches the output (``linear``)."""
+        return self.linear
+
+    def whole_model_trim(self, params: Any) -> bool:
+        """Whether, with ``params``, the method trims over the whole model (needs the thresholds pre-pass)."""
+        return self.global_trim_density(params) is not None
 
     def parse_params(self, raw: dict[str, Any], where: str = "parameters") -> MethodParams:
         """Validate ``raw`` against this method's parameters; a clear :class:`SpecError` otherwise."""

@@ -1,19 +1,33 @@
-"""The data-free merging methods as a catalog: names, parameters (validated, with the papers' defaults) and
-what each needs (a base model, how many experts, per-model weights).
+"""The method catalog: every data-free merging method, its parameters, traits and reference composition.
 
-The computations live in :mod:`mergelab.methods.data_free` and are imported, with torch, on the first
-call of a method's ``merge``: reading this catalog to validate a spec, or to merge with the numpy engine
-(:mod:`mergelab.numpy_engine`), does not import torch. The defaults and their sources are stated in each
-computation's docstring.
+One entry per method (:data:`METHODS`) declares
+
+- its parameters: a pydantic model, validated, with the papers' defaults (sources in the reference's
+  docstring);
+- its traits (:class:`~mergelab.methods.base.Method`: needs a base, linear, I/O-bound, whole-model trim, ...);
+- its **reference**: the composition of :mod:`mergelab.ops` operators on whole tensors that specifies it
+  (TIES = trim -> elect_sign -> disjoint_mean -> scale). The merge back-ends' kernels are tested against it,
+  and a back-end with no kernel for a method runs the reference itself (:mod:`mergelab.merging`).
+
+**Where do I add a method?** Here. A data-free method that is a composition of existing operators is one
+entry below (its parameter model, its reference, its traits) plus tests of the reference against a
+closed-form answer (tests/test_methods.py); the torch back-end then runs it, tensor by tensor, with every
+rule of a merge (validation, non-finite checks, atomic output). A faster kernel is optional: register it
+in a back-end (:mod:`mergelab.merging.torch_kernels`, :mod:`mergelab.merging.numpy_backend`) and test it
+against the reference (tests/test_streaming.py).
+
+Notation: base theta_0, experts theta_i with weights w_i, task vectors tau_i = theta_i - theta_0.
+``from mergelab import ops`` loads the operators (and torch) on first use, so reading this catalog to
+validate a spec, or to merge with the numpy back-end, does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
+from mergelab import ops
 from mergelab.methods.base import (
     DensityMixin,
     DisjointDivisor,
@@ -26,17 +40,8 @@ from mergelab.methods.base import (
     TrimScope,
 )
 
-
-def _computed_by(function: str) -> Callable[[TensorInputs, Any], Any]:
-    """``mergelab.methods.data_free.<function>``, imported on the first call."""
-
-    def merge(inp: TensorInputs, params: Any) -> Any:
-        from mergelab.methods import data_free
-
-        return getattr(data_free, function)(inp, params)
-
-    merge.__name__ = merge.__qualname__ = function
-    return merge
+if TYPE_CHECKING:
+    import torch
 
 
 class WeightAverageParams(MethodParams):
@@ -97,25 +102,153 @@ class SlerpParams(MethodParams):
         return v
 
 
+# ------------------------------------------------------------------------------------------ references
+
+
+def _base(inp: TensorInputs) -> torch.Tensor:
+    return inp.base.to(inp.compute_dtype)  # type: ignore[union-attr]
+
+
+def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
+    """Weight averaging / model soup (Wortsman et al. 2022): ``theta = sum_i w_i theta_i / sum_i w_i``.
+
+    The base model is not part of the average (it only supplies the tensor order and config files).
+    Computed as ``theta_1 + (sum_i w_i (theta_i - theta_1)) / sum_i w_i`` (algebraically equal), so merging
+    identical models returns that model bit-exactly and rounding acts on the small differences only.
+    """
+    first = inp.experts[0].to(inp.compute_dtype)
+    diffs = [e.to(inp.compute_dtype) - first for e in inp.experts]
+    return ops.weighted_mean(diffs, inp.weights) + first
+
+
+def task_arithmetic(inp: TensorInputs, p: TaskArithmeticParams) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al. 2023): ``theta = theta_0 + lambda * sum_i w_i tau_i``.
+
+    Default ``lambda = 1`` (the plain sum of task vectors); the paper tunes lambda on validation data
+    (0.3-0.5 is typical for 8 vision tasks), so set it for your pool. Computed in the expanded form, entry
+    by entry in ``compute_dtype``: ``tau_i = theta_i - theta_0`` (exact for bf16 inputs of similar
+    magnitude), ``s = sum_i w_i tau_i`` in model order, ``theta = lambda * s + theta_0``. (The folded form
+    ``(1 - lambda sum_i w_i) theta_0 + lambda sum_i w_i theta_i`` rounds at the scale of theta instead of
+    tau and does not return the base bit-exactly for identical models.)
+    """
+    return ops.scale(ops.weighted_sum(inp.task_vectors(), inp.weights), p.lambda_) + _base(inp)
+
+
+def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim -> elect_sign -> disjoint_mean -> scale.
+
+    ``hat tau_i = trim(tau_i, density)``; ``gamma = sgn(sum_i w_i hat tau_i)``;
+    ``theta = theta_0 + lambda * sum_{i in A} w_i hat tau_i / |A|`` over the models A agreeing with gamma.
+    Defaults from the paper: density 0.2 (keep top 20%), trimming over the whole model
+    (``trim_scope: global``, as in the paper's code and FusionBench: the threshold of expert i is its k-th
+    largest ``|tau_i|`` over the model, given in ``inp.thresholds`` with this tensor's share of the tied
+    entries in ``inp.tie_quotas``; ``tensor`` trims each tensor separately, as mergekit does), election by
+    mass, mean over agreeing entries (``disjoint_divisor: count``; ``weight`` divides by the agreeing
+    weights, mergekit's ``normalize``), lambda 1. Exactly k entries survive a trim (ties first in order).
+    """
+    taus = inp.task_vectors()
+    if p.density < 1.0 and taus[0].numel() > 0:
+        if p.trim_scope == "global":
+            if inp.thresholds is None:
+                raise ValueError(
+                    f"ties with trim_scope 'global' needs whole-model thresholds for tensor '{inp.name}'; "
+                    "merge through mergelab.merge (which computes them) or use trim_scope 'tensor'"
+                )
+            quotas = inp.tie_quotas
+            taus = [ops.trim(t, p.density, threshold=inp.thresholds[i], ties=None if quotas is None else quotas[i])
+                    for i, t in enumerate(taus)]
+        else:
+            taus = [ops.trim(t, p.density) for t in taus]
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+    return ops.scale(merged, p.lambda_) + _base(inp)
+
+
+def _dropped(inp: TensorInputs, density: float, rescale: str, seed: int) -> list[torch.Tensor]:
+    return [
+        ops.drop(tau, density, rescale=rescale, generator=inp.generator(seed, i))  # type: ignore[arg-type]
+        for i, tau in enumerate(inp.task_vectors())
+    ]
+
+
+def dare_linear(inp: TensorInputs, p: DareLinearParams) -> torch.Tensor:
+    """DARE + task arithmetic (Yu et al. 2024): ``theta = theta_0 + lambda * sum_i w_i drop(tau_i)``.
+
+    ``drop`` keeps each entry with probability ``density = 1 - p`` and rescales by ``1/density``
+    (``rescale: inverse``, the paper's; ``l1`` matches the L1 norm as mergekit does). Default density 0.5:
+    the paper sweeps drop rates 0.1-0.99 and mergekit requires it explicitly, so 0.5 is a neutral middle.
+    The masks are reproducible: seeded by ``seed``, the expert's index and the tensor name.
+    """
+    merged = ops.weighted_sum(_dropped(inp, p.density, p.rescale, p.seed), inp.weights)
+    return _base(inp) + ops.scale(merged, p.lambda_)
+
+
+def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
+    """DARE + TIES consensus (Yu et al. 2024, sec. 4): drop -> elect_sign -> disjoint_mean -> scale.
+
+    Same as :func:`ties` with the magnitude trim replaced by DARE's random drop and rescale.
+    """
+    taus = _dropped(inp, p.density, p.rescale, p.seed)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+    return _base(inp) + ops.scale(merged, p.lambda_)
+
+
+def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): ``theta_0 + lambda * sum_i w_i band(tau_i)``.
+
+    ``band`` (:func:`mergelab.ops.trim_band`) removes per tensor the ``gamma`` fraction of largest-magnitude
+    entries (outliers) and the smallest ones, keeping a ``density`` fraction. The paper tunes both per
+    setting; defaults density 0.9 and gamma 0.01 are mergekit's.
+    """
+    taus = [ops.trim_band(tau, p.density, p.gamma) for tau in inp.task_vectors()]
+    return _base(inp) + ops.scale(ops.weighted_sum(taus, inp.weights), p.lambda_)
+
+
+def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024), per tensor: ``theta = t * mean_i theta_i + (1 - t) * theta_0``.
+
+    ``t = N cos / (1 + (N - 1) cos)`` with ``cos`` the mean pairwise cosine between the task vectors of this
+    tensor (:func:`mergelab.ops.model_stock_ratio`). Needs N >= 2 experts; per-model weights are not used.
+    """
+    taus = inp.task_vectors()
+    t = ops.model_stock_ratio(taus)
+    mean_tau = ops.weighted_mean(taus, [1.0] * len(taus))
+    return _base(inp) + ops.scale(mean_tau, t)
+
+
+def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985; as used for model merging by mergekit), per tensor.
+
+    With one expert, interpolates from the base (t = 0) to the expert (t = 1); with two experts, from the
+    first to the second (the base then only supplies tensor order and config files). Default t = 0.5.
+    """
+    if len(inp.experts) == 1:
+        a, b = inp.base, inp.experts[0]
+    else:
+        a, b = inp.experts
+    return ops.slerp(a.to(inp.compute_dtype), b.to(inp.compute_dtype), p.t)  # type: ignore[union-attr]
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams,
-               _computed_by("weight_average"), needs_base=False, propagates_nonfinite=True),
+        Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams, weight_average,
+               needs_base=False, weights_nonzero=True, linear=True, io_bound=True),
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               _computed_by("task_arithmetic"), propagates_nonfinite=True),
-        Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, _computed_by("ties"),
-               global_trim_density=ties_global_density),
-        Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams,
-               _computed_by("dare_linear"), propagates_nonfinite=True),
-        Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams,
-               _computed_by("dare_ties")),
+               task_arithmetic, linear=True, io_bound=True),
+        Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
+               global_trim_density=ties_global_density, operator="ties"),
+        Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
+               linear=True, operator="dare"),
+        Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties,
+               operator="dare_ties"),
         Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
-               BreadcrumbsParams, _computed_by("breadcrumbs")),
+               BreadcrumbsParams, breadcrumbs, operator="breadcrumbs"),
         Method("model_stock", "interpolate the average towards the base by the task vectors' angle",
-               ModelStockParams, _computed_by("model_stock"), min_models=2, uses_weights=False),
-        Method("slerp", "spherical interpolation of two models", SlerpParams, _computed_by("slerp"),
-               needs_base=False, min_models=1, max_models=2, uses_weights=False),
+               ModelStockParams, model_stock, min_models=2, uses_weights=False),
+        Method("slerp", "spherical interpolation of two models", SlerpParams, slerp,
+               needs_base=False, min_models=1, max_models=2, uses_weights=False, base_or_two=True),
     )
 }
 

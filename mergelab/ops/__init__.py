@@ -4,86 +4,60 @@ A task vector is ``tau_i = theta_i - theta_0`` (:func:`task_vector`). Per-vector
 ``trim_band``, ``drop``, ``scale``) map one task vector to another and compose with :func:`chain`;
 combining operators (``weighted_sum``, ``weighted_mean``, ``elect_sign``, ``disjoint_mean``) reduce several
 task vectors of one tensor to one. A data-free merging method is a named composition, e.g. TIES =
-trim -> elect_sign -> disjoint_mean -> scale (see :mod:`mergelab.methods`). Each docstring states its formula.
+trim -> elect_sign -> disjoint_mean -> scale: its catalog entry (:mod:`mergelab.methods.catalog`) writes
+that composition, and it is the specification the merge back-ends' kernels are tested against.
+Each docstring states its formula.
+
+The names below load on first use (PEP 562): ``from mergelab import ops`` costs nothing, so the catalog
+can write its compositions with ``ops.trim`` and still validate a spec without importing torch. One module
+here is torch-free on purpose: :mod:`mergelab.ops.selection`, the rank arithmetic of exact selection shared
+by the torch operators and the numpy back-end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import reduce
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
+#: public name -> the module defining it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("BLOCK", "BlockBuffers", "block_count", "block_ranges", "block_size"), "blocks"),
+    **dict.fromkeys(("TensorOp", "chain", "identity", "task_vector"), "compose"),
+    **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
+    **dict.fromkeys(("model_stock_ratio", "slerp"), "interpolate"),
+    **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
+                     "select_small_size"), "select"),
+    "keep_count": "selection",
+    **dict.fromkeys(("BlockTrim", "drop", "keep_top", "keep_top_into", "trim", "trim_band"), "sparsify"),
+}
 
-from mergelab.ops.blocks import (
-    BLOCK,
-    BlockBuffers,
-    block_count,
-    block_ranges,
-    block_size,
-    compute_workers,
-    run_in_chunks,
-)
-from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
-from mergelab.ops.interpolate import model_stock_ratio, slerp
-from mergelab.ops.select import (
-    BlockKthLargest,
-    StreamingKthLargest,
-    keep_count,
-    kth_largest,
-    select_sample_size,
-    select_small_size,
-)
-from mergelab.ops.sparsify import BlockTrim, drop, keep_top, keep_top_into, trim, trim_band
-
-TensorOp = Callable[[torch.Tensor], torch.Tensor]
-
-
-def task_vector(theta: torch.Tensor, theta0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``tau = theta - theta0``, computed in ``dtype`` (float32 by default, whatever the storage dtype)."""
-    if theta.shape != theta0.shape:
-        raise ValueError(f"shape mismatch: {tuple(theta.shape)} vs base {tuple(theta0.shape)}")
-    return theta.to(dtype) - theta0.to(dtype)
+if TYPE_CHECKING:
+    from mergelab.ops.blocks import BLOCK, BlockBuffers, block_count, block_ranges, block_size
+    from mergelab.ops.compose import TensorOp, chain, identity, task_vector
+    from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
+    from mergelab.ops.interpolate import model_stock_ratio, slerp
+    from mergelab.ops.select import (
+        BlockKthLargest,
+        StreamingKthLargest,
+        kth_largest,
+        select_sample_size,
+        select_small_size,
+    )
+    from mergelab.ops.selection import keep_count
+    from mergelab.ops.sparsify import BlockTrim, drop, keep_top, keep_top_into, trim, trim_band
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
-    """The identity operator (the neutral element of :func:`chain`)."""
-    return x
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mergelab.ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mergelab.ops.{module}"), name)
+    globals()[name] = value
+    return value
 
 
-def chain(*ops: TensorOp) -> TensorOp:
-    """Compose per-vector operators left to right: ``chain(f, g)(tau) == g(f(tau))``."""
-    return reduce(lambda f, g: (lambda x: g(f(x))), ops, identity)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "BLOCK",
-    "BlockBuffers",
-    "BlockKthLargest",
-    "BlockTrim",
-    "block_count",
-    "block_ranges",
-    "block_size",
-    "compute_workers",
-    "run_in_chunks",
-    "StreamingKthLargest",
-    "TensorOp",
-    "chain",
-    "disjoint_mean",
-    "drop",
-    "elect_sign",
-    "identity",
-    "keep_count",
-    "keep_top",
-    "keep_top_into",
-    "kth_largest",
-    "model_stock_ratio",
-    "scale",
-    "select_sample_size",
-    "select_small_size",
-    "slerp",
-    "task_vector",
-    "trim",
-    "trim_band",
-    "weighted_mean",
-    "weighted_sum",
-]
+__all__ = sorted(_EXPORTS)

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-from mergelab.blockwise import compute_workers, run_in_chunks  # noqa: F401  (re-exported)
-
 BLOCK = 1 << 18
 
 

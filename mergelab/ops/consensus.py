@@ -58,7 +58,7 @@ def elect_sign(
     The mass is summed as ``P + N`` with ``P = sum_i w_i max(tau_i, 0)`` and ``N = sum_i w_i min(tau_i, 0)``
     (each in model order): the same sum, rounded once where positive and negative parts meet, and ``P`` and
     ``N`` are exactly the numerators :func:`disjoint_mean` forms on each side, which lets the numpy engine
-    (:mod:`mergelab.numpy_ties`) compute TIES from the two parts alone with the same result.
+    (:mod:`mergelab.merging.numpy_kernels`) compute TIES from the two parts alone with the same result.
     """
     weights = [1.0] * len(taus) if weights is None else weights
     _check(taus, weights)

@@ -22,23 +22,23 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mergelab import order_stats
-from mergelab.order_stats import keep_count  # noqa: F401  (re-exported through mergelab.ops)
+from mergelab.ops import selection
+from mergelab.ops.selection import keep_count  # noqa: F401  (re-exported through mergelab.ops)
 
 
 
 def select_sample_size() -> int:
     """Sample size of the sample-based selection (positions drawn with replacement)."""
-    return order_stats.SAMPLE  # read at call time, so tests can change it
+    return selection.SAMPLE  # read at call time, so tests can change it
 
 
 def select_small_size() -> int:
     """Tensors up to this many entries are selected with ``torch.kthvalue`` directly."""
-    return order_stats.SMALL
+    return selection.SMALL
 
 
 def _bracket(sample_sorted: torch.Tensor, rank_frac: float) -> tuple[float, float]:
-    return order_stats.bracket_values(sample_sorted, rank_frac, order_stats.WIDTH)
+    return selection.bracket_values(sample_sorted, rank_frac, selection.WIDTH)
 
 
 def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
@@ -47,10 +47,10 @@ def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n <= order_stats.SMALL:
+    if n <= selection.SMALL:
         return torch.kthvalue(flat, n - k + 1).values
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, n, (order_stats.SAMPLE,), generator=gen).to(flat.device)
+    idx = torch.randint(0, n, (selection.SAMPLE,), generator=gen).to(flat.device)
     sample = torch.sort(flat[idx]).values.cpu()
     # rank counted from the bottom, 0-indexed: the k-th largest is the (n-k)-th smallest
     rank = n - k
@@ -100,7 +100,7 @@ class StreamingKthLargest:
         self._below = 0
         self._inside: list[torch.Tensor] = []
         self._equal: list[int] = []  # per observed tensor, entries == lo (collapsed bracket)
-        self.widen = 1.0
+        self.attempt = 0  # misses so far: each widens the next bracket
 
     def observe_sample(self, values: torch.Tensor) -> None:
         flat = values.reshape(-1)
@@ -116,16 +116,11 @@ class StreamingKthLargest:
             self._samples.append(values)
 
     def bracket(self) -> tuple[float, float]:
+        """The value bracket of the next exact pass: around the target rank in the pooled sample, as wide
+        as :func:`mergelab.ops.selection.retry_width` allows for this attempt (wider after each miss)."""
         sample = torch.sort(torch.cat([self._pool[: self._pooled], *self._samples])).values
         rank_frac = (self.total - self.k) / self.total
-        lo, hi = _bracket(sample, rank_frac)
-        if self.widen > 1.0:  # a retry: widen the bracket geometrically in sample ranks
-            m = sample.numel()
-            centre = rank_frac * m
-            half = self.widen * max(order_stats.WIDTH, 1.0) * math.sqrt(m) + 1.0
-            lo_i, hi_i = int(centre - half), int(math.ceil(centre + half))
-            lo = -math.inf if lo_i < 0 else float(sample[lo_i])
-            hi = math.inf if hi_i >= m else float(sample[hi_i])
+        lo, hi = selection.bracket_values(sample, rank_frac, selection.retry_width(self.attempt))
         self._lo, self._hi = lo, hi
         self._below = 0
         self._inside = []
@@ -151,13 +146,13 @@ class StreamingKthLargest:
             if 0 <= local < sum(self._equal):
                 self._value = self._lo
                 return self._value
-            self.widen *= 8.0
+            self.attempt += 1
             return None
         inside = torch.cat(self._inside) if self._inside else torch.empty(0)
         if 0 <= local < inside.numel():
             self._value = float(torch.kthvalue(inside, local + 1).values)
             return self._value
-        self.widen *= 8.0
+        self.attempt += 1
         return None
 
     def select_in_memory(self, items: Sequence[torch.Tensor]) -> float:
@@ -186,13 +181,7 @@ class StreamingKthLargest:
             ties = [int(torch.count_nonzero(x == t)) for x in self._inside]
             above = self.total - self._below - sum(x.numel() for x in self._inside)  # entries > hi
             above += sum(int(torch.count_nonzero(x > t)) for x in self._inside)
-        remaining = self.k - above
-        quotas = []
-        for tied in ties:
-            take = max(0, min(remaining, tied))
-            quotas.append(take)
-            remaining -= take
-        return quotas
+        return selection.split_ties(self.k - above, ties)
 
 
 def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -> float:
@@ -300,10 +289,4 @@ class BlockKthLargest:
     def tie_quotas(self, keep_ties: int) -> list[int]:
         """How many entries equal to ``t`` each block keeps, given that ``keep_ties`` are kept in all,
         the first ones in tensor order."""
-        quotas = []
-        remaining = keep_ties
-        for c in self.tie_counts():
-            take = max(0, min(remaining, c))
-            quotas.append(take)
-            remaining -= take
-        return quotas
+        return selection.split_ties(keep_ties, self.tie_counts())

@@ -3,7 +3,8 @@
 Each method module defines ``METHODS: list[DataInformedMethod]``; the registry below collects them. A
 method's ``run(context, params)`` returns the merged backbone state dict; :func:`run_merge` validates the
 spec, builds the :class:`~mergelab.methods.data_informed.context.MergeContext`, runs the method and writes
-the result atomically with a merge record, exactly like the data-free engine.
+the result atomically with a merge record through the data-free merges' publisher
+(:mod:`mergelab.merging.publish`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.base import MethodParams
+from mergelab.checkpoints.writer import support_files
+from mergelab.errors import SpecError
+from mergelab.merging.plan import refuse_input_overlap
+from mergelab.merging.publish import MergeResult, describe_path, write_state
+from mergelab.merging.torch_backend import resolve_device
+from mergelab.methods.base import Method, MethodParams
 from mergelab.methods.data_informed.context import DataSpec, ExpertHandle, MergeContext
+from mergelab.provenance import environment
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +65,13 @@ def registry() -> dict[str, DataInformedMethod]:
 
 def parse_params(method: DataInformedMethod, raw: dict[str, Any]) -> MethodParams:
     """Validate ``raw`` against the method's parameters (same messages as the data-free methods)."""
-    from mergelab.methods.base import Method
-
     shim = Method(method.name, method.summary, method.params, lambda inp, p: inp.base)
     return shim.parse_params(raw)
 
 
 def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
-              hash_inputs: bool = True) -> Any:
+              hash_inputs: bool = True) -> MergeResult:
     """Run a data-informed merge spec (a validated :class:`~mergelab.spec.MergeSpec`); see the module doc."""
-    from mergelab.checkpoints.writer import support_files
-    from mergelab.engine import _resolve_device, write_state
-    from mergelab.merge_inputs import MergeResult, describe_path, refuse_input_overlap
-    from mergelab.errors import SpecError
-    from mergelab.provenance import environment
-
     started = time.perf_counter()
     refuse_input_overlap(spec, out_dir, expert_folders=True)
     method = registry()[spec.method]
@@ -81,7 +80,7 @@ def run_merge(spec: Any, out_dir: str | Path, *, overwrite: bool = False, progre
     if len(spec.models) < method.min_models:
         raise SpecError(f"models: method '{method.name}' needs at least {method.min_models} models")
     params = parse_params(method, spec.parameters)
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     context = MergeContext.from_spec(spec.base, [(m.path, m.weight) for m in spec.models], spec.data, device,
                                      progress)
     context.out_dir = Path(out_dir)

@@ -424,7 +424,7 @@ def merged_backbone(context: MergeContext, params: SurgeryParams) -> tuple[dict[
                         f"available: {', '.join(known)}")
     if name in informed:
         return informed[name].run(context, parse_params(informed[name], dict(raw))), f"{name} {raw}"
-    from mergelab.engine import merge
+    from mergelab.merging import merge
 
     DATA_FREE[name].parse_params(dict(raw), where="parameters.from_parameters")
     spec = {

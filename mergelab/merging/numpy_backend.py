@@ -1,12 +1,13 @@
-"""The numpy engine: task arithmetic and weight averaging on the CPU, without torch.
+"""The numpy back-end: task arithmetic, weight averaging and TIES on the CPU, without torch.
 
-The two linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
-arithmetic: the torch engine spent as long importing torch (1.5 s here) as computing. This engine computes
-the same formulas with numpy (``ml_dtypes`` supplies bfloat16) and never imports torch. Its merge of the
+The linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
+arithmetic: the torch back-end spent as long importing torch (1.5 s here) as computing. This back-end
+computes the same formulas with numpy (``ml_dtypes`` supplies bfloat16) and never imports torch; which
+methods it runs is the keys of :data:`KERNELS` (TIES: :mod:`mergelab.merging.numpy_kernels`). Its merge of the
 benchmark's four 1.3 GB experts is measured in ``bench/merge_throughput.py``.
 
 Per tensor, in the reference's storage order, the entries are split into blocks of ``BLOCK`` entries
-and the blocks over the cores (:func:`mergelab.blockwise.run_blocks`). For each block every input's
+and the blocks over the cores (:func:`mergelab.merging.pipeline.run_blocks`). For each block every input's
 bytes are read with ``pread`` straight into a small per-thread buffer, so they arrive in the cache and
 are converted to the compute dtype there, instead of being copied into a tensor-sized buffer first and read
 back from memory. The rounded block goes into the output tensor, which a write-behind thread hands to the
@@ -25,8 +26,8 @@ These are the torch engine's operations in the torch engine's order, so with uni
 are bit-identical; torch computes ``acc + w * tau`` with one rounding where numpy rounds ``w * tau``
 first, so other weights may differ in the last bit of an intermediate.
 
-The rules of every merge (:mod:`mergelab.engine`) hold here too: inputs validated from their headers
-before any data is read (:class:`~mergelab.merge_inputs.MergeInputs`), integer tensors copied from the
+The rules of every merge (:mod:`mergelab.merging.torch_backend`) hold here too: inputs validated from their headers
+before any data is read (:class:`~mergelab.merging.plan.MergeInputs`), integer tensors copied from the
 reference, NaN/Inf refused naming the file and tensor (through the output, as both methods propagate
 non-finite values: a non-finite output block triggers a rescan of that tensor's inputs), atomic output.
 """
@@ -44,52 +45,46 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mergelab import order_stats
-from mergelab.blockwise import run_blocks
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
-from mergelab.checkpoints.writer import WriteBehind
 from mergelab.checkpoints.safetensors_format import StorageDtype
+from mergelab.checkpoints.writer import WriteBehind
 from mergelab.errors import NonFiniteError
-from mergelab.merge_inputs import (
-    MergeInputs,
-    MergeResult,
-    ParamResolver,
-    check_models,
-    global_trim_groups,
-    merge_record,
-    nbytes,
-    nonfinite_message,
-    output_plan,
-    read_ahead,
-    refuse_input_overlap,
-    write_merge,
-)
-from mergelab.methods import get_method
-from mergelab.numpy_storage import any_nonfinite, compute_dtype, exponent_scratch, numpy_dtype
-from mergelab.numpy_ties import (
+from mergelab.merging.numpy_arrays import any_nonfinite, compute_dtype, exponent_scratch, numpy_dtype
+from mergelab.merging.numpy_kernels import (
     BlockSelection,
     TiesKernel,
     count_blocks,
     sample_magnitudes,
     select_global,
+    task_arithmetic_block,
     tensor_trims,
     trim_at,
+    weight_average_block,
 )
-from mergelab.order_stats import keep_count
+from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead, run_blocks
+from mergelab.merging.plan import (
+    MergeInputs,
+    ParamResolver,
+    check_models,
+    global_trim_groups,
+    nonfinite_message,
+    output_plan,
+    refuse_input_overlap,
+)
+from mergelab.merging.publish import MergeResult, merge_record, write_merge
+from mergelab.methods import get_method
+from mergelab.ops import selection
+from mergelab.ops.selection import keep_count
 from mergelab.runtime import reuse_freed_memory
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 
-#: Methods this engine computes.
-METHODS = ("task_arithmetic", "weight_average", "ties")
 #: Floating storage dtypes it reads and writes (float8 inputs go to the torch engine).
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 #: Entries per block: 1 MiB of float32 per buffer (measured on the benchmark: 2**16 and 2**18 within 5%,
 #: 2**14 1.6x slower from the per-call overhead).
 BLOCK = 1 << 18
-#: Bytes of outputs that may wait for the writer beyond the one always allowed.
-PIPELINE_BYTES = 256 * 1024**2
 
 
 def unsupported(spec: MergeSpec) -> str | None:
@@ -97,8 +92,9 @@ def unsupported(spec: MergeSpec) -> str | None:
 
     Opens the inputs' headers to look at their formats and dtypes; errors in the inputs themselves are
     raised as they would be by the merge."""
-    if spec.method not in METHODS:
-        return f"it computes {', '.join(METHODS[:-1])} and {METHODS[-1]}, not {spec.method}"
+    if spec.method not in KERNELS:
+        names = list(KERNELS)
+        return f"it computes {', '.join(names[:-1])} and {names[-1]}, not {spec.method}"
     if spec.device != "cpu":
         return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
     if spec.base is None and spec.method != "weight_average":
@@ -131,12 +127,11 @@ def merge_numpy(
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = output_plan(inputs, spec.dtype)
         weights = [m.weight for m in spec.models]
-        if method.name == "ties":
+        kernel = KERNELS[method.name]
+        if kernel is None:  # TIES: whole tensors read ahead (its selection samples them at random positions)
             def stream(writer: CheckpointWriter, bar: Any) -> None:
                 _stream_ties(inputs, plan, params_of, weights, writer, bar, progress)
         else:
-            kernel = _task_arithmetic if method.name == "task_arithmetic" else _weight_average
-
             def stream(writer: CheckpointWriter, bar: Any) -> None:
                 _stream(inputs, plan, method.name, kernel, params_of, weights, writer, bar)
         return write_merge(spec, method, inputs, record, plan, out_dir, stream, engine="numpy",
@@ -155,7 +150,7 @@ def _stream(
 ) -> None:
     """Compute each tensor of ``plan`` on all cores and hand it to a write-behind thread."""
     # task arithmetic reads theta_0 and the experts; weight averaging only the experts
-    readers = ([inputs.base] if method == "task_arithmetic" else []) + list(inputs.experts)
+    readers = ([inputs.base] if get_method(method).needs_base else []) + list(inputs.experts)
     with WriteBehind(writer, PIPELINE_BYTES) as writes:
         for name, shape, storage in plan:
             if storage.is_floating_point:
@@ -178,7 +173,7 @@ def _stream_ties(
 ) -> None:
     """TIES tensor by tensor: an I/O thread reads the next tensors' inputs whole (the selection samples
     them at random positions and both passes read them) while all cores merge the current one
-    (:mod:`mergelab.numpy_ties`), and a write-behind thread writes the previous ones. Tensors trimmed with
+    (:mod:`mergelab.merging.numpy_kernels`), and a write-behind thread writes the previous ones. Tensors trimmed with
     ``trim_scope: global`` get their whole-model thresholds first, from two more streaming passes."""
     readers = [inputs.base, *inputs.experts]
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
@@ -247,7 +242,7 @@ def _global_selections(
     """Whole-model trims (``trim_scope: global``, the TIES paper's): for each group of tensors sharing a
     density, each expert's k-th largest ``|tau_i|`` over the group (k = floor(density * group size)), by
     two streaming passes: a sample spread over the tensors by size gives a bracket, then every tensor's
-    blocks are counted against it (as :func:`mergelab.numpy_ties.tensor_trims` does within a tensor; a
+    blocks are counted against it (as :func:`mergelab.merging.numpy_kernels.tensor_trims` does within a tensor; a
     bracket that misses, with probability ~1e-6, is widened and counted again). The entries tied at the
     threshold are kept first come in model order, so exactly k survive per expert. Returns, per tensor,
     its counts (reduced to its blocks' tie counts) and how many tied entries it keeps per expert."""
@@ -275,30 +270,25 @@ def _global_selections(
         selections: dict[str, list[Any]] = {name: [None] * n_experts for name in names}
         found: list[tuple[float, int] | None] = [None] * n_experts
         pending, attempt = list(range(n_experts)), 0
-        while pending:
-            # a bracket that missed is widened 8x in sample ranks; after three misses it holds everything
-            width = (order_stats.WIDTH if attempt == 0 else max(order_stats.WIDTH, 1.0) * 8.0 ** attempt
-                     if attempt < 3 else math.inf)
-            brackets = [(-math.inf, math.inf) if width == math.inf else
-                        order_stats.bracket_values(ordered[i], (total - k) / total, width) for i in pending]
+        while pending:  # a bracket that missed is widened (selection.retry_width) and counted again
+            width = selection.retry_width(attempt)
+            brackets = [selection.bracket_values(ordered[i], (total - k) / total, width) for i in pending]
             for name, arrays in stream("selecting"):
                 with np.errstate(all="ignore"):
                     counted = count_blocks(arrays[0], [arrays[1 + i] for i in pending], brackets,
                                            compute_dtype(a.dtype for a in arrays))
-                for i, selection in zip(pending, counted):
-                    selections[name][i] = selection
+                for i, counts in zip(pending, counted):
+                    selections[name][i] = counts
             for i in pending:
                 found[i] = select_global([selections[name][i] for name in names], k)
             pending = [i for i in pending if found[i] is None]
             attempt += 1
         quotas: dict[str, list[int]] = {name: [0] * n_experts for name in names}
         for i, (_, above) in enumerate(found):  # type: ignore[misc]
-            remaining = k - above
-            for name in names:
-                selection = selections[name][i]
-                quotas[name][i] = take = max(0, min(remaining, selection.ties()))
-                remaining -= take
-                selection.settle()
+            split = selection.split_ties(k - above, [selections[name][i].ties() for name in names])
+            for name, take in zip(names, split):
+                quotas[name][i] = take
+                selections[name][i].settle()
         for name in names:
             result[name] = (selections[name], quotas[name])
     return result
@@ -367,52 +357,30 @@ def _nonfinite_counts(values: Any) -> tuple[int, int] | None:
     return int((~finite).sum()), int(np.isnan(values).sum())
 
 
-def _round_into(acc: Any, base: Any, out: Any) -> None:
-    """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through acc."""
-    if out.dtype == acc.dtype:
-        np.add(acc, base, out=out)
-    else:
-        np.add(acc, base, out=acc)
-        np.copyto(out, acc, casting="unsafe")
+#: This back-end's kernels, by method: the block kernel of a linear method (inputs read block by block
+#: straight from the files), or None for TIES (:func:`_stream_ties`, whole tensors read ahead). The
+#: methods it runs are exactly these keys.
+KERNELS: dict[str, Callable[..., None] | None] = {
+    "task_arithmetic": task_arithmetic_block,
+    "weight_average": weight_average_block,
+    "ties": None,
+}
 
 
-def _as_compute(x: Any, buffer: Any) -> Any:
-    """``x`` in the compute dtype: itself when it already is, else converted into ``buffer``."""
-    if x.dtype == buffer.dtype:
-        return x
-    np.copyto(buffer, x, casting="unsafe")
-    return buffer
+class NumpyBackend:
+    """The numpy back-end (:class:`mergelab.merging.backend.Backend`): the methods of :data:`KERNELS`, on
+    the CPU, from safetensors inputs in float64/32/16 or bfloat16."""
+
+    name = "numpy"
+    methods = frozenset(KERNELS)
+
+    def unsupported(self, spec: MergeSpec) -> str | None:
+        return unsupported(spec)
+
+    def run(self, spec: MergeSpec, out_dir: str | Path, *, overwrite: bool, progress: bool, hash_inputs: bool,
+            started: float) -> MergeResult:
+        return merge_numpy(spec, out_dir, overwrite=overwrite, progress=progress, hash_inputs=hash_inputs,
+                           started=started)
 
 
-def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float], acc: Any, tmp: Any) -> None:
-    """``acc = sum_i w_i (x_i - ref)`` in model order, in ``acc``'s dtype (each stored ``x_i`` is converted
-    inside numpy's buffered ufunc loop, in cache); ``tmp`` is scratch of the same size."""
-    for i, (x, w) in enumerate(zip(xs, weights)):
-        target = acc if i == 0 else tmp
-        np.subtract(x, ref, out=target, dtype=acc.dtype)
-        if w != 1.0:
-            np.multiply(target, w, out=target)
-        if i > 0:
-            np.add(acc, tmp, out=acc)
-
-
-def _task_arithmetic(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
-                     params: Any) -> None:
-    """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see the module docstring."""
-    base_buf, acc, tau = buffers
-    base = _as_compute(xs[0], base_buf)
-    _weighted_differences(xs[1:], base, weights, acc, tau)
-    if params.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
-        np.multiply(acc, params.lambda_, out=acc)
-    _round_into(acc, base, out)
-
-
-def _weight_average(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
-                    params: Any) -> None:
-    """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
-    averaged); see the module docstring."""
-    first_buf, acc, diff = buffers
-    first = _as_compute(xs[0], first_buf)
-    _weighted_differences(xs, first, weights, acc, diff)
-    np.divide(acc, float(sum(weights)), out=acc)
-    _round_into(acc, first, out)
+BACKEND = NumpyBackend()

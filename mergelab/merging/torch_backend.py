@@ -1,8 +1,9 @@
-"""The torch streaming merge engine: checkpoints -> task vectors -> operators -> merged tensors -> writer.
+"""The torch back-end: checkpoints -> task vectors -> operators -> merged tensors -> writer.
 
-It runs every data-free method, on the CPU or a GPU; :func:`mergelab.merging.merge` (re-exported here as
-``merge``) sends task arithmetic and weight averaging on the CPU to the numpy engine
-(:mod:`mergelab.numpy_engine`) instead, which does not import torch.
+It runs every data-free method of the catalog, on the CPU or a GPU: with a block kernel where it registers
+one (:data:`mergelab.merging.torch_kernels.KERNELS`), else with the method's reference composition of
+operators on whole tensors (:mod:`mergelab.methods.catalog`). :func:`mergelab.merging.merge` prefers the
+numpy back-end (:mod:`mergelab.merging.numpy_backend`, no torch import) where that one has the kernel.
 
 Memory model. Tensors are processed one name at a time, in the base model's storage order: the engine
 reads that tensor from the base and from every expert (lazily, from disk), hands them to the method,
@@ -49,7 +50,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -57,25 +57,21 @@ from tqdm.auto import tqdm
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
 from mergelab.checkpoints.writer import WriteBehind
 from mergelab.errors import NonFiniteError, SpecError
-from mergelab.merge_inputs import (
+from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead
+from mergelab.merging.plan import (
     MergeInputs,
-    OUTPUT_DTYPES,
-    MergeResult,
     ParamResolver,
     check_models,
     global_trim_groups,
-    merge_record,
-    nbytes,
     nonfinite_message,
     output_plan,
-    read_ahead,
     refuse_input_overlap,
-    write_merge,
 )
-from mergelab.methods import Method, TensorInputs, get_method
+from mergelab.merging.publish import MergeResult, merge_record, write_merge
+from mergelab.merging.torch_kernels import KERNELS, Kernel
+from mergelab.methods import METHODS, Method, TensorInputs, get_method
 from mergelab.ops import StreamingKthLargest, keep_count
 from mergelab.runtime import reuse_freed_memory
-from mergelab.merging import merge  # noqa: F401  (the public entry point, re-exported for old imports)
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +93,8 @@ def _threads(device: torch.device) -> int | None:
     return 1 if device.type == "cpu" else None
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a spec's ``device`` (``auto``: cuda when available); a SpecError for an absent cuda."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -105,7 +102,7 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _is_finite(tensor: torch.Tensor) -> bool:
+def is_finite(tensor: torch.Tensor) -> bool:
     """Whether every entry is finite, cheaply: a finite sum proves it (a non-finite sum may come from
     overflow, so only then is the exact count needed)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
@@ -115,7 +112,8 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
+def check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` and ``name`` if ``tensor`` holds a NaN or Inf."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
     if torch.isfinite(tensor.sum()):
@@ -125,8 +123,8 @@ def _check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
         raise NonFiniteError(nonfinite_message(where, name, bad, int(torch.isnan(tensor).sum())))
 
 
-class _Inputs(MergeInputs):
-    """The opened, validated checkpoints of one merge (:class:`~mergelab.merge_inputs.MergeInputs`), read
+class TorchInputs(MergeInputs):
+    """The opened, validated checkpoints of one merge (:class:`~mergelab.merging.plan.MergeInputs`), read
     as torch tensors."""
 
     def read(self, name: str, check: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -136,7 +134,7 @@ class _Inputs(MergeInputs):
         def get(reader: CheckpointReader) -> torch.Tensor:
             tensor = reader.get(name)
             if check:
-                _check_finite(tensor, str(reader.info(name).file), name)
+                check_finite(tensor, str(reader.info(name).file), name)
             return tensor
 
         base = get(self.base) if self.base is not None else None
@@ -145,9 +143,9 @@ class _Inputs(MergeInputs):
     def check(self, name: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> None:
         """Raise :class:`NonFiniteError` naming the file if ``base`` or an expert's ``name`` is not finite."""
         if base is not None:
-            _check_finite(base, str(self.base.info(name).file), name)  # type: ignore[union-attr]
+            check_finite(base, str(self.base.info(name).file), name)  # type: ignore[union-attr]
         for reader, tensor in zip(self.experts, experts):
-            _check_finite(tensor, str(reader.info(name).file), name)
+            check_finite(tensor, str(reader.info(name).file), name)
 
     def load(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base, experts = self.read(name)
@@ -160,17 +158,11 @@ def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tenso
     return tensor.to(device, non_blocking=True)
 
 
-# Bytes that may wait in each pipeline queue beyond the one tensor always allowed: the inputs read ahead
-# and the outputs waiting to be written. Small tensors then queue several deep, so a stall of one stage
-# (a write blocked by the disk, a read by another process) does not stop the others at once.
-PIPELINE_BYTES = 256 * 1024**2
-
-
 def _prefetched(
-    io: ThreadPoolExecutor, inputs: _Inputs, names: Sequence[str], check: bool
+    io: ThreadPoolExecutor, inputs: TorchInputs, names: Sequence[str], check: bool
 ) -> Iterator[tuple[str, torch.Tensor | None, list[torch.Tensor]]]:
     """Yield ``(name, base, experts)`` for each name in order, read ahead on the I/O thread ``io``
-    (:func:`~mergelab.merge_inputs.read_ahead`, at most ``PIPELINE_BYTES`` beyond the next tensor)."""
+    (:func:`~mergelab.merging.pipeline.read_ahead`, at most ``PIPELINE_BYTES`` beyond the next tensor)."""
 
     def input_bytes(name: str) -> int:
         return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
@@ -194,13 +186,14 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.dtype:
+def compute_dtype(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32: the dtype methods compute in."""
     tensors = ([base] if base is not None else []) + list(experts)
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _global_thresholds(
-    inputs: _Inputs, method: Method, params_of: ParamResolver, device: torch.device, progress: bool,
+def global_thresholds(
+    inputs: TorchInputs, method: Method, params_of: ParamResolver, device: torch.device, progress: bool,
     reader: ThreadPoolExecutor | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Whole-model trim thresholds: for each group of tensors sharing a density, each expert's k-th largest
@@ -209,7 +202,7 @@ def _global_thresholds(
     Tensors are read ahead on ``reader`` (a private thread when None)."""
     if reader is None:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as own:
-            return _global_thresholds(inputs, method, params_of, device, progress, own)
+            return global_thresholds(inputs, method, params_of, device, progress, own)
     groups = global_trim_groups(inputs, method, params_of)
     if not groups:
         return {}, {}
@@ -225,7 +218,7 @@ def _global_thresholds(
             for name, base, experts in tqdm(items, total=len(names), desc=desc, unit="tensor",
                                             disable=not progress, leave=False):
                 base, experts = _to_device(base, device), [_to_device(e, device) for e in experts]
-                dtype = _compute_dtype(base, experts)
+                dtype = compute_dtype(base, experts)
                 b = base.to(dtype)
                 for i in active:
                     getattr(selectors[i], observe)((experts[i].to(dtype) - b).abs_())
@@ -249,7 +242,7 @@ def _global_thresholds(
 
 
 def _merge_tensors(
-    inputs: _Inputs,
+    inputs: TorchInputs,
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
     method: Method,
     params_of: ParamResolver,
@@ -282,19 +275,51 @@ def _merge_tensors(
                 tensor_inputs = TensorInputs(
                     name=name, base=base, experts=experts, weights=weights,
                     thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
-                    compute_dtype=_compute_dtype(base, experts), out_dtype=dtype,
+                    compute_dtype=compute_dtype(base, experts), out_dtype=dtype,
                 )
-                merged = method.merge(tensor_inputs, params_of(name)).to(dtype)
+                merged = kernel(method)(tensor_inputs, params_of(name)).to(dtype)
                 del tensor_inputs
-                if check_inputs or not _is_finite(merged):
+                if check_inputs or not is_finite(merged):
                     if not check_inputs:
                         inputs.check(name, base, experts)  # names the input file if one is bad
-                    _check_finite(merged, f"merge result ({method.name})", name)
+                    check_finite(merged, f"merge result ({method.name})", name)
             del base, experts
             size = nbytes(shape, dtype)
             writes.put(name, merged.cpu(), size)
             del merged
             bar.update(size)
+
+
+def kernel(method: Method | str) -> Kernel:
+    """The function this back-end merges one tensor of ``method`` with: its block kernel if it registers
+    one (:data:`~mergelab.merging.torch_kernels.KERNELS`), else the method's reference composition."""
+    method = get_method(method) if isinstance(method, str) else method
+    return KERNELS.get(method.name, method.reference)
+
+
+class TorchBackend:
+    """The torch back-end (:class:`mergelab.merging.backend.Backend`): every catalog method, any device,
+    any checkpoint format torch reads."""
+
+    name = "torch"
+
+    @property
+    def methods(self) -> frozenset[str]:
+        """Every method with a kernel or a reference (all of the catalog)."""
+        return frozenset(KERNELS) | frozenset(METHODS)
+
+    def unsupported(self, spec: MergeSpec) -> str | None:
+        if spec.method not in self.methods:
+            return f"it has no kernel for {spec.method}"
+        return None
+
+    def run(self, spec: MergeSpec, out_dir: str | Path, *, overwrite: bool, progress: bool, hash_inputs: bool,
+            started: float) -> MergeResult:
+        return merge_streaming(spec, out_dir, overwrite=overwrite, progress=progress, hash_inputs=hash_inputs,
+                               started=started)
+
+
+BACKEND = TorchBackend()
 
 
 def merge_streaming(
@@ -303,16 +328,16 @@ def merge_streaming(
 ) -> MergeResult:
     """The torch engine: merge the data-free ``spec`` into a safetensors folder at ``out_dir``, streaming
     tensor by tensor on three threads (see the module docstring). :func:`mergelab.merging.merge` chooses
-    between this and the numpy engine; call that. ``started`` is when the caller's clock started."""
+    the back-end; call that. ``started`` is when the caller's clock started."""
     started = time.perf_counter() if started is None else started
     refuse_input_overlap(spec, out_dir)
     method = get_method(spec.method)
     check_models(spec, method)
     params_of = ParamResolver(spec, method)
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     reuse_freed_memory()
 
-    inputs = _Inputs.open(spec)
+    inputs = TorchInputs.open(spec)
     try:
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = [(name, shape, dtype.to_torch()) for name, shape, dtype in output_plan(inputs, spec.dtype)]
@@ -320,7 +345,7 @@ def merge_streaming(
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
         try:
             with _intra_op_threads(_threads(device)):
-                thresholds, tie_quotas = _global_thresholds(inputs, method, params_of, device, progress, reader)
+                thresholds, tie_quotas = global_thresholds(inputs, method, params_of, device, progress, reader)
                 return write_merge(
                     spec, method, inputs, record, plan, out_dir,
                     lambda writer, bar: _merge_tensors(inputs, plan, method, params_of, weights, thresholds,
@@ -331,35 +356,3 @@ def merge_streaming(
             reader.shutdown(wait=True, cancel_futures=True)
     finally:
         inputs.close()
-
-
-def write_state(
-    state: Mapping[str, torch.Tensor],
-    out_dir: str | Path,
-    *,
-    record: Mapping[str, Any],
-    dtype: str = "auto",
-    shard_size: int = 2 * 10**9,
-    overwrite: bool = False,
-    copy_files_from: Path | None = None,
-) -> Path:
-    """Write an in-memory state dict like a streamed merge: atomically, sharded, with its record.
-
-    For methods that must hold the merged model anyway (the data-informed ones). Floating tensors are cast
-    to ``dtype`` unless it is ``auto``; non-finite values are refused, naming the tensor.
-    """
-    out_dtype = OUTPUT_DTYPES[dtype].to_torch() if dtype in OUTPUT_DTYPES else None
-    tensors = {}
-    for name, t in state.items():
-        t = t.detach().cpu()
-        if out_dtype is not None and t.is_floating_point():
-            t = t.to(out_dtype)
-        _check_finite(t, f"merge result ({record.get('method', '?')})", name)
-        tensors[name] = t.contiguous()
-    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    with CheckpointWriter(out_dir, plan, max_shard_bytes=shard_size, overwrite=overwrite) as writer:
-        for name, t in tensors.items():
-            writer.write(name, t)
-        return writer.finish(copy_files_from=copy_files_from, record=dict(record))
-
-

@@ -1,16 +1,20 @@
-"""Rank arithmetic of exact sample-based selection, shared by the torch and numpy selections, without torch.
+"""The rules of exact selection, array-agnostic and without torch: one copy for every back-end.
 
 Magnitude trimming keeps the ``k`` largest ``|tau|`` (:func:`keep_count`); the threshold, the k-th largest
 value, is found by sample-based selection (Floyd & Rivest, "Expected time bounds for selection", CACM
 1975): a sorted uniform sample of ``m`` values gives a bracket of sample ranks around the target rank
 (:func:`bracket_ranks`), one pass counts the values below the bracket and collects those inside, and the
-answer is selected exactly among those (see :mod:`mergelab.ops.select` for torch tensors and
-:mod:`mergelab.numpy_ties` for numpy blocks).
+answer is selected exactly among those. A bracket that missed the rank is widened by :func:`retry_width`
+(the one retry policy), and the entries tied at the threshold are kept first come, first kept in flat
+(or model) order, split over blocks or tensors by :func:`split_ties` (the one tie cut-off rule). Used by
+the torch operators (:mod:`mergelab.ops.select`) and the numpy back-end
+(:mod:`mergelab.merging.numpy_kernels`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 #: Sample size of the per-tensor selection (positions drawn uniformly with replacement).
 SAMPLE = 1 << 14
@@ -41,10 +45,35 @@ def bracket_ranks(m: int, rank_frac: float, width: float = WIDTH) -> tuple[int, 
     return int(math.floor(centre - half)), int(math.ceil(centre + half))
 
 
+def retry_width(attempt: int) -> float:
+    """The bracket half-width (in standard deviations of a sample rank) of selection attempt ``attempt``
+    (0 the first): ``WIDTH``, then 8x wider per miss, and after three misses everything (``inf``), so a
+    whole-model selection passes over the model at most five times. The answer is exact whatever the width;
+    only the running time depends on it."""
+    if attempt == 0:
+        return WIDTH
+    return max(WIDTH, 1.0) * 8.0**attempt if attempt < 3 else math.inf
+
+
+def split_ties(keep: int, tied: Sequence[int]) -> list[int]:
+    """How many of the entries tied at the threshold each part keeps, when ``keep`` of them are kept in all
+    and ``tied[j]`` lie in part j (blocks of a tensor, tensors of a model), first come first kept: so a
+    top-k over parts keeps exactly the entries a top-k over their concatenation keeps."""
+    quotas = []
+    remaining = keep
+    for count in tied:
+        take = max(0, min(remaining, count))
+        quotas.append(take)
+        remaining -= take
+    return quotas
+
+
 def bracket_values(sorted_sample: list[float] | object, rank_frac: float, width: float = WIDTH) -> tuple[float, float]:
     """The value bracket ``[lo, hi]`` of :func:`bracket_ranks` read from a sorted sample (anything
     indexable with ``len``; ``float()`` of its items), with -inf / +inf where a bound falls outside."""
     m = len(sorted_sample)  # type: ignore[arg-type]
+    if width == math.inf:
+        return -math.inf, math.inf
     lo_i, hi_i = bracket_ranks(m, rank_frac, width)
     lo = -math.inf if lo_i < 0 else float(sorted_sample[lo_i])  # type: ignore[index]
     hi = math.inf if hi_i >= m else float(sorted_sample[hi_i])  # type: ignore[index]

@@ -1,55 +1,35 @@
-"""What every data-free merge does before and after computing, shared by both engines and free of torch.
+"""The plan of a merge, before any tensor data is read; shared by every back-end and free of torch.
 
-Both the torch engine (:mod:`mergelab.engine`) and the numpy engine (:mod:`mergelab.numpy_engine`) open
-the checkpoints of a spec and validate them against each other from their headers (:class:`MergeInputs`),
-check the model list against the method (:func:`check_models`), resolve per-tensor parameters
-(:class:`ParamResolver`), lay out the output (:func:`output_plan`), and stream their tensors into an
-atomic writer that publishes the folder with the same merge record (:func:`write_merge`). Nothing here
-reads tensor data or imports torch.
+A back-end opens the checkpoints of a spec and validates them against each other from their headers
+(:class:`MergeInputs`: names, shapes, dtype kinds), checks the model list against the method
+(:func:`check_models`), resolves per-tensor parameters (:class:`ParamResolver`), groups the tensors trimmed
+over the whole model (:func:`global_trim_groups`) and lays out the output (:func:`output_plan`). An output
+folder overlapping an input is refused first (:func:`refuse_input_overlap`).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Self
 
-from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
-from mergelab.checkpoints.writer import support_files
+from mergelab.checkpoints import CheckpointReader, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.methods import Method, MethodParams
 from mergelab.output_paths import check_replaceable, refuse_overlap
-from mergelab.provenance import environment, input_digest
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: The spec's output dtypes other than ``auto`` (each tensor keeps the reference model's dtype).
 OUTPUT_DTYPES: dict[str, StorageDtype] = {
     "float32": STORAGE_DTYPES["F32"], "float16": STORAGE_DTYPES["F16"], "bfloat16": STORAGE_DTYPES["BF16"],
 }
-
-
-@dataclass
-class MergeResult:
-    out_dir: Path
-    method: str
-    tensors: int
-    bytes_written: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
 
 
 def few(items: Sequence[str], n: int = 5) -> str:
@@ -185,12 +165,12 @@ def check_models(spec: MergeSpec, method: Method) -> None:
         raise SpecError(f"models: method '{method.name}' takes at most {method.max_models} models, got {n}")
     if method.needs_base and spec.base is None:
         raise SpecError(f"base: method '{method.name}' needs a base model (the pretrained checkpoint)")
-    if method.name == "slerp" and n == 1 and spec.base is None:
-        raise SpecError("base: slerp with one model interpolates from the base model; give base or two models")
+    if method.base_or_two and n == 1 and spec.base is None:
+        raise SpecError(f"base: {method.name} with one model interpolates from the base model; give base or two models")
     if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):
         raise SpecError(f"models: method '{method.name}' does not use per-model weights; remove 'weight'")
-    if method.uses_weights and method.name == "weight_average" and sum(m.weight for m in spec.models) == 0:
-        raise SpecError("models: the weights sum to zero; weight averaging is undefined")
+    if method.weights_nonzero and sum(m.weight for m in spec.models) == 0:
+        raise SpecError(f"models: the weights sum to zero; {method.name} is undefined")
 
 
 class ParamResolver:
@@ -236,119 +216,3 @@ def output_plan(inputs: MergeInputs, dtype: str) -> list[tuple[str, tuple[int, .
     return plan
 
 
-def describe(reader: CheckpointReader, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
-    """An input's entry in the merge record: its path, data files with SHA-256 (unless not hashing), weight."""
-    out: dict[str, Any] = {
-        "path": str(reader.path),
-        "files": [
-            {"path": str(f), "sha256": input_digest(f) if hash_inputs else None} for f in reader.files
-        ],
-    }
-    if weight is not None:
-        out["weight"] = weight
-    return out
-
-
-def describe_path(path: Path, weight: float | None, hash_inputs: bool) -> dict[str, Any]:
-    """Like :func:`describe` for a checkpoint given by path (opened only to list its data files)."""
-    with open_checkpoint(path) as reader:
-        return describe(reader, weight, hash_inputs)
-
-
-def merge_record(
-    spec: MergeSpec, method: Method, params: MethodParams, inputs: MergeInputs, hash_inputs: bool
-) -> dict[str, Any]:
-    """The record written as ``mergelab_merge.json``: method, parameters, overrides, dtype, versions and the
-    inputs with their content hashes (:func:`write_merge` adds seconds, engine and warnings when done)."""
-    return {
-        "method": method.name,
-        "parameters": params.model_dump(by_alias=True),
-        "overrides": [o.model_dump() for o in spec.overrides],
-        "dtype": spec.dtype,
-        "environment": environment(),
-        "inputs": {
-            "base": None if inputs.base is None else describe(inputs.base, None, hash_inputs),
-            "models": [describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)],
-        },
-    }
-
-
-#: Methods whose merge waits for the disk rather than the CPU (written through the page cache).
-DISK_BOUND_METHODS = ("task_arithmetic", "weight_average")
-
-
-def write_merge(
-    spec: MergeSpec,
-    method: Method,
-    inputs: MergeInputs,
-    record: dict[str, Any],
-    plan: Sequence[tuple[str, tuple[int, ...], Any]],
-    out_dir: str | Path,
-    compute: Callable[[CheckpointWriter, Any], None],
-    *,
-    engine: str,
-    overwrite: bool,
-    progress: bool,
-    started: float,
-) -> MergeResult:
-    """Open an atomic :class:`CheckpointWriter` for ``plan`` at ``out_dir``, let ``compute(writer, bar)``
-    write every tensor (``bar`` is a progress bar over output bytes), then publish the folder with the
-    reference's config files and ``record`` plus the seconds since ``started``, the engine and the warnings.
-    Any error leaves nothing at ``out_dir``."""
-    from tqdm.auto import tqdm
-
-    total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
-    if inputs.reference.config_dir is not None:  # refused support files fail now, before the merge
-        support_files(inputs.reference.config_dir)
-    # CPU-bound merges write around the page cache (whose copy cost TIES 1.2-1.9 CPU-s on the benchmark);
-    # the linear methods wait for the disk anyway, where the page cache's deeper write-back is faster
-    direct_io = method.name not in DISK_BOUND_METHODS
-    with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite,
-                          direct_io=direct_io) as writer:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})",
-                  disable=not progress) as bar:
-            compute(writer, bar)
-        seconds = time.perf_counter() - started
-        record.update(seconds=round(seconds, 3), engine=engine, warnings=inputs.warnings)
-        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
-    log.info("merged %d tensors with %s into %s in %.1f s (%s engine)", len(plan), method.name, path, seconds,
-             engine)
-    return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,
-                       seconds=seconds, warnings=inputs.warnings, record=record)
-
-
-def nbytes(shape: Sequence[int], dtype: Any) -> int:
-    """Bytes of a contiguous tensor of ``shape`` and ``dtype`` (anything with ``itemsize``)."""
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
-
-
-def read_ahead(
-    io: Executor, names: Sequence[str], read: Callable[[str], T], size: Callable[[str], int], budget: int
-) -> Iterator[tuple[str, T]]:
-    """Yield ``(name, read(name))`` for each name in order, reading ahead on the executor ``io`` while the
-    caller works on the current one: the next name always, further ones while the reads in flight hold
-    at most ``budget`` bytes (``size(name)`` each), so memory stays bounded by two items plus that and a
-    stall of one stage (a read held up by the disk) does not stop the caller at once."""
-    pending: collections.deque[tuple[Future[T], int]] = collections.deque()
-    queued = 0
-    ahead = 0  # next index to submit
-
-    def submit() -> None:
-        nonlocal queued, ahead
-        nbytes_ = size(names[ahead])
-        pending.append((io.submit(read, names[ahead]), nbytes_))
-        queued += nbytes_
-        ahead += 1
-
-    for name in names:
-        while ahead < len(names) and (not pending or queued + size(names[ahead]) <= budget):
-            submit()
-        future, nbytes_ = pending.popleft()
-        queued -= nbytes_
-        value = future.result()
-        if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
-            submit()
-        yield name, value

@@ -1,4 +1,7 @@
-"""TIES-Merging on numpy blocks: the numpy engine's TIES, the same result as the torch engine's without torch.
+"""The numpy back-end's kernels: TIES-Merging, task arithmetic and weight averaging on numpy blocks.
+
+Each computes what its catalog reference (:mod:`mergelab.methods.catalog`) computes, tested against it
+(tests/test_numpy_engine.py, tests/test_streaming.py), without torch. TIES is the long one:
 
 TIES (Yadav et al. 2023) per tensor, with ``tau_i = theta_i - theta_0`` in the compute dtype (float32;
 float64 if an input is float64):
@@ -18,12 +21,12 @@ The parameters and their defaults (from the paper) are :class:`mergelab.methods.
 How it is computed, for a tensor whose inputs are in memory in their stored dtype:
 
 - **Threshold** (per expert, ``trim_scope: tensor``): exact sample-based selection
-  (:mod:`mergelab.order_stats`). A uniform sample of ``|tau_i|`` gives a value bracket ``[lo, hi]``
+  (:mod:`mergelab.ops.selection`). A uniform sample of ``|tau_i|`` gives a value bracket ``[lo, hi]``
   around the target rank; one pass over cache-sized blocks (on all cores) counts per block the magnitudes
   below ``lo`` and either counts those equal to ``lo`` (a collapsed bracket, as bf16 task vectors give:
   their magnitudes take few values) or collects those inside the bracket; the k-th largest is then selected
   among a few percent of the entries (or, with probability ~1e-6, among all of them). Tensors of at most
-  ``order_stats.SMALL`` entries are selected whole. With ``trim_scope: global`` (the paper's) the same
+  ``selection.SMALL`` entries are selected whole. With ``trim_scope: global`` (the paper's) the same
   counts are taken over every tensor of the model against one bracket (:func:`select_global`; the engine
   streams the model twice for it), and the tied entries are kept first in model order.
 - **Ties as a cut-off position.** Keeping the first ``q = k - #{|tau_i| > t_i}`` entries tied at ``t_i`` in
@@ -54,9 +57,9 @@ from typing import Any
 
 import numpy as np
 
-from mergelab import order_stats
-from mergelab.blockwise import run_blocks
-from mergelab.numpy_storage import any_nonfinite, exponent_scratch
+from mergelab.merging.numpy_arrays import any_nonfinite, exponent_scratch
+from mergelab.merging.pipeline import run_blocks
+from mergelab.ops import selection as rules
 
 #: Entries per block. Each block costs about 40 ufunc calls, and each call holds the GIL for its set-up,
 #: so small blocks serialise the threads: on an 11M-entry bf16 tensor with 4 experts, merge pass on 1 / 2
@@ -235,12 +238,12 @@ def trim_at(selection: BlockSelection, ties: int, base: Any, expert: Any, comput
 def tensor_trims(base: Any, experts: Sequence[Any], density: float, compute: np.dtype) -> list[Trim]:
     """Per-tensor trims of ``tau_i = experts[i] - base`` (flat arrays in their stored dtypes) at ``density``."""
     n = base.size
-    k = order_stats.keep_count(n, density)
-    if n <= order_stats.SMALL:
+    k = rules.keep_count(n, density)
+    if n <= rules.SMALL:
         b = base.astype(compute)
         return [whole_trim(np.abs(e.astype(compute) - b), k) for e in experts]
-    samples = sample_magnitudes(base, experts, order_stats.SAMPLE, np.random.default_rng(0), compute)
-    brackets = [order_stats.bracket_values(np.sort(x), (n - k) / n, order_stats.WIDTH) for x in samples]
+    samples = sample_magnitudes(base, experts, rules.SAMPLE, np.random.default_rng(0), compute)
+    brackets = [rules.bracket_values(np.sort(x), (n - k) / n, rules.WIDTH) for x in samples]
     trims = []
     for selection, e in zip(count_blocks(base, experts, brackets, compute), experts):
         found = selection.result(k)
@@ -409,3 +412,57 @@ class _Buffers:
     n_up: Any
     n_down: Any
     ones: Any
+
+
+# ------------------------------------------------------------- task arithmetic and weight averaging
+
+
+def _round_into(acc: Any, base: Any, out: Any) -> None:
+    """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through acc."""
+    if out.dtype == acc.dtype:
+        np.add(acc, base, out=out)
+    else:
+        np.add(acc, base, out=acc)
+        np.copyto(out, acc, casting="unsafe")
+
+
+def _as_compute(x: Any, buffer: Any) -> Any:
+    """``x`` in the compute dtype: itself when it already is, else converted into ``buffer``."""
+    if x.dtype == buffer.dtype:
+        return x
+    np.copyto(buffer, x, casting="unsafe")
+    return buffer
+
+
+def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float], acc: Any, tmp: Any) -> None:
+    """``acc = sum_i w_i (x_i - ref)`` in model order, in ``acc``'s dtype (each stored ``x_i`` is converted
+    inside numpy's buffered ufunc loop, in cache); ``tmp`` is scratch of the same size."""
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        target = acc if i == 0 else tmp
+        np.subtract(x, ref, out=target, dtype=acc.dtype)
+        if w != 1.0:
+            np.multiply(target, w, out=target)
+        if i > 0:
+            np.add(acc, tmp, out=acc)
+
+
+def task_arithmetic_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                     params: Any) -> None:
+    """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see :mod:`mergelab.merging.numpy_backend`."""
+    base_buf, acc, tau = buffers
+    base = _as_compute(xs[0], base_buf)
+    _weighted_differences(xs[1:], base, weights, acc, tau)
+    if params.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+        np.multiply(acc, params.lambda_, out=acc)
+    _round_into(acc, base, out)
+
+
+def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                    params: Any) -> None:
+    """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
+    averaged); see :mod:`mergelab.merging.numpy_backend`."""
+    first_buf, acc, diff = buffers
+    first = _as_compute(xs[0], first_buf)
+    _weighted_differences(xs, first, weights, acc, diff)
+    np.divide(acc, float(sum(weights)), out=acc)
+    _round_into(acc, first, out)

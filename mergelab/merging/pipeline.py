@@ -1,8 +1,12 @@
-"""Splitting element-wise work on independent blocks over threads, without torch.
+"""The merge pipeline's scheduling, shared by every back-end and free of torch.
 
-Used by the torch methods that work in cache-sized blocks (:mod:`mergelab.ops.blocks`) and by the numpy
-engine (:mod:`mergelab.numpy_engine`): their kernels (torch's, numpy's ufuncs, ``pread``) release the GIL,
-so the chunks of one tensor run on all cores.
+Three stages run one tensor apart on three threads: a read-ahead thread reads tensor k+1 (:func:`read_ahead`)
+while the main thread merges tensor k and a write-behind thread writes tensor k-1
+(:class:`mergelab.checkpoints.writer.WriteBehind`); small tensors queue deeper, up to ``PIPELINE_BYTES`` of
+inputs read ahead and of outputs waiting to be written, so a stall of one stage does not stop the others at
+once. Within a tensor, kernels work on cache-sized blocks, split over the cores by :func:`run_in_chunks`
+(fixed contiguous chunks) or :func:`run_blocks` (blocks handed out one at a time): their kernels (torch's,
+numpy's ufuncs, ``pread``) release the GIL, so the blocks of one tensor run on all cores.
 """
 
 from __future__ import annotations
@@ -10,8 +14,17 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Bytes that may wait in each pipeline queue beyond the one tensor always allowed: the inputs read ahead
+# and the outputs waiting to be written. Small tensors then queue several deep, so a stall of one stage
+# (a write blocked by the disk, a read by another process) does not stop the others at once.
+PIPELINE_BYTES = 256 * 1024**2
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -90,3 +103,40 @@ def _on_threads(calls: list[Callable[[], None]]) -> None:
             error = error or exc
     if error is not None:
         raise error
+
+
+def nbytes(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes of a contiguous tensor of ``shape`` and ``dtype`` (anything with ``itemsize``)."""
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_ahead(
+    io: Executor, names: Sequence[str], read: Callable[[str], T], size: Callable[[str], int], budget: int
+) -> Iterator[tuple[str, T]]:
+    """Yield ``(name, read(name))`` for each name in order, reading ahead on the executor ``io`` while the
+    caller works on the current one: the next name always, further ones while the reads in flight hold
+    at most ``budget`` bytes (``size(name)`` each), so memory stays bounded by two items plus that and a
+    stall of one stage (a read held up by the disk) does not stop the caller at once."""
+    pending: collections.deque[tuple[Future[T], int]] = collections.deque()
+    queued = 0
+    ahead = 0  # next index to submit
+
+    def submit() -> None:
+        nonlocal queued, ahead
+        nbytes_ = size(names[ahead])
+        pending.append((io.submit(read, names[ahead]), nbytes_))
+        queued += nbytes_
+        ahead += 1
+
+    for name in names:
+        while ahead < len(names) and (not pending or queued + size(names[ahead]) <= budget):
+            submit()
+        future, nbytes_ = pending.popleft()
+        queued -= nbytes_
+        value = future.result()
+        if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
+            submit()
+        yield name, value
