@@ -21,7 +21,7 @@ _EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
 def numpy_dtype(storage: StorageDtype) -> Any:
     """The numpy dtype of a stored dtype (``ml_dtypes.bfloat16`` for bfloat16)."""
     if storage.name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # only bfloat16 checkpoints need it
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(storage.name)

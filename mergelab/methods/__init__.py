@@ -15,7 +15,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        from mergelab.methods.data_informed import registry
+        from mergelab.methods.data_informed import registry  # they import torch: only an unknown name pays
 
         known = sorted(METHODS) + sorted(registry())
         close = difflib.get_close_matches(name, known, n=1)
