@@ -47,23 +47,67 @@ def _ties_reference(base, experts, weights, p):
     return get_method("ties").reference(TensorInputs("w", base, experts, weights), p)
 
 
+#: parameters each kernel is checked with beyond its defaults (several per method where a path differs)
+KERNEL_CASES: list[tuple[str, dict, int]] = [
+    ("weight_average", {}, 3),
+    ("task_arithmetic", {"lambda": 0.6}, 3),
+    ("ties", {"trim_scope": "tensor", "density": 0.3, "lambda": 0.6}, 3),
+    ("dare_linear", {"density": 0.3, "seed": 4, "lambda": 0.6}, 3),
+    ("dare_linear", {"density": 0.6, "rescale": "l1"}, 3),
+    ("dare_linear", {"density": 0.6, "rescale": "none"}, 3),
+    ("dare_linear", {"density": 1.0}, 3),
+    ("dare_ties", {"density": 0.4, "sign_election": "count", "disjoint_divisor": "weight", "lambda": 0.6}, 3),
+    ("breadcrumbs", {"lambda": 0.6}, 3),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}, 3),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.0}, 3),
+    ("breadcrumbs", {"density": 1.0}, 3),
+    ("model_stock", {}, 3),
+    ("slerp", {"t": 0.3}, 2),
+    ("slerp", {"t": 0.7}, 1),
+]
+
+
+def test_every_method_has_a_torch_kernel_and_a_case():
+    """Every data-free method of the catalog runs as a block kernel on the torch back-end (none falls back
+    to its whole-tensor reference), and each is checked below."""
+    assert set(KERNELS) == set(METHODS)
+    assert {name for name, _, _ in KERNEL_CASES} == set(KERNELS)
+    for name in METHODS:
+        assert kernel(name) is KERNELS[name]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", sorted(KERNELS))
-def test_every_torch_kernel_equals_its_catalog_reference(monkeypatch, dtype, name):
+@pytest.mark.parametrize(("name", "params", "n_experts"), KERNEL_CASES)
+def test_every_torch_kernel_equals_its_catalog_reference(monkeypatch, dtype, name, params, n_experts):
     """Each block kernel the torch back-end registers computes its method's reference composition bit for
-    bit (several blocks, two threads, non-unit weights); the other methods run as their reference."""
+    bit (several blocks, two threads, non-unit weights where the method takes them; rounded once into the
+    output dtype when asked), DARE's random masks included."""
     _small_blocks(monkeypatch)
     monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
-    base, experts = _inputs(3, 1000, dtype)
+    base, experts = _inputs(n_experts, 1000, dtype)
     method = get_method(name)
-    params = {"trim_scope": "tensor", "density": 0.3} if name == "ties" else {}
-    p = method.parse_params({**params, **({"lambda": 0.6} if "lambda" in method.params.model_fields or
-                                           any(f.alias == "lambda" for f in method.params.model_fields.values())
-                                           else {})})
-    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0])
-    assert torch.equal(kernel(name)(inp, p), method.reference(inp, p))
-    for other in set(METHODS) - set(KERNELS):
-        assert kernel(other) is get_method(other).reference
+    p = method.parse_params(params)
+    weights = [1.0, 0.5, 2.0][:n_experts] if method.uses_weights else [1.0] * n_experts
+    inp = TensorInputs("w", base, experts, weights)
+    ref = method.reference(inp, p)
+    assert torch.equal(kernel(name)(inp, p), ref)
+    out_bf16 = kernel(name)(TensorInputs("w", base, experts, weights, out_dtype=torch.bfloat16), p)
+    assert torch.equal(out_bf16, ref.to(torch.bfloat16))
+    empty = TensorInputs("e", base[:0], [e[:0] for e in experts], weights)
+    assert kernel(name)(empty, p).shape == (0,)
+
+
+def test_dare_kernel_draws_the_reference_masks_block_by_block(monkeypatch):
+    """DARE's masks come from one generator per expert drawn in flat order, so a draw per block of 37
+    equals the reference's one draw over the tensor: the kept positions are the same."""
+    _small_blocks(monkeypatch)
+    base, experts = _inputs(2, 1000, torch.float32, seed=5)
+    p = get_method("dare_linear").parse_params({"density": 0.5, "seed": 11, "rescale": "none"})
+    inp = TensorInputs("layer.w", base, experts[:1], [1.0])
+    out = kernel("dare_linear")(inp, p) - base
+    mask = torch.rand(1000, generator=inp.generator(11, 0)) < 0.5
+    assert torch.equal(out != 0, mask & (experts[0] != base))
+    assert 400 < int(mask.sum()) < 600
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,9 +1,10 @@
 """The torch back-end: checkpoints -> task vectors -> operators -> merged tensors -> writer.
 
-It runs every data-free method of the catalog, on the CPU or a GPU: with a block kernel where it registers
-one (:data:`mergelab.merging.torch_kernels.KERNELS`), else with the method's reference composition of
-operators on whole tensors (:mod:`mergelab.methods.catalog`). :func:`mergelab.merging.merge` prefers the
-numpy back-end (:mod:`mergelab.merging.numpy_backend`, no torch import) where that one has the kernel.
+It runs every data-free method of the catalog, on the CPU or a GPU, with the block kernel it registers
+for it (:data:`mergelab.merging.torch_kernels.KERNELS`: every catalog method today); a method added to the
+catalog without a kernel runs as its reference composition of operators on whole tensors
+(:mod:`mergelab.methods.catalog`). :func:`mergelab.merging.merge` prefers the numpy back-end
+(:mod:`mergelab.merging.numpy_backend`, no torch import) where that one has the kernel.
 
 Memory model. Tensors are processed one name at a time, in the base model's storage order: the engine
 reads that tensor from the base and from every expert (lazily, from disk), hands them to the method,
@@ -21,8 +22,8 @@ A whole-model trim threshold (TIES with ``trim_scope: global``) comes from two e
 Threads. During a merge on the CPU, torch runs its kernels on one intra-op thread (restored afterwards;
 ``$MERGELAB_MERGE_THREADS`` overrides): block-sized kernels do not gain from splitting, and idle OpenMP
 workers spinning next to the reader and writer threads multiplied the CPU time by ten. Methods whose
-blocks are independent (task arithmetic, weight averaging, TIES) split a tensor's blocks over
-``mergelab.ops.compute_workers()`` threads themselves.
+blocks are independent (all but DARE, whose masks are drawn in order: its experts run in parallel
+instead) split a tensor's blocks over ``mergelab.merging.pipeline.compute_workers()`` threads themselves.
 
 Rules applied to every merge:
 

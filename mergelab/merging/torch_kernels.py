@@ -1,15 +1,31 @@
-"""The torch back-end's block kernels: weight averaging, task arithmetic and TIES on cache-sized blocks.
+"""The torch back-end's block kernels: one per data-free method of the catalog, on cache-sized blocks.
 
 Each kernel computes, entry by entry, exactly what its method's reference composition of operators computes
 (:mod:`mergelab.methods.catalog`; tested bit for bit), but block by block (:mod:`mergelab.ops.blocks`)
 with the blocks split over the cores (:func:`mergelab.merging.pipeline.run_in_chunks`), rounding each
 block once into ``inp.result_dtype``: their float32 temporaries are a few MiB whatever the tensor size.
 Notation: base theta_0, experts theta_i with weights w_i, task vectors tau_i = theta_i - theta_0.
+
+What a method needs of the whole tensor comes from a first pass, then the element-wise rest is applied
+block by block:
+
+- TIES and breadcrumbs: the k-th largest ``|tau_i|`` (exact selection over the blocks, never a sort or a
+  float32 copy of the tensor: :class:`mergelab.ops.BlockKthLargest`);
+- DARE: nothing, but its masks come from one generator per expert, drawn in flat order, so the blocks go
+  in order (the experts of a block in parallel); a draw of ``m`` then ``m'`` uniforms equals one draw of
+  ``m + m'`` (torch's CPU generator is sequential), so the masks are the reference's. The ``l1``
+  rescaling's two norms are torch's float32 sums over the whole tensor, so for bit-identity they are
+  taken (expert by expert, on the calling thread) from tensor-sized float32 buffers, and the masks are
+  drawn twice;
+- model stock and SLERP: norms and dot products, which are torch's whole-tensor reductions (a BLAS dot,
+  a vectorised norm: their rounding depends on the summation order, which blocks cannot reproduce), so
+  these kernels form the float32 task vectors (model stock) or models (SLERP) whole, without temporaries,
+  take the reductions from them, and apply the rest by blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +33,16 @@ import torch
 from mergelab import ops
 from mergelab.merging.pipeline import run_in_chunks
 from mergelab.methods.base import TensorInputs
-from mergelab.methods.catalog import TaskArithmeticParams, TiesParams, WeightAverageParams
+from mergelab.methods.catalog import (
+    BreadcrumbsParams,
+    DareLinearParams,
+    DareTiesParams,
+    ModelStockParams,
+    SlerpParams,
+    TaskArithmeticParams,
+    TiesParams,
+    WeightAverageParams,
+)
 
 #: A kernel: the merged tensor of one name from its inputs and resolved parameters.
 Kernel = Callable[[TensorInputs, Any], torch.Tensor]
@@ -198,10 +223,297 @@ def _tensor_trims(
     return trims
 
 
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _task_vectors_into(base: torch.Tensor, experts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``tau_i = experts[i] - base`` (flat) as tensor-sized buffers of ``dtype``, formed block by block
+    (no tensor-sized temporaries: ``e.to(dtype) - base.to(dtype)`` entry by entry, the reference's values)."""
+    n = base.numel()
+    taus = [torch.empty(n, dtype=dtype, device=base.device) for _ in experts]
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(1, n, dtype, base.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            (b,) = buffers.get(end - start)
+            b.copy_(base[start:end])
+            for tau, e in zip(taus, experts):
+                tau[start:end].copy_(e[start:end]).sub_(b)
+
+    run_in_chunks(ops.block_count(n), work)
+    return taus
+
+
+def _sum_into(acc: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``acc = sum_i w_i taus[i]`` with :func:`mergelab.ops.weighted_sum`'s operations (``taus[0] * w_0``,
+    then ``add_(tau_i, alpha=w_i)`` in model order: the same bits, signed zeros included)."""
+    torch.mul(taus[0], weights[0], out=acc)
+    for tau, w in zip(taus[1:], weights[1:]):
+        acc.add_(tau, alpha=w)
+    return acc
+
+
+def _kth_largest_magnitudes(
+    base: torch.Tensor, experts: list[torch.Tensor], ks: Sequence[int], dtype: torch.dtype
+) -> list[list[float]]:
+    """Per expert, the exact k-th largest ``|tau_i|`` for each k of ``ks`` (what :func:`mergelab.ops.kth_largest`
+    returns on the whole ``|tau_i|``), by one pass over the blocks for all experts and ranks
+    (:class:`mergelab.ops.BlockKthLargest`); small tensors and the rare bracket miss on the whole tensor."""
+    n = base.numel()
+
+    def whole(expert: torch.Tensor, k: int) -> float:  # never in place: .to may alias the input
+        return float(ops.kth_largest(torch.sub(expert.to(dtype), base.to(dtype)).abs_(), k))
+
+    if n <= ops.select_small_size():
+        return [[whole(e, k) for k in ks] for e in experts]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base.device)
+    base_sample = base[idx].to(dtype)
+    blocks = ops.block_count(n)
+    selectors = []
+    for e in experts:
+        sample = torch.sub(e[idx].to(dtype), base_sample).abs_()
+        selectors.append([ops.BlockKthLargest(n, k, sample, blocks) for k in ks])
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(3, n, dtype, base.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            mag, b, scratch = buffers.get(end - start)
+            b.copy_(base[start:end])
+            for per_k, e in zip(selectors, experts):
+                mag.copy_(e[start:end]).sub_(b).abs_()
+                for selector in per_k:
+                    selector.observe(j, mag, scratch)
+
+    run_in_chunks(blocks, work)
+    values = []
+    for per_k, e in zip(selectors, experts):
+        row = []
+        for selector, k in zip(per_k, ks):
+            found = selector.result()
+            row.append(whole(e, k) if found is None else found[0])
+        values.append(row)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ DARE
+
+
+def _l1_factors(inp: TensorInputs, base: torch.Tensor, experts: list[torch.Tensor], p: DareLinearParams
+                ) -> list[float | None]:
+    """Per expert, the ``l1`` rescaling factor ``||tau_i||_1 / ||m_i * tau_i||_1`` of :func:`mergelab.ops.drop`
+    (None where either norm is 0: no rescaling), the norms being torch's float32 sums over the whole
+    tensor as in the reference: formed in two tensor-sized buffers, one expert at a time, on this thread
+    (torch's reduction order depends on its thread count)."""
+    n, dtype, shape = base.numel(), inp.compute_dtype, inp.base.shape  # type: ignore[union-attr]
+    tau = torch.empty(n, dtype=dtype, device=base.device)
+    kept = torch.empty_like(tau)
+    draws = torch.empty(min(n, ops.block_size()))
+    factors: list[float | None] = []
+    for i, e in enumerate(experts):
+        gen = inp.generator(p.seed, i)
+        for start, end in ops.block_ranges(n, ops.block_size()):
+            t = tau[start:end].copy_(e[start:end]).sub_(base[start:end].to(dtype))
+            u = torch.rand(end - start, generator=gen, out=draws[: end - start])
+            torch.mul(t, (u < p.density).to(t.device), out=kept[start:end])
+        before = float(tau.view(shape).abs_().sum())
+        after = float(kept.view(shape).abs_().sum())
+        factors.append(before / after if before > 0 and after > 0 else None)
+    return factors
+
+
+def _dare(inp: TensorInputs, p: DareLinearParams, combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
+          ) -> torch.Tensor:
+    """DARE's drop and rescale (:func:`mergelab.ops.drop`) block by block, then ``combine(dropped, acc)``:
+    the block of the merged task vector (``acc``: a scratch block). Blocks in order (the masks are drawn
+    from each expert's generator in flat order), a block's experts on all cores."""
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    flats = [e.reshape(-1) for e in inp.experts]
+    n = base_in.numel()
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
+    if n == 0:
+        return out
+    dtype = inp.compute_dtype
+    dropping = p.density < 1.0
+    factors = _l1_factors(inp, base_in, flats, p) if dropping and p.rescale == "l1" else [None] * len(flats)
+    gens = [inp.generator(p.seed, i) for i in range(len(flats))] if dropping else []
+    buffers = ops.BlockBuffers(len(flats) + 2, n, dtype, base_in.device)
+    draws = ops.BlockBuffers(len(flats), n, torch.float32, "cpu")
+    masks = ops.BlockBuffers(len(flats), n, torch.bool, "cpu")
+    out_flat = out.view(-1)
+    for start, end in ops.block_ranges(n, ops.block_size()):
+        m = end - start
+        base, acc, *taus = buffers.get(m)
+        base.copy_(base_in[start:end])
+        us, keeps = draws.get(m), masks.get(m)
+
+        def expert(first: int, stop: int) -> None:
+            for i in range(first, stop):
+                tau = taus[i].copy_(flats[i][start:end]).sub_(base)
+                if not dropping:
+                    continue
+                torch.rand(m, generator=gens[i], out=us[i])
+                tau.mul_(torch.lt(us[i], p.density, out=keeps[i]).to(tau.device))
+                if p.rescale == "inverse":
+                    tau.div_(p.density)
+                elif factors[i] is not None:
+                    tau.mul_(factors[i])
+
+        run_in_chunks(len(flats), expert)
+        merged = combine(taus, acc)
+        if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+            merged.mul_(p.lambda_)
+        out_flat[start:end].copy_(merged.add_(base))
+    return out
+
+
+def dare_linear(inp: TensorInputs, p: DareLinearParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.dare_linear`: ``theta_0 + lambda sum_i w_i drop(tau_i)``."""
+    return _dare(inp, p, lambda taus, acc: _sum_into(acc, taus, inp.weights))
+
+
+def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.dare_ties`: drop -> elect_sign -> disjoint_mean -> scale."""
+
+    def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+
+    return _dare(inp, p, combine)
+
+
+# ----------------------------------------------------------------------------------------- breadcrumbs
+
+
+def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.breadcrumbs`: ``theta_0 + lambda sum_i w_i band(tau_i)``.
+
+    Pass 1 finds each expert's two band edges (the ``n_top``-th and ``(n_top + n_keep)``-th largest
+    ``|tau_i|``, :func:`mergelab.ops.band_ranks`) by exact selection over the blocks; pass 2 keeps
+    ``low <= |tau_i| < high`` (as :func:`mergelab.ops.trim_band`) and sums, block by block on all cores.
+    """
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    flats = [e.reshape(-1) for e in inp.experts]
+    n = base_in.numel()
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
+    if n == 0:
+        return out
+    dtype = inp.compute_dtype
+    edges: list[tuple[float, float | None]] | None = None
+    if p.density < 1.0:
+        n_top, n_edge = ops.band_ranks(n, p.density, p.gamma)
+        values = _kth_largest_magnitudes(base_in, flats, [n_edge, n_top] if n_top > 0 else [n_edge], dtype)
+        edges = [(v[0], v[1] if n_top > 0 else None) for v in values]
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(len(flats) + 3, n, dtype, base_in.device)
+        masks = ops.BlockBuffers(2, n, torch.bool, base_in.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            base, acc, magnitude, *taus = buffers.get(end - start)
+            keep, below_high = masks.get(end - start)
+            base.copy_(base_in[start:end])
+            for i, e in enumerate(flats):
+                tau = taus[i].copy_(e[start:end]).sub_(base)
+                if edges is not None:
+                    low, high = edges[i]
+                    torch.abs(tau, out=magnitude)
+                    torch.ge(magnitude, low, out=keep)
+                    if high is not None:
+                        keep &= torch.lt(magnitude, high, out=below_high)
+                    tau.mul_(keep)
+            merged = _sum_into(acc, taus, inp.weights)
+            if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+                merged.mul_(p.lambda_)
+            out_flat[start:end].copy_(merged.add_(base))
+
+    run_in_chunks(ops.block_count(n), work)
+    return out
+
+
+# ----------------------------------------------------------------------------------- model stock, SLERP
+
+
+def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.model_stock`: ``theta_0 + t mean_i tau_i``.
+
+    The ratio t comes from the task vectors' norms and pairwise dot products, torch's whole-tensor
+    reductions as in the reference (:func:`mergelab.ops.model_stock_ratio`), on float32 task vectors formed
+    block by block into one buffer per expert (the reference's further four tensor-sized temporaries are
+    not made); the mean and the interpolation then go block by block.
+    """
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    n = base_in.numel()
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
+    dtype = inp.compute_dtype
+    taus = _task_vectors_into(base_in, [e.reshape(-1) for e in inp.experts], dtype)
+    t = ops.model_stock_ratio(taus)
+    ones = [1.0] * len(taus)
+    total = float(len(taus))
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(2, n, dtype, base_in.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            base, acc = buffers.get(end - start)
+            base.copy_(base_in[start:end])
+            mean = _sum_into(acc, [tau[start:end] for tau in taus], ones).div_(total)
+            out_flat[start:end].copy_(mean.mul_(t).add_(base))
+
+    run_in_chunks(ops.block_count(n), work)
+    return out
+
+
+def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.slerp`: ``c_a a + c_b b`` (or ``lerp(a, b, t)``).
+
+    The coefficients come from the two norms and the dot product of the float32 ends, torch's
+    whole-tensor reductions as in the reference (:func:`mergelab.ops.slerp_coefficients`); the combination
+    goes block by block (the reference's three tensor-sized temporaries are not made).
+    """
+    a_in, b_in = (inp.base, inp.experts[0]) if len(inp.experts) == 1 else inp.experts
+    dtype = inp.compute_dtype
+    a_whole, b_whole = a_in.to(dtype), b_in.to(dtype)  # type: ignore[union-attr]
+    coefficients = ops.slerp_coefficients(a_whole, b_whole, p.t)  # reduced in the tensor's shape, as the reference
+    a, b = a_whole.reshape(-1), b_whole.reshape(-1)
+    n = a.numel()
+    out = torch.empty(a_in.shape, dtype=inp.result_dtype, device=a.device)  # type: ignore[union-attr]
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(2, n, dtype, a.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            x, y = buffers.get(end - start)
+            if coefficients is None:
+                torch.lerp(a[start:end], b[start:end], p.t, out=x)
+            else:
+                torch.mul(a[start:end], coefficients[0], out=x)
+                x.add_(torch.mul(b[start:end], coefficients[1], out=y))
+            out_flat[start:end].copy_(x)
+
+    run_in_chunks(ops.block_count(n), work)
+    return out
+
+
 #: The torch back-end's kernels, by method: block kernels tested against the catalog's references
-#: (tests/test_streaming.py). Every other catalog method runs as its reference, on whole tensors.
+#: (tests/test_streaming.py). A catalog method without one runs as its reference, on whole tensors.
 KERNELS: dict[str, Kernel] = {
     "weight_average": weight_average,
     "task_arithmetic": task_arithmetic,
     "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "breadcrumbs": breadcrumbs,
+    "model_stock": model_stock,
+    "slerp": slerp,
 }

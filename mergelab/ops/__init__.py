@@ -24,18 +24,18 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BLOCK", "BlockBuffers", "block_count", "block_ranges", "block_size"), "blocks"),
     **dict.fromkeys(("TensorOp", "chain", "identity", "task_vector"), "compose"),
     **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
-    **dict.fromkeys(("model_stock_ratio", "slerp"), "interpolate"),
+    **dict.fromkeys(("model_stock_ratio", "slerp", "slerp_coefficients"), "interpolate"),
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
-    **dict.fromkeys(("BlockTrim", "drop", "keep_top", "keep_top_into", "trim", "trim_band"), "sparsify"),
+    **dict.fromkeys(("BlockTrim", "band_ranks", "drop", "keep_top", "keep_top_into", "trim", "trim_band"), "sparsify"),
 }
 
 if TYPE_CHECKING:
     from mergelab.ops.blocks import BLOCK, BlockBuffers, block_count, block_ranges, block_size
     from mergelab.ops.compose import TensorOp, chain, identity, task_vector
     from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
-    from mergelab.ops.interpolate import model_stock_ratio, slerp
+    from mergelab.ops.interpolate import model_stock_ratio, slerp, slerp_coefficients
     from mergelab.ops.select import (
         BlockKthLargest,
         StreamingKthLargest,
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         select_small_size,
     )
     from mergelab.ops.selection import keep_count
-    from mergelab.ops.sparsify import BlockTrim, drop, keep_top, keep_top_into, trim, trim_band
+    from mergelab.ops.sparsify import BlockTrim, band_ranks, drop, keep_top, keep_top_into, trim, trim_band
 
 
 def __getattr__(name: str) -> Any:

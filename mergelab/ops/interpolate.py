@@ -10,6 +10,24 @@ import torch
 _PARALLEL = 1.0 - 1e-6
 
 
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[float, float] | None:
+    """The coefficients ``(sin((1-t) Omega)/sin(Omega), sin(t Omega)/sin(Omega))`` of :func:`slerp`, or None
+    where it interpolates linearly (a zero vector, or ``|cos Omega| > 1 - 1e-6``). The whole-tensor part of
+    SLERP (two norms and a dot product, torch's reductions on ``a`` and ``b`` as given); the rest is
+    element-wise, so a kernel may apply it block by block."""
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return None
+    cos = float((a.reshape(-1) @ b.reshape(-1)) / (na * nb))
+    if abs(cos) > _PARALLEL:
+        return None
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    s = math.sin(omega)
+    return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical linear interpolation (Shoemake 1985) of two tensors treated as flat vectors.
 
@@ -18,17 +36,11 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     mergekit). Nearly (anti)parallel vectors (``|cos Omega| > 1 - 1e-6``) or a zero vector fall back to linear
     interpolation ``(1-t) a + t b``. ``t = 0`` gives ``a``, ``t = 1`` gives ``b``.
     """
-    if a.shape != b.shape:
-        raise ValueError(f"slerp needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0:
+    coefficients = slerp_coefficients(a, b, t)
+    if coefficients is None:
         return torch.lerp(a, b, t)
-    cos = float((a.reshape(-1) @ b.reshape(-1)) / (na * nb))
-    if abs(cos) > _PARALLEL:
-        return torch.lerp(a, b, t)
-    omega = math.acos(max(-1.0, min(1.0, cos)))
-    s = math.sin(omega)
-    return a * (math.sin((1 - t) * omega) / s) + b * (math.sin(t * omega) / s)
+    ca, cb = coefficients
+    return a * ca + b * cb
 
 
 def model_stock_ratio(taus: Sequence[torch.Tensor]) -> float:

@@ -141,6 +141,16 @@ def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, t
     return tau * keep_top(magnitude, threshold, ties)
 
 
+def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ranks of :func:`trim_band`'s two thresholds in a tensor of ``n > 0`` entries: ``(n_top, n_top +
+    n_keep)`` with ``n_top = min(floor(gamma n), n - n_keep)`` and ``n_keep = floor(density n)`` (at least
+    1): the band keeps magnitudes below the ``n_top``-th largest (none removed when ``n_top`` is 0) and at
+    least the ``(n_top + n_keep)``-th largest."""
+    n_keep = keep_count(n, density)
+    n_top = min(int(math.floor(gamma * n)), n - n_keep)
+    return n_top, n_top + n_keep
+
+
 def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs masking (Davari & Belilovsky 2023, "Model Breadcrumbs"), per tensor.
 
@@ -156,11 +166,9 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
     if density >= 1.0 or tau.numel() == 0:
         return tau.clone()
-    n = tau.numel()
-    n_keep = keep_count(n, density)
-    n_top = min(int(math.floor(gamma * n)), n - n_keep)
+    n_top, n_edge = band_ranks(tau.numel(), density, gamma)
     mag = tau.abs()
-    low = float(kth_largest(mag, n_top + n_keep))
+    low = float(kth_largest(mag, n_edge))
     keep = mag >= low
     if n_top > 0:
         high = float(kth_largest(mag, n_top))
