@@ -6,12 +6,15 @@ base: path/to/base      # folder or file (optional for weight_average and slerp 
 models:
   - path: path/to/expert1
     weight: 1.0
+    parameters: {density: 0.3}      # this model's own values of the method's per-model parameters
 parameters:             # method parameters (see `mergelab methods`)
   density: 0.2
   lambda: 1.0
 overrides:              # per-tensor parameters by name pattern; the first matching pattern wins
   - pattern: "*attention*"          # fnmatch glob on the tensor name, or "re:<regex>" (re.search)
     parameters: {density: 0.5}
+    weights: [1.0]                  # optional: the models' weights for these tensors
+    model_parameters: [{density: 0.4}]   # optional: the models' own parameters for these tensors
 dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
 device: cpu             # cpu | cuda | auto (cuda when available)
 shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import SpecError
 from mergelab.untrusted_input import MAX_DEPTH, MAX_YAML_NODES, check_structure, read_limited
@@ -63,6 +66,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Path
     weight: float = 1.0
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("weight")
     @classmethod
@@ -77,7 +81,17 @@ class Override(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     pattern: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: list[float] | None = None
+    model_parameters: list[dict[str, Any]] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, v: list[float] | None) -> list[float] | None:
+        for w in v or ():
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError(f"weights must be finite, got {w}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -149,6 +163,16 @@ class MergeSpec(BaseModel):
     @classmethod
     def _size(cls, v: Any) -> int:
         return parse_size(v)
+
+    @model_validator(mode="after")
+    def _override_lengths(self) -> MergeSpec:
+        n = len(self.models)
+        for i, o in enumerate(self.overrides):
+            for key in ("weights", "model_parameters"):
+                values = getattr(o, key)
+                if values is not None and len(values) != n:
+                    raise ValueError(f"overrides[{i}].{key} has {len(values)} entries for {n} models")
+        return self
 
     def resolve_paths(self, root: Path) -> MergeSpec:
         """A copy with relative paths made relative to ``root`` (the YAML file's folder)."""

@@ -97,6 +97,12 @@ def unsupported(spec: MergeSpec) -> str | None:
         return f"it computes {', '.join(names[:-1])} and {names[-1]}, not {spec.method}"
     if spec.device != "cpu":
         return f"it runs on the CPU (device: cpu), the spec asks for device: {spec.device}"
+    params_of = ParamResolver(spec, get_method(spec.method))
+    if params_of.varies_by_model:
+        return "it takes one weight per model and no per-model parameters (the spec sets them per tensor)"
+    for params in [params_of.default, *(p for _, p in params_of.rules)]:
+        if getattr(params, "sign_test", "tau") != "tau" or getattr(params, "disjoint_divisor", None) == "none":
+            return "its TIES kernel tests the sign of tau_i and divides (sign_test: tau, disjoint_divisor count/weight)"
     if spec.base is None and spec.method != "weight_average":
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from mergelab.checkpoints import CheckpointReader, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
@@ -174,7 +174,11 @@ def check_models(spec: MergeSpec, method: Method) -> None:
 
 
 class ParamResolver:
-    """Per-tensor parameters: the spec's parameters, updated by the first override whose pattern matches."""
+    """Per-tensor parameters: the spec's parameters, updated by the first override whose pattern matches.
+
+    Also the per-tensor model weights (:meth:`weights`: the models' ``weight``, or the matching override's
+    ``weights``) and per-model parameters (:meth:`model_params`: each model's ``parameters`` updated by the
+    override's ``model_parameters``; ``None`` when no model sets any, so block kernels may run)."""
 
     def __init__(self, spec: MergeSpec, method: Method) -> None:
         self.default = method.parse_params(spec.parameters)
@@ -182,12 +186,61 @@ class ParamResolver:
             (o, method.parse_params({**spec.parameters, **o.parameters}, where=f"overrides[{i}] ({o.pattern!r})"))
             for i, o in enumerate(spec.overrides)
         ]
+        self.default_weights = [m.weight for m in spec.models]
+        own = [dict(m.parameters) for m in spec.models]
+        self.default_model_params = own if any(own) else None
+        self._model_rules: list[tuple[list[float], list[dict[str, Any]] | None]] = []
+        for i, (o, params) in enumerate(self.rules):
+            merged = own if o.model_parameters is None else [{**a, **b} for a, b in zip(own, o.model_parameters)]
+            self._model_rules.append((o.weights or self.default_weights, merged if any(merged) else None))
+            if o.weights is not None and not method.uses_weights:
+                raise SpecError(f"overrides[{i}].weights: method '{method.name}' does not use per-model weights")
+        for where, params, per_model in (
+            [("models[].parameters", self.default, self.default_model_params)]
+            + [(f"overrides[{i}] ({o.pattern!r})", p, m[1]) for i, ((o, p), m) in enumerate(zip(self.rules, self._model_rules))]
+        ):
+            for k, values in enumerate(per_model or ()):
+                self._check_model_params(method, params, values, f"{where}: model {k}")
+
+    @staticmethod
+    def _check_model_params(method: Method, params: MethodParams, values: dict[str, Any], where: str) -> None:
+        unknown = sorted(set(values) - set(method.per_model))
+        if unknown:
+            allowed = ", ".join(method.per_model) or "none"
+            raise SpecError(f"{where}: method '{method.name}' takes no per-model parameter(s) "
+                            f"{', '.join(map(repr, unknown))}; per-model parameters it takes: {allowed}")
+        if values:
+            method.parse_params({**params.model_dump(by_alias=True), **values}, where=where)
+            if method.whole_model_trim(params):
+                raise SpecError(f"{where}: per-model parameters need trim_scope 'tensor' (each model's density "
+                                "trims its own tensors); the whole-model trim has one density")
 
     def __call__(self, name: str) -> MethodParams:
         for override, params in self.rules:
             if override.matches(name):
                 return params
         return self.default
+
+    def _model_rule(self, name: str) -> tuple[list[float], list[dict[str, Any]] | None]:
+        for (override, _), rule in zip(self.rules, self._model_rules):
+            if override.matches(name):
+                return rule
+        return self.default_weights, self.default_model_params
+
+    def weights(self, name: str) -> list[float]:
+        """The models' weights for tensor ``name``."""
+        return self._model_rule(name)[0]
+
+    def model_params(self, name: str) -> list[dict[str, Any]] | None:
+        """Each model's own parameters for tensor ``name``, or ``None`` when no model sets any."""
+        return self._model_rule(name)[1]
+
+    @property
+    def varies_by_model(self) -> bool:
+        """Whether any tensor has per-model parameters or weights other than the models' ``weight``."""
+        return self.default_model_params is not None or any(
+            w is not self.default_weights or m is not None for w, m in self._model_rules
+        )
 
 
 def global_trim_groups(inputs: MergeInputs, method: Method, params_of: ParamResolver) -> dict[float, list[str]]:

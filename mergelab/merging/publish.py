@@ -72,7 +72,8 @@ def merge_record(
     return {
         "method": method.name,
         "parameters": params.model_dump(by_alias=True),
-        "overrides": [o.model_dump() for o in spec.overrides],
+        "overrides": [o.model_dump(exclude_none=True) for o in spec.overrides],
+        "model_parameters": [m.parameters for m in spec.models],
         "dtype": spec.dtype,
         "environment": environment(),
         "inputs": {

@@ -273,12 +273,15 @@ def _merge_tensors(
             if not dtype.is_floating_point:
                 merged = (base if base is not None else experts[0]).to(dtype)
             else:
+                model_params = params_of.model_params(name)
                 tensor_inputs = TensorInputs(
-                    name=name, base=base, experts=experts, weights=weights,
+                    name=name, base=base, experts=experts, weights=params_of.weights(name),
                     thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
-                    compute_dtype=compute_dtype(base, experts), out_dtype=dtype,
+                    compute_dtype=compute_dtype(base, experts), out_dtype=dtype, model_params=model_params,
                 )
-                merged = kernel(method)(tensor_inputs, params_of(name)).to(dtype)
+                # block kernels take one value per parameter: per-model values run the reference
+                run = kernel(method) if model_params is None else method.reference
+                merged = run(tensor_inputs, params_of(name)).to(dtype)
                 del tensor_inputs
                 if check_inputs or not is_finite(merged):
                     if not check_inputs:

@@ -32,6 +32,7 @@ import torch
 
 from mergelab import ops
 from mergelab.merging.pipeline import run_in_chunks
+from mergelab.methods import catalog
 from mergelab.methods.base import TensorInputs
 from mergelab.methods.catalog import (
     BreadcrumbsParams,
@@ -166,7 +167,7 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
                 if trims is not None:
                     taus[i] = trims[i].apply(j, tau, magnitude, keep)
             sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-            merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+            merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
                 merged.mul_(p.lambda_)
             out_flat[start:end].copy_(merged.add_(base))
@@ -381,7 +382,7 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
 
     def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
         sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-        return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+        return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
 
     return _dare(inp, p, combine)
 
@@ -448,12 +449,14 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
     block by block into one buffer per expert (the reference's further four tensor-sized temporaries are
     not made); the mean and the interpolation then go block by block.
     """
+    if p.filter_wise and inp.base.dim() >= 2:  # type: ignore[union-attr]
+        return catalog.model_stock(inp, p)  # one ratio per row: the reference
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     n = base_in.numel()
     out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
     dtype = inp.compute_dtype
     taus = _task_vectors_into(base_in, [e.reshape(-1) for e in inp.experts], dtype)
-    t = ops.model_stock_ratio(taus)
+    t = ops.model_stock_ratio(taus, extrapolate=p.extrapolate)
     ones = [1.0] * len(taus)
     total = float(len(taus))
     out_flat = out.view(-1)
@@ -482,7 +485,7 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     a_in, b_in = (inp.base, inp.experts[0]) if len(inp.experts) == 1 else inp.experts
     dtype = inp.compute_dtype
     a_whole, b_whole = a_in.to(dtype), b_in.to(dtype)  # type: ignore[union-attr]
-    coefficients = ops.slerp_coefficients(a_whole, b_whole, p.t)  # reduced in the tensor's shape, as the reference
+    coefficients = ops.slerp_coefficients(a_whole, b_whole, p.t, p.parallel_threshold)  # reduced in the tensor's shape, as the reference
     a, b = a_whole.reshape(-1), b_whole.reshape(-1)
     n = a.numel()
     out = torch.empty(a_in.shape, dtype=inp.result_dtype, device=a.device)  # type: ignore[union-attr]

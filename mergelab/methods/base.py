@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,6 +76,7 @@ class TensorInputs:
     compute_dtype: torch.dtype | None = None  # None: float32
     tie_quotas: Sequence[int] | None = None
     out_dtype: torch.dtype | None = None
+    model_params: Sequence[Mapping[str, Any]] | None = None  # per-model parameters (Method.per_model)
 
     def __post_init__(self) -> None:
         if self.compute_dtype is None:
@@ -88,6 +89,13 @@ class TensorInputs:
         """The dtype a method may return: ``out_dtype`` (the dtype the engine writes) when given, else
         ``compute_dtype``. Methods that compute in blocks round each block into it once."""
         return self.out_dtype if self.out_dtype is not None else self.compute_dtype
+
+    def per_model(self, index: int, name: str, default: Any) -> Any:
+        """Model ``index``'s own value of parameter ``name`` for this tensor (a spec's per-model
+        ``parameters``), else ``default`` (the method's value)."""
+        if self.model_params is None:
+            return default
+        return self.model_params[index].get(name, default)
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.base is None:
@@ -121,7 +129,9 @@ class Method:
       thresholds for a tensor (TIES with ``trim_scope: global``), or ``None``; the thresholds and tie quotas
       reach the method in :class:`TensorInputs`;
     - ``operator``: the name of the sparsification/consensus operator T the method applies to each task
-      vector before combining them (:func:`mergelab.analysis.diagnostics.apply_operator`), or ``None``.
+      vector before combining them (:func:`mergelab.analysis.diagnostics.apply_operator`), or ``None``;
+    - ``per_model``: the parameters a model may set for itself (``models[i].parameters`` in a spec, e.g. a
+      density per expert as mergekit allows); the reference reads them with :meth:`TensorInputs.per_model`.
     """
 
     name: str
@@ -138,6 +148,7 @@ class Method:
     io_bound: bool = False
     global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
     operator: str | None = None
+    per_model: tuple[str, ...] = ()
 
     @property
     def propagates_nonfinite(self) -> bool:
@@ -169,6 +180,7 @@ class Method:
 
 
 SignElection = Literal["mass", "count"]
-DisjointDivisor = Literal["count", "weight"]
+DisjointDivisor = Literal["count", "weight", "none"]
+SignTest = Literal["tau", "weighted"]
 TrimScope = Literal["global", "tensor"]
 RescaleRule = Literal["inverse", "l1", "none"]

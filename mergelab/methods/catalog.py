@@ -36,6 +36,7 @@ from mergelab.methods.base import (
     RescaleRule,
     ScaledParams,
     SignElection,
+    SignTest,
     TensorInputs,
     TrimScope,
 )
@@ -57,6 +58,7 @@ class TiesParams(ScaledParams, DensityMixin):
     trim_scope: TrimScope = "global"
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
+    sign_test: SignTest = "tau"
 
 
 def ties_global_density(p: TiesParams) -> float | None:
@@ -73,6 +75,7 @@ class DareLinearParams(ScaledParams, DensityMixin):
 class DareTiesParams(DareLinearParams):
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
+    sign_test: SignTest = "tau"
 
 
 class BreadcrumbsParams(ScaledParams, DensityMixin):
@@ -88,7 +91,8 @@ class BreadcrumbsParams(ScaledParams, DensityMixin):
 
 
 class ModelStockParams(MethodParams):
-    pass
+    extrapolate: bool = Field(False, description="mergekit's ratio for task vectors pointing apart (cos <= 0)")
+    filter_wise: bool = Field(False, description="one ratio per row (output filter) instead of per tensor")
 
 
 class SlerpParams(MethodParams):
@@ -99,6 +103,16 @@ class SlerpParams(MethodParams):
     def _t_range(cls, v: float) -> float:
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"t must be in [0, 1], got {v}")
+        return v
+
+    parallel_threshold: float = Field(1.0 - 1e-6, description="|cos| above which slerp falls back to lerp "
+                                      "(mergekit: 0.9995)")
+
+    @field_validator("parallel_threshold")
+    @classmethod
+    def _threshold_range(cls, v: float) -> float:
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"parallel_threshold must be in [0, 1], got {v}")
         return v
 
 
@@ -144,10 +158,16 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     largest ``|tau_i|`` over the model, given in ``inp.thresholds`` with this tensor's share of the tied
     entries in ``inp.tie_quotas``; ``tensor`` trims each tensor separately, as mergekit does), election by
     mass, mean over agreeing entries (``disjoint_divisor: count``; ``weight`` divides by the agreeing
-    weights, mergekit's ``normalize``), lambda 1. Exactly k entries survive a trim (ties first in order).
+    weights, mergekit's ``normalize: true``; ``none`` takes the plain sum, mergekit's ``normalize: false``),
+    agreement tested on ``tau_i`` (``sign_test: tau``; ``weighted`` tests ``w_i tau_i``, as mergekit does,
+    which differs for negative weights), lambda 1. Exactly k entries survive a trim (ties first in order).
+    A model's own ``density`` (per-model parameter) trims its task vector with scope ``tensor``.
     """
     taus = inp.task_vectors()
-    if p.density < 1.0 and taus[0].numel() > 0:
+    if inp.model_params is not None:
+        taus = [ops.trim(t, d) if (d := inp.per_model(i, "density", p.density)) < 1.0 and t.numel() else t
+                for i, t in enumerate(taus)]
+    elif p.density < 1.0 and taus[0].numel() > 0:
         if p.trim_scope == "global":
             if inp.thresholds is None:
                 raise ValueError(
@@ -160,13 +180,14 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
         else:
             taus = [ops.trim(t, p.density) for t in taus]
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return ops.scale(merged, p.lambda_) + _base(inp)
 
 
 def _dropped(inp: TensorInputs, density: float, rescale: str, seed: int) -> list[torch.Tensor]:
     return [
-        ops.drop(tau, density, rescale=rescale, generator=inp.generator(seed, i))  # type: ignore[arg-type]
+        ops.drop(tau, inp.per_model(i, "density", density), rescale=rescale,  # type: ignore[arg-type]
+                 generator=inp.generator(seed, i))
         for i, tau in enumerate(inp.task_vectors())
     ]
 
@@ -190,7 +211,7 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
     """
     taus = _dropped(inp, p.density, p.rescale, p.seed)
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return _base(inp) + ops.scale(merged, p.lambda_)
 
 
@@ -201,7 +222,8 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
     entries (outliers) and the smallest ones, keeping a ``density`` fraction. The paper tunes both per
     setting; defaults density 0.9 and gamma 0.01 are mergekit's.
     """
-    taus = [ops.trim_band(tau, p.density, p.gamma) for tau in inp.task_vectors()]
+    taus = [ops.trim_band(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "gamma", p.gamma))
+            for i, tau in enumerate(inp.task_vectors())]
     return _base(inp) + ops.scale(ops.weighted_sum(taus, inp.weights), p.lambda_)
 
 
@@ -210,10 +232,18 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
 
     ``t = N cos / (1 + (N - 1) cos)`` with ``cos`` the mean pairwise cosine between the task vectors of this
     tensor (:func:`mergelab.ops.model_stock_ratio`). Needs N >= 2 experts; per-model weights are not used.
+    ``extrapolate``: mergekit's ratio when the task vectors point apart (see the operator; by default the
+    ratio is 0 there, the base). ``filter_wise``: one ratio per row of the tensor (its first axis; a 1-D
+    tensor is one row), as mergekit's option.
     """
     taus = inp.task_vectors()
-    t = ops.model_stock_ratio(taus)
     mean_tau = ops.weighted_mean(taus, [1.0] * len(taus))
+    if p.filter_wise and mean_tau.dim() >= 2:
+        rows = [ops.model_stock_ratio([tau[r] for tau in taus], extrapolate=p.extrapolate)
+                for r in range(mean_tau.shape[0])]
+        ratio = mean_tau.new_tensor(rows)
+        return _base(inp) + mean_tau * ratio.reshape(-1, *([1] * (mean_tau.dim() - 1)))
+    t = ops.model_stock_ratio(taus, extrapolate=p.extrapolate)
     return _base(inp) + ops.scale(mean_tau, t)
 
 
@@ -227,7 +257,8 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
         a, b = inp.base, inp.experts[0]
     else:
         a, b = inp.experts
-    return ops.slerp(a.to(inp.compute_dtype), b.to(inp.compute_dtype), p.t)  # type: ignore[union-attr]
+    return ops.slerp(a.to(inp.compute_dtype), b.to(inp.compute_dtype), p.t,  # type: ignore[union-attr]
+                     parallel_threshold=p.parallel_threshold)
 
 
 METHODS: dict[str, Method] = {
@@ -238,13 +269,13 @@ METHODS: dict[str, Method] = {
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
                task_arithmetic, linear=True, io_bound=True),
         Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
-               global_trim_density=ties_global_density, operator="ties"),
+               global_trim_density=ties_global_density, operator="ties", per_model=("density",)),
         Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
-               linear=True, operator="dare"),
+               linear=True, operator="dare", per_model=("density",)),
         Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties,
-               operator="dare_ties"),
+               operator="dare_ties", per_model=("density",)),
         Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
-               BreadcrumbsParams, breadcrumbs, operator="breadcrumbs"),
+               BreadcrumbsParams, breadcrumbs, operator="breadcrumbs", per_model=("density", "gamma")),
         Method("model_stock", "interpolate the average towards the base by the task vectors' angle",
                ModelStockParams, model_stock, min_models=2, uses_weights=False),
         Method("slerp", "spherical interpolation of two models", SlerpParams, slerp,

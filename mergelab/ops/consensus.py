@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 
 SignRule = Literal["mass", "count"]
-Divisor = Literal["count", "weight"]
+Divisor = Literal["count", "weight", "none"]
+SignTest = Literal["tau", "weighted"]
 
 
 def _check(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
@@ -80,28 +81,45 @@ def disjoint_mean(
     weights: Sequence[float] | None = None,
     *,
     divisor: Divisor = "count",
+    test: SignTest = "tau",
 ) -> torch.Tensor:
     """TIES disjoint merge (Yadav et al. 2023, step 3), entry by entry.
 
-    With ``A_j = {i : sgn(tau_ij) = gamma_j, tau_ij != 0}`` the models agreeing with the elected sign:
+    With ``A_j`` the models agreeing with the elected sign ``gamma_j``:
+
+    - ``test: tau`` (paper; default): ``A_j = {i : sgn(tau_ij) = gamma_j, tau_ij != 0}``;
+    - ``test: weighted`` (mergekit): ``A_j = {i : sgn(w_i tau_ij) = gamma_j, w_i tau_ij != 0}``; the two
+      differ only for negative weights (a model with ``w_i < 0`` joins the side its weighted vector is on);
+
+    and the divisor
 
     - ``count`` (paper; default): ``sum_{i in A_j} w_i tau_ij / |A_j|``;
-    - ``weight`` (mergekit's ``normalize``): ``sum_{i in A_j} w_i tau_ij / sum_{i in A_j} w_i``.
+    - ``weight`` (mergekit's ``normalize: true``): ``sum_{i in A_j} w_i tau_ij / sum_{i in A_j} w_i``;
+    - ``none`` (mergekit's ``normalize: false``, FusionBench's ``merge_func: sum``): ``sum_{i in A_j} w_i tau_ij``.
 
-    Entries with no agreeing model are 0. With unit weights the two divisors coincide.
+    Entries with no agreeing model are 0. With unit weights ``count`` and ``weight`` coincide.
     """
     weights = [1.0] * len(taus) if weights is None else weights
     _check(taus, weights)
-    if divisor not in ("count", "weight"):
-        raise ValueError(f"disjoint divisor must be 'count' or 'weight', got {divisor!r}")
+    if divisor not in ("count", "weight", "none"):
+        raise ValueError(f"disjoint divisor must be 'count', 'weight' or 'none', got {divisor!r}")
+    if test not in ("tau", "weighted"):
+        raise ValueError(f"sign test must be 'tau' or 'weighted', got {test!r}")
     numerator = torch.zeros_like(taus[0])
     denominator = torch.zeros_like(taus[0])
     agree = torch.empty_like(taus[0])
     for tau, w in zip(taus, weights):
         # tau_ij * gamma_j > 0  <=>  sgn(tau_ij) = gamma_j and tau_ij != 0 (gamma_j = 0 agrees with nobody)
-        torch.mul(tau, sign, out=agree).gt_(0)
+        torch.mul(tau, sign, out=agree)
+        if test == "weighted" and w < 0:
+            agree.lt_(0)  # sgn(w tau) = -sgn(tau) for w < 0
+        else:
+            agree.gt_(0)
         numerator.addcmul_(tau, agree, value=w)
-        denominator.add_(agree, alpha=(1.0 if divisor == "count" else w))
+        if divisor != "none":
+            denominator.add_(agree, alpha=(1.0 if divisor == "count" else w))
+    if divisor == "none":
+        return numerator
     # Entries with no agreeing model have numerator +-0 and denominator 0. A count is >= 1 elsewhere, and
     # so is a sum of weights >= tiny when every weight is: clamping the denominator makes those entries
     # +-0 / clamp = 0 with the other entries unchanged, in one float op (masked_fill is not vectorized).
