@@ -8,9 +8,13 @@ Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` 
    three safetensors shards with an index and a LlamaConfig ``config.json``, plus ``--experts`` (default 4)
    "fine-tuned" variants: base + N(0, (0.01 * rms(tensor))^2) per tensor, rounded to bf16. Tensors come
    from seeded generators in chunks, so generation holds about one tensor at a time.
-2. Times, each run in a fresh subprocess and the tools ALTERNATING (mergelab, mergekit, mergelab, ...):
-   task arithmetic (lambda 1, unit weights; mergekit ``task_arithmetic``, ``normalize: false``) and TIES
-   (density 0.5, per-tensor trim, divisor = agreeing weight, election by mass; mergekit ``ties``).
+2. Times, each run in a fresh subprocess and the tools ALTERNATING (mergelab, mergekit, mergelab, ...),
+   every data-free method of the catalog (:data:`CASES`, ``--methods`` to choose): task arithmetic (lambda
+   1, unit weights; mergekit ``task_arithmetic``, ``normalize: false``), TIES (density 0.5, per-tensor trim,
+   divisor = agreeing weight, election by mass; mergekit ``ties``) and TIES over the whole model (mergelab
+   only), weight averaging (mergekit ``linear``), DARE linear and DARE-TIES (density 0.5), breadcrumbs
+   (density 0.9, gamma 0.01), model stock and SLERP (base -> first expert, t 0.5), each against mergekit's
+   method of the same name; the last six ``--slow-repeats`` times (default once).
    Wall time and the child's own peak RSS come from ``os.wait4`` (the rusage of exactly that child).
    The floor is a child that reads every tensor of every input once with mergelab's reader, as the numpy
    engine reads (raw bytes in blocks into one reused buffer, no torch import). Task arithmetic runs on the
@@ -231,43 +235,79 @@ def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> R
     return Run(label=" ".join(cmd[:2]), wall=wall, cpu=usage.ru_utime + usage.ru_stime, rss=rss, load=load, ok=ok)
 
 
+@dataclass(frozen=True)
+class Case:
+    """One timed merge: mergelab's method and parameters, and the same merge in mergekit (None: mergelab only)."""
+
+    method: str
+    params: dict
+    mergekit: str | None = None
+    mergekit_model: dict = field(default_factory=dict)  # per-model parameters (besides weight 1)
+    mergekit_global: dict = field(default_factory=dict)
+    experts: int | None = None  # experts used (None: all)
+    repeats: int | None = None  # runs (None: --repeats); the slow CPU-bound ones default to --slow-repeats
+
+
+#: Every data-free method of the catalog, as the benchmark times it (the key is the row label).
+CASES: dict[str, Case] = {
+    "weight_average": Case("weight_average", {}, "linear", {}, {"normalize": True}),
+    "task_arithmetic": Case("task_arithmetic", {"lambda": 1.0}, "task_arithmetic", {},
+                            {"normalize": False, "lambda": 1.0}),
+    "ties": Case("ties", {"density": 0.5, "lambda": 1.0, "trim_scope": "tensor", "disjoint_divisor": "weight",
+                          "sign_election": "mass"}, "ties", {"density": 0.5}, {"normalize": True, "lambda": 1.0}),
+    # the paper's whole-model trim: mergekit has no equivalent
+    "ties_global": Case("ties", {"density": 0.5, "lambda": 1.0, "trim_scope": "global", "disjoint_divisor": "weight",
+                                 "sign_election": "mass"}),
+    "dare_linear": Case("dare_linear", {"density": 0.5, "lambda": 1.0}, "dare_linear", {"density": 0.5},
+                        {"normalize": False, "lambda": 1.0}, repeats=-1),
+    "dare_ties": Case("dare_ties", {"density": 0.5, "lambda": 1.0, "disjoint_divisor": "weight"}, "dare_ties",
+                      {"density": 0.5}, {"normalize": True, "lambda": 1.0}, repeats=-1),
+    "breadcrumbs": Case("breadcrumbs", {"density": 0.9, "gamma": 0.01, "lambda": 1.0}, "breadcrumbs",
+                        {"density": 0.9, "gamma": 0.01}, {"normalize": False, "lambda": 1.0}, repeats=-1),
+    "model_stock": Case("model_stock", {}, "model_stock", {}, {}, repeats=-1),
+    "slerp": Case("slerp", {"t": 0.5}, "slerp", {}, {"t": 0.5}, experts=1, repeats=-1),
+}
+#: Rows run by default: every method (ties per tensor and over the whole model).
+DEFAULT_METHODS = ",".join(CASES)
+
+
 def mergelab_spec(method: str, base: Path, experts: list[Path]) -> dict:
+    case = CASES[method]
+    used = experts if case.experts is None else experts[: case.experts]
     spec: dict = {
-        "method": method,
+        "method": case.method,
         "base": str(base),
-        "models": [{"path": str(e), "weight": 1.0} for e in experts],
+        "models": [{"path": str(e), "weight": 1.0} for e in used],
         "dtype": "bfloat16",
         "device": "cpu",
     }
-    if method == "task_arithmetic":
-        spec["parameters"] = {"lambda": 1.0}
-    elif method == "ties":
-        spec["parameters"] = {
-            "density": 0.5, "lambda": 1.0, "trim_scope": "tensor",
-            "disjoint_divisor": "weight", "sign_election": "mass",
-        }
+    if case.params:
+        spec["parameters"] = dict(case.params)
     return spec
 
 
-def mergekit_config(method: str, base: Path, experts: list[Path], compute_dtype: str | None) -> dict:
+def mergekit_config(method: str, base: Path, experts: list[Path], compute_dtype: str | None) -> dict | None:
+    """The same merge as :func:`mergelab_spec` in mergekit's YAML, or None when mergekit has no such merge."""
+    case = CASES[method]
+    if case.mergekit is None:
+        return None
+    used = experts if case.experts is None else experts[: case.experts]
+    uses_weights = case.mergekit not in ("model_stock", "slerp")
     models = [{"model": str(base)}]
-    for e in experts:
-        params = {"weight": 1.0}
-        if method == "ties":
-            params["density"] = 0.5
-        models.append({"model": str(e), "parameters": params})
-    cfg: dict = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": models,
-        "out_dtype": "bfloat16",
-    }
+    for e in used:
+        entry: dict = {"model": str(e)}
+        params = {**({"weight": 1.0} if uses_weights else {}), **case.mergekit_model}
+        if params:
+            entry["parameters"] = params
+        models.append(entry)
+    cfg: dict = {"merge_method": case.mergekit, "base_model": str(base), "models": models, "out_dtype": "bfloat16"}
+    if case.mergekit == "linear":  # a weighted mean of the experts: no base
+        del cfg["base_model"]
+        cfg["models"] = models[1:]
     if compute_dtype not in (None, "auto"):
         cfg["dtype"] = compute_dtype  # mergekit computes in this dtype (default: the inputs', bf16 here)
-    if method == "task_arithmetic":
-        cfg["parameters"] = {"normalize": False, "lambda": 1.0}
-    elif method == "ties":
-        cfg["parameters"] = {"normalize": True, "lambda": 1.0}
+    if case.mergekit_global:
+        cfg["parameters"] = dict(case.mergekit_global)
     return cfg
 
 
@@ -455,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="models, outputs and logs (default bench/.cache)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help=f"comma-separated rows of CASES (default: all of them, {DEFAULT_METHODS})")
+    ap.add_argument("--slow-repeats", type=int, default=1,
+                    help="runs of the slow CPU-bound methods (DARE, breadcrumbs, model stock, SLERP; default 1)")
     ap.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
                     help="mergekit-yaml executable (skipped when absent)")
     ap.add_argument("--no-mergekit", action="store_true", help="time mergelab only")
@@ -499,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mergekit not found at {mergekit}: timing mergelab only", flush=True)
         mergekit = None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in CASES]
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {DEFAULT_METHODS}")
+    from mergelab.merging.backend import backend
+
+    numpy_methods = backend("numpy").methods  # the others run on the torch engine (the default for them)
     work = cache / "runs"
     logs = cache / "logs"
     ml_cmd = _mergelab_cmd(args)
@@ -530,35 +579,44 @@ def main(argv: list[str] | None = None) -> int:
 
     check_outputs: dict[str, Path] = {}
     for method in methods:
+        case = CASES[method]
         ml_spec = _write_yaml(work / f"{method}.mergelab.yaml", mergelab_spec(method, base, experts))
-        mk_cfg = _write_yaml(work / f"{method}.mergekit.yml",
-                             mergekit_config(method, base, experts, args.mergekit_dtype))
+        mk_yaml = mergekit_config(method, base, experts, args.mergekit_dtype)
+        mk_cfg = None if mk_yaml is None else _write_yaml(work / f"{method}.mergekit.yml", mk_yaml)
+        method_mergekit = mergekit if mk_cfg is not None else None
+        repeats = args.repeats if case.repeats is None else min(args.repeats, args.slow_repeats)
+        both_engines = case.method in numpy_methods  # else auto is the torch engine: one series
         ml_out = work / f"out-mergelab-{method}"
         mk_out = work / f"out-mergekit-{method}"
         s_ml = series.setdefault((method, "mergelab"), Series(method, "mergelab"))
         # both methods run on the numpy engine; the torch engine is timed alongside for comparison
         s_torch = series.setdefault((method, TORCH_ENGINE), Series(method, TORCH_ENGINE))
         s_mk = series.setdefault((method, "mergekit"), Series(method, "mergekit"))
-        for r in range(args.repeats):
+        for r in range(repeats):
             _rm(ml_out)
             run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress"],
                             logs / f"mergelab-{method}-{r}.log", env)
             s_ml.runs.append(run)
             show(method, "mergelab", r + 1, run)
-            _rm(ml_out)
-            run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
-                             "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
-            s_torch.runs.append(run)
-            show(method, TORCH_ENGINE, r + 1, run)
-            if mergekit is not None:
+            if both_engines:
+                _rm(ml_out)
+                run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
+                                 "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
+                s_torch.runs.append(run)
+                show(method, TORCH_ENGINE, r + 1, run)
+            if method_mergekit is not None:
                 _rm(mk_out)
                 run = run_child([str(mergekit), str(mk_cfg), str(mk_out), *args.mergekit_args.split()],
                                 logs / f"mergekit-{method}-{r}.log", env)
                 s_mk.runs.append(run)
                 show(method, "mergekit", r + 1, run)
-        if mergekit is not None and not args.no_check and args.check_dtype != args.mergekit_dtype:
+        if not both_engines:
+            del series[(method, TORCH_ENGINE)]
+        if method_mergekit is None:
+            del series[(method, "mergekit")]
+        if method_mergekit is not None and not args.no_check and args.check_dtype != args.mergekit_dtype:
             cfg = _write_yaml(work / f"{method}.mergekit-{args.check_dtype}.yml",
-                              mergekit_config(method, base, experts, args.check_dtype))
+                              mergekit_config(method, base, experts, args.check_dtype) or {})
             out = work / f"out-mergekit-{method}-{args.check_dtype}"
             _rm(out)
             tool = f"mergekit ({args.check_dtype})"
@@ -567,8 +625,10 @@ def main(argv: list[str] | None = None) -> int:
             series[(method, tool)] = Series(method, tool, [run])
             show(method, tool, 1, run)
             check_outputs[method] = out
-        elif mergekit is not None:
+        elif method_mergekit is not None:
             check_outputs[method] = mk_out
+        if case.method.startswith("dare"):  # random masks: the two tools' draws differ, so no equivalence check
+            check_outputs.pop(method, None)
 
     checks: dict[str, dict] = {}
     if not args.no_check:
@@ -615,7 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         if ties_torch and ties:
             ratios[f"TIES torch engine/numpy engine ({attr})"] = ties_torch / ties
     targets = {"task_arithmetic: mergekit/mergelab": (">=", 3.0), "ties: mergekit/mergelab": (">=", 10.0),
-               "mergelab TIES/TA": ("<=", 2.0)}
+               "mergelab TIES/TA": ("<=", 2.0),
+               # issue 14: every data-free method at least 3x faster than mergekit
+               **{f"{m}: mergekit/mergelab": (">=", 3.0) for m in CASES if m not in ("task_arithmetic", "ties")}}
     for key, value in ratios.items():
         op, goal = targets.get(key.rsplit(" (", 1)[0], ("", None))
         met = "" if goal is None else (f"   target {op} {goal:g}: " +
