@@ -264,6 +264,12 @@ def read_yaml_file(path: str | Path) -> Any:
 
 
 def load_spec(path: str | Path) -> MergeSpec:
-    """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder."""
+    """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder. A mergekit
+    config (``merge_method:``) is translated into the equivalent spec (:mod:`mergelab.mergekit_config`)."""
+    from mergelab.mergekit_config import is_mergekit_config, translate
+
     path = Path(path)
-    return parse_spec(read_yaml_file(path), source=str(path), root=path.resolve().parent)
+    data = read_yaml_file(path)
+    if is_mergekit_config(data):
+        data = translate(data, source=str(path), root=path.resolve().parent)
+    return parse_spec(data, source=str(path), root=path.resolve().parent)

@@ -6,9 +6,10 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge checkpoints as described by a YAML spec",
-                       description="Merge checkpoints as described by a YAML spec (see the README's YAML reference).")
-    p.add_argument("spec", help="the merge spec (YAML)")
+    p = sub.add_parser("merge", help="merge checkpoints as described by a YAML spec or a mergekit config",
+                       description="Merge checkpoints as described by a YAML spec (see the README's YAML reference) "
+                                   "or a mergekit config (merge_method: ..., run with mergekit's semantics).")
+    p.add_argument("spec", help="the merge spec or mergekit config (YAML)")
     p.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="override the spec's output dtype")
@@ -23,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser("methods", help="list the merging methods and their parameters")
     m.set_defaults(func=run_methods)
+
+    c = sub.add_parser("convert", help="print the mergelab spec equivalent to a mergekit config",
+                       description="Print the native merge spec (YAML) equivalent to a mergekit config, with "
+                                   "mergekit's semantics as explicit options (see the README's mergekit section).")
+    c.add_argument("config", help="the mergekit config (YAML)")
+    c.set_defaults(func=run_convert)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -50,6 +57,16 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with {result.method} "
           f"into {result.out_dir} in {result.seconds:.2f} s")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from mergelab.mergekit_config import load_mergekit, to_yaml
+    from mergelab.spec import parse_spec
+
+    native = load_mergekit(args.config)
+    parse_spec(native, source=f"{args.config} (converted)")  # the printed spec is valid
+    print(to_yaml(native), end="")
     return 0
 
 

@@ -1,0 +1,467 @@
+"""mergekit configurations, unchanged: recognise a mergekit YAML and translate it into a native merge spec.
+
+A file is a mergekit config when its top level has ``merge_method`` (a native spec has ``method``).
+:func:`translate` returns the equivalent :class:`~mergelab.spec.MergeSpec` as a mapping (``mergelab
+convert`` prints it; ``mergelab merge`` runs it), with mergekit's semantics selected explicitly:
+
+========================  ====================================================================================
+mergekit                  native spec
+========================  ====================================================================================
+``linear``                ``weight_average`` (``normalize: true``, mergekit's default)
+``task_arithmetic``       ``task_arithmetic``; ``normalize: true`` divides each tensor's weights by their sum
+``ties``                  ``ties`` with ``trim_scope: tensor``, ``sign_election: mass``, ``sign_test: weighted``,
+                          ``disjoint_divisor: weight`` (``normalize: true``, default) or ``none`` (``false``)
+``dare_ties``             ``dare_ties`` with ``rescale: l1`` (``rescale: true``, default) or ``none``,
+                          ``sign_test: weighted``, ``disjoint_divisor: none`` (default) or ``weight``
+``dare_linear``           ``dare_linear`` (``rescale`` as above; ``normalize: true`` divides the weights)
+``breadcrumbs``           ``breadcrumbs`` (per-model ``density``, ``gamma``)
+``model_stock``           ``model_stock`` with ``extrapolate: true`` (and ``filter_wise``)
+``slerp``                 ``slerp`` from ``base_model`` to the other model, ``parallel_threshold: 0.9995``
+========================  ====================================================================================
+
+mergekit's per-model parameters default as mergekit's do (``density`` 1.0, ``gamma`` 0.01), not as the papers'
+defaults of the native methods. Parameter values follow mergekit's ``evaluate_setting``
+(``mergekit/config.py``): a number; a **gradient** list ``[v_0, ..., v_{m-1}]`` read at layer position
+``t in [0, 1]`` as ``s = t (m - 1)``, ``i = floor(s)``, ``(1 - (s - i)) v_i + (s - i) v_{min(i+1, m-1)}``, with
+``t = l / (L - 1)`` for layer ``l`` of ``L`` (``t = 1`` when ``L = 1``) and ``t = 0`` for tensors outside the
+layers (embeddings, final norm, head); or a list of ``{filter, value}`` entries, the first whose ``filter`` is
+a substring of the tensor name (or is absent or ``*``) giving the value. A model's own ``parameters`` come
+first, then the slice's, then the top level's (``mergekit.config.ConfigReader.parameter``). Per-tensor values
+become the spec's ``overrides`` (per-model ``weights`` and ``model_parameters``), grouped by layer.
+
+Model references must be local folders (or files): a Hugging Face hub id, a ``@revision`` or a ``+lora`` is
+an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
+does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
+and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, ``slices`` other than one
+slice over every layer of each model, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
+``normalize: false``, and the methods issue 15 adds (della, sce, nuslerp, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mergelab.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+#: mergekit merge_method -> native method
+METHOD_MAP = {
+    "linear": "weight_average",
+    "task_arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare_ties": "dare_ties",
+    "dare_linear": "dare_linear",
+    "breadcrumbs": "breadcrumbs",
+    "model_stock": "model_stock",
+    "slerp": "slerp",
+}
+#: mergekit methods mergelab does not run yet, and where they come from
+PENDING = {
+    **dict.fromkeys(("della", "della_linear", "breadcrumbs_ties", "sce", "nuslerp", "multislerp", "karcher",
+                     "nearswap", "arcee_fusion", "passthrough"), "issue 15 adds it to mergelab's catalog"),
+    "ram": "not planned",
+}
+#: method parameters (top level) and per-model parameters each mergekit method reads, with mergekit's defaults
+_GTA = {"int8_mask": False, "normalize": None, "rescale": None, "lambda": 1.0}
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {**_GTA, "normalize": False, "rescale": False},
+    "ties": {**_GTA, "normalize": True, "rescale": False},
+    "dare_ties": {**_GTA, "normalize": False, "rescale": True},
+    "dare_linear": {**_GTA, "normalize": False, "rescale": True},
+    "breadcrumbs": {**_GTA, "normalize": False, "rescale": False},
+    "model_stock": {"filter_wise": False},
+    "slerp": {"t": None},
+}
+MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": None},
+    "task_arithmetic": {"weight": None, "density": 1.0},
+    "ties": {"weight": None, "density": 1.0},
+    "dare_ties": {"weight": None, "density": 1.0},
+    "dare_linear": {"weight": None, "density": 1.0},
+    "breadcrumbs": {"weight": None, "density": 1.0, "gamma": 0.01},
+    "model_stock": {},
+    "slerp": {},
+}
+TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "name")
+UNSUPPORTED_TOP_LEVEL = {
+    "modules": "per-module configs (multi-module architectures)",
+    "tokenizer": "tokenizer building (mergelab copies the base model's tokenizer files)",
+    "chat_template": "chat templates (mergelab copies the base model's tokenizer files)",
+}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+SLERP_THRESHOLD = 0.9995  # mergekit/merge_methods/slerp.py DOT_THRESHOLD
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks)\.)(?P<index>\d+)\.")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_mergekit_config(data: Any) -> bool:
+    """Whether parsed YAML ``data`` is a mergekit config (it has ``merge_method``, a native spec ``method``)."""
+    return isinstance(data, Mapping) and "merge_method" in data
+
+
+# ------------------------------------------------------------------------------------- parameter values
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """A mergekit parameter value for ``tensor_name`` at layer position ``t`` (mergekit's
+    ``evaluate_setting``): a scalar as is; a list of numbers interpolated linearly at ``t (len - 1)``; a list of
+    ``{filter, value}`` conditions, the first matching (substring) one evaluated; ``None`` when no condition
+    matches (the lookup then falls through to the next level)."""
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        if setting and all(isinstance(v, (bool, int, float, str)) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        for cond in setting:
+            if not isinstance(cond, Mapping) or "value" not in cond or set(cond) - {"value", "filter"}:
+                raise SpecError(f"a parameter list must hold numbers or {{filter, value}} entries, got {cond!r}")
+            f = cond.get("filter")
+            if f is None or f == "*" or (tensor_name and str(f) in tensor_name):
+                return evaluate(cond["value"], tensor_name, t)
+        return None
+    raise SpecError(f"unexpected parameter value {setting!r} (a number, a list of numbers or {{filter, value}} entries)")
+
+
+def layer_position(name: str, num_layers: int) -> tuple[int | None, float]:
+    """The layer index of tensor ``name`` (``None`` outside the layers) and mergekit's gradient position
+    ``t = index / (num_layers - 1)`` (1 for a single layer; 0 outside the layers)."""
+    m = _LAYER.match(name)
+    if m is None:
+        return None, 0.0
+    index = int(m.group("index"))
+    return index, (index / (num_layers - 1) if num_layers > 1 else 1.0)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def resolve_model(ref: Any, where: str, root: Path) -> Path:
+    """The local folder (or file) of a mergekit model reference; a clear error for a hub id, a revision, a
+    LoRA or a missing path. Relative paths: the current folder first (mergekit's rule), then ``root``."""
+    if isinstance(ref, Mapping):  # mergekit's expanded form {model: {path: ...}, lora: ...}
+        if ref.get("lora"):
+            raise SpecError(f"{where}: LoRA adapters are not supported (merge the adapter into its model first)")
+        inner = ref.get("model", ref)
+        ref = inner.get("path") if isinstance(inner, Mapping) else inner
+        if isinstance(inner, Mapping) and inner.get("revision"):
+            raise SpecError(f"{where}: a revision ({inner['revision']!r}) names a hub repository; mergelab reads "
+                            "local folders only (no download)")
+    if not isinstance(ref, str) or not ref:
+        raise SpecError(f"{where}: a model reference must be a path, got {ref!r}")
+    if "+" in ref and not Path(ref).exists():
+        raise SpecError(f"{where}: {ref!r} applies a LoRA adapter ('model+lora'); not supported (merge the "
+                        "adapter into its model first)")
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, root / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    if "@" in ref or _HUB_ID.match(ref):
+        raise SpecError(
+            f"{where}: {ref!r} is not a local folder; it looks like a Hugging Face hub id. mergelab reads local "
+            "folders only (no download): download it first (e.g. `huggingface-cli download "
+            f"{ref.split('@')[0]} --local-dir DIR`) and give DIR"
+        )
+    raise SpecError(f"{where}: model {ref!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from mergelab.checkpoints import open_checkpoint  # opened only to list names (headers)
+
+    with open_checkpoint(path) as reader:
+        return reader.keys()
+
+
+def _num_layers(names: list[str]) -> int:
+    indexes = [i for i, _ in (layer_position(n, 1) for n in names) if i is not None]
+    return max(indexes) + 1 if indexes else 0
+
+
+# ------------------------------------------------------------------------------------------ translate
+
+
+class _Source:
+    def __init__(self, path: Path, parameters: Mapping[str, Any], where: str, ref: Any) -> None:
+        self.path, self.parameters, self.where, self.ref = path, dict(parameters or {}), where, ref
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise SpecError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+
+
+def _check_params(params: Mapping[str, Any] | None, allowed: dict[str, Any], method: str, where: str) -> dict:
+    params = dict(params or {})
+    if not isinstance(params, dict):
+        raise SpecError(f"{where}: parameters must be a mapping")
+    for key in params:
+        if key not in allowed:
+            raise SpecError(f"{where}: mergekit's {method} takes no parameter {key!r} "
+                            f"(it reads: {', '.join(allowed) or 'none'})")
+    return params
+
+
+def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | None = None) -> dict[str, Any]:
+    """The native merge spec (a mapping for :func:`mergelab.spec.parse_spec`) equivalent to the mergekit config
+    ``data``. Reads the models' tensor names (headers only) to resolve gradients and filters per tensor."""
+    root = Path.cwd() if root is None else root
+    if not is_mergekit_config(data):
+        raise SpecError(f"{source}: not a mergekit config (no merge_method)")
+    for key, what in UNSUPPORTED_TOP_LEVEL.items():
+        if key in data and data[key] is not None:
+            raise SpecError(f"{source}: {key!r} ({what}) is not supported")
+    _check_keys(data, TOP_LEVEL + tuple(UNSUPPORTED_TOP_LEVEL), source)
+    mk_method = data["merge_method"]
+    if mk_method not in METHOD_MAP:
+        if mk_method in PENDING:
+            raise SpecError(f"{source}: merge_method {mk_method!r} is not in mergelab yet ({PENDING[mk_method]}); "
+                            f"supported: {', '.join(METHOD_MAP)}")
+        raise SpecError(f"{source}: unknown merge_method {mk_method!r} (supported: {', '.join(METHOD_MAP)})")
+    if ("models" in data) == ("slices" in data):
+        raise SpecError(f"{source}: give exactly one of 'models' or 'slices'")
+    method_allowed = METHOD_PARAMS[mk_method]
+    model_allowed = MODEL_PARAMS[mk_method]
+    # top-level parameters may hold method parameters and per-model defaults
+    top = _check_params(data.get("parameters"), {**method_allowed, **model_allowed}, mk_method,
+                        f"{source}: parameters")
+    base = None if data.get("base_model") is None else resolve_model(data["base_model"], f"{source}: base_model", root)
+    slice_params: dict[str, Any] = {}
+    sources: list[_Source] = []
+    if "models" in data:
+        if not isinstance(data["models"], list) or not data["models"]:
+            raise SpecError(f"{source}: models must be a non-empty list")
+        for i, entry in enumerate(data["models"]):
+            where = f"{source}: models[{i}]"
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                raise SpecError(f"{where}: each entry needs 'model:'")
+            _check_keys(entry, ("model", "parameters"), where)
+            params = _check_params(entry.get("parameters"), model_allowed, mk_method, f"{where}.parameters")
+            sources.append(_Source(resolve_model(entry["model"], where, root), params, where, entry["model"]))
+    else:
+        slices = data["slices"]
+        if not isinstance(slices, list) or not slices:
+            raise SpecError(f"{source}: slices must be a non-empty list")
+        if len(slices) > 1:
+            raise SpecError(f"{source}: slices: {len(slices)} slices (layer stacking) are not supported yet; "
+                            "one slice covering every layer of each model is (the same as 'models:')")
+        out = slices[0]
+        _check_keys(out, ("sources", "parameters", "base_model", "residual_weight"), f"{source}: slices[0]")
+        if out.get("base_model") is not None or out.get("residual_weight") is not None:
+            raise SpecError(f"{source}: slices[0]: per-slice base_model / residual_weight are not supported")
+        slice_params = _check_params(out.get("parameters"), {**method_allowed, **model_allowed}, mk_method,
+                                     f"{source}: slices[0].parameters")
+        for i, entry in enumerate(out.get("sources") or []):
+            where = f"{source}: slices[0].sources[{i}]"
+            _check_keys(entry, ("model", "layer_range", "parameters"), where)
+            path = resolve_model(entry.get("model"), where, root)
+            names = _tensor_names(path)
+            n = _num_layers(names)
+            if list(entry.get("layer_range") or []) != [0, n]:
+                raise SpecError(f"{where}: layer_range {entry.get('layer_range')} is a part of the model's {n} "
+                                f"layers; only a slice over every layer ([0, {n}]) is supported yet")
+            params = _check_params(entry.get("parameters"), model_allowed, mk_method, f"{where}.parameters")
+            sources.append(_Source(path, params, where, entry.get("model")))
+        if not sources:
+            raise SpecError(f"{source}: slices[0] has no sources")
+
+    # mergekit adds the base model as a source when it is not listed; the base is never a task vector
+    experts = [s for s in sources if base is None or s.path != base]
+    base_listed = [s for s in sources if base is not None and s.path == base]
+    reference = base if base is not None else sources[0].path
+    names = _tensor_names(reference)
+    num_layers = _num_layers(names)
+
+    def method_value(key: str, name: str, t: float) -> Any:
+        for level in (slice_params, top):
+            if key in level:
+                value = evaluate(level[key], name, t)
+                if value is not None:
+                    return value
+        return method_allowed[key]
+
+    def model_value(src: _Source, key: str, name: str, t: float) -> Any:
+        for level in (src.parameters, slice_params, top):
+            if key in level:
+                value = evaluate(level[key], name, t)
+                if value is not None:
+                    return value
+        default = model_allowed[key]
+        if default is None:
+            raise SpecError(f"{src.where}: mergekit's {mk_method} needs parameter {key!r} (for tensor {name!r})")
+        return default
+
+    native = METHOD_MAP[mk_method]
+    if mk_method == "slerp":
+        if base is None or len(experts) != 1:
+            raise SpecError(f"{source}: slerp needs base_model and exactly one other model "
+                            f"(got base {'set' if base else 'missing'}, {len(experts)} other model(s))")
+    if mk_method == "model_stock" and (base is None or len(experts) < 2):
+        raise SpecError(f"{source}: model_stock needs base_model and at least two other models")
+    if mk_method != "linear" and mk_method != "slerp" and base is None:
+        raise SpecError(f"{source}: mergekit's {mk_method} needs base_model")
+    if mk_method == "linear":
+        experts = sources  # linear averages every listed model, the base among them if listed
+        if base is not None and not base_listed:
+            raise SpecError(f"{source}: linear with a base_model that is not in models: mergekit adds it without "
+                            "a weight (and fails); list it under models with a weight, or remove base_model")
+
+    def resolve(name: str) -> tuple[tuple, tuple, tuple]:
+        _, t = layer_position(name, num_layers)
+        params: dict[str, Any] = {}
+        weights: list[float] = []
+        per_model: list[dict[str, Any]] = []
+        if mk_method == "slerp":
+            t_value = method_value("t", name, t)
+            if t_value is None:
+                raise SpecError(f"{source}: slerp needs parameter 't' (for tensor {name!r})")
+            params = {"t": float(t_value), "parallel_threshold": SLERP_THRESHOLD}
+        elif mk_method == "model_stock":
+            params = {"extrapolate": True, "filter_wise": bool(method_value("filter_wise", name, t))}
+        else:
+            normalize = bool(method_value("normalize", name, t))
+            weights = [float(model_value(s, "weight", name, t)) for s in experts]
+            if mk_method == "linear":
+                if not normalize:
+                    raise SpecError(f"{source}: linear with normalize: false (a plain weighted sum) is not "
+                                    "supported; mergelab's weight_average divides by the weights' sum")
+            else:
+                lam = float(method_value("lambda", name, t))
+                rescale = bool(method_value("rescale", name, t))
+                params["lambda"] = lam
+                densities = [float(model_value(s, "density", name, t)) for s in experts]
+                if mk_method in ("ties", "dare_ties", "dare_linear", "breadcrumbs"):
+                    per_model = [{"density": d} for d in densities]
+                    if mk_method == "breadcrumbs":
+                        for s, pm in zip(experts, per_model):
+                            pm["gamma"] = float(model_value(s, "gamma", name, t))
+                if mk_method in ("dare_ties", "dare_linear"):
+                    params["rescale"] = "l1" if rescale else "none"
+                elif rescale:
+                    raise SpecError(f"{source}: rescale: true with {mk_method} (magnitude pruning rescaled to the "
+                                    "L1 norm) is not supported")
+                if mk_method in ("ties", "dare_ties"):
+                    params.update(sign_election="mass", sign_test="weighted",
+                                  disjoint_divisor="weight" if normalize else "none")
+                    if mk_method == "ties":
+                        params["trim_scope"] = "tensor"
+                elif normalize:  # task arithmetic, dare_linear, breadcrumbs: divide the sum by sum_i w_i
+                    total = sum(weights)
+                    total = 1.0 if abs(total) < 1e-8 else total
+                    weights = [w / total for w in weights]
+                if mk_method == "task_arithmetic" and any(d != 1.0 for d in densities):
+                    raise SpecError(f"{source}: task_arithmetic does not sparsify; remove 'density'")
+                if mk_method == "task_arithmetic":
+                    per_model = []
+        return (tuple(sorted(params.items())), tuple(weights), tuple(tuple(sorted(p.items())) for p in per_model))
+
+    resolved = {name: resolve(name) for name in names}
+    default = Counter(resolved.values()).most_common(1)[0][0] if resolved else ((), (), ())
+    spec: dict[str, Any] = {"method": native}
+    if mk_method == "slerp":
+        spec["base"] = str(base)
+        spec["models"] = [{"path": str(experts[0].path)}]
+    else:
+        if base is not None and mk_method != "linear":
+            spec["base"] = str(base)
+        elif base is not None:
+            spec["base"] = str(base)  # config and tokenizer files come from it
+        models = []
+        for k, s in enumerate(experts):
+            entry: dict[str, Any] = {"path": str(s.path)}
+            if default[1]:
+                entry["weight"] = default[1][k]
+            if default[2] and dict(default[2][k]):
+                entry["parameters"] = dict(default[2][k])
+            models.append(entry)
+        spec["models"] = models
+    spec["parameters"] = dict(default[0])
+    spec["overrides"] = _overrides(resolved, default, names)
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise SpecError(f"{source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        spec["dtype"] = DTYPES[str(dtype)]
+    tok = data.get("tokenizer_source")
+    if tok is not None and tok != "base":
+        if tok == "union":
+            raise SpecError(f"{source}: tokenizer_source: union (a merged vocabulary) is not supported")
+        tok_path = resolve_model(tok, f"{source}: tokenizer_source", root)
+        if tok_path != Path(reference):
+            raise SpecError(f"{source}: tokenizer_source {tok!r}: mergelab copies the tokenizer and config files of "
+                            f"the base model ({reference}); another model's tokenizer is not supported")
+    if not spec["overrides"]:
+        del spec["overrides"]
+    if not spec["parameters"]:
+        del spec["parameters"]
+    return spec
+
+
+def _overrides(resolved: dict[str, tuple], default: tuple, names: list[str]) -> list[dict[str, Any]]:
+    """Overrides for the tensors whose resolution is not ``default``: one per (layer, resolution), the layer's
+    prefix when the whole layer shares it, else the exact names."""
+    by_layer: dict[str | None, list[str]] = {}
+    for name in names:
+        m = _LAYER.match(name)
+        by_layer.setdefault(m.group(0) if m else None, []).append(name)
+    out: list[dict[str, Any]] = []
+    for layer, members in by_layer.items():
+        groups: dict[tuple, list[str]] = {}
+        for name in members:
+            if resolved[name] != default:
+                groups.setdefault(resolved[name], []).append(name)
+        for resolution, group in groups.items():
+            if layer is not None and len(group) == len(members):
+                pattern = "re:^" + re.escape(layer)
+            else:
+                pattern = "re:^(?:" + "|".join(re.escape(n) for n in group) + ")$"
+            entry: dict[str, Any] = {"pattern": pattern}
+            if resolution[0] != default[0]:
+                entry["parameters"] = dict(resolution[0])
+            if resolution[1] != default[1]:
+                entry["weights"] = list(resolution[1])
+            if resolution[2] != default[2]:
+                entry["model_parameters"] = [dict(p) for p in resolution[2]]
+            out.append(entry)
+    return out
+
+
+def load_mergekit(path: str | Path) -> dict[str, Any]:
+    """Read the mergekit config at ``path`` and translate it (:func:`translate`)."""
+    from mergelab.spec import read_yaml_file
+
+    path = Path(path)
+    return translate(read_yaml_file(path), source=str(path), root=path.resolve().parent)
+
+
+def to_yaml(spec: Mapping[str, Any]) -> str:
+    """The native spec as YAML (lists of numbers on one line)."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+        flow = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    _Dumper.add_representer(list, _list)
+    return yaml.dump(dict(spec), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+__all__ = ["METHOD_MAP", "evaluate", "is_mergekit_config", "layer_position", "load_mergekit", "to_yaml", "translate"]

@@ -1,0 +1,259 @@
+"""mergekit configs run unchanged: translation to the native spec, gradient/filter values by hand, errors,
+and merges of tiny Llama-like safetensors folders through the CLI against hand-computed tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mergelab.checkpoints import load_state_dict, save_state_dict
+from mergelab.cli import main
+from mergelab.errors import SpecError
+from mergelab.mergekit_config import evaluate, layer_position, translate
+from mergelab.spec import parse_spec
+
+LAYERS, HIDDEN, VOCAB, INTER = 3, 4, 8, 6
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
+        shapes[p + "self_attn.q_proj.weight"] = (HIDDEN, HIDDEN)
+        shapes[p + "mlp.up_proj.weight"] = (INTER, HIDDEN)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A float32 Llama-like base (3 layers) and three variants, each a folder with config.json."""
+    root = tmp_path_factory.mktemp("mk")
+    gen = torch.Generator().manual_seed(7)
+    base = {n: torch.randn(s, generator=gen) for n, s in _shapes().items()}
+    out = {}
+    for key, state in [("base", base)] + [
+        (f"ft{i}", {n: t + 0.1 * i * torch.randn(t.shape, generator=gen) for n, t in base.items()}) for i in (1, 2, 3)
+    ]:
+        folder = root / key
+        folder.mkdir()
+        save_state_dict(state, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": LAYERS}))
+        out[key] = folder
+    return out
+
+
+def _cfg(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- parameter values by hand
+
+
+def test_gradient_values_at_known_positions():
+    g = [0, 0.5, 0.3, 0.7, 1]
+    assert evaluate(g, "x", 0.0) == 0
+    assert evaluate(g, "x", 1.0) == 1
+    assert evaluate(g, "x", 0.3) == pytest.approx(0.8 * 0.5 + 0.2 * 0.3)  # s = 1.2
+    assert evaluate([1, 0.7, 0.1], "x", 0.5) == pytest.approx(0.7)  # s = 1
+    assert evaluate([1, 0.7, 0.1], "x", 0.75) == pytest.approx(0.4)  # s = 1.5: (0.7 + 0.1) / 2
+    assert evaluate([0, 0.3, 0.7, 1], "x", 0.5) == pytest.approx(0.5)  # s = 1.5: (0.3 + 0.7) / 2
+    # positions: t = l / (L - 1), 0 outside the layers
+    assert layer_position("model.layers.2.mlp.up_proj.weight", 5) == (2, 0.5)
+    assert layer_position("model.norm.weight", 5) == (None, 0.0)
+    assert layer_position("model.layers.0.mlp.up_proj.weight", 1) == (0, 1.0)
+
+
+def test_filters_pick_the_first_matching_condition():
+    t = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": [1, 0]}, {"value": 0.5}]
+    assert evaluate(t, "model.layers.1.self_attn.q_proj.weight", 0.25) == pytest.approx(0.25)
+    assert evaluate(t, "model.layers.1.mlp.up_proj.weight", 0.25) == pytest.approx(0.75)
+    assert evaluate(t, "model.norm.weight", 0.25) == 0.5
+    assert evaluate([{"filter": "mlp", "value": 2.0}], "model.norm.weight", 0.0) is None  # falls through
+
+
+# ------------------------------------------------------------------------------------ translations
+
+
+def test_linear_translates_to_weight_average(models):
+    spec = translate({"merge_method": "linear", "dtype": "float16", "models": [
+        {"model": str(models["ft1"]), "parameters": {"weight": 1.0}},
+        {"model": str(models["ft2"]), "parameters": {"weight": 0.3}},
+    ]})
+    assert spec == {"method": "weight_average",
+                    "models": [{"path": str(models["ft1"]), "weight": 1.0}, {"path": str(models["ft2"]), "weight": 0.3}],
+                    "dtype": "float16"}
+
+
+def test_ties_translates_with_mergekits_semantics(models):
+    spec = translate({"merge_method": "ties", "base_model": str(models["base"]), "dtype": "bfloat16",
+                      "parameters": {"normalize": False, "int8_mask": True},
+                      "models": [{"model": str(models["ft1"]), "parameters": {"density": 0.5, "weight": 0.5}},
+                                 {"model": str(models["ft2"]), "parameters": {"density": 0.5, "weight": 0.5}}]})
+    assert spec == {
+        "method": "ties", "base": str(models["base"]),
+        "models": [{"path": str(models["ft1"]), "weight": 0.5, "parameters": {"density": 0.5}},
+                   {"path": str(models["ft2"]), "weight": 0.5, "parameters": {"density": 0.5}}],
+        "parameters": {"disjoint_divisor": "none", "lambda": 1.0, "sign_election": "mass", "sign_test": "weighted",
+                       "trim_scope": "tensor"},
+        "dtype": "bfloat16",
+    }
+    parse_spec(spec)
+
+
+def test_dare_ties_defaults_and_base_listed_among_models(models):
+    spec = translate({"merge_method": "dare_ties", "base_model": str(models["base"]),
+                      "models": [{"model": str(models["base"])},
+                                 {"model": str(models["ft1"]), "parameters": {"density": 0.3, "weight": 1.0}}]})
+    assert spec["models"] == [{"path": str(models["ft1"]), "weight": 1.0, "parameters": {"density": 0.3}}]
+    assert spec["parameters"] == {"disjoint_divisor": "none", "lambda": 1.0, "rescale": "l1",
+                                  "sign_election": "mass", "sign_test": "weighted"}
+
+
+def test_ties_example_gradients_become_per_layer_overrides(models):
+    # mergekit's examples/ties.yml shape: a density gradient, a weight gradient and a filtered weight
+    spec = translate({"merge_method": "ties", "base_model": str(models["base"]),
+                      "parameters": {"normalize": True},
+                      "models": [
+                          {"model": str(models["ft1"]), "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+                          {"model": str(models["ft2"]), "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+                          {"model": str(models["ft3"]), "parameters": {
+                              "density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]})
+    parsed = parse_spec(spec)
+    from mergelab.merging.plan import ParamResolver
+    from mergelab.methods import get_method
+
+    r = ParamResolver(parsed, get_method("ties"))
+    # layer 1 of 3: t = 0.5: density_1 = 0.7, weight_2 = 0.5 (s = 1.5 of [0, 0.3, 0.7, 1])
+    assert r.weights("model.layers.1.mlp.up_proj.weight") == pytest.approx([1.0, 0.5, 0.5])
+    assert r.weights("model.layers.1.self_attn.q_proj.weight") == pytest.approx([1.0, 0.5, 0.0])
+    assert [m["density"] for m in r.model_params("model.layers.1.mlp.up_proj.weight")] == pytest.approx([0.7, 0.5, 0.33])
+    # layer 2: t = 1: density_1 = 0.1, weight_2 = 1
+    assert r.weights("model.layers.2.mlp.up_proj.weight") == pytest.approx([1.0, 1.0, 0.5])
+    assert r.model_params("model.layers.2.input_layernorm.weight")[0]["density"] == pytest.approx(0.1)
+    # outside the layers t = 0: density_1 = 1, weight_2 = 0; lm_head is not an mlp tensor
+    assert r.weights("lm_head.weight") == pytest.approx([1.0, 0.0, 0.0])
+    assert r.model_params("model.embed_tokens.weight")[0]["density"] == 1.0
+
+
+def test_gradient_slerp_translates_per_layer_and_filter(models):
+    spec = translate({"slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, LAYERS]},
+                                              {"model": str(models["ft1"]), "layer_range": [0, LAYERS]}]}],
+                      "merge_method": "slerp", "base_model": str(models["base"]),
+                      "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                           {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+                      "dtype": "float16"})
+    assert spec["method"] == "slerp" and spec["base"] == str(models["base"])
+    assert spec["models"] == [{"path": str(models["ft1"])}]
+    parsed = parse_spec(spec)
+    from mergelab.merging.plan import ParamResolver
+    from mergelab.methods import get_method
+
+    r = ParamResolver(parsed, get_method("slerp"))
+    # t = 0, 0.5, 1 over 3 layers -> s = 0, 2, 4 of the 5-point gradients
+    for layer, attn, mlp in [(0, 0.0, 1.0), (1, 0.3, 0.7), (2, 1.0, 0.0)]:
+        assert r(f"model.layers.{layer}.self_attn.q_proj.weight").t == pytest.approx(attn)
+        assert r(f"model.layers.{layer}.mlp.up_proj.weight").t == pytest.approx(mlp)
+        assert r(f"model.layers.{layer}.input_layernorm.weight").t == 0.5
+        assert r(f"model.layers.{layer}.input_layernorm.weight").parallel_threshold == 0.9995
+    assert r("lm_head.weight").t == 0.5
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_hub_id_is_a_clear_error(models):
+    with pytest.raises(SpecError, match="looks like a Hugging Face hub id.*local folders only"):
+        translate({"merge_method": "linear", "models": [{"model": "psmathur/orca_mini_v3_13b",
+                                                         "parameters": {"weight": 1.0}}]})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"merge_method": "linear", "models": [], "tokenizer": {"source": "base"}}, "'tokenizer'"),
+    ({"merge_method": "linear", "models": [], "seed": 3}, "unknown key 'seed' .*allowed: merge_method"),
+    ({"merge_method": "della", "models": []}, "not in mergelab yet \\(issue 15"),
+    ({"merge_method": "frobnicate", "models": []}, "unknown merge_method 'frobnicate' \\(supported: linear"),
+])
+def test_unsupported_keys_and_methods_are_named(config, message):
+    with pytest.raises(SpecError, match=message):
+        translate(config)
+
+
+def test_unknown_parameter_and_missing_weight_are_named(models):
+    with pytest.raises(SpecError, match="ties takes no parameter 'densty'"):
+        translate({"merge_method": "ties", "base_model": str(models["base"]),
+                   "models": [{"model": str(models["ft1"]), "parameters": {"densty": 0.5, "weight": 1.0}}]})
+    with pytest.raises(SpecError, match="needs parameter 'weight'"):
+        translate({"merge_method": "ties", "base_model": str(models["base"]),
+                   "models": [{"model": str(models["ft1"])}]})
+
+
+def test_partial_slices_are_not_supported_yet(models):
+    with pytest.raises(SpecError, match="only a slice over every layer"):
+        translate({"merge_method": "slerp", "base_model": str(models["base"]), "parameters": {"t": 0.5},
+                   "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, 2]},
+                                           {"model": str(models["ft1"]), "layer_range": [0, 2]}]}]})
+
+
+# ---------------------------------------------------------------------------- merges through the CLI
+
+
+def test_cli_convert_prints_a_valid_native_spec(models, tmp_path, capsys):
+    cfg = _cfg(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+                          "models": [{"model": str(models["ft1"]), "parameters": {"weight": 0.5}}]})
+    assert main(["convert", str(cfg)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {"method": "task_arithmetic", "base": str(models["base"]),
+                       "models": [{"path": str(models["ft1"]), "weight": 0.5}], "parameters": {"lambda": 1.0}}
+
+
+def test_cli_merges_ties_normalize_false_with_a_negative_weight(models, tmp_path):
+    cfg = _cfg(tmp_path, {"merge_method": "ties", "base_model": str(models["base"]),
+                          "parameters": {"normalize": False},
+                          "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1.0}},
+                                     {"model": str(models["ft2"]), "parameters": {"weight": -0.5}}]})
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress", "--no-hash"]) == 0
+    out = load_state_dict(tmp_path / "out")
+    b, e1, e2 = (load_state_dict(models[k] / "model.safetensors") for k in ("base", "ft1", "ft2"))
+    for name in b:
+        wt = [1.0 * (e1[name] - b[name]), -0.5 * (e2[name] - b[name])]  # density 1 (mergekit's default)
+        sign = torch.sign(wt[0] + wt[1])
+        expect = b[name] + sum(torch.where(torch.sign(x) == sign, x, 0.0) for x in wt)
+        torch.testing.assert_close(out[name], expect, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_merges_gradient_slerp(models, tmp_path):
+    cfg = _cfg(tmp_path, {"models": [{"model": str(models["base"])}, {"model": str(models["ft1"])}],
+                          "merge_method": "slerp", "base_model": str(models["base"]),
+                          "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                               {"value": 0.5}]}})
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress", "--no-hash"]) == 0
+    out = load_state_dict(tmp_path / "out")
+    a, b = (load_state_dict(models[k] / "model.safetensors") for k in ("base", "ft1"))
+    for name in a:
+        layer, _ = layer_position(name, LAYERS)
+        t = (0.0, 0.3, 1.0)[layer] if (layer is not None and "self_attn" in name) else 0.5
+        x, y = a[name].double().reshape(-1), b[name].double().reshape(-1)
+        cos = float(x @ y / (x.norm() * y.norm()))
+        if abs(cos) > 0.9995:
+            expect = (1 - t) * x + t * y
+        else:
+            om = math.acos(cos)
+            expect = math.sin((1 - t) * om) / math.sin(om) * x + math.sin(t * om) / math.sin(om) * y
+        torch.testing.assert_close(out[name].double().reshape(-1), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_merge_reports_a_hub_id_in_one_line(tmp_path, capsys):
+    cfg = _cfg(tmp_path, {"merge_method": "linear", "models": [{"model": "org/some-model", "parameters": {"weight": 1}}]})
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "org/some-model" in err and "local folders only" in err and not (tmp_path / "out").exists()
