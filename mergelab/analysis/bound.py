@@ -80,6 +80,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mergelab.methods.catalog import METHODS
+
 log = logging.getLogger(__name__)
 
 FORM = "derived"
@@ -819,8 +821,7 @@ EXCESS_FORMULA = (
 EXCESS_TERMS: tuple[str, ...] = ("opt", "stab", "het")
 #: merge method -> the Corollary-1 operator T of :func:`mergelab.analysis.diagnostics.apply_operator`
 #: (methods not listed merge the task vectors as they are: T = identity).
-MERGE_OPERATORS: dict[str, str] = {"ties": "ties", "dare_ties": "dare_ties", "dare_linear": "dare",
-                                   "breadcrumbs": "breadcrumbs"}
+MERGE_OPERATORS: dict[str, str] = {name: m.operator for name, m in METHODS.items() if m.operator is not None}
 
 
 def stability_term(pool: BoundPool, *, heavy_ball: bool = True) -> float:

@@ -74,14 +74,17 @@ from mergelab import ops
 from mergelab.checkpoints import TensorInfo, open_checkpoint
 from mergelab.merging.torch_backend import TorchInputs, compute_dtype, global_thresholds, resolve_device
 from mergelab.errors import MergeLabError, SpecError
-from mergelab.methods import TensorInputs, get_method
+from mergelab.methods import METHODS, Method, TensorInputs, get_method
 
 log = logging.getLogger(__name__)
 
 OperatorName = Literal["sign", "trim", "ties", "dare", "dare_ties", "breadcrumbs"]
 
-#: The operators T whose dispersion reduction Delta_T is measured, in report order.
-OPERATORS: tuple[str, ...] = ("sign", "trim", "ties", "dare", "dare_ties", "breadcrumbs")
+#: The methods of the catalog with a Corollary-1 operator T (``Method.operator``), by operator name.
+METHOD_OF_OPERATOR: dict[str, Method] = {m.operator: m for m in METHODS.values() if m.operator is not None}
+#: The operators T whose dispersion reduction Delta_T is measured, in report order: the sign consensus and
+#: TIES's trim alone, then every catalog method's operator (derived from the catalog, never listed here).
+OPERATORS: tuple[str, ...] = ("sign", "trim", *METHOD_OF_OPERATOR)
 
 #: One-line description of each operator, for tables.
 OPERATOR_DESCRIPTIONS: dict[str, str] = {
@@ -199,35 +202,24 @@ def apply_operator(
     ``thresholds`` are the experts' whole-model trim thresholds (``trim_scope="global"``), else ``None``
     (per-tensor trimming). ``name`` is the tensor name, which seeds DARE's masks as the merge methods do.
     """
-    d = config.density
-
-    def trimmed() -> list[torch.Tensor]:
-        return [
-            ops.trim(t, d, threshold=None if thresholds is None else thresholds[i],
-                     ties=None if thresholds is None or ties is None else ties[i])
-            for i, t in enumerate(taus)
-        ]
-
-    def dropped() -> list[torch.Tensor]:
-        seeds = TensorInputs(name=name, base=None, experts=[], weights=[])
-        return [
-            ops.drop(t, d, rescale=config.dare_rescale, generator=seeds.generator(config.seed, i))
-            for i, t in enumerate(taus)
-        ]
-
     if op == "sign":
         return sign_consensus(taus, weights, by=config.sign_election)
-    if op == "trim":
-        return trimmed()
-    if op == "ties":
-        return sign_consensus(trimmed(), weights, by=config.sign_election)
-    if op == "dare":
-        return dropped()
-    if op == "dare_ties":
-        return sign_consensus(dropped(), weights, by=config.sign_election)
-    if op == "breadcrumbs":
-        return [ops.trim_band(t, d, config.breadcrumbs_gamma) for t in taus]
-    raise ValueError(f"unknown operator {op!r}; available: {', '.join(OPERATORS)}")
+    method = get_method("ties") if op == "trim" else METHOD_OF_OPERATOR.get(op)
+    if method is None or method.sparsify is None:
+        raise ValueError(f"unknown operator {op!r}; available: {', '.join(OPERATORS)}")
+    # the method's parameters from the configuration (one density for every operator), and its own
+    # sparsification step from the catalog, as its reference applies it
+    settings = {"density": config.density, "trim_scope": "tensor" if thresholds is None else "global",
+                "sign_election": config.sign_election, "rescale": config.dare_rescale,
+                "gamma": config.breadcrumbs_gamma, "seed": config.seed}
+    fields = {f.alias or n for n, f in method.params.model_fields.items()}
+    params = method.parse_params({k: v for k, v in settings.items() if k in fields})
+    inputs = TensorInputs(name=name, base=None, experts=[], weights=list(weights), thresholds=thresholds,
+                          tie_quotas=None if thresholds is None else ties)
+    out = method.sparsify(list(taus), inputs, params)
+    if op != "trim" and method.combination == "disjoint_mean":
+        return sign_consensus(out, weights, by=config.sign_election)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ statistics

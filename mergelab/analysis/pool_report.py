@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from mergelab.errors import MergeLabError, SpecError
+from mergelab.methods.catalog import METHODS
 from mergelab.report.figure_text import literal
 from mergelab.untrusted_input import read_json_file
 
@@ -70,10 +71,6 @@ CONSTANTS_FORMAT = "mergelab-bound-constants/1"
 #: Section keys this module adds to a report, in order.
 SECTION_KEYS = ("theory", "bound", "trends", "landscape", "cka")
 
-#: Merge rules of the data-free methods as the bound sees them: the coefficient alpha_i of tau_i.
-_MEAN_LIKE = {"weight_average", "model_stock", "slerp"}
-_SUM_LIKE = {"task_arithmetic", "dare_linear", "breadcrumbs"}
-_DISJOINT_MEAN = {"ties", "dare_ties"}
 
 #: What THEORY.md section 1 says each hyperparameter does to mergeability (to compare with the bound's shape).
 THEORY_EXPECTATIONS = {
@@ -516,18 +513,20 @@ def merge_coefficients(method: str, parameters: Mapping[str, Any], weights: Sequ
     except Exception:  # noqa: BLE001 - data-informed methods are not in the data-free registry
         params = None
     equal = bool(np.allclose(w, w[0]))
-    if method in _SUM_LIKE:
+    # how the method combines the task vectors: a trait of the catalog (Method.combination)
+    combination = METHODS[method].combination if method in METHODS else None
+    if combination == "sum":
         alphas = lam * w
         note = f"{method}: alpha_i = lambda * w_i (lambda = {lam:g})"
         rule = "task_arithmetic" if equal else "weighted"
-    elif method in _DISJOINT_MEAN:
+    elif combination == "disjoint_mean":
         alphas = lam * w / w.sum()
         note = (f"{method}: alpha_i ~ lambda * w_i / sum_j w_j (lambda = {lam:g}; the disjoint mean divides by the "
                 "number of agreeing experts per coordinate, so this is exact only where all agree)")
         rule = "mean" if equal and lam == 1.0 else "weighted"  # sub-pools keep sum alpha = lambda
-    elif method in _MEAN_LIKE:
+    elif combination in ("mean", "interpolation"):
         alphas = w / w.sum()
-        note = f"{method}: alpha_i = w_i / sum_j w_j" + ("" if method == "weight_average" else " (approximation)")
+        note = f"{method}: alpha_i = w_i / sum_j w_j" + ("" if combination == "mean" else " (approximation)")
         rule = "mean" if equal else "weighted"
     else:
         alphas = np.full(len(w), 1.0 / len(w))

@@ -130,6 +130,13 @@ class Method:
       reach the method in :class:`TensorInputs`;
     - ``operator``: the name of the sparsification/consensus operator T the method applies to each task
       vector before combining them (:func:`mergelab.analysis.diagnostics.apply_operator`), or ``None``;
+    - ``sparsify(taus, inputs, params)``: that operator's sparsification step (trim, drop, band) on the task
+      vectors of one tensor, as the reference applies it, or ``None``;
+    - ``combination``: how the (sparsified) task vectors become the merge, as the bound's coefficients
+      alpha_i see it (:func:`mergelab.analysis.pool_report.merge_coefficients`): ``mean`` (``sum_i w_i
+      theta_i / sum_i w_i``), ``sum`` (``theta_0 + lambda sum_i w_i tau_i``), ``disjoint_mean`` (TIES's sign
+      consensus and mean over the agreeing models; the operator T then includes the consensus) or
+      ``interpolation`` (between the base or models, about a mean: model stock, SLERP);
     - ``per_model``: the parameters a model may set for itself (``models[i].parameters`` in a spec, e.g. a
       density per expert as mergekit allows); the reference reads them with :meth:`TensorInputs.per_model`.
     """
@@ -149,6 +156,8 @@ class Method:
     global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
     operator: str | None = None
     per_model: tuple[str, ...] = ()
+    sparsify: Callable[[list[Any], TensorInputs, Any], list[Any]] | None = None
+    combination: Combination = "sum"
 
     @property
     def propagates_nonfinite(self) -> bool:
@@ -179,6 +188,7 @@ class Method:
             raise SpecError(f"{where}: invalid parameter for method '{self.name}': {problems}") from None
 
 
+Combination = Literal["mean", "sum", "disjoint_mean", "interpolation"]
 SignElection = Literal["mass", "count"]
 DisjointDivisor = Literal["count", "weight", "none"]
 SignTest = Literal["tau", "weighted"]

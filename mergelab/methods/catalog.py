@@ -163,11 +163,26 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     which differs for negative weights), lambda 1. Exactly k entries survive a trim (ties first in order).
     A model's own ``density`` (per-model parameter) trims its task vector with scope ``tensor``.
     """
-    taus = inp.task_vectors()
+    taus = trimmed(inp.task_vectors(), inp, p)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
+    return ops.scale(merged, p.lambda_) + _base(inp)
+
+
+# The sparsification step T of each sparsifying method (``Method.sparsify``), on the task vectors of one
+# tensor: the references apply it, and so does the analysis layer (Corollary 1's operator T,
+# :func:`mergelab.analysis.diagnostics.apply_operator`). A method whose ``combination`` is
+# ``disjoint_mean`` follows it with the sign consensus.
+
+
+def trimmed(taus: list[torch.Tensor], inp: TensorInputs, p: TiesParams) -> list[torch.Tensor]:
+    """TIES's trim (step 1) of each task vector: ``trim(tau_i, density)`` per tensor, or at the whole-model
+    thresholds ``inp.thresholds`` (``trim_scope: global``); a model's own ``density`` trims per tensor.
+    ``density`` 1 and empty tensors: the task vectors unchanged."""
     if inp.model_params is not None:
-        taus = [ops.trim(t, d) if (d := inp.per_model(i, "density", p.density)) < 1.0 and t.numel() else t
+        return [ops.trim(t, d) if (d := inp.per_model(i, "density", p.density)) < 1.0 and t.numel() else t
                 for i, t in enumerate(taus)]
-    elif p.density < 1.0 and taus[0].numel() > 0:
+    if p.density < 1.0 and taus[0].numel() > 0:
         if p.trim_scope == "global":
             if inp.thresholds is None:
                 raise ValueError(
@@ -175,21 +190,26 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
                     "merge through mergelab.merge (which computes them) or use trim_scope 'tensor'"
                 )
             quotas = inp.tie_quotas
-            taus = [ops.trim(t, p.density, threshold=inp.thresholds[i], ties=None if quotas is None else quotas[i])
+            return [ops.trim(t, p.density, threshold=inp.thresholds[i], ties=None if quotas is None else quotas[i])
                     for i, t in enumerate(taus)]
-        else:
-            taus = [ops.trim(t, p.density) for t in taus]
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
-    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
-    return ops.scale(merged, p.lambda_) + _base(inp)
+        return [ops.trim(t, p.density) for t in taus]
+    return taus
 
 
-def _dropped(inp: TensorInputs, density: float, rescale: str, seed: int) -> list[torch.Tensor]:
+def dropped(taus: list[torch.Tensor], inp: TensorInputs, p: DareLinearParams) -> list[torch.Tensor]:
+    """DARE's random drop and rescale of each task vector (:func:`mergelab.ops.drop`), masks seeded by
+    (``seed``, expert index, tensor name)."""
     return [
-        ops.drop(tau, inp.per_model(i, "density", density), rescale=rescale,  # type: ignore[arg-type]
-                 generator=inp.generator(seed, i))
-        for i, tau in enumerate(inp.task_vectors())
+        ops.drop(tau, inp.per_model(i, "density", p.density), rescale=p.rescale,  # type: ignore[arg-type]
+                 generator=inp.generator(p.seed, i))
+        for i, tau in enumerate(taus)
     ]
+
+
+def banded(taus: list[torch.Tensor], inp: TensorInputs, p: BreadcrumbsParams) -> list[torch.Tensor]:
+    """Breadcrumbs' band of each task vector (:func:`mergelab.ops.trim_band`)."""
+    return [ops.trim_band(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "gamma", p.gamma))
+            for i, tau in enumerate(taus)]
 
 
 def dare_linear(inp: TensorInputs, p: DareLinearParams) -> torch.Tensor:
@@ -200,7 +220,7 @@ def dare_linear(inp: TensorInputs, p: DareLinearParams) -> torch.Tensor:
     the paper sweeps drop rates 0.1-0.99 and mergekit requires it explicitly, so 0.5 is a neutral middle.
     The masks are reproducible: seeded by ``seed``, the expert's index and the tensor name.
     """
-    merged = ops.weighted_sum(_dropped(inp, p.density, p.rescale, p.seed), inp.weights)
+    merged = ops.weighted_sum(dropped(inp.task_vectors(), inp, p), inp.weights)
     return _base(inp) + ops.scale(merged, p.lambda_)
 
 
@@ -209,7 +229,7 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
 
     Same as :func:`ties` with the magnitude trim replaced by DARE's random drop and rescale.
     """
-    taus = _dropped(inp, p.density, p.rescale, p.seed)
+    taus = dropped(inp.task_vectors(), inp, p)
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return _base(inp) + ops.scale(merged, p.lambda_)
@@ -222,8 +242,7 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
     entries (outliers) and the smallest ones, keeping a ``density`` fraction. The paper tunes both per
     setting; defaults density 0.9 and gamma 0.01 are mergekit's.
     """
-    taus = [ops.trim_band(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "gamma", p.gamma))
-            for i, tau in enumerate(inp.task_vectors())]
+    taus = banded(inp.task_vectors(), inp, p)
     return _base(inp) + ops.scale(ops.weighted_sum(taus, inp.weights), p.lambda_)
 
 
@@ -265,21 +284,24 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams, weight_average,
-               needs_base=False, weights_nonzero=True, linear=True, io_bound=True),
+               needs_base=False, weights_nonzero=True, linear=True, io_bound=True, combination="mean"),
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               task_arithmetic, linear=True, io_bound=True),
+               task_arithmetic, linear=True, io_bound=True, combination="sum"),
         Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
-               global_trim_density=ties_global_density, operator="ties", per_model=("density",)),
+               global_trim_density=ties_global_density, operator="ties", per_model=("density",),
+               sparsify=trimmed, combination="disjoint_mean"),
         Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
-               linear=True, operator="dare", per_model=("density",)),
+               linear=True, operator="dare", per_model=("density",), sparsify=dropped, combination="sum"),
         Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties,
-               operator="dare_ties", per_model=("density",)),
+               operator="dare_ties", per_model=("density",), sparsify=dropped, combination="disjoint_mean"),
         Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
-               BreadcrumbsParams, breadcrumbs, operator="breadcrumbs", per_model=("density", "gamma")),
+               BreadcrumbsParams, breadcrumbs, operator="breadcrumbs", per_model=("density", "gamma"),
+               sparsify=banded, combination="sum"),
         Method("model_stock", "interpolate the average towards the base by the task vectors' angle",
-               ModelStockParams, model_stock, min_models=2, uses_weights=False),
+               ModelStockParams, model_stock, min_models=2, uses_weights=False, combination="interpolation"),
         Method("slerp", "spherical interpolation of two models", SlerpParams, slerp,
-               needs_base=False, min_models=1, max_models=2, uses_weights=False, base_or_two=True),
+               needs_base=False, min_models=1, max_models=2, uses_weights=False, base_or_two=True,
+               combination="interpolation"),
     )
 }
 
