@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
 from mergelab.checkpoints.safetensors_format import StorageDtype
-from mergelab.checkpoints.writer import WriteBehind
 from mergelab.errors import NonFiniteError
 from mergelab.merging.numpy_arrays import any_nonfinite, compute_dtype, exponent_scratch, numpy_dtype
 from mergelab.merging.numpy_kernels import (
@@ -61,7 +60,7 @@ from mergelab.merging.numpy_kernels import (
     trim_at,
     weight_average_block,
 )
-from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead, run_blocks
+from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead, run_blocks, stream_tensors
 from mergelab.merging.plan import (
     MergeInputs,
     ParamResolver,
@@ -154,18 +153,21 @@ def _stream(
     writer: CheckpointWriter,
     bar: Any,
 ) -> None:
-    """Compute each tensor of ``plan`` on all cores and hand it to a write-behind thread."""
+    """The linear methods' part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`,
+    no read-ahead: the kernel reads each block's bytes straight from the files): each tensor on all cores."""
     # task arithmetic reads theta_0 and the experts; weight averaging only the experts
     readers = ([inputs.base] if get_method(method).needs_base else []) + list(inputs.experts)
-    with WriteBehind(writer, PIPELINE_BYTES) as writes:
-        for name, shape, storage in plan:
-            if storage.is_floating_point:
-                out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name), weights)
-            else:  # integer and bool tensors are copied from the reference (never averaged)
-                out = _read_whole(inputs.reference, name)
-            writes.put(name, out, out.nbytes)
-            bar.update(out.nbytes)
-            del out
+    out_plan = {name: (shape, storage) for name, shape, storage in plan}
+
+    def compute(name: str, _: None) -> tuple[Any, int]:
+        shape, storage = out_plan[name]
+        if storage.is_floating_point:
+            out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name), weights)
+        else:  # integer and bool tensors are copied from the reference (never averaged)
+            out = _read_whole(inputs.reference, name)
+        return out, out.nbytes
+
+    stream_tensors([name for name, _, _ in plan], compute, writer, bar)
 
 
 def _stream_ties(
@@ -177,13 +179,15 @@ def _stream_ties(
     bar: Any,
     progress: bool,
 ) -> None:
-    """TIES tensor by tensor: an I/O thread reads the next tensors' inputs whole (the selection samples
-    them at random positions and both passes read them) while all cores merge the current one
-    (:mod:`mergelab.merging.numpy_kernels`), and a write-behind thread writes the previous ones. Tensors trimmed with
-    ``trim_scope: global`` get their whole-model thresholds first, from two more streaming passes."""
+    """TIES's part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`): an I/O thread
+    reads the next tensors' inputs whole (the selection samples them at random positions and both passes
+    read them) while all cores merge the current one (:mod:`mergelab.merging.numpy_kernels`), and a
+    write-behind thread writes the previous ones. Tensors trimmed with ``trim_scope: global`` get their
+    whole-model thresholds first, from two more streaming passes."""
     readers = [inputs.base, *inputs.experts]
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
     loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelab-load")
+    out_plan = {name: (shape, storage) for name, shape, storage in plan}
 
     def read(name: str) -> list[Any]:  # the inputs on both loader threads (the start waits for the first)
         futures = [loaders.submit(_read_whole, r, name) for r in readers]
@@ -194,19 +198,18 @@ def _stream_ties(
 
     try:
         global_trims = _global_selections(inputs, params_of, read, size, io, progress)
-        with WriteBehind(writer, PIPELINE_BYTES) as writes:
-            tensors = read_ahead(io, [name for name, _, _ in plan], read, size, PIPELINE_BYTES)
-            for (name, shape, storage), (_, arrays) in zip(plan, tensors):
-                if storage.is_floating_point:
-                    out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers,
-                                       global_trims.pop(name, None))
-                else:  # integer and bool tensors are copied from the base (never averaged)
-                    out = arrays[0]
-                out = out.reshape(shape)
-                del arrays
-                writes.put(name, out, out.nbytes)
-                bar.update(out.nbytes)
-                del out
+
+        def compute(name: str, arrays: list[Any]) -> tuple[Any, int]:
+            shape, storage = out_plan[name]
+            if storage.is_floating_point:
+                out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers,
+                                   global_trims.pop(name, None))
+            else:  # integer and bool tensors are copied from the base (never averaged)
+                out = arrays[0]
+            out = out.reshape(shape)
+            return out, out.nbytes
+
+        stream_tensors([name for name, _, _ in plan], compute, writer, bar, read=read, input_bytes=size, io=io)
     finally:
         io.shutdown(wait=True, cancel_futures=True)
         loaders.shutdown(wait=True, cancel_futures=True)

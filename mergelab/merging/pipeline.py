@@ -1,10 +1,12 @@
 """The merge pipeline's scheduling, shared by every back-end and free of torch.
 
-Three stages run one tensor apart on three threads: a read-ahead thread reads tensor k+1 (:func:`read_ahead`)
-while the main thread merges tensor k and a write-behind thread writes tensor k-1
-(:class:`mergelab.checkpoints.writer.WriteBehind`); small tensors queue deeper, up to ``PIPELINE_BYTES`` of
-inputs read ahead and of outputs waiting to be written, so a stall of one stage does not stop the others at
-once. Within a tensor, kernels work on cache-sized blocks, split over the cores by :func:`run_in_chunks`
+Three stages run one tensor apart on three threads, in the one streaming loop every back-end runs
+(:func:`stream_tensors`, parameterised by the back-end's ``read`` and ``compute``): a read-ahead thread
+reads tensor k+1 (:func:`read_ahead`) while the main thread merges tensor k and a write-behind thread writes
+tensor k-1 (:class:`mergelab.checkpoints.writer.WriteBehind`); small tensors queue deeper, up to
+``PIPELINE_BYTES`` of inputs read ahead and of outputs waiting to be written, so a stall of one stage does
+not stop the others at once. A back-end whose kernels read their blocks straight from the files (the numpy
+back-end's linear methods) gives no ``read``: the loop then hands ``compute`` the name alone. Within a tensor, kernels work on cache-sized blocks, split over the cores by :func:`run_in_chunks`
 (fixed contiguous chunks) or :func:`run_blocks` (blocks handed out one at a time): their kernels (torch's,
 numpy's ufuncs, ``pread``) release the GIL, so the blocks of one tensor run on all cores.
 """
@@ -18,6 +20,8 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from mergelab.checkpoints.writer import CheckpointWriter, WriteBehind
 
 T = TypeVar("T")
 
@@ -140,3 +144,34 @@ def read_ahead(
         if ahead < len(names) and not pending:  # the next read starts before the caller works on this one
             submit()
         yield name, value
+
+
+def stream_tensors(
+    names: Sequence[str],
+    compute: Callable[[str, Any], tuple[Any, int]],
+    writer: CheckpointWriter,
+    progress: Any,
+    *,
+    read: Callable[[str], T] | None = None,
+    input_bytes: Callable[[str], int] | None = None,
+    io: Executor | None = None,
+) -> None:
+    """The streaming loop of a merge, the same for every back-end: for each name in order, ``compute(name,
+    inputs)`` returns the output tensor and its size in bytes, which go to a write-behind thread (at most
+    ``PIPELINE_BYTES`` waiting beyond one tensor) and to the progress bar (``progress.update(size)``).
+    ``inputs`` is ``read(name)``, read ahead on the executor ``io`` (:func:`read_ahead`, ``input_bytes(name)``
+    each, at most ``PIPELINE_BYTES`` beyond the next tensor), or None without ``read``. Memory: about three
+    tensors' worth (the current one's inputs and output, the next one's inputs) plus the two budgets."""
+    if read is not None:
+        if io is None or input_bytes is None:
+            raise ValueError("stream_tensors: reading ahead needs an executor (io) and input_bytes")
+        items: Iterator[tuple[str, Any]] = read_ahead(io, names, read, input_bytes, PIPELINE_BYTES)
+    else:
+        items = ((name, None) for name in names)
+    with WriteBehind(writer, PIPELINE_BYTES) as writes:
+        for name, inputs in items:
+            out, size = compute(name, inputs)
+            del inputs
+            writes.put(name, out, size)
+            progress.update(size)
+            del out

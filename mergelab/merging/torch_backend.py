@@ -56,9 +56,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
-from mergelab.checkpoints.writer import WriteBehind
 from mergelab.errors import NonFiniteError, SpecError
-from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead
+from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead, stream_tensors
 from mergelab.merging.plan import (
     MergeInputs,
     ParamResolver,
@@ -247,7 +246,6 @@ def _merge_tensors(
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
     method: Method,
     params_of: ParamResolver,
-    weights: Sequence[float],
     thresholds: Mapping[str, list[float]],
     tie_quotas: Mapping[str, list[int]],
     device: torch.device,
@@ -255,43 +253,43 @@ def _merge_tensors(
     writer: CheckpointWriter,
     bar: tqdm,
 ) -> None:
-    """The streaming loop: three stages on three threads, one tensor apart.
-
-    The ``reader`` thread reads tensor k+1 (``pread``, which releases the GIL) while this thread merges
-    tensor k (torch kernels release it too) and a writer thread writes tensor k-1; one tensor may always
-    wait at each stage, more while they fit ``PIPELINE_BYTES``, so memory is bounded by about three
-    tensors' worth plus twice that budget. Inputs of a method whose
-    output shows any NaN/Inf of its inputs (``method.propagates_nonfinite``) are checked through the
-    output: only a non-finite output rescans them, to name the offending file.
+    """The torch back-end's part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`):
+    read a tensor's inputs as torch tensors (on the ``reader`` thread, ahead), merge them with the method's
+    kernel on ``device``, hand the output back on the CPU. Inputs of a method whose output shows any NaN/Inf
+    of its inputs (``method.propagates_nonfinite``) are checked through the output: only a non-finite
+    output rescans them, to name the offending file.
     """
     check_inputs = not method.propagates_nonfinite
-    items = _prefetched(reader, inputs, [name for name, _, _ in plan], check_inputs)
-    with WriteBehind(writer, PIPELINE_BYTES) as writes:
-        for (name, shape, dtype), (_, base, experts) in zip(plan, items):
-            base = _to_device(base, device)
-            experts = [_to_device(e, device) for e in experts]  # type: ignore[misc]
-            if not dtype.is_floating_point:
-                merged = (base if base is not None else experts[0]).to(dtype)
-            else:
-                model_params = params_of.model_params(name)
-                tensor_inputs = TensorInputs(
-                    name=name, base=base, experts=experts, weights=params_of.weights(name),
-                    thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
-                    compute_dtype=compute_dtype(base, experts), out_dtype=dtype, model_params=model_params,
-                )
-                # block kernels take one value per parameter: per-model values run the reference
-                run = kernel(method) if model_params is None else method.reference
-                merged = run(tensor_inputs, params_of(name)).to(dtype)
-                del tensor_inputs
-                if check_inputs or not is_finite(merged):
-                    if not check_inputs:
-                        inputs.check(name, base, experts)  # names the input file if one is bad
-                    check_finite(merged, f"merge result ({method.name})", name)
-            del base, experts
-            size = nbytes(shape, dtype)
-            writes.put(name, merged.cpu(), size)
-            del merged
-            bar.update(size)
+    out_dtypes = {name: (shape, dtype) for name, shape, dtype in plan}
+
+    def compute(name: str, read: tuple[torch.Tensor | None, list[torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        shape, dtype = out_dtypes[name]
+        base = _to_device(read[0], device)
+        experts = [_to_device(e, device) for e in read[1]]  # type: ignore[misc]
+        if not dtype.is_floating_point:
+            merged = (base if base is not None else experts[0]).to(dtype)
+        else:
+            model_params = params_of.model_params(name)
+            tensor_inputs = TensorInputs(
+                name=name, base=base, experts=experts, weights=params_of.weights(name),
+                thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
+                compute_dtype=compute_dtype(base, experts), out_dtype=dtype, model_params=model_params,
+            )
+            # block kernels take one value per parameter: per-model values run the reference
+            run = kernel(method) if model_params is None else method.reference
+            merged = run(tensor_inputs, params_of(name)).to(dtype)
+            del tensor_inputs
+            if check_inputs or not is_finite(merged):
+                if not check_inputs:
+                    inputs.check(name, base, experts)  # names the input file if one is bad
+                check_finite(merged, f"merge result ({method.name})", name)
+        return merged.cpu(), nbytes(shape, dtype)
+
+    def input_bytes(name: str) -> int:
+        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
+
+    stream_tensors([name for name, _, _ in plan], compute, writer, bar,
+                   read=lambda n: inputs.read(n, check_inputs), input_bytes=input_bytes, io=reader)
 
 
 def kernel(method: Method | str) -> Kernel:
@@ -345,14 +343,13 @@ def merge_streaming(
     try:
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = [(name, shape, dtype.to_torch()) for name, shape, dtype in output_plan(inputs, spec.dtype)]
-        weights = [m.weight for m in spec.models]
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
         try:
             with _intra_op_threads(_threads(device)):
                 thresholds, tie_quotas = global_thresholds(inputs, method, params_of, device, progress, reader)
                 return write_merge(
                     spec, method, inputs, record, plan, out_dir,
-                    lambda writer, bar: _merge_tensors(inputs, plan, method, params_of, weights, thresholds,
+                    lambda writer, bar: _merge_tensors(inputs, plan, method, params_of, thresholds,
                                                        tie_quotas, device, reader, writer, bar),
                     engine="torch", overwrite=overwrite, progress=progress, started=started,
                 )
