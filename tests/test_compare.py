@@ -45,6 +45,33 @@ def _pool(zoo, tasks=TASKS):
 ALL_ROWS = list(CATALOG)
 
 
+def test_ties_grid_reaches_every_task_arithmetic_lambda():
+    """TIES's lambda grid must contain task arithmetic's: with task vectors on disjoint supports the elected
+    sign is each entry's only nonzero delta and the disjoint mean over that one expert is the sum, so TIES at
+    lambda (density 1, either divisor) is task arithmetic at lambda, entry for entry. The old grid (0.3 .. 1.3)
+    could not reach TA's small lambdas, and on the resnet_s quickstart it chose its lower edge."""
+    from mergelab.experiments.compare import TA_LAMBDA_GRID, TIES_LAMBDA_GRID
+    from mergelab.merging.torch_backend import kernel
+    from mergelab.methods import TensorInputs, get_method
+
+    base = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75, 1.5])
+    deltas = [torch.tensor([0.5, -0.25, 0.0, 0.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0, 0.0]),
+              torch.tensor([0.0, 0.0, 0.0, 0.0, 0.125, -4.0])]
+    experts = [base + d for d in deltas]
+    assert set(TA_LAMBDA_GRID) <= set(TIES_LAMBDA_GRID) and min(TIES_LAMBDA_GRID) == min(TA_LAMBDA_GRID)
+    ta, ties = get_method("task_arithmetic"), get_method("ties")
+    inp = TensorInputs("w", base, experts, [1.0] * 3, None, torch.float64)
+    for lam in TA_LAMBDA_GRID:
+        expected = base.double() + lam * sum(d.double() for d in deltas)
+        for run in (ta.reference, kernel(ta)):
+            assert torch.allclose(run(inp, ta.parse_params({"lambda": lam})).double(), expected, atol=1e-6)
+        for divisor in ("count", "weight"):
+            p = ties.parse_params({"lambda": lam, "density": 1.0, "trim_scope": "tensor",
+                                   "disjoint_divisor": divisor})
+            for run in (ties.reference, kernel(ties)):
+                assert torch.allclose(run(inp, p).double(), expected, atol=1e-6)
+
+
 def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
     root, _ = zoo
     table = run_comparison("resnet_s", TASKS, ALL_ROWS, pool=_pool(zoo), cache_dir=root, workdir=tmp_path / "w",

@@ -162,6 +162,17 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     agreement tested on ``tau_i`` (``sign_test: tau``; ``weighted`` tests ``w_i tau_i``, as mergekit does,
     which differs for negative weights), lambda 1. Exactly k entries survive a trim (ties first in order).
     A model's own ``density`` (per-model parameter) trims its task vector with scope ``tensor``.
+
+    Known result (resnet_s zoo; mnist, mnist_rot90, digits, shapes; ``joint`` BN): TIES 71.3-72.0 loses to
+    task arithmetic 73.6-73.8 at every density (0.1/0.2/0.5/1: best over lambda 71.2/71.8/71.9/72.0) and trim
+    scope, so trimming is not the cause: the disjoint mean is. Our task vectors are large (16-29 % of |W0|), so
+    the network tolerates a merged vector of only ~0.4x one expert's norm (TA lambda 0.15-0.2; TIES 0.25-0.3,
+    not the paper's ~1), and at that norm the per-entry division by the number of agreeing experts spends the
+    budget off the task directions (projection onto each tau_i 0.16-0.20 vs TA's 0.23-0.27): at matched norm
+    TA 72.8-74.0, TA on trimmed vectors 72.7-73.6, elected sum (``disjoint_divisor: none``) 72.1-73.4,
+    disjoint mean (density 1) 70.1-71.9; with 2 tasks 81.7 vs 75.1. With the zoo's lr-0.01 experts (task
+    vectors 3-6.5 % of |W0|) the best lambda moves to 0.6-1 and TIES ties TA (73.2-73.5 vs 73.5-73.6 at the
+    best lambda; chosen on validation 73.2 vs 72.0). Measured in ``/work/runs/ties-investigation`` (NOTES.md).
     """
     taus = trimmed(inp.task_vectors(), inp, p)
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
