@@ -196,7 +196,7 @@ def test_streaming_tie_quotas_keep_exactly_k_over_tensors(quantum) -> None:
     assert kept == k
     assert t == float(torch.cat(parts).topk(k).values[-1])
     if quantum is not None:  # counted, not gathered: nothing of the model is held
-        assert sel._collapsed and not sel._inside
+        assert sel._counts.collapsed and all(x is None for x in sel._counts.inside)
 
 
 def test_trim_with_given_threshold() -> None:

@@ -95,56 +95,49 @@ def whole_trim(magnitude: Any, k: int) -> Trim:
     return Trim.at(t, cutoff, magnitude.dtype)
 
 
-class BlockSelection:
-    """Counts of one tensor's magnitudes against a value bracket ``[lo, hi]``, block by block (the numpy
-    counterpart of :class:`mergelab.ops.BlockKthLargest`): per block, the magnitudes below ``lo`` and either
-    those equal to ``lo`` (a collapsed bracket, ``lo == hi``) or the values inside the bracket. Blocks may
-    be counted in any order, from any thread. One tensor's selection (:meth:`result`) or a whole model's
-    (:func:`select_global`) is then exact."""
+class NumpyArrays:
+    """The work on one block of values of exact selection (:class:`mergelab.ops.selection.BlockArrays`),
+    with numpy."""
+
+    def count(self, magnitude: Any, lo: float, hi: float, collapsed: bool, flags: Any) -> tuple[int, Any]:
+        """Below ``lo`` and equal to it (or inside ``[lo, hi]``) by comparisons into ``flags`` (a bool
+        scratch buffer of the block's size)."""
+        below = 0 if lo == -math.inf else int(np.count_nonzero(np.less(magnitude, lo, out=flags)))
+        if collapsed:
+            return below, int(np.count_nonzero(np.equal(magnitude, lo, out=flags)))
+        np.greater_equal(magnitude, lo, out=flags)
+        if hi != math.inf:
+            flags &= magnitude <= hi
+        return below, magnitude[flags]  # a copy
+
+    def select(self, parts: Sequence[Any], local: int) -> tuple[float, int, int]:
+        inside = np.concatenate(list(parts)) if parts else np.empty(0)
+        value = np.partition(inside, local)[local]
+        return float(value), inside.size, int(np.count_nonzero(inside > value))
+
+    def count_equal(self, values: Any, t: float) -> int:
+        return int(np.count_nonzero(values == t))
+
+    def size(self, values: Any) -> int:
+        return int(values.size)
+
+
+#: The numpy side of exact selection's block counts (:class:`mergelab.ops.selection.BlockCounts`).
+NUMPY_ARRAYS = NumpyArrays()
+
+
+class BlockSelection(rules.BlockCounts):
+    """Counts of one tensor's magnitudes against a value bracket ``[lo, hi]``, block by block of ``BLOCK``
+    entries (:class:`mergelab.ops.selection.BlockCounts` on numpy arrays, the same bookkeeping as the
+    torch back-end's :class:`mergelab.ops.BlockKthLargest`); :meth:`cutoff` places the tie cut-off."""
 
     def __init__(self, n: int, lo: float, hi: float, blocks: int) -> None:
-        self.n, self.lo, self.hi = n, lo, hi
-        self.collapsed = lo == hi
-        self.below = [0] * blocks
-        self.equal = [0] * blocks  # collapsed bracket: per block, entries == lo
-        self.inside: list[Any] = [np.empty(0)] * blocks  # otherwise: per block, the entries in [lo, hi]
-        self.value: float | None = None  # the selected value, once known
-        self._ties: list[int] | None = None  # per-block tie counts, once settled
-
-    def observe(self, j: int, magnitude: Any, flags: Any) -> None:
-        """Count block ``j`` (``flags``: a bool scratch buffer of the block's size)."""
-        if self.lo != -math.inf:
-            self.below[j] = int(np.count_nonzero(np.less(magnitude, self.lo, out=flags)))
-        if self.collapsed:
-            self.equal[j] = int(np.count_nonzero(np.equal(magnitude, self.lo, out=flags)))
-        else:
-            np.greater_equal(magnitude, self.lo, out=flags)
-            if self.hi != math.inf:
-                flags &= magnitude <= self.hi
-            self.inside[j] = magnitude[flags]  # a copy
-
-    def result(self, k: int) -> tuple[float, int] | None:
-        """``(t, #{> t})`` for the k-th largest of this tensor, or None when it lies outside the bracket."""
-        return select_global([self], k)
-
-    def ties(self) -> int:
-        """Entries equal to the selected value."""
-        return sum(self._tie_counts())
-
-    def settle(self) -> None:
-        """Keep only the per-block tie counts (free the values gathered inside the bracket)."""
-        self._ties = self._tie_counts()
-        self.inside = []
-
-    def _tie_counts(self) -> list[int]:
-        if self._ties is not None:
-            return self._ties
-        return self.equal if self.collapsed else [int(np.count_nonzero(x == self.value)) for x in self.inside]
+        super().__init__(n, lo, hi, blocks, NUMPY_ARRAYS)
 
     def cutoff(self, ties: int, block_magnitude: Callable[[int], Any]) -> int:
         """The position just after the ``ties``-th entry equal to the selected value, in flat order;
         ``block_magnitude(j)`` recomputes block ``j`` (only the block holding it is searched)."""
-        counts = self._tie_counts()
+        counts = self.tie_counts()
         if ties <= 0:
             return 0
         if ties >= sum(counts):
@@ -158,27 +151,9 @@ class BlockSelection:
         raise AssertionError("unreachable: ties < sum(counts)")
 
 
-def select_global(selections: Sequence[BlockSelection], k: int) -> tuple[float, int] | None:
-    """``(t, #{> t})`` for the k-th largest magnitude over every tensor counted by ``selections`` (all with
-    the same bracket), or None when it lies outside the bracket; sets each selection's ``value`` to ``t``."""
-    total = sum(s.n for s in selections)
-    below = sum(sum(s.below) for s in selections)
-    local = (total - k) - below
-    first = selections[0]
-    if first.collapsed:
-        equal = sum(sum(s.equal) for s in selections)
-        if not 0 <= local < equal:
-            return None
-        t, above = first.lo, total - below - equal
-    else:
-        inside = np.concatenate([x for s in selections for x in s.inside])
-        if not 0 <= local < inside.size:
-            return None
-        value = np.partition(inside, local)[local]
-        t, above = float(value), total - below - inside.size + int(np.count_nonzero(inside > value))
-    for s in selections:
-        s.value = t
-    return t, above
+#: ``(t, #{> t})`` for the k-th largest magnitude over every tensor counted by the selections (the rule
+#: shared by every back-end: :func:`mergelab.ops.selection.select_counted`).
+select_global = rules.select_counted
 
 
 def _block(n: int, j: int) -> tuple[int, int]:

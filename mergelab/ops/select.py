@@ -7,7 +7,9 @@ quickselect; both dominate a TIES merge. :func:`kth_largest` instead uses sample
 
 1. draw ``m`` positions uniformly (a fixed-seed generator, so results are deterministic), sort the sample;
 2. take a bracket ``[lo, hi]`` of sample values around the target rank, ``c * sqrt(m)`` sample ranks wide;
-3. one vectorised pass counts the values above ``hi`` and gathers those inside the bracket (a small set);
+3. one vectorised pass counts the values below ``lo`` and gathers those inside the bracket (a small set),
+   or counts those equal to ``lo`` when the bracket collapsed (:class:`mergelab.ops.selection.BlockCounts`,
+   shared with the numpy back-end);
 4. if the target rank falls inside the bracket, select it exactly from the gathered values; otherwise
    (probability ~1e-6 for c = 5) fall back to ``torch.kthvalue`` on the whole tensor.
 
@@ -25,6 +27,48 @@ import torch
 from mergelab.ops import selection
 from mergelab.ops.selection import keep_count  # noqa: F401  (re-exported through mergelab.ops)
 
+
+
+class TorchArrays:
+    """The work on one block of values of exact selection (:class:`mergelab.ops.selection.BlockArrays`),
+    with torch (any device; gathered values on the CPU)."""
+
+    def count(self, block: torch.Tensor, lo: float, hi: float, collapsed: bool,
+              scratch: torch.Tensor | None) -> tuple[int, object]:
+        """Below ``lo`` (and equal to it) from ``s = sgn(block - lo)`` by two float reductions, ``sum(s)``
+        and ``sum(|s|)`` (#above - #below and #above + #below), exact for blocks of fewer than 2**24
+        entries: cheaper than two boolean comparisons, which torch does not vectorize well. Without a
+        ``scratch`` float buffer (whole tensors streamed, one-off calls), or for larger blocks: the
+        comparisons, whose temporaries are bytes."""
+        m = block.numel()
+        if m == 0 or lo == -math.inf:
+            below, equal = 0, 0
+        elif scratch is not None and m < 1 << 24:
+            sgn = torch.sub(block, lo, out=None if scratch is None else scratch[:m]).sign_()
+            balance = int(sgn.sum())
+            nonzero = int(sgn.abs_().sum())
+            below, equal = (nonzero - balance) // 2, m - nonzero
+        else:
+            below = int(torch.count_nonzero(block < lo))
+            equal = int(torch.count_nonzero(block == lo)) if collapsed else 0
+        if collapsed:
+            return below, equal
+        return below, block[(block >= lo) & (block <= hi)].cpu()
+
+    def select(self, parts: Sequence[torch.Tensor], local: int) -> tuple[float, int, int]:
+        inside = torch.cat(list(parts)) if parts else torch.empty(0)
+        t = float(torch.kthvalue(inside, local + 1).values)
+        return t, inside.numel(), int(torch.count_nonzero(inside > t))
+
+    def count_equal(self, values: torch.Tensor, t: float) -> int:
+        return int(torch.count_nonzero(values == t))
+
+    def size(self, values: torch.Tensor) -> int:
+        return values.numel()
+
+
+#: The torch side of exact selection's block counts (:class:`mergelab.ops.selection.BlockCounts`).
+TORCH_ARRAYS = TorchArrays()
 
 
 def select_sample_size() -> int:
@@ -55,14 +99,11 @@ def kth_largest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     # rank counted from the bottom, 0-indexed: the k-th largest is the (n-k)-th smallest
     rank = n - k
     lo, hi = _bracket(sample, rank / n)
-    below = int(torch.count_nonzero(flat < lo)) if lo != -math.inf else 0
-    if lo == hi:  # many tied values (bf16 task vectors): count them instead of collecting them
-        if below <= rank < below + int(torch.count_nonzero(flat == lo)):
-            return flat.new_tensor(lo)
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    local = rank - below
-    if 0 <= local < inside.numel():
-        return torch.kthvalue(inside, local + 1).values
+    counts = selection.BlockCounts(n, lo, hi, 1, TORCH_ARRAYS)  # the whole tensor as one block
+    counts.observe(0, flat)
+    found = counts.result(k)
+    if found is not None:
+        return flat.new_tensor(found[0])
     return torch.kthvalue(flat, rank + 1).values
 
 
@@ -95,11 +136,8 @@ class StreamingKthLargest:
         self._pool = torch.empty(sample_size + 4096)
         self._pooled = 0
         self._samples: list[torch.Tensor] = []  # overflow beyond the buffer (one entry per tiny tensor)
-        self._lo = -math.inf
-        self._hi = math.inf
-        self._below = 0
-        self._inside: list[torch.Tensor] = []
-        self._equal: list[int] = []  # per observed tensor, entries == lo (collapsed bracket)
+        self._counts = selection.BlockCounts(total, -math.inf, math.inf, None, TORCH_ARRAYS)
+        self._above = 0
         self.attempt = 0  # misses so far: each widens the next bracket
 
     def observe_sample(self, values: torch.Tensor) -> None:
@@ -121,39 +159,19 @@ class StreamingKthLargest:
         sample = torch.sort(torch.cat([self._pool[: self._pooled], *self._samples])).values
         rank_frac = (self.total - self.k) / self.total
         lo, hi = selection.bracket_values(sample, rank_frac, selection.retry_width(self.attempt))
-        self._lo, self._hi = lo, hi
-        self._below = 0
-        self._inside = []
-        self._equal = []
+        self._counts = selection.BlockCounts(self.total, lo, hi, None, TORCH_ARRAYS)  # one part per tensor
         return lo, hi
 
-    @property
-    def _collapsed(self) -> bool:
-        return self._lo == self._hi
-
     def observe_exact(self, values: torch.Tensor) -> None:
-        flat = values.reshape(-1).to(torch.promote_types(values.dtype, torch.float32))  # float64 stays exact
-        if self._lo != -math.inf:
-            self._below += int(torch.count_nonzero(flat < self._lo))
-        if self._collapsed:
-            self._equal.append(int(torch.count_nonzero(flat == self._lo)))
-        else:
-            self._inside.append(flat[(flat >= self._lo) & (flat <= self._hi)].cpu())
+        self._counts.observe(None, values.reshape(-1).to(torch.promote_types(values.dtype, torch.float32)))
 
     def result(self) -> float | None:
-        local = (self.total - self.k) - self._below
-        if self._collapsed:
-            if 0 <= local < sum(self._equal):
-                self._value = self._lo
-                return self._value
+        found = self._counts.result(self.k)
+        if found is None:
             self.attempt += 1
             return None
-        inside = torch.cat(self._inside) if self._inside else torch.empty(0)
-        if 0 <= local < inside.numel():
-            self._value = float(torch.kthvalue(inside, local + 1).values)
-            return self._value
-        self.attempt += 1
-        return None
+        self._value, self._above = found
+        return self._value
 
     def select_in_memory(self, items: Sequence[torch.Tensor]) -> float:
         """Pass 2 over ``items`` (the sampled tensors, in memory), repeated with a wider bracket until
@@ -173,15 +191,7 @@ class StreamingKthLargest:
         t in stream order (tensor by tensor, as passed to :meth:`observe_exact`), so ties are broken by
         position and the kept count is exactly k even when many values tie (bf16 task vectors).
         """
-        t = self._value
-        if self._collapsed:
-            ties = self._equal
-            above = self.total - self._below - sum(ties)
-        else:
-            ties = [int(torch.count_nonzero(x == t)) for x in self._inside]
-            above = self.total - self._below - sum(x.numel() for x in self._inside)  # entries > hi
-            above += sum(int(torch.count_nonzero(x > t)) for x in self._inside)
-        return selection.split_ties(self.k - above, ties)
+        return selection.split_ties(self.k - self._above, self._counts.tie_counts())
 
 
 def kth_largest_of_stream(tensors: Iterable[torch.Tensor], total: int, k: int) -> float:
@@ -222,69 +232,21 @@ class BlockKthLargest:
         sorted_sample = torch.sort(sample.reshape(-1).float().cpu()).values
         self.lo, self.hi = _bracket(sorted_sample, (total - k) / total)
         self.collapsed = self.lo == self.hi
-        self._seen = [False] * blocks
-        self._below = [0] * blocks
-        self._equal = [0] * blocks  # per block: entries == lo (collapsed bracket)
-        self._inside: list[torch.Tensor] = [torch.empty(0)] * blocks  # per block: entries in [lo, hi] (otherwise)
-        self._value: float | None = None
+        self._counts = selection.BlockCounts(total, self.lo, self.hi, blocks, TORCH_ARRAYS)
 
     def observe(self, index: int, block: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """Count (or gather) block ``index`` of the values. Blocks may come in any order and from several
-        threads (each writes only its own slots). ``scratch`` (a float buffer of at least the block's size,
-        optional) avoids an allocation.
-
-        The counts come from ``s = sgn(block - lo)`` by two float reductions, ``sum(s)`` and ``sum(|s|)``
-        (#above - #below and #above + #below), exact for blocks of fewer than 2**24 entries: cheaper than
-        two boolean comparisons, which torch does not vectorize well.
-        """
-        m = block.numel()
-        self._seen[index] = True
-        if m == 0:
-            return
-        if self.lo == -math.inf:
-            below, equal = 0, 0
-        else:
-            if m >= 1 << 24:
-                raise ValueError(f"blocks must have fewer than 2**24 entries, got {m}")
-            s = torch.sub(block, self.lo, out=None if scratch is None else scratch[:m]).sign_()
-            balance = int(s.sum())
-            nonzero = int(s.abs_().sum())
-            below = (nonzero - balance) // 2
-            equal = m - nonzero
-        self._below[index] = below
-        if self.collapsed:
-            self._equal[index] = equal
-        else:
-            self._inside[index] = block[(block >= self.lo) & (block <= self.hi)].cpu()
+        """Count (or gather) block ``index`` of the values (:meth:`TorchArrays.count`). Blocks may come in
+        any order and from several threads (each writes only its own slots). ``scratch`` (a float buffer of
+        at least the block's size, optional) avoids an allocation."""
+        self._counts.observe(index, block, scratch)
 
     def result(self) -> tuple[float, int] | None:
         """``(t, #{entries > t})`` after every block was observed, or ``None`` (rank outside the bracket)."""
-        if not all(self._seen):
-            raise RuntimeError(f"result() before every block was observed ({self._seen.count(False)} missing)")
-        rank = self.total - self.k  # 0-indexed from the bottom
-        below = sum(self._below)
-        local = rank - below
-        if self.collapsed:
-            equal = sum(self._equal)
-            if not 0 <= local < equal:
-                return None
-            self._value = self.lo
-            return self.lo, self.total - below - equal
-        inside = torch.cat(self._inside)
-        if not 0 <= local < inside.numel():
-            return None
-        t = float(torch.kthvalue(inside, local + 1).values)
-        self._value = t
-        above = self.total - below - inside.numel() + int(torch.count_nonzero(inside > t))
-        return t, above
+        return self._counts.result(self.k)
 
     def tie_counts(self) -> list[int]:
         """Per observed block, how many entries equal the result ``t``."""
-        if self._value is None:
-            raise RuntimeError("tie_counts() needs a successful result() first")
-        if self.collapsed:
-            return list(self._equal)
-        return [int(torch.count_nonzero(x == self._value)) for x in self._inside]
+        return self._counts.tie_counts()
 
     def tie_quotas(self, keep_ties: int) -> list[int]:
         """How many entries equal to ``t`` each block keeps, given that ``keep_ties`` are kept in all,
