@@ -473,3 +473,41 @@ def test_ties_global_scope_without_thresholds_is_an_error() -> None:
     p = get_method("ties").parse_params({"density": 0.5})
     with pytest.raises(ValueError, match="needs whole-model thresholds"):
         kernel("ties")(TensorInputs("w", base, experts, [1.0, 1.0]), p)
+
+
+def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalog():
+    """Diagnostics' operators, the bound's operators and coefficients, and compare's validation grids are
+    read from the catalog's traits (Method.operator, sparsify, combination, validation_grid), never listed
+    apart: each derived table equals what the catalog says, and each operator T is the method's own
+    sparsification step (then the sign consensus for a disjoint mean)."""
+    import torch
+
+    from mergelab.analysis import bound, diagnostics
+    from mergelab.analysis.pool_report import merge_coefficients
+    from mergelab.experiments import compare
+    from mergelab.methods.catalog import METHODS as CATALOG_METHODS
+
+    with_operator = {m.name: m for m in CATALOG_METHODS.values() if m.operator is not None}
+    assert diagnostics.OPERATORS == ("sign", "trim", *(m.operator for m in with_operator.values()))
+    assert bound.MERGE_OPERATORS == {name: m.operator for name, m in with_operator.items()}
+    for m in CATALOG_METHODS.values():
+        assert (m.operator is None) == (m.sparsify is None), m.name
+        rule = merge_coefficients(m.name, {}, [1.0, 3.0]).alphas
+        expected = {"sum": (1.0, 3.0), "disjoint_mean": (0.25, 0.75), "mean": (0.25, 0.75),
+                    "interpolation": (0.25, 0.75)}[m.combination]
+        assert rule == pytest.approx(expected), m.name
+    for row in compare.CATALOG.values():
+        if row.method in CATALOG_METHODS:
+            assert dict(row.grid) == dict(CATALOG_METHODS[row.method].validation_grid), row.name
+    # the operator of a method is its catalog sparsification step (plus the consensus for TIES-like ones)
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(200, generator=g) for _ in range(3)]
+    config = diagnostics.DiagnosticsConfig(density=0.4, seed=3)
+    for name, m in with_operator.items():
+        p = m.parse_params({"density": 0.4, **({"seed": 3} if "seed" in m.params.model_fields else {}),
+                            **({"trim_scope": "tensor"} if name == "ties" else {})})
+        expected = m.sparsify(list(taus), TensorInputs("w", None, [], [1.0] * 3), p)
+        if m.combination == "disjoint_mean":
+            expected = diagnostics.sign_consensus(expected, [1.0] * 3)
+        got = diagnostics.apply_operator(m.operator, taus, [1.0] * 3, config, name="w")
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), name

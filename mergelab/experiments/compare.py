@@ -104,6 +104,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergelab.errors import MergeLabError, SpecError
+from mergelab.methods import catalog
 from mergelab.output_paths import refuse_overlap
 
 if TYPE_CHECKING:
@@ -137,16 +138,17 @@ class MethodConfig:
 
 
 _TA_LAMBDA = 0.3
-#: lambda grids searched on validation data (``select="validation"``).
-TA_LAMBDA_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-#: TIES's grid contains TA's: where the trimmed task vectors do not overlap, the disjoint mean is the sum, so
-#: TIES at lambda *is* task arithmetic at lambda (test_compare); the paper's lambda ~1 assumes small task vectors.
-#: On the resnet_s quickstart (task vectors 16-29 % of |W0|) the old grid 0.3 .. 1.3 chose its lower edge, 0.3:
-#: validation accuracy fell monotonically from there to 1.3 (71.8 -> 52.7 %) and peaks at 0.25 (TA: 0.15-0.2).
-TIES_LAMBDA_GRID: tuple[float, ...] = TA_LAMBDA_GRID + (1.3,)
-#: TIES's trim scope is searched too: whole-model (the paper's) or per tensor (mergekit's); on the resnet_s zoo
-#: the whole-model top 20 % zeroes whole small layers (their deltas are small in magnitude), per tensor does not.
-TIES_SCOPE_GRID: tuple[str, ...] = ("global", "tensor")
+#: lambda grids searched on validation data (``select="validation"``): the catalog's (``Method.validation_grid``).
+TA_LAMBDA_GRID, TIES_LAMBDA_GRID, TIES_SCOPE_GRID = catalog.TA_LAMBDA_GRID, catalog.TIES_LAMBDA_GRID, catalog.TIES_SCOPE_GRID
+
+
+def _grid(method: str) -> dict[str, tuple[Any, ...]]:
+    """The hyperparameters a data-free ``method``'s paper chooses on validation data (the catalog's
+    ``validation_grid``; none for a data-informed method)."""
+    m = catalog.METHODS.get(method)
+    return dict(m.validation_grid) if m is not None else {}
+
+
 CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("pretrained", None, source="theta_0 with the experts' heads"),
     MethodConfig("individual", None, source="each expert on its own task"),
@@ -155,13 +157,13 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("weight_average", "weight_average", source="Wortsman et al. 2022"),
     MethodConfig("task_arithmetic", "task_arithmetic", {"lambda": _TA_LAMBDA},
                  source="lambda on validation (Ilharco et al. 2023); fixed: 0.3, the common no-validation default",
-                 grid={"lambda": TA_LAMBDA_GRID}),
+                 grid=_grid("task_arithmetic")),
     MethodConfig("ties", "ties", {"lambda": 1.0, "density": 0.2},
                  source="k 20%, lambda on validation (Yadav et al. 2023); fixed: lambda 1, the paper's "
-                        "no-validation setting", grid={"lambda": TIES_LAMBDA_GRID, "trim_scope": TIES_SCOPE_GRID}),
+                        "no-validation setting", grid=_grid("ties")),
     MethodConfig("dare", "dare_linear", {"density": 0.5, "lambda": _TA_LAMBDA},
                  source="DARE drop 0.5 + task arithmetic, lambda on validation (Yu et al. 2024); fixed: 0.3",
-                 grid={"lambda": TA_LAMBDA_GRID}),
+                 grid=_grid("dare_linear")),
     MethodConfig("fisher", "fisher", {}, source="exact diagonal Fisher (Matena & Raffel 2022)"),
     MethodConfig("regmean", "regmean", {}, source="alpha 0.9 (Jin et al. 2023)"),
     MethodConfig("adamerging", "adamerging", {}, {"steps": 3},
@@ -594,7 +596,7 @@ def _method_configs(methods: Sequence[str] | None) -> list[MethodConfig]:
         if m in CATALOG:
             out.append(CATALOG[m])
         elif m in DATA_FREE or m in informed:
-            out.append(MethodConfig(m, m, source="method defaults"))
+            out.append(MethodConfig(m, m, source="method defaults", grid=_grid(m)))
         else:
             known = list(CATALOG) + sorted((set(DATA_FREE) | set(informed)) - {c.method for c in CATALOG.values()})
             raise SpecError(f"unknown method {m!r}; known: {', '.join(known)}")

@@ -137,6 +137,8 @@ class Method:
       theta_i / sum_i w_i``), ``sum`` (``theta_0 + lambda sum_i w_i tau_i``), ``disjoint_mean`` (TIES's sign
       consensus and mean over the agreeing models; the operator T then includes the consensus) or
       ``interpolation`` (between the base or models, about a mean: model stock, SLERP);
+    - ``validation_grid``: the hyperparameters its paper chooses on validation data, with the candidates
+      searched (``mergelab compare``'s default selection), or empty;
     - ``per_model``: the parameters a model may set for itself (``models[i].parameters`` in a spec, e.g. a
       density per expert as mergekit allows); the reference reads them with :meth:`TensorInputs.per_model`.
     """
@@ -158,6 +160,7 @@ class Method:
     per_model: tuple[str, ...] = ()
     sparsify: Callable[[list[Any], TensorInputs, Any], list[Any]] | None = None
     combination: Combination = "sum"
+    validation_grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def propagates_nonfinite(self) -> bool:

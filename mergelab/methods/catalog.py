@@ -116,6 +116,20 @@ class SlerpParams(MethodParams):
         return v
 
 
+#: lambda candidates of task arithmetic and DARE chosen on validation data (Ilharco et al. 2023; DARE's
+#: lambda the same way), from 0.05 to 1.
+TA_LAMBDA_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+#: TIES's lambda on validation (Yadav et al. 2023). The grid contains TA's: where the trimmed task vectors do
+#: not overlap, the disjoint mean is the sum, so TIES at lambda *is* task arithmetic at lambda (test_compare);
+#: the paper's lambda ~1 assumes small task vectors. On the resnet_s quickstart (task vectors 16-29 % of |W0|)
+#: the old grid 0.3 .. 1.3 chose its lower edge, 0.3: validation accuracy fell monotonically from there to 1.3
+#: (71.8 -> 52.7 %) and peaks at 0.25 (TA: 0.15-0.2).
+TIES_LAMBDA_GRID: tuple[float, ...] = TA_LAMBDA_GRID + (1.3,)
+#: TIES's trim scope is searched too: whole-model (the paper's) or per tensor (mergekit's); on the resnet_s zoo
+#: the whole-model top 20 % zeroes whole small layers (their deltas are small in magnitude), per tensor does not.
+TIES_SCOPE_GRID: tuple[str, ...] = ("global", "tensor")
+
+
 # ------------------------------------------------------------------------------------------ references
 
 
@@ -297,12 +311,15 @@ METHODS: dict[str, Method] = {
         Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams, weight_average,
                needs_base=False, weights_nonzero=True, linear=True, io_bound=True, combination="mean"),
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               task_arithmetic, linear=True, io_bound=True, combination="sum"),
+               task_arithmetic, linear=True, io_bound=True, combination="sum",
+               validation_grid={"lambda": TA_LAMBDA_GRID}),
         Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
                global_trim_density=ties_global_density, operator="ties", per_model=("density",),
-               sparsify=trimmed, combination="disjoint_mean"),
+               sparsify=trimmed, combination="disjoint_mean",
+               validation_grid={"lambda": TIES_LAMBDA_GRID, "trim_scope": TIES_SCOPE_GRID}),
         Method("dare_linear", "DARE drop-and-rescale, then task arithmetic", DareLinearParams, dare_linear,
-               linear=True, operator="dare", per_model=("density",), sparsify=dropped, combination="sum"),
+               linear=True, operator="dare", per_model=("density",), sparsify=dropped, combination="sum",
+               validation_grid={"lambda": TA_LAMBDA_GRID}),
         Method("dare_ties", "DARE drop-and-rescale, then TIES sign consensus", DareTiesParams, dare_ties,
                operator="dare_ties", per_model=("density",), sparsify=dropped, combination="disjoint_mean"),
         Method("breadcrumbs", "drop outliers and small entries per tensor, then task arithmetic",
