@@ -4,13 +4,15 @@ Layout (each module one idea; data flows plan -> pipeline -> kernels -> publish)
 
 - :mod:`~mergelab.merging.plan`: input validation from the headers, model list, parameter resolution,
   whole-model trim groups, the output layout; refuses an output overlapping an input;
-- :mod:`~mergelab.merging.pipeline`: read-ahead, write-behind budget, blocks over threads;
-- :mod:`mergelab.ops.selection`: exact selection's rules (one retry policy, one tie cut-off rule), shared;
+- :mod:`~mergelab.merging.pipeline`: the one streaming loop (:func:`~mergelab.merging.pipeline.stream_tensors`:
+  read-ahead, compute, write-behind), parameterised by each back-end's read and compute; blocks over threads;
+- :mod:`mergelab.ops.selection`: exact selection's rules (one retry policy, one tie cut-off rule) and its
+  block counts (:class:`~mergelab.ops.selection.BlockCounts`), array-agnostic, shared by both back-ends;
 - :mod:`~mergelab.merging.publish`: the atomic writer, the merge record, :class:`MergeResult`, and
   :func:`~mergelab.merging.publish.write_state` for the data-informed methods;
 - :mod:`~mergelab.merging.backend`: the back-end interface and registry ("where do I add a back-end?");
 - :mod:`~mergelab.merging.torch_backend` (+ :mod:`~mergelab.merging.torch_kernels`): every catalog method,
-  any device; :mod:`~mergelab.merging.numpy_backend` (+ :mod:`~mergelab.merging.numpy_kernels`,
+  each as a block kernel, any device; :mod:`~mergelab.merging.numpy_backend` (+ :mod:`~mergelab.merging.numpy_kernels`,
   :mod:`~mergelab.merging.numpy_arrays`): task arithmetic, weight averaging and TIES without torch.
 
 What a method is (parameters, traits, reference composition of operators) lives in the catalog,

@@ -1,4 +1,5 @@
-"""Numpy views of stored tensors, for the numpy engine (:mod:`mergelab.numpy_engine`, :mod:`mergelab.numpy_ties`).
+"""Numpy views of stored tensors, for the numpy back-end (:mod:`mergelab.merging.numpy_backend`,
+:mod:`mergelab.merging.numpy_kernels`).
 
 The dtype a stored tensor reads as (``ml_dtypes`` supplies bfloat16), the dtype merges of it compute in, and a
 NaN/Inf check of a rounded output block by its exponent bits (a float is NaN or Inf exactly when all its

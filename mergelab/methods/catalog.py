@@ -12,9 +12,12 @@ One entry per method (:data:`METHODS`) declares
 **Where do I add a method?** Here. A data-free method that is a composition of existing operators is one
 entry below (its parameter model, its reference, its traits) plus tests of the reference against a
 closed-form answer (tests/test_methods.py); the torch back-end then runs it, tensor by tensor, with every
-rule of a merge (validation, non-finite checks, atomic output). A faster kernel is optional: register it
-in a back-end (:mod:`mergelab.merging.torch_kernels`, :mod:`mergelab.merging.numpy_backend`) and test it
-against the reference (tests/test_streaming.py).
+rule of a merge (validation, non-finite checks, atomic output), and the analysis layer and the experiments
+read its traits (``operator``/``sparsify``: the operator T of diagnostics and the bound; ``combination``:
+the bound's coefficients; ``validation_grid``: what ``mergelab compare`` searches). A block kernel (less
+memory, all cores) is optional: register it in a back-end (:mod:`mergelab.merging.torch_kernels`,
+:mod:`mergelab.merging.numpy_backend`) and add a case to tests/test_streaming.py, which checks it against
+the reference bit for bit.
 
 Notation: base theta_0, experts theta_i with weights w_i, task vectors tau_i = theta_i - theta_0.
 ``from mergelab import ops`` loads the operators (and torch) on first use, so reading this catalog to
