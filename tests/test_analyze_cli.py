@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.analysis import DiagnosticsConfig, Figure, Report, pool_diagnostics, write_report
-from mergelab.analysis.report import diagnostics_report, fmt, markdown_table, short_labels
+from mergelab.analysis import DiagnosticsConfig, Drawing, Report, pool_diagnostics, write_report
+from mergelab.analysis.diagnostics_report import diagnostics_report, short_labels
+from mergelab.report import ReportDocument
+from mergelab.report.markdown import fmt, markdown_table
 from mergelab.checkpoints import save_state_dict
 from mergelab.cli import main
+
+
+def keyed(doc: dict) -> dict:
+    """The sections of a ``report.json`` by key."""
+    return {s["key"]: s for s in doc["sections"]}
 
 
 @pytest.fixture(autouse=True)
@@ -78,12 +85,12 @@ def test_cli_writes_report_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "report.json").read_text())
-    assert list(data["sections"]) == ["diagnostics", "operators", "expected_ranking"]
-    diag = data["sections"]["diagnostics"]["data"]
+    assert list(keyed(data)) == ["diagnostics", "operators", "expected_ranking"]
+    diag = keyed(data)["diagnostics"]["data"]
     assert diag["config"]["density"] == 0.3 and diag["config"]["trim_scope"] == "tensor"
     assert [e["weight"] for e in diag["experts"]] == [1.0, 2.0, 1.0]
     assert diag["skipped"] == ["bn.num_batches_tracked"]
-    assert data["sections"]["expected_ranking"]["data"]["heuristic"] is True
+    assert keyed(data)["expected_ranking"]["data"]["heuristic"] is True
     md = (out / "report.md").read_text()
     assert "## Dispersion reduction by operator" in md and "heuristic" in md
     assert "trimming alone can increase" in md.replace("\n", " ")
@@ -105,7 +112,7 @@ def test_cli_no_plots_and_cli_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["analyze", str(spec), "-o", str(out), "--no-progress", "--no-plots", "--density", "0.5",
                  "--seed", "3"]) == 0
     assert not list(out.glob("*.png"))
-    cfg = json.loads((out / "report.json").read_text())["sections"]["diagnostics"]["data"]["config"]
+    cfg = keyed(json.loads((out / "report.json").read_text()))["diagnostics"]["data"]["config"]
     assert (cfg["density"], cfg["trim_scope"], cfg["seed"]) == (0.5, "global", 3)
     assert "![" not in (out / "report.md").read_text()
 
@@ -172,31 +179,33 @@ def test_report_sections_can_be_added_by_other_analyses(tmp_path: Path, caplog: 
 
     report = diagnostics_report(_small_diag())
     report.add_section("Loss barriers", "Barrier: **0.3**.", data={"barrier": 0.3, "alphas": [0, 0.5, 1]},
-                       figures=[Figure("barrier.png", "loss along the path", draw),
-                                Figure("broken.png", "never drawn", broken)], key="landscape")
+                       figures=[Drawing("barrier.png", "loss along the path", draw),
+                                Drawing("broken.png", "never drawn", broken)], key="landscape")
     with pytest.raises(ValueError, match="already has a section"):
         report.add_section("again", "", key="landscape")
     with pytest.raises(ValueError, match="already used"):
-        report.add_section("clash", "", figures=[Figure("cosine.png", "", draw)])
+        report.add_section("clash", "", figures=[Drawing("cosine.png", "", draw)])
     paths = write_report(report, tmp_path / "rep")
     assert (tmp_path / "rep" / "barrier.png").is_file() and not (tmp_path / "rep" / "broken.png").exists()
     assert "broken.png could not be drawn" in caplog.text
     data = json.loads(paths.json.read_text())
-    assert data["sections"]["landscape"] == {
-        "title": "Loss barriers", "data": {"barrier": 0.3, "alphas": [0, 0.5, 1]}, "figures": ["barrier.png"],
-        "files": [],
-    }
+    landscape = keyed(data)["landscape"]
+    assert (landscape["title"], landscape["data"], landscape["images"], landscape["attachments"]) == (
+        "Loss barriers", {"barrier": 0.3, "alphas": [0, 0.5, 1]}, [{"file": "barrier.png", "caption": "loss along the path"}],
+        [])
     md = paths.markdown.read_text()
     assert md.index("## Pool diagnostics") < md.index("## Loss barriers")
     assert "(barrier.png)" in md and "broken.png" not in md
-    assert data["meta"]["mergelab_version"]
+    assert data["format"] == 2 and data["study"] == "analyze" and data["versions"]["mergelab"]
+    doc = ReportDocument.from_json(paths.out_dir)
+    assert doc.section("landscape").data["barrier"] == 0.3 and doc.folder == paths.out_dir
 
 
 def test_report_without_matplotlib_figures_and_helpers(tmp_path: Path) -> None:
     report = Report("Custom", intro="An intro.")
     report.add_section("Numbers", markdown_table(["a", "b"], [[1, float("nan")], ["x|y", 1e-7]]), data={"v": float("nan")})
     paths = report.write(tmp_path, plots=False)
-    assert json.loads(paths.json.read_text())["sections"]["numbers"]["data"] == {"v": None}
+    assert keyed(json.loads(paths.json.read_text()))["numbers"]["data"] == {"v": None}
     md = paths.markdown.read_text()
     assert "| 1 | n/a |" in md and "x\\|y" in md and "1.000e-07" in md
     assert fmt(12345.678) == "1.235e+04" and fmt(0.5) == "0.5" and fmt(None) == "n/a"
@@ -204,4 +213,43 @@ def test_report_without_matplotlib_figures_and_helpers(tmp_path: Path) -> None:
         "expert_a", "2:b", "3:b",
     ]
     with pytest.raises(ValueError, match="png"):
-        Figure("plot.svg", "", lambda: None)  # type: ignore[arg-type,return-value]
+        Drawing("plot.svg", "", lambda: None)  # type: ignore[arg-type,return-value]
+
+
+def test_reports_written_before_the_one_document_model_still_load(tmp_path: Path) -> None:
+    """``report.json`` as ``mergelab analyze`` wrote it before (unversioned, sections keyed by name) and as the
+    studies wrote it (format 1) both load as documents, and the old analysis layout draws into HTML."""
+    from mergelab.report.html import render_html
+
+    old = {
+        "title": "Mergeability report",
+        "meta": {"base": "/m/base", "experts": ["/m/a", "/m/b"], "mergelab_version": "0.1.0",
+                 "created": "2026-11-02T10:00:00+0000", "spec_sections_not_analysed": []},
+        "sections": {
+            "diagnostics": {"title": "Pool diagnostics", "data": {"n_experts": 2, "summary": {"dispersion": None}},
+                            "figures": ["cosine.png"], "files": ["layers.csv"]},
+            "expected_ranking": {"title": "Expected method ranking (heuristic)", "data": {"heuristic": True},
+                                 "figures": [], "files": []},
+        },
+    }
+    (tmp_path / "report.json").write_text(json.dumps(old, indent=2))
+    doc = ReportDocument.from_json(tmp_path)
+    assert [s.key for s in doc.sections] == ["diagnostics", "expected_ranking"]
+    diag = doc.section("diagnostics")
+    assert diag.title == "Pool diagnostics" and diag.data == {"n_experts": 2, "summary": {"dispersion": None}}
+    assert [i.file for i in diag.images] == ["cosine.png"] and diag.attachments == ["layers.csv"]
+    assert doc.section("expected_ranking").data == {"heuristic": True}
+    assert doc.config == {"base": "/m/base", "experts": ["/m/a", "/m/b"], "spec_sections_not_analysed": []}
+    assert (doc.created, doc.versions, doc.study) == ("2026-11-02T10:00:00+0000", {"mergelab": "0.1.0"}, "analyze")
+    page = render_html(doc)
+    assert "Pool diagnostics" in page and 'src="cosine.png"' in page and 'href="layers.csv"' in page
+
+    format1 = {"format": 1, "title": "t", "study": "scaling_laws", "summary": "s", "config": {"a": 1},
+               "sections": [{"title": "S", "text": "x", "figures": [{"id": "f", "title": "F", "series": [
+                   {"label": "l", "x": [1, 2], "y": [0.5, None]}]}], "tables": [], "verdicts": []}],
+               "created": "", "versions": {}}
+    doc1 = ReportDocument.parse(format1)
+    assert doc1.format == 2 and doc1.sections[0].figures[0].series[0].y == [0.5, None]
+    assert doc1.sections[0].key == "" and doc1.sections[0].images == []
+    with pytest.raises(Exception, match="report format 3"):
+        ReportDocument.parse({**format1, "format": 3})

@@ -36,6 +36,12 @@ from mergelab.models.pretraining import PretrainConfig
 from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
+
+def keyed(doc: dict) -> dict:
+    """The sections of a ``report.json`` by key."""
+    return {s["key"]: s for s in doc["sections"]}
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,18 +93,18 @@ def analysed(zoo, tmp_path_factory):
 
 def test_analyze_with_data_writes_the_new_sections_and_plots(analysed, capsys):
     out, rep, experts = analysed
-    assert list(rep["sections"]) == ["diagnostics", "operators", "expected_ranking", "theory", "bound", "trends",
+    assert list(keyed(rep)) == ["diagnostics", "operators", "expected_ranking", "theory", "bound", "trends",
                                      "landscape", "cka"]
     for name in ("theory.png", "bound.png", "trends.png", "interpolation.png", "ta_path.png", "cka.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
-    assert set(rep["sections"]["landscape"]["figures"]) == {"interpolation.png", "ta_path.png"}
-    assert rep["meta"]["spec_sections_not_analysed"] == ["analysis"]  # data was analysed
+    assert {i["file"] for i in keyed(rep)["landscape"]["images"]} == {"interpolation.png", "ta_path.png"}
+    assert rep["config"]["spec_sections_not_analysed"] == ["analysis"]  # data was analysed
     md = (out / "report.md").read_text()
     for title in ("## Theory quantities at theta_0", "## Stability bound (derived)",
                   "## Predicted trends and recommendation (derived)", "## Loss landscape", "## Linear CKA"):
         assert title in md
 
-    theory = rep["sections"]["theory"]["data"]
+    theory = keyed(rep)["theory"]["data"]
     assert [e["task"] for e in theory["experts"]] == [e.task for e in experts]
     for row, e in zip(theory["experts"], experts):
         assert row["n"] == e.n_train and row["n_used"] == 16
@@ -118,7 +124,7 @@ def test_analyze_with_data_writes_the_new_sections_and_plots(analysed, capsys):
 def _reported_pool(rep: dict, experts: list) -> BoundPool:
     """The analysed pool rebuilt from the report's measured quantities and the experts' sidecars (task
     arithmetic, lambda 0.3, as the spec says)."""
-    theory = rep["sections"]["theory"]["data"]
+    theory = keyed(rep)["theory"]["data"]
     bes = []
     for e, row in zip(experts, theory["experts"]):
         m1, m2 = schedule_moments(e.spec.steps, e.spec.schedule, e.spec.warmup_frac, e.spec.decay_frac, e.spec.min_lr_ratio)
@@ -130,11 +136,11 @@ def _reported_pool(rep: dict, experts: list) -> BoundPool:
 
 def test_bound_section_is_derived_and_is_the_formula_on_the_measured_quantities(analysed):
     _, rep, experts = analysed
-    sec = rep["sections"]["bound"]
+    sec = keyed(rep)["bound"]
     assert "derived" in sec["title"].lower() and sec["data"]["form"] == "derived"
     assert sec["data"]["constants"]["calibrated"] is False
     assert sec["data"]["constants"]["c_opt"] == 1.0 and "not calibrated" in sec["data"]["constants"]["note"]
-    theory = rep["sections"]["theory"]["data"]
+    theory = keyed(rep)["theory"]["data"]
     b = sec["data"]["bound"]
     # task arithmetic with lambda 0.3 and unit weights: alpha_i = 0.3
     assert b["alphas"] == pytest.approx([0.3, 0.3, 0.3])
@@ -161,7 +167,7 @@ def test_trends_cover_the_five_hyperparameters_and_recommend(analysed):
     pool; what holds for any measurement is asserted as such: eps^2 ~ eta^2 K rises in eta and K, and scaling
     every expert's n leaves opt unchanged (p_i = n_i / n) while gen falls with eps^2 ~ 1/n."""
     _, rep, experts = analysed
-    data = rep["sections"]["trends"]["data"]
+    data = keyed(rep)["trends"]["data"]
     assert data["form"] == "derived"
     assert set(data["trends"]) == {"K", "eta", "b", "n", "N"}
     for hp, t in data["trends"].items():
@@ -190,7 +196,7 @@ def test_trends_cover_the_five_hyperparameters_and_recommend(analysed):
 
 def test_landscape_and_cka_sections(analysed):
     _, rep, experts = analysed
-    land = rep["sections"]["landscape"]["data"]
+    land = keyed(rep)["landscape"]["data"]
     interp = land["interpolation"]
     assert interp["endpoints"] == [experts[0].task, experts[1].task]
     assert set(interp["curves"]) == {experts[0].task, experts[1].task}
@@ -200,7 +206,7 @@ def test_landscape_and_cka_sections(analysed):
     ta = land["task_arithmetic"]
     assert set(ta["curves"]) == {e.task for e in experts}
     assert any(math.isclose(a, 1 / 3) for a in ta["alphas"])  # the simple average is on the grid
-    cka = rep["sections"]["cka"]["data"]
+    cka = keyed(rep)["cka"]["data"]
     assert cka["lambda"] == 0.3 and cka["batch"]["n"] == 16 * 3
     for row in cka["experts"]:
         assert 0.0 <= row["cka_merge"] <= 1.0 + 1e-9 and 0.0 <= row["cka_base"] <= 1.0 + 1e-9
@@ -214,8 +220,8 @@ def test_with_data_flag_uses_default_data_settings(zoo, tmp_path, capsys):
     assert main(["analyze", str(spec), "-o", str(out), "--with-data", "--samples", "8", "--no-landscape",
                  "--no-cka", "--no-plots", "--hessian-iters", "2"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert {"theory", "bound", "trends"} <= set(rep["sections"]) and "landscape" not in rep["sections"]
-    assert rep["sections"]["bound"]["data"]["bound"]["alphas"] == pytest.approx([0.5, 0.5])
+    assert {"theory", "bound", "trends"} <= set(keyed(rep)) and "landscape" not in keyed(rep)
+    assert keyed(rep)["bound"]["data"]["bound"]["alphas"] == pytest.approx([0.5, 0.5])
     assert "(derived) bound" in capsys.readouterr().out
 
 
@@ -276,7 +282,7 @@ def test_data_section_with_plain_checkpoints_is_set_aside(tmp_path, capsys):
     assert main(["analyze", str(spec), "-o", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
     assert "section 'data' set aside" in capsys.readouterr().out
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert "theory" not in rep["sections"] and rep["meta"]["spec_sections_not_analysed"] == ["data"]
+    assert "theory" not in keyed(rep) and rep["config"]["spec_sections_not_analysed"] == ["data"]
 
 
 def test_merge_coefficients_and_constants_file(tmp_path):
@@ -311,8 +317,8 @@ def test_expert_pool_without_data_section_stays_data_free(zoo, tmp_path):
     spec = _write_spec(tmp_path, pre, [e.path for e in experts[:2]])
     assert main(["analyze", str(spec), "-o", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert list(rep["sections"]) == ["diagnostics", "operators", "expected_ranking"]
+    assert list(keyed(rep)) == ["diagnostics", "operators", "expected_ranking"]
     spec = _write_spec(tmp_path, pre, [e.path for e in experts[:2]], "data:\n  samples_per_task: 8\n")
     assert main(["analyze", str(spec), "-o", str(tmp_path / "out2"), "--no-progress", "--no-plots", "--no-data"]) == 0
-    assert "theory" not in json.loads((tmp_path / "out2" / "report.json").read_text())["sections"]
+    assert "theory" not in keyed(json.loads((tmp_path / "out2" / "report.json").read_text()))
 

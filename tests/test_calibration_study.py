@@ -30,6 +30,11 @@ from mergelab.models.state import read_backbone_state
 from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune
 
+
+def keyed(doc: dict) -> dict:
+    """The sections of a ``report.json`` by key."""
+    return {s["key"]: s for s in doc["sections"]}
+
 TASKS = ("digits", "digits_invert", "mnist_parity")
 
 
@@ -119,7 +124,7 @@ def test_constants_round_trip_into_analyze(study, zoo, tmp_path):
     res = tmp_path / "rep"
     assert main(["analyze", str(spec), "-o", str(res), "--constants", str(out / "constants.json"), "--no-progress",
                  "--no-plots", "--no-landscape", "--no-cka", "--hessian-iters", "2"]) == 0
-    sec = json.loads((res / "report.json").read_text())["sections"]["bound"]["data"]
+    sec = keyed(json.loads((res / "report.json").read_text()))["bound"]["data"]
     c = sec["constants"]
     assert c["calibrated"] is True and c["c_opt"] == consts["c_opt"] and c["c_stab"] == consts["c_stab"]
     b = sec["bound"]

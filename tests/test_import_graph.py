@@ -133,3 +133,20 @@ def test_the_old_root_modules_are_gone():
     for name in ("engine", "merging", "merge_inputs", "numpy_engine", "numpy_ties", "numpy_storage",
                  "order_stats", "blockwise"):
         assert not (ROOT / f"{name}.py").exists(), name
+
+
+#: The report's model: the one document and how it is written (imported by analyses and studies alike).
+REPORT_MODEL = ("mergelab.report.document", "mergelab.report.figure_text", "mergelab.report.markdown",
+                "mergelab.report.folder")
+
+
+def test_the_report_model_sits_below_the_analyses():
+    """The document model imports no analysis, study or command; analyses import only the model from report/
+    (presentation of results, HTML and converters, is above them)."""
+    graph = import_graph()
+    banned = ("mergelab.analysis", "mergelab.experiments", "mergelab.commands", "mergelab.training",
+              "mergelab.evaluation", "mergelab.merging", "mergelab.methods", "mergelab.cli")
+    for module in REPORT_MODEL:
+        assert {t for t in graph[module] if t.startswith(banned)} == set(), module
+    report_imports = {t for t in _imports_of("mergelab.analysis", graph) if t.startswith("mergelab.report")}
+    assert report_imports <= set(REPORT_MODEL) | {"mergelab.report"}, report_imports

@@ -3,8 +3,9 @@
 - :func:`pool_diagnostics` (:mod:`mergelab.analysis.diagnostics`): streamed, per-layer and whole-model
   task-vector norms, cosines, sign conflicts, dispersion, and each operator's dispersion reduction Delta_T
   (Corollary 1 of THEORY.md, section 1);
-- :class:`Report`, :func:`write_report` (:mod:`mergelab.analysis.report`): report.json + report.md + PNG
-  plots, built from sections so further analyses can add theirs.
+- :class:`Report`, :func:`write_report` (:mod:`mergelab.analysis.diagnostics_report`): the diagnostics
+  sections of the one report document (:mod:`mergelab.report.folder`: report.json + report.md + PNG plots),
+  built from sections so further analyses can add theirs.
 
 - landscape tools (:mod:`~mergelab.analysis.landscape`: interpolation, barriers, task-arithmetic path, 2-D
   plane), permutation alignment (:mod:`~mergelab.analysis.alignment`: weight matching), linear CKA
@@ -33,11 +34,10 @@ _LAZY: dict[str, str] = {
     "pool_diagnostics": "mergelab.analysis.diagnostics",
     "sign_consensus": "mergelab.analysis.diagnostics",
     "tensor_stats": "mergelab.analysis.diagnostics",
-    "Figure": "mergelab.analysis.report",
-    "Report": "mergelab.analysis.report",
-    "Section": "mergelab.analysis.report",
-    "diagnostics_report": "mergelab.analysis.report",
-    "write_report": "mergelab.analysis.report",
+    "Report": "mergelab.report.folder",
+    "Drawing": "mergelab.report.folder",
+    "diagnostics_report": "mergelab.analysis.diagnostics_report",
+    "write_report": "mergelab.analysis.diagnostics_report",
     "linear_interpolation": "mergelab.analysis.landscape",
     "task_arithmetic_path": "mergelab.analysis.landscape",
     "loss_plane": "mergelab.analysis.landscape",

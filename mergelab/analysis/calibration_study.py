@@ -528,13 +528,13 @@ def plot_study(res: StudyResult) -> MplFigure:
 
 
 def _f(x: Any, d: int = 3) -> str:
-    from mergelab.analysis.report import fmt
+    from mergelab.report.markdown import fmt
 
     return fmt(x, d)
 
 
 def study_markdown(res: StudyResult) -> str:
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     c = res.calibration
     b = res.baselines

@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mergelab.analysis.bound import BoundPool, BoundReport, BoundTrend, MergeRecommendation
     from mergelab.analysis.estimators import NoiseScaleReport, PoolMeasurement, PowerIterationResult
     from mergelab.analysis.landscape import PathResult
-    from mergelab.analysis.report import Report
+    from mergelab.report.folder import Report
     from mergelab.spec import DataSpec, MergeSpec
     from mergelab.training.result import ExpertResult
 
@@ -822,7 +822,7 @@ def _cka(pool: PoolExperts, base_module: torch.nn.Module, base_state: Mapping[st
 
 # ------------------------------------------------------------------------------------------ presentation
 def _fmt(x: Any, digits: int = 4) -> str:
-    from mergelab.analysis.report import fmt
+    from mergelab.report.markdown import fmt
 
     return fmt(x, digits)
 
@@ -832,7 +832,7 @@ def _noise_cell(n: NoiseScaleReport | None, attr: str) -> Any:
 
 
 def _theory_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     m = a.measurement
     rows = []
@@ -881,7 +881,7 @@ def _theory_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
 
 def _bound_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
     from mergelab.analysis.bound import BOUND_FORMULA, FORM, SOURCE
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     c = a.constants
     head = [
@@ -937,7 +937,7 @@ def _bound_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
 
 
 def _trend_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     if not a.trends:
         return "Not evaluated: the smoothness L was not measured.", {"form": "derived", "trends": {}, "recommendation": None}
@@ -978,7 +978,7 @@ def _trend_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
 
 
 def _landscape_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     o = a.options
     body = [f"Evaluated on {o.samples_per_task} seeded **{o.eval_split}** samples per task, each task through its "
@@ -1037,7 +1037,7 @@ def _nonfinite_points(a: PoolDataAnalysis) -> list[str]:
 
 
 def _cka_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
-    from mergelab.analysis.report import markdown_table
+    from mergelab.report.markdown import markdown_table
 
     c = a.cka or {}
     rows = [[r["expert"], r["cka_merge"], r["cka_base"]] for r in c.get("experts", [])]
@@ -1175,18 +1175,18 @@ def plot_cka(a: PoolDataAnalysis) -> MplFigure:
 def add_data_sections(report: Report, a: PoolDataAnalysis) -> Report:
     """Add the sections ``theory``, ``bound``, ``trends``, ``landscape`` and ``cka`` (those computed) to ``report``."""
     from mergelab.analysis.diagnostics import to_jsonable
-    from mergelab.analysis.report import Figure
+    from mergelab.report.folder import Drawing
 
     md, data = _theory_section(a)
     report.add_section("Theory quantities at theta_0", md, to_jsonable(data), key="theory",
-                       figures=[Figure("theory.png", "F_S(theta_0), sigma^2, delta^2 and L_i per expert",
+                       figures=[Drawing("theory.png", "F_S(theta_0), sigma^2, delta^2 and L_i per expert",
                                        lambda: plot_theory(a))])
     md, data = _bound_section(a)
-    figs = [Figure("bound.png", "(derived) bound terms and the step-size condition per expert",
+    figs = [Drawing("bound.png", "(derived) bound terms and the step-size condition per expert",
                    lambda: plot_bound_terms(a))] if a.bound is not None else []
     report.add_section("Stability bound (derived)", md, to_jsonable(data), figs, key="bound")
     md, data = _trend_section(a)
-    figs = [Figure("trends.png", "(derived) the bound along K, eta, b, n and N", lambda: plot_trends(a))] if a.trends else []
+    figs = [Drawing("trends.png", "(derived) the bound along K, eta, b, n and N", lambda: plot_trends(a))] if a.trends else []
     report.add_section("Predicted trends and recommendation (derived)", md, to_jsonable(data), figs, key="trends")
     if a.interpolation is not None or a.ta_path is not None:
         md, data = _landscape_section(a)
@@ -1194,18 +1194,18 @@ def add_data_sections(report: Report, a: PoolDataAnalysis) -> Report:
         if a.interpolation is not None and a.interpolation_endpoints is not None:
             ea, eb = a.interpolation_endpoints
             interp = a.interpolation
-            figs.append(Figure("interpolation.png", f"Loss and accuracy along (1-a) {ea} + a {eb}",
+            figs.append(Drawing("interpolation.png", f"Loss and accuracy along (1-a) {ea} + a {eb}",
                                lambda: plot_paths(interp, f"linear interpolation {ea} -> {eb}")))
         if a.ta_path is not None:
             ta = a.ta_path
-            figs.append(Figure("ta_path.png", "Loss and accuracy along theta_0 + a sum tau_i",
+            figs.append(Drawing("ta_path.png", "Loss and accuracy along theta_0 + a sum tau_i",
                                lambda: plot_paths(ta, "task-arithmetic coefficient path")))
         report.add_section("Loss landscape: interpolation and task-arithmetic path", md, to_jsonable(data), figs,
                            key="landscape")
     if a.cka is not None:
         md, data = _cka_section(a)
         report.add_section("Linear CKA: experts vs the task-arithmetic merge", md, to_jsonable(data),
-                           [Figure("cka.png", "Linear CKA of each expert with the TA merge and theta_0",
+                           [Drawing("cka.png", "Linear CKA of each expert with the TA merge and theta_0",
                                    lambda: plot_cka(a))], key="cka")
     report.meta["data_analysis"] = to_jsonable({
         "options": asdict(a.options), "seconds": a.seconds, "warnings": a.warnings,

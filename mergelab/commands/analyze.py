@@ -222,7 +222,7 @@ def data_options(data: Any, args: argparse.Namespace, device: str = "cpu") -> An
 
 def run_analyze(args: argparse.Namespace) -> int:
     from mergelab.analysis.diagnostics import pool_diagnostics
-    from mergelab.analysis.report import diagnostics_report, format_summary
+    from mergelab.analysis.diagnostics_report import diagnostics_report, format_summary
     from mergelab.errors import SpecError
     from mergelab.output_paths import refuse_overlap
 

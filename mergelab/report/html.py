@@ -14,6 +14,8 @@ What is drawn:
   one bar per series in each group, error bars where given, no bar for a missing value. A figure with no
   finite point at all is drawn as an empty frame saying so (never an error). Non-positive values on a log
   axis are left out by matplotlib (with no warning shown in the page).
+* **Images** (an analysis's own PNGs, e.g. ``mergelab analyze``'s heatmaps): embedded from the folder the
+  document was read from, linked by file name otherwise; **attachments** are linked by file name.
 * **Tables**: numbers with the table's ``digits`` decimals (integers as they are, booleans as yes/no),
   missing values (``None``, NaN) as an em dash, anything else as escaped text.
 * **Verdicts**: one table per section, each row the claim, the prediction, the measurement and a marker:
@@ -49,7 +51,7 @@ from typing import Any
 
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
-from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict
+from mergelab.report.document import Figure, Image, ReportDocument, Section, Series, Table, Verdict
 from mergelab.report.figure_text import literal
 
 PathLike = str | os.PathLike[str]
@@ -290,12 +292,26 @@ def _figure_html(fig: Figure, anchor: str) -> str:
             f"{cap}</figure>")
 
 
-def _section_html(section: Section, anchor: str, prefix: str) -> str:
+def _image_html(image: Image, folder: Path | None) -> str:
+    """An analysis's own PNG, embedded when the document was read from a folder holding it (else linked)."""
+    path = folder / image.file if folder is not None else None
+    src = _e(image.file)
+    if path is not None and path.is_file():
+        src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    cap = f'<p class="caption">{_e(image.caption)}</p>' if image.caption else ""
+    return f'<figure><img src="{src}" alt="{_e(image.caption or image.file)}">{cap}</figure>'
+
+
+def _section_html(section: Section, anchor: str, prefix: str, folder: Path | None = None) -> str:
     out = [f'<section id="{_e(anchor)}"><h2>{_e(section.title)}</h2>', _paragraphs(section.text)]
     out.extend(_figure_html(f, f"{prefix}fig-{f.id}") for f in section.figures)
+    out.extend(_image_html(i, folder) for i in section.images)
     out.extend(_table_html(t) for t in section.tables)
     if section.verdicts:
         out.append(_verdicts_html(section.verdicts))
+    if section.attachments:
+        out.append("<p>Attachments: " + ", ".join(f'<a href="{_e(n)}">{_e(n)}</a>' for n in section.attachments)
+                   + "</p>")
     out.append("</section>")
     return "".join(out)
 
@@ -309,7 +325,7 @@ def _document_html(doc: ReportDocument, prefix: str) -> str:
                    f'<span class="disagree">{counts["disagree"]} disagree</span>, '
                    f'<span class="undecided">{counts["undecided"]} undecided</span>.</p>')
     for j, s in enumerate(doc.sections):
-        out.append(_section_html(s, f"{prefix}s{j}", prefix))
+        out.append(_section_html(s, f"{prefix}s{j}", prefix, doc.folder))
     out.append(f'<section id="{_e(prefix)}config"><h2>Configuration</h2>'
                f"<pre>{_e(json.dumps(doc.config, indent=2, default=str))}</pre></section>")
     versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in doc.versions.items()) or EM_DASH

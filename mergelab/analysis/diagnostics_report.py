@@ -1,245 +1,31 @@
-"""The mergeability report: ``report.json`` + ``report.md`` + PNG plots, assembled from sections.
+"""The pool-diagnostics sections of the mergeability report (``mergelab analyze``) and its terminal summary.
 
-A :class:`Report` is an ordered list of sections. Each section has a key (its name in ``report.json``), a
-title, a Markdown body, JSON-ready data, figures and optional text attachments (e.g. a CSV table). Any
-analysis adds its own section::
-
-    report = diagnostics_report(diag)                       # the pool-diagnostics sections
-    report.add_section("Loss barriers", markdown, data={...},
-                       figures=[Figure("barrier.png", "Loss along the path", draw)], key="landscape")
-    report.write("out/")                                    # report.json, report.md, barrier.png, ...
-
-Figures are drawn lazily at :meth:`Report.write` by a callable returning a :class:`matplotlib.figure.Figure`
-(or given as one), with the Agg backend and no pyplot state, so building a report never needs a display.
-All files are written atomically (temporary name, then rename).
+:func:`diagnostics_report` adds the sections ``diagnostics``, ``operators`` and ``expected_ranking`` (Markdown
+tables, JSON data, ``layers.csv``, and the cosine / conflict / dispersion plots) to a
+:class:`mergelab.report.folder.Report`, the one report document written as report.json + report.md + PNGs;
+further analyses (:mod:`mergelab.analysis.pool_report`) add theirs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import logging
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mergelab import __version__
 from mergelab.analysis.diagnostics import OPERATORS, PoolDiagnostics, to_jsonable
-from mergelab.atomic_files import open_atomic, write_text_atomic
-from mergelab.errors import MergeLabError
 from mergelab.report.figure_text import literal
+from mergelab.report.folder import Drawing, Report, ReportPaths
+from mergelab.report.markdown import fmt, markdown_table, pct
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure as MplFigure
 
-log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------- the object
-
-
-@dataclass
-class Figure:
-    """A plot of a section: written as ``filename`` (PNG), shown in the Markdown with ``caption``.
-
-    ``draw`` is a matplotlib figure or a callable returning one; it is called only when the report is
-    written, so a report can be built (and serialised to JSON) without matplotlib.
-    """
-
-    filename: str
-    caption: str
-    draw: Callable[[], MplFigure] | MplFigure
-
-    def __post_init__(self) -> None:
-        if Path(self.filename).name != self.filename or not self.filename.endswith(".png"):
-            raise ValueError(f"figure filename must be a plain '*.png' name, got {self.filename!r}")
-
-
-@dataclass
-class Section:
-    """One part of a report. ``data`` goes to ``report.json`` under ``sections[key]``; ``markdown`` is the
-    body in ``report.md`` (the title is added as a heading); ``files`` maps attachment names to text."""
-
-    key: str
-    title: str
-    markdown: str
-    data: Any = None
-    figures: list[Figure] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class ReportPaths:
-    """What :meth:`Report.write` wrote."""
-
-    out_dir: Path
-    json: Path
-    markdown: Path
-    figures: list[Path] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
-
-
-class Report:
-    """An ordered collection of sections, written as JSON, Markdown and PNG files (see the module docstring)."""
-
-    def __init__(self, title: str = "Mergeability report", *, intro: str = "", meta: Mapping[str, Any] | None = None):
-        self.title = title
-        self.intro = intro
-        self.meta: dict[str, Any] = dict(meta or {})
-        self.sections: list[Section] = []
-
-    def add_section(
-        self,
-        title: str,
-        markdown: str,
-        data: Any = None,
-        figures: Sequence[Figure] = (),
-        *,
-        key: str | None = None,
-        files: Mapping[str, str] | None = None,
-    ) -> Section:
-        """Append a section; ``key`` defaults to the title in snake case and must be unique in the report,
-        and figure and attachment file names must be unique too."""
-        key = key or "_".join("".join(c if c.isalnum() else " " for c in title.lower()).split())
-        if any(s.key == key for s in self.sections):
-            raise ValueError(f"the report already has a section with key {key!r}")
-        taken = {f.filename for s in self.sections for f in s.figures} | {n for s in self.sections for n in s.files}
-        taken |= {"report.json", "report.md"}
-        for name in [f.filename for f in figures] + list(files or {}):
-            if name in taken:
-                raise ValueError(f"file name {name!r} is already used in the report")
-            if Path(name).name != name:
-                raise ValueError(f"attachment name must be a plain file name, got {name!r}")
-            taken.add(name)
-        section = Section(key, title, markdown, data, list(figures), dict(files or {}))
-        self.sections.append(section)
-        return section
-
-    def section(self, key: str) -> Section:
-        for s in self.sections:
-            if s.key == key:
-                return s
-        raise KeyError(key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"title", "meta", "sections": {key: {"title", "data", "figures", "files"}}}``, JSON-ready."""
-        return to_jsonable({
-            "title": self.title,
-            "meta": self.meta,
-            "sections": {
-                s.key: {
-                    "title": s.title,
-                    "data": s.data,
-                    "figures": [f.filename for f in s.figures],
-                    "files": list(s.files),
-                }
-                for s in self.sections
-            },
-        })
-
-    def to_markdown(self, *, with_figures: bool = True) -> str:
-        parts = [f"# {self.title}", ""]
-        if self.intro:
-            parts += [self.intro.strip(), ""]
-        for s in self.sections:
-            parts += [f"## {s.title}", "", s.markdown.strip(), ""]
-            if with_figures:
-                for f in s.figures:
-                    parts += [f"![{f.caption}]({f.filename})", "", f"*{f.caption}*", ""]
-            for name in s.files:
-                parts += [f"Attachment: [{name}]({name})", ""]
-        return "\n".join(parts).rstrip() + "\n"
-
-    def write(self, out_dir: str | Path, *, plots: bool = True) -> ReportPaths:
-        """Write ``report.json``, ``report.md``, the figures (if ``plots``) and attachments into ``out_dir``
-        (created if needed). A figure that fails to draw is logged and left out; the rest is written."""
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MergeLabError(f"{out}: cannot create the report folder: {exc.strerror or exc}") from None
-        paths = ReportPaths(out_dir=out, json=out / "report.json", markdown=out / "report.md")
-        drawn: set[str] = set()
-        if plots:
-            for s in self.sections:
-                for f in s.figures:
-                    try:
-                        _save_figure(f, out / f.filename)
-                    except MergeLabError:
-                        raise
-                    except Exception as exc:  # a plotting bug must not lose the report
-                        log.warning("figure %s could not be drawn: %s: %s", f.filename, type(exc).__name__, exc)
-                        continue
-                    drawn.add(f.filename)
-                    paths.figures.append(out / f.filename)
-        for s in self.sections:
-            for name, text in s.files.items():
-                write_text_atomic(out / name, text)
-                paths.files.append(out / name)
-        data = self.to_dict()
-        for sec in data["sections"].values():
-            sec["figures"] = [name for name in sec["figures"] if name in drawn]
-        data["meta"].setdefault("mergelab_version", __version__)
-        data["meta"].setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_text_atomic(paths.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
-        md_report = Report(self.title, intro=self.intro, meta=self.meta)
-        md_report.sections = [
-            Section(s.key, s.title, s.markdown, s.data, [f for f in s.figures if f.filename in drawn], s.files)
-            for s in self.sections
-        ]
-        write_text_atomic(paths.markdown, md_report.to_markdown())
-        return paths
-
-
-def _save_figure(figure: Figure, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    fig = figure.draw() if callable(figure.draw) else figure.draw
-    with open_atomic(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-
-
 # ---------------------------------------------------------------------------------------- formatting
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """A number for a table: ``n/a`` for NaN/None, integers as they are, floats with ``digits`` significant
-    digits (scientific notation outside [1e-3, 1e5))."""
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int | np.integer):
-        return str(int(x))
-    if isinstance(x, float | np.floating):
-        f = float(x)
-        if math.isnan(f):
-            return "n/a"
-        if f == 0 or 1e-3 <= abs(f) < 1e5:
-            return f"{f:.{digits}g}"
-        return f"{f:.{max(digits - 1, 1)}e}"
-    return str(x)
-
-
-def pct(x: float) -> str:
-    """A fraction as a percentage (``n/a`` for NaN)."""
-    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; cells are formatted with :func:`fmt` unless already strings."""
-    def cell(v: Any) -> str:
-        return (v if isinstance(v, str) else fmt(v)).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def short_labels(paths: Sequence[str]) -> list[str]:
@@ -495,7 +281,7 @@ def diagnostics_report(
     labels = short_labels(diag.experts)
     report.meta.setdefault("base", diag.base)
     report.meta.setdefault("experts", list(diag.experts))
-    data = diag.to_dict()
+    data = to_jsonable(diag.to_dict())
 
     body = [
         _key_figures(diag),
@@ -530,9 +316,9 @@ def diagnostics_report(
         "\n".join(body),
         data=data,
         figures=[
-            Figure("cosine.png", "Pairwise cosine similarity of the task vectors (whole model)",
+            Drawing("cosine.png", "Pairwise cosine similarity of the task vectors (whole model)",
                    lambda: plot_cosine(diag, labels)),
-            Figure("conflicts.png", "Sign-conflict rate per tensor", lambda: plot_conflicts(diag)),
+            Drawing("conflicts.png", "Sign-conflict rate per tensor", lambda: plot_conflicts(diag)),
         ],
         key="diagnostics",
         files={"layers.csv": _layers_csv(diag)},
@@ -541,7 +327,7 @@ def diagnostics_report(
         "Dispersion reduction by operator (empirical Delta_T of Corollary 1)",
         _operator_table(diag) + "\n\n" + _DISCLAIMER,
         data=data["operators"],
-        figures=[Figure("dispersion.png", "Dispersion after each operator relative to before",
+        figures=[Drawing("dispersion.png", "Dispersion after each operator relative to before",
                         lambda: plot_dispersion(diag))],
         key="operators",
     )
