@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from mergelab.checkpoints import CheckpointWriter, open_checkpoint
-from mergelab.checkpoints.writer import plan_shards
+from mergelab.checkpoints.shards import plan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_ENGINE = "mergelab (torch eng.)"

@@ -23,7 +23,7 @@ from mergelab.checkpoints import (
     open_checkpoint,
     save_state_dict,
 )
-from mergelab.checkpoints.writer import plan_shards
+from mergelab.checkpoints.shards import plan_shards
 from mergelab.errors import CheckpointError
 
 
@@ -631,11 +631,11 @@ def test_real_minilm_read_rewrite_and_load_with_transformers(
 @pytest.mark.parametrize("chunk", [8192, 4096 * 3])
 def test_direct_file_writes_exact_bytes_across_chunks(tmp_path: Path, monkeypatch, chunk: int) -> None:
     """O_DIRECT shards: staged in aligned chunks, the unaligned tail padded then truncated back."""
-    from mergelab.checkpoints import writer as writer_mod
+    from mergelab.checkpoints import disk_io
 
-    monkeypatch.setattr(writer_mod, "DIRECT_CHUNK", chunk)
-    monkeypatch.setattr(writer_mod, "DIRECT_FLUSH_BYTES", 3 * chunk)  # a few fdatasyncs along the way
-    f = writer_mod.DirectFile.open(tmp_path / "d.bin")
+    monkeypatch.setattr(disk_io, "DIRECT_CHUNK", chunk)
+    monkeypatch.setattr(disk_io, "DIRECT_FLUSH_BYTES", 3 * chunk)  # a few fdatasyncs along the way
+    f = disk_io.DirectFile.open(tmp_path / "d.bin")
     if f is None:
         pytest.skip("this file system refuses O_DIRECT")
     pieces = [os.urandom(n) for n in (5, 8191, 1, 20000, 0, 4096, 777)]
@@ -647,15 +647,15 @@ def test_direct_file_writes_exact_bytes_across_chunks(tmp_path: Path, monkeypatc
 
 
 def test_writer_direct_and_buffered_files_are_identical(tmp_path: Path, monkeypatch) -> None:
-    from mergelab.checkpoints import writer as writer_mod
+    from mergelab.checkpoints import disk_io
 
-    monkeypatch.setattr(writer_mod, "DIRECT_CHUNK", 8192)
+    monkeypatch.setattr(disk_io, "DIRECT_CHUNK", 8192)
     state = {f"t{i}": torch.randn(37 * i + 3, dtype=torch.float32) for i in range(6)}
     state["h"] = torch.arange(7, dtype=torch.int64)
     plan = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
     outputs, direct = {}, []
-    real_open = writer_mod.DirectFile.open
-    monkeypatch.setattr(writer_mod.DirectFile, "open", classmethod(lambda cls, p: direct.append(p) or real_open(p)))
+    real_open = disk_io.DirectFile.open
+    monkeypatch.setattr(disk_io.DirectFile, "open", classmethod(lambda cls, p: direct.append(p) or real_open(p)))
     for mode in ("1", "0"):  # the environment overrides the writer's direct_io
         monkeypatch.setenv("MERGELAB_DIRECT_IO", mode)
         with CheckpointWriter(tmp_path / mode, plan, max_shard_bytes=600, direct_io=True) as w:

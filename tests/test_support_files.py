@@ -1,5 +1,5 @@
 """Config/tokenizer files copied next to a merged model: regular files only, links kept inside the model folder
-(or a Hugging Face cache's blob store), sizes capped (mergelab.checkpoints.writer.support_files)."""
+(or a Hugging Face cache's blob store), sizes capped (mergelab.checkpoints.support_files.support_files)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mergelab.checkpoints import save_state_dict
-from mergelab.checkpoints import writer as writer_module
-from mergelab.checkpoints.writer import copy_support_files, support_files
+from mergelab.checkpoints import support_files as support_module
+from mergelab.checkpoints.support_files import copy_support_files, support_files
 from mergelab.errors import CheckpointError
 from mergelab.merging import merge
 
@@ -106,12 +106,12 @@ def test_a_hugging_face_snapshot_may_link_into_its_blob_store(tmp_path: Path) ->
 def test_support_file_sizes_are_capped(tmp_path: Path, monkeypatch) -> None:
     base = model_folder(tmp_path / "base")  # config.json: 23 bytes
     (base / "vocab.txt").write_bytes(b"x" * 101)
-    monkeypatch.setattr(writer_module, "MAX_SUPPORT_FILE_BYTES", 100)
+    monkeypatch.setattr(support_module, "MAX_SUPPORT_FILE_BYTES", 100)
     with pytest.raises(CheckpointError, match=r"vocab\.txt: 101 bytes, over the 100 bytes a config/tokenizer file "
                                               r"may have \(MAX_SUPPORT_FILE_BYTES\)"):
         support_files(base)
-    monkeypatch.setattr(writer_module, "MAX_SUPPORT_FILE_BYTES", 1000)
-    monkeypatch.setattr(writer_module, "MAX_SUPPORT_TOTAL_BYTES", 120)
+    monkeypatch.setattr(support_module, "MAX_SUPPORT_FILE_BYTES", 1000)
+    monkeypatch.setattr(support_module, "MAX_SUPPORT_TOTAL_BYTES", 120)
     with pytest.raises(CheckpointError, match=r"base: config/tokenizer files over 120 bytes in total "
                                               r"\(MAX_SUPPORT_TOTAL_BYTES\), reached at vocab\.txt"):
         copy_support_files(base, tmp_path / "dest")

@@ -3,7 +3,7 @@
 Three stages run one tensor apart on three threads, in the one streaming loop every back-end runs
 (:func:`stream_tensors`, parameterised by the back-end's ``read`` and ``compute``): a read-ahead thread
 reads tensor k+1 (:func:`read_ahead`) while the main thread merges tensor k and a write-behind thread writes
-tensor k-1 (:class:`mergelab.checkpoints.writer.WriteBehind`); small tensors queue deeper, up to
+tensor k-1 (:class:`mergelab.checkpoints.write_behind.WriteBehind`); small tensors queue deeper, up to
 ``PIPELINE_BYTES`` of inputs read ahead and of outputs waiting to be written, so a stall of one stage does
 not stop the others at once. A back-end whose kernels read their blocks straight from the files (the numpy
 back-end's linear methods) gives no ``read``: the loop then hands ``compute`` the name alone. Within a tensor, kernels work on cache-sized blocks, split over the cores by :func:`run_in_chunks`
@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from mergelab.checkpoints.writer import CheckpointWriter, WriteBehind
+from mergelab.checkpoints.write_behind import WriteBehind
+from mergelab.checkpoints.writer import CheckpointWriter
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
-from mergelab.checkpoints.writer import support_files
+from mergelab.checkpoints.support_files import support_files
 from mergelab.merging.pipeline import nbytes
 from mergelab.merging.plan import OUTPUT_DTYPES, MergeInputs
 from mergelab.methods import Method, MethodParams

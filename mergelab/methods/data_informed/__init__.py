@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergelab.checkpoints.writer import support_files
+from mergelab.checkpoints.support_files import support_files
 from mergelab.errors import SpecError
 from mergelab.merging.plan import refuse_input_overlap
 from mergelab.merging.publish import MergeResult, describe_path, write_state
