@@ -494,7 +494,7 @@ def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalo
         assert (m.operator is None) == (m.sparsify is None), m.name
         rule = merge_coefficients(m.name, {}, [1.0, 3.0]).alphas
         expected = {"sum": (1.0, 3.0), "disjoint_mean": (0.25, 0.75), "mean": (0.25, 0.75),
-                    "interpolation": (0.25, 0.75)}[m.combination]
+                    "interpolation": (0.25, 0.75), "spectral": (1.0, 3.0)}[m.combination]
         assert rule == pytest.approx(expected), m.name
     for row in compare.CATALOG.values():
         if row.method in CATALOG_METHODS:

@@ -64,6 +64,9 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("model_stock", {}, 3),
     ("slerp", {"t": 0.3}, 2),
     ("slerp", {"t": 0.7}, 1),
+    ("tsv_merge", {"lambda": 0.6}, 3),
+    ("iso_c", {"lambda": 0.6}, 3),
+    ("iso_cts", {"lambda": 0.6, "common_space_fraction": 0.5}, 3),
 ]
 
 

@@ -499,6 +499,7 @@ def merge_coefficients(method: str, parameters: Mapping[str, Any], weights: Sequ
     * task arithmetic, DARE-linear, breadcrumbs: ``alpha_i = lambda w_i`` (sparsification changes tau_i, not
       alpha: Corollary 1's Delta_T is in the operators section);
     * TIES, DARE-TIES (disjoint mean): ``alpha_i ~ lambda w_i / sum_j w_j`` (exact where all experts agree);
+    * TSV-Merge, Iso-C, Iso-CTS (spectral): ``alpha_i ~ lambda w_i`` (their matrices are about the sum);
     * data-informed methods choose their coefficients from data: the bound is evaluated for the simple average.
     """
     w = np.asarray([float(v) for v in weights], dtype=np.float64)
@@ -518,6 +519,11 @@ def merge_coefficients(method: str, parameters: Mapping[str, Any], weights: Sequ
     if combination == "sum":
         alphas = lam * w
         note = f"{method}: alpha_i = lambda * w_i (lambda = {lam:g})"
+        rule = "task_arithmetic" if equal else "weighted"
+    elif combination == "spectral":
+        alphas = lam * w
+        note = (f"{method}: alpha_i ~ lambda * w_i (lambda = {lam:g}; on matrices the merge keeps the task "
+                "matrices' singular subspaces with a re-weighted spectrum, other tensors take lambda * w_i / N)")
         rule = "task_arithmetic" if equal else "weighted"
     elif combination == "disjoint_mean":
         alphas = lam * w / w.sum()

@@ -17,6 +17,8 @@ block by block:
   rescaling's two norms are torch's float32 sums over the whole tensor, so for bit-identity they are
   taken (expert by expert, on the calling thread) from tensor-sized float32 buffers, and the masks are
   drawn twice;
+- TSV-Merge, Iso-C and Iso-CTS: SVDs of a layer's whole matrices, so their kernels are their references
+  on whole tensors, rounded once into the output dtype;
 - model stock and SLERP: norms and dot products, which are torch's whole-tensor reductions (a BLAS dot,
   a vectorised norm: their rounding depends on the summation order, which blocks cannot reproduce), so
   these kernels form the float32 task vectors (model stock) or models (SLERP) whole, without temporaries,
@@ -508,6 +510,23 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     return out
 
 
+def _whole_tensor(reference: Kernel) -> Kernel:
+    """A whole-tensor kernel: ``reference`` (a spectral method, whose SVD needs the whole matrix), rounded
+    once into ``inp.result_dtype``. Its temporaries are a few copies of one layer's matrix."""
+
+    def run(inp: TensorInputs, p: Any) -> torch.Tensor:
+        return reference(inp, p).to(inp.result_dtype)
+
+    run.__name__ = run.__qualname__ = reference.__name__
+    run.__doc__ = f"Whole-tensor kernel of :func:`mergelab.methods.catalog.{reference.__name__}` (formula there)."
+    return run
+
+
+#: TSV-Merge, Iso-C and Iso-CTS work per layer on whole matrices (SVDs), so their kernels are their references.
+tsv_merge, iso_c, iso_cts = (_whole_tensor(catalog.tsv_merge), _whole_tensor(catalog.iso_c),
+                             _whole_tensor(catalog.iso_cts))
+
+
 #: The torch back-end's kernels, by method: block kernels tested against the catalog's references
 #: (tests/test_streaming.py). A catalog method without one runs as its reference, on whole tensors.
 KERNELS: dict[str, Kernel] = {
@@ -519,4 +538,7 @@ KERNELS: dict[str, Kernel] = {
     "breadcrumbs": breadcrumbs,
     "model_stock": model_stock,
     "slerp": slerp,
+    "tsv_merge": tsv_merge,
+    "iso_c": iso_c,
+    "iso_cts": iso_cts,
 }

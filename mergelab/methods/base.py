@@ -136,7 +136,9 @@ class Method:
       alpha_i see it (:func:`mergelab.analysis.pool_report.merge_coefficients`): ``mean`` (``sum_i w_i
       theta_i / sum_i w_i``), ``sum`` (``theta_0 + lambda sum_i w_i tau_i``), ``disjoint_mean`` (TIES's sign
       consensus and mean over the agreeing models; the operator T then includes the consensus) or
-      ``interpolation`` (between the base or models, about a mean: model stock, SLERP);
+      ``interpolation`` (between the base or models, about a mean: model stock, SLERP) or ``spectral``
+      (the task matrices' singular subspaces with a re-weighted spectrum, about ``lambda sum_i w_i tau_i``
+      on matrices and the mean elsewhere: TSV-Merge, Iso-C, Iso-CTS);
     - ``validation_grid``: the hyperparameters its paper chooses on validation data, with the candidates
       searched (``mergelab compare``'s default selection), or empty;
     - ``per_model``: the parameters a model may set for itself (``models[i].parameters`` in a spec, e.g. a
@@ -191,7 +193,7 @@ class Method:
             raise SpecError(f"{where}: invalid parameter for method '{self.name}': {problems}") from None
 
 
-Combination = Literal["mean", "sum", "disjoint_mean", "interpolation"]
+Combination = Literal["mean", "sum", "disjoint_mean", "interpolation", "spectral"]
 SignElection = Literal["mass", "count"]
 DisjointDivisor = Literal["count", "weight", "none"]
 SignTest = Literal["tau", "weighted"]

@@ -26,6 +26,7 @@ validate a spec, or to merge with the numpy back-end, does not import torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
@@ -119,6 +120,31 @@ class SlerpParams(MethodParams):
         return v
 
 
+class SpectralParams(ScaledParams):
+    conv_as_matrix: bool = Field(False, description="merge a k-D (k > 2) weight as the matrix (out, in x kernel) "
+                                 "instead of averaging it (the papers' code and FusionBench average it)")
+
+
+class TsvMergeParams(SpectralParams):
+    pass
+
+
+class IsoCParams(SpectralParams):
+    pass
+
+
+class IsoCtsParams(SpectralParams):
+    common_space_fraction: float = Field(0.8, description="fraction of each matrix's rank given to the common "
+                                         "subspace of the task-arithmetic sum")
+
+    @field_validator("common_space_fraction")
+    @classmethod
+    def _fraction_range(cls, v: float) -> float:
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"common_space_fraction must be in [0, 1], got {v}")
+        return v
+
+
 #: lambda candidates of task arithmetic and DARE chosen on validation data (Ilharco et al. 2023; DARE's
 #: lambda the same way), from 0.05 to 1.
 TA_LAMBDA_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -131,6 +157,11 @@ TIES_LAMBDA_GRID: tuple[float, ...] = TA_LAMBDA_GRID + (1.3,)
 #: TIES's trim scope is searched too: whole-model (the paper's) or per tensor (mergekit's); on the resnet_s zoo
 #: the whole-model top 20 % zeroes whole small layers (their deltas are small in magnitude), per tensor does not.
 TIES_SCOPE_GRID: tuple[str, ...] = ("global", "tensor")
+
+#: lambda (the papers' alpha) of TSV-Merge, Iso-C and Iso-CTS on validation: the authors' code searches
+#: 0.1, 0.2 .. 3.0 on held-out validation data (``np.linspace(0, 3, 31)[1:]`` in both repositories); this grid
+#: spans the same range with fewer points.
+SPECTRAL_LAMBDA_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -308,6 +339,90 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
                      parallel_threshold=p.parallel_threshold)
 
 
+def _task_matrix_view(tau: torch.Tensor, conv_as_matrix: bool) -> torch.Tensor | None:
+    """The matrix a spectral method merges for a tensor of this shape: a 2-D tensor itself; a k-D weight
+    (k > 2, a convolution) as (out, in x kernel) with ``conv_as_matrix``; else None (averaged)."""
+    if tau.dim() == 2:
+        return tau
+    if tau.dim() > 2 and conv_as_matrix:
+        return tau.reshape(tau.shape[0], -1)
+    return None
+
+
+def _spectral(inp: TensorInputs, p: SpectralParams,
+              merge_matrices: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """``theta_0 + lambda * merge(w_1 tau_1, ..., w_T tau_T)`` on matrices, ``theta_0 + lambda *
+    sum_i w_i tau_i / T`` on every other tensor (the rule of TSV-Merge and Iso-C/-CTS)."""
+    taus = inp.task_vectors()
+    view = _task_matrix_view(taus[0], p.conv_as_matrix)
+    if view is None:
+        merged = ops.weighted_sum(taus, inp.weights).div_(len(taus))
+    else:
+        matrices = [ops.scale(_task_matrix_view(t, p.conv_as_matrix), w)  # type: ignore[arg-type]
+                    for t, w in zip(taus, inp.weights)]
+        merged = merge_matrices(matrices).reshape(taus[0].shape)
+    return ops.scale(merged, p.lambda_) + _base(inp)
+
+
+def tsv_merge(inp: TensorInputs, p: TsvMergeParams) -> torch.Tensor:
+    """TSV-Merge, task singular vectors (Gargiulo et al., CVPR 2025), layer by layer.
+
+    On each 2-D tensor (m x n, r = min(m, n)) the task matrices ``M_i = w_i tau_i = U_i diag(s_i) V_i^T``
+    keep their k = floor(r / T) leading singular components; the concatenated ``U = [U_1[:, :k] ...]`` and
+    ``V`` are decorrelated by orthogonalisation (``U_perp = P Q^T`` from ``U = P Sigma Q^T``, the same for V)
+    and ``theta = theta_0 + lambda * U_perp diag(s_1[:k] ... s_T[:k]) V_perp^T``
+    (:func:`mergelab.ops.task_singular_vectors`). Orthogonal task subspaces of rank <= k give task
+    arithmetic. Every other tensor (biases, norms, BN statistics, embeddings of other rank) is the mean of the
+    task vectors: ``theta_0 + lambda * sum_i w_i tau_i / T``. Convolution weights (4-D) are averaged too, as
+    in the authors' code and FusionBench (``len(shape) == 2`` selects the matrices); ``conv_as_matrix: true``
+    merges them as (out, in x kh x kw) matrices instead (not in the paper). Per-model weights scale the task
+    vectors before the SVD (FusionBench's per-task ``alpha`` list).
+
+    Defaults: ``lambda`` 1 (FusionBench's ``alpha: 1``; the authors' code picks it on validation data from
+    0.1 .. 3.0, ``mergelab compare`` searches :data:`SPECTRAL_LAMBDA_GRID`), k = floor(r / T) (the paper's
+    1/T fraction of each task's spectrum; 0 when r < T, which makes that matrix's task vector 0, as in the
+    code). Components beyond a task's numerical rank are dropped before the orthogonalisation, which makes the
+    result unique where the code's depends on LAPACK's null-space vectors (:mod:`mergelab.ops.spectral`).
+    """
+    return _spectral(inp, p, ops.task_singular_vectors)
+
+
+def iso_c(inp: TensorInputs, p: IsoCParams) -> torch.Tensor:
+    """Iso-C, isotropic merging in the common subspace (Marczak et al., ICML 2025), layer by layer.
+
+    On each 2-D tensor the task-arithmetic sum ``Delta = sum_i w_i tau_i = U diag(s) V^T`` gets a flat
+    spectrum: ``theta = theta_0 + lambda * sigma_bar U V^T`` with ``sigma_bar`` the mean of Delta's singular
+    values (over its numerical rank; the code's thin SVD takes all min(m, n), the same for a full-rank sum)
+    (:func:`mergelab.ops.isotropic`). Every other tensor, convolutions included (the authors' code and
+    FusionBench; ``conv_as_matrix: true`` reshapes them), is the mean of the task vectors ``lambda * sum_i
+    w_i tau_i / T``. Defaults: ``lambda`` 1 (FusionBench's ``scaling_factor: 1.0``; the authors pick it on
+    validation from 0.1 .. 3.0, ``mergelab compare`` searches :data:`SPECTRAL_LAMBDA_GRID`).
+    """
+    def flat_spectrum(matrices: list[torch.Tensor]) -> torch.Tensor:
+        return ops.isotropic(ops.weighted_sum(matrices, [1.0] * len(matrices)))
+
+    return _spectral(inp, p, flat_spectrum)
+
+
+def iso_cts(inp: TensorInputs, p: IsoCtsParams) -> torch.Tensor:
+    """Iso-CTS, isotropic merging in common and task-specific subspaces (Marczak et al., ICML 2025).
+
+    On each 2-D tensor (rank r, T tasks): the common subspace is the top c directions of the task-arithmetic
+    sum ``sum_i w_i tau_i``, ``c = r - T d`` with ``d = round((r - floor(f r)) / T)`` (``f =
+    common_space_fraction``); each task adds the d leading directions of its residual
+    ``w_i tau_i - U_c U_c^T w_i tau_i`` outside the common subspace; the left and right singular vectors
+    ``[U_1^R ... U_T^R, U_c]`` are orthogonalised and the spectrum made isotropic:
+    ``theta = theta_0 + lambda * sigma_bar U_perp V_perp^T``, ``sigma_bar`` the mean of all the kept
+    singular values (:func:`mergelab.ops.isotropic_common_specific`). Other tensors and convolutions as in
+    :func:`iso_c`. Defaults: ``common_space_fraction`` 0.8 (paper, authors' README, FusionBench), ``lambda``
+    1 (FusionBench's ``scaling_factor: 1.0``; chosen on validation in the paper, as for :func:`iso_c`).
+    """
+    def common_and_specific(matrices: list[torch.Tensor]) -> torch.Tensor:
+        return ops.isotropic_common_specific(matrices, p.common_space_fraction)
+
+    return _spectral(inp, p, common_and_specific)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -333,9 +448,17 @@ METHODS: dict[str, Method] = {
         Method("slerp", "spherical interpolation of two models", SlerpParams, slerp,
                needs_base=False, min_models=1, max_models=2, uses_weights=False, base_or_two=True,
                combination="interpolation"),
+        Method("tsv_merge", "task singular vectors: per-layer low-rank SVDs of the task matrices, decorrelated",
+               TsvMergeParams, tsv_merge, combination="spectral",
+               validation_grid={"lambda": SPECTRAL_LAMBDA_GRID}),
+        Method("iso_c", "isotropic merging: the task-arithmetic sum's singular vectors with a flat spectrum",
+               IsoCParams, iso_c, combination="spectral", validation_grid={"lambda": SPECTRAL_LAMBDA_GRID}),
+        Method("iso_cts", "isotropic merging in the sum's common subspace plus task-specific subspaces",
+               IsoCtsParams, iso_cts, combination="spectral", validation_grid={"lambda": SPECTRAL_LAMBDA_GRID}),
     )
 }
 
 MethodName = Literal[
-    "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "slerp"
+    "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "slerp",
+    "tsv_merge", "iso_c", "iso_cts",
 ]

@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
+    **dict.fromkeys(("common_and_specific_sizes", "isotropic", "isotropic_common_specific", "polar",
+                     "svd_components", "task_singular_vectors"), "spectral"),
     **dict.fromkeys(("BlockTrim", "band_ranks", "drop", "keep_top", "keep_top_into", "trim", "trim_band"), "sparsify"),
 }
 
@@ -44,6 +46,14 @@ if TYPE_CHECKING:
         select_small_size,
     )
     from mergelab.ops.selection import keep_count
+    from mergelab.ops.spectral import (
+        common_and_specific_sizes,
+        isotropic,
+        isotropic_common_specific,
+        polar,
+        svd_components,
+        task_singular_vectors,
+    )
     from mergelab.ops.sparsify import BlockTrim, band_ranks, drop, keep_top, keep_top_into, trim, trim_band
 
 
