@@ -90,7 +90,7 @@ def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
     # merges are real files in the work folder, the comparison's settings are recorded
     assert (tmp_path / "w" / "ties").is_dir()
     # lambda chosen on the validation split: the grid point with the best validation accuracy (first on ties)
-    for name in ("task_arithmetic", "ties", "dare"):
+    for name in ("task_arithmetic", "ties", "dare", "tsv_merge", "iso_c", "iso_cts"):
         sel = table.row(name).params["selected"]["lambda"]
         scores = sel["validation_accuracy"]
         assert len(sel["grid"]) == len(scores) >= 3 and sel["chosen"] == sel["grid"][scores.index(max(scores))]
@@ -100,6 +100,9 @@ def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
     # BN statistics: the experts' mean, never trimmed, dropped or scaled by lambda
     assert table.row("task_arithmetic").params["overrides"][0]["parameters"] == {"lambda": 1 / len(TASKS)}
     assert table.row("dare").params["overrides"][0]["parameters"] == {"density": 1.0, "lambda": 1 / len(TASKS)}
+    for name in ("tsv_merge", "iso_c", "iso_cts"):  # theta_0 + lambda * mean of task vectors, lambda = N / N
+        assert table.row(name).params["overrides"][0]["parameters"] == {"lambda": 1.0}
+        assert table.row(name).params["conv_as_matrix"] is True
     assert table.meta["bn"] == "joint" and all(r.bn in ("joint", "own") for r in table.rows)
     assert table.row("adamerging").params["bn"] == "batch"
     assert all("bn" not in table.row(m).params for m in ("fw_hard", "fw_soft"))  # batch only under per_task

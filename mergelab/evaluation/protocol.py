@@ -25,9 +25,9 @@ recorded as ``none``.
 BatchNorm buffers are not task vectors. For data-free methods, a comparison adds per-tensor overrides
 (:func:`statistics_overrides`) so that ``running_mean`` / ``running_var`` are never trimmed, never dropped and
 never scaled by lambda: they become the weighted mean of the experts' statistics (task arithmetic / DARE:
-``lambda = 1 / sum_i w_i``, no drop; TIES / DARE-TIES: density 1, lambda 1, agreeing-weight divisor, i.e. a
-weighted mean of the agreeing experts' values) — a convex combination of valid statistics, so a running
-variance can never go negative. Data-informed methods treat them as their modules document (Fisher and
+``lambda = 1 / sum_i w_i``, no drop; TSV-Merge, Iso-C, Iso-CTS: ``lambda = N / sum_i w_i``; TIES / DARE-TIES:
+density 1, lambda 1, agreeing-weight divisor, i.e. a weighted mean of the agreeing experts' values) — a convex
+combination of valid statistics, so a running variance can never go negative. Data-informed methods treat them as their modules document (Fisher and
 RegMean average them; AdaMerging and FW-Merging with ``bn: batch`` normalise with batch statistics while
 optimising and re-estimate at the end, which is what comparisons pass under ``joint`` and ``per_task``).
 
@@ -111,13 +111,17 @@ def statistics_overrides(method: str, weights: Sequence[float]) -> list[dict[str
     Task arithmetic ``theta_0 + lambda sum_i w_i tau_i`` with ``lambda = 1 / sum_i w_i`` is
     ``sum_i w_i theta_i / sum_i w_i``; TIES with density 1, lambda 1 and the agreeing-weight divisor is
     ``theta_0 + sum_{i in A} w_i tau_i / sum_{i in A} w_i``, the weighted mean of the agreeing experts'
-    values (A: experts whose delta has the elected sign; all of them when every delta is 0).
+    values (A: experts whose delta has the elected sign; all of them when every delta is 0). TSV-Merge,
+    Iso-C and Iso-CTS take ``theta_0 + lambda sum_i w_i tau_i / N`` on 1-D tensors: ``lambda = N / sum_i w_i``.
     """
     total = float(sum(weights))
     if not math.isfinite(total) or total <= 0:
         return []
     mean = {"lambda": 1.0 / total}
+    # TSV-Merge, Iso-C, Iso-CTS merge a 1-D tensor as theta_0 + lambda sum_i w_i tau_i / N
+    spectral_mean = {"lambda": len(weights) / total}
     params: dict[str, dict[str, Any]] = {
+        **dict.fromkeys(("tsv_merge", "iso_c", "iso_cts"), spectral_mean),
         "task_arithmetic": mean,
         "dare_linear": {"density": 1.0, **mean},
         "ties": {"density": 1.0, "lambda": 1.0, "disjoint_divisor": "weight"},

@@ -44,6 +44,13 @@ Rows (``methods``; default :data:`DEFAULT_METHODS`, settings in :data:`CATALOG`)
   dare                DARE + task arithmetic: drop with density 0.5 and rescale by 1/0.5 (Yu et al. 2024; 0.5
                       is a neutral middle for a small model), then task arithmetic with lambda chosen as for
                       task arithmetic (fixed: 0.3)
+  tsv_merge           TSV-Merge (Gargiulo et al. 2025): per layer, each task's top r/T singular components,
+                      decorrelated (orthogonalised U and V), summed; iso_c / iso_cts (Marczak et al. 2025): the
+                      TA sum's singular vectors (plus task-specific ones, 80 % common) with a flat spectrum.
+                      lambda from the grid 0.1 .. 3 on validation (the authors search 0.1 .. 3.0); fixed: 1
+                      (FusionBench). Convolutions are merged as (out, in*kh*kw) matrices (``conv_as_matrix``):
+                      the papers average non-2-D tensors, which on resnet_s (no 2-D weight) would make all three
+                      task arithmetic at lambda / T. Other tensors: the task vectors' mean times lambda
   fisher              Fisher merging, exact diagonal Fisher (Matena & Raffel 2022)
   regmean             RegMean, alpha 0.9, Linear and Conv2d layers (Jin et al. 2023)
   adamerging          layer-wise AdaMerging, 500 Adam steps, init 0.3 (Yang et al. 2024); with a BatchNorm
@@ -138,6 +145,11 @@ class MethodConfig:
 
 
 _TA_LAMBDA = 0.3
+#: TSV-Merge / Iso-C / Iso-CTS rows: lambda 1 without validation (FusionBench's default), and convolutions merged as
+#: (out, in x kh x kw) matrices. The authors' code and FusionBench average every tensor that is not 2-D; resnet_s's
+#: backbone has no 2-D weight (convolutions and BatchNorm only), so there all three would be the experts' average
+#: scaled by lambda, i.e. task arithmetic at lambda / T, a row already. On vit_s only the patch embedding is 4-D.
+_SPECTRAL: dict[str, Any] = {"lambda": 1.0, "conv_as_matrix": True}
 #: lambda grids searched on validation data (``select="validation"``): the catalog's (``Method.validation_grid``).
 TA_LAMBDA_GRID, TIES_LAMBDA_GRID, TIES_SCOPE_GRID = catalog.TA_LAMBDA_GRID, catalog.TIES_LAMBDA_GRID, catalog.TIES_SCOPE_GRID
 
@@ -164,6 +176,15 @@ CATALOG: dict[str, MethodConfig] = {c.name: c for c in (
     MethodConfig("dare", "dare_linear", {"density": 0.5, "lambda": _TA_LAMBDA},
                  source="DARE drop 0.5 + task arithmetic, lambda on validation (Yu et al. 2024); fixed: 0.3",
                  grid=_grid("dare_linear")),
+    MethodConfig("tsv_merge", "tsv_merge", _SPECTRAL,
+                 source="task singular vectors, k = r/T per task, lambda on validation (Gargiulo et al. 2025); "
+                        "fixed: 1 (FusionBench); convolutions as (out, in*kh*kw) matrices", grid=_grid("tsv_merge")),
+    MethodConfig("iso_c", "iso_c", _SPECTRAL,
+                 source="isotropic spectrum of the TA sum, lambda on validation (Marczak et al. 2025); fixed: 1 "
+                        "(FusionBench); convolutions as matrices", grid=_grid("iso_c")),
+    MethodConfig("iso_cts", "iso_cts", {**_SPECTRAL, "common_space_fraction": 0.8},
+                 source="common subspace 80 % + task-specific subspaces, isotropic, lambda on validation (Marczak "
+                        "et al. 2025); fixed: 1 (FusionBench); convolutions as matrices", grid=_grid("iso_cts")),
     MethodConfig("fisher", "fisher", {}, source="exact diagonal Fisher (Matena & Raffel 2022)"),
     MethodConfig("regmean", "regmean", {}, source="alpha 0.9 (Jin et al. 2023)"),
     MethodConfig("adamerging", "adamerging", {}, {"steps": 3},
