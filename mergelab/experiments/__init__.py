@@ -3,7 +3,10 @@
 Public API::
 
     ResultsStore, Row, key_of, to_csv, default_db_path, StoreError   the SQLite results store (store.py)
-    Task, TaskOutput, RunSummary, run_tasks                           the runners                (runners.py)
+    Task, TaskOutput, RunSummary                                      the task model             (task.py)
+    run_tasks                                                         the runners                (runners.py: the
+                                                                      driver; worker.py, recorder.py, local_pool.py,
+                                                                      ray_pool.py)
 
 Every fine-tune, merge or evaluation of a study is a row keyed by ``sha256`` of its canonical ``(kind,
 spec)``; :func:`run_tasks` skips finished rows, so a rerun costs nothing and an interrupted study resumes.
@@ -11,7 +14,7 @@ spec)``; :func:`run_tasks` skips finished rows, so a rerun costs nothing and an 
 
 from __future__ import annotations
 
-from mergelab.experiments.runners import RunSummary, Task, TaskOutput, run_tasks
+from mergelab.experiments.runners import run_tasks
 from mergelab.experiments.store import (
     SCHEMA_VERSION,
     STATUSES,
@@ -23,6 +26,7 @@ from mergelab.experiments.store import (
     key_of,
     to_csv,
 )
+from mergelab.experiments.task import RunSummary, Task, TaskOutput
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -181,7 +181,7 @@ def run_noise_study(
 ) -> Any:
     """Run (or resume) the study and write ``report.json`` and ``pairs.csv`` into ``out``; returns the report."""
     from mergelab.experiments.jobs import finetune_job, pair_gain_job
-    from mergelab.experiments.runners import Task
+    from mergelab.experiments.task import Task
     from mergelab.experiments.store import key_of
     from mergelab.models.pretraining import ensure_pretrained
     from mergelab.training.branching import branch_spec

@@ -171,7 +171,7 @@ def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
     from mergelab.experiments.compare import ComparisonTable
     from mergelab.experiments.jobs import pool_size_job
     from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools
-    from mergelab.experiments.runners import Task
+    from mergelab.experiments.task import Task
     from mergelab.experiments.store import key_of
     from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
     from mergelab.training.zoo import build_zoo

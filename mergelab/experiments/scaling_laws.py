@@ -237,7 +237,7 @@ def run_scaling_study(
     Returns the :class:`~mergelab.report.ReportDocument`.
     """
     from mergelab.experiments.jobs import finetune_job, merge_eval_job
-    from mergelab.experiments.runners import Task
+    from mergelab.experiments.task import Task
     from mergelab.experiments.store import key_of
     from mergelab.models.pretraining import ensure_pretrained
 
@@ -302,7 +302,7 @@ def attach_excess(cfg: ScalingConfig, records: list[dict[str, Any]], opts: RunOp
     ``expert_loss`` (mean over its members of their own-task test loss under the same BN protocol) and
     ``excess = loss - expert_loss`` (NaN when a member's evaluation failed). Returns the run summary."""
     from mergelab.experiments.jobs import expert_eval_job
-    from mergelab.experiments.runners import Task
+    from mergelab.experiments.task import Task
     from mergelab.experiments.store import key_of
 
     specs = {_member_key(m): expert_eval_spec(cfg, m, cache) for r in records for m in r["members"]}
