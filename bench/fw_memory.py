@@ -142,7 +142,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from mergelab.methods.data_informed.context import MergeContext
-    from mergelab.methods.data_informed.frank_wolfe import FWHardParams, FWSoftParams, ModelObjective, frank_wolfe
+    from mergelab.methods.data_informed.frank_wolfe import FWHardParams, FWSoftParams, frank_wolfe
+    from mergelab.methods.data_informed.objectives import ModelObjective
     from mergelab.models import read_backbone_state
     from mergelab.spec import DataSpec
 

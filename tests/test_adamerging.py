@@ -25,9 +25,9 @@ from mergelab.methods.data_informed.adamerging import (
     adamerging,
     entropy_objective,
     load_task_vectors,
-    softmax_entropy,
 )
 from mergelab.methods.data_informed.context import ExpertHandle, MergeContext
+from mergelab.methods.data_informed.objectives import softmax_entropy
 from mergelab.models import load_backbone_state, read_backbone_state
 from mergelab.models.pretraining import PretrainConfig
 from mergelab.spec import DataSpec

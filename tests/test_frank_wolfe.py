@@ -16,22 +16,16 @@ from scipy.optimize import minimize
 from mergelab.errors import SpecError
 from mergelab.methods.data_informed import parse_params, registry
 from mergelab.methods.data_informed.context import MergeContext
-from mergelab.methods.data_informed.frank_wolfe import (
+from mergelab.methods.data_informed.frank_wolfe import FWConfig, FWHardParams, FWSoftParams, frank_wolfe, run_frank_wolfe
+from mergelab.methods.data_informed.frank_wolfe_oracle import (
     MODEL_GROUP,
     UNASSIGNED_GROUP,
-    FunctionObjective,
-    FWConfig,
-    FWHardParams,
-    FWSoftParams,
-    ModelObjective,
-    TaskFunctionObjective,
-    TensorPool,
-    frank_wolfe,
-    line_search,
     linear_minimization_oracle,
-    run_frank_wolfe,
     tensor_groups,
 )
+from mergelab.methods.data_informed.line_search import line_search
+from mergelab.methods.data_informed.objectives import FunctionObjective, ModelObjective, TaskFunctionObjective
+from mergelab.methods.data_informed.vertex_pools import TensorPool
 from mergelab.models import build_backbone, load_backbone_state, read_backbone_state
 from mergelab.models.pretraining import PretrainConfig
 from mergelab.spec import DataSpec

@@ -77,6 +77,7 @@ from mergelab.errors import NonFiniteError, TensorMismatchError
 from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.context import MergeContext
+from mergelab.methods.data_informed.objectives import softmax_entropy
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +252,6 @@ class CoefficientMerge:
             merged = base + torch.tensordot(c.to(tau.dtype), tau, dims=1)
             out[name] = merged.clamp_min(0.0) if name in self.nonnegative else merged
         return out
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-row Shannon entropy (nats) of ``softmax(logits)``: ``-sum_c p_c log p_c``."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
 def entropy_objective(backbone: nn.Module, heads: Mapping[str, nn.Linear], state: Mapping[str, torch.Tensor],
@@ -464,5 +460,4 @@ METHODS = [
 ]
 
 __all__ = ["AdaMergingCoefficients", "AdaMergingParams", "CoefficientMerge", "METHODS", "TaskBatches",
-           "TaskVectorPool", "adamerging", "entropy_objective", "load_task_vectors", "record_output",
-           "softmax_entropy"]
+           "TaskVectorPool", "adamerging", "entropy_objective", "load_task_vectors", "record_output"]

@@ -171,10 +171,14 @@ Python API
 ----------
 :func:`frank_wolfe` ``(context, params) -> (state, FWTrace)``; the zoo-independent core
 :func:`run_frank_wolfe` ``(objective, pool, theta0, config, groups, coefficient_groups=...)`` works on plain
-tensors with any :class:`Objective` (e.g. :class:`FunctionObjective`; :class:`TaskFunctionObjective` and
-:class:`ModelObjective` are :class:`MultiTaskObjective` s, which ``FWConfig(oracle="per_task")`` needs) and
-:class:`VertexPool` (e.g. :class:`TensorPool`); :func:`linear_minimization_oracle`, :func:`tensor_groups`,
-:func:`line_search`. ``FWConfig.oracle`` defaults to ``joint`` (a plain objective has no tasks); the method
+tensors with any :class:`~mergelab.methods.data_informed.objectives.Objective` (e.g.
+:class:`~mergelab.methods.data_informed.objectives.FunctionObjective`; ``TaskFunctionObjective`` and
+``ModelObjective`` are ``MultiTaskObjective`` s, which ``FWConfig(oracle="per_task")`` needs; all in
+:mod:`~mergelab.methods.data_informed.objectives`) and
+:class:`~mergelab.methods.data_informed.vertex_pools.VertexPool` (e.g. ``TensorPool``, in
+:mod:`~mergelab.methods.data_informed.vertex_pools`); :func:`~mergelab.methods.data_informed.frank_wolfe_oracle.linear_minimization_oracle` and
+:func:`~mergelab.methods.data_informed.frank_wolfe_oracle.tensor_groups` (:mod:`~mergelab.methods.data_informed.frank_wolfe_oracle`),
+:func:`~mergelab.methods.data_informed.line_search.line_search` (:mod:`~mergelab.methods.data_informed.line_search`). ``FWConfig.oracle`` defaults to ``joint`` (a plain objective has no tasks); the method
 defaults above are set by :class:`FWHardParams` / :class:`FWSoftParams`. The trace (per iteration:
 objective, per-task objectives and proposals, gap, selected vertices, step or coefficients, objective after
 the update, evaluations, seconds) is logged at INFO level and returned.
@@ -185,654 +189,51 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
-from torch.func import functional_call
 
-from mergelab.errors import NonFiniteError, SpecError, TensorMismatchError
+from mergelab.errors import SpecError
 from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.context import MergeContext
+from mergelab.methods.data_informed.frank_wolfe_oracle import (
+    MODEL_GROUP,
+    Granularity,
+    Oracle,
+    Score,
+    gather_vertices,
+    linear_minimization_oracle,
+    tensor_groups,
+)
+from mergelab.methods.data_informed.line_search import line_search
+from mergelab.methods.data_informed.objectives import (
+    BnMode,
+    ModelObjective,
+    Objective,
+    ObjectiveKind,
+    Point,
+)
+from mergelab.methods.data_informed.vertex_pools import ContextPool, VertexPool
 from mergelab.ops.simplex import project_simplex, project_solid_simplex
 
 log = logging.getLogger(__name__)
 
-Point = dict[str, torch.Tensor]
-Granularity = Literal["task", "layer"]
-Score = Literal["inner_product", "cosine"]
 StepRule = Literal["line_search", "schedule"]
 SimplexKind = Literal["solid", "probability"]
-ObjectiveKind = Literal["ce", "entropy"]
 InitKind = Literal["pretrained", "task_arithmetic", "adamerging"]
-Oracle = Literal["per_task", "joint"]
-BnMode = Literal["merged", "batch"]
-
-#: the single group of task-wise FW (one vertex / coefficient vector for the whole model)
-MODEL_GROUP = "<model>"
-#: layer-wise: buffers of modules without parameters
-UNASSIGNED_GROUP = "<buffers>"
-
-
-# ------------------------------------------------------------------------------------------- objectives
-
-
-class Objective(Protocol):
-    """``l(theta)`` on points (``name -> tensor``). ``value_and_grad`` returns the gradient for the
-    differentiable tensors only (a subset of the point's names); it must not modify or keep ``theta``."""
-
-    def value(self, theta: Mapping[str, torch.Tensor]) -> float: ...
-
-    def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]: ...
-
-
-class MultiTaskObjective(Objective, Protocol):
-    """An :class:`Objective` that is the mean of per-task losses, ``l = (1/T) sum_t l_t``, and exposes them:
-    ``task_values_and_grads(theta) -> (l, {t: l_t}, {t: grad l_t})`` (so ``grad l = (1/T) sum_t grad l_t``).
-    Needed by ``oracle: per_task``; ``tasks`` names the T tasks in a fixed order."""
-
-    tasks: list[str]
-
-    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
-                              ) -> tuple[float, dict[str, float], dict[str, Point]]: ...
-
-
-def _finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise NonFiniteError(f"Frank-Wolfe: the objective is {value} at {what}")
-    return value
-
-
-def _autograd(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], theta: Mapping[str, torch.Tensor],
-              names: Sequence[str]) -> tuple[float, Point]:
-    leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad():
-        out = fn({**theta, **leaves})
-        grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
-    return (_finite(float(out.detach()), "a point"),
-            {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)})
-
-
-class FunctionObjective:
-    """``l(theta) = fn(theta)`` for a differentiable callable on points; gradient by autograd.
-
-    ``differentiable`` names the tensors that get gradients (default: every floating tensor of the point).
-    """
-
-    def __init__(self, fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
-                 differentiable: Collection[str] | None = None) -> None:
-        self.fn = fn
-        self.differentiable = None if differentiable is None else list(differentiable)
-
-    def _names(self, theta: Mapping[str, torch.Tensor]) -> list[str]:
-        return self.differentiable or [n for n, t in theta.items() if t.is_floating_point()]
-
-    def value(self, theta: Mapping[str, torch.Tensor]) -> float:
-        with torch.no_grad():
-            return _finite(float(self.fn(theta)), "a point")
-
-    def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]:
-        return _autograd(self.fn, theta, self._names(theta))
-
-
-class TaskFunctionObjective(FunctionObjective):
-    """``l(theta) = (1/T) sum_t fns[t](theta)``: a :class:`MultiTaskObjective` from one differentiable callable
-    per task (gradients by autograd; ``differentiable`` as for :class:`FunctionObjective`)."""
-
-    def __init__(self, fns: Mapping[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]],
-                 differentiable: Collection[str] | None = None) -> None:
-        if not fns:
-            raise ValueError("the objective needs at least one task")
-        self.fns = dict(fns)
-        self.tasks = list(self.fns)
-        super().__init__(lambda th: sum(f(th) for f in self.fns.values()) / len(self.fns), differentiable)
-
-    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
-                              ) -> tuple[float, dict[str, float], dict[str, Point]]:
-        names = self._names(theta)
-        values, grads = {}, {}
-        for task, fn in self.fns.items():
-            values[task], grads[task] = _autograd(fn, theta, names)
-        return sum(values.values()) / len(values), values, grads
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-row Shannon entropy (nats) of ``softmax(logits)``."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-class _StatisticsDifferentiableBN:
-    """Mixin for BatchNorm classes: in eval mode, ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``
-    written out, so that autograd reaches the running statistics (PyTorch's eval-mode ``batch_norm`` refuses
-    gradients for them). Train mode, and layers without running statistics, use the class's own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.running_mean is None or self.running_var is None:
-            return super().forward(x)  # type: ignore[misc]
-        self._check_input_dim(x)  # type: ignore[attr-defined]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y
-
-
-_DIFFERENTIABLE_BN: dict[type, type] = {}
-
-
-def _differentiable_bn_class(cls: type) -> type:
-    if cls not in _DIFFERENTIABLE_BN:
-        name = f"StatisticsDifferentiable{cls.__name__}"
-        _DIFFERENTIABLE_BN[cls] = type(name, (_StatisticsDifferentiableBN, cls), {})
-    return _DIFFERENTIABLE_BN[cls]
-
-
-def batchnorm_layers(backbone: nn.Module) -> dict[str, nn.Module]:
-    """``{module name: layer}`` of the backbone's BatchNorm layers."""
-    return {n: m for n, m in backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-
-class ModelObjective:
-    """The FW-Merging objective on a backbone: ``l = (1/T) sum_t l_t``, ``l_t`` the mean per-example loss of task t
-    through its head (``kind``: ``ce`` cross-entropy with labels, ``entropy`` prediction entropy without).
-
-    The backbone runs through :func:`torch.func.functional_call` with the point's tensors, in eval mode except
-    for BatchNorm (``bn``):
-
-    * ``merged``: BN in eval mode with the point's running statistics, as the merged model is evaluated. With
-      ``statistics_gradient`` (default) the statistics are differentiable too (the BN layers of ``backbone`` are
-      switched, in place, to an equivalent eval-mode formula that autograd can differentiate in them): they
-      move with the convex coefficients like the weights, so the oracle and the coefficient gradients must
-      see them (module docstring). ``statistics_gradient=False`` differentiates the parameters only (the
-      earlier behaviour, which let fw_hard stall on its start).
-      Examples are processed in chunks of ``batch_size`` (eval-mode BN makes the chunking exact).
-    * ``batch``: BN in train mode, normalising with the statistics of the batch; each task's examples form
-      **one** batch whatever ``batch_size`` is (train-mode BN is not separable across chunks, so chunks would
-      change the function), so ``l_t`` is a deterministic function of the parameters and the running
-      statistics do not enter it (they get no gradient; the layers' own buffers absorb the train-mode updates,
-      the point's are never written). Activation memory grows with the number of examples per task.
-
-    ``differentiable``: the names that get gradients. ``task_values_and_grads`` gives each task's loss and
-    gradient (T gradients, each the size of the differentiable tensors).
-    """
-
-    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module],
-                 data: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]], kind: ObjectiveKind = "ce",
-                 batch_size: int = 64, *, bn: BnMode = "merged", statistics_gradient: bool = True) -> None:
-        if kind not in ("ce", "entropy"):
-            raise ValueError(f"objective must be 'ce' or 'entropy', got {kind!r}")
-        if bn not in ("merged", "batch"):
-            raise ValueError(f"bn must be 'merged' or 'batch', got {bn!r}")
-        if not data:
-            raise ValueError("the objective needs data for at least one task")
-        missing = [t for t in data if t not in heads]
-        if missing:
-            raise ValueError(f"no head for task(s) {missing}")
-        if kind == "ce" and any(y is None for _, y in data.values()):
-            raise ValueError("objective 'ce' needs labels for every task")
-        self.backbone = backbone.eval()
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.parameter_names = [n for n, _ in backbone.named_parameters()]
-        layers = batchnorm_layers(backbone)
-        self.statistics_names = [f"{name}.{b}" if name else b for name, m in layers.items()
-                                 for b in ("running_mean", "running_var") if getattr(m, b, None) is not None]
-        self._statistics = set(self.statistics_names)
-        self.bn = bn
-        if bn == "batch":
-            for m in layers.values():
-                m.train()
-            self.differentiable = list(self.parameter_names)
-        else:
-            if statistics_gradient:
-                for m in layers.values():
-                    m.__class__ = _differentiable_bn_class(type(m))
-            self.differentiable = self.parameter_names + (self.statistics_names if statistics_gradient else [])
-        self.heads = dict(heads)
-        self.data = dict(data)
-        self.tasks = list(self.data)
-        self.kind = kind
-        self.batch_size = int(batch_size)
-
-    def _chunks(self, task: str):
-        x, y = self.data[task]
-        n = len(x)
-        size = n if self.bn == "batch" else self.batch_size
-        for start in range(0, n, size):
-            yield x[start : start + size], None if y is None else y[start : start + size], 1.0 / n
-
-    def _loss(self, state: Mapping[str, torch.Tensor], task: str, x: torch.Tensor,
-              y: torch.Tensor | None) -> torch.Tensor:
-        if self.bn == "batch":  # the layers' own buffers take the train-mode updates, never the point's
-            state = {n: t for n, t in state.items() if n not in self._statistics}
-        features = functional_call(self.backbone, dict(state), (x,))
-        head = self.heads[task]
-        logits = F.linear(features, head.weight.to(features.dtype), head.bias.to(features.dtype))
-        if self.kind == "ce":
-            return F.cross_entropy(logits, y, reduction="sum")
-        return softmax_entropy(logits).sum()
-
-    def task_value(self, theta: Mapping[str, torch.Tensor], task: str) -> float:
-        with torch.no_grad():
-            return sum(float(self._loss(theta, task, x, y)) * w for x, y, w in self._chunks(task))
-
-    def value(self, theta: Mapping[str, torch.Tensor]) -> float:
-        total = sum(self.task_value(theta, task) for task in self.tasks) / len(self.tasks)
-        return _finite(total, "the merged model")
-
-    def _accumulate(self, theta: Mapping[str, torch.Tensor], task: str, scale: float, grads: Point) -> float:
-        leaves = {n: theta[n].detach().requires_grad_(True) for n in self.differentiable}
-        state = {**theta, **leaves}
-        total = 0.0
-        with torch.enable_grad():
-            for x, y, w in self._chunks(task):
-                loss = self._loss(state, task, x, y) * w
-                for acc, g in zip(grads.values(), torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)):
-                    if g is not None:
-                        acc.add_(g, alpha=scale)
-                total += float(loss.detach())
-        return total
-
-    def value_and_grad(self, theta: Mapping[str, torch.Tensor]) -> tuple[float, Point]:
-        grads = {n: torch.zeros_like(theta[n]) for n in self.differentiable}
-        total = sum(self._accumulate(theta, task, 1.0 / len(self.tasks), grads) for task in self.tasks)
-        return _finite(total / len(self.tasks), "the merged model"), grads
-
-    def task_values_and_grads(self, theta: Mapping[str, torch.Tensor]
-                              ) -> tuple[float, dict[str, float], dict[str, Point]]:
-        values, grads = {}, {}
-        for task in self.tasks:
-            grads[task] = {n: torch.zeros_like(theta[n]) for n in self.differentiable}
-            values[task] = _finite(self._accumulate(theta, task, 1.0, grads[task]), f"the merged model ({task})")
-        return sum(values.values()) / len(values), values, grads
-
-
-# ------------------------------------------------------------------------------------------ vertex pools
-
-
-class VertexPool(Protocol):
-    """The checkpoints (vertices). ``load(i)`` returns vertex i's tensors as fresh tensors the caller owns
-    (and may modify in place), on the working device; nothing is cached."""
-
-    def __len__(self) -> int: ...
-
-    def load(self, index: int) -> Point: ...
-
-    def label(self, index: int) -> str: ...
-
-
-class TensorPool:
-    """An in-memory pool (tests, small problems): ``load`` returns copies of the given vertices."""
-
-    def __init__(self, vertices: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str] | None = None) -> None:
-        if not vertices:
-            raise ValueError("the pool is empty")
-        self.vertices = [dict(v) for v in vertices]
-        self.labels = list(labels) if labels is not None else [f"v{i}" for i in range(len(vertices))]
-        self.loads = 0
-
-    def __len__(self) -> int:
-        return len(self.vertices)
-
-    def load(self, index: int) -> Point:
-        self.loads += 1
-        return {k: v.detach().clone() for k, v in self.vertices[index].items()}
-
-    def label(self, index: int) -> str:
-        return self.labels[index]
-
-
-class ContextPool:
-    """The experts of a :class:`MergeContext`, read from disk on every ``load`` (one at a time).
-
-    Checks each expert against ``reference`` (names, shapes; finiteness on its first read) and returns its
-    floating tensors in float32 on the context's device.
-    """
-
-    def __init__(self, context: MergeContext, reference: Mapping[str, torch.Tensor]) -> None:
-        self.context = context
-        self.shapes = {n: tuple(t.shape) for n, t in reference.items()}
-        self.floating = [n for n, t in reference.items() if t.is_floating_point()]
-        self._checked: set[int] = set()
-        tasks = [e.task for e in context.experts]
-        self.labels = [t if tasks.count(t) == 1 else f"{t}#{i}" for i, t in enumerate(tasks)]
-
-    def __len__(self) -> int:
-        return len(self.context.experts)
-
-    def label(self, index: int) -> str:
-        return self.labels[index]
-
-    def load(self, index: int) -> Point:
-        state = self.context.expert_state(index)
-        source = str(self.context.experts[index].backbone_path)
-        missing = sorted(set(self.shapes) - set(state))
-        extra = sorted(set(state) - set(self.shapes))
-        if missing or extra:
-            parts = ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + (
-                [f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}"] if extra else [])
-            raise TensorMismatchError(
-                f"{source}: does not match the base {self.context.base_path}: " + "; ".join(parts))
-        out: Point = {}
-        device = self.context.device
-        for name in self.floating:
-            t = state.pop(name)
-            if tuple(t.shape) != self.shapes[name]:
-                raise TensorMismatchError(
-                    f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the base has {self.shapes[name]}")
-            if not t.is_floating_point():
-                raise TensorMismatchError(f"{source}: tensor '{name}' is {t.dtype}, the base's is floating")
-            t = t.to(device=device, dtype=torch.float32)
-            if index not in self._checked and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"{source}: tensor '{name}' holds NaN or Inf values")
-            out[name] = t
-        self._checked.add(index)
-        del state
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- groups
-
-
-def tensor_groups(names: Sequence[str], granularity: Granularity,
-                  parameter_names: Collection[str] | None = None) -> dict[str, list[str]]:
-    """Blocks of the oracle: ``group -> tensor names`` (a partition of ``names``).
-
-    ``task``: one group holding everything. ``layer``: one group per differentiable tensor
-    (``parameter_names``; default: all of ``names``); every other tensor (a buffer) joins the group of its own
-    module's ``weight`` (or of the module's first parameter); buffers of parameter-free modules form the
-    group :data:`UNASSIGNED_GROUP`.
-    """
-    if granularity == "task":
-        return {MODEL_GROUP: list(names)}
-    if granularity != "layer":
-        raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-    params = [n for n in names if parameter_names is None or n in parameter_names]
-    groups: dict[str, list[str]] = {n: [n] for n in params}
-    by_module: dict[str, list[str]] = {}
-    for p in params:
-        by_module.setdefault(p.rsplit(".", 1)[0] if "." in p else "", []).append(p)
-    leftover = []
-    for n in names:
-        if n in groups:
-            continue
-        module = n.rsplit(".", 1)[0] if "." in n else ""
-        siblings = sorted(by_module.get(module, []), key=lambda p: p != f"{module}.weight" and p != "weight")
-        if siblings:
-            groups[siblings[0]].append(n)
-        else:
-            leftover.append(n)
-    if leftover:
-        groups[UNASSIGNED_GROUP] = leftover
-    return groups
-
-
-# --------------------------------------------------------------------------------------------------- LMO
-
-
-@dataclass
-class LMOResult:
-    """What the oracle keeps of one pass over the pool: tables of scores, and the selection.
-
-    ``tensors``: the tensors with a gradient (the columns of the per-tensor tables);
-    ``tensor_inner[i, b] = <grad_b, s_i,b - theta_b>`` for the joint gradient (float64), and
-    ``task_tensor_inner[t, i, b]`` the same for each task's own gradient (per-task oracle only, else ``None``);
-    ``inner[i, G]``: ``tensor_inner`` summed over the tensors of group G;
-    ``cosine[i, G] = sum_{b in G} cos(grad_b, s_i,b)`` (only with ``score == "cosine"``, else ``None``);
-    ``selection[G]`` the vertex indices of group G, best joint score first (k of them, fewer when the pool
-    is smaller); ``proposals[G, t]`` the vertex task t proposed for group G (per-task oracle only; -1: no
-    vertex decreases task t's linearised loss in G, so it proposed none).
-    """
-
-    groups: list[str]
-    inner: torch.Tensor
-    cosine: torch.Tensor | None
-    selection: torch.Tensor
-    score: Score
-    tensors: list[str] = field(default_factory=list)
-    tensor_inner: torch.Tensor | None = None
-    oracle: Oracle = "joint"
-    tasks: list[str] = field(default_factory=list)
-    task_tensor_inner: torch.Tensor | None = None
-    proposals: torch.Tensor | None = None
-
-    @property
-    def gap(self) -> float:
-        """The FW gap ``max_s <-grad, s - theta>`` (over the product of the groups' hulls: sum of group maxima)."""
-        return float((-self.inner).amax(0).sum())
-
-    @property
-    def selected_gap(self) -> float:
-        """``<-grad, s_sel - theta>`` for the top-1 selection (equals :attr:`gap` with the joint inner-product
-        oracle)."""
-        cols = torch.arange(len(self.groups))
-        return float((-self.inner[self.selection[:, 0], cols]).sum())
-
-    def selected(self) -> dict[str, list[int]]:
-        return {g: self.selection[i].tolist() for i, g in enumerate(self.groups)}
-
-    def proposed(self) -> dict[str, list[int]] | None:
-        """``{group: [vertex proposed by each task, in the order of tasks]}`` (per-task oracle), else ``None``."""
-        if self.proposals is None:
-            return None
-        return {g: self.proposals[i].tolist() for i, g in enumerate(self.groups)}
-
-    def coefficient_gradient(self, coefficient_groups: Mapping[str, Sequence[str]],
-                             selection_groups: Mapping[str, Sequence[str]]) -> torch.Tensor:
-        """``d l / d lam[C, j]`` at ``lam = 0`` for the selected directions ``s_j - theta`` (slot j of every
-        selection group): ``sum_{b in C} <grad_b, s_sel(G(b), j),b - theta_b>``, from the per-tensor table
-        (no gradient needed)."""
-        if self.tensor_inner is None:
-            raise ValueError("the per-tensor table is missing")
-        column = {b: i for i, b in enumerate(self.tensors)}
-        group_of = {b: gi for gi, g in enumerate(selection_groups) for b in selection_groups[g]}
-        m = self.selection.shape[1]
-        out = torch.zeros(len(coefficient_groups), m, dtype=torch.float64)
-        for ci, c in enumerate(coefficient_groups):
-            for b in coefficient_groups[c]:
-                if b in column:
-                    out[ci] += self.tensor_inner[self.selection[group_of[b]], column[b]]
-        return out
-
-
-def _stable_order(values: torch.Tensor) -> list[int]:
-    return torch.sort(values, stable=True).indices.tolist()
-
-
-def _per_task_selection(task_table: torch.Tensor, joint: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
-    """Per-task selection for one group from ``task_table[t, i]`` (task t's score of vertex i) and the joint
-    scores ``joint[i]``: each task proposes its best vertex if its score is negative (it decreases that task's
-    linearised loss; else the task proposes nothing, recorded as -1); the distinct proposals, cut to the ``k``
-    with the best joint score or filled up to ``k`` with the best remaining vertices by joint score; returned
-    best joint score first, with the proposals."""
-    proposals = []
-    for row in task_table:
-        best = int(torch.sort(row, stable=True).indices[0])
-        proposals.append(best if float(row[best]) < 0 else -1)
-    rank = _stable_order(joint)
-    position = {v: r for r, v in enumerate(rank)}
-    chosen = sorted({p for p in proposals if p >= 0}, key=lambda v: position[v])[:k]
-    for v in rank:
-        if len(chosen) >= k:
-            break
-        if v not in chosen:
-            chosen.append(v)
-    return sorted(chosen, key=lambda v: position[v]), proposals
-
-
-def linear_minimization_oracle(grad: Mapping[str, torch.Tensor] | None, theta: Mapping[str, torch.Tensor],
-                               pool: VertexPool, groups: Mapping[str, Sequence[str]], *,
-                               score: Score = "inner_product", k: int = 1, oracle: Oracle = "joint",
-                               task_grads: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> LMOResult:
-    """Stream once through ``pool`` and select, per group, ``k`` vertices (see the module docstring).
-
-    Scores: ``inner_product`` ``<grad_G, s_G - theta_G>`` (the FW LMO: argmin of the linearised objective) or
-    ``cosine`` ``sum_{b in G} cos(grad_b, s_b)``. ``oracle: joint`` ranks by the joint gradient ``grad``;
-    ``oracle: per_task`` needs ``task_grads`` (``{task: gradient of l_t}``; the joint gradient is then their
-    mean, ``grad`` is not needed): each task proposes its best vertex per group, the distinct proposals are
-    cut or filled to ``k`` by the joint score. With ``task_grads`` and ``oracle: joint`` the joint gradient
-    is also their mean (the per-task tables are then recorded but not used). One vertex is loaded at a time
-    and released before the next. Groups without a differentiable tensor follow the selection made on the
-    scores summed over all groups.
-    """
-    n = len(pool)
-    if n == 0:
-        raise ValueError("the pool is empty")
-    if score not in ("inner_product", "cosine"):
-        raise ValueError(f"score must be 'inner_product' or 'cosine', got {score!r}")
-    if oracle not in ("joint", "per_task"):
-        raise ValueError(f"oracle must be 'joint' or 'per_task', got {oracle!r}")
-    if oracle == "per_task" and not task_grads:
-        raise ValueError("oracle 'per_task' needs each task's gradient (task_grads)")
-    if task_grads is None and grad is None:
-        raise ValueError("the oracle needs a gradient")
-    k = max(1, min(int(k), n))
-    names = list(groups)
-    tasks = list(task_grads) if task_grads else []
-    sources: list[Mapping[str, torch.Tensor]] = (
-        [task_grads[t] for t in tasks] if task_grads else [grad])  # type: ignore[list-item]
-    member = {b: j for j, g in enumerate(names) for b in groups[g]}
-    tensors = [b for g in names for b in groups[g] if all(b in src for src in sources)]
-    column = {b: c for c, b in enumerate(tensors)}
-    rows = torch.zeros(len(sources), n, len(tensors), dtype=torch.float64)  # <g_src, s_i - theta> per tensor
-    cos_rows = torch.zeros(len(sources), n, len(tensors), dtype=torch.float64) if score == "cosine" else None
-    # the joint gradient is the mean of the sources; its cosine needs its norm, taken one tensor at a time
-    joint_cos = torch.zeros(n, len(tensors), dtype=torch.float64) if score == "cosine" else None
-    if score == "cosine":
-        gnorm = torch.tensor([[float(src[b].norm()) for b in tensors] for src in sources], dtype=torch.float64)
-        jnorm = torch.tensor([float(sum(src[b] for src in sources).norm()) / len(sources) for b in tensors],
-                             dtype=torch.float64)
-    for i in range(n):
-        s = pool.load(i)
-        for b in tensors:
-            sb = s[b]
-            diff = (sb - theta[b]).reshape(-1)
-            c = column[b]
-            snorm = float(sb.norm()) if score == "cosine" else 0.0
-            dots = []
-            for r, src in enumerate(sources):
-                g = src[b].reshape(-1)
-                rows[r, i, c] = float(torch.dot(g, diff))
-                if cos_rows is not None:
-                    dots.append(float(torch.dot(g, sb.reshape(-1))))
-                    denom = float(gnorm[r, c]) * snorm
-                    if denom > 0:
-                        cos_rows[r, i, c] = dots[-1] / denom
-            if joint_cos is not None:
-                denom = float(jnorm[c]) * snorm
-                if denom > 0:
-                    joint_cos[i, c] = sum(dots) / len(dots) / denom
-            del diff
-        del s
-    tensor_inner = rows.mean(0)
-    aggregate = torch.zeros(len(tensors), len(names), dtype=torch.float64)
-    for b, c in column.items():
-        aggregate[c, member[b]] = 1.0
-
-    def by_group(per_tensor: torch.Tensor) -> torch.Tensor:
-        return per_tensor @ aggregate
-
-    inner = by_group(tensor_inner)
-    cosine = by_group(joint_cos) if joint_cos is not None else None
-    joint_table = inner if cosine is None else cosine
-    task_tables = None
-    if task_grads:
-        task_tables = torch.stack([by_group(r) for r in (rows if cos_rows is None else cos_rows)])  # [T, n, G]
-    has_grad = [any(b in column for b in groups[g]) for g in names]
-    proposals = None
-    if oracle == "joint":
-        overall = _stable_order(joint_table.sum(1))[:k]
-        selection = torch.tensor([_stable_order(joint_table[:, j])[:k] if has_grad[j] else overall
-                                  for j in range(len(names))], dtype=torch.long)
-    else:
-        assert task_tables is not None
-        overall, overall_prop = _per_task_selection(task_tables.sum(2), joint_table.sum(1), k)
-        sel, prop = [], []
-        for j in range(len(names)):
-            chosen, proposed = (_per_task_selection(task_tables[:, :, j], joint_table[:, j], k) if has_grad[j]
-                                else (overall, overall_prop))
-            sel.append(chosen)
-            prop.append(proposed)
-        selection = torch.tensor(sel, dtype=torch.long)
-        proposals = torch.tensor(prop, dtype=torch.long)
-    return LMOResult(names, inner, cosine, selection, score, tensors, tensor_inner, oracle, tasks,
-                     rows if task_grads else None, proposals)
-
-
-def gather_vertices(pool: VertexPool, selection: torch.Tensor, groups: Mapping[str, Sequence[str]],
-                    theta: Mapping[str, torch.Tensor], *, subtract: bool) -> list[Point]:
-    """Assemble the ``m = selection.shape[1]`` selected (composite) vertices, streaming each needed expert once.
-
-    Slot j holds, for every group G, the tensors of vertex ``selection[G, j]`` (minus ``theta`` if
-    ``subtract``: the directions ``s_j - theta``). Memory: the m assembled points plus one loaded expert.
-    """
-    names = list(groups)
-    slots: list[Point] = [{} for _ in range(selection.shape[1])]
-    for i in sorted(set(selection.flatten().tolist())):
-        s = pool.load(i)
-        for j, group in enumerate(names):
-            for slot in (selection[j] == i).nonzero().flatten().tolist():
-                for b in groups[group]:
-                    t = s.pop(b)
-                    slots[slot][b] = t.sub_(theta[b]) if subtract else t
-        del s
-    return slots
-
 
 # ------------------------------------------------------------------------------------------ step sizes
-
-
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def line_search(phi: Callable[[float], float], f0: float, upper: float = 1.0, *, grid: int = 5,
-                steps: int = 6) -> tuple[float, float, int]:
-    """Minimise ``phi`` on ``[0, upper]``: a ``grid``-point grid (``phi(0) = f0`` is given), then ``steps``
-    golden-section evaluations in the bracket around the best grid point. Returns ``(gamma, phi(gamma),
-    evaluations)``; the best point seen, so ``phi(gamma) <= f0``."""
-    pts = [upper * i / (grid - 1) for i in range(grid)]
-    vals = [f0] + [phi(g) for g in pts[1:]]
-    evals = grid - 1
-    b = min(range(grid), key=lambda i: (vals[i], i))
-    best = (pts[b], vals[b])
-    lo, hi = pts[max(b - 1, 0)], pts[min(b + 1, grid - 1)]
-    if steps <= 0:
-        return best[0], best[1], evals
-    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fc = phi(c)
-    evals += 1
-    fd = phi(d) if steps > 1 else math.inf
-    evals += steps > 1
-    for gamma, value in ((c, fc), (d, fd)):
-        if value < best[1]:
-            best = (gamma, value)
-    for _ in range(steps - 2):
-        if fc < fd:
-            hi, d, fd = d, c, fc
-            c = hi - _GOLDEN * (hi - lo)
-            fc = phi(c)
-            gamma, value = c, fc
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + _GOLDEN * (hi - lo)
-            fd = phi(d)
-            gamma, value = d, fd
-        evals += 1
-        if value < best[1]:
-            best = (gamma, value)
-    return best[0], best[1], evals
 
 
 def schedule_step(t: int, step_size: float = 1.0) -> float:
     """The classical FW step ``gamma_t = step_size * 2 / (t + 2)`` (t = 0, 1, ...)."""
     return step_size * 2.0 / (t + 2.0)
+
 
 
 # --------------------------------------------------------------------------------------------- the core
@@ -1369,8 +770,5 @@ METHODS = [
     ),
 ]
 
-__all__ = ["ContextPool", "FWConfig", "FWHardParams", "FWIteration", "FWSoftParams", "FWTrace", "FunctionObjective",
-           "LMOResult", "METHODS", "ModelObjective", "MultiTaskObjective", "Objective", "TaskFunctionObjective",
-           "TensorPool", "VertexPool", "batchnorm_layers", "frank_wolfe", "gather_vertices", "line_search",
-           "linear_minimization_oracle", "run_frank_wolfe", "schedule_step", "simplex_coefficients",
-           "softmax_entropy", "tensor_groups"]
+__all__ = ["FWConfig", "FWHardParams", "FWIteration", "FWSoftParams", "FWTrace", "METHODS", "frank_wolfe",
+           "run_frank_wolfe", "schedule_step", "simplex_coefficients"]
