@@ -26,10 +26,10 @@ validate a spec, or to merge with the numpy back-end, does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mergelab import ops
 from mergelab.methods.base import (
@@ -47,6 +47,8 @@ from mergelab.methods.base import (
 
 if TYPE_CHECKING:
     import torch
+
+ops_spacing = Literal["paper", "mergekit"]  # DELLA's rank spacing (mergelab.ops.magprune_keep_probabilities)
 
 
 class WeightAverageParams(MethodParams):
@@ -423,6 +425,259 @@ def iso_cts(inp: TensorInputs, p: IsoCtsParams) -> torch.Tensor:
     return _spectral(inp, p, common_and_specific)
 
 
+# ------------------------------------------------------------------- issue 15: mergekit's further methods
+
+
+class DellaMixin(BaseModel):
+    epsilon: float = Field(0.1, description="spread of the drop probabilities (paper: full width; mergekit: half)")
+    spacing: ops_spacing = Field("paper", description="rank spacing of the probabilities: 'paper' or 'mergekit'")
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> DellaMixin:
+        density = getattr(self, "density", 1.0)
+        if density < 1.0:
+            half = self.epsilon / 2.0 if self.spacing == "paper" else self.epsilon
+            if not (self.epsilon >= 0.0 and density - half > 0.0 and density + half <= 1.0):
+                raise ValueError(f"epsilon {self.epsilon} with density {density} puts keep probabilities outside "
+                                 f"(0, 1] (spacing {self.spacing!r}: density +- {half:g})")
+        return self
+
+
+class DellaLinearParams(DareLinearParams, DellaMixin):
+    pass
+
+
+class DellaParams(DareTiesParams, DellaMixin):
+    pass
+
+
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    sign_election: SignElection = "mass"
+    disjoint_divisor: DisjointDivisor = "count"
+    sign_test: SignTest = "tau"
+
+
+class SceParams(MethodParams):
+    select_topk: float = Field(1.0, description="fraction of the entries of highest variance kept (select step)")
+    min_energy: float = Field(0.0, description="equal weights when the summed energy is below this (mergekit: 1e-6)")
+
+    @field_validator("select_topk")
+    @classmethod
+    def _topk_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"select_topk must be in (0, 1], got {v}")
+        return v
+
+
+class NuSlerpParams(MethodParams):
+    flatten: bool = Field(True, description="one interpolation of the flattened tensors (mergekit's nuslerp_flatten)")
+    row_wise: bool = Field(False, description="without flatten: interpolate columns (dim 0) instead of rows")
+
+
+class MultiSlerpParams(MethodParams):
+    normalize_weights: bool = True
+    eps: float = 1e-8
+
+
+class KarcherParams(MethodParams):
+    max_iter: int = Field(10, ge=0)
+    tol: float = Field(1e-5, gt=0.0)
+
+
+class NearSwapParams(MethodParams):
+    t: float = Field(1e-4, gt=0.0, description="distance below which an entry takes the model's value")
+
+
+class ArceeFusionParams(MethodParams):
+    pass
+
+
+class PassthroughParams(MethodParams):
+    scale: float = Field(1.0, description="factor applied to the model's tensors (mergekit's per-model scale)")
+
+
+def della_pruned(taus: list[torch.Tensor], inp: TensorInputs, p: DellaLinearParams) -> list[torch.Tensor]:
+    """DELLA's MAGPRUNE of each task vector (:func:`mergelab.ops.magprune`), masks seeded by (``seed``, expert
+    index, tensor name) as DARE's."""
+    return [
+        ops.magprune(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "epsilon", p.epsilon),
+                     spacing=p.spacing, rescale=p.rescale, generator=inp.generator(p.seed, i))
+        for i, tau in enumerate(taus)
+    ]
+
+
+def della(inp: TensorInputs, p: DellaParams) -> torch.Tensor:
+    """DELLA-Merging (Deep et al. 2024): MAGPRUNE -> elect_sign -> disjoint_mean -> scale.
+
+    MAGPRUNE (:func:`mergelab.ops.magprune`): within each row (output node) of ``tau_i``, rank the entries by
+    magnitude (``r = 0`` the largest), drop entry j with probability ``p_j = p - epsilon/2 + epsilon r_j / n``
+    (``p = 1 - density``), rescale survivors by ``1 / (1 - p_j)``; then TIES's sign election and mean over the
+    agreeing models, and ``theta = theta_0 + lambda * merged``. The paper tunes p and epsilon on validation;
+    the defaults here (density 0.5 as DARE's, epsilon 0.1) are a starting point, not the paper's choice.
+    mergekit's ``della`` (``spacing: mergekit``: keep probabilities ``density +- epsilon`` at the ends,
+    ``rescale: l1``, ``sign_test: weighted``, ``disjoint_divisor: weight``) is the same composition.
+    """
+    taus = della_pruned(inp.task_vectors(), inp, p)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
+    return _base(inp) + ops.scale(merged, p.lambda_)
+
+
+def della_linear(inp: TensorInputs, p: DellaLinearParams) -> torch.Tensor:
+    """DELLA's MAGPRUNE, then task arithmetic (mergekit's ``della_linear``):
+    ``theta = theta_0 + lambda * sum_i w_i magprune(tau_i)`` (MAGPRUNE and defaults as :func:`della`)."""
+    merged = ops.weighted_sum(della_pruned(inp.task_vectors(), inp, p), inp.weights)
+    return _base(inp) + ops.scale(merged, p.lambda_)
+
+
+def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tensor:
+    """Breadcrumbs with TIES's consensus (mergekit's ``breadcrumbs_ties``): band -> elect_sign ->
+    disjoint_mean -> scale. The band as :func:`breadcrumbs` (exactly ``n_keep`` entries, ties by position),
+    then ``theta_0 + lambda * sum_{i in A} w_i band(tau_i) / |A|`` over the models agreeing with the elected
+    sign (options as :func:`ties`; mergekit's defaults: ``disjoint_divisor: none`` for its ``normalize:
+    false``, ``sign_test: weighted``). Defaults density 0.9, gamma 0.01 (mergekit's)."""
+    taus = banded(inp.task_vectors(), inp, p)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
+    return _base(inp) + ops.scale(merged, p.lambda_)
+
+
+def sce_selected(taus: list[torch.Tensor], p: SceParams) -> list[torch.Tensor]:
+    """SCE's select step on the task vectors of one tensor (all of them when ``select_topk`` is 1)."""
+    if p.select_topk >= 1.0 or taus[0].numel() == 0:
+        return taus
+    mask = ops.select_mask(ops.expert_variance(taus), p.select_topk)
+    return [tau * mask for tau in taus]
+
+
+def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
+    """SCE, select-calculate-erase (Wan et al. 2024, FuseChat, sec. 3.3; mergekit's ``sce``), per tensor:
+
+    1. select: keep the ``floor(select_topk * #{var_j != 0})`` entries of largest variance across the task
+       vectors, ``var_j = mean_i (tau_ij - mean_i tau_ij)^2`` (ties by position), zero the rest;
+    2. calculate: ``w_i = E_i / sum_k E_k`` with ``E_i = mean_j tau_ij^2`` of the selected task vectors (float64
+       sums by blocks, :func:`mergelab.ops.gram`); equal weights when all are zero (or below ``min_energy``;
+       mergekit 1e-6);
+    3. erase: the elected sign ``gamma = sgn(sum_i tau_i)`` (unweighted mass) and
+       ``theta = theta_0 + sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the models agreeing with it.
+
+    The models' own weights are not used (as mergekit). Default ``select_topk`` 1 (mergekit's; the paper
+    treats it as a hyperparameter). Differences from mergekit: an exact tie of the sign sum elects 0 (mergekit
+    +1), and ties of the variance at the cut are kept by position (mergekit: ``topk``'s order).
+    """
+    taus = sce_selected(inp.task_vectors(), p)
+    numel = taus[0].numel()
+    g = ops.gram(taus) if numel else [[0.0] * len(taus) for _ in taus]
+    weights = ops.energy_weights([g[i][i] for i in range(len(taus))], numel, p.min_energy)
+    sign = ops.elect_sign(taus, [1.0] * len(taus), by="mass")
+    return _base(inp) + ops.disjoint_mean(taus, sign, weights, divisor="weight")
+
+
+def _sphere_inputs(inp: TensorInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The vectors NuSLERP and Multi-SLERP interpolate: the task vectors when there is a base model (as
+    mergekit with ``base_model``), else the models; and the origin to add back (the base, or None)."""
+    if inp.base is not None:
+        return inp.task_vectors(), _base(inp)
+    return [e.to(inp.compute_dtype) for e in inp.experts], None
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """NuSLERP's position from the two models' weights: ``t = w_1 / (w_0 + w_1)`` (0.5 when the sum is below
+    1e-6 in magnitude, as mergekit)."""
+    total = weights[0] + weights[1]
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
+    """NuSLERP (mergekit's ``nuslerp``): spherical interpolation of two models (or of their task vectors
+    when a base is given, then added back) at ``t = w_1 / (w_0 + w_1)`` from the models' weights.
+
+    ``slerp(v_0, v_1; t) = (sin((1-t) theta) v_0 + sin(t theta) v_1) / sin theta``, ``cos theta`` from the
+    vectors normalised (norms clamped at 1e-7), linear where ``|sin theta| < 1e-8``
+    (:func:`mergelab.ops.nuslerp_coefficients`). ``flatten`` (default, mergekit's): one angle per tensor,
+    from a float64 Gram matrix; else one per row (``row_wise: false``, the last axis) or column. No paper:
+    defaults are mergekit's.
+    """
+    vectors, origin = _sphere_inputs(inp)
+    t = nuslerp_t(inp.weights)
+    if p.flatten or vectors[0].dim() < 2:
+        c = ops.nuslerp_coefficients(ops.gram(vectors), t) if vectors[0].numel() else (1.0 - t, t)
+        out = ops.combine(vectors, c)
+    else:
+        out = ops.nuslerp_rows(vectors[0], vectors[1], t, 0 if p.row_wise else -1)
+    return out if origin is None else out.add_(origin)
+
+
+def multislerp(inp: TensorInputs, p: MultiSlerpParams) -> torch.Tensor:
+    """Multi-SLERP (Goddard 2025, "multislerp"; mergekit's ``multislerp``): barycentric interpolation of N
+    models (or task vectors when a base is given, added back) on the hypersphere, at the weights ``w_i``.
+
+    Unit vectors ``u_i = x_i / (|x_i| + eps)``, mean direction ``m = normalise(sum_i w_i u_i)``, the tangent
+    mean at m mapped back, scaled by ``sum_i w_i |x_i|``; the tangent mean is zero, so the result is
+    ``(sum_i w_i |x_i|) m`` (:func:`mergelab.ops.multislerp_coefficients`, from a float64 Gram matrix).
+    Defaults ``normalize_weights: true``, ``eps: 1e-8`` (mergekit's).
+    """
+    vectors, origin = _sphere_inputs(inp)
+    if len(vectors) == 1 or vectors[0].numel() == 0:
+        out = vectors[0].clone()
+    else:
+        c = ops.multislerp_coefficients(ops.gram(vectors), inp.weights, normalize_weights=p.normalize_weights,
+                                        eps=p.eps)
+        out = ops.combine(vectors, c)
+    return out if origin is None else out.add_(origin)
+
+
+def karcher(inp: TensorInputs, p: KarcherParams) -> torch.Tensor:
+    """Karcher mean (Karcher 1977; the Riemannian, or Frechet, mean on the unit sphere; mergekit's
+    ``karcher``) of the models' directions, scaled by their weighted mean norm, per tensor:
+    ``argmin_u sum_i alpha_i d(u, x_i/|x_i|)^2`` on the sphere (d the angle), by the fixed-point iteration of
+    :func:`mergelab.ops.karcher_coefficients` (``max_iter`` 10, ``tol`` 1e-5: mergekit's defaults), times
+    ``sum_i alpha_i |x_i|``, ``alpha_i = w_i / sum_j w_j``. On the models themselves (a base only supplies
+    config files; mergekit averages the base too when it is listed among the models). With two models it is
+    SLERP at ``t = alpha_2`` (test_methods).
+    """
+    vectors = [e.to(inp.compute_dtype) for e in inp.experts]
+    if len(vectors) == 1 or vectors[0].numel() == 0:
+        return vectors[0].clone()
+    c = ops.karcher_coefficients(ops.gram(vectors), inp.weights, max_iter=p.max_iter, tol=p.tol)
+    return ops.combine(vectors, c)
+
+
+def nearswap(inp: TensorInputs, p: NearSwapParams) -> torch.Tensor:
+    """NearSwap (alchemonaut 2024, the QuartetAnemoi-70B-t0.0001 merge; mergekit's ``nearswap``), entry by
+    entry between the base ``a`` and the one model ``b``: ``w b + (1 - w) a``,
+    ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)`` (:func:`mergelab.ops.nearswap`). Default t = 1e-4 (the value
+    of the merge it was introduced with; mergekit requires t)."""
+    return ops.nearswap(_base(inp), inp.experts[0].to(inp.compute_dtype), p.t)
+
+
+def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
+    """Arcee Fusion (Arcee AI 2025; mergekit's ``arcee_fusion``): the base ``a`` takes the model ``b``'s
+    value only at its most important entries.
+
+    Importance ``s_ij = |b_ij - a_ij| KL(softmax(b_i) + 1e-8 || softmax(a_i) + 1e-8)`` per row i (the last
+    axis; :func:`mergelab.ops.fusion_importance`); threshold ``median(s) + 1.5 (q3(s) - q1(s))`` with the
+    quantiles ``sorted(s)[floor(q (n - 1))]`` (exact selection; mergekit samples 10^6 entries of larger
+    tensors at random); ``theta = a + (b - a) [s >= threshold]``. No parameters (as mergekit).
+    """
+    a = _base(inp)
+    b = inp.experts[0].to(inp.compute_dtype)
+    if a.numel() == 0:
+        return a.clone()
+    a_rows, b_rows = ops.fusion_rows(a), ops.fusion_rows(b)
+    importance = ops.fusion_importance(a_rows, b_rows, ops.fusion_row_divergence(a_rows, b_rows)).reshape(-1)
+    q1, median, q3 = (float(ops.kth_largest(importance, k)) for k in ops.quantile_ranks(importance.numel()))
+    mask = (importance >= ops.fusion_threshold(q1, median, q3)).reshape(a.shape)
+    return a + (b - a).mul_(mask)
+
+
+def passthrough(inp: TensorInputs, p: PassthroughParams) -> torch.Tensor:
+    """Passthrough (mergekit's ``passthrough``): the one model's tensor, times ``scale`` (default 1: a copy).
+    Stacking layers of several models (mergekit's ``slices``) is a separate feature."""
+    x = inp.experts[0].to(inp.compute_dtype)
+    return x.clone() if p.scale == 1.0 else x * p.scale
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -455,10 +710,34 @@ METHODS: dict[str, Method] = {
                IsoCParams, iso_c, combination="spectral", validation_grid={"lambda": SPECTRAL_LAMBDA_GRID}),
         Method("iso_cts", "isotropic merging in the sum's common subspace plus task-specific subspaces",
                IsoCtsParams, iso_cts, combination="spectral", validation_grid={"lambda": SPECTRAL_LAMBDA_GRID}),
+        # issue 15: mergekit's further methods
+        Method("della", "DELLA: magnitude-ranked drop (MAGPRUNE) and rescale, then TIES sign consensus",
+               DellaParams, della, per_model=("density", "epsilon"), combination="disjoint_mean"),
+        Method("della_linear", "DELLA's MAGPRUNE, then task arithmetic", DellaLinearParams, della_linear,
+               per_model=("density", "epsilon"), combination="sum"),
+        Method("breadcrumbs_ties", "breadcrumbs' band, then TIES sign consensus", BreadcrumbsTiesParams,
+               breadcrumbs_ties, per_model=("density", "gamma"), combination="disjoint_mean"),
+        Method("sce", "select by variance, weights from energy, erase minority signs (SCE)", SceParams, sce,
+               uses_weights=False, combination="disjoint_mean"),
+        Method("nuslerp", "spherical interpolation of two models at w_1/(w_0+w_1), optionally of task vectors",
+               NuSlerpParams, nuslerp, needs_base=False, min_models=2, max_models=2,
+               combination="interpolation"),
+        Method("multislerp", "barycentric spherical interpolation of N models or task vectors", MultiSlerpParams,
+               multislerp, needs_base=False, weights_nonzero=True, combination="interpolation"),
+        Method("karcher", "Karcher (Riemannian) mean of the models' directions on the sphere", KarcherParams,
+               karcher, needs_base=False, weights_nonzero=True, combination="interpolation"),
+        Method("nearswap", "take the model's value where it is within t of the base", NearSwapParams, nearswap,
+               max_models=1, uses_weights=False, combination="interpolation"),
+        Method("arcee_fusion", "take the model's value at its outlying importance (Arcee Fusion)",
+               ArceeFusionParams, arcee_fusion, max_models=1, uses_weights=False, combination="interpolation"),
+        Method("passthrough", "copy the one model (times scale)", PassthroughParams, passthrough,
+               needs_base=False, max_models=1, uses_weights=False, combination="mean"),
     )
 }
 
 MethodName = Literal[
     "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "slerp",
     "tsv_merge", "iso_c", "iso_cts",
+    "della", "della_linear", "breadcrumbs_ties", "sce", "nuslerp", "multislerp", "karcher", "nearswap",
+    "arcee_fusion", "passthrough",
 ]

@@ -30,7 +30,13 @@ _EXPORTS: dict[str, str] = {
     "keep_count": "selection",
     **dict.fromkeys(("common_and_specific_sizes", "isotropic", "isotropic_common_specific", "polar",
                      "svd_components", "task_singular_vectors"), "spectral"),
-    **dict.fromkeys(("BlockTrim", "band_ranks", "drop", "keep_top", "keep_top_into", "trim", "trim_band"), "sparsify"),
+    **dict.fromkeys(("Gram", "combine", "gram", "gram_from_partials", "gram_partials", "karcher_coefficients",
+                     "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_rows"), "spherical"),
+    **dict.fromkeys(("energy_weights", "expert_variance", "select_count", "select_mask"), "sce"),
+    **dict.fromkeys(("fusion_importance", "fusion_row_divergence", "fusion_rows", "fusion_threshold", "nearswap",
+                     "quantile_ranks"), "fusion"),
+    **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "drop", "keep_top", "keep_top_into", "magprune",
+                     "magprune_keep_probabilities", "rows_of", "top_set", "trim", "trim_band"), "sparsify"),
 }
 
 if TYPE_CHECKING:
@@ -38,6 +44,17 @@ if TYPE_CHECKING:
     from mergelab.ops.compose import TensorOp, chain, identity, task_vector
     from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
     from mergelab.ops.interpolate import model_stock_ratio, slerp, slerp_coefficients
+    from mergelab.ops.spherical import (
+        Gram,
+        combine,
+        gram,
+        gram_from_partials,
+        gram_partials,
+        karcher_coefficients,
+        multislerp_coefficients,
+        nuslerp_coefficients,
+        nuslerp_rows,
+    )
     from mergelab.ops.select import (
         BlockKthLargest,
         StreamingKthLargest,
@@ -45,6 +62,15 @@ if TYPE_CHECKING:
         select_sample_size,
         select_small_size,
     )
+    from mergelab.ops.fusion import (
+        fusion_importance,
+        fusion_row_divergence,
+        fusion_rows,
+        fusion_threshold,
+        nearswap,
+        quantile_ranks,
+    )
+    from mergelab.ops.sce import energy_weights, expert_variance, select_count, select_mask
     from mergelab.ops.selection import keep_count
     from mergelab.ops.spectral import (
         common_and_specific_sizes,
@@ -54,7 +80,20 @@ if TYPE_CHECKING:
         svd_components,
         task_singular_vectors,
     )
-    from mergelab.ops.sparsify import BlockTrim, band_ranks, drop, keep_top, keep_top_into, trim, trim_band
+    from mergelab.ops.sparsify import (
+        BlockTrim,
+        band_mask,
+        band_ranks,
+        drop,
+        keep_top,
+        keep_top_into,
+        magprune,
+        magprune_keep_probabilities,
+        rows_of,
+        top_set,
+        trim,
+        trim_band,
+    )
 
 
 def __getattr__(name: str) -> Any:

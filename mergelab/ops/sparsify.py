@@ -1,4 +1,5 @@
-"""Sparsifying operators on one task vector: ``trim`` (TIES), ``trim_band`` (breadcrumbs), ``drop`` (DARE).
+"""Sparsifying operators on one task vector: ``trim`` (TIES), ``trim_band`` (breadcrumbs), ``drop`` (DARE),
+``magprune`` (DELLA).
 
 Each takes a task vector ``tau`` (any shape, floating point) and returns a new tensor of the same shape;
 inputs are never modified. All three are the "sparsification operator" T of Corollary 1 in THEORY.md.
@@ -144,11 +145,32 @@ def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, t
 def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
     """The ranks of :func:`trim_band`'s two thresholds in a tensor of ``n > 0`` entries: ``(n_top, n_top +
     n_keep)`` with ``n_top = min(floor(gamma n), n - n_keep)`` and ``n_keep = floor(density n)`` (at least
-    1): the band keeps magnitudes below the ``n_top``-th largest (none removed when ``n_top`` is 0) and at
-    least the ``(n_top + n_keep)``-th largest."""
+    1): the band keeps the top ``n_top + n_keep`` entries by magnitude minus the top ``n_top`` (none removed
+    when ``n_top`` is 0), ties by flat position (:func:`band_mask`)."""
     n_keep = keep_count(n, density)
     n_top = min(int(math.floor(gamma * n)), n - n_keep)
     return n_top, n_top + n_keep
+
+
+def top_set(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` entries of largest ``magnitude`` (0 <= k <= numel), ties at the k-th largest
+    value kept first in flat order: :func:`trim`'s rule (exact selection, :func:`keep_top`)."""
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    threshold = float(kth_largest(magnitude, k))
+    return keep_top(magnitude, threshold, k - int(torch.count_nonzero(magnitude > threshold)))
+
+
+def band_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs' band as a boolean mask of ``magnitude`` (n > 0 entries): the entries of ranks
+    ``n_top .. n_top + n_keep - 1`` in the order of decreasing magnitude, ties in flat order
+    (:func:`band_ranks`): the top ``n_top + n_keep`` set minus the top ``n_top`` set (:func:`top_set`), so
+    exactly ``n_keep`` entries are kept whatever the ties."""
+    n_top, n_edge = band_ranks(magnitude.numel(), density, gamma)
+    keep = top_set(magnitude, n_edge)
+    if n_top > 0:
+        keep &= ~top_set(magnitude, n_top)
+    return keep
 
 
 def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -156,9 +178,11 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 
     Removes the ``gamma`` fraction of largest-magnitude entries (outliers) and then the smallest ones, so
     that a ``density`` fraction is kept: with ``n_top = floor(gamma * n)`` and ``n_keep = floor(density * n)``
-    (``n_top`` reduced if ``n_top + n_keep > n``), the kept entries are those whose magnitude is below the
-    ``n_top``-th largest and at least the ``(n_top + n_keep)``-th largest. Ties at either edge are resolved
-    by the same ``>=``/``<`` thresholds, so tied magnitudes may shift the count slightly.
+    (at least 1; ``n_top`` reduced if ``n_top + n_keep > n``), the kept entries are those of ranks
+    ``n_top .. n_top + n_keep - 1`` when sorted by decreasing ``|tau|``, ties broken by flat position
+    (:func:`band_mask`): exactly ``n_keep`` survive, as in mergekit (its sort), and with the same tie rule as
+    :func:`trim`. (Until issue 15 the band was kept by value, ``low <= |tau| < high``, which on tied
+    magnitudes (bf16) kept far fewer: on a tensor of equal ``|tau|`` none at all.)
     ``density == 1`` returns a copy (nothing removed, as in mergekit).
     """
     _check_density(density)
@@ -166,14 +190,84 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
     if density >= 1.0 or tau.numel() == 0:
         return tau.clone()
-    n_top, n_edge = band_ranks(tau.numel(), density, gamma)
-    mag = tau.abs()
-    low = float(kth_largest(mag, n_edge))
-    keep = mag >= low
-    if n_top > 0:
-        high = float(kth_largest(mag, n_top))
-        keep &= mag < high
-    return tau * keep
+    return tau * band_mask(tau.abs(), density, gamma)
+
+
+MagpruneSpacing = Literal["paper", "mergekit"]
+
+
+def magprune_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float,
+                                spacing: MagpruneSpacing = "paper") -> torch.Tensor:
+    """DELLA's per-entry keep probabilities ``1 - p_i`` (Deep et al. 2024, "DELLA-Merging", MAGPRUNE), ranked
+    within each row of ``magnitude`` (a 2-D ``(rows, n)`` view: the paper ranks each node's, i.e. output
+    row's, delta parameters), float32.
+
+    - ``paper``: rank ``r_i = 0`` for the largest magnitude up to ``n - 1`` for the smallest (ties by
+      position), drop probability ``p_i = p_min + epsilon r_i / n`` with ``p_min = p - epsilon / 2`` and
+      ``p = 1 - density``: ``p_i`` spans ``[p - epsilon/2, p + epsilon/2)``, larger magnitudes dropped less;
+    - ``mergekit``: ascending rank ``s_i`` (0 for the smallest) normalised to ``s_i / (n - 1)`` (0 for a row of
+      one entry), keep probability ``density - epsilon + 2 epsilon s_i / (n - 1)``: spans
+      ``[density - epsilon, density + epsilon]`` (mergekit's ``epsilon`` is the half width).
+    """
+    rows, n = magnitude.shape
+    order = torch.sort(magnitude.float(), dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=magnitude.device).expand(rows, n))
+    r = ranks.to(torch.float32)
+    if spacing == "paper":
+        drop = (1.0 - density) - epsilon / 2.0 + r * (epsilon / n)
+        return 1.0 - drop
+    if spacing == "mergekit":
+        ascending = (n - 1) - r
+        norm = ascending / (n - 1) if n > 1 else torch.zeros_like(ascending)
+        return (density - epsilon) + norm * (2.0 * epsilon)
+    raise ValueError(f"spacing must be 'paper' or 'mergekit', got {spacing!r}")
+
+
+def rows_of(tau: torch.Tensor) -> torch.Tensor:
+    """The 2-D row view MAGPRUNE ranks in: ``(shape[0], -1)`` for a tensor of 2 or more axes, one row for a
+    1-D tensor (flat order is kept, so a row block is a contiguous range of entries)."""
+    return tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
+
+
+def magprune(
+    tau: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    spacing: MagpruneSpacing = "paper",
+    rescale: Rescale = "inverse",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DELLA's MAGPRUNE (Deep et al. 2024): drop each entry with a magnitude-ranked probability, rescale.
+
+    Keep probabilities ``q_i = 1 - p_i`` from :func:`magprune_keep_probabilities` (per row), mask
+    ``m_i = [u_i < q_i]`` with ``u ~ U[0, 1)`` drawn in flat order from ``generator`` (one draw of the
+    tensor's size, as :func:`drop`), then
+
+    - ``inverse`` (paper; default): ``m_i tau_i / q_i`` (``1/(1 - p_i)``), so ``E[magprune(tau)] = tau``;
+    - ``l1`` (mergekit's ``rescale: true``): ``m * tau * ||tau||_1 / ||m * tau||_1``;
+    - ``none``: ``m * tau``.
+
+    ``density == 1`` returns a copy (as mergekit).
+    """
+    _check_density(density)
+    if rescale not in ("inverse", "l1", "none"):
+        raise ValueError(f"rescale must be 'inverse', 'l1' or 'none', got {rescale!r}")
+    if density >= 1.0 or tau.numel() == 0:
+        return tau.clone()
+    rows = rows_of(tau)
+    keep_p = magprune_keep_probabilities(rows.abs(), density, epsilon, spacing).reshape(tau.shape)
+    mask = torch.rand(tau.shape, generator=generator, device=tau.device) < keep_p
+    out = tau * mask
+    if rescale == "inverse":
+        out.div_(keep_p.to(out.dtype))
+    elif rescale == "l1":
+        before = float(tau.abs().sum())
+        after = float(out.abs().sum())
+        if before > 0 and after > 0:
+            out.mul_(before / after)
+    return out
 
 
 def drop(
