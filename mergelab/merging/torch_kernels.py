@@ -33,11 +33,13 @@ from typing import Any
 import torch
 
 from mergelab import ops
+from mergelab.ops import selection
 from mergelab.merging.pipeline import run_in_chunks
 from mergelab.methods import catalog
 from mergelab.methods.base import TensorInputs
 from mergelab.methods.catalog import (
     BreadcrumbsParams,
+    BreadcrumbsTiesParams,
     DareLinearParams,
     DareTiesParams,
     ModelStockParams,
@@ -258,28 +260,34 @@ def _sum_into(acc: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[flo
     return acc
 
 
-def _kth_largest_magnitudes(
+def _top_selections(
     base: torch.Tensor, experts: list[torch.Tensor], ks: Sequence[int], dtype: torch.dtype
-) -> list[list[float]]:
-    """Per expert, the exact k-th largest ``|tau_i|`` for each k of ``ks`` (what :func:`mergelab.ops.kth_largest`
-    returns on the whole ``|tau_i|``), by one pass over the blocks for all experts and ranks
-    (:class:`mergelab.ops.BlockKthLargest`); small tensors and the rare bracket miss on the whole tensor."""
+) -> list[list[tuple[float, list[int]]]]:
+    """Per expert, for each k of ``ks``: the exact k-th largest ``|tau_i|`` t (what :func:`mergelab.ops.kth_largest`
+    returns on the whole ``|tau_i|``) and, per block of :func:`mergelab.ops.block_size` entries, how many of the
+    entries tied at t the top k keeps (first in flat order: :func:`mergelab.ops.selection.split_ties`), so a
+    block's top-k mask is ``keep_top_into(|tau_i|, t, quota)`` (:func:`mergelab.ops.top_set`'s set). One pass
+    over the blocks for all experts and ranks (:class:`mergelab.ops.BlockKthLargest`); small tensors and the
+    rare bracket miss on the whole tensor."""
     n = base.numel()
+    block = ops.block_size()
+    blocks = ops.block_count(n)
 
-    def whole(expert: torch.Tensor, k: int) -> float:  # never in place: .to may alias the input
-        return float(ops.kth_largest(torch.sub(expert.to(dtype), base.to(dtype)).abs_(), k))
+    def whole(expert: torch.Tensor, k: int) -> tuple[float, list[int]]:  # never in place: .to may alias the input
+        mag = torch.sub(expert.to(dtype), base.to(dtype)).abs_()
+        t = float(ops.kth_largest(mag, k))
+        tied = [int(torch.count_nonzero(mag[a:b] == t)) for a, b in ops.block_ranges(n, block)]
+        return t, selection.split_ties(k - int(torch.count_nonzero(mag > t)), tied)
 
     if n <= ops.select_small_size():
         return [[whole(e, k) for k in ks] for e in experts]
     gen = torch.Generator(device="cpu").manual_seed(0)
     idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base.device)
     base_sample = base[idx].to(dtype)
-    blocks = ops.block_count(n)
     selectors = []
     for e in experts:
         sample = torch.sub(e[idx].to(dtype), base_sample).abs_()
         selectors.append([ops.BlockKthLargest(n, k, sample, blocks) for k in ks])
-    block = ops.block_size()
 
     def work(first: int, stop: int) -> None:
         buffers = ops.BlockBuffers(3, n, dtype, base.device)
@@ -298,7 +306,7 @@ def _kth_largest_magnitudes(
         row = []
         for selector, k in zip(per_k, ks):
             found = selector.result()
-            row.append(whole(e, k) if found is None else found[0])
+            row.append(whole(e, k) if found is None else (found[0], selector.tie_quotas(k - found[1])))
         values.append(row)
     return values
 
@@ -392,12 +400,15 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- breadcrumbs
 
 
-def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
-    """Block kernel of :func:`mergelab.methods.catalog.breadcrumbs`: ``theta_0 + lambda sum_i w_i band(tau_i)``.
+def _band(inp: TensorInputs, p: BreadcrumbsParams,
+          combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Breadcrumbs' band (:func:`mergelab.ops.trim_band`) block by block, then ``combine(banded, acc)``: the
+    block of the merged task vector (``acc``: a scratch block).
 
-    Pass 1 finds each expert's two band edges (the ``n_top``-th and ``(n_top + n_keep)``-th largest
-    ``|tau_i|``, :func:`mergelab.ops.band_ranks`) by exact selection over the blocks; pass 2 keeps
-    ``low <= |tau_i| < high`` (as :func:`mergelab.ops.trim_band`) and sums, block by block on all cores.
+    Pass 1 finds each expert's two edges (the ``(n_top + n_keep)``-th and ``n_top``-th largest ``|tau_i|``,
+    :func:`mergelab.ops.band_ranks`) with each block's share of the entries tied at them, by exact selection
+    over the blocks; pass 2 keeps the top ``n_top + n_keep`` minus the top ``n_top`` (ties first in flat
+    order, :func:`mergelab.ops.band_mask`) and combines, block by block on all cores.
     """
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
@@ -406,11 +417,10 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
     if n == 0:
         return out
     dtype = inp.compute_dtype
-    edges: list[tuple[float, float | None]] | None = None
+    edges: list[list[tuple[float, list[int]]]] | None = None
     if p.density < 1.0:
         n_top, n_edge = ops.band_ranks(n, p.density, p.gamma)
-        values = _kth_largest_magnitudes(base_in, flats, [n_edge, n_top] if n_top > 0 else [n_edge], dtype)
-        edges = [(v[0], v[1] if n_top > 0 else None) for v in values]
+        edges = _top_selections(base_in, flats, [n_edge, n_top] if n_top > 0 else [n_edge], dtype)
     out_flat = out.view(-1)
     block = ops.block_size()
 
@@ -420,24 +430,42 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             base, acc, magnitude, *taus = buffers.get(end - start)
-            keep, below_high = masks.get(end - start)
+            keep, top = masks.get(end - start)
             base.copy_(base_in[start:end])
             for i, e in enumerate(flats):
                 tau = taus[i].copy_(e[start:end]).sub_(base)
                 if edges is not None:
-                    low, high = edges[i]
                     torch.abs(tau, out=magnitude)
-                    torch.ge(magnitude, low, out=keep)
-                    if high is not None:
-                        keep &= torch.lt(magnitude, high, out=below_high)
+                    (low, low_quotas), *outliers = edges[i]
+                    ops.keep_top_into(magnitude, low, low_quotas[j], keep)
+                    for high, high_quotas in outliers:
+                        ops.keep_top_into(magnitude, high, high_quotas[j], top)
+                        keep &= top.logical_not_()
                     tau.mul_(keep)
-            merged = _sum_into(acc, taus, inp.weights)
+            merged = combine(taus, acc)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
                 merged.mul_(p.lambda_)
             out_flat[start:end].copy_(merged.add_(base))
 
     run_in_chunks(ops.block_count(n), work)
     return out
+
+
+def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.breadcrumbs`: ``theta_0 + lambda sum_i w_i band(tau_i)``
+    (the band by exact selection over the blocks, :func:`_band`)."""
+    return _band(inp, p, lambda taus, acc: _sum_into(acc, taus, inp.weights))
+
+
+def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.breadcrumbs_ties`: band -> elect_sign -> disjoint_mean
+    -> scale (:func:`_band`)."""
+
+    def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
+
+    return _band(inp, p, combine)
 
 
 # ----------------------------------------------------------------------------------- model stock, SLERP
@@ -536,6 +564,7 @@ KERNELS: dict[str, Kernel] = {
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
     "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
     "model_stock": model_stock,
     "slerp": slerp,
     "tsv_merge": tsv_merge,
