@@ -67,7 +67,50 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("tsv_merge", {"lambda": 0.6}, 3),
     ("iso_c", {"lambda": 0.6}, 3),
     ("iso_cts", {"lambda": 0.6, "common_space_fraction": 0.5}, 3),
+    ("della", {"density": 0.6, "epsilon": 0.2, "seed": 3, "lambda": 0.7}, 3),
+    ("della", {"density": 0.5, "epsilon": 0.15, "spacing": "mergekit", "rescale": "l1",
+               "disjoint_divisor": "weight", "sign_test": "weighted"}, 3),
+    ("della_linear", {"density": 0.4, "epsilon": 0.1, "rescale": "none"}, 3),
+    ("della_linear", {"density": 0.5, "rescale": "l1"}, 3),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "lambda": 0.6}, 3),
+    ("breadcrumbs_ties", {"disjoint_divisor": "none", "sign_test": "weighted"}, 3),
+    ("sce", {}, 3),
+    ("sce", {"select_topk": 0.3}, 3),
+    ("nuslerp", {}, 2),
+    ("multislerp", {}, 3),
+    ("karcher", {}, 3),
+    ("nearswap", {"t": 0.01}, 1),
+    ("arcee_fusion", {}, 1),
+    ("passthrough", {"scale": 0.5}, 1),
+    ("passthrough", {}, 1),
 ]
+
+#: methods whose statistics are per row: checked on a matrix too (rows over several blocks)
+ROW_CASES: list[tuple[str, dict, int]] = [
+    ("della", {"density": 0.6, "epsilon": 0.2, "seed": 3}, 3),
+    ("della_linear", {"density": 0.5, "spacing": "mergekit", "rescale": "l1"}, 3),
+    ("arcee_fusion", {}, 1),
+    ("nuslerp", {"flatten": False}, 2),
+    ("nuslerp", {"flatten": False, "row_wise": True}, 2),
+    ("sce", {"select_topk": 0.5}, 3),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("name", "params", "n_experts"), ROW_CASES)
+def test_row_kernels_equal_their_references_on_matrices(monkeypatch, dtype, name, params, n_experts):
+    """Kernels working on blocks of whole rows (DELLA's ranks, Arcee Fusion's softmax) equal the reference
+    on a 40 x 25 matrix (rows of 25 in blocks of 37 entries: one row per block), two threads."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    base, experts = _inputs(n_experts, 1000, dtype, seed=2, scale=0.5)
+    base, experts = base.reshape(40, 25), [e.reshape(40, 25) for e in experts]
+    method = get_method(name)
+    p = method.parse_params(params)
+    weights = [1.0, 0.5, 2.0][:n_experts] if method.uses_weights else [1.0] * n_experts
+    inp = TensorInputs("w", base, experts, weights)
+    assert torch.equal(kernel(name)(inp, p), method.reference(inp, p))
 
 
 def test_every_method_has_a_torch_kernel_and_a_case():

@@ -38,8 +38,17 @@ from mergelab.merging.pipeline import run_in_chunks
 from mergelab.methods import catalog
 from mergelab.methods.base import TensorInputs
 from mergelab.methods.catalog import (
+    ArceeFusionParams,
     BreadcrumbsParams,
     BreadcrumbsTiesParams,
+    DellaLinearParams,
+    DellaParams,
+    KarcherParams,
+    MultiSlerpParams,
+    NearSwapParams,
+    NuSlerpParams,
+    PassthroughParams,
+    SceParams,
     DareLinearParams,
     DareTiesParams,
     ModelStockParams,
@@ -555,6 +564,368 @@ tsv_merge, iso_c, iso_cts = (_whole_tensor(catalog.tsv_merge), _whole_tensor(cat
                              _whole_tensor(catalog.iso_cts))
 
 
+# ------------------------------------------------------------------------ issue 15: mergekit's methods
+
+
+def _row_blocks(n: int, row: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` entry ranges of whole rows of ``row`` entries, about a block's worth each."""
+    step = max(1, ops.block_size() // max(row, 1)) * row
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _della(inp: TensorInputs, p: DellaLinearParams,
+           combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """DELLA's MAGPRUNE (:func:`mergelab.ops.magprune`) on blocks of whole rows (its ranks are per row), then
+    ``combine(pruned, acc)``. The masks are drawn from each expert's generator in flat order, so the blocks go
+    in order, a block's experts on all cores (as DARE's); ``rescale: l1`` takes its two norms from
+    tensor-sized buffers first (torch's whole-tensor sums, as the reference)."""
+    shape = inp.base.shape  # type: ignore[union-attr]
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    flats = [e.reshape(-1) for e in inp.experts]
+    n = base_in.numel()
+    out = torch.empty(shape, dtype=inp.result_dtype, device=base_in.device)
+    if n == 0:
+        return out
+    dtype = inp.compute_dtype
+    row = n // shape[0] if len(shape) >= 2 else n
+    ranges = _row_blocks(n, row)
+    pruning = p.density < 1.0
+
+    def prune(i: int, tau: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        q = ops.magprune_keep_probabilities(tau.view(-1, row).abs(), p.density, p.epsilon, p.spacing).view(-1)
+        u = torch.rand(tau.numel(), generator=gen, device=tau.device)
+        return tau.mul_(u < q), q
+
+    factors: list[float | None] = [None] * len(flats)
+    if pruning and p.rescale == "l1":
+        whole = torch.empty(n, dtype=dtype, device=base_in.device)
+        kept = torch.empty_like(whole)
+        for i, e in enumerate(flats):
+            gen = inp.generator(p.seed, i)
+            for a, b in ranges:
+                t = whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype))
+                prune(i, kept[a:b].copy_(t), gen)
+            before = float(whole.view(shape).abs_().sum())
+            after = float(kept.view(shape).abs_().sum())
+            factors[i] = before / after if before > 0 and after > 0 else None
+    gens = [inp.generator(p.seed, i) for i in range(len(flats))] if pruning else []
+    out_flat = out.view(-1)
+    for a, b in ranges:
+        m = b - a
+        base = base_in[a:b].to(dtype)
+        taus: list[torch.Tensor] = [None] * len(flats)  # type: ignore[list-item]
+
+        def expert(first: int, stop: int) -> None:
+            for i in range(first, stop):
+                tau = flats[i][a:b].to(dtype) - base
+                if pruning:
+                    tau, q = prune(i, tau, gens[i])
+                    if p.rescale == "inverse":
+                        tau.div_(q)
+                    elif factors[i] is not None:
+                        tau.mul_(factors[i])
+                taus[i] = tau
+
+        run_in_chunks(len(flats), expert)
+        merged = combine(taus, torch.empty(m, dtype=dtype, device=base.device))
+        if p.lambda_ != 1.0:
+            merged.mul_(p.lambda_)
+        out_flat[a:b].copy_(merged.add_(base))
+    return out
+
+
+def della(inp: TensorInputs, p: DellaParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.della`: MAGPRUNE -> elect_sign -> disjoint_mean -> scale."""
+
+    def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
+
+    return _della(inp, p, combine)
+
+
+def della_linear(inp: TensorInputs, p: DellaLinearParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.della_linear`: ``theta_0 + lambda sum_i w_i magprune(tau_i)``."""
+    return _della(inp, p, lambda taus, acc: _sum_into(acc, taus, inp.weights))
+
+
+def _sphere_blocks(inp: TensorInputs, origin: bool):
+    """``(n, origin_in, flats, vectors_of)`` for the coefficient methods: ``vectors_of(start, end, buffers)``
+    fills a block of the vectors they combine (task vectors when ``origin``, else the models) in the compute
+    dtype, the reference's values entry by entry, and returns ``(origin_block or None, vectors)``."""
+    flats = [e.reshape(-1) for e in inp.experts]
+    origin_in = inp.base.reshape(-1) if origin else None  # type: ignore[union-attr]
+    n = flats[0].numel()
+
+    def vectors_of(start: int, end: int, buffers: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        o, *vs = buffers
+        if origin_in is not None:
+            o.copy_(origin_in[start:end])
+            return o, [v.copy_(e[start:end]).sub_(o) for v, e in zip(vs, flats)]
+        return None, [v.copy_(e[start:end]) for v, e in zip(vs, flats)]
+
+    return n, vectors_of
+
+
+def _gram(inp: TensorInputs, origin: bool) -> ops.Gram:
+    """:func:`mergelab.ops.gram` of the vectors of :func:`_sphere_blocks`, block partials on all cores."""
+    n, vectors_of = _sphere_blocks(inp, origin)
+    blocks = ops.block_count(n)
+    partials: list[list[float]] = [[] for _ in range(blocks)]
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(len(inp.experts) + 1, n, inp.compute_dtype, inp.experts[0].device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            _, vs = vectors_of(start, end, buffers.get(end - start))
+            partials[j] = ops.gram_partials(vs)
+
+    run_in_chunks(blocks, work)
+    return ops.gram_from_partials(partials, len(inp.experts))
+
+
+def _combination(inp: TensorInputs, coefficients: Sequence[float], origin: bool, shape: torch.Size) -> torch.Tensor:
+    """``sum_i c_i v_i`` (+ the origin) block by block, in :func:`mergelab.ops.combine`'s order."""
+    n, vectors_of = _sphere_blocks(inp, origin)
+    out = torch.empty(shape, dtype=inp.result_dtype, device=inp.experts[0].device)
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(len(inp.experts) + 2, n, inp.compute_dtype, inp.experts[0].device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            acc, *rest = buffers.get(end - start)
+            o, vs = vectors_of(start, end, rest)
+            merged = _sum_into(acc, vs, coefficients)
+            out_flat[start:end].copy_(merged if o is None else merged.add_(o))
+
+    run_in_chunks(ops.block_count(n), work)
+    return out
+
+
+def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.nuslerp`: the float64 Gram matrix by blocks, the two
+    coefficients, the combination by blocks (per-row interpolation, without ``flatten``: the reference)."""
+    shape = inp.experts[0].shape
+    if not (p.flatten or len(shape) < 2) or inp.experts[0].numel() == 0:
+        return catalog.nuslerp(inp, p)
+    origin = inp.base is not None
+    t = catalog.nuslerp_t(inp.weights)
+    return _combination(inp, ops.nuslerp_coefficients(_gram(inp, origin), t), origin, shape)
+
+
+def multislerp(inp: TensorInputs, p: MultiSlerpParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.multislerp`: Gram matrix, coefficients, combination."""
+    shape = inp.experts[0].shape
+    origin = inp.base is not None
+    if len(inp.experts) == 1 or inp.experts[0].numel() == 0:
+        return _combination(inp, [1.0], origin, shape)
+    c = ops.multislerp_coefficients(_gram(inp, origin), inp.weights, normalize_weights=p.normalize_weights,
+                                    eps=p.eps)
+    return _combination(inp, c, origin, shape)
+
+
+def karcher(inp: TensorInputs, p: KarcherParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.karcher`: Gram matrix, the iteration on coefficients,
+    combination."""
+    shape = inp.experts[0].shape
+    if len(inp.experts) == 1 or inp.experts[0].numel() == 0:
+        return _combination(inp, [1.0], False, shape)
+    c = ops.karcher_coefficients(_gram(inp, False), inp.weights, max_iter=p.max_iter, tol=p.tol)
+    return _combination(inp, c, False, shape)
+
+
+def _elementwise(inp: TensorInputs, f: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+                 shape: torch.Size) -> torch.Tensor:
+    """``f(base block, model block)`` (compute dtype; base None without one) block by block on all cores."""
+    x_in = inp.experts[0].reshape(-1)
+    base_in = None if inp.base is None else inp.base.reshape(-1)
+    n = x_in.numel()
+    out = torch.empty(shape, dtype=inp.result_dtype, device=x_in.device)
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(2, n, inp.compute_dtype, x_in.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            a, x = buffers.get(end - start)
+            x.copy_(x_in[start:end])
+            out_flat[start:end].copy_(f(None if base_in is None else a.copy_(base_in[start:end]), x))
+
+    run_in_chunks(ops.block_count(n), work)
+    return out
+
+
+def nearswap(inp: TensorInputs, p: NearSwapParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.nearswap` (element-wise)."""
+    return _elementwise(inp, lambda a, b: ops.nearswap(a, b, p.t), inp.experts[0].shape)
+
+
+def passthrough(inp: TensorInputs, p: PassthroughParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.passthrough`: the model (times ``scale``) by blocks."""
+    return _elementwise(inp, lambda a, x: x if p.scale == 1.0 else x.mul_(p.scale), inp.experts[0].shape)
+
+
+def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.sce`, by passes over the blocks (never a float32 copy
+    of a task vector): the variances' nonzero count, then their exact k-th largest with each block's share of
+    the ties (exact selection: :class:`mergelab.ops.BlockKthLargest`), then the selected task vectors'
+    energies (the float64 block sums of :func:`mergelab.ops.gram`'s diagonal), then sign election and the
+    weighted disjoint mean."""
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    flats = [e.reshape(-1) for e in inp.experts]
+    n, n_exp, dtype = base_in.numel(), len(inp.experts), inp.compute_dtype
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
+    if n == 0:
+        return out
+    block, blocks = ops.block_size(), ops.block_count(n)
+
+    def taus_of(start: int, end: int, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, *vs = buffers
+        b.copy_(base_in[start:end])
+        return b, [v.copy_(e[start:end]).sub_(b) for v, e in zip(vs, flats)]
+
+    def passes(fn: Callable[[int, torch.Tensor, list[torch.Tensor]], None]) -> None:
+        def work(first: int, stop: int) -> None:
+            buffers = ops.BlockBuffers(n_exp + 1, n, dtype, base_in.device)
+            for j in range(first, stop):
+                start, end = j * block, min(n, (j + 1) * block)
+                fn(j, *taus_of(start, end, buffers.get(end - start)))
+
+        run_in_chunks(blocks, work)
+
+    select: tuple[float, list[int]] | None = None  # (t, per-block tie quotas); None: every entry kept
+    none_kept = False
+    if p.select_topk < 1.0:
+        nonzero = [0] * blocks
+        passes(lambda j, b, taus: nonzero.__setitem__(j, int(torch.count_nonzero(ops.expert_variance(taus)))))
+        k = ops.select_count(sum(nonzero), p.select_topk)
+        if k == 0:
+            none_kept = True
+        elif n <= ops.select_small_size():
+            whole = [e.to(dtype) - base_in.to(dtype) for e in flats]
+            var = ops.expert_variance(whole)
+            t = float(ops.kth_largest(var, k))
+            tied = [int(torch.count_nonzero(var[a:b] == t)) for a, b in ops.block_ranges(n, block)]
+            select = (t, selection.split_ties(k - int(torch.count_nonzero(var > t)), tied))
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base_in.device)
+            b_sample = base_in[idx].to(dtype)
+            sample = ops.expert_variance([e[idx].to(dtype) - b_sample for e in flats])
+            selector = ops.BlockKthLargest(n, k, sample, blocks)
+            passes(lambda j, b, taus: selector.observe(j, ops.expert_variance(taus)))
+            found = selector.result()
+            if found is None:
+                var = ops.expert_variance([e.to(dtype) - base_in.to(dtype) for e in flats])
+                t = float(ops.kth_largest(var, k))
+                tied = [int(torch.count_nonzero(var[a:b] == t)) for a, b in ops.block_ranges(n, block)]
+                select = (t, selection.split_ties(k - int(torch.count_nonzero(var > t)), tied))
+            else:
+                select = (found[0], selector.tie_quotas(k - found[1]))
+
+    def selected(j: int, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        if none_kept:
+            return [tau.mul_(0.0) for tau in taus]
+        if select is None:
+            return taus
+        var = ops.expert_variance(taus)
+        mask = torch.empty(var.shape, dtype=torch.bool, device=var.device)
+        ops.keep_top_into(var, select[0], select[1][j], mask)
+        return [tau.mul_(mask) for tau in taus]
+
+    energy = [[0.0] * n_exp for _ in range(blocks)]
+
+    def energies(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        for i, tau in enumerate(selected(j, taus)):
+            wide = tau.double()
+            energy[j][i] = float(torch.dot(wide, wide))
+
+    passes(energies)
+    sums = [0.0] * n_exp
+    for part in energy:
+        for i, v in enumerate(part):
+            sums[i] += v
+    weights = ops.energy_weights(sums, n, p.min_energy)
+    out_flat = out.view(-1)
+    ones = [1.0] * n_exp
+
+    def combine(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        taus = selected(j, taus)
+        sign = ops.elect_sign(taus, ones, by="mass")
+        merged = ops.disjoint_mean(taus, sign, weights, divisor="weight")
+        out_flat[j * block: j * block + b.numel()].copy_(merged.add_(b))
+
+    passes(combine)
+    return out
+
+
+def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.arcee_fusion`, on blocks of whole rows (last axis): pass 1
+    each row's KL divergence (one float per row), pass 2 the three quantiles of the importance by exact
+    selection (:class:`mergelab.ops.BlockKthLargest`), pass 3 ``a + (b - a) [s >= threshold]``."""
+    shape = inp.base.shape  # type: ignore[union-attr]
+    a_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    b_in = inp.experts[0].reshape(-1)
+    n, dtype = a_in.numel(), inp.compute_dtype
+    out = torch.empty(shape, dtype=inp.result_dtype, device=a_in.device)
+    if n == 0:
+        return out
+    row = shape[-1]
+    ranges = _row_blocks(n, row)
+    divergence = torch.empty(n // row, dtype=dtype, device=a_in.device)
+
+    def rows_of(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return a_in[start:end].to(dtype).view(-1, row), b_in[start:end].to(dtype).view(-1, row)
+
+    def over_blocks(fn: Callable[[int, int, int], None]) -> None:
+        run_in_chunks(len(ranges), lambda first, stop: [fn(j, *ranges[j]) for j in range(first, stop)])
+
+    def kl(j: int, start: int, end: int) -> None:
+        divergence[start // row: end // row].copy_(ops.fusion_row_divergence(*rows_of(start, end)))
+
+    def importance(start: int, end: int) -> torch.Tensor:
+        a, b = rows_of(start, end)
+        return ops.fusion_importance(a, b, divergence[start // row: end // row]).view(-1)
+
+    over_blocks(kl)
+    ks = ops.quantile_ranks(n)
+    if n <= ops.select_small_size():
+        whole = torch.cat([importance(a, b) for a, b in ranges])
+        q1, median, q3 = (float(ops.kth_largest(whole, k)) for k in ks)
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(a_in.device)
+        sample = torch.sub(b_in[idx].to(dtype), a_in[idx].to(dtype)).abs_().mul_(divergence[idx // row])
+        selectors = [ops.BlockKthLargest(n, k, sample, len(ranges)) for k in ks]
+
+        def observe(j: int, start: int, end: int) -> None:
+            s = importance(start, end)
+            for sel in selectors:
+                sel.observe(j, s)
+
+        over_blocks(observe)
+        found = [sel.result() for sel in selectors]
+        if any(f is None for f in found):
+            whole = torch.cat([importance(a, b) for a, b in ranges])
+            q1, median, q3 = (float(ops.kth_largest(whole, k)) for k in ks)
+        else:
+            q1, median, q3 = (f[0] for f in found)  # type: ignore[index]
+    threshold = ops.fusion_threshold(q1, median, q3)
+    out_flat = out.view(-1)
+
+    def fuse(j: int, start: int, end: int) -> None:
+        mask = importance(start, end) >= threshold
+        a = a_in[start:end].to(dtype)
+        out_flat[start:end].copy_(a + (b_in[start:end].to(dtype) - a).mul_(mask))
+
+    over_blocks(fuse)
+    return out
+
+
 #: The torch back-end's kernels, by method: block kernels tested against the catalog's references
 #: (tests/test_streaming.py). A catalog method without one runs as its reference, on whole tensors.
 KERNELS: dict[str, Kernel] = {
@@ -570,4 +941,13 @@ KERNELS: dict[str, Kernel] = {
     "tsv_merge": tsv_merge,
     "iso_c": iso_c,
     "iso_cts": iso_cts,
+    "della": della,
+    "della_linear": della_linear,
+    "sce": sce,
+    "nuslerp": nuslerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
+    "nearswap": nearswap,
+    "arcee_fusion": arcee_fusion,
+    "passthrough": passthrough,
 }

@@ -117,7 +117,8 @@ def multislerp_coefficients(g: Gram, weights: Sequence[float], *, normalize_weig
     ``m' - <m', m> m = 0``, so the exponential map returns ``m`` itself and the result is
     ``(sum_i w_i n_i) m = sum_i c_i x_i`` with ``c_i = (sum_j w_j n_j) w_i / ((n_i + eps) |m'|)`` (mergekit's
     explicit tangent step adds only its rounding). ``|m'| < eps``: two vectors interpolate linearly
-    (``c = w``), more are an error (antipodal inputs balancing out), as in mergekit.
+    (``c = w``), more are an error (antipodal inputs balancing out), as in mergekit; all-zero vectors (a
+    tensor no model changed) give zero.
     """
     w = list(weights)
     if normalize_weights:
@@ -128,6 +129,8 @@ def multislerp_coefficients(g: Gram, weights: Sequence[float], *, normalize_weig
     a = [w[i] / (norms[i] + eps) for i in range(n)]
     mean_norm = math.sqrt(max(_quad(g, a, a), 0.0))
     if mean_norm < eps:
+        if all(ni == 0.0 for ni in norms):
+            return [0.0] * n  # every vector zero (a tensor no model changed): zero (mergekit raises for N > 2)
         if n == 2:
             return w
         raise ValueError("multislerp: the weighted sum of the unit vectors is zero (antipodal vectors whose "
