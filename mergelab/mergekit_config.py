@@ -17,6 +17,20 @@ mergekit                  native spec
 ``breadcrumbs``           ``breadcrumbs`` (per-model ``density``, ``gamma``)
 ``model_stock``           ``model_stock`` with ``extrapolate: true`` (and ``filter_wise``)
 ``slerp``                 ``slerp`` from ``base_model`` to the other model, ``parallel_threshold: 0.9995``
+``della``                 ``della`` with ``spacing: mergekit``, ``rescale: l1`` (default) or ``none``,
+                          ``sign_test: weighted``, ``disjoint_divisor: weight`` (default) or ``none``; per-model
+                          ``density``, ``epsilon`` (0.15)
+``della_linear``          ``della_linear`` (as ``della``; ``normalize: true`` divides the weights)
+``breadcrumbs_ties``      ``breadcrumbs_ties`` with ``sign_test: weighted``, ``disjoint_divisor: none`` (default)
+                          or ``weight``; per-model ``density``, ``gamma``
+``sce``                   ``sce`` with ``select_topk``, ``min_energy: 1e-6``
+``nuslerp``               ``nuslerp`` (``nuslerp_flatten`` -> ``flatten``, ``nuslerp_row_wise`` -> ``row_wise``;
+                          task vectors when there is a ``base_model``)
+``multislerp``            ``multislerp`` (``normalize_weights``, ``eps``; task vectors when there is a base)
+``karcher``               ``karcher`` (``max_iter``, ``tol``) over every model, ``base_model`` included
+``nearswap``              ``nearswap`` (``t``)
+``arcee_fusion``          ``arcee_fusion``
+``passthrough``           ``passthrough`` of the one model (per-model ``scale``)
 ========================  ====================================================================================
 
 mergekit's per-model parameters default as mergekit's do (``density`` 1.0, ``gamma`` 0.01), not as the papers'
@@ -34,7 +48,7 @@ an error, since mergelab never downloads. Relative paths resolve against the cur
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, ``slices`` other than one
 slice over every layer of each model, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
-``normalize: false``, and the methods issue 15 adds (della, sce, nuslerp, ...).
+``normalize: false``, ``passthrough`` over several slices (layer stacking), and ``ram``.
 """
 
 from __future__ import annotations
@@ -60,11 +74,19 @@ METHOD_MAP = {
     "breadcrumbs": "breadcrumbs",
     "model_stock": "model_stock",
     "slerp": "slerp",
+    "della": "della",
+    "della_linear": "della_linear",
+    "breadcrumbs_ties": "breadcrumbs_ties",
+    "sce": "sce",
+    "nuslerp": "nuslerp",
+    "multislerp": "multislerp",
+    "karcher": "karcher",
+    "nearswap": "nearswap",
+    "arcee_fusion": "arcee_fusion",
+    "passthrough": "passthrough",
 }
-#: mergekit methods mergelab does not run yet, and where they come from
+#: mergekit methods mergelab does not run, and why
 PENDING = {
-    **dict.fromkeys(("della", "della_linear", "breadcrumbs_ties", "sce", "nuslerp", "multislerp", "karcher",
-                     "nearswap", "arcee_fusion", "passthrough"), "issue 15 adds it to mergelab's catalog"),
     "ram": "not planned",
 }
 #: method parameters (top level) and per-model parameters each mergekit method reads, with mergekit's defaults
@@ -78,6 +100,16 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "breadcrumbs": {**_GTA, "normalize": False, "rescale": False},
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
+    "della": {**_GTA, "normalize": True, "rescale": True},
+    "della_linear": {**_GTA, "normalize": False, "rescale": True},
+    "breadcrumbs_ties": {**_GTA, "normalize": False, "rescale": False},
+    "sce": {"int8_mask": False, "select_topk": 1.0},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "nearswap": {"t": None},
+    "arcee_fusion": {},
+    "passthrough": {},
 }
 MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "linear": {"weight": None},
@@ -88,7 +120,21 @@ MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "breadcrumbs": {"weight": None, "density": 1.0, "gamma": 0.01},
     "model_stock": {},
     "slerp": {},
+    "della": {"weight": None, "density": 1.0, "epsilon": 0.15},
+    "della_linear": {"weight": None, "density": 1.0, "epsilon": 0.15},
+    "breadcrumbs_ties": {"weight": None, "density": 1.0, "gamma": 0.01},
+    "sce": {},
+    "nuslerp": {"weight": None},
+    "multislerp": {"weight": None},
+    "karcher": {},
+    "nearswap": {},
+    "arcee_fusion": {},
+    "passthrough": {"scale": 1.0},
 }
+#: mergekit methods without a base model (the others need base_model)
+_NO_BASE = ("linear", "slerp", "nuslerp", "multislerp", "karcher", "passthrough")
+#: mergekit's generalized task arithmetic methods with TIES's sign consensus
+_CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "name")
 UNSUPPORTED_TOP_LEVEL = {
@@ -313,8 +359,21 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
                             f"(got base {'set' if base else 'missing'}, {len(experts)} other model(s))")
     if mk_method == "model_stock" and (base is None or len(experts) < 2):
         raise SpecError(f"{source}: model_stock needs base_model and at least two other models")
-    if mk_method != "linear" and mk_method != "slerp" and base is None:
+    if mk_method not in _NO_BASE and base is None:
         raise SpecError(f"{source}: mergekit's {mk_method} needs base_model")
+    if mk_method in ("nearswap", "arcee_fusion") and len(experts) != 1:
+        raise SpecError(f"{source}: {mk_method} needs base_model and exactly one other model (got {len(experts)})")
+    if mk_method == "nuslerp" and len(experts) != 2:
+        raise SpecError(f"{source}: nuslerp needs exactly two models besides the optional base_model "
+                        f"(got {len(experts)})")
+    if mk_method == "passthrough" and (len(sources) != 1 or base_listed):
+        raise SpecError(f"{source}: passthrough copies exactly one model (got {len(sources)}); stacking layers of "
+                        "several models (slices) is not supported yet")
+    if mk_method == "karcher" and base is not None and not base_listed:
+        # mergekit averages every model it reads, the base model among them
+        experts = [_Source(base, {}, f"{source}: base_model", data["base_model"])] + experts
+    elif mk_method == "karcher":
+        experts = sources
     if mk_method == "linear":
         experts = sources  # linear averages every listed model, the base among them if listed
         if base is not None and not base_listed:
@@ -333,6 +392,27 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
             params = {"t": float(t_value), "parallel_threshold": SLERP_THRESHOLD}
         elif mk_method == "model_stock":
             params = {"extrapolate": True, "filter_wise": bool(method_value("filter_wise", name, t))}
+        elif mk_method == "sce":
+            params = {"select_topk": float(method_value("select_topk", name, t)), "min_energy": 1e-6}
+        elif mk_method == "karcher":
+            params = {"max_iter": int(method_value("max_iter", name, t)), "tol": float(method_value("tol", name, t))}
+        elif mk_method == "nearswap":
+            t_value = method_value("t", name, t)
+            if t_value is None:
+                raise SpecError(f"{source}: nearswap needs parameter 't' (for tensor {name!r})")
+            params = {"t": float(t_value)}
+        elif mk_method == "arcee_fusion":
+            params = {}
+        elif mk_method == "passthrough":
+            params = {"scale": float(model_value(experts[0], "scale", name, t))}
+        elif mk_method in ("nuslerp", "multislerp"):
+            weights = [float(model_value(s, "weight", name, t)) for s in experts]
+            if mk_method == "nuslerp":
+                params = {"flatten": bool(method_value("nuslerp_flatten", name, t)),
+                          "row_wise": bool(method_value("nuslerp_row_wise", name, t))}
+            else:
+                params = {"normalize_weights": bool(method_value("normalize_weights", name, t)),
+                          "eps": float(method_value("eps", name, t))}
         else:
             normalize = bool(method_value("normalize", name, t))
             weights = [float(model_value(s, "weight", name, t)) for s in experts]
@@ -345,22 +425,26 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
                 rescale = bool(method_value("rescale", name, t))
                 params["lambda"] = lam
                 densities = [float(model_value(s, "density", name, t)) for s in experts]
-                if mk_method in ("ties", "dare_ties", "dare_linear", "breadcrumbs"):
+                if mk_method != "task_arithmetic":
                     per_model = [{"density": d} for d in densities]
-                    if mk_method == "breadcrumbs":
+                    extra = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon",
+                             "della_linear": "epsilon"}.get(mk_method)
+                    if extra is not None:
                         for s, pm in zip(experts, per_model):
-                            pm["gamma"] = float(model_value(s, "gamma", name, t))
-                if mk_method in ("dare_ties", "dare_linear"):
+                            pm[extra] = float(model_value(s, extra, name, t))
+                if mk_method in ("dare_ties", "dare_linear", "della", "della_linear"):
                     params["rescale"] = "l1" if rescale else "none"
+                    if mk_method.startswith("della"):
+                        params["spacing"] = "mergekit"
                 elif rescale:
                     raise SpecError(f"{source}: rescale: true with {mk_method} (magnitude pruning rescaled to the "
                                     "L1 norm) is not supported")
-                if mk_method in ("ties", "dare_ties"):
+                if mk_method in _CONSENSUS:
                     params.update(sign_election="mass", sign_test="weighted",
                                   disjoint_divisor="weight" if normalize else "none")
                     if mk_method == "ties":
                         params["trim_scope"] = "tensor"
-                elif normalize:  # task arithmetic, dare_linear, breadcrumbs: divide the sum by sum_i w_i
+                elif normalize:  # task arithmetic, dare_linear, della_linear, breadcrumbs: divide by sum_i w_i
                     total = sum(weights)
                     total = 1.0 if abs(total) < 1e-8 else total
                     weights = [w / total for w in weights]

@@ -180,7 +180,7 @@ def test_hub_id_is_a_clear_error(models):
 @pytest.mark.parametrize("config, message", [
     ({"merge_method": "linear", "models": [], "tokenizer": {"source": "base"}}, "'tokenizer'"),
     ({"merge_method": "linear", "models": [], "seed": 3}, "unknown key 'seed' .*allowed: merge_method"),
-    ({"merge_method": "della", "models": []}, "not in mergelab yet \\(issue 15"),
+    ({"merge_method": "ram", "models": []}, "not in mergelab yet \\(not planned"),
     ({"merge_method": "frobnicate", "models": []}, "unknown merge_method 'frobnicate' \\(supported: linear"),
 ])
 def test_unsupported_keys_and_methods_are_named(config, message):
@@ -257,3 +257,97 @@ def test_cli_merge_reports_a_hub_id_in_one_line(tmp_path, capsys):
     assert main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "org/some-model" in err and "local folders only" in err and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ issue 15's methods
+
+
+def test_della_translates_with_mergekits_semantics(models):
+    spec = translate({"merge_method": "della", "base_model": str(models["base"]),
+                      "parameters": {"lambda": 0.9},
+                      "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1.0, "density": 0.5,
+                                                                               "epsilon": 0.1}},
+                                 {"model": str(models["ft2"]), "parameters": {"weight": 0.5, "density": 0.6}}]})
+    assert spec["method"] == "della"
+    assert spec["models"][0]["parameters"] == {"density": 0.5, "epsilon": 0.1}
+    assert spec["models"][1]["parameters"] == {"density": 0.6, "epsilon": 0.15}  # mergekit's default epsilon
+    assert spec["parameters"] == {"disjoint_divisor": "weight", "lambda": 0.9, "rescale": "l1",
+                                  "sign_election": "mass", "sign_test": "weighted", "spacing": "mergekit"}
+    parse_spec(spec)
+    spec = translate({"merge_method": "della_linear", "base_model": str(models["base"]),
+                      "parameters": {"normalize": True, "rescale": False},
+                      "models": [{"model": str(models["ft1"]), "parameters": {"weight": 3.0, "density": 0.5}},
+                                 {"model": str(models["ft2"]), "parameters": {"weight": 1.0, "density": 0.5}}]})
+    assert [m["weight"] for m in spec["models"]] == [0.75, 0.25]
+    assert spec["parameters"] == {"lambda": 1.0, "rescale": "none", "spacing": "mergekit"}
+
+
+def _merge_cfg(tmp_path, config):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = _cfg(tmp_path, config)
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress", "--no-hash"]) == 0
+    return load_state_dict(tmp_path / "out")
+
+
+def _load(models, *keys):
+    return [load_state_dict(models[k] / "model.safetensors") for k in keys]
+
+
+def test_cli_merges_nearswap_passthrough_and_arcee_fusion_by_hand(models, tmp_path):
+    b, e1 = _load(models, "base", "ft1")
+    out = _merge_cfg(tmp_path / "ns", {"merge_method": "nearswap", "base_model": str(models["base"]),
+                                        "parameters": {"t": 0.05}, "models": [{"model": str(models["ft1"])}]})
+    for name in b:
+        w = (0.05 / (b[name] - e1[name]).abs().clamp_min(1e-6)).clamp(0, 1)
+        torch.testing.assert_close(out[name], w * e1[name] + (1 - w) * b[name])
+    out = _merge_cfg(tmp_path / "pt", {"merge_method": "passthrough",
+                                        "models": [{"model": str(models["ft1"]), "parameters": {"scale": 0.5}}]})
+    for name in b:
+        assert torch.equal(out[name], e1[name] * 0.5)
+    out = _merge_cfg(tmp_path / "af", {"merge_method": "arcee_fusion", "base_model": str(models["base"]),
+                                        "models": [{"model": str(models["ft1"])}]})
+    for name in b:  # every entry is the base's or the model's
+        assert torch.equal((out[name] == b[name]) | (out[name] == e1[name]), torch.ones_like(b[name], dtype=torch.bool))
+
+
+def test_cli_karcher_averages_the_base_model_too(models, tmp_path):
+    """mergekit's karcher reads every model, base_model included: three equal-weight directions."""
+    from mergelab.methods import TensorInputs, get_method
+
+    b, e1, e2 = _load(models, "base", "ft1", "ft2")
+    out = _merge_cfg(tmp_path, {"merge_method": "karcher", "base_model": str(models["base"]),
+                                "models": [{"model": str(models["ft1"])}, {"model": str(models["ft2"])}]})
+    m = get_method("karcher")
+    for name in b:
+        expect = m.reference(TensorInputs(name, None, [b[name], e1[name], e2[name]], [1.0] * 3), m.parse_params({}))
+        assert torch.equal(out[name], expect)
+
+
+@pytest.mark.parametrize("method, params, model_params", [
+    ("breadcrumbs_ties", {}, {"density": 0.5, "gamma": 0.1}),
+    ("sce", {"select_topk": 0.5}, {}),
+    ("nuslerp", {}, {}),
+    ("multislerp", {}, {}),
+    ("della_linear", {}, {"density": 0.5, "epsilon": 0.1}),
+])
+def test_cli_runs_each_new_method(models, tmp_path, method, params, model_params):
+    """Each of issue 15's mergekit methods runs unchanged and equals its catalog reference on every tensor."""
+    from mergelab.methods import TensorInputs, get_method
+    from mergelab.spec import parse_spec as parse
+
+    weighted = method not in ("sce",)
+    entries = [{"model": str(models[k]), "parameters": {**model_params, **({"weight": w} if weighted else {})}}
+               for k, w in (("ft1", 1.0), ("ft2", 0.5))]
+    config = {"merge_method": method, "base_model": str(models["base"]), "models": entries}
+    if params:
+        config["parameters"] = params
+    out = _merge_cfg(tmp_path, config)
+    spec = parse(translate(config))
+    m = get_method(method)
+    p = m.parse_params(spec.parameters)
+    b, e1, e2 = _load(models, "base", "ft1", "ft2")
+    own = [dict(x.parameters) for x in spec.models]
+    for name in b:
+        inp = TensorInputs(name, b[name], [e1[name], e2[name]], [x.weight for x in spec.models],
+                           model_params=own if any(own) else None)
+        assert torch.equal(out[name], m.reference(inp, p)), name
