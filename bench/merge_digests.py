@@ -9,6 +9,12 @@ SHA-256 of every output tensor's bytes.
 
     python bench/merge_digests.py --out digests.json      # record
     python bench/merge_digests.py --check digests.json    # compare: exit 1 on any difference
+    python bench/merge_digests.py --check digests.json --methods ties,slerp       # only these methods' cases
+    python bench/merge_digests.py --update digests.json --methods breadcrumbs     # re-record only these
+
+``--update`` replaces the named methods' records in the file and keeps every other one: for a change that
+alters a method's output on purpose (issue 15: breadcrumbs' band keeps an exact count on tied magnitudes, so
+its bf16 outputs changed), stated in the commit that makes it.
 
 A refactoring of the merge engine must leave every digest unchanged.
 """
@@ -55,7 +61,20 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
     ("model_stock", {}, 3),
     ("slerp", {"t": 0.3}, 1),
     ("slerp", {"t": 0.6}, 2),
+    # issue 15 (recorded with it)
+    ("della", {"density": 0.6, "epsilon": 0.2, "seed": 3}, 3),
+    ("della_linear", {"density": 0.5, "spacing": "mergekit", "rescale": "l1", "seed": 1}, 3),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, 3),
+    ("sce", {"select_topk": 0.3}, 3),
+    ("nuslerp", {}, 2),
+    ("multislerp", {}, 3),
+    ("karcher", {}, 3),
+    ("nearswap", {"t": 0.01}, 1),
+    ("arcee_fusion", {}, 1),
+    ("passthrough", {}, 1),
 ]
+#: methods that take no per-model weights (merged with unit weights only)
+UNWEIGHTED = ("model_stock", "slerp", "sce", "nearswap", "arcee_fusion", "passthrough")
 #: spec sections beyond parameters, per case index (two whole-model trim groups; a narrower output dtype)
 EXTRA: dict[int, dict[str, Any]] = {
     3: {"overrides": [{"pattern": "layer.*", "parameters": {"density": 0.5}}]},
@@ -98,7 +117,7 @@ def digests_of(folder: Path) -> dict[str, str]:
     return out
 
 
-def run_all() -> dict[str, dict[str, str]]:
+def run_all(methods: set[str] | None = None) -> dict[str, dict[str, str]]:
     from mergelab.errors import SpecError
     from mergelab.merging import merge
 
@@ -108,8 +127,10 @@ def run_all() -> dict[str, dict[str, str]]:
         for dtype in (torch.float32, torch.bfloat16):
             base, experts = build_models(root, dtype)
             for ci, (method, params, n_models) in enumerate(CASES):
+                if methods is not None and method not in methods:
+                    continue
                 for wi, weights in enumerate(WEIGHTS):
-                    if wi and method in ("model_stock", "slerp"):
+                    if wi and method in UNWEIGHTED:
                         continue
                     spec = {"method": method, "base": str(base), "parameters": params,
                             "models": [{"path": str(p), "weight": w}
@@ -133,15 +154,28 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", type=Path)
     group.add_argument("--check", type=Path)
+    group.add_argument("--update", type=Path)
+    parser.add_argument("--methods", help="comma-separated methods (default: every case)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    results = run_all()
+    methods = None if args.methods is None else set(args.methods.split(","))
+    results = run_all(methods)
     n = sum(len(v) for v in results.values())
+    if args.update:
+        if methods is None:
+            parser.error("--update needs --methods (re-record only what changed on purpose)")
+        before = json.loads(args.update.read_text())
+        kept = {k: v for k, v in before.items() if k.split("/")[1].split(":")[1].split("{")[0] not in methods}
+        args.update.write_text(json.dumps({**kept, **results}, indent=1, sort_keys=True))
+        print(f"re-recorded {len(results)} merges of {', '.join(sorted(methods))}, kept {len(kept)} -> {args.update}")
+        return 0
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
         print(f"recorded {len(results)} merges, {n} tensors -> {args.out}")
         return 0
     before = json.loads(args.check.read_text())
+    if methods is not None:
+        before = {k: v for k, v in before.items() if k.split("/")[1].split(":")[1].split("{")[0] in methods}
     diffs = [(k, t) for k in sorted(set(before) | set(results))
              for t in sorted(set(before.get(k, {})) | set(results.get(k, {})))
              if before.get(k, {}).get(t) != results.get(k, {}).get(t)]
