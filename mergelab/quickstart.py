@@ -101,14 +101,14 @@ def _read_cached(path: Path) -> ComparisonTable | None:
 
 
 def _check_names(tasks: Sequence[str], methods: Sequence[str] | None) -> None:
-    from mergelab.experiments.compare import _method_configs
+    from mergelab.experiments.compare import method_configs
     from mergelab.tasks import task_spec
 
     for t in tasks:
         task_spec(t)
     if len(set(tasks)) != len(tasks):
         raise SpecError(f"tasks: a task is listed twice: {list(tasks)}")
-    _method_configs(methods)
+    method_configs(methods)
 
 
 def run_quickstart(

@@ -28,7 +28,8 @@ from mergelab.analysis.bound import (
     recommend,
     schedule_moments,
 )
-from mergelab.analysis.pool_report import load_constants, merge_coefficients
+from mergelab.analysis.bound_constants import load_constants
+from mergelab.analysis.merge_coefficients import merge_coefficients
 from mergelab.checkpoints import save_state_dict
 from mergelab.cli import main
 from mergelab.errors import SpecError

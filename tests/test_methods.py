@@ -487,7 +487,7 @@ def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalo
     import torch
 
     from mergelab.analysis import bound, diagnostics
-    from mergelab.analysis.pool_report import merge_coefficients
+    from mergelab.analysis.merge_coefficients import merge_coefficients
     from mergelab.experiments import compare
     from mergelab.methods.catalog import METHODS as CATALOG_METHODS
 

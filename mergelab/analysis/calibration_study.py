@@ -12,7 +12,7 @@ Protocol (:func:`run_study`):
    the measured quantity is the mean over the pool's tasks of the test cross-entropy.
 4. **Features**: the bound's terms ``(opt, gen)`` at unit constants for the pool
    (:func:`mergelab.analysis.calibration.bound_features`). The statistics at theta_0 of one expert's task
-   (``F_{S_i}(theta_0)``, ``sigma_i^2``, ``grad F_i``, ``L_i``: :func:`mergelab.analysis.pool_report.measure_expert_at_init`)
+   (``F_{S_i}(theta_0)``, ``sigma_i^2``, ``grad F_i``, ``L_i``: :func:`mergelab.analysis.theory_at_init.measure_expert_at_init`)
    do not depend on the pool, so they are measured once per expert and cached in ``<out>/measurements/``; a pool's
    ``delta_i^2`` (from its tasks' gradients) and ``L = max_i L_i`` are formed from them.
 5. **Fit**: ``c_opt, c_stab`` on the training pools (:func:`mergelab.analysis.calibration.calibrate`, NNLS by
@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from mergelab.analysis.bound import BoundPool
     from mergelab.analysis.calibration import CalibrationResult
-    from mergelab.analysis.pool_report import ExpertAtInit
+    from mergelab.analysis.theory_at_init import ExpertAtInit
     from mergelab.training.result import ExpertResult
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def discover_experts(arch: str, cache_dir: PathLike | None = None, tasks: Sequen
     """``(pretrained folder, experts, notes)``: the complete cached experts of ``arch`` fine-tuned from the
     current pretrained backbone, sorted by task then spec hash; ``notes`` say what was skipped."""
     from mergelab.models.paths import arch_dir, pretrained_dir
-    from mergelab.analysis.pool_report import has_fingerprints, stale_reason
+    from mergelab.analysis.pool_experts import has_fingerprints, stale_reason
     from mergelab.models.pretraining import read_pretrained
     from mergelab.training.result import read_expert
 
@@ -200,7 +200,7 @@ def expert_measurements(base_path: Path, experts: Sequence[ExpertResult], cfg: S
                         cache: Path | None = None, say: Any = None) -> tuple[list[ExpertAtInit], int]:
     """Per-expert theta_0 measurements, read from / written to ``cache`` (one ``.pt`` file per expert and
     settings). Returns ``(measurements, number measured now)``."""
-    from mergelab.analysis.pool_report import ExpertAtInit, measure_expert_at_init
+    from mergelab.analysis.theory_at_init import ExpertAtInit, measure_expert_at_init
     from mergelab.models import read_backbone_state
 
     base_state = None
@@ -231,7 +231,8 @@ def expert_measurements(base_path: Path, experts: Sequence[ExpertResult], cfg: S
 def pool_bound(inits: Sequence[ExpertAtInit], experts: Sequence[ExpertResult], name: str = "") -> BoundPool:
     """The :class:`~mergelab.analysis.bound.BoundPool` of a simple-average merge of ``experts`` *(derived)*:
     heterogeneity from the pool's own task gradients, ``L = max_i L_i``."""
-    from mergelab.analysis.pool_report import bound_pool, merge_coefficients, pool_measurement
+    from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
+    from mergelab.analysis.theory_at_init import pool_measurement
 
     meas = pool_measurement(inits)
     return bound_pool(meas, experts, merge_coefficients("weight_average", {}, [1.0] * len(experts)), name=name)
@@ -447,9 +448,9 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
 
 # -------------------------------------------------------------------------------------------------- outputs
 def constants_payload(res: StudyResult) -> dict[str, Any]:
-    """The ``constants.json`` content (format :data:`mergelab.analysis.pool_report.CONSTANTS_FORMAT`)."""
+    """The ``constants.json`` content (format :data:`mergelab.analysis.bound_constants.CONSTANTS_FORMAT`)."""
     from mergelab.analysis.diagnostics import to_jsonable
-    from mergelab.analysis.pool_report import CONSTANTS_FORMAT
+    from mergelab.analysis.bound_constants import CONSTANTS_FORMAT
 
     c = res.calibration
     return to_jsonable({

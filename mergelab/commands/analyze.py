@@ -8,7 +8,7 @@ summary.
 
 **Data-free** sections always: task-vector diagnostics, the operators' Delta_T, a heuristic ranking.
 
-**Data-dependent** sections (:mod:`mergelab.analysis.pool_report`) when the models are mergelab expert folders
+**Data-dependent** sections (:mod:`mergelab.analysis.pool_analysis`, :mod:`mergelab.analysis.pool_report`) when the models are mergelab expert folders
 and the spec has a ``data:`` section (a :class:`~mergelab.spec.DataSpec`: ``tasks``, ``samples_per_task``,
 ``split``, ``batch_size``, ``seed``), or with ``--with-data``: theory quantities at theta_0, the *(derived)*
 stability bound with its constants (``--constants`` from ``mergelab calibrate``), predicted trends and a
@@ -151,14 +151,14 @@ def plan_data_analysis(spec: Any, sections: Mapping[str, Any], args: argparse.Na
     """Decide whether the data-dependent sections run and validate their inputs up front.
 
     Returns ``(data_spec, pool, notes)``: the :class:`~mergelab.spec.DataSpec` and the resolved
-    :class:`~mergelab.analysis.pool_report.PoolExperts` (both ``None`` when the data analysis does not run),
+    :class:`~mergelab.analysis.pool_experts.PoolExperts` (both ``None`` when the data analysis does not run),
     and notes to print. Raises :class:`~mergelab.errors.SpecError` when it is requested but impossible: models
     that are not expert folders (with ``--with-data``, or when some but not all are), an invalid ``data:``
     section, a task in ``data.tasks`` with no expert.
     """
     from pydantic import ValidationError
 
-    from mergelab.analysis.pool_report import expert_folder, resolve_pool
+    from mergelab.analysis.pool_experts import expert_folder, resolve_pool
     from mergelab.errors import SpecError
     from mergelab.spec import DataSpec, MergeSpec
 
@@ -197,8 +197,8 @@ def plan_data_analysis(spec: Any, sections: Mapping[str, Any], args: argparse.Na
 
 
 def data_options(data: Any, args: argparse.Namespace, device: str = "cpu") -> Any:
-    """The :class:`~mergelab.analysis.pool_report.DataAnalysisOptions` from the data section and the flags."""
-    from mergelab.analysis.pool_report import DataAnalysisOptions
+    """The :class:`~mergelab.analysis.pool_analysis.DataAnalysisOptions` from the data section and the flags."""
+    from mergelab.analysis.pool_analysis import DataAnalysisOptions
 
     if device == "auto":
         import torch
@@ -241,7 +241,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     data, pool, data_notes = plan_data_analysis(spec, sections, args, str(args.spec))
     constants = opts = None
     if data is not None:
-        from mergelab.analysis.pool_report import load_constants
+        from mergelab.analysis.bound_constants import load_constants
 
         constants = load_constants(args.constants)
         opts = data_options(data, args, args.device or spec.device)
@@ -276,7 +276,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     report.meta["spec_sections_not_analysed"] = not_analysed
     analysis = None
     if data is not None:
-        from mergelab.analysis.pool_report import add_data_sections, analyze_pool_data
+        from mergelab.analysis.pool_analysis import analyze_pool_data
+        from mergelab.analysis.pool_report import add_data_sections
 
         if not args.no_progress:
             print("data-dependent analysis:", file=sys.stderr, flush=True)

@@ -605,7 +605,10 @@ def _resolve(arch: str, tasks: Sequence[str] | None, pool: Sequence[PathLike] | 
     return _Setup(arch, tasks, experts, heads, Path(pre.path))
 
 
-def _method_configs(methods: Sequence[str] | None) -> list[MethodConfig]:
+def method_configs(methods: Sequence[str] | None) -> list[MethodConfig]:
+    """The rows to compare for ``methods`` (``None``: :data:`DEFAULT_METHODS`): a :data:`CATALOG` row by its
+    name, any other data-free or data-informed method with its defaults and its catalog validation grid;
+    an unknown or repeated method is a :class:`SpecError` naming the known ones."""
     from mergelab.methods import METHODS as DATA_FREE
     from mergelab.methods.data_informed import registry
 
@@ -712,7 +715,7 @@ def run_comparison(
     if workdir is not None:  # merged models go into sub-folders (each merge refuses its own inputs too)
         refuse_overlap(workdir, [setup.base, *(e.path for e in setup.pool)], what="workdir", replaces=False)
     protocol = resolve_bn(bn, setup.arch)
-    configs = _method_configs(methods)
+    configs = method_configs(methods)
     overrides = dict(overrides or {})
     unknown = set(overrides) - {c.name for c in configs}
     if unknown:

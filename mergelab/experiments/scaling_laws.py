@@ -329,7 +329,8 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
     from mergelab.analysis.bound import excess_terms, merge_operator_vectors, task_vector_dispersion
     from mergelab.analysis.bound_fit import fit_excess, leave_one_out
     from mergelab.analysis.calibration_study import StudyConfig, expert_measurements
-    from mergelab.analysis.pool_report import bound_pool, merge_coefficients, pool_measurement
+    from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
+    from mergelab.analysis.theory_at_init import pool_measurement
     from mergelab.evaluation.protocol import STATISTICS_PATTERN
     from mergelab.experiments.jobs import member_expert
     from mergelab.models import read_backbone_state

@@ -133,7 +133,7 @@ class Method:
     - ``sparsify(taus, inputs, params)``: that operator's sparsification step (trim, drop, band) on the task
       vectors of one tensor, as the reference applies it, or ``None``;
     - ``combination``: how the (sparsified) task vectors become the merge, as the bound's coefficients
-      alpha_i see it (:func:`mergelab.analysis.pool_report.merge_coefficients`): ``mean`` (``sum_i w_i
+      alpha_i see it (:func:`mergelab.analysis.merge_coefficients.merge_coefficients`): ``mean`` (``sum_i w_i
       theta_i / sum_i w_i``), ``sum`` (``theta_0 + lambda sum_i w_i tau_i``), ``disjoint_mean`` (TIES's sign
       consensus and mean over the agreeing models; the operator T then includes the consensus) or
       ``interpolation`` (between the base or models, about a mean: model stock, SLERP) or ``spectral``

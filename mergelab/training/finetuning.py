@@ -184,7 +184,15 @@ def frozen_head(task: str, arch: str = "resnet_s", cache_dir: PathLike | None = 
         return probe_head(backbone, get_task(task)).eval()
 
 
-def _init_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.nn.Linear:
+def initial_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 num_classes: int) -> torch.nn.Linear:
+    """The head fine-tuning of ``spec`` starts from, on ``backbone`` and the training subset ``(x, y)``.
+
+    ``head_mode: frozen``: the task's shared head (:func:`probe_head` on the full training split), then BN
+    statistics re-estimated on ``x``; ``head_init: probe``: BN statistics re-estimated on ``x``, then the linear
+    probe on its features; otherwise a head drawn from ``derive_seed(spec.seed, 2)``, zeroed for ``zero``.
+    Re-estimating BN changes ``backbone`` in place. Also used to measure an expert's task at theta_0
+    (:mod:`mergelab.analysis.theory_at_init`)."""
     dim = backbone.feature_dim
     if spec.head_mode == "frozen":  # the task's shared head (full training split), then BN on the subset
         from mergelab.tasks import get_task
@@ -233,7 +241,7 @@ def _train(
     if parent is None:
         backbone, _ = load_pretrained_backbone(spec.arch, cache_dir)
         backbone.to(dev)
-        head = _init_head(spec, backbone, data.x_train, data.y_train, data.num_classes).to(dev)
+        head = initial_head(spec, backbone, data.x_train, data.y_train, data.num_classes).to(dev)
         init_metrics = evaluate_classifier(backbone, head, data.x_test, data.y_test)
     else:
         start = spec.branch_from.step  # type: ignore[union-attr]
