@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergelab.analysis.effective_lr import normalized_layer_lrs
 from mergelab.analysis.estimators import (
-    effective_noise_scale,
     gradient_heterogeneity,
     gradient_statistics,
     hessian_top_eigenvalue,
@@ -21,10 +21,9 @@ from mergelab.analysis.estimators import (
     hvp_operator,
     loss_and_gradient,
     measure_tasks,
-    measured_noise_scale,
-    normalized_layer_lrs,
     power_iteration,
 )
+from mergelab.analysis.noise_scale import effective_noise_scale, measured_noise_scale
 
 
 @pytest.fixture(autouse=True)

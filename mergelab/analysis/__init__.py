@@ -10,8 +10,8 @@
 - landscape tools (:mod:`~mergelab.analysis.landscape`: interpolation, barriers, task-arithmetic path, 2-D
   plane), permutation alignment (:mod:`~mergelab.analysis.alignment`: weight matching), linear CKA
   (:mod:`~mergelab.analysis.cka`);
-- theory quantities (:mod:`~mergelab.analysis.estimators`: smoothness, gradient variance, heterogeneity,
-  noise scale), the *(derived)* stability bound and its predictions (:mod:`~mergelab.analysis.bound`), and
+- theory quantities (:mod:`~mergelab.analysis.estimators`: smoothness, gradient variance, heterogeneity;
+  :mod:`~mergelab.analysis.noise_scale`; :mod:`~mergelab.analysis.effective_lr`), the *(derived)* stability bound and its predictions (:mod:`~mergelab.analysis.bound`), and
   its calibration (:mod:`~mergelab.analysis.calibration`).
 
 Names here are imported lazily.
@@ -84,11 +84,11 @@ _LAZY: dict[str, str] = {
     "measure_tasks": "mergelab.analysis.estimators",
     "TaskMeasurement": "mergelab.analysis.estimators",
     "PoolMeasurement": "mergelab.analysis.estimators",
-    "effective_noise_scale": "mergelab.analysis.estimators",
-    "measured_noise_scale": "mergelab.analysis.estimators",
-    "NoiseScaleReport": "mergelab.analysis.estimators",
-    "normalized_layer_lrs": "mergelab.analysis.estimators",
-    "NormalizedLayerLR": "mergelab.analysis.estimators",
+    "effective_noise_scale": "mergelab.analysis.noise_scale",
+    "measured_noise_scale": "mergelab.analysis.noise_scale",
+    "NoiseScaleReport": "mergelab.analysis.noise_scale",
+    "normalized_layer_lrs": "mergelab.analysis.effective_lr",
+    "NormalizedLayerLR": "mergelab.analysis.effective_lr",
     "BoundExpert": "mergelab.analysis.bound",
     "BoundPool": "mergelab.analysis.bound",
     "BoundConstants": "mergelab.analysis.bound",

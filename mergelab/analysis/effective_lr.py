@@ -22,14 +22,22 @@ when its output tensor *is* (same object, unmodified: the same autograd version 
 activation in between does not count) the input of a BatchNorm. A convolution followed by anything else
 first (an activation, an addition) is not scale-invariant and is left out; so are BatchNorm's own affine
 parameters and linear layers.
+
+:func:`normalized_layer_lrs` is the wider tracer the estimators' report uses: weights of Conv and Linear layers
+feeding a BatchNorm, LayerNorm or GroupNorm (a weight with a bias only when the norm removes it), traced by
+tensor identity alone.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from mergelab.analysis.estimators import model_device, modules_in_mode
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -86,3 +94,65 @@ def mean_effective_lr(rates: dict[str, float]) -> float:
     if not values:
         return math.nan
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+@dataclass(frozen=True)
+class NormalizedLayerLR:
+    """A weight whose output feeds a normalisation layer directly (scale-invariant), and its
+    effective learning rate ``eta_eff = eta / ||W||_F^2``."""
+
+    name: str
+    norm_layer: str
+    norm_kind: str
+    norm2: float
+    eta_eff: float
+
+
+def normalized_layer_lrs(model: nn.Module, example_input: torch.Tensor, lr: float) -> list[NormalizedLayerLR]:
+    """Effective learning rates ``eta / ||W||^2`` of the weights followed by BatchNorm/LayerNorm.
+
+    The pairs are found by tracing one forward pass on ``example_input`` (eval mode, no gradients): a
+    Conv/Linear module whose output tensor is *itself* the input of a BatchNorm/LayerNorm/GroupNorm module.
+    Only then is the loss invariant to rescaling that weight (``W -> c W``), the case where SGD's step on ``W``
+    acts like a step of ``eta / ||W||^2`` on its direction (van Laarhoven 2017; Zhang et al. 2025); weight
+    decay keeps ``||W||`` from growing and the effective rate from vanishing. A pre-norm transformer's
+    LayerNorms read a residual sum, so its Linear layers are not listed. A trailing bias would break the
+    invariance, so weights with a bias are listed only if the norm removes it (BatchNorm/GroupNorm do).
+    """
+    weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keep traced outputs alive so their ids are not reused
+    pairs: list[tuple[str, str, str]] = []
+    names = {m: k for k, m in model.named_modules()}
+    hooks = []
+
+    def out_hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = names[mod]
+            alive.append(out)
+
+    def in_hook(mod: nn.Module, inp: Any) -> None:
+        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
+            pairs.append((produced[id(inp[0])], names[mod], type(mod).__name__))
+
+    for m in model.modules():
+        if isinstance(m, weighted):
+            hooks.append(m.register_forward_hook(out_hook))
+        elif isinstance(m, norms):
+            hooks.append(m.register_forward_pre_hook(in_hook))
+    try:
+        with torch.no_grad(), modules_in_mode(model, False):
+            model(example_input.to(model_device(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+    modules = dict(model.named_modules())
+    out: list[NormalizedLayerLR] = []
+    for wname, nname, kind in pairs:
+        mod = modules[wname]
+        if getattr(mod, "bias", None) is not None and isinstance(modules[nname], nn.LayerNorm):
+            continue
+        norm2 = float(mod.weight.detach().double().pow(2).sum())
+        out.append(NormalizedLayerLR(f"{wname}.weight", nname, kind, norm2, lr / norm2 if norm2 > 0 else float("inf")))
+    return out

@@ -24,9 +24,9 @@ Quantities (THEORY.md section 1, "Measurable quantities"; section 2 for the nois
   ``F = sum_i (n_i / n) F_i`` the sample-weighted average of the task losses; also the Gram matrix
   ``G_ij = <grad F_i, grad F_j>``, from which ``delta`` of any sub-pool follows without new gradients.
 * **initial loss** ``F_{S_i}(theta_0)``: mean training loss of task ``i`` at theta_0 through its head.
-* **effective noise scale** (Zhang et al. 2025): the proxy ``eta / (B (1 - beta))`` of an expert's sidecar and,
-  with a measured ``tr(Sigma) = sigma^2``, ``T = eta / (B (1 - beta)) * tr(Sigma)``; the effective learning rate
-  ``eta / ||W||^2`` of weights whose output feeds a BatchNorm/LayerNorm (scale-invariant weights).
+* the **effective noise scale** (Zhang et al. 2025), ``T = eta / (B (1 - beta)) * tr(Sigma)`` with ``tr(Sigma)``
+  measured here, is :mod:`mergelab.analysis.noise_scale`; the effective learning rate ``eta / ||W||^2`` of
+  scale-invariant weights is :mod:`mergelab.analysis.effective_lr`.
 
 **Mode.** Estimators run the model in **eval mode** (restored afterwards). In train mode BatchNorm normalises
 with batch statistics, so a sample's loss depends on the other samples of its batch: per-sample gradients are
@@ -64,12 +64,9 @@ __all__ = [
     "GradientStats",
     "HeterogeneityResult",
     "LossFn",
-    "NoiseScaleReport",
-    "NormalizedLayerLR",
     "PoolMeasurement",
     "PowerIterationResult",
     "TaskMeasurement",
-    "effective_noise_scale",
     "gradient_heterogeneity",
     "gradient_statistics",
     "hessian_top_eigenvalue",
@@ -77,9 +74,10 @@ __all__ = [
     "loss_and_gradient",
     "heterogeneity_from_gram",
     "measure_tasks",
-    "measured_noise_scale",
-    "normalized_layer_lrs",
+    "model_device",
+    "modules_in_mode",
     "power_iteration",
+    "sample_indices",
 ]
 
 
@@ -87,7 +85,7 @@ __all__ = [
 # helpers
 # ---------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+def modules_in_mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Put every sub-module of ``model`` in train/eval mode for the block, then restore each one's mode."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(train)
@@ -129,12 +127,13 @@ def _unflat(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tenso
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def _sample_indices(n: int, max_samples: int | None, seed: int) -> torch.Tensor:
+def sample_indices(n: int, max_samples: int | None, seed: int) -> torch.Tensor:
     """All indices, or ``max_samples`` of them drawn without replacement under ``seed``."""
     if max_samples is None or max_samples >= n:
         return torch.arange(n)
@@ -272,15 +271,15 @@ def hessian_top_eigenvalue(
     """
     chosen = _select_params(model, param_names)
     params = [p for _, p in chosen]
-    dev = _device(model)
-    idx = _sample_indices(len(x), batch_size * num_batches, seed)
+    dev = model_device(model)
+    idx = sample_indices(len(x), batch_size * num_batches, seed)
     saved = {k: b.detach().clone() for k, b in model.named_buffers()} if train_mode else {}
     dim = sum(p.numel() for p in params)
     # Hessian-vector products differentiate twice: attention must use the math kernel (the fused CPU kernels
     # have no double backward, e.g. vit_s's scaled_dot_product_attention)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with _mode(model, train_mode), sdpa_kernel([SDPBackend.MATH]):
+    with modules_in_mode(model, train_mode), sdpa_kernel([SDPBackend.MATH]):
         batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
         total = float(len(idx))
         losses = [(loss_fn(model(x[b].to(dev)), y[b].to(dev)), len(b) / total) for b in batches]
@@ -336,13 +335,13 @@ def loss_and_gradient(
     """
     chosen = _select_params(model, param_names)
     params = [p for _, p in chosen]
-    dev = _device(model)
+    dev = model_device(model)
     n = len(x)
     if n == 0:
         raise ValueError("loss_and_gradient needs at least one sample")
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=dev)
     loss_sum = 0.0
-    with _mode(model, False):
+    with modules_in_mode(model, False):
         for i in range(0, n, batch_size):
             xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
             loss = loss_fn(model(xb), yb)
@@ -421,13 +420,13 @@ def gradient_statistics(
     if method not in ("auto", "vmap", "loop"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
     chosen = _select_params(model, param_names)
-    dev = _device(model)
-    idx = _sample_indices(len(x), max_samples, seed)
+    dev = model_device(model)
+    idx = sample_indices(len(x), max_samples, seed)
     n = len(idx)
     if n - ddof <= 0:
         raise ValueError(f"need more than ddof={ddof} samples, got {n}")
     used = method
-    with _mode(model, False):
+    with modules_in_mode(model, False):
         runner = _per_sample_loop(model, chosen, loss_fn) if method == "loop" else _per_sample_vmap(model, chosen, loss_fn)
         count, mean, m2, loss_sum = 0, None, 0.0, 0.0
         for i in range(0, n, chunk_size):
@@ -681,148 +680,3 @@ def measure_tasks(
         "sigma2_normalisation": "1/n (population)",
     }
     return PoolMeasurement(tuple(tasks), het, lmax, pnames, settings)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# effective noise scale and effective learning rate of normalised layers
-# ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NoiseScaleReport:
-    """Effective noise scale of one expert (THEORY.md section 2, Zhang et al. 2025).
-
-    ``proxy = eta / (B (1 - beta))`` and ``proxy_squared = eta / (B (1 - beta)^2)`` as recorded by the
-    training module (``beta`` = SGD momentum, or ``beta1`` for Adam/AdamW: ``beta_source``); with a measured
-    ``trace_sigma = tr(Sigma) = sigma^2`` (per-sample gradient covariance, ``1/n`` normalisation):
-    ``T = proxy * tr(Sigma)`` and ``T_squared = proxy_squared * tr(Sigma)``. For Adam/AdamW the update is
-    normalised per coordinate, so the proxy compares runs of the same optimizer only (``note``).
-    """
-
-    proxy: float
-    proxy_squared: float
-    eta: float
-    batch_size: int
-    beta: float
-    beta_source: str
-    optimizer: str
-    trace_sigma: float | None = None
-    T: float | None = None
-    T_squared: float | None = None
-    note: str = ""
-    form: str = "eta / (B * (1 - beta)) [* tr(Sigma)]"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def effective_noise_scale(expert: Any, trace_sigma: float | None = None) -> NoiseScaleReport:
-    """Noise scale of ``expert``: an :class:`~mergelab.training.ExpertResult` (its sidecar's ``noise_scale``
-    and spec) or an :class:`~mergelab.training.ExpertSpec`; multiplied by ``trace_sigma`` when given."""
-    spec = getattr(expert, "spec", expert)
-    ns = getattr(expert, "noise_scale", None)
-    lr, bsz, beta, opt = float(spec.lr), int(spec.batch_size), float(spec.momentum), str(spec.optimizer)
-    if ns is not None:
-        proxy, proxy_sq, source = float(ns.value), float(ns.value_squared), str(ns.beta_source)
-    else:
-        proxy, proxy_sq = lr / (bsz * (1 - beta)), lr / (bsz * (1 - beta) ** 2)
-        source = "sgd momentum" if opt == "sgd" else f"{opt} beta1"
-    note = "" if opt == "sgd" else (
-        f"{opt}: beta is beta1 and the update is normalised per coordinate; the proxy compares {opt} runs only"
-    )
-    t = None if trace_sigma is None else proxy * float(trace_sigma)
-    t2 = None if trace_sigma is None else proxy_sq * float(trace_sigma)
-    return NoiseScaleReport(proxy, proxy_sq, lr, bsz, beta, source, opt, trace_sigma, t, t2, note)
-
-
-def measured_noise_scale(
-    expert: Any,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: LossFn = F.cross_entropy,
-    *,
-    param_names: Sequence[str] | None = None,
-    max_samples: int | None = 512,
-    augment: bool | None = None,
-    seed: int = 0,
-) -> NoiseScaleReport:
-    """:func:`effective_noise_scale` with ``tr(Sigma)`` measured on ``(x, y)`` at ``model``'s current weights.
-
-    ``tr(Sigma) = sigma^2`` of :func:`gradient_statistics` (``1/n`` normalisation, eval mode) over
-    ``param_names`` -- by default **all** parameters, since the optimizer updates the whole model (backbone and
-    head) and its noise lives in all of them. Pass ``model`` at theta_0 with the starting head for the noise at
-    the start of training, or a checkpoint for the noise along the run. With augmentation (``augment``, default
-    the expert's ``spec.augment``), each sample gets one random draw of the training module's affine warp, so
-    ``Sigma`` is the covariance over (sample, augmentation) pairs, as in training.
-    """
-    spec = getattr(expert, "spec", expert)
-    use_aug = bool(getattr(spec, "augment", False)) if augment is None else augment
-    idx = _sample_indices(len(x), max_samples, seed)
-    xs, ys = x[idx], y[idx]
-    if use_aug:
-        from mergelab.training.augment import random_affine
-
-        xs = random_affine(xs, seed, 0)
-    stats = gradient_statistics(model, xs, ys, loss_fn, param_names=param_names, seed=seed)
-    return effective_noise_scale(expert, trace_sigma=stats.sigma2)
-
-
-@dataclass(frozen=True)
-class NormalizedLayerLR:
-    """A weight whose output feeds a normalisation layer directly (scale-invariant), and its
-    effective learning rate ``eta_eff = eta / ||W||_F^2``."""
-
-    name: str
-    norm_layer: str
-    norm_kind: str
-    norm2: float
-    eta_eff: float
-
-
-def normalized_layer_lrs(model: nn.Module, example_input: torch.Tensor, lr: float) -> list[NormalizedLayerLR]:
-    """Effective learning rates ``eta / ||W||^2`` of the weights followed by BatchNorm/LayerNorm.
-
-    The pairs are found by tracing one forward pass on ``example_input`` (eval mode, no gradients): a
-    Conv/Linear module whose output tensor is *itself* the input of a BatchNorm/LayerNorm/GroupNorm module.
-    Only then is the loss invariant to rescaling that weight (``W -> c W``), the case where SGD's step on ``W``
-    acts like a step of ``eta / ||W||^2`` on its direction (van Laarhoven 2017; Zhang et al. 2025); weight
-    decay keeps ``||W||`` from growing and the effective rate from vanishing. A pre-norm transformer's
-    LayerNorms read a residual sum, so its Linear layers are not listed. A trailing bias would break the
-    invariance, so weights with a bias are listed only if the norm removes it (BatchNorm/GroupNorm do).
-    """
-    weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-    produced: dict[int, str] = {}
-    alive: list[torch.Tensor] = []  # keep traced outputs alive so their ids are not reused
-    pairs: list[tuple[str, str, str]] = []
-    names = {m: k for k, m in model.named_modules()}
-    hooks = []
-
-    def out_hook(mod: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            produced[id(out)] = names[mod]
-            alive.append(out)
-
-    def in_hook(mod: nn.Module, inp: Any) -> None:
-        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
-            pairs.append((produced[id(inp[0])], names[mod], type(mod).__name__))
-
-    for m in model.modules():
-        if isinstance(m, weighted):
-            hooks.append(m.register_forward_hook(out_hook))
-        elif isinstance(m, norms):
-            hooks.append(m.register_forward_pre_hook(in_hook))
-    try:
-        with torch.no_grad(), _mode(model, False):
-            model(example_input.to(_device(model)))
-    finally:
-        for h in hooks:
-            h.remove()
-    modules = dict(model.named_modules())
-    out: list[NormalizedLayerLR] = []
-    for wname, nname, kind in pairs:
-        mod = modules[wname]
-        if getattr(mod, "bias", None) is not None and isinstance(modules[nname], nn.LayerNorm):
-            continue
-        norm2 = float(mod.weight.detach().double().pow(2).sum())
-        out.append(NormalizedLayerLR(f"{wname}.weight", nname, kind, norm2, lr / norm2 if norm2 > 0 else float("inf")))
-    return out

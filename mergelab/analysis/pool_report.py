@@ -23,7 +23,7 @@ from mergelab.report.folder import Drawing, Report
 from mergelab.report.markdown import fmt, markdown_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.analysis.estimators import NoiseScaleReport
+    from mergelab.analysis.noise_scale import NoiseScaleReport
 
 
 #: Section keys this module adds to a report, in order.

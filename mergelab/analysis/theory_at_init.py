@@ -22,7 +22,8 @@ import torch
 from mergelab.analysis.pool_experts import expert_training_data, task_samples
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.analysis.estimators import NoiseScaleReport, PoolMeasurement, PowerIterationResult
+    from mergelab.analysis.estimators import PoolMeasurement, PowerIterationResult
+    from mergelab.analysis.noise_scale import NoiseScaleReport
     from mergelab.training.result import ExpertResult
 
 
@@ -72,7 +73,8 @@ class ExpertAtInit:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> ExpertAtInit:
-        from mergelab.analysis.estimators import NoiseScaleReport, PowerIterationResult
+        from mergelab.analysis.estimators import PowerIterationResult
+        from mergelab.analysis.noise_scale import NoiseScaleReport
 
         sm = rec.get("smoothness")
         smooth = None if sm is None else PowerIterationResult(
@@ -133,9 +135,10 @@ def measure_expert_at_init(
     over the backbone parameters in eval mode (:func:`mergelab.analysis.estimators.measure_tasks`, with the
     BN statistics already adapted by :func:`initial_model`); ``L_i`` by ``hessian_iters`` power iterations on
     one batch of all the samples (0: skipped); the measured noise scale over all parameters (backbone and
-    head) at theta_0 (:func:`~mergelab.analysis.estimators.measured_noise_scale`).
+    head) at theta_0 (:func:`~mergelab.analysis.noise_scale.measured_noise_scale`).
     """
-    from mergelab.analysis.estimators import effective_noise_scale, measure_tasks, measured_noise_scale
+    from mergelab.analysis.estimators import measure_tasks
+    from mergelab.analysis.noise_scale import effective_noise_scale, measured_noise_scale
     from mergelab.models import Classifier
     from mergelab.models.device import default_device
 
