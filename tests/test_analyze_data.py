@@ -16,18 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from mergelab.analysis.bound import (
-    DEFAULT_FACTORS,
-    BoundConstants,
-    BoundExpert,
-    BoundPool,
-    _typical_expert,
-    chi2_divergence,
-    evaluate_bound,
-    predict_trends,
-    recommend,
-    schedule_moments,
-)
+from mergelab.analysis.bound import BoundConstants, BoundExpert, BoundPool, chi2_divergence, evaluate_bound, schedule_moments
+from mergelab.analysis.bound_predictions import DEFAULT_FACTORS, predict_trends, recommend, typical_expert
 from mergelab.analysis.bound_constants import load_constants
 from mergelab.analysis.merge_coefficients import merge_coefficients
 from mergelab.checkpoints import save_state_dict
@@ -190,7 +180,7 @@ def test_trends_cover_the_five_hyperparameters_and_recommend(analysed):
     assert rec["bound_after"] == pytest.approx(expected.bound_after, rel=1e-9)
     assert rec["factors"] == pytest.approx(expected.factors) and rec["recommended"] == pytest.approx(expected.recommended)
     # the search is a minimum over a grid that holds the unchanged setting (all factors 1) with all the data
-    target = _typical_expert(pool)
+    target = typical_expert(pool)
     unchanged = pool.with_experts([*pool.experts, target.scaled("n", 1 / min(1.0, target.data_ratio))])
     assert 1.0 in DEFAULT_FACTORS and rec["bound_after"] <= evaluate_bound(unchanged).bound * (1 + 1e-12)
 

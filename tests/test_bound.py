@@ -22,16 +22,14 @@ from mergelab.analysis.bound import (
     BoundExpert,
     BoundPool,
     chi2_divergence,
-    classify_shape,
     effective_weights,
     evaluate_bound,
     generalization_term,
     merged_stability,
     per_expert_stability,
-    predict_trends,
-    recommend,
     schedule_moments,
 )
+from mergelab.analysis.bound_predictions import classify_shape, predict_trends, recommend
 from mergelab.analysis.calibration import bound_features, calibrate, fit_constants, predict_losses, split_indices
 
 
@@ -301,7 +299,7 @@ def test_calibration_with_a_floor_and_input_checks():
 
 
 # ------------------------------------------------------------------------------------------ the excess-loss form
-from mergelab.analysis.bound import (  # noqa: E402
+from mergelab.analysis.excess_bound import (  # noqa: E402
     ExcessConstants,
     dispersion_from_gram,
     excess_bound,

@@ -486,14 +486,14 @@ def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalo
     sparsification step (then the sign consensus for a disjoint mean)."""
     import torch
 
-    from mergelab.analysis import bound, diagnostics
+    from mergelab.analysis import diagnostics, excess_bound
     from mergelab.analysis.merge_coefficients import merge_coefficients
     from mergelab.experiments import compare
     from mergelab.methods.catalog import METHODS as CATALOG_METHODS
 
     with_operator = {m.name: m for m in CATALOG_METHODS.values() if m.operator is not None}
     assert diagnostics.OPERATORS == ("sign", "trim", *(m.operator for m in with_operator.values()))
-    assert bound.MERGE_OPERATORS == {name: m.operator for name, m in with_operator.items()}
+    assert excess_bound.MERGE_OPERATORS == {name: m.operator for name, m in with_operator.items()}
     for m in CATALOG_METHODS.values():
         assert (m.operator is None) == (m.sparsify is None), m.name
         rule = merge_coefficients(m.name, {}, [1.0, 3.0]).alphas

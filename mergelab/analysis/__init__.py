@@ -11,8 +11,10 @@
   plane), permutation alignment (:mod:`~mergelab.analysis.alignment`: weight matching), linear CKA
   (:mod:`~mergelab.analysis.cka`);
 - theory quantities (:mod:`~mergelab.analysis.estimators`: smoothness, gradient variance, heterogeneity;
-  :mod:`~mergelab.analysis.noise_scale`; :mod:`~mergelab.analysis.effective_lr`), the *(derived)* stability bound and its predictions (:mod:`~mergelab.analysis.bound`), and
-  its calibration (:mod:`~mergelab.analysis.calibration`).
+  :mod:`~mergelab.analysis.noise_scale`; :mod:`~mergelab.analysis.effective_lr`), the *(derived)* stability
+  bound (:mod:`~mergelab.analysis.bound`), its predictions (:mod:`~mergelab.analysis.bound_predictions`) and
+  excess-loss form (:mod:`~mergelab.analysis.excess_bound`), and its calibration
+  (:mod:`~mergelab.analysis.calibration`).
 
 Names here are imported lazily.
 """
@@ -94,10 +96,10 @@ _LAZY: dict[str, str] = {
     "BoundConstants": "mergelab.analysis.bound",
     "evaluate_bound": "mergelab.analysis.bound",
     "BoundReport": "mergelab.analysis.bound",
-    "predict_trends": "mergelab.analysis.bound",
-    "BoundTrend": "mergelab.analysis.bound",
-    "recommend": "mergelab.analysis.bound",
-    "MergeRecommendation": "mergelab.analysis.bound",
+    "predict_trends": "mergelab.analysis.bound_predictions",
+    "BoundTrend": "mergelab.analysis.bound_predictions",
+    "recommend": "mergelab.analysis.bound_predictions",
+    "MergeRecommendation": "mergelab.analysis.bound_predictions",
     "per_expert_stability": "mergelab.analysis.bound",
     "merged_stability": "mergelab.analysis.bound",
     "generalization_term": "mergelab.analysis.bound",

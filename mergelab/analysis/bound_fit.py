@@ -1,6 +1,6 @@
 """Fitting the *(derived)* excess-loss form of the stability bound to measured merges, and testing it.
 
-The form (:data:`mergelab.analysis.bound.EXCESS_FORMULA`, THEORY.md section 1, "Where N enters") predicts the
+The form (:data:`mergelab.analysis.excess_bound.EXCESS_FORMULA`, THEORY.md section 1, "Where N enters") predicts the
 **excess** loss of a merge over its experts, ``excess_j = loss(merge_j) - mean_i loss(expert_i on task i)`` (both
 under the same BatchNorm protocol), as ``c0 + c_opt OPT_j + c_stab STAB_j + c_het HET_j``.
 
@@ -51,7 +51,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import optimize, stats
 
-from mergelab.analysis.bound import EXCESS_TERMS, FORM, ExcessConstants
+from mergelab.analysis.bound import FORM
+from mergelab.analysis.excess_bound import EXCESS_TERMS, ExcessConstants
 
 FitMethod = Literal["nnls", "ols"]
 
@@ -110,7 +111,7 @@ class ExcessFit:
 def fit_excess(X: np.ndarray, y: Sequence[float], *, method: FitMethod = "nnls") -> ExcessFit:
     """Fit ``y ~ c0 + X c`` with a free intercept on standardised columns (module docstring).
 
-    ``X``: ``[m, k]`` term values (columns :data:`~mergelab.analysis.bound.EXCESS_TERMS` for the excess form),
+    ``X``: ``[m, k]`` term values (columns :data:`~mergelab.analysis.excess_bound.EXCESS_TERMS` for the excess form),
     ``y``: measured excess losses. ``method``: ``"nnls"`` (slopes >= 0) or ``"ols"``.
     """
     x = np.asarray(X, dtype=np.float64)

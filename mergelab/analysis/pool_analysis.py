@@ -21,7 +21,7 @@ lets the mergeability report go beyond the data-free diagnostics:
    ``eta_i L K_i <= 1``; calibrated constants come from a JSON file written by ``mergelab calibrate``
    (:func:`load_constants`), else ``c_opt = c_stab = 1`` (the raw derived bound, a scale-free ranking score).
 3. **Predicted trends** *(derived)* along K, eta, b, n (data ratio) and N, and a merge-friendly setting for the
-   next expert (:func:`mergelab.analysis.bound.predict_trends`, :func:`~mergelab.analysis.bound.recommend`).
+   next expert (:func:`mergelab.analysis.bound_predictions.predict_trends`, :func:`~mergelab.analysis.bound_predictions.recommend`).
 4. **Landscape**: loss and accuracy along the linear interpolation between the first two experts (barrier,
    midpoint gain, per task) and along the task-arithmetic path ``theta_0 + a sum_i tau_i`` of the whole pool,
    on ``samples_per_task`` seeded samples of each task's evaluation split (default test), each task through
@@ -58,7 +58,8 @@ from mergelab.analysis.theory_at_init import ExpertAtInit, measure_expert_at_ini
 from mergelab.errors import SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.analysis.bound import BoundPool, BoundReport, BoundTrend, MergeRecommendation
+    from mergelab.analysis.bound import BoundPool, BoundReport
+    from mergelab.analysis.bound_predictions import BoundTrend, MergeRecommendation
     from mergelab.analysis.estimators import PoolMeasurement
     from mergelab.analysis.landscape import PathResult
     from mergelab.spec import DataSpec, MergeSpec
@@ -164,7 +165,8 @@ def analyze_pool_data(
     progress: bool = False,
 ) -> PoolDataAnalysis:
     """Run the data-dependent analyses of the module docstring for a merge spec whose models are experts."""
-    from mergelab.analysis.bound import evaluate_bound, predict_trends, recommend
+    from mergelab.analysis.bound import evaluate_bound
+    from mergelab.analysis.bound_predictions import predict_trends, recommend
     from mergelab.models import load_head, read_backbone_state
 
     opts = options or DataAnalysisOptions()

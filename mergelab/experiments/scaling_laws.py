@@ -29,7 +29,7 @@ Protocol (:func:`run_scaling_study`, preset ``scaling`` of ``mergelab experiment
    loss** ``excess = loss(merge) - mean_i loss(expert_i on task i)``, the bound's quantity.
 4. **Bound** *(derived)*. Per task, ``F_{S_i}(theta_0)``, ``sigma_i^2``, ``grad F_i`` and ``L_i`` are measured once
    at theta_0 (they do not depend on how the experts are trained; cached). Each merge gets the excess-loss form's
-   terms (:data:`mergelab.analysis.bound.EXCESS_FORMULA`): ``OPT`` and ``STAB`` from its experts' real
+   terms (:data:`mergelab.analysis.excess_bound.EXCESS_FORMULA`): ``OPT`` and ``STAB`` from its experts' real
    hyperparameters (K, eta, b, momentum, the schedule's moments, n_i) and ``HET`` from the dispersion of its
    experts' task vectors (BatchNorm statistics excluded) after the method's operator. The constants are fitted
    per method with an intercept on standardised columns (:func:`mergelab.analysis.bound_fit.fit_excess`,
@@ -77,7 +77,7 @@ SPEC_FIELD = {"K": "steps", "b": "batch_size", "eta": "lr", "n": "data_ratio"}
 SCALING_TASKS: tuple[str, ...] = ("mnist", "mnist_rot90", "mnist_invert", "digits", "shapes", "mnist1d")
 
 #: THEORY.md's predicted trend per hyperparameter, and the measured loss shapes (of
-#: :func:`mergelab.analysis.bound.classify_shape`) that agree with it.
+#: :func:`mergelab.analysis.bound_predictions.classify_shape`) that agree with it.
 PREDICTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "K": ("an optimum K* (U-shaped loss, inverted-U accuracy) or a monotone decline (loss rising with K)", ("U", "increasing")),
     "eta": ("large learning rates collapse the merge (loss rising at the large end)", ("increasing", "U")),
@@ -326,7 +326,7 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
     leave-one-hyperparameter-out prediction) of the excess loss when records carry ``excess``."""
     from dataclasses import replace
 
-    from mergelab.analysis.bound import excess_terms, merge_operator_vectors, task_vector_dispersion
+    from mergelab.analysis.excess_bound import excess_terms, merge_operator_vectors, task_vector_dispersion
     from mergelab.analysis.bound_fit import fit_excess, leave_one_out
     from mergelab.analysis.calibration_study import StudyConfig, expert_measurements
     from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
@@ -578,7 +578,7 @@ def _iv_text(iv: Any) -> str:
 def _bound_sections(records: Sequence[dict[str, Any]], method: str, target: float = 0.8) -> list[Any]:
     """The bound's report section for ``method`` *(derived)*: held-out prediction, fitted constants, each term
     alone, and the elasticities, with their verdicts (:func:`bound_analysis`)."""
-    from mergelab.analysis.bound import EXCESS_FORMULA
+    from mergelab.analysis.excess_bound import EXCESS_FORMULA
     from mergelab.report import Section, Table, Verdict
 
     res = bound_analysis(records, method)
