@@ -17,6 +17,7 @@ from mergelab.errors import SpecError
 from mergelab.experiments.compare import CATALOG, ComparisonTable, MethodRow, run_comparison
 from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools, run_pool_scaling
 from mergelab.models.pretraining import PretrainConfig
+from mergelab.report.text import comparison_text, pool_scaling_text
 from mergelab.tasks import TaskData
 from tiny_zoo import pretrain_tiny
 from mergelab.training import finetune, load_expert
@@ -110,7 +111,7 @@ def test_comparison_quick_has_every_row_and_writes_csv_and_json(zoo, tmp_path):
     # in-process peak memory is measured from the reset high-water mark where Linux allows it
     assert table.row("weight_average").peak_mb > 0 or math.isnan(table.row("weight_average").peak_mb)
 
-    text = table.format()
+    text = comparison_text(table)
     assert "individual" in text and "100.0" in text and "peak MB" in text
     csv_path, json_path = table.to_csv(tmp_path / "c.csv"), table.to_json(tmp_path / "c.json")
     rows = list(csv.DictReader(csv_path.open()))
@@ -268,7 +269,7 @@ def test_pool_scaling_runs_on_the_tiny_zoo(zoo, monkeypatch, tmp_path):
     assert result.eval_tasks[3] == ["mnist"]
     for n in (1, 3):
         assert 0.0 <= result.accuracy("task_arithmetic", n) <= 1.0 and 0.0 <= result.accuracy("fw_soft", n) <= 1.0
-    text = result.format()
+    text = pool_scaling_text(result)
     assert "pool scaling (irrelevant" in text and "70.3" in text  # the paper's endpoints are quoted
     assert "Task arithmetic falls as irrelevant experts join" in text  # the claims' verdicts are printed
     back = PoolScalingResult.from_dict(json.loads(result.to_json(tmp_path / "p.json").read_text()))
@@ -341,7 +342,7 @@ def test_paired_comparisons_have_hand_computed_mcnemar_and_holm_values(tmp_path)
         "better", "undecided", "undecided", "better"]
     assert by["fisher", "task_arithmetic"].test.difference == pytest.approx((0.04 + 0.03) / 2)
     # the printed table
-    text = table.format()
+    text = comparison_text(table)
     assert "Holm-adjusted over 7 comparisons" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("fisher ") and "task_arithmetic" in ln)
     lo, hi = by["fisher", "task_arithmetic"].test.interval()
@@ -365,7 +366,7 @@ def test_a_table_written_before_per_example_results_still_loads():
     old = ComparisonTable.from_dict(data)
     assert old.row("ties").average == pytest.approx(0.65) and old.row("ties").outcomes() is None
     assert old.paired_comparisons() == [] and old.paired_test("ties", "task_arithmetic") is None
-    text = old.format()
+    text = comparison_text(old)
     assert "paired tests: none (no per-example results" in text and "p (Holm)" not in text
     assert all(v.agrees is None for v in comparison_verdicts(old))
     assert [t.title for t in comparison_sections(old)[0].tables] == [old.arch + ": accuracy per method on 2 tasks"]

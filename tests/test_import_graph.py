@@ -150,3 +150,15 @@ def test_the_report_model_sits_below_the_analyses():
         assert {t for t in graph[module] if t.startswith(banned)} == set(), module
     report_imports = {t for t in _imports_of("mergelab.analysis", graph) if t.startswith("mergelab.report")}
     assert report_imports <= set(REPORT_MODEL) | {"mergelab.report"}, report_imports
+
+
+def test_results_do_not_render_themselves():
+    """Presentation of study results lives in report/: the study modules import nothing of report/ but its
+    model, and no result class has a text or report rendering."""
+    graph = import_graph()
+    for module in ("mergelab.experiments.compare", "mergelab.experiments.pool_scaling"):
+        assert {t for t in graph[module] if t.startswith("mergelab.report")} <= set(REPORT_MODEL), module
+        source = (ROOT / "experiments" / f"{module.rsplit('.', 1)[1]}.py").read_text()
+        for name in ("def format(", "def format_paired(", "def to_report(", "def report_sections(",
+                     "from mergelab.report.convert import", "from mergelab.report.text import"):
+            assert name not in source, (module, name)

@@ -13,6 +13,7 @@ from mergelab.errors import SpecError
 from mergelab.evaluation.protocol import STATISTICS_PATTERN, resolve_bn, statistics_overrides
 from mergelab.experiments.compare import ComparisonTable, MethodRow
 from mergelab.report.convert import comparison_verdicts
+from mergelab.report.text import comparison_text
 from mergelab.tasks import TaskData, validation_split
 
 
@@ -121,4 +122,4 @@ def test_an_invalid_merge_never_agrees_with_a_paper():
     assert verdicts["AdaMerging beats task arithmetic"].agrees is True  # 20 vs 0 discordant, the only comparison
     assert "Holm-adjusted p = 1.91e-06" in verdicts["AdaMerging beats task arithmetic"].measured  # 2 * 0.5^20
     assert "kept as merged" in verdicts["AdaMerging beats task arithmetic"].detail
-    assert "INVALID: non-finite logits" in table.format()
+    assert "INVALID: non-finite logits" in comparison_text(table)

@@ -15,7 +15,8 @@ import mergelab.report.html as html_mod
 from mergelab.cli import main
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import ComparisonTable, MethodRow
-from mergelab.experiments.pool_scaling import PAPER_TABLE3, PoolScalingResult
+from mergelab.experiments.paper_results import PAPER_TABLE3
+from mergelab.experiments.pool_scaling import PoolScalingResult
 from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
 from mergelab.analysis.statistics import holm, mcnemar_exact, pack_outcomes
 from mergelab.report.convert import (
@@ -26,6 +27,7 @@ from mergelab.report.convert import (
     pool_scaling_verdicts,
 )
 from mergelab.report.html import EM_DASH, format_cell, render_html, verdict_counts, write_html
+from mergelab.report.text import pool_scaling_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -261,7 +263,7 @@ def _table() -> ComparisonTable:
 
 def test_comparison_converter(tmp_path):
     table = _table()
-    doc = table.to_report()
+    doc = comparison_document(table)
     assert doc.study == "comparison" and doc.config["tasks"] == ["t1", "t2"]
     assert [f.id for f in doc.figures()] == ["compare-accuracy", "compare-per-task", "compare-wall"]
     acc = doc.figures()[0]
@@ -336,7 +338,7 @@ def _pool_result(mode: str, ta: list[float], fw: list[float]) -> PoolScalingResu
 
 def test_pool_scaling_converter_and_verdicts(tmp_path):
     irr = _pool_result("irrelevant", [0.7, 0.5, 0.3], [0.74, 0.75, 0.735])
-    doc = irr.to_report()
+    doc = pool_scaling_document(irr)
     fig = doc.figures()[0]
     assert fig.kind == "line" and fig.series[0].x == [4, 8, 12]
     paper = [s for s in fig.series if s.label.startswith("paper:")]
@@ -346,7 +348,7 @@ def test_pool_scaling_converter_and_verdicts(tmp_path):
     verdicts = {v.claim: v.agrees for v in pool_scaling_verdicts(irr)}
     assert verdicts == {"Task arithmetic falls as irrelevant experts join": True,
                         "FW-soft stays flat as irrelevant experts join": True}
-    text = irr.format()
+    text = pool_scaling_text(irr)
     assert "[yes] Task arithmetic falls as irrelevant experts join: 70.0% (4 experts) -> 30.0% (12 experts)" in text
     # same examples at both sizes: paired, 160 examples only the smallest pool's TA gets right, none the other way
     assert f"McNemar exact p = {2 * 0.5 ** 160:.3g}" in text
@@ -356,9 +358,9 @@ def test_pool_scaling_converter_and_verdicts(tmp_path):
     rel = _pool_result("relevant", [0.6, 0.5, 0.4], [0.6, 0.65, 0.7])
     assert [(v.claim, v.agrees) for v in pool_scaling_verdicts(rel)] == [("FW-soft improves as relevant experts join", True)]
     # both modes in one folder's report.json
-    both = merge_pool_scaling_documents(doc, rel.to_report())
+    both = merge_pool_scaling_documents(doc, pool_scaling_document(rel))
     assert set(both.config) == {"irrelevant", "relevant"} and len(both.sections) == 2
-    again = merge_pool_scaling_documents(both, _pool_result("relevant", [0.6] * 3, [0.6] * 3).to_report())
+    again = merge_pool_scaling_documents(both, pool_scaling_document(_pool_result("relevant", [0.6] * 3, [0.6] * 3)))
     assert len(again.sections) == 2
     page = write_html(both, tmp_path).read_text()
     assert len(_imgs(page)) == 4 and page.count('data-verdict="agree"') == 3

@@ -115,11 +115,14 @@ def run_compare(args: argparse.Namespace) -> int:
         samples_per_task=args.samples_per_task, cache_dir=args.cache_dir,
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick,
         isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select)
-    print(table.format())
+    from mergelab.report.convert import comparison_document
+    from mergelab.report.text import comparison_text
+
+    print(comparison_text(table))
     if out is not None:
         csv_path = table.to_csv(out / "comparison.csv")
         json_path = table.to_json(out / "comparison.json")
-        doc_path = table.to_report(config={"overrides": overrides}).to_json(out)
+        doc_path = comparison_document(table, config={"overrides": overrides}).to_json(out)
         print(f"wrote {csv_path}, {json_path} and {doc_path} (draw it with `mergelab report {out}`)")
     return 1 if any(r.error for r in table.rows) else 0
 
@@ -142,7 +145,9 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick, seed=args.seed,
         isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select,
         on_table=save_partial)
-    print(result.format())
+    from mergelab.report.text import pool_scaling_text
+
+    print(pool_scaling_text(result))
     if out is not None:
         csv_path = result.to_csv(out / f"pool_scaling_{mode}.csv")
         json_path = result.to_json(out / f"pool_scaling_{mode}.json")
@@ -154,7 +159,7 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
 def _write_pool_scaling_report(result: Any, out: Path) -> Path:
     """Write ``out/report.json``: this mode's sections, keeping another mode's from an earlier run there."""
     from mergelab.errors import SpecError
-    from mergelab.report.convert import merge_pool_scaling_documents
+    from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
     from mergelab.report.document import REPORT_FILENAME, ReportDocument
 
     old = None
@@ -163,4 +168,4 @@ def _write_pool_scaling_report(result: Any, out: Path) -> Path:
             old = ReportDocument.from_json(out)
         except SpecError:  # an unreadable earlier document is replaced
             old = None
-    return merge_pool_scaling_documents(old, result.to_report()).to_json(out)
+    return merge_pool_scaling_documents(old, pool_scaling_document(result)).to_json(out)

@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         args.out, arch=args.arch, tasks=_csv(args.tasks), methods=_csv(args.methods),
         samples_per_task=args.samples_per_task, quick=args.quick, cache_dir=args.cache_dir, workers=args.workers,
         force=args.force, progress=args.progress, on_stage=stage, bn=args.bn, select=args.select)
-    print(result.table.format())
+    from mergelab.report.text import comparison_text
+
+    print(comparison_text(result.table))
     print()
     print(f"report: {result.html}")
     print(f"        (document {result.report_json}; open the HTML file in a browser, it works offline)")

@@ -108,14 +108,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mergelab.errors import MergeLabError, SpecError
 from mergelab.methods import catalog
 from mergelab.output_paths import refuse_overlap
-
-if TYPE_CHECKING:
-    from mergelab.report.document import ReportDocument, Section
 
 log = logging.getLogger(__name__)
 
@@ -325,60 +322,6 @@ class ComparisonTable:
         adjusted = holm([t.p_value for _, _, t in tested])
         return [PairedComparison(a, b, t, p, len(tested)) for (a, b, t), p in zip(tested, adjusted)]
 
-    def format_paired(self) -> str:
-        """The paired block of :meth:`format`: per merge and reference, the difference of average accuracy
-        (points), its 95% interval, McNemar's p, the Holm-adjusted p and the verdict; "" without comparisons."""
-        comps = self.paired_comparisons()
-        if not comps:
-            if self.rows and not any(r.per_task_correct for r in self.rows):
-                return "paired tests: none (no per-example results in this table; re-run the comparison)"
-            return ""
-        mw = max([12] + [len(c.method) for c in comps])
-        rw = max([9] + [len(c.reference) for c in comps])
-        head = (f"{'method':<{mw}} {'vs':<{rw}} {'diff':>6} {'95% CI':>15} {'p':>9} {'p (Holm)':>9}  verdict")
-        lines = [f"paired tests on the same test examples (difference of average accuracy in points, McNemar exact "
-                 f"p; Holm-adjusted over {len(comps)} comparisons; undecided: adjusted p >= 0.05)", head, "-" * len(head)]
-        for c in comps:
-            lo, hi = c.test.interval()
-            ci = "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            lines.append(f"{c.method:<{mw}} {c.reference:<{rw}} {100 * c.test.difference:+6.1f} {ci:>15} "
-                         f"{c.test.p_value:9.2g} {c.p_adjusted:9.2g}  {c.label}")
-        return "\n".join(lines)
-
-    def format(self) -> str:
-        """A fixed-width text table: per-task accuracy (%), average, normalized (%), wall time, peak memory."""
-        names = [_short(t) for t in self.tasks]
-        widths = [max(6, len(n)) for n in names]
-        mwidth = max([18] + [len(r.method) for r in self.rows])
-        head = f"{'method':<{mwidth}} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
-        head += f" {'avg':>6} {'norm':>6} {'wall s':>8} {'peak MB':>8} {'+MB':>6}"
-        lines = [f"{self.arch} on {len(self.tasks)} tasks: " + ", ".join(self.tasks), head, "-" * len(head)]
-        if self.meta.get("protocol"):
-            lines.insert(1, f"protocol: {self.meta['protocol']}")
-        pct = lambda v, w=6: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{100 * v:{w}.1f}"  # noqa: E731
-        num = lambda v, w, d: f"{'-':>{w}}" if v is None or not math.isfinite(v) else f"{v:{w}.{d}f}"  # noqa: E731
-        for r in self.rows:
-            if r.error is not None:
-                lines.append(f"{r.method:<{mwidth}} failed: {r.error}")
-                continue
-            if r.invalid is not None:
-                lines.append(f"{r.method:<{mwidth}} INVALID: {r.invalid}")
-                continue
-            cells = " ".join(pct(r.per_task.get(t), w) for t, w in zip(self.tasks, widths))
-            lines.append(f"{r.method:<{mwidth}} {cells} {pct(r.average)} {pct(r.normalized)} "
-                         f"{num(r.wall_s, 8, 1)} {num(r.peak_mb, 8, 0)} {num(r.peak_mb - r.base_mb, 6, 0)}")
-        chosen = [f"{r.method} {k} {v['chosen']}" for r in self.rows if r.error is None
-                  for k, v in (r.params.get("selected") or {}).items()]
-        if chosen:
-            lines.append("chosen on validation data: " + ", ".join(chosen))
-        lines.append("accuracy and normalized accuracy in %; " + self.meta.get("memory_note", ""))
-        if self.meta.get("wall_note"):
-            lines.append(self.meta["wall_note"])
-        paired = self.format_paired()
-        if paired:
-            lines.extend(["", paired])
-        return "\n".join(lines)
-
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "tasks": list(self.tasks), "rows": [r.to_dict() for r in self.rows],
                 "meta": _json_number(dict(self.meta))}
@@ -406,28 +349,11 @@ class ComparisonTable:
                json.dumps(r.params, sort_keys=True, default=str)]
             for r in self.rows))
 
-    def to_report(self, **kwargs: Any) -> ReportDocument:
-        """This table as a :class:`~mergelab.report.ReportDocument` (``kwargs``: title, study, summary, config;
-        see :func:`mergelab.report.convert.comparison_document`)."""
-        from mergelab.report.convert import comparison_document
-
-        return comparison_document(self, **kwargs)
-
-    def report_sections(self) -> list[Section]:
-        """This table as report :class:`~mergelab.report.Section` s (for a study's own document)."""
-        from mergelab.report.convert import comparison_sections
-
-        return comparison_sections(self)
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonTable:
         rows = [MethodRow(**{k: (_num(v) if k in ("average", "normalized", "wall_s", "peak_mb", "base_mb") else v)
                              for k, v in r.items()}) for r in data["rows"]]
         return cls(data["arch"], list(data["tasks"]), rows, dict(data.get("meta") or {}))
-
-
-def _short(task: str, n: int = 12) -> str:
-    return task if len(task) <= n else task[: n - 1] + "~"
 
 
 # ---------------------------------------------------------------------------------------------- memory

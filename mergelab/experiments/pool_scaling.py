@@ -25,12 +25,13 @@ The choice is recorded as ``fw_objective`` in the result's ``meta`` (the run's c
 for an FW row take precedence over it.
 
 Verdicts on the paper's claims (:func:`mergelab.report.convert.pool_scaling_verdicts`, printed by
-:meth:`PoolScalingResult.format` and in the report) use the 95% interval of a method's change in average accuracy
-between the smallest and largest pool: a paired test on the same examples (irrelevant: the same evaluated
-tasks), independent samples when the evaluated tasks differ (relevant), from the tables' per-example results.
+:func:`mergelab.report.text.pool_scaling_text` and in the report) use the 95% interval of a method's change in
+average accuracy between the smallest and largest pool: a paired test on the same examples (irrelevant: the
+same evaluated tasks), independent samples when the evaluated tasks differ (relevant), from the tables'
+per-example results.
 
-Paper reference (:data:`PAPER_TABLE3`, ViT-B/32 CLIP experts, average accuracy %): with irrelevant models
-joining (4 -> 20 models, 4 evaluated tasks) task arithmetic falls 70.3 -> 21.2 while FW-soft stays
+Paper reference (:data:`mergelab.experiments.paper_results.PAPER_TABLE3`, ViT-B/32 CLIP experts, average
+accuracy %): with irrelevant models joining (4 -> 20 models, 4 evaluated tasks) task arithmetic falls 70.3 -> 21.2 while FW-soft stays
 74.1 -> 74.2; with relevant models joining FW-soft rises 59.2 -> 68.3. Only these endpoints are quoted here.
 """
 
@@ -45,13 +46,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable, run_comparison
-
-if TYPE_CHECKING:
-    from mergelab.report.document import ReportDocument, Section
+from mergelab.experiments.paper_results import PAPER_TABLE3
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,6 @@ FW_METHODS: tuple[str, ...] = ("fw_soft", "fw_hard")
 FWObjective = Literal["entropy", "ce"]
 DEFAULT_SIZES: tuple[int, ...] = (4, 8, 12, 16, 20)
 
-#: Endpoints reported by the FW-Merging paper (Table 3; ViT-B/32, average accuracy %), as {mode: {method: {n: acc}}}.
-PAPER_TABLE3: dict[str, dict[str, dict[int, float]]] = {
-    "irrelevant": {"task_arithmetic": {4: 70.3, 20: 21.2}, "fw_soft": {4: 74.1, 20: 74.2}},
-    "relevant": {"fw_soft": {4: 59.2, 20: 68.3}},
-}
 
 
 @dataclass
@@ -89,48 +83,6 @@ class PoolScalingResult:
 
     def normalized(self, method: str, size: int) -> float:
         return self.tables[size].row(method).normalized
-
-    def format(self) -> str:
-        """Average accuracy (%) per method and pool size, normalized accuracy, wall time, and the paper's endpoints."""
-        sizes = [n for n in self.sizes if n in self.tables]
-        w = max(18, *(len(m) for m in self.methods))
-        head = f"{'pool size':<{w}} " + " ".join(f"{n:>7}" for n in sizes)
-        what = ("evaluated on " + ", ".join(self.eval_tasks[sizes[0]]) if self.mode == "irrelevant" and sizes
-                else "evaluated on every task of the pool")
-        lines = [f"pool scaling ({self.mode} experts join), {self.arch}, {what}"]
-
-        def block(title: str, get: Callable[[str, int], float], fmt: Callable[[float], str]) -> None:
-            lines.extend(["", title, head, "-" * len(head)])
-            for m in self.methods:
-                cells = []
-                for n in sizes:
-                    try:
-                        v = get(m, n)
-                    except KeyError:
-                        v = math.nan
-                    cells.append(f"{'-':>7}" if not math.isfinite(v) else fmt(v))
-                lines.append(f"{m:<{w}} " + " ".join(cells))
-
-        block("average accuracy (%)", self.accuracy, lambda v: f"{100 * v:7.1f}")
-        block("normalized accuracy (%)", self.normalized, lambda v: f"{100 * v:7.1f}")
-        block("wall time (s)", lambda m, n: self.tables[n].row(m).wall_s, lambda v: f"{v:7.1f}")
-        block("peak memory (MB)", lambda m, n: self.tables[n].row(m).peak_mb, lambda v: f"{v:7.0f}")
-        paper = PAPER_TABLE3.get(self.mode, {})
-        if paper:
-            lines.extend(["", "FW-Merging paper, Table 3 (ViT-B/32, average accuracy %):"])
-            for m, by_n in paper.items():
-                lines.append(f"  {m}: " + ", ".join(f"{n} models {v:.1f}" for n, v in sorted(by_n.items())))
-        failed = [(n, r.method, r.error) for n in sizes for r in self.tables[n].rows if r.error]
-        for n, m, e in failed:
-            lines.append(f"failed: {m} at {n}: {e}")
-        from mergelab.report.convert import pool_scaling_verdicts
-
-        verdicts = pool_scaling_verdicts(self)
-        if verdicts:
-            lines.extend(["", "the paper's claims, smallest vs largest pool (95% interval of the change; paired on the "
-                              "same examples when both evaluate the same tasks):"])
-            lines.extend(f"  [{v.mark}] {v.claim}: {v.measured}" for v in verdicts)
-        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "arch": self.arch, "sizes": self.sizes, "methods": self.methods,
@@ -159,19 +111,6 @@ class PoolScalingResult:
             [self.mode, n, r.method, cell(r.average), cell(r.normalized), cell(r.wall_s), cell(r.peak_mb),
              r.error or "", " ".join(self.eval_tasks[n]), " ".join(self.pools[n]), json.dumps(r.per_task, sort_keys=True)]
             for n in self.sizes if n in self.tables for r in self.tables[n].rows))
-
-    def to_report(self, **kwargs: Any) -> ReportDocument:
-        """This run as a :class:`~mergelab.report.ReportDocument` (study ``pool_scaling``; ``kwargs``: title,
-        config; see :func:`mergelab.report.convert.pool_scaling_document`)."""
-        from mergelab.report.convert import pool_scaling_document
-
-        return pool_scaling_document(self, **kwargs)
-
-    def report_sections(self) -> list[Section]:
-        """This run as report :class:`~mergelab.report.Section` s (figures, tables, the paper's claims)."""
-        from mergelab.report.convert import pool_scaling_sections
-
-        return pool_scaling_sections(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolScalingResult:
@@ -277,5 +216,5 @@ def run_pool_scaling(
                               "seconds": round(time.perf_counter() - started, 1)})
 
 
-__all__ = ["DEFAULT_SIZES", "FW_METHODS", "PAPER_TABLE3", "POOL_SCALING_METHODS", "PoolScalingResult", "plan_pools",
+__all__ = ["DEFAULT_SIZES", "FW_METHODS", "POOL_SCALING_METHODS", "PoolScalingResult", "plan_pools",
            "run_pool_scaling"]

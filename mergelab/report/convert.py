@@ -7,7 +7,8 @@
   the table (see :func:`comparison_verdicts`).
 * :func:`pool_scaling_sections` / :func:`pool_scaling_document` turn a
   :class:`~mergelab.experiments.pool_scaling.PoolScalingResult` into a line figure of average accuracy against
-  pool size per method with the FW-Merging paper's endpoints (:data:`PAPER_TABLE3`) as points, a normalized
+  pool size per method with the FW-Merging paper's endpoints
+  (:data:`mergelab.experiments.paper_results.PAPER_TABLE3`) as points, a normalized
   accuracy figure, tables, and the paper's claims as verdicts (:func:`pool_scaling_verdicts`).
 
 Verdicts are statistical tests, printed with each verdict (:mod:`mergelab.analysis.statistics`). Method
@@ -28,6 +29,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from mergelab.experiments.compare import PAIRED_REFERENCES
+from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict, versions
 
 if TYPE_CHECKING:
@@ -154,7 +157,6 @@ def comparison_sections(table: ComparisonTable, prefix: str = "compare") -> list
 
     ``prefix`` starts every figure id (figure ids are unique within a document).
     """
-    from mergelab.experiments.compare import PAIRED_REFERENCES
 
     rows = table.rows
     ok = _ok_rows(table)
@@ -315,8 +317,6 @@ def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
       :data:`FLAT_TOLERANCE`), disagrees when it lies below.
     * relevant experts join: FW-soft rises (59.2 -> 68.3): the interval lies above 0.
     """
-    from mergelab.experiments.pool_scaling import PAPER_TABLE3
-
     sizes = sorted(n for n in result.sizes if n in result.tables)
     paper = PAPER_TABLE3.get(result.mode, {})
 
@@ -377,8 +377,6 @@ def pool_scaling_verdicts(result: PoolScalingResult) -> list[Verdict]:
 
 def pool_scaling_sections(result: PoolScalingResult, prefix: str | None = None) -> list[Section]:
     """Sections of a pool-scaling run (one mode): figures, tables and the paper's claims as verdicts."""
-    from mergelab.experiments.pool_scaling import PAPER_TABLE3
-
     prefix = prefix or f"pool-{result.mode}"
     sizes = sorted(n for n in result.sizes if n in result.tables)
     paper = PAPER_TABLE3.get(result.mode, {})
