@@ -410,7 +410,9 @@ from mergelab.analysis.bound_fit import (  # noqa: E402
     fit_excess,
     leave_one_out,
     task_jackknife,
+    task_offset_matrix,
     verdict,
+    within_spearman,
 )
 
 
@@ -498,3 +500,65 @@ def test_elasticity_of_an_exact_power_law_and_dropped_merges():
     assert (e.sign_verdict, e.value_verdict) == ("disagrees", "disagrees")
     n = elasticity("N", [2, 2, 3, 3, 4, 4], [0.1, 0.1, 0.2, 0.2, 0.4, 0.4], [["a"], ["b"], ["a"], ["b"], ["a"], ["b"]])
     assert n.regressor == "N" and n.slope == pytest.approx(math.log(2)) and n.value_verdict == "-"
+
+
+def test_pooling_folds_of_a_power_law_with_an_extreme_sweep_misranks_unless_fitted_in_logs():
+    """y = sqrt(x), sweeps at x ~ 1, ~ 15, ~ 1500: every linear fold ranks its own sweep perfectly, but the fold
+    without the small sweep is fitted on the other two (slope ~0.02, intercept ~4.3) and predicts it above the
+    middle sweep (~2.4): pooled Spearman 31/56. The log form is exact: log y = 0.5 log x, pooled Spearman 1."""
+    x = np.concatenate([np.linspace(1, 2, 5), np.linspace(10, 20, 5), np.linspace(1000, 2000, 5)])
+    y = np.sqrt(x)
+    groups = ["A"] * 5 + ["B"] * 5 + ["C"] * 5
+    lin = leave_one_out(x[:, None], y, groups, method="ols")
+    assert all(v == pytest.approx(1.0) for v in lin.per_group.values())
+    assert lin.spearman == pytest.approx(31 / 56) and min(lin.predicted[:5]) > max(lin.predicted[5:10])
+    log = leave_one_out(x[:, None], y, groups, method="ols", form="log")
+    assert log.spearman == pytest.approx(1.0) and log.fit_form == "log"
+    np.testing.assert_allclose(log.predicted, y, rtol=1e-10)
+    assert log.fits["A"].standardized[0] / log.fits["A"].scales[0] == pytest.approx(0.5)
+    # non-positive excess: not fitted on, still predicted; a non-positive term: no prediction
+    y2, x2 = y.copy(), x.copy()
+    y2[7], x2[3] = -1.0, 0.0
+    h = leave_one_out(x2[:, None], y2, groups, method="ols", form="log")
+    assert math.isfinite(h.predicted[7]) and math.isnan(h.predicted[3]) and h.fits["A"].n == 9
+
+
+def test_task_offsets_recover_per_task_intercepts_and_the_slopes():
+    """excess_j = sum_t a_t w_jt + 2 OPT_j + 50 STAB_j (w_jt = 1/N_j for the merge's tasks): the fit with per-task
+    offsets is exact and its slopes are the true ones; without them the slopes absorb the task effects."""
+    rng = np.random.default_rng(3)
+    tasks = ["a", "b", "c", "d"]
+    members = [list(rng.choice(tasks, size=int(rng.integers(2, 5)), replace=False)) for _ in range(40)]
+    W, names = task_offset_matrix(members)
+    assert names == ("a", "b", "c", "d") and np.allclose(W.sum(axis=1), 1.0)
+    assert W[0, names.index(members[0][0])] == pytest.approx(1 / len(members[0]))
+    a = np.array([0.5, 2.0, -1.0, 3.0])
+    X = _terms_matrix(40, 4)
+    y = W @ a + 2.0 * X[:, 0] + 50.0 * X[:, 1]
+    fit = fit_excess(X, y, method="nnls", offsets=W)
+    assert (fit.constants.c_opt, fit.constants.c_stab, fit.constants.c_het) == pytest.approx((2.0, 50.0, 0.0), abs=1e-8)
+    assert fit.r2 == pytest.approx(1.0)
+    np.testing.assert_allclose(fit.predict(X, W), y, rtol=1e-10)
+    assert fit_excess(X, y, method="nnls").r2 < 0.99
+    with pytest.raises(ValueError, match="offsets"):
+        fit.predict(X)
+    # offsets alone (no term): the per-task means of a purely additive task effect
+    only = fit_excess(X[:, :0], W @ a, offsets=W)
+    np.testing.assert_allclose(only.predict(X[:, :0], W), W @ a, rtol=1e-10)
+    # leave one out: a held-out merge with a task no training merge has gets no prediction
+    groups = ["g1"] * 20 + ["g2"] * 20
+    Wd = np.column_stack([W, np.r_[np.zeros(20), np.full(20, 0.0)]])
+    Wd[25] = 0.0
+    Wd[25, 4] = 1.0  # merge 25 is of a fifth task alone
+    ho = leave_one_out(X, y, groups, method="nnls", offsets=Wd)
+    assert math.isnan(ho.predicted[25]) and ho.offsets
+    ok = [j for j in range(40) if j != 25]
+    np.testing.assert_allclose(np.array(ho.predicted)[ok], y[ok], rtol=1e-8)
+
+
+def test_within_spearman_averages_inside_clusters():
+    x = [1, 2, 3, 10, 30, 20, 5, 5, 5]
+    y = [1, 2, 3, 1, 2, 3, 1, 2, 3]
+    # cluster p: +1, cluster q: (10, 30, 20) vs (1, 2, 3) -> 0.5, cluster r: no spread in x -> skipped
+    assert within_spearman(x, y, list("pppqqqrrr")) == pytest.approx(0.75)
+    assert math.isnan(within_spearman([1, 1], [1, 2], ["p", "p"]))

@@ -23,6 +23,28 @@ sweep but one, predict the held-out sweep's merges; merges identical to a held-o
 the default experts appear in several sweeps) are left out of that fit. The held-out predictions of all sweeps
 are pooled and ranked against the measured excess (Spearman).
 
+Pooling ranks predictions of *different* fits on one scale, so it also scores how well each fold's level
+(intercept) and spread match the others'. When one sweep's terms lie far outside the rest (on the scaling
+study the learning-rate sweep's STAB and HET reach 55 and 137 standard deviations of the other sweeps'), that
+sweep sets the standardisation of every fold that contains it, the other sweeps' predictions spread by a few
+hundredths while the folds' intercepts differ by tenths, and the pooled Spearman falls below every fold's own
+(measured: folds 0.19-0.76, pooled 0.11; a one-term fit, which cannot reorder merges within a fold, falls from
+the term's 0.52 to 0.13 pooled). Two *(derived)* variants are offered beside the plain form, never instead of it:
+
+* ``form="log"``: the multiplicative form ``log excess = c0 + sum_k c_k log T_k`` (slopes >= 0 under NNLS;
+  ``c_k`` are elasticities in the terms), fitted on log columns and mapped back with ``exp``. The terms are
+  products of powers of the hyperparameters, so their logarithms are on one scale across sweeps. Merges with
+  a non-positive excess cannot be fitted (they are still predicted); a non-positive term gives no prediction.
+* ``offsets``: per-task intercepts. The form is per task and averaged over the N tasks, and each task has
+  constants it does not model (its loss floor, the BatchNorm re-estimation's cost on it): ``excess_j = c0 +
+  sum_t a_t w_jt + slopes . z_j`` with ``w_jt = 1/N_j`` when task ``t`` is in merge ``j``
+  (:func:`task_offset_matrix`), ``a_t`` free. The offsets alone (no term, ``X`` with zero columns) are the
+  baseline a fit with offsets must beat: otherwise the ranking comes from which tasks are merged, not from
+  the bound. A merge containing a task with no training merge gets no prediction.
+
+:func:`within_spearman` ranks inside clusters (e.g. merges of the same tasks) and averages: it scores the
+bound on what hyperparameters do to one group of tasks, with the group's level removed.
+
 **Intervals.** Merges of a study share tasks (groups of 4 of 6 tasks overlap), so they are not independent:
 the independent unit is the task. Intervals are **delete-one-task jackknife** intervals
 (:func:`task_jackknife`, through :func:`mergelab.analysis.statistics.jackknife`, which says why the jackknife
@@ -55,6 +77,7 @@ from mergelab.analysis.bound import FORM
 from mergelab.analysis.excess_bound import EXCESS_TERMS, ExcessConstants
 
 FitMethod = Literal["nnls", "ols"]
+FitForm = Literal["linear", "log"]
 
 #: Predicted sign and value of d log(excess) / d log(x) per hyperparameter (``N``: d log(excess) / dN).
 #: Values: the per-task stability term's elasticities (eta^2 K / n); signs: THEORY.md section 1's scaling laws
@@ -75,6 +98,8 @@ __all__ = [
     "merge_bootstrap",
     "spearman",
     "task_jackknife",
+    "task_offset_matrix",
+    "within_spearman",
     "verdict",
 ]
 
@@ -95,12 +120,26 @@ class ExcessFit:
     n: int
     terms: tuple[str, ...] = EXCESS_TERMS
     form: str = FORM
+    #: per-offset-column coefficients (``()`` without offsets) and whether a column had any training weight
+    offsets: tuple[float, ...] = ()
+    offsets_seen: tuple[bool, ...] = ()
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """``intercept + sum_k standardized_k (x_k - mean_k) / scale_k`` for each row of ``X``."""
+    def predict(self, X: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+        """``intercept + sum_t a_t w_t + sum_k standardized_k (x_k - mean_k) / scale_k`` for each row of ``X``
+        (``w``: the rows' ``offsets`` columns, required when the fit has offsets; NaN for a row that puts weight
+        on a column unseen in training)."""
         x = np.asarray(X, dtype=np.float64)
+        x = x.reshape(len(x), len(self.means)) if x.ndim == 1 else x
         z = (x - np.array(self.means)) / np.array(self.scales)
-        return self.intercept + z @ np.array(self.standardized)
+        out = self.intercept + z @ np.array(self.standardized)
+        if self.offsets:
+            if offsets is None:
+                raise ValueError("this fit has offsets: pass the rows' offset columns")
+            w = np.asarray(offsets, dtype=np.float64).reshape(len(x), len(self.offsets))
+            out = out + w @ np.array(self.offsets)
+            unseen = ~np.array(self.offsets_seen)
+            out[np.any(w[:, unseen] != 0, axis=1)] = math.nan
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,11 +147,16 @@ class ExcessFit:
         return d
 
 
-def fit_excess(X: np.ndarray, y: Sequence[float], *, method: FitMethod = "nnls") -> ExcessFit:
+def fit_excess(X: np.ndarray, y: Sequence[float], *, method: FitMethod = "nnls",
+               offsets: np.ndarray | None = None) -> ExcessFit:
     """Fit ``y ~ c0 + X c`` with a free intercept on standardised columns (module docstring).
 
-    ``X``: ``[m, k]`` term values (columns :data:`~mergelab.analysis.excess_bound.EXCESS_TERMS` for the excess form),
-    ``y``: measured excess losses. ``method``: ``"nnls"`` (slopes >= 0) or ``"ols"``.
+    ``X``: ``[m, k]`` term values (columns :data:`~mergelab.analysis.excess_bound.EXCESS_TERMS` for the excess form;
+    ``k = 0`` fits the intercept and offsets alone), ``y``: measured excess losses. ``method``: ``"nnls"`` (slopes
+    >= 0) or ``"ols"``. ``offsets``: ``[m, p]`` nuisance columns with free coefficients (per-task intercepts,
+    :func:`task_offset_matrix`): the slopes are fitted on ``X`` and ``y`` with ``[1, offsets]`` projected out
+    (exact for least squares: the nuisance coefficients are then the least-squares fit to ``y - X c``, the
+    minimum-norm one when the offsets span the constant).
     """
     x = np.asarray(X, dtype=np.float64)
     t = np.asarray(y, dtype=np.float64)
@@ -124,21 +168,33 @@ def fit_excess(X: np.ndarray, y: Sequence[float], *, method: FitMethod = "nnls")
         raise ValueError("terms and measured excess losses must be finite")
     if method not in ("nnls", "ols"):
         raise ValueError(f"unknown method {method!r}; known: nnls, ols")
+    w = None if offsets is None else np.asarray(offsets, dtype=np.float64)
+    if w is not None and (w.ndim != 2 or len(w) != len(t) or not np.all(np.isfinite(w))):
+        raise ValueError(f"offsets must be a finite [m, p] array with one row per merge, got shape {w.shape}")
     mu = x.mean(axis=0)
     sd = x.std(axis=0)
     const = sd <= 1e-12 * np.maximum(np.abs(mu), 1e-300)
     scale = np.where(const, 1.0, sd)
     z = (x - mu) / scale
     z[:, const] = 0.0
-    yc = t - t.mean()
-    if method == "nnls":
-        beta, _ = optimize.nnls(z, yc)
+    nuisance = np.ones((len(t), 1)) if w is None else np.column_stack([np.ones(len(t)), w])
+
+    def resid_of(v: np.ndarray) -> np.ndarray:
+        return v - nuisance @ np.linalg.lstsq(nuisance, v, rcond=None)[0]
+
+    zc, yc = resid_of(z), resid_of(t)
+    if x.shape[1] == 0:
+        beta = np.zeros(0)
+    elif method == "nnls":
+        beta, _ = optimize.nnls(zc, yc)
     else:
-        beta = np.linalg.lstsq(z, yc, rcond=None)[0]
+        beta = np.linalg.lstsq(zc, yc, rcond=None)[0]
     beta = np.where(const, 0.0, beta)
-    intercept = float(t.mean())
-    resid = yc - z @ beta
-    ss = float(yc @ yc)
+    nu = np.linalg.lstsq(nuisance, t - z @ beta, rcond=None)[0]
+    intercept = float(nu[0])
+    tc = t - t.mean()
+    resid = t - nuisance @ nu - z @ beta
+    ss = float(tc @ tc)
     r2 = 1.0 - float(resid @ resid) / ss if ss > 0 else math.nan
     c = beta / scale
     c0 = intercept - float(c @ mu)
@@ -146,7 +202,41 @@ def fit_excess(X: np.ndarray, y: Sequence[float], *, method: FitMethod = "nnls")
     consts = ExcessConstants(c0, *(float(v) for v in c)) if k == 3 else ExcessConstants(c0)
     return ExcessFit(method, intercept, tuple(float(v) for v in beta), tuple(float(v) for v in mu),
                      tuple(float(v) for v in scale), consts, r2, len(t),
-                     terms=EXCESS_TERMS if k == 3 else tuple(f"x{i}" for i in range(k)))
+                     terms=EXCESS_TERMS if k == 3 else tuple(f"x{i}" for i in range(k)),
+                     offsets=() if w is None else tuple(float(v) for v in nu[1:]),
+                     offsets_seen=() if w is None else tuple(bool(v) for v in np.any(w != 0, axis=0)))
+
+
+def task_offset_matrix(memberships: Sequence[Sequence[str]],
+                       tasks: Sequence[str] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(W, tasks)`` with ``W[j, t] = 1 / N_j`` when task ``t`` is one of merge ``j``'s ``N_j`` tasks, else 0:
+    the per-task-intercept columns of a form averaged over the merged tasks (module docstring).
+    ``tasks``: the column order (default: sorted)."""
+    names = tuple(sorted({t for ms in memberships for t in ms})) if tasks is None else tuple(tasks)
+    col = {t: i for i, t in enumerate(names)}
+    W = np.zeros((len(memberships), len(names)))
+    for j, ms in enumerate(memberships):
+        if not ms:
+            raise ValueError(f"merge {j} has no tasks")
+        for t in ms:
+            W[j, col[t]] += 1.0 / len(ms)
+    return W, names
+
+
+def within_spearman(x: Sequence[float], y: Sequence[float], clusters: Sequence[Hashable]) -> float:
+    """Mean over ``clusters`` of Spearman's correlation of ``x`` and ``y`` inside each cluster (clusters where it
+    is undefined -- fewer than 3 finite pairs, no spread -- are skipped; NaN when none is left)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    c = list(clusters)
+    if not (len(a) == len(b) == len(c)):
+        raise ValueError("x, y and clusters must have one entry per merge")
+    vals = []
+    for name in dict.fromkeys(c):
+        idx = np.array([i for i, v in enumerate(c) if v == name])
+        r = spearman(a[idx], b[idx])
+        if math.isfinite(r):
+            vals.append(r)
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -170,41 +260,63 @@ class HeldOut:
     per_group: dict[str, float]
     fits: dict[str, ExcessFit]
     method: str
+    fit_form: str = "linear"
+    offsets: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"predicted": list(self.predicted), "spearman": self.spearman, "per_group": dict(self.per_group),
-                "fits": {k: v.to_dict() for k, v in self.fits.items()}, "method": self.method, "form": FORM}
+                "fits": {k: v.to_dict() for k, v in self.fits.items()}, "method": self.method, "form": FORM,
+                "fit_form": self.fit_form, "offsets": self.offsets}
 
 
 def leave_one_out(X: np.ndarray, y: Sequence[float], groups: Sequence[str], *,
-                  keys: Sequence[Hashable] | None = None, method: FitMethod = "nnls") -> HeldOut:
+                  keys: Sequence[Hashable] | None = None, method: FitMethod = "nnls", form: FitForm = "linear",
+                  offsets: np.ndarray | None = None) -> HeldOut:
     """Fit on every group but one, predict the held-out group; pool the predictions (module docstring).
 
     ``groups[j]``: merge ``j``'s group (the hyperparameter swept); ``keys[j]``: its identity (merges with a key of
     the held-out group are left out of that fit). Rows with non-finite values get NaN predictions.
+    ``form="log"``: fit ``log y`` on ``log X`` and predict ``exp`` of the fit (module docstring); ``offsets``:
+    per-row nuisance columns with free coefficients (:func:`task_offset_matrix`).
     """
+    if form not in ("linear", "log"):
+        raise ValueError(f"unknown form {form!r}; known: linear, log")
     x = np.asarray(X, dtype=np.float64)
     t = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"X must be [m, k], got shape {x.shape}")
     g = np.asarray([str(v) for v in groups])
     if not (len(x) == len(t) == len(g)):
         raise ValueError(f"X, y and groups must have one entry per merge: {len(x)}, {len(t)}, {len(g)}")
+    w = None if offsets is None else np.asarray(offsets, dtype=np.float64)
+    if w is not None and w.shape[:1] != (len(t),):
+        raise ValueError(f"offsets must have one row per merge: got {w.shape}")
     ks = list(range(len(t))) if keys is None else list(keys)
-    ok = np.isfinite(t) & np.all(np.isfinite(x), axis=1)
+    usable = np.all(np.isfinite(x), axis=1) & (True if w is None else np.all(np.isfinite(w), axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if form == "log":
+            usable &= np.all(x > 0, axis=1)
+            xf = np.where(x > 0, np.log(np.where(x > 0, x, 1.0)), math.nan)
+            tf = np.where(t > 0, np.log(np.where(t > 0, t, 1.0)), math.nan)
+        else:
+            xf, tf = x, t
+    trainable = usable & np.isfinite(tf)
     pred = np.full(len(t), math.nan)
     fits: dict[str, ExcessFit] = {}
     per: dict[str, float] = {}
     for name in sorted(set(g.tolist())):
         test = g == name
         held = {ks[j] for j in np.flatnonzero(test)}
-        train = ok & ~test & np.array([k not in held for k in ks])
+        train = trainable & ~test & np.array([k not in held for k in ks])
         if train.sum() < 2:
             continue
-        fit = fit_excess(x[train], t[train], method=method)
+        fit = fit_excess(xf[train], tf[train], method=method, offsets=None if w is None else w[train])
         fits[name] = fit
-        idx = np.flatnonzero(test & ok)
-        pred[idx] = fit.predict(x[idx])
+        idx = np.flatnonzero(test & usable)
+        p = fit.predict(xf[idx], None if w is None else w[idx])
+        pred[idx] = np.exp(p) if form == "log" else p
         per[name] = spearman(pred[idx], t[idx])
-    return HeldOut(tuple(float(v) for v in pred), spearman(pred, t), per, fits, method)
+    return HeldOut(tuple(float(v) for v in pred), spearman(pred, t), per, fits, method, form, w is not None)
 
 
 # ------------------------------------------------------------------------------------------ intervals
