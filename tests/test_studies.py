@@ -23,6 +23,8 @@ from mergelab.experiments.noise_study import (
 )
 from mergelab.experiments.presets import configure, get_preset
 from mergelab.experiments.scaling_laws import (
+    BOUND_FITS,
+    bound_analysis,
     ScalingConfig,
     curve,
     plan,
@@ -293,6 +295,28 @@ def test_merge_eval_of_one_expert_is_that_expert(root):
     with pytest.raises(SpecError, match="no checkpoint at step 3"):
         merge_eval_job({"arch": "resnet_s", "method": "weight_average", "members": [
             {"task": "shapes", "spec_hash": e.spec_hash, "step": 3}], "cache_dir": str(root)})
+
+
+def test_bound_analysis_reports_the_derived_fits_beside_the_plain_one():
+    """excess = per-task offsets (averaged over the merged tasks) + 0.0137 STAB, by construction: the fit with offsets
+    predicts every held-out sweep exactly (pooled and within-task-group Spearman 1); the plain fit and the offsets
+    alone do not; every fit of BOUND_FITS is reported."""
+    a = {"a": 0.0, "b": 2.17, "c": 5.31, "d": 9.73}
+    records = []
+    for hp, values in (("K", (25, 50, 100)), ("eta", (0.01, 0.05, 0.2)), ("n", (0.1, 0.3, 1.0))):
+        for v in values:
+            for g in itertools.combinations(sorted(a), 2):
+                stab = {"K": v, "eta": 1e4 * v ** 2 + 3, "n": 11.0 / v}[hp] * (1 + 0.1 * sorted(a).index(g[0]))
+                records.append({"hp": hp, "value": v, "method": "weight_average", "opt": 1.0 + stab / 7,
+                                "stab": stab, "het": 3.0, "excess": float(np.mean([a[t] for t in g])) + 0.0137 * stab,
+                                "members": [{"task": t, "spec_hash": f"{hp}{v}", "step": None} for t in g]})
+    res = bound_analysis(records, "weight_average", bootstrap=20)
+    assert set(res["heldout"]) == set(BOUND_FITS)
+    off = res["heldout"]["nnls_offsets"]
+    assert off["result"].spearman == pytest.approx(1.0) and off["within"] == pytest.approx(1.0)
+    np.testing.assert_allclose(off["result"].predicted, [r["excess"] for r in records], rtol=1e-8)
+    assert res["heldout"]["nnls"]["result"].spearman < 0.95 and res["heldout"]["offsets_only"]["result"].spearman < 0.95
+    assert res["terms"]["stab"]["within"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------- end to end
