@@ -344,6 +344,9 @@ def test_paired_comparisons_have_hand_computed_mcnemar_and_holm_values(tmp_path)
     # the printed table
     text = comparison_text(table)
     assert "Holm-adjusted over 7 comparisons" in text
+    # the header names the test that was run (equal task sizes here: McNemar exact, no randomization floor)
+    assert {c.test.method for c in comps} == {"McNemar exact"}
+    assert "p: McNemar exact; Holm" in text and "randomization" not in text
     line = next(ln for ln in text.splitlines() if ln.startswith("fisher ") and "task_arithmetic" in ln)
     lo, hi = by["fisher", "task_arithmetic"].test.interval()
     assert line.split()[2:] == ["+3.5", f"[{100 * lo:+.1f},", f"{100 * hi:+.1f}]", f"{20 / 512:.2g}",

@@ -13,6 +13,10 @@ from mergelab.experiments.pool_scaling import PoolScalingResult
 from mergelab.report.convert import pool_scaling_verdicts
 
 
+#: The smallest p a Monte Carlo randomization test can report is 1 / (draws + 1).
+_FLOOR_NOTE = " (whose smallest possible value is 1 / (draws + 1))"
+
+
 def _short(task: str, n: int = 12) -> str:
     return task if len(task) <= n else task[: n - 1] + "~"
 
@@ -28,8 +32,10 @@ def paired_text(table: ComparisonTable) -> str:
     mw = max([12] + [len(c.method) for c in comps])
     rw = max([9] + [len(c.reference) for c in comps])
     head = (f"{'method':<{mw}} {'vs':<{rw}} {'diff':>6} {'95% CI':>15} {'p':>9} {'p (Holm)':>9}  verdict")
-    lines = [f"paired tests on the same test examples (difference of average accuracy in points, McNemar exact "
-             f"p; Holm-adjusted over {len(comps)} comparisons; undecided: adjusted p >= 0.05)", head, "-" * len(head)]
+    hows = sorted({c.test.method for c in comps})
+    lines = [f"paired tests on the same test examples (difference of average accuracy in points; p: "
+             f"{' or '.join(hows)}{_FLOOR_NOTE if any('randomization' in h for h in hows) else ''}; Holm-adjusted "
+             f"over {len(comps)} comparisons; undecided: adjusted p >= 0.05)", head, "-" * len(head)]
     for c in comps:
         lo, hi = c.test.interval()
         ci = "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
