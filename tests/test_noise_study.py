@@ -216,3 +216,38 @@ def test_seed_pairs_are_validated():
         configure(NoiseConfig(), {"seed_pairs": ((1, 2), (2, 3))})
     with pytest.raises(SpecError, match="decay"):
         configure(NoiseConfig(), {"decay": "cosine"})
+
+
+def _merge(lr: float, cka: float, gain: float, branch: int = 50) -> dict:
+    return {"lr": lr, "batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "augment": False, "cka": cka,
+            "gain": gain, "branch_step": branch}
+
+
+def test_cka_verdict_uses_cells_as_units_with_an_exact_permutation_test():
+    from mergelab.experiments.noise_study import cka_gain_verdict
+
+    # 6 cells, 3 merges each, cell medians perfectly concordant: rho 1, exact two-sided p = 2 / 6! = 0.00278
+    merges = [_merge(0.01 * (c + 1), 0.90 + 0.01 * c + d, 0.001 * c + d, b)
+              for c in range(6) for b, d in ((50, -0.001), (100, 0.0), (150, 0.001))]
+    v = cka_gain_verdict("t", merges)
+    assert v.agrees is True and "over 6 cells" in v.measured and f"p = {2 / 720:.3g}" in v.measured
+    # reversed gains: significant the other way -> disagrees
+    v = cka_gain_verdict("t", [{**m, "gain": -m["gain"]} for m in merges])
+    assert v.agrees is False
+    # 3 cells cannot reach p < 0.05 (smallest exact p = 2 / 3! = 1/3), however many merges they hold: undecided
+    few = [_merge(0.01 * (c + 1), 0.9 + 0.01 * c, 0.001 * c + 1e-4 * k, k) for c in range(3) for k in range(10)]
+    v = cka_gain_verdict("t", few)
+    assert v.agrees is None and "over 3 cells" in v.measured
+
+
+def test_rank_correlation_test_exact_values_and_null_rate():
+    from mergelab.analysis.statistics import rank_correlation_test
+
+    assert rank_correlation_test([1, 2, 3, 4, 5, 6], [3, 5, 7, 9, 11, 13]) == pytest.approx((1.0, 2 / 720))
+    assert rank_correlation_test([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]) == pytest.approx((-1.0, 2 / 720))
+    r, p = rank_correlation_test([1, 2, 3], [1, 1, 1])
+    assert math.isnan(r) and math.isnan(p)  # a constant side: no test
+    rng = np.random.default_rng(0)
+    hits = sum(rank_correlation_test(rng.normal(size=10), rng.normal(size=10), draws=499, seed=i)[1] < 0.05
+               for i in range(200))
+    assert hits / 200 <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 200)

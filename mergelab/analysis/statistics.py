@@ -73,6 +73,7 @@ __all__ = [
     "mean_and_error",
     "pack_outcomes",
     "paired_accuracy_test",
+    "rank_correlation_test",
     "significant_signs",
     "step_contrasts",
     "unpack_outcomes",
@@ -343,3 +344,32 @@ def accuracy_difference(a: Mapping[str, Sequence[bool] | np.ndarray], b: Mapping
         parts.append((float(np.mean([x.mean() for x in xs])),
                       sum(x.var(ddof=1) / x.size for x in xs) / len(xs) ** 2))
     return Estimate(parts[0][0] - parts[1][0], math.sqrt(parts[0][1] + parts[1][1]))
+
+
+def rank_correlation_test(x: Sequence[float], y: Sequence[float], *, draws: int = 9_999,
+                          seed: int = 0) -> tuple[float, float]:
+    """Spearman's ``rho`` between ``x`` and ``y`` (independent units: one pair per unit) and its two-sided
+    permutation p-value under the null of no association (``scipy.stats.permutation_test`` with
+    ``permutation_type="pairings"``: the pairing of ``y`` with ``x`` is shuffled). With ``n! <= draws + 1`` the
+    test enumerates every pairing and is exact; otherwise ``draws`` random pairings (seeded, reproducible) give
+    ``p = (1 + #{|rho*| >= |rho|}) / (draws + 1)``. Non-finite pairs are dropped; fewer than 3 pairs, or a
+    constant side, give ``(nan, nan)``: no test, undecided."""
+    from scipy import stats
+
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of one length, got shapes {a.shape} and {b.shape}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan, math.nan
+    ra, rb = stats.rankdata(a), stats.rankdata(b)
+
+    def rho(u: np.ndarray, axis: int = -1) -> np.ndarray:
+        u = np.asarray(u, dtype=np.float64)
+        uc, vc = u - u.mean(axis=axis, keepdims=True), rb - rb.mean()
+        return (uc * vc).sum(axis=axis) / np.sqrt((uc ** 2).sum(axis=axis) * (vc ** 2).sum())
+
+    res = stats.permutation_test((ra,), rho, permutation_type="pairings", n_resamples=draws, vectorized=True,
+                                 alternative="two-sided", random_state=np.random.default_rng(seed))
+    return float(res.statistic), float(res.pvalue)
