@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,17 @@ logger = logging.getLogger(__name__)
 
 #: The file in a temporary folder that names its owner (removed before the folder is published).
 OWNER_NAME = ".mergelab-writer.json"
+
+
+def temporary_folders(parent: Path, pattern: str) -> list[Path]:
+    """The folders in ``parent`` whose whole name matches the regular expression ``pattern`` (a target's
+    temporary folders), sorted; symbolic links are never listed, and an unreadable ``parent`` lists none."""
+    name = re.compile(pattern)
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def write_owner(folder: Path) -> None:

@@ -58,7 +58,7 @@ from mergelab.checkpoints.shards import INDEX_NAME, PlanEntry, plan_shards
 from mergelab.checkpoints.support_files import copy_support_files
 from mergelab.errors import CheckpointError
 from mergelab.output_paths import check_replaceable
-from mergelab.stale_temporaries import OWNER_NAME, remove_stale, write_owner
+from mergelab.stale_temporaries import OWNER_NAME, remove_stale, temporary_folders, write_owner
 
 if TYPE_CHECKING:
     import torch
@@ -98,12 +98,7 @@ def _is_nonempty(path: Path) -> bool:
 
 def _temporary_siblings(out_dir: Path) -> list[Path]:
     """The ``<out_dir>.<8 hex>.tmp`` folders next to ``out_dir`` (writers' temporary folders)."""
-    pattern = re.compile(re.escape(out_dir.name) + r"\.[0-9a-f]{8}\.tmp")
-    try:
-        entries = list(out_dir.parent.iterdir())
-    except OSError:
-        return []
-    return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    return temporary_folders(out_dir.parent, re.escape(out_dir.name) + r"\.[0-9a-f]{8}\.tmp")
 
 
 def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:

@@ -18,17 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergelab.atomic_files import remove_leftover
-from mergelab.stale_temporaries import OWNER_NAME, remove_stale, write_owner
+from mergelab.stale_temporaries import OWNER_NAME, remove_stale, temporary_folders, write_owner
 
 
 def _staging_siblings(target: Path) -> list[Path]:
     """The staging directories of ``target``'s writers (``.<name>.staging-<pid>-<8 hex>``), real folders only."""
-    pattern = re.compile(re.escape(f".{target.name}.staging-") + r"[0-9]+-[0-9a-f]{8}")
-    try:
-        entries = list(target.parent.iterdir())
-    except OSError:
-        return []
-    return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    return temporary_folders(target.parent, re.escape(f".{target.name}.staging-") + r"[0-9]+-[0-9a-f]{8}")
 
 
 @contextmanager
