@@ -263,11 +263,17 @@ def magprune(
     if rescale == "inverse":
         out.div_(keep_p.to(out.dtype))
     elif rescale == "l1":
-        before = float(tau.abs().sum())
-        after = float(out.abs().sum())
-        if before > 0 and after > 0:
-            out.mul_(before / after)
+        _match_l1(out, tau)
     return out
+
+
+def _match_l1(out: torch.Tensor, tau: torch.Tensor) -> None:
+    """mergekit's ``rescale``: scale ``out`` in place so that ``||out||_1 = ||tau||_1`` (left alone when
+    either norm is 0)."""
+    before = float(tau.abs().sum())
+    after = float(out.abs().sum())
+    if before > 0 and after > 0:
+        out.mul_(before / after)
 
 
 def drop(
@@ -299,8 +305,5 @@ def drop(
     if rescale == "inverse":
         out.div_(density)
     elif rescale == "l1":
-        before = float(tau.abs().sum())
-        after = float(out.abs().sum())
-        if before > 0 and after > 0:
-            out.mul_(before / after)
+        _match_l1(out, tau)
     return out
