@@ -18,11 +18,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    """Digest cache in a tmp folder (never ~/.cache); one intra-op thread, restored after the test (tests that
-    change it, e.g. to exercise two compute threads, do not leak the setting)."""
-    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+def single_thread():
+    """One intra-op thread for the test, the previous count restored after it (tests that change it, e.g. to
+    exercise two compute threads, do not leak the setting). Modules of small-tensor tests use it for every
+    test: ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def isolated_cache(monkeypatch: pytest.MonkeyPatch, tmp_path, single_thread):
+    """Digest cache in a tmp folder (never ~/.cache), on one intra-op thread (:func:`single_thread`)."""
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))

@@ -26,13 +26,7 @@ from mergelab.analysis.estimators import (
 from mergelab.analysis.noise_scale import effective_noise_scale, measured_noise_scale
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one intra-op thread (conftest)
 
 
 def _spd(eigs: list[float], seed: int) -> np.ndarray:

@@ -16,13 +16,7 @@ from mergelab.methods import METHODS, TensorInputs, get_method
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one intra-op thread (on a loaded shared 2-core box, OpenMP barriers cost 100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one intra-op thread (conftest)
 
 
 def _gen(seed: int) -> torch.Generator:

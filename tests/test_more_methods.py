@@ -16,12 +16,7 @@ from mergelab.methods import TensorInputs, get_method
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one intra-op thread (conftest)
 
 
 def run(name, base, experts, weights=None, params=None, *, reference=False, tensor="w"):

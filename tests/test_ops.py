@@ -11,14 +11,7 @@ from mergelab import ops
 from mergelab.ops.select import StreamingKthLargest, keep_count, kth_largest, kth_largest_of_stream
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run each test on one intra-op thread: these tensors are small, and on a shared 2-core machine under
-    load, OpenMP's thread barriers made element-wise ops 100x slower (a timing artefact, not a result)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one intra-op thread (conftest)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -20,12 +20,7 @@ F64 = torch.float64
 SPECTRAL = ("tsv_merge", "iso_c", "iso_cts")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one intra-op thread (conftest)
 
 
 def run(name: str, base, experts, weights=None, params=None, *, dtype=F64, tensor="layer.weight", out_dtype=None):
