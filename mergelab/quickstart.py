@@ -3,7 +3,7 @@
 :func:`run_quickstart` is the main job on a fresh machine (``mergelab quickstart``, ``make demo``):
 
 1. **Zoo**: :func:`mergelab.training.zoo.build_zoo` for the comparison's default 4-task group
-   (:data:`~mergelab.experiments.compare.DEFAULT_TASKS`: mnist, mnist_rot90, digits, shapes) on ``resnet_s``:
+   (:data:`~mergelab.experiments.comparison_rows.DEFAULT_TASKS`: mnist, mnist_rot90, digits, shapes) on ``resnet_s``:
    builds the task data, pretrains the backbone and fine-tunes the four experts at the zoo's default
    hyperparameters, each only if it is not cached already (``$MERGELAB_CACHE``, default ``~/.cache/mergelab``).
 2. **Comparison**: :func:`mergelab.experiments.compare.run_comparison` with every row (pretrained,
@@ -39,7 +39,8 @@ from typing import Any
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import MergeLabError, SpecError
 from mergelab.untrusted_input import read_json_file
-from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable
+from mergelab.experiments.comparison_rows import DEFAULT_TASKS
+from mergelab.experiments.comparison_table import ComparisonTable
 from mergelab.output_paths import refuse_overlap
 from mergelab.report.document import ReportDocument
 
@@ -49,7 +50,7 @@ PathLike = str | os.PathLike[str]
 
 DEFAULT_ARCH = "resnet_s"
 DEFAULT_OUT = "mergelab-quickstart"
-#: Per-row parameter overrides on top of :data:`mergelab.experiments.compare.CATALOG` for the quickstart. Empty:
+#: Per-row parameter overrides on top of :data:`mergelab.experiments.comparison_rows.CATALOG` for the quickstart. Empty:
 #: with the catalog's full settings the quickstart took 5 min 54 s from an empty cache on 2 cores that other
 #: jobs were also using (load average ~5), within the 10-minute budget; AdaMerging (500 steps, ~110 s) is the
 #: costliest row, so ``{"adamerging": {"steps": 200}}`` is the first place to cut if it ever is not.
@@ -73,7 +74,7 @@ class QuickstartResult:
 
 def _settings(arch: str, tasks: Sequence[str], methods: Sequence[str] | None, samples_per_task: int, quick: bool,
               overrides: Mapping[str, Mapping[str, Any]], bn: str, select: str) -> dict[str, Any]:
-    from mergelab.experiments.compare import CATALOG, DEFAULT_METHODS
+    from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_METHODS
 
     return {"arch": arch, "tasks": list(tasks), "methods": list(methods) if methods is not None else list(DEFAULT_METHODS),
             "samples_per_task": samples_per_task, "quick": quick,
@@ -101,7 +102,7 @@ def _read_cached(path: Path) -> ComparisonTable | None:
 
 
 def _check_names(tasks: Sequence[str], methods: Sequence[str] | None) -> None:
-    from mergelab.experiments.compare import method_configs
+    from mergelab.experiments.comparison_rows import method_configs
     from mergelab.tasks import task_spec
 
     for t in tasks:

@@ -14,7 +14,9 @@ import mergelab.evaluation
 import mergelab.tasks
 from mergelab.cli import main
 from mergelab.errors import SpecError
-from mergelab.experiments.compare import CATALOG, ComparisonTable, MethodRow, run_comparison
+from mergelab.experiments.compare import run_comparison
+from mergelab.experiments.comparison_rows import CATALOG
+from mergelab.experiments.comparison_table import ComparisonTable, MethodRow
 from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools, run_pool_scaling
 from mergelab.models.pretraining import PretrainConfig
 from mergelab.report.text import comparison_text, pool_scaling_text
@@ -51,7 +53,7 @@ def test_ties_grid_reaches_every_task_arithmetic_lambda():
     sign is each entry's only nonzero delta and the disjoint mean over that one expert is the sum, so TIES at
     lambda (density 1, either divisor) is task arithmetic at lambda, entry for entry. The old grid (0.3 .. 1.3)
     could not reach TA's small lambdas, and on the resnet_s quickstart it chose its lower edge."""
-    from mergelab.experiments.compare import TA_LAMBDA_GRID, TIES_LAMBDA_GRID
+    from mergelab.experiments.comparison_rows import TA_LAMBDA_GRID, TIES_LAMBDA_GRID
     from mergelab.merging.torch_backend import kernel
     from mergelab.methods import TensorInputs, get_method
 
@@ -153,7 +155,7 @@ def test_a_larger_pool_is_merged_but_only_the_tasks_are_evaluated(zoo):
 
 
 def test_negative_running_variances_are_counted(zoo, tmp_path):
-    from mergelab.experiments.compare import _negative_variances
+    from mergelab.experiments.compare import negative_variances
     from mergelab.models import read_backbone_state, save_backbone, build_backbone, load_backbone_state
 
     root, experts = zoo
@@ -166,7 +168,7 @@ def test_negative_running_variances_are_counted(zoo, tmp_path):
         load_backbone_state(backbone, {n: t.abs() if n == name else t for n, t in state.items()})
         dict(backbone.named_buffers())[name].copy_(state[name])
     save_backbone(backbone, tmp_path / "backbone.safetensors")
-    assert _negative_variances(tmp_path) == 3 and _negative_variances(experts["mnist"]) == 0
+    assert negative_variances(tmp_path) == 3 and negative_variances(experts["mnist"]) == 0
 
 
 def test_multitask_training_runs_and_is_cached(zoo):

@@ -510,7 +510,7 @@ def test_bn_batch_reestimates_the_statistics_of_the_result_on_the_objective_exam
 def test_pool_scaling_gives_the_fw_rows_the_entropy_objective_and_records_it(monkeypatch):
     import mergelab.evaluation
     from mergelab.experiments import pool_scaling
-    from mergelab.experiments.compare import ComparisonTable
+    from mergelab.experiments.comparison_table import ComparisonTable
 
     class _Expert:
         def __init__(self, task):

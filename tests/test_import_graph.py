@@ -156,7 +156,8 @@ def test_results_do_not_render_themselves():
     """Presentation of study results lives in report/: the study modules import nothing of report/ but its
     model, and no result class has a text or report rendering."""
     graph = import_graph()
-    for module in ("mergelab.experiments.compare", "mergelab.experiments.pool_scaling"):
+    for module in ("mergelab.experiments.compare", "mergelab.experiments.comparison_rows",
+                   "mergelab.experiments.comparison_table", "mergelab.experiments.pool_scaling"):
         assert {t for t in graph[module] if t.startswith("mergelab.report")} <= set(REPORT_MODEL), module
         source = (ROOT / "experiments" / f"{module.rsplit('.', 1)[1]}.py").read_text()
         for name in ("def format(", "def format_paired(", "def to_report(", "def report_sections(",

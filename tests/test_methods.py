@@ -482,7 +482,7 @@ def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalo
 
     from mergelab.analysis import diagnostics, excess_bound
     from mergelab.analysis.merge_coefficients import merge_coefficients
-    from mergelab.experiments import compare
+    from mergelab.experiments import comparison_rows
     from mergelab.methods.catalog import METHODS as CATALOG_METHODS
 
     with_operator = {m.name: m for m in CATALOG_METHODS.values() if m.operator is not None}
@@ -494,7 +494,7 @@ def test_every_method_fact_of_the_analysis_and_experiments_comes_from_the_catalo
         expected = {"sum": (1.0, 3.0), "disjoint_mean": (0.25, 0.75), "mean": (0.25, 0.75),
                     "interpolation": (0.25, 0.75), "spectral": (1.0, 3.0)}[m.combination]
         assert rule == pytest.approx(expected), m.name
-    for row in compare.CATALOG.values():
+    for row in comparison_rows.CATALOG.values():
         if row.method in CATALOG_METHODS:
             assert dict(row.grid) == dict(CATALOG_METHODS[row.method].validation_grid), row.name
     # the operator of a method is its catalog sparsification step (plus the consensus for TIES-like ones)

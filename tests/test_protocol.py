@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mergelab import merge
 from mergelab.errors import SpecError
 from mergelab.evaluation.protocol import STATISTICS_PATTERN, resolve_bn, statistics_overrides
-from mergelab.experiments.compare import ComparisonTable, MethodRow
+from mergelab.experiments.comparison_table import ComparisonTable, MethodRow
 from mergelab.report.convert import comparison_verdicts
 from mergelab.report.text import comparison_text
 from mergelab.tasks import TaskData, validation_split

@@ -14,7 +14,7 @@ import pytest
 import mergelab.report.html as html_mod
 from mergelab.cli import main
 from mergelab.errors import SpecError
-from mergelab.experiments.compare import ComparisonTable, MethodRow
+from mergelab.experiments.comparison_table import ComparisonTable, MethodRow
 from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.experiments.pool_scaling import PoolScalingResult
 from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict

@@ -49,7 +49,7 @@ def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mergelab.experiments.compare import CATALOG, DEFAULT_TASKS
+    from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_TASKS
 
     p = sub.add_parser(
         "compare",

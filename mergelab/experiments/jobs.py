@@ -233,7 +233,7 @@ def pool_size_job(spec: dict[str, Any]) -> dict[str, Any]:
     """One pool size of the pool-scaling protocol: :func:`mergelab.experiments.compare.run_comparison` of the
     ``pool`` experts (``[{"task", "spec_hash"}]``) evaluated on ``eval_tasks`` with ``methods``; ``spec`` also
     holds ``arch``, ``samples_per_task``, ``bn`` (BatchNorm protocol), ``select``, ``quick`` and ``cache_dir``. Returns the comparison
-    table as a dict (:meth:`~mergelab.experiments.compare.ComparisonTable.to_dict`)."""
+    table as a dict (:meth:`~mergelab.experiments.comparison_table.ComparisonTable.to_dict`)."""
     from mergelab.experiments.compare import run_comparison
     from mergelab.models.paths import expert_dir
 

@@ -14,7 +14,7 @@ Order: the extra tasks (irrelevant) or all tasks (relevant) are drawn in a seede
 (``seed``, default 0) from the tasks that have a cached default expert; pools are nested (the pool of size n
 is a prefix of the pool of size n + 4). Methods (default :data:`POOL_SCALING_METHODS`): task arithmetic,
 TIES, DARE, AdaMerging, FW-soft and FW-hard with the settings of
-:data:`mergelab.experiments.compare.CATALOG`, except the FW rows' objective (``fw_objective``):
+:data:`mergelab.experiments.comparison_rows.CATALOG`, except the FW rows' objective (``fw_objective``):
 
 * ``entropy`` (default): the FW rows minimise the prediction entropy on unlabelled test examples, the
   objective of the paper's pool-scaling experiments, where FW-Merging is compared with AdaMerging: both
@@ -49,7 +49,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergelab.errors import SpecError
-from mergelab.experiments.compare import DEFAULT_TASKS, ComparisonTable, run_comparison
+from mergelab.experiments.compare import run_comparison
+from mergelab.experiments.comparison_rows import DEFAULT_TASKS
+from mergelab.experiments.comparison_table import ComparisonTable
 from mergelab.experiments.paper_results import PAPER_TABLE3
 
 log = logging.getLogger(__name__)

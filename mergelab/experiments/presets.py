@@ -168,7 +168,7 @@ def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
     """The pool-scaling protocol, one task per (mode, pool size) through the results database and the runner
     (resumable; each comparison still runs its methods in fresh processes to time them)."""
     from mergelab.evaluation import default_experts
-    from mergelab.experiments.compare import ComparisonTable
+    from mergelab.experiments.comparison_table import ComparisonTable
     from mergelab.experiments.jobs import pool_size_job
     from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools
     from mergelab.experiments.task import Task

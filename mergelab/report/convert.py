@@ -1,7 +1,7 @@
 """Existing results as report documents: a method comparison and a pool-scaling run.
 
 * :func:`comparison_sections` / :func:`comparison_document` turn a
-  :class:`~mergelab.experiments.compare.ComparisonTable` into sections: the accuracy table (per task, average,
+  :class:`~mergelab.experiments.comparison_table.ComparisonTable` into sections: the accuracy table (per task, average,
   normalized, wall time, peak memory), a bar figure of average and normalized accuracy per method, a bar
   figure of per-task accuracy, a wall-time figure, the methods' settings, and three paper claims checked on
   the table (see :func:`comparison_verdicts`).
@@ -15,7 +15,7 @@ Verdicts are statistical tests, printed with each verdict (:mod:`mergelab.analys
 rankings ("A beats B") use the **paired test on the same test examples**: the difference of task-averaged
 accuracy with its 95% interval (paired, stratified by task) and McNemar's exact p-value, Holm-adjusted over all
 the paired comparisons of one table (every merge against pretrained and task arithmetic,
-:meth:`~mergelab.experiments.compare.ComparisonTable.paired_comparisons`, also tabulated in the report); an
+:meth:`~mergelab.experiments.comparison_table.ComparisonTable.paired_comparisons`, also tabulated in the report); an
 adjusted p >= 0.05 is *undecided*, as is a missing, failed or invalid row or one without per-example results
 (tables written before they were kept). Pool-scaling claims compare one method at two pool sizes
 (:func:`pool_scaling_verdicts`): paired on the same examples when both evaluate the same tasks, as independent
@@ -29,12 +29,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mergelab.experiments.compare import PAIRED_REFERENCES
+from mergelab.experiments.comparison_rows import PAIRED_REFERENCES
 from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict, versions
 
 if TYPE_CHECKING:
-    from mergelab.experiments.compare import ComparisonTable
+    from mergelab.experiments.comparison_table import ComparisonTable
     from mergelab.experiments.pool_scaling import PoolScalingResult
 
 #: Largest fall of FW-soft's accuracy (absolute) still called "flat" when irrelevant experts join.
@@ -94,7 +94,7 @@ def protocol_note(meta: Mapping[str, Any]) -> str:
 def _ranking(claim: str, predicted: str, a_name: str, b_name: str, source: str, table: ComparisonTable,
              comparison: Any) -> Verdict:
     """Verdict for "``a`` is more accurate than ``b``" from the table's paired comparison of the two
-    (:meth:`~mergelab.experiments.compare.ComparisonTable.paired_comparisons`; undecided when missing, failed,
+    (:meth:`~mergelab.experiments.comparison_table.ComparisonTable.paired_comparisons`; undecided when missing, failed,
     invalid, without per-example results, or not significant after Holm's adjustment over the table's
     comparisons)."""
     from mergelab.analysis.statistics import ALPHA

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from mergelab.experiments.compare import ComparisonTable
+from mergelab.experiments.comparison_table import ComparisonTable
 from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.experiments.pool_scaling import PoolScalingResult
 from mergelab.report.convert import pool_scaling_verdicts
