@@ -56,11 +56,12 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mergelab.errors import SpecError
+from mergelab.merging.layout import EXPECTED_NAMING, LAYER, SliceRange, layer_index, slice_of, stack_layout
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ UNSUPPORTED_TOP_LEVEL = {
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 SLERP_THRESHOLD = 0.9995  # mergekit/merge_methods/slerp.py DOT_THRESHOLD
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks)\.)(?P<index>\d+)\.")
+_LAYER = LAYER
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -244,6 +245,8 @@ def _num_layers(names: list[str]) -> int:
 class _Source:
     def __init__(self, path: Path, parameters: Mapping[str, Any], where: str, ref: Any) -> None:
         self.path, self.parameters, self.where, self.ref = path, dict(parameters or {}), where, ref
+        # a slice's source: its first layer, number of layers, the model's layers and tensor names
+        self.start, self.length, self.layers, self.names = 0, 0, 0, list[str]()
 
 
 def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -289,6 +292,7 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
     base = None if data.get("base_model") is None else resolve_model(data["base_model"], f"{source}: base_model", root)
     slice_params: dict[str, Any] = {}
     sources: list[_Source] = []
+    stacked: list[_Slice] | None = None
     if "models" in data:
         if not isinstance(data["models"], list) or not data["models"]:
             raise SpecError(f"{source}: models must be a non-empty list")
@@ -300,31 +304,12 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
             params = _check_params(entry.get("parameters"), model_allowed, mk_method, f"{where}.parameters")
             sources.append(_Source(resolve_model(entry["model"], where, root), params, where, entry["model"]))
     else:
-        slices = data["slices"]
-        if not isinstance(slices, list) or not slices:
-            raise SpecError(f"{source}: slices must be a non-empty list")
-        if len(slices) > 1:
-            raise SpecError(f"{source}: slices: {len(slices)} slices (layer stacking) are not supported yet; "
-                            "one slice covering every layer of each model is (the same as 'models:')")
-        out = slices[0]
-        _check_keys(out, ("sources", "parameters", "base_model", "residual_weight"), f"{source}: slices[0]")
-        if out.get("base_model") is not None or out.get("residual_weight") is not None:
-            raise SpecError(f"{source}: slices[0]: per-slice base_model / residual_weight are not supported")
-        slice_params = _check_params(out.get("parameters"), {**method_allowed, **model_allowed}, mk_method,
-                                     f"{source}: slices[0].parameters")
-        for i, entry in enumerate(out.get("sources") or []):
-            where = f"{source}: slices[0].sources[{i}]"
-            _check_keys(entry, ("model", "layer_range", "parameters"), where)
-            path = resolve_model(entry.get("model"), where, root)
-            names = _tensor_names(path)
-            n = _num_layers(names)
-            if list(entry.get("layer_range") or []) != [0, n]:
-                raise SpecError(f"{where}: layer_range {entry.get('layer_range')} is a part of the model's {n} "
-                                f"layers; only a slice over every layer ([0, {n}]) is supported yet")
-            params = _check_params(entry.get("parameters"), model_allowed, mk_method, f"{where}.parameters")
-            sources.append(_Source(path, params, where, entry.get("model")))
-        if not sources:
-            raise SpecError(f"{source}: slices[0] has no sources")
+        slices = _read_slices(data["slices"], base, source, root, mk_method, method_allowed, model_allowed)
+        if len(slices) == 1 and all(s.start == 0 and s.length == s.layers for s in slices[0].sources):
+            sources, slice_params = slices[0].sources, slices[0].parameters  # every layer: a plain merge
+        else:
+            stacked = slices
+            sources = slices[0].sources
 
     # mergekit adds the base model as a source when it is not listed; the base is never a task vector
     experts = [s for s in sources if base is None or s.path != base]
@@ -333,16 +318,16 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
     names = _tensor_names(reference)
     num_layers = _num_layers(names)
 
-    def method_value(key: str, name: str, t: float) -> Any:
-        for level in (slice_params, top):
+    def method_value(key: str, name: str, t: float, slice_level: Mapping[str, Any]) -> Any:
+        for level in (slice_level, top):
             if key in level:
                 value = evaluate(level[key], name, t)
                 if value is not None:
                     return value
         return method_allowed[key]
 
-    def model_value(src: _Source, key: str, name: str, t: float) -> Any:
-        for level in (src.parameters, slice_params, top):
+    def model_value(src: _Source, key: str, name: str, t: float, slice_level: Mapping[str, Any]) -> Any:
+        for level in (src.parameters, slice_level, top):
             if key in level:
                 value = evaluate(level[key], name, t)
                 if value is not None:
@@ -353,22 +338,13 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         return default
 
     native = METHOD_MAP[mk_method]
-    if mk_method == "slerp":
-        if base is None or len(experts) != 1:
-            raise SpecError(f"{source}: slerp needs base_model and exactly one other model "
-                            f"(got base {'set' if base else 'missing'}, {len(experts)} other model(s))")
-    if mk_method == "model_stock" and (base is None or len(experts) < 2):
-        raise SpecError(f"{source}: model_stock needs base_model and at least two other models")
     if mk_method not in _NO_BASE and base is None:
         raise SpecError(f"{source}: mergekit's {mk_method} needs base_model")
-    if mk_method in ("nearswap", "arcee_fusion") and len(experts) != 1:
-        raise SpecError(f"{source}: {mk_method} needs base_model and exactly one other model (got {len(experts)})")
-    if mk_method == "nuslerp" and len(experts) != 2:
-        raise SpecError(f"{source}: nuslerp needs exactly two models besides the optional base_model "
-                        f"(got {len(experts)})")
-    if mk_method == "passthrough" and (len(sources) != 1 or base_listed):
-        raise SpecError(f"{source}: passthrough copies exactly one model (got {len(sources)}); stacking layers of "
-                        "several models (slices) is not supported yet")
+    if stacked is not None:
+        for k, sl in enumerate(stacked):
+            _check_counts(mk_method, base, sl.sources, f"{source}: slices[{k}]", slices_form=True)
+    else:
+        _check_counts(mk_method, base, sources, source, slices_form=False)
     if mk_method == "karcher" and base is not None and not base_listed:
         # mergekit averages every model it reads, the base model among them
         experts = [_Source(base, {}, f"{source}: base_model", data["base_model"])] + experts
@@ -376,62 +352,69 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         experts = sources
     if mk_method == "linear":
         experts = sources  # linear averages every listed model, the base among them if listed
-        if base is not None and not base_listed:
+        if base is not None and not base_listed and stacked is None:
             raise SpecError(f"{source}: linear with a base_model that is not in models: mergekit adds it without "
                             "a weight (and fails); list it under models with a weight, or remove base_model")
 
-    def resolve(name: str) -> tuple[tuple, tuple, tuple]:
-        _, t = layer_position(name, num_layers)
+    def resolve(name: str, t: float, members: list[tuple[_Source, str]],
+                slice_level: Mapping[str, Any]) -> tuple[tuple, tuple, tuple]:
+        """Output tensor ``name``'s method parameters, and each member's weight and own parameters (mergekit
+        evaluates a model's values on its input tensor's name, the shared ones on the output's)."""
         params: dict[str, Any] = {}
         weights: list[float] = []
         per_model: list[dict[str, Any]] = []
+
+        def mv(key: str) -> Any:
+            return method_value(key, name, t, slice_level)
+
+        def each(key: str) -> list[Any]:
+            return [model_value(src, key, in_name, t, slice_level) for src, in_name in members]
+
         if mk_method == "slerp":
-            t_value = method_value("t", name, t)
+            t_value = mv("t")
             if t_value is None:
                 raise SpecError(f"{source}: slerp needs parameter 't' (for tensor {name!r})")
             params = {"t": float(t_value), "parallel_threshold": SLERP_THRESHOLD}
         elif mk_method == "model_stock":
-            params = {"extrapolate": True, "filter_wise": bool(method_value("filter_wise", name, t))}
+            params = {"extrapolate": True, "filter_wise": bool(mv("filter_wise"))}
         elif mk_method == "sce":
-            params = {"select_topk": float(method_value("select_topk", name, t)), "min_energy": 1e-6}
+            params = {"select_topk": float(mv("select_topk")), "min_energy": 1e-6}
         elif mk_method == "karcher":
-            params = {"max_iter": int(method_value("max_iter", name, t)), "tol": float(method_value("tol", name, t))}
+            params = {"max_iter": int(mv("max_iter")), "tol": float(mv("tol"))}
         elif mk_method == "nearswap":
-            t_value = method_value("t", name, t)
+            t_value = mv("t")
             if t_value is None:
                 raise SpecError(f"{source}: nearswap needs parameter 't' (for tensor {name!r})")
             params = {"t": float(t_value)}
         elif mk_method == "arcee_fusion":
             params = {}
         elif mk_method == "passthrough":
-            params = {"scale": float(model_value(experts[0], "scale", name, t))}
+            params = {"scale": float(each("scale")[0])}
         elif mk_method in ("nuslerp", "multislerp"):
-            weights = [float(model_value(s, "weight", name, t)) for s in experts]
+            weights = [float(w) for w in each("weight")]
             if mk_method == "nuslerp":
-                params = {"flatten": bool(method_value("nuslerp_flatten", name, t)),
-                          "row_wise": bool(method_value("nuslerp_row_wise", name, t))}
+                params = {"flatten": bool(mv("nuslerp_flatten")), "row_wise": bool(mv("nuslerp_row_wise"))}
             else:
-                params = {"normalize_weights": bool(method_value("normalize_weights", name, t)),
-                          "eps": float(method_value("eps", name, t))}
+                params = {"normalize_weights": bool(mv("normalize_weights")), "eps": float(mv("eps"))}
         else:
-            normalize = bool(method_value("normalize", name, t))
-            weights = [float(model_value(s, "weight", name, t)) for s in experts]
+            normalize = bool(mv("normalize"))
+            weights = [float(w) for w in each("weight")]
             if mk_method == "linear":
                 if not normalize:
                     raise SpecError(f"{source}: linear with normalize: false (a plain weighted sum) is not "
                                     "supported; mergelab's weight_average divides by the weights' sum")
             else:
-                lam = float(method_value("lambda", name, t))
-                rescale = bool(method_value("rescale", name, t))
+                lam = float(mv("lambda"))
+                rescale = bool(mv("rescale"))
                 params["lambda"] = lam
-                densities = [float(model_value(s, "density", name, t)) for s in experts]
+                densities = [float(d) for d in each("density")]
                 if mk_method != "task_arithmetic":
                     per_model = [{"density": d} for d in densities]
                     extra = {"breadcrumbs": "gamma", "breadcrumbs_ties": "gamma", "della": "epsilon",
                              "della_linear": "epsilon"}.get(mk_method)
                     if extra is not None:
-                        for s, pm in zip(experts, per_model):
-                            pm[extra] = float(model_value(s, extra, name, t))
+                        for pm, value in zip(per_model, each(extra)):
+                            pm[extra] = float(value)
                 if mk_method in ("dare_ties", "dare_linear", "della", "della_linear"):
                     params["rescale"] = "l1" if rescale else "none"
                     if mk_method.startswith("della"):
@@ -454,7 +437,10 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
                     per_model = []
         return (tuple(sorted(params.items())), tuple(weights), tuple(tuple(sorted(p.items())) for p in per_model))
 
-    resolved = {name: resolve(name) for name in names}
+    if stacked is not None:
+        return _stacked_spec(data, stacked, base, mk_method, native, resolve, source, root)
+    resolved = {name: resolve(name, layer_position(name, num_layers)[1], [(e, name) for e in experts], slice_params)
+                for name in names}
     default = Counter(resolved.values()).most_common(1)[0][0] if resolved else ((), (), ())
     spec: dict[str, Any] = {"method": native}
     if mk_method == "slerp":
@@ -476,6 +462,12 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         spec["models"] = models
     spec["parameters"] = dict(default[0])
     spec["overrides"] = _overrides(resolved, default, names)
+    return _finish(spec, data, source, root, Path(reference))
+
+
+def _finish(spec: dict[str, Any], data: Mapping[str, Any], source: str, root: Path, reference: Path) -> dict[str, Any]:
+    """``spec`` with the config's output dtype; checks ``tokenizer_source`` (the config files and tokenizer
+    come from ``reference``); empty ``overrides``/``parameters`` left out."""
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None:
         if str(dtype) not in DTYPES:
@@ -486,14 +478,186 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         if tok == "union":
             raise SpecError(f"{source}: tokenizer_source: union (a merged vocabulary) is not supported")
         tok_path = resolve_model(tok, f"{source}: tokenizer_source", root)
-        if tok_path != Path(reference):
+        if tok_path != reference:
             raise SpecError(f"{source}: tokenizer_source {tok!r}: mergelab copies the tokenizer and config files of "
                             f"the base model ({reference}); another model's tokenizer is not supported")
-    if not spec["overrides"]:
-        del spec["overrides"]
-    if not spec["parameters"]:
-        del spec["parameters"]
+    if not spec.get("overrides"):
+        spec.pop("overrides", None)
+    if not spec.get("parameters"):
+        spec.pop("parameters", None)
     return spec
+
+
+#: mergekit methods that merge every source of a slice alike, the base model too when it is one
+_BASE_AS_MODEL = ("linear", "karcher", "passthrough")
+
+
+class _Slice:
+    """One mergekit output slice: its sources (each with ``start``, ``length``), parameters, place in the config."""
+
+    def __init__(self, sources: list[_Source], parameters: dict[str, Any], where: str) -> None:
+        self.sources, self.parameters, self.where = sources, parameters, where
+        self.length = sources[0].length
+
+
+def _read_slices(raw: Any, base: Path | None, source: str, root: Path, mk_method: str,
+                 method_allowed: dict[str, Any], model_allowed: dict[str, Any]) -> list[_Slice]:
+    """mergekit's ``slices``, checked: each source a local model with a ``layer_range`` ``[a, b)`` inside its
+    layers, every source of a slice as long as the others, no model twice in a slice, a slice's
+    ``base_model`` (if any) the config's."""
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"{source}: slices must be a non-empty list")
+    names_of: dict[Path, list[str]] = {}
+    out: list[_Slice] = []
+    for k, entry in enumerate(raw):
+        where = f"{source}: slices[{k}]"
+        if not isinstance(entry, Mapping):
+            raise SpecError(f"{where}: each slice must be a mapping with 'sources:'")
+        _check_keys(entry, ("sources", "parameters", "base_model", "residual_weight"), where)
+        if entry.get("residual_weight") is not None:
+            raise SpecError(f"{where}: residual_weight is not supported (mergekit 0.1.5 does not read it either)")
+        if entry.get("base_model") is not None:
+            own = resolve_model(entry["base_model"], f"{where}.base_model", root)
+            if own != base:
+                raise SpecError(f"{where}: a per-slice base_model other than the config's base_model is not "
+                                "supported")
+        params = _check_params(entry.get("parameters"), {**method_allowed, **model_allowed}, mk_method,
+                               f"{where}.parameters")
+        raw_sources = entry.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise SpecError(f"{where}: a slice needs a non-empty list of sources")
+        sources: list[_Source] = []
+        for i, src in enumerate(raw_sources):
+            at = f"{where}.sources[{i}]"
+            if not isinstance(src, Mapping) or "model" not in src:
+                raise SpecError(f"{at}: each source needs 'model:' and 'layer_range:'")
+            _check_keys(src, ("model", "layer_range", "parameters"), at)
+            path = resolve_model(src["model"], at, root)
+            if path not in names_of:
+                names_of[path] = _tensor_names(path)
+            n = _num_layers(names_of[path])
+            if n == 0:
+                raise SpecError(f"{at}: {src['model']!r}: no layer-numbered tensor names found; slices need names "
+                                f"like {EXPECTED_NAMING}")
+            lr = src.get("layer_range")
+            if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)):
+                raise SpecError(f"{at}: layer_range must be two integers [first, end), got {lr!r}")
+            a, b = lr
+            if not 0 <= a < b:
+                raise SpecError(f"{at}: layer_range {list(lr)} is empty or negative (need 0 <= first < end)")
+            if b > n:
+                raise SpecError(f"{at}: layer_range {list(lr)} goes beyond the {n} layers of {src['model']!r} "
+                                f"(layers 0..{n - 1})")
+            if any(s.path == path for s in sources):
+                raise SpecError(f"{at}: {src['model']!r} is listed twice in one slice (mergekit keeps one of them)")
+            item = _Source(path, _check_params(src.get("parameters"), model_allowed, mk_method, f"{at}.parameters"),
+                           at, src["model"])
+            item.start, item.length, item.layers, item.names = a, b - a, n, names_of[path]
+            sources.append(item)
+        lengths = [s.length for s in sources]
+        if len(set(lengths)) > 1:
+            shown = ", ".join(f"{s.ref!r} {s.length}" for s in sources)
+            raise SpecError(f"{where}: the sources' layer_range lengths differ ({shown}); every source of a slice "
+                            "gives the same number of layers")
+        out.append(_Slice(sources, params, where))
+    return out
+
+
+def _check_counts(mk_method: str, base: Path | None, sources: list[_Source], where: str, *, slices_form: bool) -> None:
+    """The inputs of one merge (or of one slice) suit ``mk_method``: the base model where it needs one, the
+    number of other models."""
+    experts = [s for s in sources if base is None or s.path != base]
+    base_in = len(experts) < len(sources)
+    if slices_form and base is not None and not base_in and mk_method not in _BASE_AS_MODEL:
+        raise SpecError(f"{where}: base_model is not among this slice's sources; mergekit merges a slice's sources "
+                        "only, so list the base model there with a layer_range")
+    if mk_method == "slerp" and (base is None or len(experts) != 1):
+        raise SpecError(f"{where}: slerp needs base_model and exactly one other model "
+                        f"(got base {'set' if base else 'missing'}, {len(experts)} other model(s))")
+    if mk_method == "model_stock" and (base is None or len(experts) < 2):
+        raise SpecError(f"{where}: model_stock needs base_model and at least two other models")
+    if mk_method in ("nearswap", "arcee_fusion") and len(experts) != 1:
+        raise SpecError(f"{where}: {mk_method} needs base_model and exactly one other model (got {len(experts)})")
+    if mk_method == "nuslerp" and len(experts) != 2:
+        raise SpecError(f"{where}: nuslerp needs exactly two models besides the optional base_model "
+                        f"(got {len(experts)})")
+    if mk_method == "passthrough":
+        if slices_form and len(sources) != 1:
+            raise SpecError(f"{where}: passthrough copies one model per slice (got {len(sources)} sources)")
+        if not slices_form and (len(sources) != 1 or base_in):
+            raise SpecError(f"{where}: passthrough copies exactly one model (got {len(sources)}); to stack layers "
+                            "of several models, give one slice per model")
+
+
+def _stacked_spec(data: Mapping[str, Any], slices: list[_Slice], base: Path | None, mk_method: str, native: str,
+                  resolve: Callable[..., tuple[tuple, tuple, tuple]], source: str, root: Path) -> dict[str, Any]:
+    """The native spec of a mergekit config stacking layers (several slices, or parts of the models): its
+    ``slices`` give each slice's first layer of every input (:mod:`mergelab.merging.layout`), ``overrides``
+    the per-tensor values evaluated as mergekit does within each slice (``t`` runs over the slice's layers;
+    the tensors before the layers take the first slice's values and inputs, those after the last's)."""
+    as_model = mk_method in _BASE_AS_MODEL
+    models: list[Path] = []
+    for sl in slices:
+        for s in sl.sources:
+            if (as_model or s.path != base) and s.path not in models:
+                models.append(s.path)
+    ranges: list[SliceRange] = []
+    for sl in slices:
+        starts = {s.path: s.start for s in sl.sources}
+        base_start = None if as_model or base is None else starts.get(base)
+        ranges.append(SliceRange(sl.length, base_start,
+                                 tuple(starts.get(p) if (as_model or p != base) else None for p in models)))
+    names_of = {s.path: s.names for sl in slices for s in sl.sources}
+    base_names = None
+    if base is not None and any(r.base_start is not None for r in ranges):
+        base_names = names_of.get(base) or _tensor_names(base)
+    labels = ([f"base_model ({base})"] if base_names is not None else []) + [str(p) for p in models]
+    layout = stack_layout(ranges, base_names, [names_of[p] for p in models], labels)
+    n = len(models)
+    resolved: dict[str, tuple] = {}
+    for name, src in layout.items():
+        k = slice_of(ranges, name)
+        sl = slices[k]
+        index = layer_index(name)
+        if index is None:
+            t = 0.0
+        else:
+            j = index - sum(r.layers for r in ranges[:k])
+            t = j / (sl.length - 1) if sl.length > 1 else 1.0
+        by_path = {s.path: s for s in sl.sources}
+        members = [(by_path[models[i]], in_name) for i, in_name in src.models]
+        params, weights, per_model = resolve(name, t, members, sl.parameters)
+        # the engine reads only this tensor's models' values: the others' are placeholders
+        full_w = [1.0] * n if weights else []
+        full_p: list[tuple] = [()] * n if per_model else []
+        for m, (i, _) in enumerate(src.models):
+            if weights:
+                full_w[i] = weights[m]
+            if per_model:
+                full_p[i] = per_model[m]
+        resolved[name] = (params, tuple(full_w), tuple(full_p))
+    default = Counter(resolved.values()).most_common(1)[0][0]
+    spec: dict[str, Any] = {"method": native}
+    if base is not None:
+        spec["base"] = str(base)  # the base's layers where it is an input; the config and tokenizer files
+    entries = []
+    for k, p in enumerate(models):
+        entry: dict[str, Any] = {"path": str(p)}
+        if default[1]:
+            entry["weight"] = default[1][k]
+        if default[2] and dict(default[2][k]):
+            entry["parameters"] = dict(default[2][k])
+        entries.append(entry)
+    spec["models"] = entries
+    spec["parameters"] = dict(default[0])
+    spec["overrides"] = _overrides(resolved, default, list(layout))
+    spec["slices"] = [
+        {"layers": r.layers, **({"base_layer": r.base_start} if r.base_start is not None else {}),
+         "model_layers": list(r.model_starts)}
+        for r in ranges
+    ]
+    return _finish(spec, data, source, root, base if base is not None else models[0])
 
 
 def _overrides(resolved: dict[str, tuple], default: tuple, names: list[str]) -> list[dict[str, Any]]:
@@ -541,7 +705,7 @@ def to_yaml(spec: Mapping[str, Any]) -> str:
         pass
 
     def _list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-        flow = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+        flow = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in data)
         return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
     _Dumper.add_representer(list, _list)

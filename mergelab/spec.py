@@ -15,6 +15,10 @@ overrides:              # per-tensor parameters by name pattern; the first match
     parameters: {density: 0.5}
     weights: [1.0]                  # optional: the models' weights for these tensors
     model_parameters: [{density: 0.4}]   # optional: the models' own parameters for these tensors
+slices:                # optional layer stacking (mergekit's slices): the output's layers, slice by slice
+  - layers: 2                       # this slice's output layers (numbered on from the previous slices')
+    base_layer: 0                   # the base's first layer feeding it (omit: the base is not in this slice)
+    model_layers: [0, null]         # each model's first layer feeding it, in models' order (null: not in it)
 dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
 device: cpu             # cpu | cuda | auto (cuda when available)
 shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
@@ -24,6 +28,12 @@ data:                   # only for data-informed methods (adamerging, fw_hard, f
 ```
 
 Relative paths in a YAML file are resolved against the file's folder.
+
+With ``slices``, output layer ``o_s + k`` of slice ``s`` (``o_s`` the layers of the slices before it) is
+merged from layer ``base_layer + k`` of the base and ``model_layers[i] + k`` of each model ``i`` in the
+slice, by the method over those inputs only; tensors outside the layers come from the first slice's inputs
+(embeddings) or the last's (final norm, head), and ``config.json`` gets the new number of layers
+(:mod:`mergelab.merging.layout`). Patterns of ``overrides`` match the output's tensor names.
 """
 
 from __future__ import annotations
@@ -137,6 +147,25 @@ class DataSpec(BaseModel):
         return v
 
 
+class Slice(BaseModel):
+    """One slice of a stacked merge (``slices``): ``layers`` output layers, fed by the base's layers from
+    ``base_layer`` (None: the base is not in the slice) and model ``i``'s from ``model_layers[i]`` (None:
+    model ``i`` is not in it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: int = Field(ge=1)
+    base_layer: int | None = Field(None, ge=0)
+    model_layers: list[int | None]
+
+    @field_validator("model_layers")
+    @classmethod
+    def _non_negative(cls, v: list[int | None]) -> list[int | None]:
+        for a in v:
+            if a is not None and a < 0:
+                raise ValueError(f"a first layer must be >= 0, got {a}")
+        return v
+
+
 class MergeSpec(BaseModel):
     """A validated merge specification. See the module docstring for the YAML form."""
 
@@ -146,6 +175,7 @@ class MergeSpec(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     overrides: list[Override] = Field(default_factory=list)
+    slices: list[Slice] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     shard_size: int = 2 * 10**9
@@ -172,6 +202,24 @@ class MergeSpec(BaseModel):
                 values = getattr(o, key)
                 if values is not None and len(values) != n:
                     raise ValueError(f"overrides[{i}].{key} has {len(values)} entries for {n} models")
+        if self.slices is not None:
+            if not self.slices:
+                raise ValueError("slices is empty; omit it to merge every layer of every model")
+            used = [False] * n
+            for s, sl in enumerate(self.slices):
+                if len(sl.model_layers) != n:
+                    raise ValueError(f"slices[{s}].model_layers has {len(sl.model_layers)} entries for {n} models "
+                                     "(null for a model not in the slice)")
+                if sl.base_layer is not None and self.base is None:
+                    raise ValueError(f"slices[{s}].base_layer is set but the spec has no base")
+                if sl.base_layer is None and all(a is None for a in sl.model_layers):
+                    raise ValueError(f"slices[{s}]: no input takes part (set base_layer or a model_layers entry)")
+                for i, a in enumerate(sl.model_layers):
+                    used[i] = used[i] or a is not None
+            unused = [i for i, u in enumerate(used) if not u]
+            if unused:
+                raise ValueError(f"models[{unused[0]}] ({self.models[unused[0]].path}) is in no slice "
+                                 "(every model must feed some slice: give its first layer in model_layers)")
         return self
 
     def resolve_paths(self, root: Path) -> MergeSpec:

@@ -279,11 +279,13 @@ class CheckpointWriter:
 
     # -- publishing ----------------------------------------------------------------------------------
 
-    def finish(self, *, copy_files_from: Path | None = None, record: Mapping | None = None) -> Path:
+    def finish(self, *, copy_files_from: Path | None = None, record: Mapping | None = None,
+               files: Mapping[str, str] | None = None) -> Path:
         """Check every planned tensor was written, add the record and support files, publish atomically.
 
-        ``record`` is written as ``mergelab_merge.json``; every non-weight file of ``copy_files_from``
-        (config, tokenizer, sub-folders such as ``1_Pooling``) is copied. Returns the output folder.
+        ``record`` is written as ``mergelab_merge.json``; ``files`` (name -> text) are written as given (an
+        edited ``config.json``), then every other non-weight file of ``copy_files_from`` (config, tokenizer,
+        sub-folders such as ``1_Pooling``) is copied. Returns the output folder.
         """
         if self._tmp is None or self._finished:
             state = "finished" if self._finished else "aborted"
@@ -310,6 +312,8 @@ class CheckpointWriter:
                 except (TypeError, ValueError) as exc:
                     raise CheckpointError(f"{self.out_dir}: cannot serialize the merge record: {exc}") from None
                 self._write_text(tmp / RECORD_NAME, text)
+            for file_name, text in (files or {}).items():
+                self._write_text(tmp / file_name, text)
             if copy_files_from is not None:
                 copied = copy_support_files(Path(copy_files_from), tmp)
                 logger.debug("copied %d support files from %s", len(copied), copy_files_from)

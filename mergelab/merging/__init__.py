@@ -73,6 +73,8 @@ def merge(
         from mergelab.methods import data_informed
 
         if spec.method in data_informed.registry():
+            if spec.slices:
+                raise SpecError(f"slices: layer stacking runs the data-free methods, not '{spec.method}'")
             refuse_input_overlap(spec, out_dir, expert_folders=True)
             if engine == "numpy":
                 raise SpecError(f"engine: the numpy engine does not run '{spec.method}' (a data-informed method)")

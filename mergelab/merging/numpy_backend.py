@@ -109,7 +109,7 @@ def unsupported(spec: MergeSpec) -> str | None:
             if not reader.is_safetensors:
                 return f"{reader.path} is not a safetensors checkpoint"
         for name in inputs.names:
-            for reader in inputs.readers:
+            for reader in inputs.readers_of(name):
                 storage = reader.info(name).storage
                 if storage.is_floating_point and storage.code not in FLOAT_CODES:
                     return f"tensor '{name}' of {reader.info(name).file} is stored as {storage}"
@@ -155,16 +155,19 @@ def _stream(
 ) -> None:
     """The linear methods' part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`,
     no read-ahead: the kernel reads each block's bytes straight from the files): each tensor on all cores."""
-    # task arithmetic reads theta_0 and the experts; weight averaging only the experts
-    readers = ([inputs.base] if get_method(method).needs_base else []) + list(inputs.experts)
+    needs_base = get_method(method).needs_base
     out_plan = {name: (shape, storage) for name, shape, storage in plan}
 
     def compute(name: str, _: None) -> tuple[Any, int]:
         shape, storage = out_plan[name]
+        base, experts, _ = inputs.sources(name)  # this tensor's inputs (a layer slice's when stacking)
         if storage.is_floating_point:
-            out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name), weights)
+            # task arithmetic reads theta_0 and the experts; weight averaging only the experts
+            readers = ([base] if needs_base else []) + list(experts)
+            out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name),
+                                inputs.pick(name, weights))
         else:  # integer and bool tensors are copied from the reference (never averaged)
-            out = _read_whole(inputs.reference, name)
+            out = _read_whole(inputs.readers_of(name)[0], name)
         return out, out.nbytes
 
     stream_tensors([name for name, _, _ in plan], compute, writer, bar)
@@ -184,17 +187,16 @@ def _stream_ties(
     read them) while all cores merge the current one (:mod:`mergelab.merging.numpy_kernels`), and a
     write-behind thread writes the previous ones. Tensors trimmed with ``trim_scope: global`` get their
     whole-model thresholds first, from two more streaming passes."""
-    readers = [inputs.base, *inputs.experts]
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
     loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergelab-load")
     out_plan = {name: (shape, storage) for name, shape, storage in plan}
 
     def read(name: str) -> list[Any]:  # the inputs on both loader threads (the start waits for the first)
-        futures = [loaders.submit(_read_whole, r, name) for r in readers]
+        futures = [loaders.submit(_read_whole, r, name) for r in inputs.readers_of(name)]
         return [f.result().reshape(-1) for f in futures]
 
     def size(name: str) -> int:
-        return sum(nbytes(r.info(name).shape, r.info(name).storage) for r in readers)  # type: ignore[union-attr]
+        return sum(nbytes(r.info(name).shape, r.info(name).storage) for r in inputs.readers_of(name))
 
     try:
         global_trims = _global_selections(inputs, params_of, read, size, io, progress)
@@ -202,8 +204,8 @@ def _stream_ties(
         def compute(name: str, arrays: list[Any]) -> tuple[Any, int]:
             shape, storage = out_plan[name]
             if storage.is_floating_point:
-                out = _ties_tensor(name, storage, arrays, params_of(name), weights, readers,
-                                   global_trims.pop(name, None))
+                out = _ties_tensor(name, storage, arrays, params_of(name), inputs.pick(name, weights),
+                                   inputs.readers_of(name), global_trims.pop(name, None))
             else:  # integer and bool tensors are copied from the base (never averaged)
                 out = arrays[0]
             out = out.reshape(shape)

@@ -2,7 +2,8 @@
 
 A back-end opens the checkpoints of a spec and validates them against each other from their headers
 (:class:`MergeInputs`: names, shapes, dtype kinds), checks the model list against the method
-(:func:`check_models`), resolves per-tensor parameters (:class:`ParamResolver`), groups the tensors trimmed
+(:func:`check_models`), maps each output tensor to its inputs' tensors when the spec stacks layers
+(``slices``: :mod:`mergelab.merging.layout`; :meth:`MergeInputs.sources`), resolves per-tensor parameters (:class:`ParamResolver`), groups the tensors trimmed
 over the whole model (:func:`global_trim_groups`) and lays out the output (:func:`output_plan`). An output
 folder overlapping an input is refused first (:func:`refuse_input_overlap`).
 """
@@ -20,6 +21,7 @@ from typing import Any, Self
 from mergelab.checkpoints import CheckpointReader, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.merging.layout import SliceRange, TensorSources, stack_layout
 from mergelab.methods import Method, MethodParams
 from mergelab.output_paths import check_replaceable, refuse_overlap
 from mergelab.spec import MergeSpec
@@ -46,34 +48,120 @@ def nonfinite_message(where: str, name: str, bad: int, n_nan: int) -> str:
     )
 
 
+class RenamedReader:
+    """A checkpoint read under the output's tensor names: ``info``/``get``/``read_range`` of output tensor
+    ``X`` read the input's tensor ``names[X]`` (the input of a layer slice). Closing it leaves the
+    checkpoint open (its :class:`MergeInputs` closes it)."""
+
+    def __init__(self, reader: CheckpointReader, names: dict[str, str]) -> None:
+        self.reader, self.names = reader, names
+        self.path, self.files, self.config_dir = reader.path, reader.files, reader.config_dir
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.reader.is_safetensors
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def info(self, name: str) -> Any:
+        return self.reader.info(self.names[name])
+
+    def get(self, name: str) -> Any:
+        return self.reader.get(self.names[name])
+
+    def read_range(self, name: str, offset: int, out: memoryview) -> None:
+        self.reader.read_range(self.names[name], offset, out)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def close(self) -> None:
+        pass
+
+
 class MergeInputs:
     """The opened checkpoints of one merge (``base``, ``experts``, ``readers`` = both), validated against
-    each other from their headers; ``reference`` is the base, or the first expert without one, and gives
-    the tensor order (``names``). Takes ownership of the readers: they are closed if validation fails,
-    else by :meth:`close` (or leaving a ``with`` block). :meth:`open` opens a spec's checkpoints."""
+    each other from their headers; ``reference`` is the base, or the first expert without one: it gives the
+    config files and, without ``slices``, the tensor order (``names``). With ``slices``
+    (:class:`~mergelab.merging.layout.SliceRange`, layer stacking) ``names`` are the output's tensors and
+    ``layout`` maps each to its inputs' tensors (:func:`~mergelab.merging.layout.stack_layout`);
+    :meth:`sources` gives any output tensor's inputs either way. Takes ownership of the readers: they are
+    closed if validation fails, else by :meth:`close` (or leaving a ``with`` block). :meth:`open` opens a
+    spec's checkpoints."""
 
-    def __init__(self, base: CheckpointReader | None, experts: Sequence[CheckpointReader]) -> None:
+    def __init__(self, base: CheckpointReader | None, experts: Sequence[CheckpointReader],
+                 slices: Sequence[SliceRange] | None = None) -> None:
         self.base = base
         self.experts = list(experts)
         self.readers = ([base] if base is not None else []) + self.experts
         self.warnings: list[str] = []
         self.reference = base if base is not None else self.experts[0]
-        self.names = self.reference.keys()
+        self.layout: dict[str, TensorSources] | None = None
+        #: the output's number of layers when stacking (``slices``), else None
+        self.layers: int | None = None
+        self._everyone = list(range(len(self.experts)))
         try:
+            if slices:
+                self._stack(slices)
+            else:
+                self.names = self.reference.keys()
             self._validate()
         except BaseException:
             self.close()
             raise
 
+    def _stack(self, slices: Sequence[SliceRange]) -> None:
+        labels = ([f"base ({self.base.path})"] if self.base is not None else []) + [
+            f"models[{i}] ({r.path})" for i, r in enumerate(self.experts)]
+        self.layout = stack_layout(slices, None if self.base is None else self.base.keys(),
+                                   [r.keys() for r in self.experts], labels)
+        self.names = list(self.layout)
+        self.layers = sum(sl.layers for sl in slices)
+        base_names = {out: src.base for out, src in self.layout.items() if src.base is not None}
+        model_names: list[dict[str, str]] = [{} for _ in self.experts]
+        for out, src in self.layout.items():
+            for i, name in src.models:
+                model_names[i][out] = name
+        self._base_view = None if self.base is None else RenamedReader(self.base, base_names)
+        self._views = [RenamedReader(r, m) for r, m in zip(self.experts, model_names)]
+
+    def sources(self, name: str) -> tuple[Any, list[Any], list[int]]:
+        """Output tensor ``name``'s inputs: the base (None when it is not one), the models that are, and their
+        indexes in the spec's models; each read under the output's name (:class:`RenamedReader` when
+        stacking layers, else the checkpoints themselves)."""
+        if self.layout is None:
+            return self.base, self.experts, self._everyone
+        src = self.layout[name]
+        base = self._base_view if src.base is not None else None
+        return base, [self._views[i] for i, _ in src.models], [i for i, _ in src.models]
+
+    def readers_of(self, name: str) -> list[Any]:
+        """The inputs of output tensor ``name``, the base first (see :meth:`sources`)."""
+        base, experts, _ = self.sources(name)
+        return ([base] if base is not None else []) + experts
+
+    def info(self, name: str) -> Any:
+        """Header of output tensor ``name``'s reference input (the base when it is an input, else the first
+        model that is): its shape and stored dtype give the output's."""
+        return self.readers_of(name)[0].info(name)
+
+    def pick(self, name: str, values: Sequence[Any] | None) -> list[Any] | None:
+        """Of per-model ``values`` (one per spec model), those of output tensor ``name``'s input models."""
+        if values is None:
+            return None
+        return [values[i] for i in self.sources(name)[2]]
+
     @classmethod
     def open(cls, spec: MergeSpec) -> Self:
         """Open the base (if any) and every model of ``spec`` and validate them."""
         base = None if spec.base is None else partial(open_checkpoint, spec.base)
-        return cls.from_openers(base, [partial(open_checkpoint, m.path) for m in spec.models])
+        return cls.from_openers(base, [partial(open_checkpoint, m.path) for m in spec.models], slice_ranges(spec))
 
     @classmethod
     def from_openers(
-        cls, base: Callable[[], CheckpointReader] | None, experts: Sequence[Callable[[], CheckpointReader]]
+        cls, base: Callable[[], CheckpointReader] | None, experts: Sequence[Callable[[], CheckpointReader]],
+        slices: Sequence[SliceRange] | None = None,
     ) -> Self:
         """Call each opener, closing what was opened if one fails, and validate the checkpoints."""
         opened: list[CheckpointReader] = []
@@ -84,11 +172,15 @@ class MergeInputs:
             for reader in opened:
                 reader.close()
             raise
-        return cls(opened[0], opened[1:]) if base is not None else cls(None, opened)
+        return cls(opened[0], opened[1:], slices) if base is not None else cls(None, opened, slices)
 
     def _validate(self) -> None:
         """Same tensor names and shapes everywhere, no floating-vs-integer mismatch; floating tensors stored
-        in different precisions are allowed with a warning (merged in float32, float64 if an input is)."""
+        in different precisions are allowed with a warning (merged in float32, float64 if an input is).
+        When stacking layers, the same holds for the inputs of each output tensor."""
+        if self.layout is not None:
+            self._validate_layout()
+            return
         ref = self.reference
         ref_keys = set(self.names)
         for reader in self.readers:
@@ -130,6 +222,33 @@ class MergeInputs:
             log.warning(msg)
             self.warnings.append(msg)
 
+    def _validate_layout(self) -> None:
+        mixed: set[str] = set()
+        for name in self.names:
+            first, *others = self.readers_of(name)
+            info = first.info(name)
+            for reader in others:
+                other = reader.info(name)
+                if other.shape != info.shape:
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{other.name}' has shape {other.shape} but {info.file} has "
+                        f"{info.shape} ('{info.name}'); both feed output tensor '{name}'"
+                    )
+                if other.storage.is_floating_point != info.storage.is_floating_point:
+                    raise TensorMismatchError(
+                        f"{other.file}: tensor '{other.name}' is {other.storage} but {info.file} has "
+                        f"{info.storage}; floating and integer tensors cannot be merged"
+                    )
+                if other.storage != info.storage:
+                    mixed.add(f"{name} ({info.storage} vs {other.storage} in {other.file})")
+        if mixed:
+            msg = (
+                f"inputs store {len(mixed)} tensor(s) in different floating dtypes, e.g. {few(sorted(mixed), 2)}; "
+                "they are merged in float32 (float64 if an input is float64) and written in the output dtype"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
+
     def close(self) -> None:
         for reader in self.readers:
             with contextlib.suppress(Exception):
@@ -140,6 +259,13 @@ class MergeInputs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def slice_ranges(spec: MergeSpec) -> list[SliceRange] | None:
+    """The spec's ``slices`` as :class:`~mergelab.merging.layout.SliceRange` (None without slices)."""
+    if not spec.slices:
+        return None
+    return [SliceRange(sl.layers, sl.base_layer, tuple(sl.model_layers)) for sl in spec.slices]
 
 
 def refuse_input_overlap(spec: MergeSpec, out_dir: str | Path, *, expert_folders: bool = False) -> None:
@@ -157,7 +283,24 @@ def refuse_input_overlap(spec: MergeSpec, out_dir: str | Path, *, expert_folders
 
 
 def check_models(spec: MergeSpec, method: Method) -> None:
-    """The model list suits ``method`` (count, base model, per-model weights); a :class:`SpecError` otherwise."""
+    """The model list suits ``method`` (count, base model, per-model weights); a :class:`SpecError` otherwise.
+    With ``slices``, each slice's inputs are checked: the method merges them apart from the other slices'."""
+    if spec.slices:
+        for s, sl in enumerate(spec.slices):
+            n = sum(a is not None for a in sl.model_layers)
+            where = f"slices[{s}]"
+            if n < method.min_models:
+                raise SpecError(f"{where}: method '{method.name}' needs at least {method.min_models} models, got {n}")
+            if method.max_models is not None and n > method.max_models:
+                raise SpecError(f"{where}: method '{method.name}' takes at most {method.max_models} models, got {n}")
+            if method.needs_base and sl.base_layer is None:
+                raise SpecError(f"{where}: method '{method.name}' needs the base model in every slice (base_layer)")
+            if method.base_or_two and n == 1 and sl.base_layer is None:
+                raise SpecError(f"{where}: {method.name} with one model interpolates from the base model; give "
+                                "base_layer or two models")
+        if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):
+            raise SpecError(f"models: method '{method.name}' does not use per-model weights; remove 'weight'")
+        return
     n = len(spec.models)
     if n < method.min_models:
         raise SpecError(f"models: method '{method.name}' needs at least {method.min_models} models, got {n}")
@@ -249,11 +392,14 @@ def global_trim_groups(inputs: MergeInputs, method: Method, params_of: ParamReso
     out (nothing to trim)."""
     groups: dict[float, list[str]] = {}
     for name in inputs.names:
-        info = inputs.reference.info(name)
+        info = inputs.info(name)
         if not info.storage.is_floating_point or math.prod(info.shape) == 0:
             continue
         density = method.global_trim_density(params_of(name))
         if density is not None:
+            if inputs.layout is not None:
+                raise SpecError(f"slices: the whole-model trim (trim_scope: global, tensor {name!r}) is not "
+                                "defined over stacked slices of different models; use trim_scope: tensor")
             groups.setdefault(density, []).append(name)
     return groups
 
@@ -264,7 +410,7 @@ def output_plan(inputs: MergeInputs, dtype: str) -> list[tuple[str, tuple[int, .
     out = OUTPUT_DTYPES.get(dtype)
     plan = []
     for name in inputs.names:
-        info = inputs.reference.info(name)
+        info = inputs.info(name)
         plan.append((name, info.shape, out if (out is not None and info.storage.is_floating_point) else info.storage))
     return plan
 

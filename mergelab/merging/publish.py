@@ -11,6 +11,7 @@ failed merge leaves nothing at the target path.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter, open_checkpoint
 from mergelab.checkpoints.support_files import support_files
+from mergelab.errors import CheckpointError
+from mergelab.merging.layout import LAYER_COUNT_KEYS, set_layer_count
 from mergelab.merging.pipeline import nbytes
 from mergelab.merging.plan import OUTPUT_DTYPES, MergeInputs
 from mergelab.methods import Method, MethodParams
@@ -74,6 +77,7 @@ def merge_record(
         "parameters": params.model_dump(by_alias=True),
         "overrides": [o.model_dump(exclude_none=True) for o in spec.overrides],
         "model_parameters": [m.parameters for m in spec.models],
+        **({"slices": [sl.model_dump() for sl in spec.slices]} if spec.slices else {}),
         "dtype": spec.dtype,
         "environment": environment(),
         "inputs": {
@@ -81,6 +85,29 @@ def merge_record(
             "models": [describe(r, m.weight, hash_inputs) for r, m in zip(inputs.experts, spec.models)],
         },
     }
+
+
+def layer_count_config(inputs: MergeInputs) -> dict[str, str] | None:
+    """The reference's ``config.json`` with the output's number of layers when the merge stacks layers
+    (``slices``; :func:`mergelab.merging.layout.set_layer_count`), as ``{"config.json": text}``; None when
+    there is nothing to change (no stacking, or no config). A config without a layer-count key is copied
+    as is, with a warning."""
+    if inputs.layers is None or inputs.reference.config_dir is None:
+        return None
+    path = Path(inputs.reference.config_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the config to set its number of layers: {exc}") from None
+    if not isinstance(config, dict) or set_layer_count(config, inputs.layers) is None:
+        msg = (f"{path} has no number-of-layers key ({', '.join(LAYER_COUNT_KEYS)}); the output's config.json "
+               f"is copied unchanged though the merge has {inputs.layers} layers")
+        log.warning(msg)
+        inputs.warnings.append(msg)
+        return None
+    return {"config.json": json.dumps(config, indent=2, sort_keys=False) + "\n"}
 
 
 def write_merge(
@@ -114,7 +141,8 @@ def write_merge(
             compute(writer, bar)
         seconds = time.perf_counter() - started
         record.update(seconds=round(seconds, 3), engine=engine, warnings=inputs.warnings)
-        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record)
+        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record,
+                             files=layer_count_config(inputs))
     log.info("merged %d tensors with %s into %s in %.1f s (%s engine)", len(plan), method.name, path, seconds,
              engine)
     return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,

@@ -137,14 +137,16 @@ class TorchInputs(MergeInputs):
                 check_finite(tensor, str(reader.info(name).file), name)
             return tensor
 
-        base = get(self.base) if self.base is not None else None
-        return base, [get(r) for r in self.experts]
+        base_reader, experts, _ = self.sources(name)
+        base = get(base_reader) if base_reader is not None else None
+        return base, [get(r) for r in experts]
 
     def check(self, name: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> None:
         """Raise :class:`NonFiniteError` naming the file if ``base`` or an expert's ``name`` is not finite."""
+        base_reader, readers, _ = self.sources(name)
         if base is not None:
-            check_finite(base, str(self.base.info(name).file), name)  # type: ignore[union-attr]
-        for reader, tensor in zip(self.experts, experts):
+            check_finite(base, str(base_reader.info(name).file), name)
+        for reader, tensor in zip(readers, experts):
             check_finite(tensor, str(reader.info(name).file), name)
 
     def load(self, name: str, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -165,7 +167,7 @@ def _prefetched(
     (:func:`~mergelab.merging.pipeline.read_ahead`, at most ``PIPELINE_BYTES`` beyond the next tensor)."""
 
     def input_bytes(name: str) -> int:
-        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
+        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers_of(name))
 
     for name, (base, experts) in read_ahead(io, names, lambda n: inputs.read(n, check), input_bytes,
                                             PIPELINE_BYTES):
@@ -269,9 +271,9 @@ def _merge_tensors(
         if not dtype.is_floating_point:
             merged = (base if base is not None else experts[0]).to(dtype)
         else:
-            model_params = params_of.model_params(name)
+            model_params = inputs.pick(name, params_of.model_params(name))  # of this tensor's models
             tensor_inputs = TensorInputs(
-                name=name, base=base, experts=experts, weights=params_of.weights(name),
+                name=name, base=base, experts=experts, weights=inputs.pick(name, params_of.weights(name)),
                 thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
                 compute_dtype=compute_dtype(base, experts), out_dtype=dtype, model_params=model_params,
             )
@@ -286,7 +288,7 @@ def _merge_tensors(
         return merged.cpu(), nbytes(shape, dtype)
 
     def input_bytes(name: str) -> int:
-        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers)
+        return sum(nbytes(r.info(name).shape, r.info(name).dtype) for r in inputs.readers_of(name))
 
     stream_tensors([name for name, _, _ in plan], compute, writer, bar,
                    read=lambda n: inputs.read(n, check_inputs), input_bytes=input_bytes, io=reader)
