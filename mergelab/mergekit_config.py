@@ -628,15 +628,24 @@ def _stacked_spec(data: Mapping[str, Any], slices: list[_Slice], base: Path | No
         by_path = {s.path: s for s in sl.sources}
         members = [(by_path[models[i]], in_name) for i, in_name in src.models]
         params, weights, per_model = resolve(name, t, members, sl.parameters)
-        # the engine reads only this tensor's models' values: the others' are placeholders
-        full_w = [1.0] * n if weights else []
-        full_p: list[tuple] = [()] * n if per_model else []
+        full_w: list[Any] = [None] * n if weights else []
+        full_p: list[Any] = [None] * n if per_model else []
         for m, (i, _) in enumerate(src.models):
             if weights:
                 full_w[i] = weights[m]
             if per_model:
                 full_p[i] = per_model[m]
         resolved[name] = (params, tuple(full_w), tuple(full_p))
+    # the engine reads only a tensor's own models' values; the others' take each model's commonest value
+    # (so a model whose values do not vary needs no override)
+    for part, empty in ((1, 1.0), (2, ())):
+        common = [Counter(r[part][i] for r in resolved.values() if r[part] and r[part][i] is not None)
+                  for i in range(n)]
+        fill = [c.most_common(1)[0][0] if c else empty for c in common]
+        for name, r in resolved.items():
+            if r[part]:
+                filled = tuple(fill[i] if v is None else v for i, v in enumerate(r[part]))
+                resolved[name] = (*r[:part], filled, *r[part + 1:])
     default = Counter(resolved.values()).most_common(1)[0][0]
     spec: dict[str, Any] = {"method": native}
     if base is not None:

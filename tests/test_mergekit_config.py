@@ -197,11 +197,171 @@ def test_unknown_parameter_and_missing_weight_are_named(models):
                    "models": [{"model": str(models["ft1"])}]})
 
 
-def test_partial_slices_are_not_supported_yet(models):
-    with pytest.raises(SpecError, match="only a slice over every layer"):
-        translate({"merge_method": "slerp", "base_model": str(models["base"]), "parameters": {"t": 0.5},
-                   "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, 2]},
-                                           {"model": str(models["ft1"]), "layer_range": [0, 2]}]}]})
+def _slice(model, first, end, **params):
+    return {"model": str(model), "layer_range": [first, end], **({"parameters": params} if params else {})}
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer model of the same shapes as ``models`` and one whose tensors are not layer-numbered."""
+    root = tmp_path_factory.mktemp("odd")
+    gen = torch.Generator().manual_seed(11)
+    short = {n: torch.randn(s, generator=gen) for n, s in _shapes().items() if ".layers.2." not in n}
+    flat = {"net.0.weight": torch.randn(4, 4, generator=gen), "net.1.weight": torch.randn(4, 4, generator=gen)}
+    out = {}
+    for key, state in (("short", short), ("flat", flat)):
+        (root / key).mkdir()
+        save_state_dict(state, root / key / "model.safetensors")
+        out[key] = root / key
+    return out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m, o: {"merge_method": "slerp", "base_model": str(m["base"]), "parameters": {"t": 0.5},
+                   "slices": [{"sources": [_slice(m["base"], 0, 2), _slice(m["ft1"], 0, 3)]}]},
+     r"slices\[0\]: the sources' layer_range lengths differ \(.* 2, .* 3\)"),
+    (lambda m, o: {"merge_method": "passthrough",
+                   "slices": [{"sources": [_slice(m["base"], 0, 2)]}, {"sources": [_slice(o["short"], 1, 3)]}]},
+     r"slices\[1\]\.sources\[0\]: layer_range \[1, 3\] goes beyond the 2 layers of .*short"),
+    (lambda m, o: {"merge_method": "passthrough",
+                   "slices": [{"sources": [_slice(m["base"], 0, 2)]}, {"sources": [_slice(o["flat"], 0, 1)]}]},
+     r"no layer-numbered tensor names found; slices need names like 'model\.layers\.N\.'"),
+    (lambda m, o: {"merge_method": "slerp", "base_model": str(m["base"]), "parameters": {"t": 0.5},
+                   "slices": [{"sources": [_slice(m["base"], 0, 2), _slice(m["ft1"], 0, 2)]},
+                              {"sources": [_slice(m["ft2"], 2, 3), _slice(m["ft1"], 2, 3)]}]},
+     r"slices\[1\]: base_model is not among this slice's sources"),
+    (lambda m, o: {"merge_method": "passthrough",
+                   "slices": [{"sources": [_slice(m["base"], 0, 2), _slice(m["ft1"], 0, 2)]}]},
+     r"slices\[0\]: passthrough copies one model per slice \(got 2 sources\)"),
+    (lambda m, o: {"merge_method": "linear", "parameters": {"weight": 1.0},
+                   "slices": [{"sources": [_slice(m["base"], 0, 2), _slice(m["base"], 1, 3)]}]},
+     r"listed twice in one slice"),
+])
+def test_slice_errors_are_one_clear_line(models, odd_models, make, message):
+    with pytest.raises(SpecError, match=message) as info:
+        translate(make(models, odd_models))
+    assert "\n" not in str(info.value)
+
+
+def test_native_slice_errors(models, odd_models, tmp_path):
+    from mergelab.merging import merge
+
+    a, b = str(models["base"]), str(models["ft1"])
+    with pytest.raises(SpecError, match=r"models\[1\] \(.*ft1\) is in no slice"):
+        parse_spec({"method": "passthrough", "models": [a, b], "slices": [{"layers": 2, "model_layers": [0, None]}]})
+    with pytest.raises(SpecError, match=r"slices\[0\]\.model_layers has 1 entries for 2 models"):
+        parse_spec({"method": "passthrough", "models": [a, b], "slices": [{"layers": 2, "model_layers": [0]}]})
+    with pytest.raises(SpecError, match=r"slices\[1\]: models\[1\] \(.*ft1\): layers \[2, 4\) go beyond its 3"):
+        merge({"method": "passthrough", "models": [a, b], "slices": [{"layers": 2, "model_layers": [0, None]},
+                                                                     {"layers": 2, "model_layers": [None, 2]}]},
+              tmp_path / "x", progress=False)
+    with pytest.raises(SpecError, match=r"slices\[1\]: models\[1\] \(.*flat\): no layer-numbered tensor names "
+                                        r"found; layer slices need names like 'model\.layers\.N\.'"):
+        merge({"method": "passthrough", "models": [a, str(odd_models["flat"])],
+               "slices": [{"layers": 2, "model_layers": [0, None]}, {"layers": 1, "model_layers": [None, 0]}]},
+              tmp_path / "y", progress=False)
+    with pytest.raises(SpecError, match=r"slices\[0\]: method 'task_arithmetic' needs the base model in every slice"):
+        merge({"method": "task_arithmetic", "base": a, "models": [b],
+               "slices": [{"layers": 2, "model_layers": [0]}]}, tmp_path / "z", progress=False)
+
+
+def test_cli_passthrough_stacks_layers_bit_identically(models, tmp_path):
+    """layers [0, 2) of A then [1, 3) of B: output layers 0..3 = A0, A1, B1, B2; embeddings from A (the
+    first slice), final norm and head from B (the last); config.json says 4 layers."""
+    a, b = _load(models, "base", "ft1")
+    out = _merge_cfg(tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [_slice(models["base"], 0, 2)]}, {"sources": [_slice(models["ft1"], 1, 3)]}]})
+    expect = {"model.embed_tokens.weight": a["model.embed_tokens.weight"], "model.norm.weight": b["model.norm.weight"],
+              "lm_head.weight": b["lm_head.weight"]}
+    for o, (src, i) in enumerate([(a, 0), (a, 1), (b, 1), (b, 2)]):
+        for n in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight"):
+            expect[f"model.layers.{o}.{n}"] = src[f"model.layers.{i}.{n}"]
+    assert sorted(out) == sorted(expect)
+    for name, tensor in expect.items():
+        assert torch.equal(out[name], tensor), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == {"model_type": "llama", "num_hidden_layers": 4}
+    record = json.loads((tmp_path / "out" / "mergelab_merge.json").read_text())
+    assert record["slices"][1] == {"layers": 2, "base_layer": None, "model_layers": [None, 1]}
+
+
+def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """mergekit's slerp by hand: angle of the normalised tensors, lerp when nearly parallel (|dot| > 0.9995)."""
+    a64, b64 = a.double(), b.double()
+    dot = float((a64 / a64.norm() * b64 / b64.norm()).sum().clamp(-1, 1))
+    if abs(dot) > 0.9995:
+        return ((1 - t) * a64 + t * b64).float()
+    theta = math.acos(dot)
+    return ((math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)).float()
+
+
+def test_cli_slices_with_slerp_and_linear_by_hand(models, tmp_path):
+    """Each slice merges its own sources with t (or the weights) evaluated over the slice's layers; the
+    tensors outside the layers use the first slice's (embeddings) or the last slice's (norm, head) values."""
+    b, e1, e2 = _load(models, "base", "ft1", "ft2")
+    cfg = {"merge_method": "slerp", "base_model": str(models["base"]), "parameters": {"t": [0.2, 0.6]},
+           "slices": [{"sources": [_slice(models["base"], 1, 3), _slice(models["ft1"], 0, 2)]},
+                      {"sources": [_slice(models["base"], 0, 1), _slice(models["ft1"], 2, 3)],
+                       "parameters": {"t": 0.9}}]}
+    out = _merge_cfg(tmp_path / "slerp", cfg)
+    pairs = {"model.embed_tokens.weight": ("model.embed_tokens.weight", "model.embed_tokens.weight", 0.2),
+             "model.norm.weight": ("model.norm.weight", "model.norm.weight", 0.9),
+             "lm_head.weight": ("lm_head.weight", "lm_head.weight", 0.9)}
+    for o, (i_base, i_model, t) in enumerate([(1, 0, 0.2), (2, 1, 0.6), (0, 2, 0.9)]):
+        for n in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight"):
+            pairs[f"model.layers.{o}.{n}"] = (f"model.layers.{i_base}.{n}", f"model.layers.{i_model}.{n}", t)
+    assert sorted(out) == sorted(pairs)
+    for name, (nb, nm, t) in pairs.items():
+        torch.testing.assert_close(out[name], _slerp(b[nb], e1[nm], t), rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "slerp" / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+
+    # linear: per-source weights per slice; the first slice averages ft1 and ft2, the second base and ft2
+    cfg = {"merge_method": "linear",
+           "slices": [{"sources": [_slice(models["ft1"], 0, 2, weight=1.0), _slice(models["ft2"], 1, 3, weight=3.0)]},
+                      {"sources": [_slice(models["base"], 2, 3, weight=1.0), _slice(models["ft2"], 0, 1, weight=1.0)]}]}
+    out = _merge_cfg(tmp_path / "linear", cfg)
+    for o, (x, ix, wx, y, iy, wy) in enumerate([(e1, 0, 1, e2, 1, 3), (e1, 1, 1, e2, 2, 3), (b, 2, 1, e2, 0, 1)]):
+        for n in ("input_layernorm.weight", "mlp.up_proj.weight"):
+            expect = (wx * x[f"model.layers.{ix}.{n}"] + wy * y[f"model.layers.{iy}.{n}"]) / (wx + wy)
+            torch.testing.assert_close(out[f"model.layers.{o}.{n}"], expect, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["model.embed_tokens.weight"],
+                               (e1["model.embed_tokens.weight"] + 3 * e2["model.embed_tokens.weight"]) / 4)
+    torch.testing.assert_close(out["lm_head.weight"], (b["lm_head.weight"] + e2["lm_head.weight"]) / 2)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_convert_round_trip_of_a_sliced_merge(models, tmp_path, capsys, engine):
+    """The printed native spec merges bit-identically to the mergekit config (task arithmetic on slices,
+    per-slice weights and a gradient; both engines)."""
+    from mergelab.merging import merge
+
+    # the numpy engine takes one weight per model: a gradient only for torch
+    weight = 0.8 if engine == "numpy" else [0.2, 0.8]
+    cfg = _cfg(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+                          "parameters": {"weight": weight},
+                          "slices": [{"sources": [_slice(models["base"], 0, 2), _slice(models["ft1"], 1, 3),
+                                                  _slice(models["ft2"], 0, 2, weight=0.5)]},
+                                     {"sources": [_slice(models["base"], 2, 3), _slice(models["ft3"], 0, 1)]}]})
+    assert main(["convert", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    native = yaml.safe_load(printed)
+    assert native["slices"] == [{"layers": 2, "base_layer": 0, "model_layers": [1, 0, None]},
+                                {"layers": 1, "base_layer": 2, "model_layers": [None, None, 0]}]
+    (tmp_path / "native.yml").write_text(printed)
+    merge(tmp_path / "native.yml", tmp_path / "a", progress=False, hash_inputs=False, engine=engine)
+    merge(cfg, tmp_path / "b", progress=False, hash_inputs=False, engine=engine)
+    a, b = load_state_dict(tmp_path / "a"), load_state_dict(tmp_path / "b")
+    assert list(a) == list(b)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((tmp_path / "a" / "mergelab_merge.json").read_text())["engine"] == engine
+    base, e1, e2, e3 = _load(models, "base", "ft1", "ft2", "ft3")
+    n = "mlp.up_proj.weight"  # output layer 1: t = 1 in slice 0 -> weight 0.8 (ft1), 0.5 (ft2)
+    expect = base[f"model.layers.1.{n}"] + 0.8 * (e1[f"model.layers.2.{n}"] - base[f"model.layers.1.{n}"]) \
+        + 0.5 * (e2[f"model.layers.1.{n}"] - base[f"model.layers.1.{n}"])
+    torch.testing.assert_close(a[f"model.layers.1.{n}"], expect, rtol=1e-6, atol=1e-6)
+    n = "model.layers.2.mlp.up_proj.weight"  # slice 1 has one layer: t = 1 -> weight 0.8
+    expect = base[n] + 0.8 * (e3["model.layers.0.mlp.up_proj.weight"] - base[n])
+    torch.testing.assert_close(a[n], expect, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- merges through the CLI

@@ -336,3 +336,59 @@ def test_overflowing_output_is_an_error_naming_the_result(tmp_path, engine, dtyp
     with pytest.raises(NonFiniteError, match="merge result"):
         merge(spec, tmp_path / "out", progress=False, engine=engine)
     assert not (tmp_path / "out").exists()
+
+
+def _layered(seed: int, layers: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {"model.embed_tokens.weight": torch.randn(50, 10, generator=g).bfloat16()}
+    for i in range(layers):
+        state[f"model.layers.{i}.self_attn.q.weight"] = torch.randn(20, 10, generator=g).bfloat16()
+        state[f"model.layers.{i}.mlp.up.weight"] = torch.randn(30, 10, generator=g).bfloat16()
+        state[f"model.layers.{i}.position"] = torch.tensor([seed, i], dtype=torch.int64)
+    state["model.norm.weight"] = torch.randn(10, generator=g).bfloat16()
+    state["lm_head.weight"] = torch.randn(50, 10, generator=g).bfloat16()
+    return state
+
+
+@pytest.mark.parametrize(("method", "params", "engine"), [
+    ("task_arithmetic", {"lambda": 0.7}, "numpy"), ("task_arithmetic", {"lambda": 0.7}, "torch"),
+    ("weight_average", {}, "numpy"), ("weight_average", {}, "torch"),
+    ("ties", {"density": 0.4, "trim_scope": "tensor"}, "numpy"),
+    ("ties", {"density": 0.4, "trim_scope": "tensor"}, "torch"),
+    ("slerp", {"t": 0.3}, "torch"),
+])
+def test_stacked_slices_equal_the_plain_merges_of_their_inputs(tmp_path, method, params, engine):
+    """By construction: a spec stacking layer 2 of (base, e0, e1) then layers 0-1 of (base, e1, e2) writes,
+    tensor for tensor, the plain merge of (base, e0, e1) at layer 2 then that of (base, e1, e2) at layers
+    0-1; embeddings from the first slice's merge, final norm and head from the last's; integer tensors
+    copied from the slice's reference. Both engines stream it."""
+    base = save_state_dict(_layered(0), tmp_path / "base.safetensors")
+    experts = [save_state_dict({k: (v.float() + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9 + i))
+                                    ).bfloat16() if v.is_floating_point() else v + 10 * (i + 1)
+                                for k, v in _layered(0).items()}, tmp_path / f"e{i}.safetensors") for i in range(3)]
+    weights = [1.0, 0.5, 2.0] if method != "slerp" else [1.0, 1.0, 1.0]
+    pairs = [(0, 1), (1, 2)] if method != "slerp" else [(0,), (1,)]
+    used = sorted({i for p in pairs for i in p})
+
+    def entries(idx):
+        return [{"path": str(experts[i]), "weight": weights[i]} for i in idx]
+
+    first = [2 if i in pairs[0] else None for i in used]
+    second = [0 if i in pairs[1] else None for i in used]
+    stacked = {"method": method, "base": str(base), "models": entries(used), "parameters": params,
+               "slices": [{"layers": 1, "base_layer": 2, "model_layers": first},
+                          {"layers": 2, "base_layer": 0, "model_layers": second}]}
+    merge(stacked, tmp_path / "stacked", progress=False, engine=engine)
+    for k, idx in enumerate(pairs):
+        merge({"method": method, "base": str(base), "models": entries(idx), "parameters": params},
+              tmp_path / f"plain{k}", progress=False, engine=engine)
+    with open_checkpoint(tmp_path / "stacked") as out, open_checkpoint(tmp_path / "plain0") as p0, \
+            open_checkpoint(tmp_path / "plain1") as p1:
+        expect = {"model.embed_tokens.weight": p0.get("model.embed_tokens.weight"),
+                  "model.norm.weight": p1.get("model.norm.weight"), "lm_head.weight": p1.get("lm_head.weight")}
+        for o, (plain, i) in enumerate([(p0, 2), (p1, 0), (p1, 1)]):
+            for n in ("self_attn.q.weight", "mlp.up.weight", "position"):
+                expect[f"model.layers.{o}.{n}"] = plain.get(f"model.layers.{i}.{n}")
+        assert sorted(out.keys()) == sorted(expect)
+        for name, tensor in expect.items():
+            assert torch.equal(out.get(name), tensor), name
