@@ -192,7 +192,7 @@ def analyze_pool_data(
                 "params": "backbone", "sigma2_normalisation": "1/n (population)"}
     measurement = pool_measurement(inits, settings)
     seconds["theory"] = time.perf_counter() - t0
-    unconverged = [i.label for i in inits if i.smoothness is not None and not i.smoothness.converged]
+    unconverged = [i.label for i in inits if i.measured.smoothness is not None and not i.measured.smoothness.converged]
     if unconverged:
         warnings.append(f"power iteration did not converge for {unconverged} in {opts.hessian_iters} iterations: "
                         "L is a rough estimate (raise --hessian-iters)")

@@ -50,10 +50,11 @@ def _theory_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
     for i, init in enumerate(a.inits):
         ns = init.noise_sidecar
         nm = init.noise_measured
+        t = init.measured
         rows.append([
-            init.label, init.n, init.n_used, init.init_loss, init.sigma2, float(m.heterogeneity.delta2[i]),
-            init.grad_norm2, init.L,
-            "n/a" if init.smoothness is None else f"{init.smoothness.iterations}{'' if init.smoothness.converged else ' (not conv.)'}",
+            init.label, t.n, t.n_used, t.init_loss, t.sigma2, float(m.heterogeneity.delta2[i]),
+            t.grad_norm2, init.L,
+            "n/a" if t.smoothness is None else f"{t.smoothness.iterations}{'' if t.smoothness.converged else ' (not conv.)'}",
             _noise_cell(ns, "proxy"), _noise_cell(nm, "trace_sigma"), _noise_cell(nm, "T"),
         ])
     o = a.options
@@ -84,7 +85,7 @@ def _theory_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
     data = {
         "experts": [dict(i.to_dict(), delta2=float(m.heterogeneity.delta2[k])) for k, i in enumerate(a.inits)],
         "pool": {"smoothness": m.smoothness, "heterogeneity": m.heterogeneity.to_dict(),
-                 "num_params": int(a.inits[0].grad.numel())},
+                 "num_params": int(a.inits[0].measured.grad.numel())},
         "settings": dict(m.settings),
     }
     return "\n".join(body), data
@@ -296,7 +297,7 @@ def format_data_summary(a: PoolDataAnalysis) -> str:
     lines = [f"data analysis ({sum(a.seconds.values()):.1f} s): L = {fmt(m.smoothness)}, "
              f"D = sum p_i delta_i^2 = {fmt(m.heterogeneity.mean_delta2)}"]
     for i, init in enumerate(a.inits):
-        lines.append(f"  {init.label:20s} F0 {fmt(init.init_loss):>9s}  sigma^2 {fmt(init.sigma2):>9s}  "
+        lines.append(f"  {init.label:20s} F0 {fmt(init.measured.init_loss):>9s}  sigma^2 {fmt(init.measured.sigma2):>9s}  "
                      f"delta^2 {fmt(float(m.heterogeneity.delta2[i])):>9s}  L_i {fmt(init.L):>9s}")
     if a.bound is not None:
         b = a.bound

@@ -29,8 +29,8 @@ def _new_fig(w: float, h: float) -> MplFigure:
 def plot_theory(a: PoolDataAnalysis) -> MplFigure:
     labels = [i.label for i in a.inits]
     series = {
-        "F_S(theta_0)": [i.init_loss for i in a.inits],
-        "sigma^2": [i.sigma2 for i in a.inits],
+        "F_S(theta_0)": [i.measured.init_loss for i in a.inits],
+        "sigma^2": [i.measured.sigma2 for i in a.inits],
         "delta^2": [float(d) for d in a.measurement.heterogeneity.delta2],
         "L_i": [i.L for i in a.inits],
     }

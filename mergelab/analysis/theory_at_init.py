@@ -14,54 +14,64 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from mergelab.analysis.estimators import (
+    PoolMeasurement,
+    PowerIterationResult,
+    TaskMeasurement,
+    gradient_heterogeneity,
+    measure_tasks,
+)
+from mergelab.analysis.noise_scale import NoiseScaleReport, effective_noise_scale, measured_noise_scale
 from mergelab.analysis.pool_experts import expert_training_data, task_samples
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.analysis.estimators import PoolMeasurement, PowerIterationResult
-    from mergelab.analysis.noise_scale import NoiseScaleReport
     from mergelab.training.result import ExpertResult
 
 
 @dataclass
 class ExpertAtInit:
-    """The theory quantities of one expert's task measured at theta_0 (module docstring, item 1).
-
-    ``grad`` is ``grad F_{S_i}(theta_0)`` over the backbone parameters (float64, flat), kept for the pool's
-    heterogeneity; ``n`` is the expert's training-set size ``n_i``; ``n_used`` the samples measured.
+    """One expert's task measured at theta_0 (module docstring): the theory quantities (``measured``, a
+    :class:`~mergelab.analysis.estimators.TaskMeasurement` named by the expert's label: ``n`` its training-set
+    size ``n_i``, ``n_used`` the samples measured, ``F_{S_i}(theta_0)``, ``sigma_i^2``, ``||grad F_i||^2``, the
+    power iteration for ``L_i``, and ``grad F_{S_i}(theta_0)`` over the backbone parameters, float64 and flat,
+    kept for the pool's heterogeneity), which expert it is, its noise scale and how it was measured.
     """
 
-    label: str
+    measured: TaskMeasurement
     task: str
     path: str
     spec_hash: str
-    n: int
-    n_used: int
-    init_loss: float
-    sigma2: float
-    grad_norm2: float
-    smoothness: PowerIterationResult | None
-    grad: torch.Tensor = field(repr=False)
     noise_sidecar: NoiseScaleReport | None = None
     noise_measured: NoiseScaleReport | None = None
     heads: str = "init"
     seconds: float = 0.0
 
     @property
+    def label(self) -> str:
+        return self.measured.name
+
+    @property
     def L(self) -> float:
-        return float("nan") if self.smoothness is None else self.smoothness.spectral_norm
+        sm = self.measured.smoothness
+        return float("nan") if sm is None else sm.spectral_norm
+
+    def with_n(self, n: int) -> ExpertAtInit:
+        """The same measurement for a training set of ``n`` examples (the theta_0 statistics do not depend on it)."""
+        return replace(self, measured=replace(self.measured, n=n))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (without the gradient)."""
+        m = self.measured
         return {
-            "label": self.label, "task": self.task, "path": self.path, "spec_hash": self.spec_hash, "n": self.n,
-            "n_used": self.n_used, "init_loss": self.init_loss, "sigma2": self.sigma2,
-            "grad_norm2": self.grad_norm2, "L": self.L,
-            "smoothness": None if self.smoothness is None else self.smoothness.to_dict(),
+            "label": m.name, "task": self.task, "path": self.path, "spec_hash": self.spec_hash, "n": m.n,
+            "n_used": m.n_used, "init_loss": m.init_loss, "sigma2": m.sigma2,
+            "grad_norm2": m.grad_norm2, "L": self.L,
+            "smoothness": None if m.smoothness is None else m.smoothness.to_dict(),
             "noise_scale_sidecar": None if self.noise_sidecar is None else self.noise_sidecar.to_dict(),
             "noise_scale_measured": None if self.noise_measured is None else self.noise_measured.to_dict(),
             "heads": self.heads, "seconds": self.seconds,
@@ -69,13 +79,10 @@ class ExpertAtInit:
 
     def to_record(self) -> dict[str, Any]:
         """Everything, gradient included, for ``torch.save`` (a per-expert measurement cache)."""
-        return {**self.to_dict(), "grad": self.grad}
+        return {**self.to_dict(), "grad": self.measured.grad}
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> ExpertAtInit:
-        from mergelab.analysis.estimators import PowerIterationResult
-        from mergelab.analysis.noise_scale import NoiseScaleReport
-
         sm = rec.get("smoothness")
         smooth = None if sm is None else PowerIterationResult(
             sm["eigenvalue"], tuple(sm["trace"]), sm["iterations"], sm["converged"], sm["residual"], sm["tol"])
@@ -83,10 +90,10 @@ class ExpertAtInit:
         def noise(d: Mapping[str, Any] | None) -> NoiseScaleReport | None:
             return None if d is None else NoiseScaleReport(**dict(d))
 
-        return cls(rec["label"], rec["task"], rec["path"], rec["spec_hash"], int(rec["n"]), int(rec["n_used"]),
-                   float(rec["init_loss"]), float(rec["sigma2"]), float(rec["grad_norm2"]), smooth, rec["grad"],
-                   noise(rec.get("noise_scale_sidecar")), noise(rec.get("noise_scale_measured")),
-                   rec.get("heads", "init"), float(rec.get("seconds", 0.0)))
+        measured = TaskMeasurement(rec["label"], int(rec["n"]), int(rec["n_used"]), float(rec["init_loss"]),
+                                   float(rec["sigma2"]), float(rec["grad_norm2"]), smooth, rec["grad"])
+        return cls(measured, rec["task"], rec["path"], rec["spec_hash"], noise(rec.get("noise_scale_sidecar")),
+                   noise(rec.get("noise_scale_measured")), rec.get("heads", "init"), float(rec.get("seconds", 0.0)))
 
 
 def initial_model(base_state: Mapping[str, torch.Tensor], expert: ExpertResult, heads: str = "init",
@@ -137,8 +144,6 @@ def measure_expert_at_init(
     one batch of all the samples (0: skipped); the measured noise scale over all parameters (backbone and
     head) at theta_0 (:func:`~mergelab.analysis.noise_scale.measured_noise_scale`).
     """
-    from mergelab.analysis.estimators import measure_tasks
-    from mergelab.analysis.noise_scale import effective_noise_scale, measured_noise_scale
     from mergelab.models import Classifier
     from mergelab.models.device import default_device
 
@@ -160,22 +165,18 @@ def measure_expert_at_init(
     if noise:
         measured = measured_noise_scale(expert, Classifier(backbone, head), x, y, max_samples=None, seed=seed)
     return ExpertAtInit(
-        label=name, task=expert.task, path=str(expert.path), spec_hash=expert.spec_hash, n=int(expert.n_train),
-        n_used=t.n_used, init_loss=t.init_loss, sigma2=t.sigma2, grad_norm2=t.grad_norm2, smoothness=t.smoothness,
-        grad=t.grad.detach().double().cpu(), noise_sidecar=sidecar, noise_measured=measured, heads=heads,
-        seconds=time.perf_counter() - t0,
+        replace(t, n=int(expert.n_train), grad=t.grad.detach().double().cpu()), task=expert.task,
+        path=str(expert.path), spec_hash=expert.spec_hash, noise_sidecar=sidecar, noise_measured=measured,
+        heads=heads, seconds=time.perf_counter() - t0,
     )
 
 
 def pool_measurement(inits: Sequence[ExpertAtInit], settings: Mapping[str, Any] | None = None) -> PoolMeasurement:
     """A :class:`~mergelab.analysis.estimators.PoolMeasurement` from per-expert measurements: heterogeneity
     ``delta_i^2`` weighted by the training-set sizes ``n_i`` and ``L = max_i L_i``."""
-    from mergelab.analysis.estimators import PoolMeasurement, TaskMeasurement, gradient_heterogeneity
-
     if not inits:
         raise ValueError("pool_measurement needs at least one expert")
-    tasks = tuple(TaskMeasurement(i.label, i.n, i.n_used, i.init_loss, i.sigma2, i.grad_norm2, i.smoothness, i.grad)
-                  for i in inits)
-    het = gradient_heterogeneity([i.grad for i in inits], [i.n for i in inits])
-    lmax = max((i.L for i in inits if i.smoothness is not None), default=float("nan"))
+    tasks = tuple(i.measured for i in inits)
+    het = gradient_heterogeneity([t.grad for t in tasks], [t.n for t in tasks])
+    lmax = max((i.L for i in inits if i.measured.smoothness is not None), default=float("nan"))
     return PoolMeasurement(tasks, het, lmax, (), dict(settings or {}))

@@ -339,8 +339,6 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
     """Add the *(derived)* excess-loss form's terms ``opt``, ``stab`` and ``het`` to every record (module
     docstring, item 4), with ``predicted`` (the fit to all of the method's merges) and ``heldout`` (the
     leave-one-hyperparameter-out prediction) of the excess loss when records carry ``excess``."""
-    from dataclasses import replace
-
     from mergelab.analysis.excess_bound import excess_terms, merge_operator_vectors, task_vector_dispersion
     from mergelab.analysis.bound_fit import fit_excess, leave_one_out
     from mergelab.analysis.calibration_study import StudyConfig, expert_measurements
@@ -377,7 +375,7 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
 
     for rec in records:
         experts = [expert(m) for m in rec["members"]]
-        group_inits = [replace(at_init[e.task], n=int(e.n_train)) for e in experts]
+        group_inits = [at_init[e.task].with_n(int(e.n_train)) for e in experts]
         coeffs = merge_coefficients(rec["method"], cfg.method_parameters.get(rec["method"], {}), [1.0] * len(experts))
         pool = bound_pool(pool_measurement(group_inits), experts, coeffs)
         vectors = [taus[_member_key(m)] for m in rec["members"]]
