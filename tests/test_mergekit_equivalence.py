@@ -149,6 +149,11 @@ def _m(name: str, **params: Any) -> dict[str, Any]:
     return entry
 
 
+def _s(name: str, first: int, end: int, **params: Any) -> dict[str, Any]:
+    """A slice source: layers [first, end) of model ``name``."""
+    return {**_m(name, **params), "layer_range": [first, end]}
+
+
 W = (0.3, 0.7, 1.25)
 
 
@@ -210,6 +215,16 @@ CASES: list[Case] = [
     Case("arcee_fusion", {"merge_method": "arcee_fusion", "base_model": "base", "models": [_m("base"), _m("ft2")]}),
     Case("passthrough", {"merge_method": "passthrough",
                          "models": [_m("ft1", scale=[{"filter": "mlp", "value": 0.5}, {"value": 1.0}])]}),
+    # layer stacking (slices): passthrough copies 4 layers from 3 models; slerp and task arithmetic merge
+    # each slice's own sources with values evaluated over the slice's layers
+    Case("passthrough_stack", {"merge_method": "passthrough", "slices": [
+        {"sources": [_s("ft1", 0, 2)]}, {"sources": [_s("ft2", 1, 2)]}, {"sources": [_s("base", 0, 1)]}]}),
+    Case("slerp_slices", {"merge_method": "slerp", "base_model": "base", "parameters": {"t": SLERP_T}, "slices": [
+        {"sources": [_s("base", 0, 2), _s("ft2", 0, 2)]},
+        {"sources": [_s("base", 1, 2), _s("ft1", 0, 1)], "parameters": {"t": 0.3}}]}),
+    Case("task_arithmetic_slices", {"merge_method": "task_arithmetic", "base_model": "base", "slices": [
+        {"sources": [_s("base", 0, 2), _s("ft1", 0, 2, weight=0.5), _s("ft2", 0, 2, weight=[0.2, 0.9])]},
+        {"sources": [_s("base", 1, 2), _s("ft3", 1, 2, weight=0.7)]}]}),
     # random methods: compared in distribution (one expert: keep rates; three: paired per-entry statistics)
     Case("dare_linear_one", _gta("dare_linear", weights=(1.0,), density=0.3), random=True),
     Case("della_linear_one", _gta("della_linear", weights=(1.0,), density=0.4, epsilon=0.2), random=True),
@@ -353,6 +368,12 @@ def test_same_merge(case: Case, variant: str, model_sets: dict, tmp_path: Path) 
     assert d["max_ulps"] <= ulps and d["pct"] <= pct, (
         f"{case.name}/{variant}: max |diff| {d['max_abs']:.3g} = {d['max_ulps']:.3g} ulps (allowed {ulps}), "
         f"{d['pct']:.2f}% of entries differ (allowed {pct}%)")
+    if "slices" in case.config:  # both write the stacked layer count
+        layers = [json.loads((tmp_path / tool / "config.json").read_text())["num_hidden_layers"]
+                  for tool in ("mergekit", "mergelab")]
+        stacked = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                      for s in case.config["slices"])
+        assert layers == [stacked, stacked]
     if variant == "bf16c":  # mergelab computes in float32 whatever mergekit's dtype: the bf16 variant's bits
         (tmp_path / "bf16").mkdir()
         same = _run_mergelab(_write_config(case, "bf16", model_sets, tmp_path / "bf16"), tmp_path / "bf16" / "out")
@@ -407,6 +428,8 @@ ROUNDING: dict[str, tuple[float, str]] = {
     "karcher": (3, "float64 Gram matrix and iteration (mergelab) vs float32 (mergekit)"),
     "sce": (1, "rounding order of the weighted disjoint mean"),
     "nearswap": (1, "rounding: theta_0 + w (theta_1 - theta_0) vs w theta_1 + (1 - w) theta_0"),
+    "slerp_slices": (2, "rounding order of the interpolation"),
+    "task_arithmetic_slices": (1, "rounding: fused w_i tau_i (as task_arithmetic)"),
 }
 _TRIM_TIES = ("bf16 task vectors tie at the trim threshold: mergekit keeps argsort's order of the tied entries, "
               "mergelab position order (README: trim scope)")
