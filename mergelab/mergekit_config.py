@@ -30,7 +30,7 @@ mergekit                  native spec
 ``karcher``               ``karcher`` (``max_iter``, ``tol``) over every model, ``base_model`` included
 ``nearswap``              ``nearswap`` (``t``)
 ``arcee_fusion``          ``arcee_fusion``
-``passthrough``           ``passthrough`` of the one model (per-model ``scale``)
+``passthrough``           ``passthrough`` of the one model (per-model ``scale``); with ``slices``, layer stacking
 ========================  ====================================================================================
 
 mergekit's per-model parameters default as mergekit's do (``density`` 1.0, ``gamma`` 0.01), not as the papers'
@@ -43,12 +43,25 @@ a substring of the tensor name (or is absent or ``*``) giving the value. A model
 first, then the slice's, then the top level's (``mergekit.config.ConfigReader.parameter``). Per-tensor values
 become the spec's ``overrides`` (per-model ``weights`` and ``model_parameters``), grouped by layer.
 
+Layer stacking (``slices`` whose ``layer_range``\ s are not every layer of each model, or several slices)
+becomes the native spec's ``slices`` (:mod:`mergelab.merging.layout`): slice ``s``'s output layers are
+numbered on from the previous slices'; output layer ``o_s + k`` is merged from each source's layer
+``layer_range[0] + k`` (mergekit's ``MergePlanner.plan_slice``), so a slice's sources need equal-length ranges.
+Tensors outside the layers are merged from the first slice's sources when they precede the layers
+(embeddings) and from the last slice's when they follow (final norm, head), with that slice's parameters at
+``t = 0`` (mergekit's ``plan_module``); within a slice ``t = k / (L_s - 1)`` (1 for a one-layer slice). A
+model's values are read from its entry in that slice, evaluated on its input tensor's name; the method's
+shared values on the output tensor's name (mergekit's ``resolve_parameters``). The base model takes part in a
+slice only as one of its sources (mergekit adds it only to a ``models:`` config); ``linear``, ``karcher`` and
+``passthrough`` merge every source alike. The output ``config.json`` gets the summed layer count
+(mergekit's ``_model_out_config``). There is one ``merge_method`` per config (mergekit has no per-slice method).
+
 Model references must be local folders (or files): a Hugging Face hub id, a ``@revision`` or a ``+lora`` is
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
-and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, ``slices`` other than one
-slice over every layer of each model, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
-``normalize: false``, ``passthrough`` over several slices (layer stacking), and ``ram``.
+and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
+other than the config's, ``residual_weight``, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
+``normalize: false``, and ``ram``.
 """
 
 from __future__ import annotations

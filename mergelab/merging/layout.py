@@ -144,8 +144,13 @@ def stack_layout(
     for name in leading:
         layout[name] = sources([(k, name) for k, _ in first])
     offset = 0
+    first_prefix = None
     for s, (sl, mem) in enumerate(zip(slices, all_members)):
         prefix = LAYER.match(by_layer[mem[0][0]][mem[0][1]][0]).group("prefix")  # type: ignore[union-attr]
+        if first_prefix is not None and prefix != first_prefix:
+            raise SpecError(f"slices[{s}]: {label[mem[0][0]]} names its layers '{prefix}N.', slice 0 "
+                            f"'{first_prefix}N.'; stacked slices need one architecture's naming")
+        first_prefix = prefix
         for j in range(sl.layers):
             ref_k, ref_a = mem[0]
             for ref_name in by_layer[ref_k][ref_a + j]:

@@ -673,7 +673,7 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
 
 def passthrough(inp: TensorInputs, p: PassthroughParams) -> torch.Tensor:
     """Passthrough (mergekit's ``passthrough``): the one model's tensor, times ``scale`` (default 1: a copy).
-    Stacking layers of several models (mergekit's ``slices``) is a separate feature."""
+    Stacking layers of several models is the spec's ``slices`` (one model per slice: mergelab.merging.layout)."""
     x = inp.experts[0].to(inp.compute_dtype)
     return x.clone() if p.scale == 1.0 else x * p.scale
 
