@@ -402,3 +402,53 @@ def test_ties_global_trim_closed_form_and_torch_engine(tmp_path, monkeypatch, dt
         got = b[n].to(torch.float64).numpy().reshape(-1)
         ulp = 8e-3 if dtype == torch.bfloat16 else 1e-6
         np.testing.assert_allclose(got, expected, rtol=ulp, atol=ulp, err_msg=n)
+
+
+def test_bfloat16_integer_conversions_equal_ml_dtypes():
+    """widen_bfloat16 is ml_dtypes' exact widening for all 65536 bfloat16 patterns; round_bfloat16 is its
+    round-to-nearest-even for every finite result (ties both ways, subnormals, overflow to Inf) and flags
+    exactly the blocks whose rounded result is NaN or Inf."""
+    import ml_dtypes
+
+    from mergelab.merging.numpy_arrays import round_bfloat16, widen_bfloat16
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16)
+    wide = widen_bfloat16(every, np.empty(every.size, np.float32))
+    assert np.array_equal(wide.view(np.uint32), every.astype(np.float32).view(np.uint32))
+
+    rng = np.random.default_rng(0)
+    finite_max = np.float32(np.finfo(bf16).max)
+    edges = np.array([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 1.001953125, 1.0029296875,  # exact, ties
+                      1e-40, -3e-39, float(finite_max), np.nextafter(finite_max, np.float32(np.inf)),
+                      3.3895314e38, 3.3961775e38, -3.39e38, float(np.finfo(np.float32).max)], dtype=np.float32)
+    bits = np.concatenate([rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32),
+                           edges.view(np.uint32),
+                           (rng.integers(0, 1 << 16, 4096, dtype=np.uint32) << 16) | 0x8000])  # exact ties
+    x = bits.view(np.float32)
+    finite = np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        expected = x.astype(bf16)
+    ok = finite & np.isfinite(expected.astype(np.float32))
+    out = np.empty(x.size, bf16)
+    flagged = round_bfloat16(x, out, np.empty(x.size, np.uint32))
+    assert flagged  # the random patterns hold NaN and Inf
+    assert np.array_equal(out.view(np.uint16)[ok], expected.view(np.uint16)[ok])
+    assert np.array_equal(out.view(np.uint16)[~finite & ~np.isnan(x)], expected.view(np.uint16)[~finite & ~np.isnan(x)])
+    for chunk in np.array_split(np.arange(x.size), 512):  # the flag: exactly when a result is not finite
+        assert round_bfloat16(x[chunk], out[chunk], np.empty(chunk.size, np.uint32)) == (not ok[chunk].all())
+    assert round_bfloat16(x[:0], out[:0], np.empty(0, np.uint32)) is False
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bfloat16_nonfinite_input_is_named(tmp_path, method, bad):
+    """bfloat16 inputs take the integer conversions; a NaN/Inf input still fails the merge, naming its file."""
+    paths = _models(tmp_path, [torch.bfloat16] * 3)
+    state = load_state_dict(paths[2])
+    state["w"][4, 5] = bad
+    save_state_dict(state, paths[2])
+    with pytest.raises(NonFiniteError) as info:
+        merge(_spec(method, paths), tmp_path / "out", progress=False, engine="numpy")
+    assert str(paths[2]) in str(info.value) and "'w'" in str(info.value)
+    assert not (tmp_path / "out").exists()

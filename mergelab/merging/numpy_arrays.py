@@ -4,6 +4,12 @@
 The dtype a stored tensor reads as (``ml_dtypes`` supplies bfloat16), the dtype merges of it compute in, and a
 NaN/Inf check of a rounded output block by its exponent bits (a float is NaN or Inf exactly when all its
 exponent bits are set), which also catches overflow into float16/bfloat16.
+
+bfloat16 <-> float32 by integer operations (:func:`widen_bfloat16`, :func:`round_bfloat16`): a bfloat16 is
+the upper half of a float32, so widening is a 16-bit shift, and rounding to nearest even is adding
+``0x7FFF + lsb`` to the float32's bits and keeping the upper half. Both are exactly what ``ml_dtypes`` and
+torch compute for every finite value (and overflow to Inf the same way), at 0.2 and 0.45 ns an entry
+against ml_dtypes' 0.45 and 1.1 ns (its casts are scalar loops; numpy's integer ufuncs are vectorised).
 """
 
 from __future__ import annotations
@@ -31,6 +37,44 @@ def numpy_dtype(storage: StorageDtype) -> Any:
 def compute_dtype(dtypes: Iterable[Any]) -> np.dtype:
     """float64 if any of the inputs' ``dtypes`` is float64, else float32."""
     return np.dtype(np.float64) if any(d == np.float64 for d in dtypes) else np.dtype(np.float32)
+
+
+def is_bfloat16(dtype: Any) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (checked by name: no import of ml_dtypes)."""
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def widen_bfloat16(x: Any, out: Any) -> Any:
+    """``out = float32(x)`` for the flat bfloat16 array ``x`` (``out``: float32 of the same size): its bits
+    shifted into the upper half of ``out``'s, exact. Returns ``out``."""
+    bits = out.view(np.uint32)
+    np.copyto(bits, x.view(np.uint16), casting="safe")
+    np.left_shift(bits, 16, out=bits)
+    return out
+
+
+#: The float32 magnitudes (as bits) from which rounding to bfloat16 gives Inf or NaN: 0x7F7F8000 is the
+#: midpoint between bfloat16's largest finite value and 2**128, which rounds (to even) to Inf.
+_BFLOAT16_OVERFLOW_BITS = 0x7F7F8000
+
+
+def round_bfloat16(x: Any, out: Any, scratch: Any) -> bool:
+    """``out = bfloat16(x)`` rounded to nearest even for the flat float32 array ``x`` (``scratch``: uint32 of
+    at least its size; ``x`` is kept), bit-identical to ``ml_dtypes``/torch for every finite result;
+    returns whether any result is NaN or Inf. That is decided from ``x`` (a magnitude at or above
+    :data:`_BFLOAT16_OVERFLOW_BITS` in bits: NaN, Inf, or rounding up to Inf), not from ``out``, because
+    the integer rounding may carry a NaN's payload into its exponent; such outputs are refused anyway."""
+    bits = x.view(np.uint32)
+    s = scratch[: x.size]
+    np.right_shift(bits, 16, out=s)
+    np.bitwise_and(s, 1, out=s)
+    np.add(s, 0x7FFF, out=s)
+    np.add(s, bits, out=s)  # bits + 0x7FFF + lsb: the upper half is the rounded value
+    np.right_shift(s, 16, out=out.view(np.uint16), casting="unsafe")
+    if not x.size:
+        return False
+    np.bitwise_and(bits, 0x7FFFFFFF, out=s)
+    return bool(s.max() >= _BFLOAT16_OVERFLOW_BITS)
 
 
 def exponent_scratch(dtype: Any, size: int) -> Any:

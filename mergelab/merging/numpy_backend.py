@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mergelab.checkpoints import CheckpointReader, CheckpointWriter
 from mergelab.checkpoints.safetensors_format import StorageDtype
 from mergelab.errors import NonFiniteError
-from mergelab.merging.numpy_arrays import any_nonfinite, compute_dtype, exponent_scratch, numpy_dtype
+from mergelab.merging.numpy_arrays import compute_dtype, exponent_scratch, numpy_dtype
 from mergelab.merging.numpy_kernels import (
     BlockSelection,
     TiesKernel,
@@ -147,7 +147,7 @@ def _stream(
     inputs: MergeInputs,
     plan: Sequence[tuple[str, tuple[int, ...], StorageDtype]],
     method: str,
-    kernel: Callable[..., None],
+    kernel: Callable[..., bool],
     params_of: ParamResolver,
     weights: Sequence[float],
     writer: CheckpointWriter,
@@ -315,7 +315,7 @@ def _read_whole(reader: CheckpointReader, name: str) -> Any:
 
 def _merge_tensor(
     name: str, shape: tuple[int, ...], storage: StorageDtype, readers: Sequence[CheckpointReader],
-    method: str, kernel: Callable[..., None], params: Any, weights: Sequence[float],
+    method: str, kernel: Callable[..., bool], params: Any, weights: Sequence[float],
 ) -> Any:
     in_dtypes = [numpy_dtype(r.info(name).storage) for r in readers]
     compute = compute_dtype(in_dtypes)
@@ -339,10 +339,9 @@ def _merge_tensor(
                 reader.read_range(name, start * dtype.itemsize, memoryview(chunk))
                 xs.append(chunk.view(dtype))
             block_out = out[start:stop]
-            with np.errstate(all="ignore"):  # NaN/Inf are found below and reported with file and tensor
-                kernel(xs, [b[:m] for b in buffers], block_out, weights, params)
-            if any_nonfinite(block_out, flags):
-                nonfinite.append(j)
+            with np.errstate(all="ignore"):  # NaN/Inf are found here and reported with file and tensor below
+                if kernel(xs, [b[:m] for b in buffers], block_out, weights, params, flags):
+                    nonfinite.append(j)
 
     run_blocks(blocks, work)
     if nonfinite:
@@ -371,7 +370,7 @@ def _nonfinite_counts(values: Any) -> tuple[int, int] | None:
 #: This back-end's kernels, by method: the block kernel of a linear method (inputs read block by block
 #: straight from the files), or None for TIES (:func:`_stream_ties`, whole tensors read ahead). The
 #: methods it runs are exactly these keys.
-KERNELS: dict[str, Callable[..., None] | None] = {
+KERNELS: dict[str, Callable[..., bool] | None] = {
     "task_arithmetic": task_arithmetic_block,
     "weight_average": weight_average_block,
     "ties": None,

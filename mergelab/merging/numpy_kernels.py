@@ -57,7 +57,13 @@ from typing import Any
 
 import numpy as np
 
-from mergelab.merging.numpy_arrays import any_nonfinite, exponent_scratch
+from mergelab.merging.numpy_arrays import (
+    any_nonfinite,
+    exponent_scratch,
+    is_bfloat16,
+    round_bfloat16,
+    widen_bfloat16,
+)
 from mergelab.merging.pipeline import run_blocks
 from mergelab.ops import selection as rules
 
@@ -392,29 +398,42 @@ class _Buffers:
 # ------------------------------------------------------------- task arithmetic and weight averaging
 
 
-def _round_into(acc: Any, base: Any, out: Any) -> None:
-    """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through acc."""
+def _round_into(acc: Any, base: Any, out: Any, spare: Any, flags: Any) -> bool:
+    """``out = round(acc + base)``: straight into ``out`` when it has the compute dtype, else through ``acc``
+    (float32 to bfloat16 by integer rounding, :func:`~mergelab.merging.numpy_arrays.round_bfloat16`, into
+    ``spare``'s bits as scratch); returns whether an output entry is NaN or Inf (``flags``: from
+    :func:`~mergelab.merging.numpy_arrays.exponent_scratch` for ``out``)."""
     if out.dtype == acc.dtype:
         np.add(acc, base, out=out)
-    else:
-        np.add(acc, base, out=acc)
-        np.copyto(out, acc, casting="unsafe")
+        return any_nonfinite(out, flags)
+    np.add(acc, base, out=acc)
+    if acc.dtype == np.float32 and is_bfloat16(out.dtype):
+        return round_bfloat16(acc, out, spare.view(np.uint32))
+    np.copyto(out, acc, casting="unsafe")
+    return any_nonfinite(out, flags)
 
 
 def _as_compute(x: Any, buffer: Any) -> Any:
-    """``x`` in the compute dtype: itself when it already is, else converted into ``buffer``."""
+    """``x`` in the compute dtype: itself when it already is, else converted into ``buffer`` (bfloat16 to
+    float32 by a shift, :func:`~mergelab.merging.numpy_arrays.widen_bfloat16`)."""
     if x.dtype == buffer.dtype:
         return x
+    if buffer.dtype == np.float32 and is_bfloat16(x.dtype):
+        return widen_bfloat16(x, buffer)
     np.copyto(buffer, x, casting="unsafe")
     return buffer
 
 
 def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float], acc: Any, tmp: Any) -> None:
     """``acc = sum_i w_i (x_i - ref)`` in model order, in ``acc``'s dtype (each stored ``x_i`` is converted
-    inside numpy's buffered ufunc loop, in cache); ``tmp`` is scratch of the same size."""
+    in cache: bfloat16 widened by a shift into the target first, other dtypes inside numpy's buffered ufunc
+    loop; the same values either way); ``tmp`` is scratch of the same size."""
     for i, (x, w) in enumerate(zip(xs, weights)):
         target = acc if i == 0 else tmp
-        np.subtract(x, ref, out=target, dtype=acc.dtype)
+        if acc.dtype == np.float32 and is_bfloat16(x.dtype):
+            np.subtract(widen_bfloat16(x, target), ref, out=target)
+        else:
+            np.subtract(x, ref, out=target, dtype=acc.dtype)
         if w != 1.0:
             np.multiply(target, w, out=target)
         if i > 0:
@@ -422,22 +441,23 @@ def _weighted_differences(xs: Sequence[Any], ref: Any, weights: Sequence[float],
 
 
 def task_arithmetic_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
-                     params: Any) -> None:
-    """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see :mod:`mergelab.merging.numpy_backend`."""
+                          params: Any, flags: Any) -> bool:
+    """One block of task arithmetic: ``xs`` = [theta_0, theta_1, ...] as stored; see
+    :mod:`mergelab.merging.numpy_backend`. Returns whether an output entry is NaN or Inf."""
     base_buf, acc, tau = buffers
     base = _as_compute(xs[0], base_buf)
     _weighted_differences(xs[1:], base, weights, acc, tau)
     if params.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
         np.multiply(acc, params.lambda_, out=acc)
-    _round_into(acc, base, out)
+    return _round_into(acc, base, out, tau, flags)
 
 
 def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
-                    params: Any) -> None:
+                         params: Any, flags: Any) -> bool:
     """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
-    averaged); see :mod:`mergelab.merging.numpy_backend`."""
+    averaged); see :mod:`mergelab.merging.numpy_backend`. Returns whether an output entry is NaN or Inf."""
     first_buf, acc, diff = buffers
     first = _as_compute(xs[0], first_buf)
     _weighted_differences(xs, first, weights, acc, diff)
     np.divide(acc, float(sum(weights)), out=acc)
-    _round_into(acc, first, out)
+    return _round_into(acc, first, out, diff, flags)

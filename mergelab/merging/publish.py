@@ -131,11 +131,12 @@ def write_merge(
     total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
     if inputs.reference.config_dir is not None:  # refused support files fail now, before the merge
         support_files(inputs.reference.config_dir)
-    # CPU-bound merges write around the page cache (whose copy cost TIES 1.2-1.9 CPU-s on the benchmark);
-    # the linear methods wait for the disk anyway, where the page cache's deeper write-back is faster
-    direct_io = not method.io_bound
+    # every merge writes around the page cache (direct I/O; the writer falls back to buffered writes where
+    # the file system refuses it, $MERGELAB_DIRECT_IO=0 forces them): copying 1.34 GB into the page cache
+    # cost 1.4-1.9 CPU-s on the benchmark, which the other core needs for the merge. Task arithmetic there,
+    # medians of 3 alternating: 2.95 s / 3.70 CPU-s direct, 3.94 s / 5.13 CPU-s buffered.
     with CheckpointWriter(out_dir, plan, max_shard_bytes=spec.shard_size, overwrite=overwrite,
-                          direct_io=direct_io) as writer:
+                          direct_io=True) as writer:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})",
                   disable=not progress) as bar:
             compute(writer, bar)

@@ -124,7 +124,6 @@ class Method:
       Inf in any input always reaches the output (IEEE addition and multiplication never turn NaN/Inf back
       into a finite number): back-ends check only the output, and rescan a tensor's inputs to name the
       offending file when the output is not finite, instead of checking every input as it is read;
-    - ``io_bound``: a merge waits for the disk rather than the CPU (written through the page cache);
     - ``global_trim_density(params)``: the density at which a back-end must compute whole-model trim
       thresholds for a tensor (TIES with ``trim_scope: global``), or ``None``; the thresholds and tie quotas
       reach the method in :class:`TensorInputs`;
@@ -156,7 +155,6 @@ class Method:
     base_or_two: bool = False
     weights_nonzero: bool = False
     linear: bool = False
-    io_bound: bool = False
     global_trim_density: Callable[[Any], float | None] = field(default=lambda p: None)
     operator: str | None = None
     per_model: tuple[str, ...] = ()

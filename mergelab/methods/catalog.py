@@ -682,9 +682,9 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("weight_average", "weighted mean of the models (model soup)", WeightAverageParams, weight_average,
-               needs_base=False, weights_nonzero=True, linear=True, io_bound=True, combination="mean"),
+               needs_base=False, weights_nonzero=True, linear=True, combination="mean"),
         Method("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors", TaskArithmeticParams,
-               task_arithmetic, linear=True, io_bound=True, combination="sum",
+               task_arithmetic, linear=True, combination="sum",
                validation_grid={"lambda": TA_LAMBDA_GRID}),
         Method("ties", "trim, elect sign, disjoint mean (TIES-Merging)", TiesParams, ties,
                global_trim_density=ties_global_density, operator="ties", per_model=("density",),
