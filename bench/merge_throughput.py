@@ -14,7 +14,9 @@ Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` 
    divisor = agreeing weight, election by mass; mergekit ``ties``) and TIES over the whole model (mergelab
    only), weight averaging (mergekit ``linear``), DARE linear and DARE-TIES (density 0.5), breadcrumbs
    (density 0.9, gamma 0.01), model stock and SLERP (base -> first expert, t 0.5), each against mergekit's
-   method of the same name; the last six ``--slow-repeats`` times (default once).
+   method of the same name; the last six ``--slow-repeats`` times (default once). mergekit's other methods
+   (DELLA, DELLA linear, breadcrumbs-TIES, SCE, NuSLERP, Multi-SLERP, Karcher mean, NearSwap, Arcee Fusion,
+   passthrough; once each) run mergelab's translation of the mergekit config (``translated`` cases).
    Wall time and the child's own peak RSS come from ``os.wait4`` (the rusage of exactly that child).
    The floor is a child that reads every tensor of every input once with mergelab's reader, as the numpy
    engine reads (raw bytes in blocks into one reused buffer, no torch import). Task arithmetic runs on the
@@ -246,6 +248,11 @@ class Case:
     mergekit_global: dict = field(default_factory=dict)
     experts: int | None = None  # experts used (None: all)
     repeats: int | None = None  # runs (None: --repeats); the slow CPU-bound ones default to --slow-repeats
+    # the mergelab spec is mergelab's translation of the mergekit config (mergelab.mergekit_config), so both
+    # tools run the same merge by construction (the methods added with mergekit parity, issue 15)
+    translated: bool = False
+    with_base: bool = True  # the mergekit config names the base (base_model, and first among the models)
+    weighted: bool = True  # the mergekit config gives each expert weight 1
 
 
 #: Every data-free method of the catalog, as the benchmark times it (the key is the row label).
@@ -266,6 +273,23 @@ CASES: dict[str, Case] = {
                         {"density": 0.9, "gamma": 0.01}, {"normalize": False, "lambda": 1.0}, repeats=-1),
     "model_stock": Case("model_stock", {}, "model_stock", {}, {}, repeats=-1),
     "slerp": Case("slerp", {"t": 0.5}, "slerp", {}, {"t": 0.5}, experts=1, repeats=-1),
+    # mergekit's other methods, as tests/test_mergekit_equivalence.py configures them (density and gamma as
+    # the DARE and breadcrumbs rows above); mergelab runs mergelab's translation of the same config
+    "della": Case("della", {}, "della", {"density": 0.5}, {"lambda": 1.0}, repeats=-1, translated=True),
+    "della_linear": Case("della_linear", {}, "della_linear", {"density": 0.5}, {"normalize": False, "lambda": 1.0},
+                         repeats=-1, translated=True),
+    "breadcrumbs_ties": Case("breadcrumbs_ties", {}, "breadcrumbs_ties", {"density": 0.9, "gamma": 0.01},
+                             {"lambda": 1.0}, repeats=-1, translated=True),
+    "sce": Case("sce", {}, "sce", {}, {"select_topk": 0.5}, repeats=-1, translated=True, weighted=False),
+    "nuslerp": Case("nuslerp", {}, "nuslerp", {}, {}, experts=2, repeats=-1, translated=True, with_base=False),
+    "multislerp": Case("multislerp", {}, "multislerp", {}, {}, repeats=-1, translated=True),
+    "karcher": Case("karcher", {}, "karcher", {}, {}, repeats=-1, translated=True, with_base=False, weighted=False),
+    "nearswap": Case("nearswap", {}, "nearswap", {}, {"t": 0.01}, experts=1, repeats=-1, translated=True,
+                     weighted=False),
+    "arcee_fusion": Case("arcee_fusion", {}, "arcee_fusion", {}, {}, experts=1, repeats=-1, translated=True,
+                         weighted=False),
+    "passthrough": Case("passthrough", {}, "passthrough", {}, {}, experts=1, repeats=-1, translated=True,
+                        with_base=False, weighted=False),
 }
 #: Rows run by default: every method (ties per tensor and over the whole model).
 DEFAULT_METHODS = ",".join(CASES)
@@ -273,6 +297,11 @@ DEFAULT_METHODS = ",".join(CASES)
 
 def mergelab_spec(method: str, base: Path, experts: list[Path]) -> dict:
     case = CASES[method]
+    if case.translated:
+        from mergelab.mergekit_config import translate
+
+        spec = translate(mergekit_config(method, base, experts, None) or {}, source=f"bench case {method}")
+        return {**spec, "device": "cpu"}
     used = experts if case.experts is None else experts[: case.experts]
     spec: dict = {
         "method": case.method,
@@ -292,8 +321,8 @@ def mergekit_config(method: str, base: Path, experts: list[Path], compute_dtype:
     if case.mergekit is None:
         return None
     used = experts if case.experts is None else experts[: case.experts]
-    uses_weights = case.mergekit not in ("model_stock", "slerp")
-    models = [{"model": str(base)}]
+    uses_weights = case.mergekit not in ("model_stock", "slerp") and case.weighted
+    models = [{"model": str(base)}] if case.with_base else []
     for e in used:
         entry: dict = {"model": str(e)}
         params = {**({"weight": 1.0} if uses_weights else {}), **case.mergekit_model}
@@ -301,6 +330,8 @@ def mergekit_config(method: str, base: Path, experts: list[Path], compute_dtype:
             entry["parameters"] = params
         models.append(entry)
     cfg: dict = {"merge_method": case.mergekit, "base_model": str(base), "models": models, "out_dtype": "bfloat16"}
+    if not case.with_base:
+        del cfg["base_model"]
     if case.mergekit == "linear":  # a weighted mean of the experts: no base
         del cfg["base_model"]
         cfg["models"] = models[1:]
@@ -498,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help=f"comma-separated rows of CASES (default: all of them, {DEFAULT_METHODS})")
     ap.add_argument("--slow-repeats", type=int, default=1,
-                    help="runs of the slow CPU-bound methods (DARE, breadcrumbs, model stock, SLERP; default 1)")
+                    help="runs of the slow CPU-bound methods (DARE, breadcrumbs, model stock, SLERP, the translated mergekit "
+                         "methods; default 1)")
     ap.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml",
                     help="mergekit-yaml executable (skipped when absent)")
     ap.add_argument("--no-mergekit", action="store_true", help="time mergelab only")
@@ -627,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             check_outputs[method] = out
         elif method_mergekit is not None:
             check_outputs[method] = mk_out
-        if case.method.startswith("dare"):  # random masks: the two tools' draws differ, so no equivalence check
+        if case.method.startswith(("dare", "della")):  # random masks: the two tools' draws differ: no check
             check_outputs.pop(method, None)
 
     checks: dict[str, dict] = {}
