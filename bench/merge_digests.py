@@ -72,9 +72,11 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
     ("nearswap", {"t": 0.01}, 1),
     ("arcee_fusion", {}, 1),
     ("passthrough", {}, 1),
+    ("ram", {}, 3),
+    ("ramplus_tl", {"epsilon": 0.01, "r": 0.5, "alpha": 2.0}, 3),
 ]
 #: methods that take no per-model weights (merged with unit weights only)
-UNWEIGHTED = ("model_stock", "slerp", "sce", "nearswap", "arcee_fusion", "passthrough")
+UNWEIGHTED = ("model_stock", "slerp", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl")
 #: spec sections beyond parameters, per case index (two whole-model trim groups; a narrower output dtype)
 EXTRA: dict[int, dict[str, Any]] = {
     3: {"overrides": [{"pattern": "layer.*", "parameters": {"density": 0.5}}]},

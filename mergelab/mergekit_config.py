@@ -31,6 +31,8 @@ mergekit                  native spec
 ``nearswap``              ``nearswap`` (``t``)
 ``arcee_fusion``          ``arcee_fusion``
 ``passthrough``           ``passthrough`` of the one model (per-model ``scale``); with ``slices``, layer stacking
+``ram``                   ``ram`` (``epsilon``, 1e-5)
+``ramplus_tl``            ``ramplus_tl`` (``r`` 0.1, ``alpha`` 0.2, ``epsilon`` 1e-5)
 ========================  ====================================================================================
 
 mergekit's per-model parameters default as mergekit's do (``density`` 1.0, ``gamma`` 0.01), not as the papers'
@@ -61,7 +63,7 @@ an error, since mergelab never downloads. Relative paths resolve against the cur
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
 other than the config's, ``residual_weight``, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
-``normalize: false``, and ``ram``.
+and ``normalize: false``.
 """
 
 from __future__ import annotations
@@ -98,11 +100,11 @@ METHOD_MAP = {
     "nearswap": "nearswap",
     "arcee_fusion": "arcee_fusion",
     "passthrough": "passthrough",
+    "ram": "ram",
+    "ramplus_tl": "ramplus_tl",
 }
 #: mergekit methods mergelab does not run, and why
-PENDING = {
-    "ram": "not planned",
-}
+PENDING: dict[str, str] = {}
 #: method parameters (top level) and per-model parameters each mergekit method reads, with mergekit's defaults
 _GTA = {"int8_mask": False, "normalize": None, "rescale": None, "lambda": 1.0}
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
@@ -124,6 +126,8 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "nearswap": {"t": None},
     "arcee_fusion": {},
     "passthrough": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
 MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "linear": {"weight": None},
@@ -144,6 +148,8 @@ MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "nearswap": {},
     "arcee_fusion": {},
     "passthrough": {"scale": 1.0},
+    "ram": {},
+    "ramplus_tl": {},
 }
 #: mergekit methods without a base model (the others need base_model)
 _NO_BASE = ("linear", "slerp", "nuslerp", "multislerp", "karcher", "passthrough")
@@ -401,6 +407,8 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
             params = {"t": float(t_value)}
         elif mk_method == "arcee_fusion":
             params = {}
+        elif mk_method in ("ram", "ramplus_tl"):
+            params = {k: float(mv(k)) for k in method_allowed}
         elif mk_method == "passthrough":
             params = {"scale": float(each("scale")[0])}
         elif mk_method in ("nuslerp", "multislerp"):

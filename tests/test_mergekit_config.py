@@ -180,12 +180,27 @@ def test_hub_id_is_a_clear_error(models):
 @pytest.mark.parametrize("config, message", [
     ({"merge_method": "linear", "models": [], "tokenizer": {"source": "base"}}, "'tokenizer'"),
     ({"merge_method": "linear", "models": [], "seed": 3}, "unknown key 'seed' .*allowed: merge_method"),
-    ({"merge_method": "ram", "models": []}, "not in mergelab yet \\(not planned"),
     ({"merge_method": "frobnicate", "models": []}, "unknown merge_method 'frobnicate' \\(supported: linear"),
 ])
 def test_unsupported_keys_and_methods_are_named(config, message):
     with pytest.raises(SpecError, match=message):
         translate(config)
+
+
+def test_ram_takes_mergekits_parameters_and_defaults(models):
+    """ram reads epsilon (1e-5), ramplus_tl r (0.1), alpha (0.2) and epsilon: mergekit's names and defaults;
+    neither takes a per-model weight (mergekit's ram has none)."""
+    base, ft = str(models["base"]), [{"model": str(models[k])} for k in ("ft1", "ft2")]
+    spec = translate({"merge_method": "ram", "base_model": base, "models": ft})
+    assert spec["method"] == "ram" and spec["parameters"] == {"epsilon": 1e-5}
+    assert all("weight" not in m for m in spec["models"])
+    spec = translate({"merge_method": "ramplus_tl", "base_model": base, "models": ft, "parameters": {"r": 0.3}})
+    assert spec["method"] == "ramplus_tl" and spec["parameters"] == {"alpha": 0.2, "epsilon": 1e-5, "r": 0.3}
+    with pytest.raises(SpecError, match="ram takes no parameter 'weight'"):
+        translate({"merge_method": "ram", "base_model": base,
+                   "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(SpecError, match="needs base_model"):
+        translate({"merge_method": "ramplus_tl", "models": ft})
 
 
 def test_unknown_parameter_and_missing_weight_are_named(models):
@@ -489,13 +504,15 @@ def test_cli_karcher_averages_the_base_model_too(models, tmp_path):
     ("nuslerp", {}, {}),
     ("multislerp", {}, {}),
     ("della_linear", {}, {"density": 0.5, "epsilon": 0.1}),
+    ("ram", {"epsilon": 0.05}, {}),
+    ("ramplus_tl", {"epsilon": 0.1, "r": 0.5, "alpha": 1.5}, {}),
 ])
 def test_cli_runs_each_new_method(models, tmp_path, method, params, model_params):
     """Each of issue 15's mergekit methods runs unchanged and equals its catalog reference on every tensor."""
     from mergelab.methods import TensorInputs, get_method
     from mergelab.spec import parse_spec as parse
 
-    weighted = method not in ("sce",)
+    weighted = method not in ("sce", "ram", "ramplus_tl")
     entries = [{"model": str(models[k]), "parameters": {**model_params, **({"weight": w} if weighted else {})}}
                for k, w in (("ft1", 1.0), ("ft2", 0.5))]
     config = {"merge_method": method, "base_model": str(models["base"]), "models": entries}

@@ -110,11 +110,14 @@ def _shapes() -> dict[str, tuple[int, ...]]:
 
 #: expert -> standard deviation of its fine-tuning noise around the base
 NOISE = {"ft1": 0.01, "ft2": 0.02, "ft3": 0.005}
+#: sparse experts (RL-like: each changes a fraction of the entries): (noise, fraction changed)
+SPARSE = {"sp1": (0.01, 0.3), "sp2": (0.02, 0.2), "sp3": (0.005, 0.4)}
 
 
 def _build_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
     """A base (weights ~ N(0, 0.02^2), norms ~ 1 + N(0, 0.02^2)) and three experts base + N(0, s^2), rounded
-    to ``dtype`` (bf16 task vectors then tie massively, as real ones do)."""
+    to ``dtype`` (bf16 task vectors then tie massively, as real ones do); three sparse experts (``SPARSE``) for
+    RAM, whose unique, shared and unchanged entries all occur."""
     gen = torch.Generator().manual_seed(1234)
     base = {}
     for name, shape in _shapes().items():
@@ -123,6 +126,10 @@ def _build_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
     states = {"base": base}
     for expert, noise in NOISE.items():
         states[expert] = {n: t + torch.randn(t.shape, generator=gen) * noise for n, t in base.items()}
+    sparse = torch.Generator().manual_seed(4321)  # the dense experts above stay as they were
+    for expert, (noise, share) in SPARSE.items():
+        states[expert] = {n: t + torch.randn(t.shape, generator=sparse) * noise
+                          * (torch.rand(t.shape, generator=sparse) < share) for n, t in base.items()}
     out = {}
     for model, state in states.items():
         folder = root / model
@@ -225,6 +232,12 @@ CASES: list[Case] = [
     Case("task_arithmetic_slices", {"merge_method": "task_arithmetic", "base_model": "base", "slices": [
         {"sources": [_s("base", 0, 2), _s("ft1", 0, 2, weight=0.5), _s("ft2", 0, 2, weight=[0.2, 0.9])]},
         {"sources": [_s("base", 1, 2), _s("ft3", 1, 2, weight=0.7)]}]}),
+    Case("ram", {"merge_method": "ram", "base_model": "base", "models": [_m("sp1"), _m("sp2"), _m("sp3")]}),
+    Case("ramplus_tl", {"merge_method": "ramplus_tl", "base_model": "base",
+                        "models": [_m("sp1"), _m("sp2"), _m("sp3")]}),
+    Case("ramplus_tl_strong", {"merge_method": "ramplus_tl", "base_model": "base",
+                               "models": [_m("sp1"), _m("sp2"), _m("sp3")],
+                               "parameters": {"r": 0.5, "alpha": 2.0, "epsilon": 0.002}}),
     # random methods: compared in distribution (one expert: keep rates; three: paired per-entry statistics)
     Case("dare_linear_one", _gta("dare_linear", weights=(1.0,), density=0.3), random=True),
     Case("della_linear_one", _gta("della_linear", weights=(1.0,), density=0.4, epsilon=0.2), random=True),
@@ -293,7 +306,8 @@ REPORT: dict[tuple[str, str], dict[str, Any]] = {}
 #: mergekit writes float32 although the config says bfloat16: arcee_fusion multiplies by a ``.float()`` mask
 #: (``mergekit/merge_methods/arcee_fusion.py``), promoting the bf16 tensors, and nothing casts back without
 #: ``out_dtype``. mergelab writes the dtype the config names; the values are compared in it.
-FLOAT32_OUTPUT = {("arcee_fusion", "bf16c")}
+#: So does ``ramplus_tl``: its factors lambda_i are a float32 tensor (``mergekit/merge_methods/ram.py``).
+FLOAT32_OUTPUT = {("arcee_fusion", "bf16c"), ("ramplus_tl", "bf16c"), ("ramplus_tl_strong", "bf16c")}
 
 
 def _write_config(case: Case, variant: str, model_sets: dict, tmp: Path) -> Path:
@@ -452,6 +466,9 @@ EXPECT: dict[tuple[str, str], tuple[float, float, str]] = {
         "ties", "ties_negative_weight", "breadcrumbs", "breadcrumbs_ties", "dare_ties_density1", "della_density1")},
     ("sce", "bf16c"): (100, 40.0, "mergekit computes in bf16: variances, energies and the weighted mean rounded "
                                   "to bf16"),
+    **{(name, "bf16c"): (2, 20.0, "mergekit computes in bf16: tau_i, tau_i / c_j (and lambda_i tau_i) and their "
+                                  "sum rounded to bf16, mergelab in float32 rounded once")
+       for name in ("ram", "ramplus_tl", "ramplus_tl_strong")},
     ("arcee_fusion", "bf16c"): (200, 15.0, "mergekit computes softmax, KL and importance in bf16 (another "
                                            "selection), and writes float32 (FLOAT32_OUTPUT)"),
 }

@@ -83,6 +83,10 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("arcee_fusion", {}, 1),
     ("passthrough", {"scale": 0.5}, 1),
     ("passthrough", {}, 1),
+    ("ram", {}, 3),
+    ("ram", {"epsilon": 0.01}, 3),
+    ("ramplus_tl", {"epsilon": 0.012}, 3),
+    ("ramplus_tl", {"epsilon": 0.01, "r": 0.5, "alpha": 2.0}, 2),
 ]
 
 #: methods whose statistics are per row: checked on a matrix too (rows over several blocks)

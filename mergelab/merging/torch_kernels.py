@@ -17,6 +17,8 @@ block by block:
   rescaling's two norms are torch's float32 sums over the whole tensor, so for bit-identity they are
   taken (expert by expert, on the calling thread) from tensor-sized float32 buffers, and the masks are
   drawn twice;
+- RAM+ (``ramplus_tl``): each model's numbers of shared and unique entries over the tensor, integers counted
+  block by block (their sums are exact in any order), so both passes go by blocks on all cores;
 - TSV-Merge, Iso-C and Iso-CTS: SVDs of a layer's whole matrices, so their kernels are their references
   on whole tensors, rounded once into the output dtype;
 - model stock and SLERP: norms and dot products, which are torch's whole-tensor reductions (a BLAS dot,
@@ -48,6 +50,8 @@ from mergelab.methods.catalog import (
     NearSwapParams,
     NuSlerpParams,
     PassthroughParams,
+    RamParams,
+    RamPlusParams,
     SceParams,
     DareLinearParams,
     DareTiesParams,
@@ -926,6 +930,72 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     return out
 
 
+def _overlap_passes(inp: TensorInputs) -> tuple[torch.Tensor, Callable[[Callable[..., None]], None]]:
+    """The output tensor and ``passes(fn)``: ``fn(j, base_block, taus_block)`` for every block j on all cores, the
+    task vectors formed in the compute dtype as :meth:`TensorInputs.task_vectors` forms them (entry by entry)."""
+    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
+    flats = [e.reshape(-1) for e in inp.experts]
+    n, dtype = base_in.numel(), inp.compute_dtype
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
+    block = ops.block_size()
+
+    def passes(fn: Callable[..., None]) -> None:
+        def work(first: int, stop: int) -> None:
+            buffers = ops.BlockBuffers(len(flats) + 1, n, dtype, base_in.device)
+            for j in range(first, stop):
+                start, end = j * block, min(n, (j + 1) * block)
+                b, *vs = buffers.get(end - start)
+                b.copy_(base_in[start:end])
+                fn(j, b, [v.copy_(e[start:end]).sub_(b) for v, e in zip(vs, flats)])
+
+        run_in_chunks(ops.block_count(n), work)
+
+    return out, passes
+
+
+def _overlap(epsilon: float, scales: Sequence[float] | None,
+             passes: Callable[[Callable[..., None]], None], out: torch.Tensor) -> torch.Tensor:
+    """RAM's merge pass: ``theta_0 + overlap_merge(tau, m, c, scales)`` block by block (every operation is
+    entry by entry, so the blocks' results are the reference's)."""
+    out_flat = out.view(-1)
+    block = ops.block_size()
+
+    def merge_block(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        masks = ops.active_masks(taus, epsilon)
+        merged = ops.overlap_merge(taus, masks, ops.active_count(masks, b.dtype), scales)
+        out_flat[j * block: j * block + b.numel()].copy_(merged.add_(b))
+
+    if out.numel():
+        passes(merge_block)
+    return out
+
+
+def ram(inp: TensorInputs, p: RamParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.ram`: one pass, entry by entry."""
+    out, passes = _overlap_passes(inp)
+    return _overlap(p.epsilon, None, passes, out)
+
+
+def ramplus_tl(inp: TensorInputs, p: RamPlusParams) -> torch.Tensor:
+    """Block kernel of :func:`mergelab.methods.catalog.ramplus_tl`, in two passes over the blocks: each model's
+    numbers of shared and unique entries (integers: the blocks' counts add up to the tensor's exactly, in any
+    order), then the factors ``lambda_i`` and the merge pass. Never a tensor-sized temporary."""
+    out, passes = _overlap_passes(inp)
+    if out.numel() == 0:
+        return out
+    per_block: dict[int, list[tuple[int, int]]] = {}
+
+    def count_block(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        masks = ops.active_masks(taus, p.epsilon)
+        per_block[j] = ops.shared_unique_counts(masks, ops.active_count(masks, b.dtype))
+
+    passes(count_block)
+    totals = [(sum(c[i][0] for c in per_block.values()), sum(c[i][1] for c in per_block.values()))
+              for i in range(len(inp.experts))]
+    scales = [ops.unique_scale(s, u, p.r, p.alpha) for s, u in totals]
+    return _overlap(p.epsilon, scales, passes, out)
+
+
 #: The torch back-end's kernels, by method: block kernels tested against the catalog's references
 #: (tests/test_streaming.py). A catalog method without one runs as its reference, on whole tensors.
 KERNELS: dict[str, Kernel] = {
@@ -950,4 +1020,6 @@ KERNELS: dict[str, Kernel] = {
     "nearswap": nearswap,
     "arcee_fusion": arcee_fusion,
     "passthrough": passthrough,
+    "ram": ram,
+    "ramplus_tl": ramplus_tl,
 }

@@ -26,8 +26,9 @@ validate a spec, or to merge with the numpy back-end, does not import torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -496,6 +497,31 @@ class PassthroughParams(MethodParams):
     scale: float = Field(1.0, description="factor applied to the model's tensors (mergekit's per-model scale)")
 
 
+class RamParams(MethodParams):
+    epsilon: float = Field(1e-5, ge=0.0, description="|tau| above which an entry counts as changed by a model")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon_finite(cls, v: float) -> float:
+        return _finite_value(v, "epsilon")
+
+
+class RamPlusParams(RamParams):
+    r: float = Field(0.1, ge=0.0, description="strength of the unique entries' rescaling")
+    alpha: float = Field(0.2, ge=0.0, description="cap of the overlap ratio rho in the rescaling")
+
+    @field_validator("r", "alpha")
+    @classmethod
+    def _finite(cls, v: float, info: Any) -> float:
+        return _finite_value(v, info.field_name)
+
+
+def _finite_value(v: float, name: str) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
 def della_pruned(taus: list[torch.Tensor], inp: TensorInputs, p: DellaLinearParams) -> list[torch.Tensor]:
     """DELLA's MAGPRUNE of each task vector (:func:`mergelab.ops.magprune`), masks seeded by (``seed``, expert
     index, tensor name) as DARE's."""
@@ -678,6 +704,48 @@ def passthrough(inp: TensorInputs, p: PassthroughParams) -> torch.Tensor:
     return x.clone() if p.scale == 1.0 else x * p.scale
 
 
+def ram_split(inp: TensorInputs, epsilon: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """RAM's split of one tensor (:mod:`mergelab.ops.overlap`): the task vectors ``tau_i``, the masks
+    ``m_ij = |tau_ij| > epsilon`` and the counts ``c_j = sum_i m_ij``."""
+    taus = inp.task_vectors()
+    masks = ops.active_masks(taus, epsilon)
+    return taus, masks, ops.active_count(masks, taus[0].dtype)
+
+
+def ram(inp: TensorInputs, p: RamParams) -> torch.Tensor:
+    """RAM, Reinforced Agent Merging (Yuan et al. 2026, arXiv 2601.13572; mergekit's ``ram``), entry by entry:
+
+    ``theta = theta_0 + sum_i m_ij * (tau_ij if c_j = 1 else tau_ij / c_j)``, ``m_ij = [|tau_ij| > epsilon]``,
+    ``c_j = sum_i m_ij``: an entry only one model changed keeps that model's change, an entry several changed
+    takes their mean, an entry with ``|tau_ij| <= epsilon`` for every model stays at theta_0
+    (:func:`mergelab.ops.overlap_merge`). Models changed by RL are sparse and mostly disjoint, and a plain
+    average would divide each unique change by N. Default ``epsilon`` 1e-5: the authors' code
+    (github.com/xiangchi-yuan/mrl, ``--threshold``) and mergekit. The models' weights are not used (as the paper
+    and mergekit).
+    """
+    taus, masks, count = ram_split(inp, p.epsilon)
+    return _base(inp) + ops.overlap_merge(taus, masks, count)
+
+
+def ramplus_tl(inp: TensorInputs, p: RamPlusParams) -> torch.Tensor:
+    """RAM+ with per-tensor ratios (mergekit's ``ramplus_tl``, "tensor-local"; Yuan et al. 2026,
+    arXiv 2601.13572): RAM (:func:`ram`) with model i's unique entries scaled by
+
+    ``lambda_i = 1 + r * clamp(rho_i, 0, alpha)``, ``rho_i = S_i / U_i``,
+
+    ``S_i`` and ``U_i`` the numbers of this tensor's entries model i changed that others changed too (shared)
+    and that only it changed (unique) (:func:`mergelab.ops.shared_unique_counts`,
+    :func:`mergelab.ops.unique_scale`): a model whose changes overlap more lost more to the averaging, and its
+    unique entries are boosted to compensate. Defaults ``r`` 0.1, ``alpha`` 0.2 (so ``lambda <= 1.02``) and
+    ``epsilon`` 1e-5 are mergekit's. The paper's RAM+ (the authors' code, ``arm-r-v2``) counts S_i and U_i over
+    the whole model and uses ``1 + (R - 1) min(rho_i, 1)`` with ``R`` 1.05 by default (1.2 in its README's
+    example), i.e. ``r = R - 1``, ``alpha = 1`` in this formula; the whole-model ratio is not implemented here.
+    """
+    taus, masks, count = ram_split(inp, p.epsilon)
+    scales = [ops.unique_scale(s, u, p.r, p.alpha) for s, u in ops.shared_unique_counts(masks, count)]
+    return _base(inp) + ops.overlap_merge(taus, masks, count, scales)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -732,6 +800,10 @@ METHODS: dict[str, Method] = {
                ArceeFusionParams, arcee_fusion, max_models=1, uses_weights=False, combination="interpolation"),
         Method("passthrough", "copy the one model (times scale)", PassthroughParams, passthrough,
                needs_base=False, max_models=1, uses_weights=False, combination="mean"),
+        Method("ram", "Reinforced Agent Merging: unique changes kept, shared changes averaged", RamParams, ram,
+               uses_weights=False, combination="disjoint_mean"),
+        Method("ramplus_tl", "RAM with unique changes rescaled by each model's per-tensor overlap ratio (RAM+)",
+               RamPlusParams, ramplus_tl, uses_weights=False, combination="disjoint_mean"),
     )
 }
 
@@ -739,5 +811,5 @@ MethodName = Literal[
     "weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "slerp",
     "tsv_merge", "iso_c", "iso_cts",
     "della", "della_linear", "breadcrumbs_ties", "sce", "nuslerp", "multislerp", "karcher", "nearswap",
-    "arcee_fusion", "passthrough",
+    "arcee_fusion", "passthrough", "ram", "ramplus_tl",
 ]

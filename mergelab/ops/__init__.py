@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Gram", "combine", "gram", "gram_from_partials", "gram_partials", "karcher_coefficients",
                      "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_rows"), "spherical"),
     **dict.fromkeys(("energy_weights", "expert_variance", "select_count", "select_mask"), "sce"),
+    **dict.fromkeys(("active_count", "active_masks", "overlap_merge", "shared_unique_counts", "unique_scale"),
+                    "overlap"),
     **dict.fromkeys(("fusion_importance", "fusion_row_divergence", "fusion_rows", "fusion_threshold", "nearswap",
                      "quantile_ranks"), "fusion"),
     **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "drop", "keep_top", "keep_top_into", "magprune",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
         nearswap,
         quantile_ranks,
     )
+    from mergelab.ops.overlap import active_count, active_masks, overlap_merge, shared_unique_counts, unique_scale
     from mergelab.ops.sce import energy_weights, expert_variance, select_count, select_mask
     from mergelab.ops.selection import keep_count
     from mergelab.ops.spectral import (
