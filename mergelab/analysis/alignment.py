@@ -55,7 +55,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from mergelab.analysis.landscape import linear_interpolation
 from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.models.resnet import BasicBlock, ConvBN, ResNetBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +188,6 @@ def resnet_permutation_spec(backbone: nn.Module, permute_output: bool = False) -
     Built by walking the module structure (stem, ``layer1..3`` of ``BasicBlock`` s with identity or
     ``ConvBN`` projection shortcuts); raises :class:`UnsupportedArchitectureError` on anything else.
     """
-    from mergelab.models.resnet import BasicBlock, ConvBN, ResNetBackbone
-
     if not isinstance(backbone, ResNetBackbone):
         raise UnsupportedArchitectureError(f"expected a ResNetBackbone, got {type(backbone).__name__}")
     axes: dict[str, tuple[str | None, ...]] = {}
@@ -234,7 +234,6 @@ def permutation_spec(model: nn.Module, permute_output: bool | None = None) -> Pe
             axes["head.weight"] = (None, inner.output_perm)
         return PermutationSpec(axes, output_perm=None)
     po = bool(permute_output)
-    from mergelab.models.resnet import ResNetBackbone
 
     if isinstance(model, ResNetBackbone):
         return resnet_permutation_spec(model, po)
@@ -432,8 +431,6 @@ def aligned_interpolation(
     """``(naive, aligned)`` :class:`mergelab.analysis.landscape.PathResult` s of ``(1-a) A + a B`` before and
     after aligning B to A; ``kwargs`` go to :func:`mergelab.analysis.landscape.linear_interpolation`.
     """
-    from mergelab.analysis.landscape import linear_interpolation
-
     aligned = align(model_a, model_b)
     return (
         linear_interpolation(model_a, model_b, tasks, alphas, **kwargs),

@@ -63,6 +63,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mergelab.training.schedule import lr_factor
+
 log = logging.getLogger(__name__)
 
 FORM = "derived"
@@ -85,8 +87,6 @@ MergeRule = Literal["mean", "task_arithmetic", "weighted"]
 def schedule_moments(steps: int, schedule: str = "constant", warmup_frac: float = 0.0, decay_frac: float = 0.2,
                      min_lr_ratio: float = 0.0) -> tuple[float, float]:
     """``(m1, m2) = (mean_t f(t), mean_t f(t)^2)`` of the training module's learning-rate schedule factor."""
-    from mergelab.training.schedule import lr_factor
-
     f = np.array([lr_factor(t, steps, schedule, warmup_frac, decay_frac, min_lr_ratio) for t in range(steps)])
     return float(f.mean()), float((f * f).mean())
 

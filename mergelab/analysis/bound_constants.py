@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab.analysis.bound import BoundConstants
 from mergelab.errors import SpecError
 from mergelab.untrusted_input import read_json_file
 
@@ -33,8 +34,6 @@ class LoadedConstants:
 
     @property
     def constants(self) -> Any:
-        from mergelab.analysis.bound import BoundConstants
-
         return BoundConstants(self.c_opt, self.c_stab)
 
     @property

@@ -75,6 +75,7 @@ from scipy import optimize, stats
 
 from mergelab.analysis.bound import FORM
 from mergelab.analysis.excess_bound import EXCESS_TERMS, ExcessConstants
+from mergelab.analysis.statistics import jackknife
 
 FitMethod = Literal["nnls", "ols"]
 FitForm = Literal["linear", "log"]
@@ -345,8 +346,6 @@ def task_jackknife(statistic: Callable[[np.ndarray], float], memberships: Sequen
     ``fisher_z``: jackknife ``atanh`` of the statistic (for a correlation) and map the interval back with
     ``tanh``. A replicate that is not finite (or fewer than 2 tasks) gives a NaN interval: undecided.
     """
-    from mergelab.analysis.statistics import jackknife
-
     member = [set(ms) for ms in memberships]
     tasks = sorted({t for ms in member for t in ms})
 

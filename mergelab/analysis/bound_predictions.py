@@ -108,6 +108,7 @@ def _sub_pool(pool: BoundPool, idx: Sequence[int]) -> BoundPool:
     ex = [pool.experts[i] for i in idx]
     gram = None
     if pool.gram is not None:
+        # deferred: torch (estimators); the bound's modules import numpy only
         from mergelab.analysis.estimators import heterogeneity_from_gram
 
         gram = np.asarray(pool.gram)[np.ix_(idx, idx)]

@@ -29,6 +29,7 @@ pool, its members, features and measurements, the fit and the baselines), ``cali
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -43,17 +44,31 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from scipy import stats
 
+from mergelab.analysis.bound import evaluate_bound
+from mergelab.analysis.bound_constants import CONSTANTS_FORMAT
+from mergelab.analysis.calibration import bound_features, calibrate, fit_constants, predict_losses, split_indices
+from mergelab.analysis.diagnostics import to_jsonable
+from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
+from mergelab.analysis.pool_experts import has_fingerprints, stale_reason
+from mergelab.analysis.theory_at_init import ExpertAtInit, measure_expert_at_init, pool_measurement
 from mergelab.atomic_files import open_atomic, write_text_atomic
 from mergelab.errors import SpecError
+from mergelab.evaluation import evaluate
+from mergelab.merging import merge
+from mergelab.models import read_backbone_state
+from mergelab.models.paths import arch_dir, pretrained_dir
+from mergelab.models.pretraining import read_pretrained
 from mergelab.output_paths import refuse_overlap
+from mergelab.report.markdown import fmt, markdown_table
+from mergelab.training.result import read_expert
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure as MplFigure
 
     from mergelab.analysis.bound import BoundPool
     from mergelab.analysis.calibration import CalibrationResult
-    from mergelab.analysis.theory_at_init import ExpertAtInit
     from mergelab.training.result import ExpertResult
 
 log = logging.getLogger(__name__)
@@ -122,11 +137,6 @@ def discover_experts(arch: str, cache_dir: PathLike | None = None, tasks: Sequen
                      ) -> tuple[Path, list[ExpertResult], list[str]]:
     """``(pretrained folder, experts, notes)``: the complete cached experts of ``arch`` fine-tuned from the
     current pretrained backbone, sorted by task then spec hash; ``notes`` say what was skipped."""
-    from mergelab.models.paths import arch_dir, pretrained_dir
-    from mergelab.analysis.pool_experts import has_fingerprints, stale_reason
-    from mergelab.models.pretraining import read_pretrained
-    from mergelab.training.result import read_expert
-
     pre = read_pretrained(arch, cache_dir)
     if pre is None:
         raise SpecError(f"no pretrained {arch} backbone in {pretrained_dir(arch, cache_dir)}; build the zoo with "
@@ -172,8 +182,6 @@ def draw_pools(n_experts: int, pools: int, min_size: int, max_size: int, seed: i
     total = sum(math.comb(n_experts, k) for k in range(min_size, hi + 1))
     rng = np.random.default_rng(seed)
     if total <= pools:
-        import itertools
-
         every = [c for k in range(min_size, hi + 1) for c in itertools.combinations(range(n_experts), k)]
         return [every[i] for i in rng.permutation(len(every))]
     out: list[tuple[int, ...]] = []
@@ -200,9 +208,6 @@ def expert_measurements(base_path: Path, experts: Sequence[ExpertResult], cfg: S
                         cache: Path | None = None, say: Any = None) -> tuple[list[ExpertAtInit], int]:
     """Per-expert theta_0 measurements, read from / written to ``cache`` (one ``.pt`` file per expert and
     settings). Returns ``(measurements, number measured now)``."""
-    from mergelab.analysis.theory_at_init import ExpertAtInit, measure_expert_at_init
-    from mergelab.models import read_backbone_state
-
     base_state = None
     out, fresh = [], 0
     for i, e in enumerate(experts):
@@ -231,9 +236,6 @@ def expert_measurements(base_path: Path, experts: Sequence[ExpertResult], cfg: S
 def pool_bound(inits: Sequence[ExpertAtInit], experts: Sequence[ExpertResult], name: str = "") -> BoundPool:
     """The :class:`~mergelab.analysis.bound.BoundPool` of a simple-average merge of ``experts`` *(derived)*:
     heterogeneity from the pool's own task gradients, ``L = max_i L_i``."""
-    from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
-    from mergelab.analysis.theory_at_init import pool_measurement
-
     meas = pool_measurement(inits)
     return bound_pool(meas, experts, merge_coefficients("weight_average", {}, [1.0] * len(experts)), name=name)
 
@@ -242,9 +244,6 @@ def merged_loss(base_path: Path, experts: Sequence[ExpertResult], *, reset_bn: b
                 device: str = "cpu", workdir: PathLike | None = None) -> dict[str, Any]:
     """Merge ``experts`` by simple averaging with :func:`mergelab.merging.merge` (a real merge, into a temporary
     folder) and evaluate it on their tasks' test splits. Returns the mean loss and the per-task rows."""
-    from mergelab.merging import merge
-    from mergelab.evaluation import evaluate
-
     spec = {"method": "weight_average", "base": str(base_path), "models": [str(e.path) for e in experts],
             "device": device if device in ("cpu", "cuda") else "cpu"}
     with tempfile.TemporaryDirectory(prefix="mergelab-calib-", dir=workdir) as tmp:
@@ -295,8 +294,6 @@ class StudyResult:
     paths: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from mergelab.analysis.diagnostics import to_jsonable
-
         return to_jsonable({
             "form": "derived",
             "measured": MEASURED,
@@ -313,8 +310,6 @@ class StudyResult:
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    from scipy import stats
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
@@ -323,8 +318,6 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def _repeated_splits(features: np.ndarray, sizes: np.ndarray, y: np.ndarray, cfg: StudyConfig) -> dict[str, Any]:
     """Held-out Spearman over ``cfg.repeats`` random splits: calibrated bound, raw bound, pool size."""
-    from mergelab.analysis.calibration import fit_constants, predict_losses, split_indices
-
     m = len(y)
     if cfg.repeats <= 0 or m < 4:
         return {"repeats": 0}
@@ -354,8 +347,6 @@ def _repeated_splits(features: np.ndarray, sizes: np.ndarray, y: np.ndarray, cfg
 def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = None, progress: bool = False
               ) -> StudyResult:
     """Run the calibration study of the module docstring and write its files into ``out``."""
-    from mergelab.analysis.calibration import bound_features, calibrate, split_indices
-
     def say(msg: str) -> None:
         if progress:
             print(f"  {msg}", file=sys.stderr, flush=True)
@@ -399,7 +390,6 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
                                   meas["normalized_accuracy"], tasks=meas["tasks"], seconds=time.perf_counter() - t1))
     seconds["merges"] = time.perf_counter() - t0
     feats = bound_features(bpools)
-    from mergelab.analysis.bound import evaluate_bound
 
     for rec, bp, f in zip(records, bpools, feats):
         rec.opt, rec.gen, rec.raw_bound = float(f[0]), float(f[1]), float(f.sum())
@@ -409,7 +399,6 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
     tr, te = split_indices(len(records), cfg.holdout, seed=cfg.seed)
     result = calibrate([bpools[i] for i in tr], y[tr], [bpools[i] for i in te], y[te],
                        method=cfg.fit_method, floor=cfg.floor)
-    from mergelab.analysis.calibration import predict_losses
 
     pred_all = predict_losses(feats, result.constants, result.floor)
     for k, rec in enumerate(records):
@@ -449,9 +438,6 @@ def run_study(cfg: StudyConfig, out: PathLike, *, cache_dir: PathLike | None = N
 # -------------------------------------------------------------------------------------------------- outputs
 def constants_payload(res: StudyResult) -> dict[str, Any]:
     """The ``constants.json`` content (format :data:`mergelab.analysis.bound_constants.CONSTANTS_FORMAT`)."""
-    from mergelab.analysis.diagnostics import to_jsonable
-    from mergelab.analysis.bound_constants import CONSTANTS_FORMAT
-
     c = res.calibration
     return to_jsonable({
         "format": CONSTANTS_FORMAT,
@@ -481,6 +467,7 @@ def write_study(res: StudyResult, out: Path) -> None:
     res.paths = paths
     write_text_atomic(out / "constants.json", json.dumps(constants_payload(res), indent=2, allow_nan=False) + "\n")
     try:
+        # deferred: matplotlib (a heavy load) only when a figure is drawn
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -495,6 +482,7 @@ def write_study(res: StudyResult, out: Path) -> None:
 
 
 def plot_study(res: StudyResult) -> MplFigure:
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=(10, 4))
@@ -519,6 +507,7 @@ def plot_study(res: StudyResult) -> MplFigure:
     ax0.set_title(f"(derived) calibrated: held-out Spearman {rho}", fontsize=9)
     ax0.legend(fontsize=7)
     ax1.set_xscale("log")
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.ticker import NullFormatter
 
     ax1.xaxis.set_minor_formatter(NullFormatter())
@@ -529,14 +518,10 @@ def plot_study(res: StudyResult) -> MplFigure:
 
 
 def _f(x: Any, d: int = 3) -> str:
-    from mergelab.report.markdown import fmt
-
     return fmt(x, d)
 
 
 def study_markdown(res: StudyResult) -> str:
-    from mergelab.report.markdown import markdown_table
-
     c = res.calibration
     b = res.baselines
     rep = res.repeats

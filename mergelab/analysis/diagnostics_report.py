@@ -185,6 +185,7 @@ def _layer_axis(ax: Any, names: Sequence[str]) -> None:
 
 def plot_cosine(diag: PoolDiagnostics, labels: Sequence[str]) -> MplFigure:
     """Heatmap of the whole-model pairwise cosine similarity of the task vectors."""
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.figure import Figure as MplFigure
 
     n = diag.n_experts
@@ -209,6 +210,7 @@ def plot_cosine(diag: PoolDiagnostics, labels: Sequence[str]) -> MplFigure:
 
 def plot_conflicts(diag: PoolDiagnostics) -> MplFigure:
     """Per-layer sign-conflict rates (pool and mean pairwise) with the pool rate's chance level."""
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.figure import Figure as MplFigure
 
     names = [layer.name for layer in diag.layers]
@@ -232,6 +234,7 @@ def plot_conflicts(diag: PoolDiagnostics) -> MplFigure:
 
 def plot_dispersion(diag: PoolDiagnostics) -> MplFigure:
     """Dispersion after each operator relative to before: whole model (bars) and per tensor (markers)."""
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.figure import Figure as MplFigure
 
     ops = [op for op in OPERATORS if op in diag.total.operators]

@@ -54,6 +54,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mergelab.evaluation.bn import reset_bn_statistics
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +281,6 @@ def hessian_top_eigenvalue(
     dim = sum(p.numel() for p in params)
     # Hessian-vector products differentiate twice: attention must use the math kernel (the fused CPU kernels
     # have no double backward, e.g. vit_s's scaled_dot_product_attention)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with modules_in_mode(model, train_mode), sdpa_kernel([SDPBackend.MATH]):
         batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -355,8 +358,6 @@ def _per_sample_vmap(
     model: nn.Module, chosen: list[tuple[str, nn.Parameter]], loss_fn: LossFn
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``(xb, yb) -> (per-sample flat grads [b, P], per-sample losses [b])`` with torch.func."""
-    from torch.func import functional_call, grad_and_value, vmap
-
     names = [k for k, _ in chosen]
     diff = {k: p.detach() for k, p in chosen}
     rest = {k: p.detach() for k, p in model.named_parameters() if k not in diff}
@@ -649,8 +650,6 @@ def measure_tasks(
     for i, ((x, y), head) in enumerate(zip(data, heads)):
         bb = copy.deepcopy(backbone)
         if adapt_bn:
-            from mergelab.evaluation.bn import reset_bn_statistics
-
             reset_bn_statistics(bb, x, seed=seed)
         model = _TaskModel(bb, copy.deepcopy(head))
         backbone_names = [k for k, p in model.named_parameters() if k.startswith("backbone.") and p.requires_grad]

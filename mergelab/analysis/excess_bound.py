@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mergelab.analysis.bound import FORM, BoundPool, evaluate_bound, per_expert_stability
+from mergelab.methods import get_method
 from mergelab.methods.catalog import METHODS
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,10 @@ def merge_operator_vectors(method: str, parameters: Mapping[str, Any], taus: Seq
     whole-model trim is applied to the concatenated task vector. Other methods return ``"identity"`` and
     the task vectors unchanged.
     """
+    # deferred: torch and diagnostics (the torch back-end); the bound's modules import numpy only
     import torch
 
     from mergelab.analysis.diagnostics import DiagnosticsConfig, apply_operator
-    from mergelab.methods import get_method
 
     op = MERGE_OPERATORS.get(method)
     if op is None:

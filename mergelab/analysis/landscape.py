@@ -59,7 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergelab.atomic_files import open_atomic
 from mergelab.errors import SpecError, TensorMismatchError
+from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.report.figure_text import literal
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -358,8 +360,6 @@ class _Evaluator:
         return _matched_state(self.ref_state, _state_of(model), label)
 
     def _reset(self, x: torch.Tensor) -> None:
-        from mergelab.evaluation.bn import reset_bn_statistics
-
         reset_bn_statistics(self.work, x, batch_size=self.bn_batch_size, num_batches=self.bn_batches)
 
     def __call__(self, state: Mapping[str, torch.Tensor], where: str) -> dict[str, tuple[float, float]]:
@@ -769,6 +769,7 @@ def _dev(device: torch.device | str | None) -> torch.device | None:
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax  # type: ignore[return-value]
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -780,8 +781,6 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 def _save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Save atomically (:func:`~mergelab.atomic_files.open_atomic`) in the format the suffix names (PNG
     without one), as ``fig.savefig(path)`` would."""
-    from mergelab.atomic_files import open_atomic
-
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
     with open_atomic(path, "wb") as fh:
         fig.savefig(fh, format=fmt, dpi=120)

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mergelab.analysis.bound import BoundPool
 from mergelab.errors import SpecError
+from mergelab.methods import get_method
 from mergelab.methods.catalog import METHODS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.analysis.bound import BoundPool
     from mergelab.analysis.estimators import PoolMeasurement
     from mergelab.training.result import ExpertResult
 
@@ -49,8 +50,6 @@ def merge_coefficients(method: str, parameters: Mapping[str, Any], weights: Sequ
         raise SpecError("models: the bound needs nonnegative merge weights with a positive sum")
     lam = 1.0
     try:
-        from mergelab.methods import get_method
-
         params = get_method(method).parse_params(dict(parameters))
         lam = float(getattr(params, "lambda_", 1.0))
     except Exception:  # noqa: BLE001 - data-informed methods are not in the data-free registry
@@ -88,8 +87,6 @@ def merge_coefficients(method: str, parameters: Mapping[str, Any], weights: Sequ
 def bound_pool(measurement: PoolMeasurement, experts: Sequence[ExpertResult], coefficients: MergeCoefficients,
                name: str = "") -> BoundPool:
     """The :class:`~mergelab.analysis.bound.BoundPool` of ``experts`` measured by ``measurement`` *(derived)*."""
-    from mergelab.analysis.bound import BoundPool
-
     if not (measurement.smoothness > 0 and math.isfinite(measurement.smoothness)):
         raise SpecError("the bound needs the smoothness L: run with at least one Hessian power iteration")
     return BoundPool.from_measurement(measurement, experts, merge=coefficients.rule,  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.analysis.estimators import LossFn, gradient_statistics, sample_indices
+from mergelab.training.augment import random_affine
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,6 @@ def measured_noise_scale(
     idx = sample_indices(len(x), max_samples, seed)
     xs, ys = x[idx], y[idx]
     if use_aug:
-        from mergelab.training.augment import random_affine
-
         xs = random_affine(xs, seed, 0)
     stats = gradient_statistics(model, xs, ys, loss_fn, param_names=param_names, seed=seed)
     return effective_noise_scale(expert, trace_sigma=stats.sigma2)

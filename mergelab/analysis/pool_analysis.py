@@ -51,11 +51,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from mergelab.analysis.bound import evaluate_bound
 from mergelab.analysis.bound_constants import LoadedConstants
+from mergelab.analysis.bound_predictions import predict_trends, recommend
+from mergelab.analysis.cka import features, linear_cka
+from mergelab.analysis.landscape import EvalTask, linear_interpolation, task_arithmetic_path, task_arithmetic_state
 from mergelab.analysis.merge_coefficients import MergeCoefficients, bound_pool, merge_coefficients
 from mergelab.analysis.pool_experts import PoolExperts, resolve_pool, task_samples
 from mergelab.analysis.theory_at_init import ExpertAtInit, measure_expert_at_init, pool_measurement
 from mergelab.errors import SpecError
+from mergelab.evaluation.bn import reset_bn_statistics
+from mergelab.models import build_backbone, load_backbone_state, load_head, read_backbone_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergelab.analysis.bound import BoundPool, BoundReport
@@ -147,8 +153,6 @@ class PoolDataAnalysis:
 
 
 def _module_with(arch: str, state: Mapping[str, torch.Tensor], source: str) -> torch.nn.Module:
-    from mergelab.models import build_backbone, load_backbone_state
-
     m = build_backbone(arch)
     load_backbone_state(m, state, source=source)
     return m.eval()
@@ -165,10 +169,6 @@ def analyze_pool_data(
     progress: bool = False,
 ) -> PoolDataAnalysis:
     """Run the data-dependent analyses of the module docstring for a merge spec whose models are experts."""
-    from mergelab.analysis.bound import evaluate_bound
-    from mergelab.analysis.bound_predictions import predict_trends, recommend
-    from mergelab.models import load_head, read_backbone_state
-
     opts = options or DataAnalysisOptions()
     consts = constants or LoadedConstants()
     say = _progress(progress)
@@ -221,7 +221,6 @@ def analyze_pool_data(
 
     # ---- landscape and CKA: evaluation samples of each analysed task through its expert's head
     t0 = time.perf_counter()
-    from mergelab.analysis.landscape import EvalTask
 
     dev = None if opts.device is None else torch.device(opts.device)
     heads = {t: load_head(pool.head_for(t), None).eval() for t in dict.fromkeys(pool.tasks + [e.task for e in pool.experts])}
@@ -235,8 +234,6 @@ def analyze_pool_data(
     expert_states = [read_backbone_state(e.backbone_path) for e in pool.experts]
     base_module = _module_with(pool.arch, base_state, str(pool.base_path))
     if opts.landscape:
-        from mergelab.analysis.landscape import linear_interpolation, task_arithmetic_path
-
         grid = np.linspace(0.0, 1.0, opts.grid)
         if not np.any(np.isclose(grid, 0.5)):
             grid = np.sort(np.append(grid, 0.5))
@@ -272,9 +269,6 @@ def _cka(pool: PoolExperts, base_module: torch.nn.Module, base_state: Mapping[st
          expert_states: Sequence[Mapping[str, torch.Tensor]], samples: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
          spec: MergeSpec, opts: DataAnalysisOptions) -> tuple[dict[str, Any], float]:
     """Linear CKA of penultimate features on one fixed batch: every expert vs the TA merge and vs theta_0."""
-    from mergelab.analysis.cka import features, linear_cka
-    from mergelab.analysis.landscape import task_arithmetic_state
-
     n = len(expert_states)
     lam = None
     if "lambda" in spec.parameters or "lambda_" in spec.parameters:
@@ -292,8 +286,6 @@ def _cka(pool: PoolExperts, base_module: torch.nn.Module, base_state: Mapping[st
         merged.to(dev)
         base_module = base_module.to(dev)
     if opts.bn == "reset":
-        from mergelab.evaluation.bn import reset_bn_statistics
-
         x_train = torch.cat([task_samples(t, "train", max(opts.samples_per_task, 128), opts.seed + 1)[0]
                              for t in pool.tasks])
         reset_bn_statistics(merged, x_train, seed=opts.seed)

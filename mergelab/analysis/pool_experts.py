@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def expert_folder(path: str | Path) -> Path | None:
     """The expert folder ``path`` is (or whose ``backbone.safetensors`` it is), or ``None`` if it is no expert."""
+    # deferred: training and tasks load the task suite; `mergelab analyze` imports this module on its data-free path
     from mergelab.training.result import read_expert
 
     p = Path(path)
@@ -33,6 +34,7 @@ def expert_folder(path: str | Path) -> Path | None:
 def expert_training_data(expert: ExpertResult) -> Any:
     """The expert's training data as fine-tuning loaded it: the task, subset to ``data_ratio`` with
     ``data_seed`` (:func:`mergelab.training.finetuning.load_task_data`)."""
+    # deferred: the task suite, see expert_folder
     from mergelab.training.finetuning import load_task_data
 
     return load_task_data(expert.spec)
@@ -42,6 +44,7 @@ def stale_reason(expert: ExpertResult) -> str | None:
     """Why ``expert`` no longer matches its task as the task suite builds it now (a task whose generator changed
     after the expert was trained), or ``None`` when it matches. Compares the data fingerprints the sidecar
     records when it has them, else the class count and split sizes."""
+    # deferred: the task suite, see expert_folder
     from mergelab.tasks import get_task
 
     try:
@@ -51,6 +54,7 @@ def stale_reason(expert: ExpertResult) -> str | None:
     diffs = []
     recorded = (getattr(expert, "train_fingerprint", None), getattr(expert, "test_fingerprint", None))
     if all(recorded):
+        # deferred: the task suite, see expert_folder
         from mergelab.training.finetuning import fingerprints
 
         if tuple(fingerprints(expert_training_data(expert))) != recorded:
@@ -97,6 +101,7 @@ def resolve_pool(spec: MergeSpec, data: DataSpec, *, source: str = "spec") -> Po
     """Read the spec's experts for the data analysis, raising :class:`SpecError` with a clear message when
     a model is not a zoo expert folder, the experts mix architectures, the base is missing, or ``data.tasks``
     names a task no expert of the pool was fine-tuned on (its head and data would be needed)."""
+    # deferred: the task suite, see expert_folder
     from mergelab.training.result import load_expert
 
     if spec.base is None:
@@ -166,6 +171,7 @@ def task_samples(task: str, split: str, n: int, seed: int, data: Any = None) -> 
     :meth:`mergelab.methods.data_informed.context.MergeContext.samples`); ``data`` is a preloaded
     :class:`~mergelab.tasks.TaskData` (e.g. an expert's training subset)."""
     if data is None:
+        # deferred: the task suite, see expert_folder
         from mergelab.tasks import get_task
 
         data = get_task(task)

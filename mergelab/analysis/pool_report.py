@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mergelab.analysis.bound import BOUND_FORMULA, FORM, SOURCE
 from mergelab.analysis.diagnostics import to_jsonable
 from mergelab.analysis.pool_analysis import PoolDataAnalysis, nonfinite_points
 from mergelab.analysis.pool_report_plots import (
@@ -92,7 +93,6 @@ def _theory_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
 
 
 def _bound_section(a: PoolDataAnalysis) -> tuple[str, dict[str, Any]]:
-    from mergelab.analysis.bound import BOUND_FORMULA, FORM, SOURCE
     c = a.constants
     head = [
         "**(derived)** This bound is our own derivation from the stated dependencies of the stability framework "

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mergelab.analysis.landscape import plot_interpolation
 from mergelab.analysis.pool_analysis import PoolDataAnalysis
 from mergelab.report.figure_text import literal
 
@@ -21,6 +22,7 @@ HP_LABELS = {"K": "steps K", "eta": "learning rate eta", "b": "batch size b", "n
 
 
 def _new_fig(w: float, h: float) -> MplFigure:
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.figure import Figure as MplFigure
 
     return MplFigure(figsize=(w, h))
@@ -94,6 +96,7 @@ def plot_trends(a: PoolDataAnalysis) -> MplFigure:
         ax.set_xscale("log")
         if all(v > 0 for v in list(t.bound) + list(t.opt) + list(t.gen)):
             ax.set_yscale("log")
+        # deferred: matplotlib (a heavy load) only when a figure is drawn
         from matplotlib.ticker import NullFormatter
 
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -106,8 +109,6 @@ def plot_trends(a: PoolDataAnalysis) -> MplFigure:
 
 
 def plot_paths(path: PathResult, title: str) -> MplFigure:
-    from mergelab.analysis.landscape import plot_interpolation
-
     fig = _new_fig(10.0, 3.6)
     ax0, ax1 = fig.subplots(1, 2)
     plot_interpolation(path, "loss", ax=ax0)

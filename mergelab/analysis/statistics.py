@@ -91,6 +91,7 @@ class Estimate:
 
     def critical(self, alpha: float = ALPHA) -> float:
         """Two-sided critical value ``t_{df}(1 - alpha/2)`` (the normal's when ``df`` is infinite); NaN if df < 1."""
+        # deferred: scipy.stats (a heavy load); evaluation.task_suite imports this module for pack_outcomes only
         from scipy import stats
 
         if not self.df >= 1:
@@ -106,6 +107,7 @@ class Estimate:
 
     def p_value(self) -> float:
         """Two-sided p-value of ``value = 0`` (t or normal reference); NaN when the error is not estimable."""
+        # deferred: scipy.stats, see the first (in critical)
         from scipy import stats
 
         if not (math.isfinite(self.value) and math.isfinite(self.se) and self.df >= 1):
@@ -258,6 +260,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     """McNemar's exact two-sided p-value for ``b`` pairs where only the first is right and ``c`` where only the
     second is: the binomial test of ``b`` successes in ``b + c`` trials at 1/2, ``min(1, 2 P(X <= min(b, c)))``
     (1 when there are no discordant pairs)."""
+    # deferred: scipy.stats, see the first (in critical)
     from scipy import stats
 
     if b < 0 or c < 0:
@@ -354,6 +357,7 @@ def rank_correlation_test(x: Sequence[float], y: Sequence[float], *, draws: int 
     test enumerates every pairing and is exact; otherwise ``draws`` random pairings (seeded, reproducible) give
     ``p = (1 + #{|rho*| >= |rho|}) / (draws + 1)``. Non-finite pairs are dropped; fewer than 3 pairs, or a
     constant side, give ``(nan, nan)``: no test, undecided."""
+    # deferred: scipy.stats, see the first (in critical)
     from scipy import stats
 
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

@@ -28,6 +28,10 @@ from mergelab.analysis.estimators import (
 )
 from mergelab.analysis.noise_scale import NoiseScaleReport, effective_noise_scale, measured_noise_scale
 from mergelab.analysis.pool_experts import expert_training_data, task_samples
+from mergelab.evaluation.bn import reset_bn_statistics
+from mergelab.models import Classifier, build_backbone, load_backbone_state, load_head
+from mergelab.models.device import default_device
+from mergelab.training.finetuning import BN_ADAPT_BATCH, BN_ADAPT_BATCHES, initial_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from mergelab.training.result import ExpertResult
@@ -105,10 +109,6 @@ def initial_model(base_state: Mapping[str, torch.Tensor], expert: ExpertResult, 
     the linear probe; the task's frozen shared head; or the seeded zero/random head). ``heads="expert"`` loads
     the expert's final head (the BN statistics are re-estimated the same way).
     """
-    from mergelab.evaluation.bn import reset_bn_statistics
-    from mergelab.models import build_backbone, load_backbone_state, load_head
-    from mergelab.training.finetuning import BN_ADAPT_BATCH, BN_ADAPT_BATCHES, initial_head
-
     data = train_data if train_data is not None else expert_training_data(expert)
     backbone = build_backbone(expert.arch)
     load_backbone_state(backbone, base_state, source="base (theta_0)")
@@ -144,9 +144,6 @@ def measure_expert_at_init(
     one batch of all the samples (0: skipped); the measured noise scale over all parameters (backbone and
     head) at theta_0 (:func:`~mergelab.analysis.noise_scale.measured_noise_scale`).
     """
-    from mergelab.models import Classifier
-    from mergelab.models.device import default_device
-
     t0 = time.perf_counter()
     dev = default_device(device)
     backbone, head, data = initial_model(base_state, expert, heads)
