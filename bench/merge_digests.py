@@ -74,6 +74,8 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
     ("passthrough", {}, 1),
     ("ram", {}, 3),
     ("ramplus_tl", {"epsilon": 0.01, "r": 0.5, "alpha": 2.0}, 3),
+    ("ties", {"density": 0.5, "trim_scope": "tensor", "zero_sign": "positive"}, 3),
+    ("dare_ties", {"density": 1.0, "sign_election": "count", "zero_sign": "positive"}, 3),
 ]
 #: methods that take no per-model weights (merged with unit weights only)
 UNWEIGHTED = ("model_stock", "slerp", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl")

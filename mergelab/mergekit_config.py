@@ -23,7 +23,9 @@ mergekit                  native spec
 ``della_linear``          ``della_linear`` (as ``della``; ``normalize: true`` divides the weights)
 ``breadcrumbs_ties``      ``breadcrumbs_ties`` with ``sign_test: weighted``, ``disjoint_divisor: none`` (default)
                           or ``weight``; per-model ``density``, ``gamma``
-``sce``                   ``sce`` with ``select_topk``, ``min_energy: 1e-6``
+(the TIES family)          ``ties``, ``dare_ties``, ``della``, ``breadcrumbs_ties`` also get ``zero_sign: positive``
+                          (mergekit elects +1 where the sign sum is exactly 0)
+``sce``                   ``sce`` with ``select_topk``, ``min_energy: 1e-6``, ``zero_sign: positive``
 ``nuslerp``               ``nuslerp`` (``nuslerp_flatten`` -> ``flatten``, ``nuslerp_row_wise`` -> ``row_wise``;
                           task vectors when there is a ``base_model``)
 ``multislerp``            ``multislerp`` (``normalize_weights``, ``eps``; task vectors when there is a base)
@@ -397,7 +399,7 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         elif mk_method == "model_stock":
             params = {"extrapolate": True, "filter_wise": bool(mv("filter_wise"))}
         elif mk_method == "sce":
-            params = {"select_topk": float(mv("select_topk")), "min_energy": 1e-6}
+            params = {"select_topk": float(mv("select_topk")), "min_energy": 1e-6, "zero_sign": "positive"}
         elif mk_method == "karcher":
             params = {"max_iter": int(mv("max_iter")), "tol": float(mv("tol"))}
         elif mk_method == "nearswap":
@@ -444,7 +446,7 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
                     raise SpecError(f"{source}: rescale: true with {mk_method} (magnitude pruning rescaled to the "
                                     "L1 norm) is not supported")
                 if mk_method in _CONSENSUS:
-                    params.update(sign_election="mass", sign_test="weighted",
+                    params.update(sign_election="mass", sign_test="weighted", zero_sign="positive",
                                   disjoint_divisor="weight" if normalize else "none")
                     if mk_method == "ties":
                         params["trim_scope"] = "tensor"

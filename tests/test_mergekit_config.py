@@ -104,7 +104,7 @@ def test_ties_translates_with_mergekits_semantics(models):
         "models": [{"path": str(models["ft1"]), "weight": 0.5, "parameters": {"density": 0.5}},
                    {"path": str(models["ft2"]), "weight": 0.5, "parameters": {"density": 0.5}}],
         "parameters": {"disjoint_divisor": "none", "lambda": 1.0, "sign_election": "mass", "sign_test": "weighted",
-                       "trim_scope": "tensor"},
+                       "trim_scope": "tensor", "zero_sign": "positive"},
         "dtype": "bfloat16",
     }
     parse_spec(spec)
@@ -116,7 +116,7 @@ def test_dare_ties_defaults_and_base_listed_among_models(models):
                                  {"model": str(models["ft1"]), "parameters": {"density": 0.3, "weight": 1.0}}]})
     assert spec["models"] == [{"path": str(models["ft1"]), "weight": 1.0, "parameters": {"density": 0.3}}]
     assert spec["parameters"] == {"disjoint_divisor": "none", "lambda": 1.0, "rescale": "l1",
-                                  "sign_election": "mass", "sign_test": "weighted"}
+                                  "sign_election": "mass", "sign_test": "weighted", "zero_sign": "positive"}
 
 
 def test_ties_example_gradients_become_per_layer_overrides(models):
@@ -447,7 +447,8 @@ def test_della_translates_with_mergekits_semantics(models):
     assert spec["models"][0]["parameters"] == {"density": 0.5, "epsilon": 0.1}
     assert spec["models"][1]["parameters"] == {"density": 0.6, "epsilon": 0.15}  # mergekit's default epsilon
     assert spec["parameters"] == {"disjoint_divisor": "weight", "lambda": 0.9, "rescale": "l1",
-                                  "sign_election": "mass", "sign_test": "weighted", "spacing": "mergekit"}
+                                  "sign_election": "mass", "sign_test": "weighted", "spacing": "mergekit",
+                                  "zero_sign": "positive"}
     parse_spec(spec)
     spec = translate({"merge_method": "della_linear", "base_model": str(models["base"]),
                       "parameters": {"normalize": True, "rescale": False},

@@ -31,6 +31,16 @@ def run(name: str, base, experts, weights=None, params=None, *, tensor="layer.we
     return kernel(method)(TensorInputs(tensor, base, experts, weights, thresholds, compute_dtype), p)
 
 
+def _both(name: str, base, experts, params) -> torch.Tensor:
+    """The method's reference and its torch kernel on the same inputs, asserted equal; returns the result."""
+    method = get_method(name)
+    p = method.parse_params(params)
+    inp = TensorInputs("layer.weight", base, experts, [1.0] * len(experts))
+    out = kernel(method)(inp, p)
+    assert torch.equal(out, method.reference(inp, p)), name
+    return out
+
+
 def make(n_experts: int, shape=(6, 5), seed: int = 0, tau_scale: float = 1.0):
     g = _gen(seed)
     base = torch.randn(shape, generator=g)
@@ -168,6 +178,29 @@ def test_ties_hand_computed() -> None:
     # by count: entry 0 has votes (+, -) -> 0 -> nothing agrees -> 0; entry 1 votes (-, +) -> 0
     out = run("ties", base, experts, params={"density": 0.4, "trim_scope": "tensor", "sign_election": "count"})
     assert torch.allclose(out, torch.tensor([0.0, 0.0, 0.3, 0.3, 0.0]))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della", "sce"])
+def test_zero_sign_positive_keeps_the_positive_side_of_an_exact_tie(name: str) -> None:
+    """tau_1 = (1, 2, -3, 0.5, 0), tau_2 = -tau_1 except the last two: the sign sums (1, 1) are exactly 0 at
+    entries 0-2. ``zero_sign: drop`` (default) elects 0 there (merged 0); ``positive`` elects +1, so the model
+    with tau > 0 is the only one agreeing and its entry is the merge: (1, 2, 3). Entry 3 (0.5, 0.25) is their
+    mean 0.375 either way (SCE: its energy-weighted mean); entry 4 (all zero) stays 0. Density 1 (no
+    sparsification), reference and kernel."""
+    base = torch.zeros(5)
+    experts = [torch.tensor([1.0, 2.0, -3.0, 0.5, 0.0]), torch.tensor([-1.0, -2.0, 3.0, 0.25, 0.0])]
+    dense = {"ties": {"trim_scope": "tensor", "density": 1.0}, "dare_ties": {"density": 1.0},
+             "breadcrumbs_ties": {"density": 1.0}, "della": {"density": 1.0}, "sce": {}}[name]
+    drop = _both(name, base, experts, dense)
+    positive = _both(name, base, experts, {**dense, "zero_sign": "positive"})
+    if name == "sce":  # energy weights w_i: one agreeing model gives w_i tau_i / w_i, entry 3 a weighted mean
+        assert drop[[0, 1, 2, 4]].tolist() == [0.0] * 4 and positive[4] == 0.0
+        torch.testing.assert_close(positive[:3], torch.tensor([1.0, 2.0, 3.0]), rtol=1e-6, atol=0)
+        assert torch.equal(drop[3], positive[3])
+    else:
+        assert drop.tolist() == [0.0, 0.0, 0.0, 0.375, 0.0]
+        assert positive.tolist() == [1.0, 2.0, 3.0, 0.375, 0.0]
+    assert get_method(name).parse_params({}).zero_sign == "drop"
 
 
 def test_ties_with_given_global_thresholds() -> None:

@@ -297,7 +297,9 @@ def test_ties_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes)
     monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
     assert order_stats.SMALL == 100
     for params in ({"density": 0.3}, {"density": 0.6, "sign_election": "count", "disjoint_divisor": "weight",
-                                      "lambda": 0.5}, {"density": 1.0, "disjoint_divisor": "weight"}):
+                                      "lambda": 0.5}, {"density": 1.0, "disjoint_divisor": "weight"},
+                   {"density": 0.5, "zero_sign": "positive"},
+                   {"density": 0.5, "sign_election": "count", "zero_sign": "positive"}):
         spec = _spec("ties", paths, parameters={"trim_scope": "tensor", **params})
         merge(spec, tmp_path / "torch", progress=False, engine="torch", overwrite=True)
         merge(spec, tmp_path / "numpy", progress=False, engine="numpy", overwrite=True)
@@ -305,6 +307,25 @@ def test_ties_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes)
         for name in a:
             assert a[name].dtype == b[name].dtype
             assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), (params, name)
+
+
+@pytest.mark.parametrize("sign_election", ["mass", "count"])
+def test_ties_zero_sign_on_an_exact_tie_both_engines(tmp_path, sign_election):
+    """Two experts whose task vectors cancel at entries 0-2 (sign sum exactly 0): ``zero_sign: drop`` merges 0
+    there, ``positive`` (mergekit's) keeps the positive side (1, 2, 3); entry 3 agrees (mean 0.375). Both
+    engines, both elections, the same bits."""
+    base = {"w": torch.zeros(4)}
+    e1 = {"w": torch.tensor([1.0, 2.0, -3.0, 0.5])}
+    e2 = {"w": torch.tensor([-1.0, -2.0, 3.0, 0.25])}
+    paths = [save_state_dict(state, tmp_path / f"m{i}.safetensors") for i, state in enumerate((base, e1, e2))]
+    for zero, expect in (("drop", [0.0, 0.0, 0.0, 0.375]), ("positive", [1.0, 2.0, 3.0, 0.375])):
+        spec = _spec("ties", paths, parameters={"trim_scope": "tensor", "density": 1.0, "zero_sign": zero,
+                                                "sign_election": sign_election})
+        outs = {}
+        for engine in ("torch", "numpy"):
+            merge(spec, tmp_path / engine, progress=False, engine=engine, overwrite=True)
+            outs[engine] = load_state_dict(tmp_path / engine)["w"]
+        assert outs["torch"].tolist() == expect and torch.equal(outs["torch"], outs["numpy"]), (zero, outs)
 
 
 def test_ties_invariants(tmp_path):

@@ -319,6 +319,17 @@ def test_drop_rejects_bad_arguments() -> None:
 # ----------------------------------------------------------------------------------------- consensus
 
 
+def test_elect_sign_exact_tie_drop_or_positive() -> None:
+    """An exact zero sign sum (either signed zero) elects 0 (``drop``, default) or +1 (``positive``, mergekit's
+    ``sum >= 0``); -1 and +1 are the same under both."""
+    taus = [torch.tensor([1.0, 2.0, -0.0, 0.5, -1.0]), torch.tensor([-1.0, -2.0, -0.0, 0.25, -3.0])]
+    for by in ("mass", "count"):
+        assert ops.elect_sign(taus, by=by).tolist() == [0.0, 0.0, 0.0, 1.0, -1.0], by
+        assert ops.elect_sign(taus, by=by, zero="positive").tolist() == [1.0, 1.0, 1.0, 1.0, -1.0], by
+    with pytest.raises(ValueError, match="zero sign"):
+        ops.elect_sign(taus, zero="negative")  # type: ignore[arg-type]
+
+
 def test_elect_sign_mass_vs_count_differ() -> None:
     # entry 0: +5 vs -1, -1 -> mass +, count -; entry 1: all agree +; entry 2: +1 vs -1 (exact tie) -> 0
     taus = [torch.tensor([5.0, 1.0, 1.0]), torch.tensor([-1.0, 2.0, -1.0]), torch.tensor([-1.0, 3.0, 0.0])]

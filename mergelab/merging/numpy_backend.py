@@ -237,7 +237,7 @@ def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params
             trims = tensor_trims(base, experts, params.density, compute)
     # with unit weights the sum of the agreeing weights is the agreeing count, exactly: count in bytes
     divisor = "count" if all(w == 1.0 for w in weights) else params.disjoint_divisor
-    kernel = TiesKernel(tuple(weights), params.sign_election, divisor, params.lambda_)
+    kernel = TiesKernel(tuple(weights), params.sign_election, divisor, params.lambda_, params.zero_sign)
     kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"))
     return out
 

@@ -240,12 +240,14 @@ class TiesKernel:
     """The merge pass of TIES over blocks, for one tensor's parameters (see the module docstring).
 
     ``weights``: per expert; ``sign_election``: ``mass`` or ``count``; ``divisor``: ``count`` or ``weight``;
+    ``zero_sign``: ``drop`` (an exact tie elects 0) or ``positive`` (+1, mergekit's);
     ``lambda_``: the scale of the merged task vector."""
 
     weights: tuple[float, ...]
     sign_election: str
     divisor: str
     lambda_: float
+    zero_sign: str = "drop"
 
     def merge(self, base: Any, experts: Sequence[Any], trims: Sequence[Trim] | None, out: Any,
               compute: np.dtype, on_nonfinite: Callable[[], None]) -> None:
@@ -296,10 +298,12 @@ class TiesKernel:
         # the elected sign: up = (gamma > 0), down = (gamma < 0)
         if self.sign_election == "mass":
             total = np.add(pos, neg, out=tmp)
-            np.greater(total, 0, out=up)
+            # zero_sign positive: an exact zero (either sign) elects +1 (a NaN reaches the output through the
+            # products below whatever is elected)
+            (np.greater_equal if self.zero_sign == "positive" else np.greater)(total, 0, out=up)
             np.less(total, 0, out=down)
         else:
-            np.greater(buf.n_up, buf.n_down, out=up)
+            (np.greater_equal if self.zero_sign == "positive" else np.greater)(buf.n_up, buf.n_down, out=up)
             np.less(buf.n_up, buf.n_down, out=down)
         # numerator: the agreeing part (a product, not a selection, so a NaN in either part stays)
         np.multiply(pos, up, out=pos)

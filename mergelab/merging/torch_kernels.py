@@ -183,7 +183,7 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
                 tau = taus[i].copy_(e[start:end]).sub_(base)
                 if trims is not None:
                     taus[i] = trims[i].apply(j, tau, magnitude, keep)
-            sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+            sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
             merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
                 merged.mul_(p.lambda_)
@@ -404,7 +404,7 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.dare_ties`: drop -> elect_sign -> disjoint_mean -> scale."""
 
     def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
-        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
         return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
 
     return _dare(inp, p, combine)
@@ -475,7 +475,7 @@ def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tenso
     -> scale (:func:`_band`)."""
 
     def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
-        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
         return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
 
     return _band(inp, p, combine)
@@ -642,7 +642,7 @@ def della(inp: TensorInputs, p: DellaParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.della`: MAGPRUNE -> elect_sign -> disjoint_mean -> scale."""
 
     def combine(taus: list[torch.Tensor], acc: torch.Tensor) -> torch.Tensor:
-        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+        sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
         return ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
 
     return _della(inp, p, combine)
@@ -859,7 +859,7 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
 
     def combine(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
         taus = selected(j, taus)
-        sign = ops.elect_sign(taus, ones, by="mass")
+        sign = ops.elect_sign(taus, ones, by="mass", zero=p.zero_sign)
         merged = ops.disjoint_mean(taus, sign, weights, divisor="weight")
         out_flat[j * block: j * block + b.numel()].copy_(merged.add_(b))
 

@@ -193,6 +193,7 @@ class Method:
 
 Combination = Literal["mean", "sum", "disjoint_mean", "interpolation", "spectral"]
 SignElection = Literal["mass", "count"]
+ZeroSign = Literal["drop", "positive"]
 DisjointDivisor = Literal["count", "weight", "none"]
 SignTest = Literal["tau", "weighted"]
 TrimScope = Literal["global", "tensor"]

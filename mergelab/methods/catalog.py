@@ -44,6 +44,7 @@ from mergelab.methods.base import (
     SignTest,
     TensorInputs,
     TrimScope,
+    ZeroSign,
 )
 
 if TYPE_CHECKING:
@@ -60,12 +61,16 @@ class TaskArithmeticParams(ScaledParams):
     pass
 
 
+ZERO_SIGN_HELP = "sign elected where the sign sum is exactly 0: 'drop' (0, the entry is 0) or 'positive' (+1, mergekit)"
+
+
 class TiesParams(ScaledParams, DensityMixin):
     density: float = 0.2
     trim_scope: TrimScope = "global"
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
     sign_test: SignTest = "tau"
+    zero_sign: ZeroSign = Field("drop", description=ZERO_SIGN_HELP)
 
 
 def ties_global_density(p: TiesParams) -> float | None:
@@ -83,6 +88,7 @@ class DareTiesParams(DareLinearParams):
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
     sign_test: SignTest = "tau"
+    zero_sign: ZeroSign = Field("drop", description=ZERO_SIGN_HELP)
 
 
 class BreadcrumbsParams(ScaledParams, DensityMixin):
@@ -226,7 +232,7 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     best lambda; chosen on validation 73.2 vs 72.0). Measured in ``/work/runs/ties-investigation`` (NOTES.md).
     """
     taus = trimmed(inp.task_vectors(), inp, p)
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return ops.scale(merged, p.lambda_) + _base(inp)
 
@@ -292,7 +298,7 @@ def dare_ties(inp: TensorInputs, p: DareTiesParams) -> torch.Tensor:
     Same as :func:`ties` with the magnitude trim replaced by DARE's random drop and rescale.
     """
     taus = dropped(inp.task_vectors(), inp, p)
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return _base(inp) + ops.scale(merged, p.lambda_)
 
@@ -456,11 +462,13 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
     sign_test: SignTest = "tau"
+    zero_sign: ZeroSign = Field("drop", description=ZERO_SIGN_HELP)
 
 
 class SceParams(MethodParams):
     select_topk: float = Field(1.0, description="fraction of the entries of highest variance kept (select step)")
     min_energy: float = Field(0.0, description="equal weights when the summed energy is below this (mergekit: 1e-6)")
+    zero_sign: ZeroSign = Field("drop", description=ZERO_SIGN_HELP)
 
     @field_validator("select_topk")
     @classmethod
@@ -538,13 +546,21 @@ def della(inp: TensorInputs, p: DellaParams) -> torch.Tensor:
     MAGPRUNE (:func:`mergelab.ops.magprune`): within each row (output node) of ``tau_i``, rank the entries by
     magnitude (``r = 0`` the largest), drop entry j with probability ``p_j = p - epsilon/2 + epsilon r_j / n``
     (``p = 1 - density``), rescale survivors by ``1 / (1 - p_j)``; then TIES's sign election and mean over the
-    agreeing models, and ``theta = theta_0 + lambda * merged``. The paper tunes p and epsilon on validation;
-    the defaults here (density 0.5 as DARE's, epsilon 0.1) are a starting point, not the paper's choice.
+    agreeing models, and ``theta = theta_0 + lambda * merged``.
+
+    Defaults: the paper has no single default; it tunes the drop rate p, the window epsilon and lambda per
+    merge on validation data. The authors' code (github.com/declare-lab/della) requires the drop rate
+    (``merge.py --drop_rate``, no default), defaults the window to 0 (DARE) and documents one run in its README,
+    ``--drop_rate 0.3 --window_size 0.14 --lambda_factor 1.1`` (density 0.7, epsilon 0.14 in the paper's
+    full-width convention: the code passes ``window_size / 2`` as the half width); its MAGPRUNE functions
+    default to half width 0.05, i.e. epsilon 0.1. mergelab keeps density 0.5 (DARE's neutral middle, as
+    :func:`dare_linear`) and epsilon 0.1 (the code's function default): a starting point to tune, as the paper
+    does; mergekit's defaults differ (``epsilon`` 0.15 half width, ``density`` 1).
     mergekit's ``della`` (``spacing: mergekit``: keep probabilities ``density +- epsilon`` at the ends,
     ``rescale: l1``, ``sign_test: weighted``, ``disjoint_divisor: weight``) is the same composition.
     """
     taus = della_pruned(inp.task_vectors(), inp, p)
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return _base(inp) + ops.scale(merged, p.lambda_)
 
@@ -563,7 +579,7 @@ def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tenso
     sign (options as :func:`ties`; mergekit's defaults: ``disjoint_divisor: none`` for its ``normalize:
     false``, ``sign_test: weighted``). Defaults density 0.9, gamma 0.01 (mergekit's)."""
     taus = banded(inp.task_vectors(), inp, p)
-    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election)
+    sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
     return _base(inp) + ops.scale(merged, p.lambda_)
 
@@ -595,7 +611,7 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
     numel = taus[0].numel()
     g = ops.gram(taus) if numel else [[0.0] * len(taus) for _ in taus]
     weights = ops.energy_weights([g[i][i] for i in range(len(taus))], numel, p.min_energy)
-    sign = ops.elect_sign(taus, [1.0] * len(taus), by="mass")
+    sign = ops.elect_sign(taus, [1.0] * len(taus), by="mass", zero=p.zero_sign)
     return _base(inp) + ops.disjoint_mean(taus, sign, weights, divisor="weight")
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 SignRule = Literal["mass", "count"]
+ZeroSign = Literal["drop", "positive"]
 Divisor = Literal["count", "weight", "none"]
 SignTest = Literal["tau", "weighted"]
 
@@ -46,15 +47,23 @@ def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def elect_sign(
-    taus: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, by: SignRule = "mass"
+    taus: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, by: SignRule = "mass",
+    zero: ZeroSign = "drop",
 ) -> torch.Tensor:
     """TIES sign election (Yadav et al. 2023, step 2), entry by entry.
 
     - ``mass`` (paper; default): ``gamma = sgn(sum_i w_i tau_i)``: the sign with the larger total magnitude;
     - ``count``: ``gamma = sgn(sum_i sgn(tau_i))``: the majority sign by number of models.
 
-    Returns a tensor of -1, 0, +1 in the task vectors' dtype. An exact tie (sum zero) elects 0, so no model
-    agrees there and the merged entry is 0 (mergekit elects +1 on ties instead).
+    Returns a tensor of -1, 0, +1 in the task vectors' dtype. An exact tie (a sum of exactly zero, either
+    signed zero) elects, with ``zero``:
+
+    - ``drop`` (default): 0, so no model agrees there and the merged entry is 0 (``sgn(0) = 0``, as the
+      paper's formula);
+    - ``positive``: +1, so the models with ``tau_i > 0`` there agree (mergekit's TIES family and SCE:
+      ``sum >= 0`` elects +1).
+
+    A NaN in a task vector reaches the merged entry either way (:func:`disjoint_mean` multiplies it in).
 
     The mass is summed as ``P + N`` with ``P = sum_i w_i max(tau_i, 0)`` and ``N = sum_i w_i min(tau_i, 0)``
     (each in model order): the same sum, rounded once where positive and negative parts meet, and ``P`` and
@@ -63,16 +72,22 @@ def elect_sign(
     """
     weights = [1.0] * len(taus) if weights is None else weights
     _check(taus, weights)
+    if zero not in ("drop", "positive"):
+        raise ValueError(f"zero sign must be 'drop' or 'positive', got {zero!r}")
     if by == "mass":
         positive = weighted_sum([tau.clamp_min(0) for tau in taus], weights)
         negative = weighted_sum([tau.clamp_max(0) for tau in taus], weights)
-        return torch.sign(positive.add_(negative))
-    if by == "count":
+        sign = torch.sign(positive.add_(negative))
+    elif by == "count":
         votes = torch.sign(taus[0])
         for tau in taus[1:]:
             votes.add_(torch.sign(tau))
-        return torch.sign(votes)
-    raise ValueError(f"sign election must be 'mass' or 'count', got {by!r}")
+        sign = torch.sign(votes)
+    else:
+        raise ValueError(f"sign election must be 'mass' or 'count', got {by!r}")
+    if zero == "positive":
+        sign.add_(sign == 0)  # +-0 -> 1; -1 and 1 unchanged
+    return sign
 
 
 def disjoint_mean(
