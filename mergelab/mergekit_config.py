@@ -47,7 +47,7 @@ a substring of the tensor name (or is absent or ``*``) giving the value. A model
 first, then the slice's, then the top level's (``mergekit.config.ConfigReader.parameter``). Per-tensor values
 become the spec's ``overrides`` (per-model ``weights`` and ``model_parameters``), grouped by layer.
 
-Layer stacking (``slices`` whose ``layer_range``\ s are not every layer of each model, or several slices)
+Layer stacking (``slices`` whose ``layer_range`` values are not every layer of each model, or several slices)
 becomes the native spec's ``slices`` (:mod:`mergelab.merging.layout`): slice ``s``'s output layers are
 numbered on from the previous slices'; output layer ``o_s + k`` is merged from each source's layer
 ``layer_range[0] + k`` (mergekit's ``MergePlanner.plan_slice``), so a slice's sources need equal-length ranges.
