@@ -64,8 +64,8 @@ Model references must be local folders (or files): a Hugging Face hub id, a ``@r
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
-other than the config's, ``residual_weight``, ``rescale: true`` for ``ties``/``breadcrumbs``, ``linear`` with
-and ``normalize: false``.
+other than the config's, ``residual_weight``, ``rescale: true`` for ``ties``/``breadcrumbs``, and ``linear`` with
+``normalize: false``.
 """
 
 from __future__ import annotations
