@@ -21,10 +21,9 @@ block by block:
   block by block (their sums are exact in any order), so both passes go by blocks on all cores;
 - TSV-Merge, Iso-C and Iso-CTS: SVDs of a layer's whole matrices, so their kernels are their references
   on whole tensors, rounded once into the output dtype;
-- model stock and SLERP: norms and dot products, which are torch's whole-tensor reductions (a BLAS dot,
-  a vectorised norm: their rounding depends on the summation order, which blocks cannot reproduce), so
-  these kernels form the float32 task vectors (model stock) or models (SLERP) whole, without temporaries,
-  take the reductions from them, and apply the rest by blocks.
+- model stock, SLERP, NuSLERP, Multi-SLERP, Karcher: norms and inner products, from the Gram matrix of
+  fixed blocks' dot products summed in float64 in block order (:func:`mergelab.ops.gram`, the references'
+  definition), so a first pass over the blocks gives the coefficients and a second applies them.
 """
 
 from __future__ import annotations
@@ -242,26 +241,6 @@ def _tensor_trims(
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _task_vectors_into(base: torch.Tensor, experts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``tau_i = experts[i] - base`` (flat) as tensor-sized buffers of ``dtype``, formed block by block
-    (no tensor-sized temporaries: ``e.to(dtype) - base.to(dtype)`` entry by entry, the reference's values)."""
-    n = base.numel()
-    taus = [torch.empty(n, dtype=dtype, device=base.device) for _ in experts]
-    block = ops.block_size()
-
-    def work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(1, n, dtype, base.device)
-        for j in range(first, stop):
-            start, end = j * block, min(n, (j + 1) * block)
-            (b,) = buffers.get(end - start)
-            b.copy_(base[start:end])
-            for tau, e in zip(taus, experts):
-                tau[start:end].copy_(e[start:end]).sub_(b)
-
-    run_in_chunks(ops.block_count(n), work)
-    return taus
 
 
 def _sum_into(acc: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -487,32 +466,31 @@ def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tenso
 def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.model_stock`: ``theta_0 + t mean_i tau_i``.
 
-    The ratio t comes from the task vectors' norms and pairwise dot products, torch's whole-tensor
-    reductions as in the reference (:func:`mergelab.ops.model_stock_ratio`), on float32 task vectors formed
-    block by block into one buffer per expert (the reference's further four tensor-sized temporaries are
-    not made); the mean and the interpolation then go block by block.
+    Two passes over cache-sized blocks, the task vectors formed in each block as the reference forms them:
+    the block Gram matrix of the task vectors (:func:`_gram`, the reference's :func:`mergelab.ops.gram`)
+    gives the ratio t (:func:`mergelab.ops.model_stock_ratio_from_gram`), then the mean and the interpolation.
+    No tensor-sized temporaries, whatever the number of experts.
     """
     if p.filter_wise and inp.base.dim() >= 2:  # type: ignore[union-attr]
         return catalog.model_stock(inp, p)  # one ratio per row: the reference
-    base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
-    n = base_in.numel()
-    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=base_in.device)  # type: ignore[union-attr]
-    dtype = inp.compute_dtype
-    taus = _task_vectors_into(base_in, [e.reshape(-1) for e in inp.experts], dtype)
-    t = ops.model_stock_ratio(taus, extrapolate=p.extrapolate)
-    ones = [1.0] * len(taus)
-    total = float(len(taus))
+    if len(inp.experts) < 2:
+        raise ValueError("model stock needs at least two fine-tuned models")
+    t = ops.model_stock_ratio_from_gram(_gram(inp, origin=True, wide=False), extrapolate=p.extrapolate)
+    n, vectors_of = _sphere_blocks(inp, origin=True)
+    out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=inp.base.device)  # type: ignore[union-attr]
     out_flat = out.view(-1)
+    ones = [1.0] * len(inp.experts)
+    total = float(len(inp.experts))
     block = ops.block_size()
 
     def work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(2, n, dtype, base_in.device)
+        buffers = ops.BlockBuffers(len(inp.experts) + 2, n, inp.compute_dtype, out.device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
-            base, acc = buffers.get(end - start)
-            base.copy_(base_in[start:end])
-            mean = _sum_into(acc, [tau[start:end] for tau in taus], ones).div_(total)
-            out_flat[start:end].copy_(mean.mul_(t).add_(base))
+            acc, *rest = buffers.get(end - start)
+            base, taus = vectors_of(start, end, rest)
+            mean = _sum_into(acc, taus, ones).div_(total)
+            out_flat[start:end].copy_(mean.mul_(t).add_(base))  # type: ignore[arg-type]
 
     run_in_chunks(ops.block_count(n), work)
     return out
@@ -521,33 +499,45 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
 def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.slerp`: ``c_a a + c_b b`` (or ``lerp(a, b, t)``).
 
-    The coefficients come from the two norms and the dot product of the float32 ends, torch's
-    whole-tensor reductions as in the reference (:func:`mergelab.ops.slerp_coefficients`); the combination
-    goes block by block (the reference's three tensor-sized temporaries are not made).
+    Two passes over cache-sized blocks of the float32 ends, converted in each block: the block Gram matrix
+    of ``(a, b)`` (the reference's :func:`mergelab.ops.gram`) gives the coefficients
+    (:func:`mergelab.ops.slerp_coefficients_from_gram`), then the combination. No tensor-sized temporaries.
     """
     a_in, b_in = (inp.base, inp.experts[0]) if len(inp.experts) == 1 else inp.experts
+    a, b = a_in.reshape(-1), b_in.reshape(-1)  # type: ignore[union-attr]
     dtype = inp.compute_dtype
-    a_whole, b_whole = a_in.to(dtype), b_in.to(dtype)  # type: ignore[union-attr]
-    coefficients = ops.slerp_coefficients(a_whole, b_whole, p.t, p.parallel_threshold)  # reduced in the tensor's shape, as the reference
-    a, b = a_whole.reshape(-1), b_whole.reshape(-1)
     n = a.numel()
-    out = torch.empty(a_in.shape, dtype=inp.result_dtype, device=a.device)  # type: ignore[union-attr]
-    out_flat = out.view(-1)
+    blocks = ops.block_count(n)
     block = ops.block_size()
+    partials: list[list[float]] = [[] for _ in range(blocks)]
 
-    def work(first: int, stop: int) -> None:
+    def gram_work(first: int, stop: int) -> None:
         buffers = ops.BlockBuffers(2, n, dtype, a.device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             x, y = buffers.get(end - start)
+            partials[j] = ops.gram_partials([x.copy_(a[start:end]), y.copy_(b[start:end])], wide=False)
+
+    run_in_chunks(blocks, gram_work)
+    coefficients = ops.slerp_coefficients_from_gram(ops.gram_from_partials(partials, 2), p.t, p.parallel_threshold)
+    out = torch.empty(a_in.shape, dtype=inp.result_dtype, device=a.device)  # type: ignore[union-attr]
+    out_flat = out.view(-1)
+
+    def work(first: int, stop: int) -> None:
+        buffers = ops.BlockBuffers(4, n, dtype, a.device)
+        for j in range(first, stop):
+            start, end = j * block, min(n, (j + 1) * block)
+            x, y, u, v = buffers.get(end - start)
+            u.copy_(a[start:end])
+            v.copy_(b[start:end])
             if coefficients is None:
-                torch.lerp(a[start:end], b[start:end], p.t, out=x)
+                torch.lerp(u, v, p.t, out=x)
             else:
-                torch.mul(a[start:end], coefficients[0], out=x)
-                x.add_(torch.mul(b[start:end], coefficients[1], out=y))
+                torch.mul(u, coefficients[0], out=x)
+                x.add_(torch.mul(v, coefficients[1], out=y))
             out_flat[start:end].copy_(x)
 
-    run_in_chunks(ops.block_count(n), work)
+    run_in_chunks(blocks, work)
     return out
 
 
@@ -671,8 +661,9 @@ def _sphere_blocks(inp: TensorInputs, origin: bool):
     return n, vectors_of
 
 
-def _gram(inp: TensorInputs, origin: bool) -> ops.Gram:
-    """:func:`mergelab.ops.gram` of the vectors of :func:`_sphere_blocks`, block partials on all cores."""
+def _gram(inp: TensorInputs, origin: bool, wide: bool = True) -> ops.Gram:
+    """:func:`mergelab.ops.gram` of the vectors of :func:`_sphere_blocks` (``wide`` as there), block partials
+    on all cores."""
     n, vectors_of = _sphere_blocks(inp, origin)
     blocks = ops.block_count(n)
     partials: list[list[float]] = [[] for _ in range(blocks)]
@@ -680,10 +671,11 @@ def _gram(inp: TensorInputs, origin: bool) -> ops.Gram:
 
     def work(first: int, stop: int) -> None:
         buffers = ops.BlockBuffers(len(inp.experts) + 1, n, inp.compute_dtype, inp.experts[0].device)
+        wide_buffers = ops.BlockBuffers(len(inp.experts) if wide else 0, n, torch.float64, inp.experts[0].device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             _, vs = vectors_of(start, end, buffers.get(end - start))
-            partials[j] = ops.gram_partials(vs)
+            partials[j] = ops.gram_partials(vs, wide_buffers.get(end - start), wide=wide)
 
     run_in_chunks(blocks, work)
     return ops.gram_from_partials(partials, len(inp.experts))

@@ -24,7 +24,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BLOCK", "BlockBuffers", "block_count", "block_ranges", "block_size"), "blocks"),
     **dict.fromkeys(("TensorOp", "chain", "identity", "task_vector"), "compose"),
     **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
-    **dict.fromkeys(("model_stock_ratio", "slerp", "slerp_coefficients"), "interpolate"),
+    **dict.fromkeys(("model_stock_ratio", "model_stock_ratio_from_gram", "slerp", "slerp_coefficients",
+                     "slerp_coefficients_from_gram"), "interpolate"),
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
@@ -45,7 +46,13 @@ if TYPE_CHECKING:
     from mergelab.ops.blocks import BLOCK, BlockBuffers, block_count, block_ranges, block_size
     from mergelab.ops.compose import TensorOp, chain, identity, task_vector
     from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
-    from mergelab.ops.interpolate import model_stock_ratio, slerp, slerp_coefficients
+    from mergelab.ops.interpolate import (
+        model_stock_ratio,
+        model_stock_ratio_from_gram,
+        slerp,
+        slerp_coefficients,
+        slerp_coefficients_from_gram,
+    )
     from mergelab.ops.spherical import (
         Gram,
         combine,
