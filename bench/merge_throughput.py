@@ -25,6 +25,10 @@ Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` 
    TA run with the digest cache cleared shows the cost of hashing the inputs the first time.
 3. Checks once that mergelab's and mergekit's outputs agree within bf16 rounding (TA and TIES).
 
+``--baseline CHECKOUT`` times another mergelab source tree (an earlier commit, e.g. from
+``git worktree add /tmp/before <commit>``) in the same run, alternating with this one on both engines, and
+prints baseline/mergelab ratios: the before/after table of a change to the engine, free of machine drift.
+
 mergekit is looked for at ``--mergekit`` or ``.venv-mergekit/bin/mergekit-yaml`` (a separate venv: it is
 not a mergelab dependency); without it only mergelab is timed.
 """
@@ -50,6 +54,8 @@ from mergelab.checkpoints.shards import plan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_ENGINE = "mergelab (torch eng.)"
+BASELINE = "mergelab (baseline)"
+BASELINE_TORCH = "baseline (torch eng.)"
 DEFAULT_CACHE = ROOT / "bench" / ".cache"
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 2048, 5504, 12, 32000, 16
@@ -542,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                          "if it differs from --mergekit-dtype, one extra mergekit run per method")
     ap.add_argument("--mergekit-args", default="--out-shard-size 500M --no-copy-tokenizer --no-write-model-card --quiet",
                     help="extra mergekit-yaml flags (default: its fastest, lowest-memory CPU settings found here)")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="another mergelab source tree (e.g. `git worktree add /tmp/before <commit>`), timed "
+                         "alternately with this one as 'mergelab (baseline)' with the same interpreter: a same-run "
+                         "before/after table; a method the baseline lacks is reported as failed for it")
     ap.add_argument("--no-check", action="store_true", help="skip the output equivalence check")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--profile", metavar="METHOD",
@@ -583,6 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     work = cache / "runs"
     logs = cache / "logs"
     ml_cmd = _mergelab_cmd(args)
+    baseline_env = None
+    if args.baseline is not None:
+        if not (args.baseline / "mergelab" / "cli.py").is_file():
+            ap.error(f"--baseline: {args.baseline} is not a mergelab source tree (no mergelab/cli.py)")
+        # the baseline's package first on the path, ahead of this venv's editable install
+        baseline_env = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+    # -P: no working directory on sys.path, so PYTHONPATH, not the tree the bench runs from, gives mergelab
+    baseline_cmd = [sys.executable, "-P", "-c", "import sys; from mergelab.cli import main; sys.exit(main())"]
     series: dict[tuple[str, str], Series] = {}
 
     def show(method: str, tool: str, i: int, run: Run) -> None:
@@ -624,18 +642,34 @@ def main(argv: list[str] | None = None) -> int:
         # both methods run on the numpy engine; the torch engine is timed alongside for comparison
         s_torch = series.setdefault((method, TORCH_ENGINE), Series(method, TORCH_ENGINE))
         s_mk = series.setdefault((method, "mergekit"), Series(method, "mergekit"))
+        s_base = series.setdefault((method, BASELINE), Series(method, BASELINE))
+        s_base_torch = series.setdefault((method, BASELINE_TORCH), Series(method, BASELINE_TORCH))
         for r in range(repeats):
             _rm(ml_out)
             run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress"],
                             logs / f"mergelab-{method}-{r}.log", env)
             s_ml.runs.append(run)
             show(method, "mergelab", r + 1, run)
+            if baseline_env is not None and (r == 0 or any(x.ok for x in s_base.runs)):
+                out = work / f"out-baseline-{method}"
+                _rm(out)
+                run = run_child([*baseline_cmd, "merge", str(ml_spec), "--out", str(out), "--no-progress"],
+                                logs / f"baseline-{method}-{r}.log", baseline_env)
+                s_base.runs.append(run)
+                show(method, BASELINE, r + 1, run)
             if both_engines:
                 _rm(ml_out)
                 run = run_child([*ml_cmd, "merge", str(ml_spec), "--out", str(ml_out), "--no-progress",
                                  "--engine", "torch"], logs / f"mergelab-torch-{method}-{r}.log", env)
                 s_torch.runs.append(run)
                 show(method, TORCH_ENGINE, r + 1, run)
+                if baseline_env is not None and (r == 0 or any(x.ok for x in s_base_torch.runs)):
+                    out = work / f"out-baseline-{method}"
+                    _rm(out)
+                    run = run_child([*baseline_cmd, "merge", str(ml_spec), "--out", str(out), "--no-progress",
+                                     "--engine", "torch"], logs / f"baseline-torch-{method}-{r}.log", baseline_env)
+                    s_base_torch.runs.append(run)
+                    show(method, BASELINE_TORCH, r + 1, run)
             if method_mergekit is not None:
                 _rm(mk_out)
                 run = run_child([str(mergekit), str(mk_cfg), str(mk_out), *args.mergekit_args.split()],
@@ -646,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
             del series[(method, TORCH_ENGINE)]
         if method_mergekit is None:
             del series[(method, "mergekit")]
+        if baseline_env is None:
+            del series[(method, BASELINE)]
+        if baseline_env is None or not both_engines:
+            del series[(method, BASELINE_TORCH)]
         if method_mergekit is not None and not args.no_check and args.check_dtype != args.mergekit_dtype:
             cfg = _write_yaml(work / f"{method}.mergekit-{args.check_dtype}.yml",
                               mergekit_config(method, base, experts, args.check_dtype) or {})
@@ -697,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
             ml, mk = med(method, "mergelab", attr), med(method, "mergekit", attr)
             if ml and mk:
                 ratios[f"{method}: mergekit/mergelab ({attr})"] = mk / ml
+            before = med(method, BASELINE, attr)
+            if ml and before:
+                ratios[f"{method}: baseline/mergelab ({attr})"] = before / ml
+            before, now = med(method, BASELINE_TORCH, attr), med(method, TORCH_ENGINE, attr)
+            if now and before:
+                ratios[f"{method}: baseline/mergelab, torch engine ({attr})"] = before / now
     for attr in ("wall", "cpu"):
         ta, ties = med("task_arithmetic", "mergelab", attr), med("ties", "mergelab", attr)
         if ta and ties:
@@ -733,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
                        for s in series.values()],
             "ratios": ratios, "checks": checks, "input_bytes": in_bytes, "ties_kept_fraction": kept,
         }, indent=2))
-    failed = any(not r.ok for s in series.values() for r in s.runs)
+    # a method the baseline lacks fails there by design: only this tree's and mergekit's runs count
+    failed = any(not r.ok for s in series.values() if s.tool not in (BASELINE, BASELINE_TORCH) for r in s.runs)
     return 1 if failed else 0
 
 
