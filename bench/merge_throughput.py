@@ -441,6 +441,23 @@ def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
     }
 
 
+def identical_tensors(a_dir: Path, b_dir: Path) -> tuple[int, list[str]]:
+    """How many tensors the two outputs hold, and the names of those whose bits (or dtype, shape, presence)
+    differ: the before/after check of ``--baseline`` on the benchmark model."""
+    differ = []
+    with open_checkpoint(a_dir) as a, open_checkpoint(b_dir) as b:
+        names = sorted(set(a.keys()) | set(b.keys()))
+        for name in names:
+            if name not in a.keys() or name not in b.keys():
+                differ.append(name)
+                continue
+            x, y = a.get(name), b.get(name)
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(
+                    x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)):
+                differ.append(name)
+    return len(names), differ
+
+
 def ties_kept_fraction(base_dir: Path, expert_dir: Path, density: float) -> float:
     """Fraction of task-vector entries that survive mergelab's per-tensor trim (:func:`mergelab.ops.trim`).
 
@@ -711,6 +728,13 @@ def main(argv: list[str] | None = None) -> int:
                 checks[f"{method} vs {timed.name} (mergekit computing in {args.mergekit_dtype})"] = \
                     compare(ml_out, timed, base)
 
+    identical: dict[str, tuple[int, list[str]]] = {}
+    if baseline_env is not None:
+        for method in methods:
+            a, b = work / f"out-mergelab-{method}", work / f"out-baseline-{method}"
+            if a.is_dir() and b.is_dir() and any(r.ok for r in series.get((method, BASELINE), Series("", "")).runs):
+                identical[method] = identical_tensors(a, b)
+
     kept = None
     if "ties" in methods and not args.no_check:
         kept = ties_kept_fraction(base, experts[0], 0.5)
@@ -768,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
               f"within bf16 rounding of the tensor scale: {c['within_bf16']}"
               + (f"; only in mergekit's output: {c['only_in_mergekit']}" if c["only_in_mergekit"] else "")
               + (f"; missing from mergekit's output: {c['only_in_mergelab']}" if c["only_in_mergelab"] else ""))
+    for method, (n, differ) in identical.items():
+        print(f"baseline vs this tree, {method}: " + ("all {n} tensors bit-identical".format(n=n) if not differ else
+              f"{len(differ)} of {n} tensors differ ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})"))
     if kept is not None:
         print(f"TIES trim at density 0.5 on these bf16 inputs: mergelab keeps {kept * 100:.2f}% of each task vector "
               "(ties at the threshold broken by position); mergekit keeps exactly 50% (ties broken by argsort order)")
@@ -775,7 +802,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "series": [{"method": s.method, "tool": s.tool, "runs": [r.__dict__ for r in s.runs]}
                        for s in series.values()],
-            "ratios": ratios, "checks": checks, "input_bytes": in_bytes, "ties_kept_fraction": kept,
+            "ratios": ratios, "checks": checks, "input_bytes": in_bytes,
+            "baseline_identical": {m: {"tensors": n, "differ": d} for m, (n, d) in identical.items()},
+            "ties_kept_fraction": kept,
         }, indent=2))
     # a method the baseline lacks fails there by design: only this tree's and mergekit's runs count
     failed = any(not r.ok for s in series.values() if s.tool not in (BASELINE, BASELINE_TORCH) for r in s.runs)
