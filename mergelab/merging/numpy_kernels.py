@@ -166,10 +166,19 @@ def _block(n: int, j: int) -> tuple[int, int]:
     return j * BLOCK, min(n, (j + 1) * BLOCK)
 
 
+def _into_compute(x: Any, out: Any) -> Any:
+    """``out = x`` converted to ``out``'s (compute) dtype: bfloat16 to float32 by a shift
+    (:func:`~mergelab.merging.numpy_arrays.widen_bfloat16`, exact, 2x faster than ml_dtypes' cast)."""
+    if out.dtype == np.float32 and is_bfloat16(x.dtype):
+        return widen_bfloat16(x, out)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def _magnitude_into(x: Any, base: Any, out: Any) -> Any:
     """``out = |x - base|`` in ``out``'s dtype (``base`` already in it). The absolute value clears the sign
     bit (``np.abs`` on floats is not vectorised: 0.12 against 0.03 ns an entry here)."""
-    np.copyto(out, x, casting="unsafe")
+    _into_compute(x, out)
     np.subtract(out, base, out=out)
     bits = out.view(f"i{out.itemsize}")
     np.bitwise_and(bits, (1 << (8 * out.itemsize - 1)) - 1, out=bits)
@@ -197,7 +206,7 @@ def count_blocks(base: Any, experts: Sequence[Any], brackets: Sequence[tuple[flo
         for j in indices:
             start, end = _block(n, j)
             m = end - start
-            np.copyto(b[:m], base[start:end], casting="unsafe")
+            _into_compute(base[start:end], b[:m])
             for selection, e in zip(selections, experts):
                 selection.observe(j, _magnitude_into(e[start:end], b[:m], magnitude[:m]), flags[:m])
 
@@ -263,9 +272,9 @@ class TiesKernel:
                 start, end = _block(n, j)
                 block_out = out[start:end]
                 with np.errstate(all="ignore"):  # NaN/Inf reach the output and are reported from there
-                    self._block(base[start:end], [e[start:end] for e in experts], trims, start, block_out,
-                                buffers.sized(end - start))
-                if any_nonfinite(block_out, exponent):
+                    flagged = self._block(base[start:end], [e[start:end] for e in experts], trims, start,
+                                          block_out, buffers.sized(end - start))
+                if flagged if flagged is not None else any_nonfinite(block_out, exponent):
                     bad.append(j)
 
         run_blocks(-(-n // BLOCK), work)
@@ -273,14 +282,15 @@ class TiesKernel:
             on_nonfinite()
 
     def _block(self, base: Any, experts: Sequence[Any], trims: Sequence[Trim] | None, start: int,
-               out: Any, buf: _Buffers) -> None:
+               out: Any, buf: _Buffers) -> bool | None:
         """One block: positive and negative parts of the trimmed task vectors, then the election and the
-        disjoint mean from them (see :func:`mergelab.ops.elect_sign`)."""
+        disjoint mean from them (see :func:`mergelab.ops.elect_sign`). Returns whether an output entry is
+        NaN or Inf when the rounding found out (float32 to bfloat16), else None (the caller checks)."""
         b, tau, tmp, pos, neg = buf.base, buf.tau, buf.tmp, buf.pos, buf.neg
         up, down = buf.up, buf.down
-        np.copyto(b, base, casting="unsafe")
+        _into_compute(base, b)
         for i, (x, w) in enumerate(zip(experts, self.weights)):
-            np.copyto(tau, x, casting="unsafe")
+            _into_compute(x, tau)
             np.subtract(tau, b, out=tau)
             if trims is None:  # density 1: every entry kept
                 np.greater(tau, 0, out=up)
@@ -313,7 +323,10 @@ class TiesKernel:
         if self.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
             np.multiply(numerator, self.lambda_, out=numerator)
         np.add(numerator, b, out=numerator)
+        if numerator.dtype == np.float32 and is_bfloat16(out.dtype):
+            return round_bfloat16(numerator, out, tmp.view(np.uint32))
         np.copyto(out, numerator, casting="unsafe")
+        return None
 
     def _tally(self, i: int, w: float, up: Any, down: Any, buf: _Buffers) -> None:
         """Count the positive and negative kept entries (or sum their weights), for the election by
