@@ -19,18 +19,33 @@ processes and Ray can import them; each takes one JSON-able spec and returns a m
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mergelab.analysis.cka import linear_cka
 from mergelab.errors import SpecError
+from mergelab.evaluation import evaluate
+from mergelab.evaluation.bn import reset_bn_statistics
+from mergelab.evaluation.metrics import classifier_outputs
+from mergelab.experiments.compare import run_comparison
+from mergelab.merging import merge
+from mergelab.methods.data_informed import registry
+from mergelab.models.paths import expert_dir, pretrained_dir
+from mergelab.models.probe import extract_features
+from mergelab.models.registry import build_backbone
+from mergelab.models.state import load_backbone_state, read_backbone_state, read_head_state
+from mergelab.tasks.registry import get_task
+from mergelab.training import finetune
+from mergelab.training.result import BACKBONE_FILE, HEAD_FILE, SIDECAR, load_expert, read_expert
 
 
 def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one expert (cached by spec hash); see the module docstring."""
-    from mergelab.training import finetune
-
     t0 = time.perf_counter()
     r = finetune(spec["spec"], cache_dir=spec.get("cache_dir"))
     return {
@@ -50,9 +65,6 @@ def member_expert(member: dict[str, Any], arch: str, cache_dir: str | None) -> A
     """The :class:`~mergelab.training.result.ExpertResult` a merge member names; for a checkpoint member, a
     copy whose folder is the checkpoint's (so its backbone and head are read from there) and whose spec says
     ``steps = step`` (the bound reads K from the spec)."""
-    from mergelab.models.paths import expert_dir
-    from mergelab.training.result import read_expert
-
     folder = expert_dir(arch, member["task"], member["spec_hash"], cache_dir)
     r = read_expert(folder)
     if r is None:
@@ -70,10 +82,6 @@ def expert_folder(expert: Any, dest: Path) -> Path:
     """``expert``'s folder if it is a complete expert folder; otherwise (a checkpoint member) ``dest`` made into
     one: its backbone and head linked and its sidecar written (the spec with ``steps`` = the checkpoint's step;
     the test metrics are the finished expert's)."""
-    import os
-
-    from mergelab.training.result import BACKBONE_FILE, HEAD_FILE, SIDECAR, read_expert
-
     folder = Path(expert.path)
     if read_expert(folder) is not None:
         return folder
@@ -86,11 +94,6 @@ def expert_folder(expert: Any, dest: Path) -> Path:
 
 def merge_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Merge the members and evaluate the merge on their tasks; see the module docstring."""
-    from mergelab.merging import merge
-    from mergelab.evaluation import evaluate
-    from mergelab.methods.data_informed import registry
-    from mergelab.models.paths import pretrained_dir
-
     arch, cache_dir = spec["arch"], spec.get("cache_dir")
     experts = [member_expert(m, arch, cache_dir) for m in spec["members"]]
     tasks = [e.task for e in experts]
@@ -132,9 +135,6 @@ def expert_eval_job(spec: dict[str, Any]) -> dict[str, Any]:
     The protocol is applied to the expert exactly as :func:`merge_eval_job` applies it to a merge of it alone
     (:func:`mergelab.evaluation.evaluate` with ``tasks = [its task]``): a one-member merge has excess 0.
     """
-    from mergelab.evaluation import evaluate
-    from mergelab.training.result import BACKBONE_FILE
-
     expert = member_expert(spec["member"], spec["arch"], spec.get("cache_dir"))
     t0 = time.perf_counter()
     r = evaluate(Path(expert.path) / BACKBONE_FILE, [expert], tasks=[expert.task], reset_bn=spec.get("reset_bn", "off"),
@@ -173,18 +173,6 @@ def pair_gain_job(spec: dict[str, Any]) -> dict[str, Any]:
     linear CKA of the endpoints'
     penultimate test features, and the path.
     """
-    import torch
-
-    from mergelab.analysis.cka import linear_cka
-    from mergelab.evaluation.bn import reset_bn_statistics
-    from mergelab.evaluation.metrics import classifier_outputs
-    from mergelab.models.paths import expert_dir, pretrained_dir
-    from mergelab.models.probe import extract_features
-    from mergelab.models.registry import build_backbone
-    from mergelab.models.state import load_backbone_state, read_backbone_state, read_head_state
-    from mergelab.tasks.registry import get_task
-    from mergelab.training.result import load_expert
-
     arch, task, cache_dir = spec["arch"], spec["task"], spec.get("cache_dir")
     ea = load_expert(expert_dir(arch, task, spec["a"], cache_dir))
     eb = load_expert(expert_dir(arch, task, spec["b"], cache_dir))
@@ -234,9 +222,6 @@ def pool_size_job(spec: dict[str, Any]) -> dict[str, Any]:
     ``pool`` experts (``[{"task", "spec_hash"}]``) evaluated on ``eval_tasks`` with ``methods``; ``spec`` also
     holds ``arch``, ``samples_per_task``, ``bn`` (BatchNorm protocol), ``select``, ``quick`` and ``cache_dir``. Returns the comparison
     table as a dict (:meth:`~mergelab.experiments.comparison_table.ComparisonTable.to_dict`)."""
-    from mergelab.experiments.compare import run_comparison
-    from mergelab.models.paths import expert_dir
-
     arch, cache_dir = spec["arch"], spec.get("cache_dir")
     pool = [expert_dir(arch, m["task"], m["spec_hash"], cache_dir) for m in spec["pool"]]
     table = run_comparison(arch, list(spec["eval_tasks"]), list(spec["methods"]), pool=pool,

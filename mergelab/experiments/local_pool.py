@@ -17,6 +17,7 @@ from mergelab.experiments.worker import execute, init_pool_worker
 
 
 def run_local(todo: Sequence[Task], rec: Recorder, workers: int, art: str) -> None:
+    # deferred: the process-pool machinery (6 ms) stays off the 'mergelab --help' path (runners is imported there)
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool

@@ -52,14 +52,34 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from functools import reduce
+from math import gcd
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mergelab.analysis.effective_lr import effective_learning_rates, mean_effective_lr
+from mergelab.analysis.noise_curve import cell_estimate, noise_curve
+from mergelab.analysis.statistics import rank_correlation_test
+from mergelab.atomic_files import write_csv_atomic
 from mergelab.errors import SpecError
+from mergelab.experiments.jobs import finetune_job, pair_gain_job
 from mergelab.experiments.runners import RunOptions
+from mergelab.experiments.store import key_of
+from mergelab.experiments.task import Task
+from mergelab.models.paths import expert_dir
+from mergelab.models.pretraining import ensure_pretrained
+from mergelab.models.registry import build_backbone
+from mergelab.models.state import BACKBONE_FILE, load_backbone_state, read_backbone_state
+from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
+from mergelab.report.document import versions
+from mergelab.tasks import get_task, list_tasks
+from mergelab.training.branching import branch_spec
+from mergelab.training.result import load_expert
+from mergelab.training.schedule import lr_factor
+from mergelab.training.spec import make_spec
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +128,6 @@ class NoiseConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> NoiseConfig:
-        from mergelab.tasks import list_tasks
-
         unknown = [t for t in self.tasks if t not in list_tasks()]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}")
@@ -148,9 +166,6 @@ def cells(cfg: NoiseConfig) -> list[dict[str, Any]]:
 
 
 def _parent_fields(cfg: NoiseConfig, task: str, cell: dict[str, Any]) -> dict[str, Any]:
-    from math import gcd
-    from functools import reduce
-
     fields = {"task": task, "arch": cfg.arch, **cfg.base, "lr": cell["lr"], "batch_size": cell["batch_size"],
               "momentum": cell["momentum"], "augment": cell["augment"], "schedule": "constant",
               "steps": max(cfg.branch_steps) + cfg.decay_steps, "checkpoint_every": reduce(gcd, cfg.branch_steps),
@@ -164,14 +179,6 @@ def branch_point_eta_eff(parent: Any, step: int, cache_dir: PathLike | None) -> 
     """The geometric-mean effective learning rate of the normalised layers of ``parent`` (an
     :class:`~mergelab.training.spec.ExpertSpec`, trained and cached) at its checkpoint ``step``, at the
     learning rate the parent used there (:mod:`mergelab.analysis.effective_lr`)."""
-    from mergelab.analysis.effective_lr import effective_learning_rates, mean_effective_lr
-    from mergelab.models.paths import expert_dir
-    from mergelab.models.registry import build_backbone
-    from mergelab.models.state import BACKBONE_FILE, load_backbone_state, read_backbone_state
-    from mergelab.tasks import get_task
-    from mergelab.training.result import load_expert
-    from mergelab.training.schedule import lr_factor
-
     result = load_expert(expert_dir(parent.arch, parent.task, parent.spec_hash(), cache_dir))
     path = result.checkpoint_dir(step) / BACKBONE_FILE
     backbone = build_backbone(parent.arch)
@@ -186,13 +193,6 @@ def run_noise_study(
     options: RunOptions | None = None,
 ) -> Any:
     """Run (or resume) the study and write ``report.json`` and ``pairs.csv`` into ``out``; returns the report."""
-    from mergelab.experiments.jobs import finetune_job, pair_gain_job
-    from mergelab.experiments.task import Task
-    from mergelab.experiments.store import key_of
-    from mergelab.models.pretraining import ensure_pretrained
-    from mergelab.training.branching import branch_spec
-    from mergelab.training.spec import make_spec
-
     opts = options or RunOptions()
     say = opts.say or log.info
     out = Path(out)
@@ -258,8 +258,6 @@ def cell_summaries(records: Sequence[dict[str, Any]], group: str, reps: int = 20
     merge is missing), their median ``gain`` with the two-stage bootstrap ``gain_se`` / ``gain_lo`` / ``gain_hi``
     (:func:`mergelab.analysis.noise_curve.cell_estimate`; NaN error from one gain), ``samples`` and the median
     ``barrier``. Sorted by ``T``."""
-    from mergelab.analysis.noise_curve import cell_estimate
-
     by_cell: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
         if r["group"] == group:
@@ -350,8 +348,6 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 def curve_verdict(task: str, curve: Any) -> Any:
     """The critical-middle :class:`~mergelab.report.Verdict` of a task's noise curve."""
-    from mergelab.report import Verdict
-
     pts = "; ".join(f"T {lv.T:.3g}: {_fmt(lv.median, '+.4f')} [{_fmt(lv.lo, '+.4f')}, {_fmt(lv.hi, '+.4f')}]"
                     for lv in curve.levels)
     crit = (f"critical T* = {curve.critical_T:.3g}, bootstrap interval [{_fmt(curve.critical_lo, '.3g')}, "
@@ -374,9 +370,6 @@ def cka_gain_verdict(task: str, merges: Sequence[dict[str, Any]], alpha: float =
     (:func:`mergelab.analysis.statistics.rank_correlation_test`, exact for up to 7 cells). Agrees when
     ``rho > 0`` at ``p < alpha``, disagrees when ``rho < 0`` at ``p < alpha``, undecided otherwise or with fewer
     than 3 cells."""
-    from mergelab.analysis.statistics import rank_correlation_test
-    from mergelab.report import Verdict
-
     cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in merges:
         cells.setdefault((r["lr"], r["batch_size"], r["momentum"], r["weight_decay"], r["augment"]), []).append(r)
@@ -398,10 +391,6 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
     """The study's :class:`~mergelab.report.ReportDocument`: per task, the noise-scale curve (median gain per T
     with bootstrap errors, critical point and its interval), gain vs T per batch size, the sweeps (weight decay
     against ``T_eff``), TA coefficient curves, CKA vs gain, and the verdicts (module docstring)."""
-    from mergelab.analysis.noise_curve import noise_curve
-    from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
-    from mergelab.report.document import versions
-
     sections = []
     summary_rows = []
     curves = {}
@@ -520,8 +509,6 @@ def build_report(cfg: NoiseConfig, records: Sequence[dict[str, Any]]) -> Any:
 
 
 def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    from mergelab.atomic_files import write_csv_atomic
-
     cols = ["task", "group", "lr", "batch_size", "momentum", "weight_decay", "augment", "branch_step", "seeds", "T",
             "eta_eff", "T_eff", "accuracy_a",
             "accuracy_b", "accuracy_mid", "loss_a", "loss_b", "loss_mid", "gain", "gain_se", "barrier", "cka"]

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mergelab.atomic_files import write_csv_atomic, write_text_atomic
 from mergelab.errors import SpecError
 from mergelab.experiments.compare import run_comparison
 from mergelab.experiments.comparison_rows import DEFAULT_TASKS
@@ -96,14 +97,10 @@ class PoolScalingResult:
 
     def to_json(self, path: PathLike) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
-        from mergelab.atomic_files import write_text_atomic
-
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
     def to_csv(self, path: PathLike) -> Path:
         """Long format: one line per (pool size, method)."""
-        from mergelab.atomic_files import write_csv_atomic
-
         def cell(v: float) -> Any:
             return "" if not math.isfinite(v) else v
 
@@ -187,6 +184,7 @@ def run_pool_scaling(
     pool size (e.g. to save partial results). ``fw_objective``: the FW rows' objective (``entropy``, the
     paper's, or ``ce``; an ``objective`` in ``overrides`` wins). Other arguments as for :func:`run_comparison`.
     """
+    # deferred: torch (evaluation); the comparison modules import torch-free (the report path reads their types)
     from mergelab.evaluation import default_experts
 
     if fw_objective not in ("entropy", "ce"):

@@ -35,9 +35,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import SpecError
-from mergelab.experiments.noise_study import NoiseConfig
+from mergelab.evaluation import default_experts
+from mergelab.experiments.comparison_table import ComparisonTable
+from mergelab.experiments.jobs import pool_size_job
+from mergelab.experiments.noise_study import NoiseConfig, run_noise_study
+from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools
 from mergelab.experiments.runners import RunOptions
-from mergelab.experiments.scaling_laws import ScalingConfig
+from mergelab.experiments.scaling_laws import ScalingConfig, run_scaling_study
+from mergelab.experiments.store import key_of
+from mergelab.experiments.task import Task
+from mergelab.report import ReportDocument
+from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
+from mergelab.training.zoo import build_zoo
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -131,8 +140,6 @@ def run_preset(
     """Run (or resume) a preset into ``out`` and return its :class:`~mergelab.report.ReportDocument` (also
     written to ``out/report.json``; a preset with several configurations writes each into a subfolder and the
     combined document at the top)."""
-    from mergelab.report import ReportDocument
-
     opts = options or RunOptions()
     preset = get_preset(name, full)
     configs = [configure(c, overrides or {}) for c in preset.configs]
@@ -142,12 +149,8 @@ def run_preset(
         for i, cfg in enumerate(configs):
             sub = out if len(configs) == 1 else out / f"{i + 1}-{getattr(cfg, 'arch', 'run')}"
             if isinstance(cfg, ScalingConfig):
-                from mergelab.experiments.scaling_laws import run_scaling_study
-
                 docs.append(run_scaling_study(cfg, sub, opts))
             elif isinstance(cfg, NoiseConfig):
-                from mergelab.experiments.noise_study import run_noise_study
-
                 docs.append(run_noise_study(cfg, sub, opts))
             else:
                 docs.append(_run_pool(cfg, sub, opts))
@@ -167,15 +170,6 @@ def run_preset(
 def _run_pool(cfg: PoolConfig, out: Path, opts: RunOptions) -> Any:
     """The pool-scaling protocol, one task per (mode, pool size) through the results database and the runner
     (resumable; each comparison still runs its methods in fresh processes to time them)."""
-    from mergelab.evaluation import default_experts
-    from mergelab.experiments.comparison_table import ComparisonTable
-    from mergelab.experiments.jobs import pool_size_job
-    from mergelab.experiments.pool_scaling import PoolScalingResult, plan_pools
-    from mergelab.experiments.task import Task
-    from mergelab.experiments.store import key_of
-    from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
-    from mergelab.training.zoo import build_zoo
-
     say, store, cache = opts.say or log.info, opts.open_store(), opts.cache()
     out.mkdir(parents=True, exist_ok=True)
     say(f"zoo {cfg.arch}: fine-tuning the missing default experts (cached ones are reused)")

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from mergelab.errors import MergeLabError
 from mergelab.experiments.recorder import Recorder, next_claimed
 from mergelab.experiments.task import Task
 from mergelab.experiments.worker import execute
@@ -19,10 +20,9 @@ def ray_session(address: str | None = None, init_kwargs: Mapping[str, Any] | Non
     """Ray initialised for the block: a running session is reused and left running; one started here (local,
     or joining ``address``) is shut down at the end."""
     try:
+        # deferred: ray is optional (pip install 'mergelab[ray]')
         import ray
     except ImportError as exc:
-        from mergelab.errors import MergeLabError
-
         raise MergeLabError("backend 'ray' needs Ray: pip install 'mergelab[ray]' (or pip install ray)") from exc
     if ray.is_initialized():
         yield
@@ -38,6 +38,7 @@ def ray_session(address: str | None = None, init_kwargs: Mapping[str, Any] | Non
 def run_ray(todo: Sequence[Task], rec: Recorder, workers: int | None, art: str,
              address: str | None, init_kwargs: dict[str, Any]) -> None:
     with ray_session(address, init_kwargs):
+        # deferred: ray is optional (pip install 'mergelab[ray]')
         import ray
 
         if workers is None:

@@ -66,7 +66,7 @@ from typing import Any
 from mergelab.experiments.local_pool import run_local
 from mergelab.experiments.ray_pool import ray_session, run_ray
 from mergelab.experiments.recorder import Recorder
-from mergelab.experiments.store import ResultsStore
+from mergelab.experiments.store import ResultsStore, default_db_path
 from mergelab.experiments.task import RunSummary, Task
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def run_tasks(
     if todo:
         bar = None
         if progress:
+            # deferred: tqdm.auto (20 ms) stays off the 'mergelab --help' path, which imports runners
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"{backend} tasks", unit="task", dynamic_ncols=True)
@@ -177,8 +178,6 @@ class RunOptions:
     say: Callable[[str], None] | None = None
 
     def open_store(self) -> ResultsStore:
-        from mergelab.experiments.store import default_db_path
-
         return self.store if isinstance(self.store, ResultsStore) else ResultsStore(self.store or default_db_path())
 
     def cache(self) -> str | None:

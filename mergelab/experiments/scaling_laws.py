@@ -52,6 +52,7 @@ finished fine-tunes and merges and an interrupted study resumes.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
 import os
@@ -63,9 +64,39 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from scipy import stats
 
+from mergelab.analysis.bound_fit import (
+    elasticity,
+    fit_excess,
+    leave_one_out,
+    merge_bootstrap,
+    spearman,
+    task_jackknife,
+    task_offset_matrix,
+    within_spearman,
+)
+from mergelab.analysis.calibration_study import StudyConfig, draw_pools, expert_measurements
+from mergelab.analysis.excess_bound import EXCESS_FORMULA, excess_terms, merge_operator_vectors, task_vector_dispersion
+from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
+from mergelab.analysis.statistics import Observation, contrast, significant_signs, step_contrasts
+from mergelab.analysis.theory_at_init import pool_measurement
+from mergelab.atomic_files import write_csv_atomic
 from mergelab.errors import SpecError
+from mergelab.evaluation.protocol import STATISTICS_PATTERN
+from mergelab.experiments.jobs import expert_eval_job, finetune_job, member_expert, merge_eval_job
 from mergelab.experiments.runners import RunOptions
+from mergelab.experiments.store import key_of
+from mergelab.experiments.task import Task
+from mergelab.models import read_backbone_state
+from mergelab.models.paths import pretrained_dir
+from mergelab.models.pretraining import ensure_pretrained
+from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
+from mergelab.report.document import versions
+from mergelab.tasks import list_tasks
+from mergelab.training import finetune
+from mergelab.training.result import BACKBONE_FILE
+from mergelab.training.spec import make_spec
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +177,6 @@ class ScalingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ScalingConfig:
-        from mergelab.tasks import list_tasks
-
         unknown = [t for t in self.tasks if t not in list_tasks()]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}")
@@ -188,8 +217,6 @@ def grid(cfg: ScalingConfig, hp: str) -> tuple[float, ...]:
 
 def task_groups(cfg: ScalingConfig, size: int) -> list[tuple[str, ...]]:
     """``cfg.groups`` distinct seeded groups of ``size`` tasks (all of them when there are fewer)."""
-    from mergelab.analysis.calibration_study import draw_pools
-
     idx = draw_pools(len(cfg.tasks), cfg.groups, size, size, seed=cfg.seed + 1000 * size)
     return [tuple(cfg.tasks[i] for i in g) for g in idx]
 
@@ -203,8 +230,6 @@ class Plan(BaseModel):
 
 def plan(cfg: ScalingConfig, cache_dir: PathLike | None = None) -> Plan:
     """Resolve every expert spec (hashes included) and every merge of the study."""
-    from mergelab.training.spec import make_spec
-
     finetunes: dict[str, dict[str, Any]] = {}
 
     def expert(fields: dict[str, Any]) -> tuple[str, str]:
@@ -251,11 +276,6 @@ def run_scaling_study(
 
     Returns the :class:`~mergelab.report.ReportDocument`.
     """
-    from mergelab.experiments.jobs import finetune_job, merge_eval_job
-    from mergelab.experiments.task import Task
-    from mergelab.experiments.store import key_of
-    from mergelab.models.pretraining import ensure_pretrained
-
     opts = options or RunOptions()
     say = opts.say or log.info
     out = Path(out)
@@ -316,10 +336,6 @@ def attach_excess(cfg: ScalingConfig, records: list[dict[str, Any]], opts: RunOp
     """Evaluate every member of the recorded merges alone (cached ``expert_eval`` jobs) and add to each record
     ``expert_loss`` (mean over its members of their own-task test loss under the same BN protocol) and
     ``excess = loss - expert_loss`` (NaN when a member's evaluation failed). Returns the run summary."""
-    from mergelab.experiments.jobs import expert_eval_job
-    from mergelab.experiments.task import Task
-    from mergelab.experiments.store import key_of
-
     specs = {_member_key(m): expert_eval_spec(cfg, m, cache) for r in records for m in r["members"]}
     summary = opts.run([Task("expert_eval", sp, expert_eval_job, study=study) for sp in specs.values()], store)
     if summary.failed:
@@ -339,18 +355,6 @@ def attach_bound(cfg: ScalingConfig, records: list[dict[str, Any]], cache: str |
     """Add the *(derived)* excess-loss form's terms ``opt``, ``stab`` and ``het`` to every record (module
     docstring, item 4), with ``predicted`` (the fit to all of the method's merges) and ``heldout`` (the
     leave-one-hyperparameter-out prediction) of the excess loss when records carry ``excess``."""
-    from mergelab.analysis.excess_bound import excess_terms, merge_operator_vectors, task_vector_dispersion
-    from mergelab.analysis.bound_fit import fit_excess, leave_one_out
-    from mergelab.analysis.calibration_study import StudyConfig, expert_measurements
-    from mergelab.analysis.merge_coefficients import bound_pool, merge_coefficients
-    from mergelab.analysis.theory_at_init import pool_measurement
-    from mergelab.evaluation.protocol import STATISTICS_PATTERN
-    from mergelab.experiments.jobs import member_expert
-    from mergelab.models import read_backbone_state
-    from mergelab.models.paths import pretrained_dir
-    from mergelab.training import finetune
-    from mergelab.training.result import BACKBONE_FILE
-
     if not records:
         return
     # theta_0 statistics come from each task's default expert (cached; trained here only when no study used it)
@@ -410,17 +414,6 @@ def bound_analysis(records: Sequence[dict[str, Any]], method: str, *, bootstrap:
     OLS fits, and each term alone) with delete-one-task jackknife intervals (and the merge bootstrap for
     reference), the fit on all merges, and the elasticities of the excess loss per sweep
     (:mod:`mergelab.analysis.bound_fit`). Empty when the records have no excess loss or terms."""
-    from mergelab.analysis.bound_fit import (
-        elasticity,
-        fit_excess,
-        leave_one_out,
-        merge_bootstrap,
-        spearman,
-        task_jackknife,
-        task_offset_matrix,
-        within_spearman,
-    )
-
     sub = [r for r in records if r["method"] == method and all(k in r for k in ("excess", "opt", "stab", "het"))]
     X = np.array([[r["opt"], r["stab"], r["het"]] for r in sub], dtype=np.float64).reshape(len(sub), 3)
     y = np.array([r["excess"] for r in sub], dtype=np.float64)
@@ -483,8 +476,6 @@ def bound_analysis(records: Sequence[dict[str, Any]], method: str, *, bootstrap:
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    from scipy import stats
-
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
@@ -497,8 +488,6 @@ def observations(records: Sequence[dict[str, Any]], hp: str, method: str, key: s
     """The merges of ``hp`` and ``method`` as :class:`~mergelab.analysis.statistics.Observation` s of ``key``:
     level = grid value, cell = the task group (its seeds are replicates of the cell), units = the group's tasks
     (the independent units of the jackknife)."""
-    from mergelab.analysis.statistics import Observation
-
     out = []
     for r in records:
         if r["hp"] == hp and r["method"] == method:
@@ -511,8 +500,6 @@ def curve(records: Sequence[dict[str, Any]], hp: str, method: str, key: str) -> 
     """``(values, mean, standard error, count)`` of ``key`` per grid value: the mean over task groups of each
     group's mean over seeds, its delete-one-task jackknife standard error (NaN when not estimable, e.g. one
     group holding every task; :mod:`mergelab.analysis.statistics`), and the number of merges."""
-    from mergelab.analysis.statistics import contrast
-
     obs = observations(records, hp, method, key)
     vals = sorted({o.level for o in obs})
     means, errs, counts = [], [], []
@@ -547,8 +534,6 @@ def step_signs(obs: Sequence[Any], alpha: float = 0.05) -> tuple[list[int], list
     both), with a delete-one-task jackknife standard error (t with tasks - 1 degrees of freedom); its sign counts
     only when its interval at ``alpha / steps`` excludes 0 (Bonferroni, so a curve without a trend shows a
     significant step with probability <= ``alpha``); 0 = undecided, NaN error included."""
-    from mergelab.analysis.statistics import significant_signs, step_contrasts
-
     levels = sorted({o.level for o in obs})
     steps = step_contrasts(obs, levels)
     return significant_signs(steps, alpha), steps
@@ -582,8 +567,6 @@ def _curve_shape(values: Sequence[float]) -> str:
 def _bound_figures(records: Sequence[dict[str, Any]], hp: str, method: str, log_x: bool) -> list[Any]:
     """Per sweep: the measured excess loss with the bound's held-out and fitted predictions, and its three terms
     (unit constants) *(derived)*."""
-    from mergelab.report import Figure, Series
-
     xs, exc, eerr, n = curve(records, hp, method, "excess")
     if not xs or not all(np.isfinite(exc)):
         return []
@@ -619,9 +602,6 @@ def _iv_text(iv: Any) -> str:
 def _bound_sections(records: Sequence[dict[str, Any]], method: str, target: float = 0.8) -> list[Any]:
     """The bound's report section for ``method`` *(derived)*: held-out prediction, fitted constants, each term
     alone, and the elasticities, with their verdicts (:func:`bound_analysis`)."""
-    from mergelab.analysis.excess_bound import EXCESS_FORMULA
-    from mergelab.report import Section, Table, Verdict
-
     res = bound_analysis(records, method)
     if not res:
         return []
@@ -702,11 +682,6 @@ def _bound_sections(records: Sequence[dict[str, Any]], method: str, target: floa
 
 def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: dict[str, Any]) -> Any:
     """The study's :class:`~mergelab.report.ReportDocument`."""
-    import datetime as _dt
-
-    from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
-    from mergelab.report.document import versions
-
     sections = []
     verdict_rows = []
     for method in cfg.methods:
@@ -779,8 +754,6 @@ def build_report(cfg: ScalingConfig, records: Sequence[dict[str, Any]], counts: 
 
 
 def _write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    from mergelab.atomic_files import write_csv_atomic
-
     cols = ["hp", "value", "seed", "method", "tasks", "loss", "accuracy", "joint_loss", "joint_accuracy",
             "expert_loss", "excess", "opt", "stab", "het", "predicted", "heldout"]
     write_csv_atomic(path, cols, ([r["hp"], r["value"], r.get("seed", 0), r["method"],

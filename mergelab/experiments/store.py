@@ -48,6 +48,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from mergelab.atomic_files import plain_file_mode, write_csv_atomic
 from mergelab.errors import MergeLabError
 from mergelab.process_identity import EPOCH_SLACK_S, ProcessIdentity, pid_exists, start_epoch
 
@@ -151,8 +152,6 @@ def _create_database_file(path: Path) -> None:
     """Create the database ``path`` whole: the schema is written into a temporary file next to it, which is
     then hard-linked into place (never replacing a file another process created meanwhile). So ``path``
     either does not exist or holds a complete schema, and a 0-byte file there always means lost content."""
-    from mergelab.atomic_files import plain_file_mode
-
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -422,7 +421,6 @@ def to_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
     ...; see :meth:`Row.flat`). Missing fields are empty cells. Written atomically; returns the path."""
     rows = list(rows)
     columns, flats = flat_columns(rows)
-    from mergelab.atomic_files import write_csv_atomic
 
     return write_csv_atomic(path, columns, ([("" if f.get(c) is None else f[c]) for c in columns] for f in flats))
 
@@ -433,6 +431,7 @@ def to_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
 
 def default_db_path() -> Path:
     """``$MERGELAB_CACHE/results.sqlite`` (``~/.cache/mergelab/results.sqlite`` without the variable)."""
+    # deferred: provenance (20 ms) stays off the 'mergelab --help' path, which imports the store
     from mergelab.provenance import cache_dir
 
     return cache_dir() / "results.sqlite"

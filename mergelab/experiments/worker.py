@@ -7,14 +7,18 @@ from __future__ import annotations
 import datetime as _dt
 import inspect
 import os
+import platform
+import signal
 import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mergelab import __version__
 from mergelab.experiments.store import to_jsonable
 from mergelab.experiments.task import TaskOutput, resolve_fn
 
@@ -40,8 +44,7 @@ def init_pool_worker(driver_pid: int) -> None:
     """Process-pool initializer: :func:`init_worker`; Ctrl-C is left to the driver (which stops the pool),
     so workers do not each print a KeyboardInterrupt traceback; and the worker exits when the driver
     ``driver_pid`` dies, however it dies (:func:`~mergelab.worker_lifetime.exit_with_parent`)."""
-    import signal
-
+    # deferred: ctypes/prctl only in pool workers, off the 'mergelab --help' path, which imports worker
     from mergelab.worker_lifetime import exit_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -72,15 +75,11 @@ def _versions(fn_ref: str) -> dict[str, Any]:
     did not load torch, its version is read from the package metadata instead of importing it (seconds)."""
     try:
         if "torch" in sys.modules:
+            # deferred: provenance (20 ms) only when the task loaded torch, whose version environment() reads
             from mergelab.provenance import environment
 
             versions = dict(environment())
         else:
-            import platform
-            from importlib.metadata import PackageNotFoundError, version
-
-            from mergelab import __version__
-
             try:
                 torch_version = version("torch")
             except PackageNotFoundError:  # pragma: no cover

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from mergelab.analysis.statistics import ALPHA, Estimate, accuracy_difference, paired_accuracy_test
 from mergelab.experiments.comparison_rows import PAIRED_REFERENCES
 from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.report.document import Figure, ReportDocument, Section, Series, Table, Verdict, versions
@@ -97,8 +98,6 @@ def _ranking(claim: str, predicted: str, a_name: str, b_name: str, source: str, 
     (:meth:`~mergelab.experiments.comparison_table.ComparisonTable.paired_comparisons`; undecided when missing, failed,
     invalid, without per-example results, or not significant after Holm's adjustment over the table's
     comparisons)."""
-    from mergelab.analysis.statistics import ALPHA
-
     protocol = f" {protocol_note(table.meta)}"
     a, b = _average(table, a_name), _average(table, b_name)
     if a is None or b is None:
@@ -296,8 +295,6 @@ def _pool_change(result: PoolScalingResult, method: str, n0: int, n1: int) -> tu
     """The change of ``method``'s task-averaged accuracy from pool size ``n0`` to ``n1`` as an
     :class:`~mergelab.analysis.statistics.Estimate` and how it was tested; None without per-example results.
     Paired on the same examples when both sizes evaluate the same tasks, else independent samples."""
-    from mergelab.analysis.statistics import Estimate, accuracy_difference, paired_accuracy_test
-
     o0, o1 = _pool_outcomes(result, method, n0), _pool_outcomes(result, method, n1)
     if o0 is None or o1 is None:
         return None

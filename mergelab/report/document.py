@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from mergelab import __version__
+from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import SpecError
+from mergelab.untrusted_input import read_json_file
 
 PathLike = str | os.PathLike[str]
 REPORT_FORMAT = 2
@@ -244,7 +248,6 @@ class ReportDocument(_Model):
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_FILENAME
-        from mergelab.atomic_files import write_text_atomic
 
         return write_text_atomic(path, self.model_dump_json(indent=1))
 
@@ -254,7 +257,6 @@ class ReportDocument(_Model):
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_FILENAME
-        from mergelab.untrusted_input import read_json_file
 
         try:
             data = read_json_file(path, what="cannot read the report document", error=SpecError)
@@ -303,12 +305,9 @@ def _from_analysis_layout(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of mergelab, Python and torch, for the report's footer."""
-    import platform
-
-    from mergelab import __version__
-
     out = {"mergelab": __version__, "python": platform.python_version()}
     try:
+        # deferred: torch (seconds) only for its version; the document model imports torch-free
         import torch
 
         out["torch"] = torch.__version__

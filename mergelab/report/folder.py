@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergelab.atomic_files import open_atomic, write_text_atomic
 from mergelab.errors import MergeLabError
-from mergelab.report.document import REPORT_FILENAME, Image, ReportDocument, Section
+from mergelab.report.document import REPORT_FILENAME, Image, ReportDocument, Section, versions
 from mergelab.report.markdown import document_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,8 +117,6 @@ class Report:
 
     def document(self, *, drawn: set[str] | None = None) -> ReportDocument:
         """The document; with ``drawn``, only the images whose files were drawn are kept."""
-        from mergelab.report.document import versions
-
         sections = [s if drawn is None else s.model_copy(update={"images": [i for i in s.images if i.file in drawn]})
                     for s in self.sections]
         return ReportDocument(title=self.title, study=self.study, summary=self.intro, config=self.meta,
@@ -155,6 +153,7 @@ class Report:
 
 
 def _save_figure(figure: Drawing, path: Path) -> None:
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg", force=False)

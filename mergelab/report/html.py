@@ -145,6 +145,7 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def draw_figure(fig: Figure, dpi: int = 100) -> Any:
     """``fig`` drawn on a new matplotlib ``Figure`` (Agg canvas, no pyplot state), ready to save."""
+    # deferred: matplotlib (a heavy load) only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
 

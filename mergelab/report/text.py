@@ -112,7 +112,6 @@ def pool_scaling_text(result: PoolScalingResult) -> str:
     failed = [(n, r.method, r.error) for n in sizes for r in result.tables[n].rows if r.error]
     for n, m, e in failed:
         lines.append(f"failed: {m} at {n}: {e}")
-    from mergelab.report.convert import pool_scaling_verdicts
 
     verdicts = pool_scaling_verdicts(result)
     if verdicts:
