@@ -293,7 +293,7 @@ N_HAND = 100
 
 def _hand_row(method: str, right: dict[str, range], error: str | None = None) -> MethodRow:
     """A row right exactly on the examples ``right[task]`` of ``N_HAND`` per task."""
-    from mergelab.analysis.statistics import pack_outcomes
+    from mergelab.evaluation.outcomes import pack_outcomes
 
     outs = {}
     for t, idx in right.items():
@@ -380,7 +380,7 @@ def test_a_table_written_before_per_example_results_still_loads():
 def test_holm_keeps_false_positives_across_a_null_table_at_5_percent():
     """Six rows with the same per-task accuracies, outcomes drawn independently per example (A and B exchangeable
     on every example: the paired null): the share of tables with *any* significant comparison (9 per table)."""
-    from mergelab.analysis.statistics import pack_outcomes
+    from mergelab.evaluation.outcomes import pack_outcomes
 
     rng = np.random.default_rng(0)
     tasks, n, acc = ["a", "b", "c"], 150, {"a": 0.6, "b": 0.75, "c": 0.5}

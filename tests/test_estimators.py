@@ -17,12 +17,12 @@ from mergelab.analysis.estimators import (
     gradient_heterogeneity,
     gradient_statistics,
     hessian_top_eigenvalue,
-    heterogeneity_from_gram,
     hvp_operator,
     loss_and_gradient,
     measure_tasks,
     power_iteration,
 )
+from mergelab.analysis.heterogeneity import heterogeneity_from_gram
 from mergelab.analysis.noise_scale import effective_noise_scale, measured_noise_scale
 
 

@@ -129,6 +129,37 @@ def test_the_merge_path_imports_one_way():
     assert under(_imports_of("mergelab.merging", graph), ("mergelab.methods.data_informed",) + higher) == set()
 
 
+#: Layers below the analyses: training/evaluation and the methods, models and tasks they use.
+BELOW_ANALYSES = ("mergelab.training", "mergelab.evaluation", "mergelab.methods", "mergelab.models", "mergelab.tasks")
+#: The analyses and everything above them.
+ANALYSES_AND_ABOVE = ("mergelab.analysis", "mergelab.experiments", "mergelab.report", "mergelab.commands",
+                      "mergelab.cli", "mergelab.quickstart", "mergelab.demo")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``{package below the analyses: the analysis-or-higher modules it imports at module level}`` (non-empty
+    entries only)."""
+    found = {}
+    for package in BELOW_ANALYSES:
+        up = {t for t in _imports_of(package, graph) if any(t == p or t.startswith(p + ".") for p in ANALYSES_AND_ABOVE)}
+        if up:
+            found[package] = up
+    return found
+
+
+def test_training_and_evaluation_sit_below_the_analyses():
+    """training/evaluation (and the methods, models and tasks they use) import no analysis, study, report,
+    command or CLI module at module level: what both layers need (e.g. per-example outcome packing,
+    :mod:`mergelab.evaluation.outcomes`) lives in the lower one."""
+    assert upward_imports(import_graph()) == {}
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"mergelab.evaluation.task_suite": {"mergelab.analysis.statistics", "mergelab.models"},
+             "mergelab.training.loop": {"mergelab.evaluation.metrics"}, "mergelab.analysis.bound": {"mergelab.report"}}
+    assert upward_imports(graph) == {"mergelab.evaluation": {"mergelab.analysis.statistics"}}
+
+
 def test_the_old_root_modules_are_gone():
     for name in ("engine", "merging", "merge_inputs", "numpy_engine", "numpy_ties", "numpy_storage",
                  "order_stats", "blockwise"):

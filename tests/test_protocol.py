@@ -105,7 +105,7 @@ def test_validation_split_is_a_fixed_stratified_sample_of_the_training_split():
 
 def _row(name, avg, invalid=None):
     """Right on the first ``avg * 100`` of 100 test examples (paired tests need per-example results)."""
-    from mergelab.analysis.statistics import pack_outcomes
+    from mergelab.evaluation.outcomes import pack_outcomes
 
     right = [i < round(100 * avg) for i in range(100)]
     return MethodRow(name, {"a": avg}, {"a": 1.0}, avg, avg, 0.0, math.nan, {}, invalid=invalid,

@@ -18,7 +18,8 @@ from mergelab.experiments.comparison_table import ComparisonTable, MethodRow
 from mergelab.experiments.paper_results import PAPER_TABLE3
 from mergelab.experiments.pool_scaling import PoolScalingResult
 from mergelab.report import Figure, ReportDocument, Section, Series, Table, Verdict
-from mergelab.analysis.statistics import holm, mcnemar_exact, pack_outcomes
+from mergelab.analysis.statistics import holm, mcnemar_exact
+from mergelab.evaluation.outcomes import pack_outcomes
 from mergelab.report.convert import (
     comparison_document,
     comparison_verdicts,

@@ -19,12 +19,11 @@ from mergelab.analysis.statistics import (
     level_means,
     mcnemar_exact,
     mean_and_error,
-    pack_outcomes,
     paired_accuracy_test,
     significant_signs,
     step_contrasts,
-    unpack_outcomes,
 )
+from mergelab.evaluation.outcomes import pack_outcomes, unpack_outcomes
 
 
 def test_jackknife_of_a_mean_is_the_classic_standard_error():

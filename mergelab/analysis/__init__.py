@@ -81,7 +81,7 @@ _LAZY: dict[str, str] = {
     "gradient_statistics": "mergelab.analysis.estimators",
     "GradientStats": "mergelab.analysis.estimators",
     "gradient_heterogeneity": "mergelab.analysis.estimators",
-    "heterogeneity_from_gram": "mergelab.analysis.estimators",
+    "heterogeneity_from_gram": "mergelab.analysis.heterogeneity",
     "HeterogeneityResult": "mergelab.analysis.estimators",
     "measure_tasks": "mergelab.analysis.estimators",
     "TaskMeasurement": "mergelab.analysis.estimators",

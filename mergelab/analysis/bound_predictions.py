@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mergelab.analysis.bound import FORM, BoundConstants, BoundExpert, BoundPool, BoundReport, evaluate_bound
+from mergelab.analysis.heterogeneity import heterogeneity_from_gram
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,6 @@ def _sub_pool(pool: BoundPool, idx: Sequence[int]) -> BoundPool:
     ex = [pool.experts[i] for i in idx]
     gram = None
     if pool.gram is not None:
-        # deferred: torch (estimators); the bound's modules import numpy only
-        from mergelab.analysis.estimators import heterogeneity_from_gram
-
         gram = np.asarray(pool.gram)[np.ix_(idx, idx)]
         delta2, _ = heterogeneity_from_gram(gram, [e.n for e in ex])
         ex = [replace(e, delta2=float(d)) for e, d in zip(ex, delta2)]

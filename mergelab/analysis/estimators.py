@@ -76,7 +76,6 @@ __all__ = [
     "hessian_top_eigenvalue",
     "hvp_operator",
     "loss_and_gradient",
-    "heterogeneity_from_gram",
     "measure_tasks",
     "model_device",
     "modules_in_mode",
@@ -496,28 +495,12 @@ class HeterogeneityResult:
         }
 
 
-def heterogeneity_from_gram(gram: np.ndarray, n: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """``(delta2, p)`` from the Gram matrix of task gradients and the sample counts ``n``.
-
-    ``delta_i^2 = G_ii - 2 sum_j p_j G_ij + sum_jk p_j p_k G_jk`` with ``p = n / sum(n)`` (clipped at 0 against
-    rounding).
-    """
-    g = np.asarray(gram, dtype=np.float64)
-    p = np.asarray(n, dtype=np.float64)
-    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] != p.shape[0]:
-        raise ValueError(f"gram must be [N, N] with N = len(n); got {g.shape} and {p.shape[0]} counts")
-    if np.any(p <= 0):
-        raise ValueError("sample counts must be positive")
-    p = p / p.sum()
-    delta2 = np.diag(g) - 2.0 * g @ p + float(p @ g @ p)
-    return np.maximum(delta2, 0.0), p
-
-
 def gradient_heterogeneity(grads: Sequence[torch.Tensor], n: Sequence[float] | None = None) -> HeterogeneityResult:
     """Heterogeneity of task gradients ``grads[i] = grad F_i(theta)`` (flat, same parameters) weighted by ``n``.
 
     ``n`` are the task sample counts (default: equal weights). Computed directly in float64 as
-    ``||g_i - sum_j p_j g_j||^2`` (the Gram route of :func:`heterogeneity_from_gram` is for sub-pools).
+    ``||g_i - sum_j p_j g_j||^2`` (the Gram route of
+    :func:`mergelab.analysis.heterogeneity.heterogeneity_from_gram` is for sub-pools).
     """
     if not grads:
         raise ValueError("gradient_heterogeneity needs at least one gradient")

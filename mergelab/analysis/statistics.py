@@ -47,12 +47,12 @@ flips. The interval is ``D +- z se`` with the stratified paired error ``se^2 = (
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 #: Default family-wise level of a verdict.
 ALPHA = 0.05
@@ -71,12 +71,10 @@ __all__ = [
     "level_means",
     "mcnemar_exact",
     "mean_and_error",
-    "pack_outcomes",
     "paired_accuracy_test",
     "rank_correlation_test",
     "significant_signs",
     "step_contrasts",
-    "unpack_outcomes",
 ]
 
 
@@ -91,9 +89,6 @@ class Estimate:
 
     def critical(self, alpha: float = ALPHA) -> float:
         """Two-sided critical value ``t_{df}(1 - alpha/2)`` (the normal's when ``df`` is infinite); NaN if df < 1."""
-        # deferred: scipy.stats (a heavy load); evaluation.task_suite imports this module for pack_outcomes only
-        from scipy import stats
-
         if not self.df >= 1:
             return math.nan
         return float(stats.norm.ppf(1 - alpha / 2) if math.isinf(self.df) else stats.t.ppf(1 - alpha / 2, self.df))
@@ -107,9 +102,6 @@ class Estimate:
 
     def p_value(self) -> float:
         """Two-sided p-value of ``value = 0`` (t or normal reference); NaN when the error is not estimable."""
-        # deferred: scipy.stats, see the first (in critical)
-        from scipy import stats
-
         if not (math.isfinite(self.value) and math.isfinite(self.se) and self.df >= 1):
             return math.nan
         if self.se == 0:
@@ -242,27 +234,10 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------- paired method comparison
-def pack_outcomes(correct: Sequence[bool] | np.ndarray) -> str:
-    """Per-example correctness as base64 of its bit-packed bytes (``numpy.packbits``, big-endian bit order):
-    1 bit per example (1,000 examples: 168 characters)."""
-    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
-
-
-def unpack_outcomes(packed: str, n: int) -> np.ndarray:
-    """The ``n`` booleans :func:`pack_outcomes` packed (ValueError when ``packed`` holds fewer)."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed.encode("ascii")), dtype=np.uint8))
-    if bits.size < n or bits.size - n >= 8:
-        raise ValueError(f"packed outcomes hold {bits.size} bits, not {n} examples")
-    return bits[:n].astype(bool)
-
-
 def mcnemar_exact(b: int, c: int) -> float:
     """McNemar's exact two-sided p-value for ``b`` pairs where only the first is right and ``c`` where only the
     second is: the binomial test of ``b`` successes in ``b + c`` trials at 1/2, ``min(1, 2 P(X <= min(b, c)))``
     (1 when there are no discordant pairs)."""
-    # deferred: scipy.stats, see the first (in critical)
-    from scipy import stats
-
     if b < 0 or c < 0:
         raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
     if b + c == 0:
@@ -357,9 +332,6 @@ def rank_correlation_test(x: Sequence[float], y: Sequence[float], *, draws: int 
     test enumerates every pairing and is exact; otherwise ``draws`` random pairings (seeded, reproducible) give
     ``p = (1 + #{|rho*| >= |rho|}) / (draws + 1)``. Non-finite pairs are dropped; fewer than 3 pairs, or a
     constant side, give ``(nan, nan)``: no test, undecided."""
-    # deferred: scipy.stats, see the first (in critical)
-    from scipy import stats
-
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"x and y must be 1-D of one length, got shapes {a.shape} and {b.shape}")

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from mergelab.analysis.statistics import pack_outcomes
 from mergelab.errors import CheckpointError, MergeLabError, SpecError
 from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.evaluation.metrics import Metrics, classifier_outputs
+from mergelab.evaluation.outcomes import pack_outcomes, unpack_outcomes
 from mergelab.models.device import default_device
 from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone, infer_arch
@@ -72,14 +72,12 @@ class TaskEvaluation(BaseModel):
     normalized_accuracy: float | None = None
     head: str = ""
     nonfinite: int = 0
-    #: Per-example correctness in test order, bit-packed (:func:`mergelab.analysis.statistics.pack_outcomes`,
+    #: Per-example correctness in test order, bit-packed (:func:`mergelab.evaluation.outcomes.pack_outcomes`,
     #: 1 bit per example), for paired tests between methods evaluated on the same examples; "" when not kept.
     correct: str = ""
 
     def outcomes(self) -> np.ndarray | None:
         """The per-example correctness (``n_test`` booleans), or None when it was not kept."""
-        from mergelab.analysis.statistics import unpack_outcomes
-
         return unpack_outcomes(self.correct, self.n_test) if self.correct else None
 
 

@@ -58,8 +58,9 @@ class MethodRow:
 
     def outcomes(self) -> dict[str, Any] | None:
         """``{task: per-example correctness}`` (numpy booleans), or None when not every task's was kept."""
-        # deferred: numpy; tables are read and printed on paths that never load it
-        from mergelab.analysis.statistics import unpack_outcomes
+        # deferred: numpy (and torch, through mergelab.evaluation); tables are read and printed on paths that
+        # never load them
+        from mergelab.evaluation.outcomes import unpack_outcomes
 
         if not self.per_task or any(t not in self.per_task_correct or t not in self.per_task_n for t in self.per_task):
             return None

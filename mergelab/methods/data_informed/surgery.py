@@ -339,7 +339,7 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
     :class:`~mergelab.evaluation.EvaluationResult` (per-task and normalized accuracy, joint metrics).
     """
     from mergelab.evaluation import EvaluationResult, Metrics, TaskEvaluation, load_backbone
-    from mergelab.analysis.statistics import pack_outcomes
+    from mergelab.evaluation.outcomes import pack_outcomes
     from mergelab.evaluation.metrics import classifier_outputs
     from mergelab.models import default_device, load_head
     from mergelab.tasks import get_task
