@@ -172,7 +172,7 @@ def test_chunked_accumulation_matches_one_block() -> None:
     for op in OPERATORS:
         assert many.dispersion_after(op) == pytest.approx(one.dispersion_after(op), rel=1e-10)
     # consensus variants reuse the sparsified vectors when both are measured; alone they recompute them
-    for op in ("ties", "dare_ties"):
+    for op in ("ties", "dare_ties", "della", "breadcrumbs_ties"):
         alone = tensor_stats(taus, name="x", config=DiagnosticsConfig(operators=(op,)))
         assert alone.dispersion_after(op) == one.dispersion_after(op)
     # float64 task vectors (a float64 input) give the same counts
@@ -283,6 +283,111 @@ def test_dare_increases_dispersion_by_the_expected_amount() -> None:
     expected = s.dispersion + (1 / d - 1) * (1 - 1 / n_exp) * s.total_sqnorm
     assert s.dispersion_after("dare") == pytest.approx(expected, rel=0.02)
     assert s.delta("dare") < 0
+
+
+def test_breadcrumbs_ties_operator_by_hand() -> None:
+    """breadcrumbs_ties = the breadcrumbs band, then sign consensus. n = 5, density 0.4 (keep 2), gamma 0.2 (drop
+    the 1 largest): each tau keeps its 2nd and 3rd largest |entries|; the band sums [0, -4, 0, 4, 7] elect
+    [0, -, 0, +, +] (an exact tie at coordinate 2 zeroes 3 and -3)."""
+    taus = [torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0]), torch.tensor([-1.0, 2.0, -6.0, 4.0, 3.0]),
+            torch.tensor([2.0, 1.0, -3.0, -5.0, 4.0])]
+    cfg = DiagnosticsConfig(density=0.4, breadcrumbs_gamma=0.2)
+    band = apply_operator("breadcrumbs", taus, [1.0] * 3, cfg)
+    assert [t.tolist() for t in band] == [[0, -4, 3, 0, 0], [0, 0, 0, 4, 3], [0, 0, -3, 0, 4]]
+    consensus = apply_operator("breadcrumbs_ties", taus, [1.0] * 3, cfg)
+    assert [t.tolist() for t in consensus] == [[0, -4, 0, 0, 0], [0, 0, 0, 4, 3], [0, 0, 0, 0, 4]]
+    # the catalog's own step: breadcrumbs_ties' sparsify is the band, its combination a disjoint mean
+    from mergelab.methods import TensorInputs, get_method
+
+    m = get_method("breadcrumbs_ties")
+    step = m.sparsify(list(taus), TensorInputs("w", None, [], [1.0] * 3), m.parse_params({"density": 0.4, "gamma": 0.2}))
+    assert m.combination == "disjoint_mean" and all(torch.equal(a, b) for a, b in zip(step, band))
+    assert all(torch.equal(a, b) for a, b in zip(sign_consensus(step, [1.0] * 3), consensus))
+    # the consensus never increases D over the band alone (the module docstring's guarantee)
+    s = tensor_stats(taus, config=cfg)
+    assert s.dispersion_after("breadcrumbs_ties") <= s.dispersion_after("breadcrumbs")
+
+
+def test_magprune_and_della_operators_are_delta_s_own_steps() -> None:
+    """magprune (della_linear's operator) and della (its consensus) are the catalog's MAGPRUNE step: masks seeded
+    by (seed, expert index, tensor name) as the della merges seed them, window della_epsilon, kept entries
+    rescaled by 1/q_j with q_j the entry's keep probability; with epsilon 0 every q_j is the density and
+    MAGPRUNE is DARE's drop with the same masks (up to q_j's float32 rounding)."""
+    from mergelab import ops
+    from mergelab.methods import TensorInputs, get_method
+
+    g = torch.Generator().manual_seed(6)
+    taus = [torch.randn(8, 25, generator=g) for _ in range(3)]
+    weights = [1.0, 2.0, 0.5]
+    cfg = DiagnosticsConfig(density=0.4, della_epsilon=0.2, seed=7)
+    inputs = TensorInputs("layer.w", None, [], weights)
+    pruned = apply_operator("magprune", taus, weights, cfg, name="layer.w")
+    for i, (tau, out) in enumerate(zip(taus, pruned)):
+        assert torch.equal(out, ops.magprune(tau, 0.4, 0.2, generator=inputs.generator(7, i)))
+        q = ops.magprune_keep_probabilities(tau.abs().reshape(8, 25), 0.4, 0.2).reshape(8, 25)
+        kept = out != 0
+        assert 0 < int(kept.sum()) < tau.numel()
+        torch.testing.assert_close(out[kept], tau[kept] / q[kept], rtol=0, atol=0)
+    for name in ("della", "della_linear"):
+        m = get_method(name)
+        p = m.parse_params({"density": 0.4, "epsilon": 0.2, "seed": 7})
+        step = m.sparsify(list(taus), inputs, p)
+        assert all(torch.equal(a, b) for a, b in zip(step, pruned)), name
+    della = apply_operator("della", taus, weights, cfg, name="layer.w")
+    assert all(torch.equal(a, b) for a, b in zip(della, sign_consensus(pruned, weights)))
+    # the seed and the tensor name reach the masks; epsilon 0 is DARE's drop, mask for mask
+    other = apply_operator("magprune", taus, weights, DiagnosticsConfig(density=0.4, della_epsilon=0.2, seed=8),
+                           name="layer.w")
+    assert not all(torch.equal(a, b) for a, b in zip(other, pruned))
+    flat = DiagnosticsConfig(density=0.4, della_epsilon=0.0, seed=7)
+    dare = apply_operator("dare", taus, weights, flat, name="layer.w")
+    for a, b in zip(apply_operator("magprune", taus, weights, flat, name="layer.w"), dare):
+        assert torch.equal(a != 0, b != 0)  # the same uniform draws against q_j = density (float32)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # measured together, della reuses magprune's vectors; alone it recomputes the same ones
+    both = tensor_stats(taus, weights, config=cfg, name="layer.w")
+    alone = tensor_stats(taus, weights, config=DiagnosticsConfig(density=0.4, della_epsilon=0.2, seed=7,
+                                                                 operators=("della",)), name="layer.w")
+    assert alone.dispersion_after("della") == both.dispersion_after("della")
+    assert both.dispersion_after("della") <= both.dispersion_after("magprune")
+
+
+def test_magprune_spacing_and_the_merge_s_own_parameters_reach_the_operator() -> None:
+    """della_spacing 'mergekit' (half width) is the catalog step with spacing mergekit; the bound's
+    merge_operator_vectors measures a della merge with that merge's epsilon, spacing and seed."""
+    from mergelab.analysis.excess_bound import merge_operator_vectors
+    from mergelab.methods import TensorInputs, get_method
+
+    g = torch.Generator().manual_seed(9)
+    taus = [torch.randn(6, 10, generator=g) for _ in range(3)]
+    cfg = DiagnosticsConfig(density=0.5, della_epsilon=0.3, della_spacing="mergekit", seed=2)
+    got = apply_operator("della", taus, [1.0] * 3, cfg, name="t")
+    m = get_method("della")
+    p = m.parse_params({"density": 0.5, "epsilon": 0.3, "spacing": "mergekit", "seed": 2})
+    step = m.sparsify(list(taus), TensorInputs("t", None, [], [1.0] * 3), p)
+    assert all(torch.equal(a, b) for a, b in zip(got, sign_consensus(step, [1.0] * 3)))
+    paper = apply_operator("della", taus, [1.0] * 3, DiagnosticsConfig(density=0.5, della_epsilon=0.3, seed=2),
+                           name="t")
+    assert not all(torch.equal(a, b) for a, b in zip(got, paper))
+    op, vecs = merge_operator_vectors("della", {"density": 0.5, "epsilon": 0.3, "spacing": "mergekit", "seed": 2},
+                                      [{"t": t} for t in taus])
+    assert op == "della" and all(torch.equal(v["t"], a) for v, a in zip(vecs, got))
+    with pytest.raises(SpecError, match="della_epsilon"):  # mergekit's half width 0.3 at density 0.75 leaves (0, 1]
+        DiagnosticsConfig(density=0.75, della_epsilon=0.3, della_spacing="mergekit", operators=("magprune",))
+
+
+def test_magprune_window_outside_the_unit_interval() -> None:
+    """density +- della_epsilon/2 must stay in (0, 1]: the default operator set leaves the MAGPRUNE operators
+    out (the others are still measured); naming one is an error."""
+    cfg = DiagnosticsConfig(density=0.04)
+    assert "magprune" not in cfg.operators and "della" not in cfg.operators
+    assert set(cfg.operators) == set(OPERATORS) - {"magprune", "della"}
+    assert "magprune" in DiagnosticsConfig(density=0.06).operators
+    assert "della" in DiagnosticsConfig(density=1.0).operators
+    with pytest.raises(SpecError, match="della_epsilon"):
+        DiagnosticsConfig(density=0.04, operators=("sign", "della"))
+    with pytest.raises(SpecError, match="della_epsilon must be"):
+        DiagnosticsConfig(della_epsilon=-0.1)
 
 
 def test_global_trim_uses_whole_model_thresholds() -> None:

@@ -29,7 +29,11 @@ vector, ``D_T = sum_i ||T(tau_i) - (1/N) sum_j T(tau_j)||^2`` and ``Delta_T = D 
 - ``ties``: trim, then sign consensus on the trimmed vectors (the TIES operator);
 - ``dare``: DARE random drop with ``1/density`` rescale (seeded exactly as the ``dare_*`` merge methods);
 - ``dare_ties``: DARE drop, then sign consensus;
-- ``breadcrumbs``: :func:`mergelab.ops.trim_band` (drop the top ``gamma`` outliers and the small entries).
+- ``breadcrumbs``: :func:`mergelab.ops.trim_band` (drop the top ``gamma`` outliers and the small entries);
+- ``magprune``: DELLA's MAGPRUNE (:func:`mergelab.ops.magprune`: a random drop whose probability falls with the
+  entry's magnitude rank in its row, window ``della_epsilon``, rescaled; seeded as the ``della*`` merges);
+- ``della``: MAGPRUNE, then sign consensus (DELLA-Merging);
+- ``breadcrumbs_ties``: the breadcrumbs band, then sign consensus.
 
 What is and is not guaranteed (the honest reading of Corollary 1 for this dispersion measure):
 
@@ -41,7 +45,8 @@ What is and is not guaranteed (the honest reading of Corollary 1 for this disper
   ``sum_Z x_i^2 >= M^2 / |Z| >= M^2 / N``, so ``D(x) - D(y) >= 2 P M / N >= 0``. This holds whichever sign is
   removed, hence for mass or count election with any positive weights; an exact tie elects 0 and zeroes
   the coordinate (``D(y) = 0``). Summing over coordinates gives ``Delta_sign >= 0`` for every layer and the
-  whole model, and likewise ``D(ties) <= D(trim)`` and ``D(dare_ties) <= D(dare)``.
+  whole model, and likewise ``D(ties) <= D(trim)``, ``D(dare_ties) <= D(dare)``, ``D(della) <= D(magprune)``
+  and ``D(breadcrumbs_ties) <= D(breadcrumbs)``.
 * **Magnitude trimming alone can increase the dispersion.** Zeroing entries of the *same* sign is not
   covered by the argument: two experts ``(1.0, 0.9)`` and ``(0.9, 1.0)`` have ``D = 0.01``; trimming each to
   its top half gives ``(1, 0)`` and ``(0, 1)`` with ``D = 1``. So ``Delta_ties`` can be negative when
@@ -49,7 +54,9 @@ What is and is not guaranteed (the honest reading of Corollary 1 for this disper
 * **DARE with the ``1/density`` rescale increases the dispersion in expectation**: with independent masks,
   ``E[D_dare] = D + (1/density - 1)(1 - 1/N) sum_i ||tau_i||^2`` (each rescaled entry gains variance
   ``x^2 (1/density - 1)``). Its measured ``Delta_T`` is therefore typically negative; the drop is unbiased
-  (``E[drop(tau)] = tau``) but not a dispersion-reducing operator in this sense.
+  (``E[drop(tau)] = tau``) but not a dispersion-reducing operator in this sense. MAGPRUNE is the same drop
+  with a keep probability ``q_j`` per entry and rescale ``1/q_j``: each kept entry gains variance
+  ``x_j^2 (1/q_j - 1)``, so the same holds with ``1/density`` replaced entry by entry.
 
 Exact zeros count as "unchanged" for the sign statistics; task vectors are computed as the merge engine
 computes them (float32, float64 if an input is float64) and all sums are accumulated in float64.
@@ -75,16 +82,24 @@ from mergelab.checkpoints import TensorInfo, open_checkpoint
 from mergelab.merging.torch_backend import TorchInputs, compute_dtype, global_thresholds, resolve_device
 from mergelab.errors import MergeLabError, SpecError
 from mergelab.methods import METHODS, Method, TensorInputs, get_method
+from mergelab.methods.catalog import della_pruned
 
 log = logging.getLogger(__name__)
 
-OperatorName = Literal["sign", "trim", "ties", "dare", "dare_ties", "breadcrumbs"]
+OperatorName = Literal["sign", "trim", "ties", "dare", "dare_ties", "breadcrumbs", "magprune", "della",
+                       "breadcrumbs_ties"]
 
 #: The methods of the catalog with a Corollary-1 operator T (``Method.operator``), by operator name.
 METHOD_OF_OPERATOR: dict[str, Method] = {m.operator: m for m in METHODS.values() if m.operator is not None}
 #: The operators T whose dispersion reduction Delta_T is measured, in report order: the sign consensus and
 #: TIES's trim alone, then every catalog method's operator (derived from the catalog, never listed here).
 OPERATORS: tuple[str, ...] = ("sign", "trim", *METHOD_OF_OPERATOR)
+
+def _is_magprune(op: str) -> bool:
+    """Whether the operator ``op`` sparsifies with DELLA's MAGPRUNE (its catalog step is ``della_pruned``)."""
+    method = METHOD_OF_OPERATOR.get(op)
+    return method is not None and method.sparsify is della_pruned
+
 
 #: One-line description of each operator, for tables.
 OPERATOR_DESCRIPTIONS: dict[str, str] = {
@@ -94,6 +109,9 @@ OPERATOR_DESCRIPTIONS: dict[str, str] = {
     "dare": "DARE: random drop, rescale 1/density",
     "dare_ties": "DARE drop, then sign consensus",
     "breadcrumbs": "breadcrumbs: drop top-gamma outliers and small entries",
+    "magprune": "DELLA's MAGPRUNE: magnitude-ranked random drop, rescale 1/keep probability",
+    "della": "DELLA: MAGPRUNE, then sign consensus",
+    "breadcrumbs_ties": "breadcrumbs band, then sign consensus",
 }
 
 #: What is proven about D_T (see the module docstring): ``sign`` never increases D, coordinate by
@@ -105,6 +123,9 @@ OPERATOR_GUARANTEES: dict[str, str] = {
     "dare": "none: E[D_T] = D + (1/d - 1)(1 - 1/N) sum ||tau_i||^2",
     "dare_ties": "D_T <= D(dare) only",
     "breadcrumbs": "none: can increase D",
+    "magprune": "none: E[D_T] > D, as DARE's (rescale 1/q_j per entry)",
+    "della": "D_T <= D(magprune) only",
+    "breadcrumbs_ties": "D_T <= D(breadcrumbs) only",
 }
 
 _CHUNK = 1 << 20  # coordinates per statistics chunk: N * 8 MB of float64 per chunk
@@ -117,7 +138,11 @@ _CHUNK = 1 << 20  # coordinates per statistics chunk: N * 8 MB of float64 per ch
 class DiagnosticsConfig:
     """Parameters of the operators whose dispersion reduction is measured.
 
-    ``density`` is shared by trim, DARE and breadcrumbs so their Delta_T compare at equal sparsity.
+    ``density`` is shared by trim, DARE, MAGPRUNE and breadcrumbs so their Delta_T compare at equal sparsity;
+    ``della_epsilon`` and ``della_spacing`` are MAGPRUNE's window and rank spacing as the ``della*`` methods
+    take them: keep probabilities ``density +- della_epsilon / 2`` (``paper``, full width) or ``density +-
+    della_epsilon`` (``mergekit``, half width). When that window leaves ``(0, 1]`` at this density, the MAGPRUNE
+    operators are left out of the default operator set (a warning says so) and refused when named.
     ``trim_scope``: ``tensor`` trims each tensor separately (one streaming pass, as mergekit); ``global``
     finds each expert's whole-model threshold first with the engine's two streaming passes (the TIES paper,
     and mergelab's ``ties`` default). ``seed`` seeds DARE exactly like the ``dare_linear``/``dare_ties``
@@ -129,6 +154,8 @@ class DiagnosticsConfig:
     sign_election: Literal["mass", "count"] = "mass"
     dare_rescale: Literal["inverse", "l1", "none"] = "inverse"
     breadcrumbs_gamma: float = 0.01
+    della_epsilon: float = 0.1
+    della_spacing: Literal["paper", "mergekit"] = "paper"
     seed: int = 0
     operators: tuple[str, ...] = OPERATORS
 
@@ -146,6 +173,20 @@ class DiagnosticsConfig:
         unknown = [op for op in self.operators if op not in OPERATORS]
         if unknown:
             raise SpecError(f"unknown operator(s) {unknown}; available: {', '.join(OPERATORS)}")
+        if not (self.della_epsilon >= 0.0 and math.isfinite(self.della_epsilon)):
+            raise SpecError(f"della_epsilon must be finite and >= 0, got {self.della_epsilon}")
+        if self.della_spacing not in ("paper", "mergekit"):
+            raise SpecError(f"della_spacing must be 'paper' or 'mergekit', got {self.della_spacing!r}")
+        half = self.della_epsilon / 2.0 if self.della_spacing == "paper" else self.della_epsilon
+        if self.density < 1.0 and not (self.density - half > 0.0 and self.density + half <= 1.0):
+            magprune = [op for op in self.operators if _is_magprune(op)]
+            if magprune and tuple(self.operators) == OPERATORS:
+                log.warning("density %g with della_epsilon %g puts MAGPRUNE's keep probabilities outside (0, 1]: "
+                            "operators %s not measured", self.density, self.della_epsilon, ", ".join(magprune))
+                object.__setattr__(self, "operators", tuple(op for op in self.operators if not _is_magprune(op)))
+            elif magprune:
+                raise SpecError(f"operators {magprune}: density {self.density} +- {half:g} (della_epsilon "
+                                f"{self.della_epsilon}, spacing {self.della_spacing}) leaves (0, 1]; lower della_epsilon")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +195,8 @@ class DiagnosticsConfig:
             "sign_election": self.sign_election,
             "dare_rescale": self.dare_rescale,
             "breadcrumbs_gamma": self.breadcrumbs_gamma,
+            "della_epsilon": self.della_epsilon,
+            "della_spacing": self.della_spacing,
             "seed": self.seed,
             "operators": list(self.operators),
         }
@@ -211,7 +254,8 @@ def apply_operator(
     # sparsification step from the catalog, as its reference applies it
     settings = {"density": config.density, "trim_scope": "tensor" if thresholds is None else "global",
                 "sign_election": config.sign_election, "rescale": config.dare_rescale,
-                "gamma": config.breadcrumbs_gamma, "seed": config.seed}
+                "gamma": config.breadcrumbs_gamma, "epsilon": config.della_epsilon,
+                "spacing": config.della_spacing, "seed": config.seed}
     fields = {f.alias or n for n, f in method.params.model_fields.items()}
     params = method.parse_params({k: v for k, v in settings.items() if k in fields})
     inputs = TensorInputs(name=name, base=None, experts=[], weights=list(weights), thresholds=thresholds,
@@ -472,8 +516,15 @@ def _block_operator_stats(y: torch.Tensor) -> OperatorStats:
     )
 
 
-#: Operators that are "sparsify, then sign consensus", and their sparsification step.
-_CONSENSUS_OF = {"ties": "trim", "dare_ties": "dare"}
+#: Operators that are "sparsify, then sign consensus", and their sparsification step measured alone: TIES's
+#: trim, and for the others the operator of the catalog method with the same sparsification and no consensus
+#: (``dare_ties``: ``dare``, ``della``: ``magprune``, ``breadcrumbs_ties``: ``breadcrumbs``).
+_CONSENSUS_OF: dict[str, str] = {"ties": "trim", **{
+    m.operator: alone.operator
+    for m in METHOD_OF_OPERATOR.values() if m.combination == "disjoint_mean" and m.operator != "ties"
+    for alone in METHOD_OF_OPERATOR.values()
+    if alone.sparsify is m.sparsify and alone.combination != "disjoint_mean"
+}}
 
 
 def tensor_stats(
@@ -489,7 +540,8 @@ def tensor_stats(
     """All raw sums (:class:`PoolStats`) of one tensor's task vectors, operators included.
 
     When both a sparsification and its consensus variant are measured (``trim`` and ``ties``, ``dare`` and
-    ``dare_ties``), the sparsified vectors are computed once and reused. Peak memory: the N task vectors, at
+    ``dare_ties``, ``magprune`` and ``della``, ``breadcrumbs`` and ``breadcrumbs_ties``), the sparsified vectors
+    are computed once and reused. Peak memory: the N task vectors, at
     most two operators' N outputs, and two (N, ``chunk``) blocks (float64 values, float32 signs).
     """
     if not 1 <= chunk <= 1 << 24:

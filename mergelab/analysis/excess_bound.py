@@ -32,7 +32,7 @@ import numpy as np
 
 from mergelab.analysis.bound import FORM, BoundPool, evaluate_bound, per_expert_stability
 from mergelab.methods import get_method
-from mergelab.methods.catalog import METHODS
+from mergelab.methods.catalog import METHODS, DellaMixin
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def merge_operator_vectors(method: str, parameters: Mapping[str, Any], taus: Seq
     """``(operator, [T(tau_1), ..., T(tau_N)])`` for the merge ``method`` (:data:`MERGE_OPERATORS`).
 
     ``taus``: one mapping tensor name -> torch tensor per expert. ``ties``/``dare_ties``/``dare_linear``/
-    ``breadcrumbs`` apply the operator of :func:`mergelab.analysis.diagnostics.apply_operator` with the
+    ``breadcrumbs``/``della``/``della_linear``/``breadcrumbs_ties`` apply the operator of :func:`mergelab.analysis.diagnostics.apply_operator` with the
     method's parsed parameters (defaults of :mod:`mergelab.methods.catalog`: TIES density 0.2 trimmed over
     the whole model, DARE density 0.5 rescaled by 1/density, seeded as the merge seeds its masks); TIES's
     whole-model trim is applied to the concatenated task vector. Other methods return ``"identity"`` and
@@ -152,6 +152,8 @@ def merge_operator_vectors(method: str, parameters: Mapping[str, Any], taus: Seq
         sign_election=getattr(p, "sign_election", "mass"),
         dare_rescale=getattr(p, "rescale", "inverse"),
         breadcrumbs_gamma=float(getattr(p, "gamma", 0.01)),
+        della_epsilon=float(p.epsilon) if isinstance(p, DellaMixin) else DiagnosticsConfig.della_epsilon,
+        della_spacing=p.spacing if isinstance(p, DellaMixin) else "paper",
         seed=int(getattr(p, "seed", 0)),
     )
     w = [1.0] * len(taus) if weights is None else [float(x) for x in weights]

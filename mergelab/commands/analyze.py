@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="the merge spec (YAML); 'data:' and 'analysis:' sections are accepted")
     p.add_argument("--out", "-o", help="report folder (default: <spec name>-analysis in the current folder)")
     p.add_argument("--density", type=float,
-                   help=f"density d of trim/DARE/breadcrumbs (default: the spec's 'density' parameter, else "
-                        f"{_DEFAULT_DENSITY})")
+                   help=f"density d of trim/DARE/MAGPRUNE/breadcrumbs (default: the spec's 'density' parameter, "
+                        f"else {_DEFAULT_DENSITY})")
     p.add_argument("--trim-scope", choices=["tensor", "global"],
                    help="TIES trim per tensor or over the whole model (default: the spec's for method ties, "
                         "else tensor)")
@@ -115,6 +115,7 @@ def diagnostics_config(spec: Any, args: argparse.Namespace) -> tuple[Any, list[s
     overrides, with notes saying where each setting came from."""
     from mergelab.analysis.diagnostics import DiagnosticsConfig
     from mergelab.methods import get_method
+    from mergelab.methods.catalog import DellaMixin
 
     method = get_method(spec.method)
     params = method.parse_params(spec.parameters)
@@ -141,6 +142,8 @@ def diagnostics_config(spec: Any, args: argparse.Namespace) -> tuple[Any, list[s
         sign_election=getattr(params, "sign_election", "mass"),
         dare_rescale=getattr(params, "rescale", "inverse"),
         breadcrumbs_gamma=getattr(params, "gamma", 0.01),
+        della_epsilon=params.epsilon if isinstance(params, DellaMixin) else DiagnosticsConfig.della_epsilon,
+        della_spacing=params.spacing if isinstance(params, DellaMixin) else "paper",
         seed=seed,
     )
     return config, notes

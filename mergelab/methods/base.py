@@ -129,7 +129,7 @@ class Method:
       reach the method in :class:`TensorInputs`;
     - ``operator``: the name of the sparsification/consensus operator T the method applies to each task
       vector before combining them (:func:`mergelab.analysis.diagnostics.apply_operator`), or ``None``;
-    - ``sparsify(taus, inputs, params)``: that operator's sparsification step (trim, drop, band) on the task
+    - ``sparsify(taus, inputs, params)``: that operator's sparsification step (trim, drop, band, MAGPRUNE) on the task
       vectors of one tensor, as the reference applies it, or ``None``;
     - ``combination``: how the (sparsified) task vectors become the merge, as the bound's coefficients
       alpha_i see it (:func:`mergelab.analysis.merge_coefficients.merge_coefficients`): ``mean`` (``sum_i w_i
