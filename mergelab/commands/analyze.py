@@ -26,6 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from mergelab.errors import SpecError
+from mergelab.methods import get_method
+from mergelab.methods.catalog import DellaMixin
+from mergelab.output_paths import refuse_overlap
+
 log = logging.getLogger(__name__)
 
 #: Top-level spec sections reserved for the analyses (not part of the merge spec).
@@ -91,7 +98,7 @@ def load_analysis_spec(path: str | Path) -> tuple[Any, dict[str, Any], list[str]
     resolved against the file's folder), the reserved sections set aside (``data``, ``analysis``), and
     warnings about ignored keys. Raises :class:`~mergelab.errors.SpecError` naming the file on bad input.
     """
-    from mergelab.errors import SpecError
+    # deferred: yaml (about 90 ms); not on --help
     from mergelab.spec import MergeSpec, parse_spec, read_yaml_file
 
     path = Path(path)
@@ -113,9 +120,8 @@ def load_analysis_spec(path: str | Path) -> tuple[Any, dict[str, Any], list[str]
 def diagnostics_config(spec: Any, args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The :class:`~mergelab.analysis.diagnostics.DiagnosticsConfig` for ``spec`` and the command-line
     overrides, with notes saying where each setting came from."""
+    # deferred: the analysis modules load torch; not on --help
     from mergelab.analysis.diagnostics import DiagnosticsConfig
-    from mergelab.methods import get_method
-    from mergelab.methods.catalog import DellaMixin
 
     method = get_method(spec.method)
     params = method.parse_params(spec.parameters)
@@ -159,10 +165,8 @@ def plan_data_analysis(spec: Any, sections: Mapping[str, Any], args: argparse.Na
     that are not expert folders (with ``--with-data``, or when some but not all are), an invalid ``data:``
     section, a task in ``data.tasks`` with no expert.
     """
-    from pydantic import ValidationError
-
+    # deferred: the analysis modules load torch; not on --help
     from mergelab.analysis.pool_experts import expert_folder, resolve_pool
-    from mergelab.errors import SpecError
     from mergelab.spec import DataSpec, MergeSpec
 
     raw = sections.get("data")
@@ -201,9 +205,11 @@ def plan_data_analysis(spec: Any, sections: Mapping[str, Any], args: argparse.Na
 
 def data_options(data: Any, args: argparse.Namespace, device: str = "cpu") -> Any:
     """The :class:`~mergelab.analysis.pool_analysis.DataAnalysisOptions` from the data section and the flags."""
+    # deferred: the analysis modules load torch; not on --help
     from mergelab.analysis.pool_analysis import DataAnalysisOptions
 
     if device == "auto":
+        # deferred: torch, only when the command runs; not on --help
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,12 +230,12 @@ def data_options(data: Any, args: argparse.Namespace, device: str = "cpu") -> An
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    # deferred: the analysis modules load torch; not on --help
     from mergelab.analysis.diagnostics import pool_diagnostics
     from mergelab.analysis.diagnostics_report import diagnostics_report, format_summary
-    from mergelab.errors import SpecError
-    from mergelab.output_paths import refuse_overlap
 
     if getattr(args, "threads", None):
+        # deferred: torch, only when the command runs; not on --help
         import torch
 
         torch.set_num_threads(max(1, args.threads))
@@ -244,6 +250,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     data, pool, data_notes = plan_data_analysis(spec, sections, args, str(args.spec))
     constants = opts = None
     if data is not None:
+        # deferred: numpy (the bound's constants); not on --help
         from mergelab.analysis.bound_constants import load_constants
 
         constants = load_constants(args.constants)
@@ -279,6 +286,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     report.meta["spec_sections_not_analysed"] = not_analysed
     analysis = None
     if data is not None:
+        # deferred: the analysis modules load torch; not on --help
         from mergelab.analysis.pool_analysis import analyze_pool_data
         from mergelab.analysis.pool_report import add_data_sections
 
@@ -292,6 +300,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     paths = report.write(out, plots=not args.no_plots)
     print(format_summary(diag))
     if analysis is not None:
+        # deferred: the analysis modules load torch; not on --help
         from mergelab.analysis.pool_report import format_data_summary
 
         print(format_data_summary(analysis))

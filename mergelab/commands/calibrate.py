@@ -9,6 +9,9 @@ loss (see :mod:`mergelab.analysis.calibration_study`). ``DIR/constants.json`` fe
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from mergelab.runtime import prefer_passive_omp
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,11 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    from pathlib import Path
 
+    # deferred: torch, only when the command runs; not on --help
     import torch
 
     from mergelab.analysis.calibration_study import StudyConfig, format_summary, parse_size_range, run_study

@@ -16,6 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mergelab.errors import SpecError
+from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_TASKS
+from mergelab.report.document import REPORT_FILENAME, ReportDocument
+from mergelab.runtime import prefer_passive_omp
+
 
 def _csv_list(text: str | None) -> list[str] | None:
     if text is None:
@@ -32,8 +37,6 @@ def _sizes(text: str) -> list[int]:
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    from mergelab.errors import SpecError
-
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -49,8 +52,6 @@ def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_TASKS
-
     p = sub.add_parser(
         "compare",
         help="compare merging methods with pretrained, individual experts and multi-task learning on a task group",
@@ -93,10 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
     if args.threads:
+        # deferred: torch, only when the command runs; not on --help
         import torch
 
         torch.set_num_threads(max(1, args.threads))
@@ -105,9 +105,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.pool_scaling:
         return _run_pool_scaling(args, overrides, out)
     if args.sizes is not None:
-        from mergelab.errors import SpecError
-
         raise SpecError("--sizes is for --pool-scaling")
+    # deferred: the comparison and merge engine (tqdm, yaml); not on --help
     from mergelab.experiments.compare import run_comparison
 
     table = run_comparison(
@@ -115,6 +114,7 @@ def run_compare(args: argparse.Namespace) -> int:
         samples_per_task=args.samples_per_task, cache_dir=args.cache_dir,
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick,
         isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select)
+    # deferred: the converters (numpy, scipy) and the comparison; not on --help
     from mergelab.report.convert import comparison_document
     from mergelab.report.text import comparison_text
 
@@ -128,7 +128,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, Any]], out: Path | None) -> int:
-    from mergelab.errors import SpecError
+    # deferred: the comparison and merge engine (tqdm, yaml); not on --help
     from mergelab.experiments.pool_scaling import DEFAULT_SIZES, run_pool_scaling
 
     if args.pool:
@@ -145,6 +145,7 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
         workdir=None if out is None else out / "merged", progress=args.progress, quick=args.quick, seed=args.seed,
         isolate=args.isolate, overrides=overrides, bn=args.bn, select=args.select,
         on_table=save_partial)
+    # deferred: the converters (numpy, scipy) and the comparison; not on --help
     from mergelab.report.text import pool_scaling_text
 
     print(pool_scaling_text(result))
@@ -158,9 +159,8 @@ def _run_pool_scaling(args: argparse.Namespace, overrides: dict[str, dict[str, A
 
 def _write_pool_scaling_report(result: Any, out: Path) -> Path:
     """Write ``out/report.json``: this mode's sections, keeping another mode's from an earlier run there."""
-    from mergelab.errors import SpecError
+    # deferred: numpy and scipy (statistics); not on --help
     from mergelab.report.convert import merge_pool_scaling_documents, pool_scaling_document
-    from mergelab.report.document import REPORT_FILENAME, ReportDocument
 
     old = None
     if (out / REPORT_FILENAME).is_file():

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: torch and scikit-learn (the demo); not on --help
     from mergelab.demo import format_table, run_demo
 
     if args.workdir:

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from mergelab.errors import SpecError
+from mergelab.experiments.runners import RunOptions
+from mergelab.output_paths import refuse_overlap
+from mergelab.runtime import prefer_passive_omp
+
 
 def _assignment(text: str) -> tuple[str, Any]:
-    from mergelab.errors import SpecError
+    # deferred: yaml (about 90 ms); not on --help
     from mergelab.spec import read_yaml
 
     key, sep, raw = text.partition("=")
@@ -52,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list() -> int:
+    # deferred: the studies load torch; not on --help
     from mergelab.experiments.presets import PRESETS
 
     for name, preset in PRESETS.items():
@@ -62,14 +69,10 @@ def _list() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    import sys
 
-    from mergelab.errors import SpecError
+    # deferred: the studies load torch; not on --help
     from mergelab.experiments.presets import get_preset, run_preset
-    from mergelab.experiments.runners import RunOptions
     from mergelab.spec import read_yaml_file
 
     if args.list:
@@ -88,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
     overrides.update(dict(_assignment(s) for s in args.sets))
     out = Path(args.out or Path("mergelab-experiments") / preset.name)
     if args.config:  # the study writes report.json/.html into --out: never over the settings file
-        from mergelab.output_paths import refuse_overlap
-
         for name in ("report.json", "report.html"):
             refuse_overlap(out / name, [args.config], what="--out", replaces=False)
 
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{v.claim[:58]:58s} {v.mark:9s} {v.measured}")
     print(f"report document: {out / 'report.json'}")
     if not args.no_html:
+        # deferred: the HTML renderer (matplotlib for figures); not on --help
         from mergelab.report.html import write_html
 
         print(f"HTML report: {write_html(doc, out / 'report.html')}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from mergelab.errors import SpecError
+from mergelab.methods import METHODS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge checkpoints as described by a YAML spec or a mergekit config",
@@ -33,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    # deferred: the merge engine (yaml, numpy, kernels); not on --help
     from mergelab.merging import merge
     from mergelab.spec import load_spec, parse_size
 
@@ -46,8 +50,6 @@ def run_merge(args: argparse.Namespace) -> int:
         try:
             updates["shard_size"] = parse_size(args.shard_size)
         except ValueError as exc:
-            from mergelab.errors import SpecError
-
             raise SpecError(f"--shard-size: {exc}") from None
     if updates:
         spec = spec.model_copy(update=updates)
@@ -61,6 +63,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    # deferred: the mergekit reader (yaml, the merge engine); not on --help
     from mergelab.mergekit_config import load_mergekit, to_yaml
     from mergelab.spec import parse_spec
 
@@ -71,8 +74,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from mergelab.methods import METHODS
-
     for method in METHODS.values():
         print(f"{method.name:16s} {method.summary}")
         for name, f in method.params.model_fields.items():

@@ -11,10 +11,11 @@ import argparse
 import sys
 import time
 
+from mergelab.quickstart import DEFAULT_ARCH, DEFAULT_OUT, run_quickstart
+from mergelab.runtime import prefer_passive_omp
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mergelab.quickstart import DEFAULT_ARCH, DEFAULT_OUT
-
     p = sub.add_parser(
         "quickstart",
         help="main job: build/reuse a small zoo, merge a task group with every method, print the table, write an HTML report",
@@ -48,10 +49,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    from mergelab.quickstart import run_quickstart
 
     start = time.perf_counter()
 
@@ -62,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, arch=args.arch, tasks=_csv(args.tasks), methods=_csv(args.methods),
         samples_per_task=args.samples_per_task, quick=args.quick, cache_dir=args.cache_dir, workers=args.workers,
         force=args.force, progress=args.progress, on_stage=stage, bn=args.bn, select=args.select)
+    # deferred: the converters (numpy, scipy) and the comparison; not on --help
     from mergelab.report.text import comparison_text
 
     print(comparison_text(result.table))

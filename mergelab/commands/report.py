@@ -15,6 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mergelab.errors import SpecError
+from mergelab.output_paths import refuse_overlap
+from mergelab.report.document import ReportDocument
+
 COMBINED_DEFAULT = "mergelab-report.html"
 
 
@@ -48,9 +52,7 @@ def _document_path(arg: str) -> Path:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from mergelab.errors import SpecError
-    from mergelab.output_paths import refuse_overlap
-    from mergelab.report.document import ReportDocument
+    # deferred: the HTML renderer (matplotlib for figures); not on --help
     from mergelab.report.html import write_html
 
     for arg in args.studies:

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mergelab.errors import MergeLabError
+from mergelab.experiments.store import ResultsStore, default_db_path, flat_columns, to_csv
+
 #: Columns wider than this are cut in the table (the CSV keeps everything).
 MAX_CELL = 24
 #: At most this many spec and metric columns are shown when --columns is not given.
@@ -50,8 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_where(items: list[str]) -> dict[str, Any]:
     """``["lr=0.1", "task=digits"]`` -> ``{"lr": 0.1, "task": "digits"}`` (values parsed as JSON if possible)."""
-    from mergelab.errors import MergeLabError
-
     out: dict[str, Any] = {}
     for item in items:
         field, sep, raw = item.partition("=")
@@ -103,9 +104,6 @@ def _is_number(v: Any) -> bool:
 
 
 def run_results(args: argparse.Namespace) -> int:
-    from mergelab.errors import MergeLabError
-    from mergelab.experiments.store import ResultsStore, default_db_path, flat_columns, to_csv
-
     db = Path(args.db).expanduser() if args.db else default_db_path()
     if not db.exists():
         raise MergeLabError(f"no results database at {db} (use --db PATH, or set MERGELAB_CACHE)")

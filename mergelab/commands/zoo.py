@@ -12,6 +12,11 @@ import argparse
 import json
 from typing import Any
 
+from mergelab.atomic_files import write_text_atomic
+from mergelab.errors import SpecError
+from mergelab.output_paths import refuse_overlap
+from mergelab.runtime import prefer_passive_omp
+
 _SPEC_FLAGS: list[tuple[str, type, str]] = [
     ("task", str, "task name (see the task suite)"),
     ("arch", str, "architecture: resnet_s, resnet_m, resnet_l, vit_s (default resnet_s)"),
@@ -55,6 +60,7 @@ def _cache_flag(p: argparse.ArgumentParser, training: str | None = None) -> None
 
 def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
+        # deferred: torch, only when the command runs; not on --help
         import torch
 
         torch.set_num_threads(max(1, args.threads))
@@ -115,16 +121,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
-        from mergelab.atomic_files import write_text_atomic
-
         write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
-    from mergelab.errors import SpecError
+    # deferred: torch (models), after prefer_passive_omp; not on --help
     from mergelab.models.pretraining import PretrainConfig, pretrain
     from mergelab.models.registry import arch_info
 
@@ -146,8 +148,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _parse_branch(value: str) -> dict[str, Any]:
-    from mergelab.errors import SpecError
-
     parent, sep, step = value.rpartition("@")
     if not sep or not parent or not step.isdigit():
         raise SpecError(f"--branch-from expects PARENT@STEP (a spec hash or expert folder, then a step), got {value!r}")
@@ -155,15 +155,12 @@ def _parse_branch(value: str) -> dict[str, Any]:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
+    # deferred: torch (training), after prefer_passive_omp; not on --help
     from mergelab.training.finetuning import finetune
     from mergelab.training.spec import load_spec_file, make_spec
 
     if args.json:  # the sidecar must not replace the spec it was trained from
-        from mergelab.output_paths import refuse_overlap
-
         refuse_overlap(args.json, [args.spec], what="--json")
     data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
     for name, _, _ in _SPEC_FLAGS:
@@ -172,7 +169,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     for name in ("augment", "nesterov", "threads"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    from mergelab.errors import SpecError
 
     if args.decay_steps is not None:
         if not args.branch_from:
@@ -196,7 +192,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _bifurcation_child(args: argparse.Namespace, data: dict[str, Any]):
     """``branch_spec(parent, step, seed, decay_steps, **other fields given)`` for ``--decay-steps``."""
-    from mergelab.errors import SpecError
+    # deferred: torch (training), after prefer_passive_omp; not on --help
     from mergelab.training.branching import branch_spec, find_expert
 
     branch = _parse_branch(args.branch_from)
@@ -208,9 +204,8 @@ def _bifurcation_child(args: argparse.Namespace, data: dict[str, Any]):
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
+    # deferred: yaml (about 90 ms); not on --help
     from mergelab.spec import read_yaml
-
-    from mergelab.errors import SpecError
 
     out: dict[str, Any] = {}
     for item in items:
@@ -222,9 +217,8 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from mergelab.runtime import prefer_passive_omp
-
     prefer_passive_omp()  # before torch is imported (mergelab.runtime)
+    # deferred: torch (training), after prefer_passive_omp; not on --help
     from mergelab.models.registry import arch_info
     from mergelab.training.zoo import build_zoo
 
@@ -263,6 +257,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     _set_threads(args)
+    # deferred: torch (evaluation); not on --help
     from mergelab.evaluation.task_suite import evaluate
 
     r = evaluate(
