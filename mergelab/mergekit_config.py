@@ -77,8 +77,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mergelab.checkpoints import open_checkpoint
 from mergelab.errors import SpecError
 from mergelab.merging.layout import EXPECTED_NAMING, LAYER, SliceRange, layer_index, slice_of, stack_layout
+from mergelab.spec import read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +253,6 @@ def resolve_model(ref: Any, where: str, root: Path) -> Path:
 
 
 def _tensor_names(path: Path) -> list[str]:
-    from mergelab.checkpoints import open_checkpoint  # opened only to list names (headers)
-
     with open_checkpoint(path) as reader:
         return reader.keys()
 
@@ -723,16 +725,12 @@ def _overrides(resolved: dict[str, tuple], default: tuple, names: list[str]) -> 
 
 def load_mergekit(path: str | Path) -> dict[str, Any]:
     """Read the mergekit config at ``path`` and translate it (:func:`translate`)."""
-    from mergelab.spec import read_yaml_file
-
     path = Path(path)
     return translate(read_yaml_file(path), source=str(path), root=path.resolve().parent)
 
 
 def to_yaml(spec: Mapping[str, Any]) -> str:
     """The native spec as YAML (lists of numbers on one line)."""
-    import yaml
-
     class _Dumper(yaml.SafeDumper):
         pass
 

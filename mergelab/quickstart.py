@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab import __version__
 from mergelab.atomic_files import write_text_atomic
 from mergelab.errors import MergeLabError, SpecError
 from mergelab.untrusted_input import read_json_file
-from mergelab.experiments.comparison_rows import DEFAULT_TASKS
+from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_METHODS, DEFAULT_TASKS, method_configs
 from mergelab.experiments.comparison_table import ComparisonTable
 from mergelab.output_paths import refuse_overlap
 from mergelab.report.document import ReportDocument
@@ -74,8 +75,6 @@ class QuickstartResult:
 
 def _settings(arch: str, tasks: Sequence[str], methods: Sequence[str] | None, samples_per_task: int, quick: bool,
               overrides: Mapping[str, Mapping[str, Any]], bn: str, select: str) -> dict[str, Any]:
-    from mergelab.experiments.comparison_rows import CATALOG, DEFAULT_METHODS
-
     return {"arch": arch, "tasks": list(tasks), "methods": list(methods) if methods is not None else list(DEFAULT_METHODS),
             "samples_per_task": samples_per_task, "quick": quick,
             "overrides": {k: dict(v) for k, v in sorted(overrides.items())}, "bn": bn, "select": select, "isolate": False,
@@ -84,8 +83,6 @@ def _settings(arch: str, tasks: Sequence[str], methods: Sequence[str] | None, sa
 
 def cache_key(settings: Mapping[str, Any], experts: Sequence[Any], pretrained_id: str) -> str:
     """Hash of the comparison's settings, the experts (task and spec hash) and the pretrained backbone."""
-    from mergelab import __version__
-
     payload = {"format": CACHE_FORMAT, "settings": dict(settings), "pretrained": pretrained_id,
                "experts": [[e.task, e.spec_hash] for e in experts], "mergelab": __version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -102,7 +99,7 @@ def _read_cached(path: Path) -> ComparisonTable | None:
 
 
 def _check_names(tasks: Sequence[str], methods: Sequence[str] | None) -> None:
-    from mergelab.experiments.comparison_rows import method_configs
+    # deferred: the task suite loads torch; this module is on the 'mergelab --help' path
     from mergelab.tasks import task_spec
 
     for t in tasks:
@@ -145,6 +142,7 @@ def run_quickstart(
         cache_dir: cache root. workers: fine-tuning processes. force: recompute the comparison even if cached.
         progress: progress bars. on_stage: called with a one-line message at the start of each step.
     """
+    # deferred: the comparison, zoo and report load torch; this module is on the 'mergelab --help' path
     from mergelab.experiments.compare import run_comparison
     from mergelab.models.paths import cache_root
     from mergelab.models.pretraining import read_pretrained
@@ -181,6 +179,7 @@ def run_quickstart(
         raise SpecError(f"no pretrained {arch} backbone after building the zoo")
     refuse_overlap(out, [pre.path or None, *(e.path for e in zoo.experts)], what="--out", replaces=False)
 
+    # deferred: torch (evaluation); this module is on the 'mergelab --help' path
     from mergelab.evaluation.protocol import resolve_bn
 
     settings = _settings(arch, tasks, chosen, samples_per_task, quick, merged_overrides, resolve_bn(bn, arch), select)

@@ -314,6 +314,7 @@ def read_yaml_file(path: str | Path) -> Any:
 def load_spec(path: str | Path) -> MergeSpec:
     """Read and validate a YAML (or JSON) merge spec; relative paths resolve against its folder. A mergekit
     config (``merge_method:``) is translated into the equivalent spec (:mod:`mergelab.mergekit_config`)."""
+    # deferred: mergekit_config imports this module (its translation is a merge spec); only a mergekit file needs it
     from mergelab.mergekit_config import is_mergekit_config, translate
 
     path = Path(path)

@@ -11,6 +11,8 @@ the end of a merge for 1.4-2.5 s on the benchmark machine (whose disk writes abo
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,6 @@ WRITEBACK_BYTES = 32 * 1024**2
 
 def _load_sync_file_range():  # Linux only; None elsewhere
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         fn = libc.sync_file_range
     except (OSError, AttributeError):
@@ -72,8 +72,7 @@ class DirectFile:
     """
 
     def __init__(self, fd: int) -> None:
-        import mmap
-
+        # deferred: numpy, only when O_DIRECT stages a write; the checkpoint package imports without numpy or torch
         import numpy as np
 
         self._fd: int | None = fd
@@ -95,6 +94,7 @@ class DirectFile:
         return cls(fd)
 
     def write(self, data: Any) -> None:
+        # deferred: numpy, only when O_DIRECT stages a write; the checkpoint package imports without numpy or torch
         import numpy as np
 
         src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)

@@ -126,6 +126,7 @@ class _SafetensorsFile:
             done += n
 
     def get(self, name: str) -> torch.Tensor:
+        # deferred: torch, only to return a torch tensor; the numpy engine reads checkpoints without it
         import torch
 
         e = self.entries[name]
@@ -146,6 +147,7 @@ class _TorchFile:
     """One torch-serialized data file (a dict of tensors, possibly under "state_dict")."""
 
     def __init__(self, path: Path) -> None:
+        # deferred: torch, only to return a torch tensor; the numpy engine reads checkpoints without it
         import torch
 
         self.path = path
@@ -195,6 +197,7 @@ class _TorchFile:
         return TensorInfo(name, tuple(t.shape), t.dtype, self.path)
 
     def get(self, name: str) -> torch.Tensor:
+        # deferred: torch, only to return a torch tensor; the numpy engine reads checkpoints without it
         import torch
 
         t = self._tensor(name)

@@ -59,6 +59,7 @@ class StorageDtype:
         return self.kind == "float"
 
     def to_torch(self) -> torch.dtype:
+        # deferred: torch, only for a torch dtype or tensor; the numpy engine reads and writes without it
         import torch
 
         return getattr(torch, self.name)
@@ -309,10 +310,12 @@ def tensor_bytes(tensor: Any) -> memoryview:
     when it is already contiguous (on the CPU); one copy otherwise. Works for every dtype, bf16 and float8
     included."""
     if type(tensor).__module__.startswith("torch"):
+        # deferred: torch, only for a torch dtype or tensor; the numpy engine reads and writes without it
         import torch
 
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    # deferred: numpy; the checkpoint package imports without numpy or torch
     import numpy as np
 
     return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)).cast("B")

@@ -50,7 +50,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from mergelab.errors import SpecError
+from mergelab.models.registry import build_backbone
 
 BN_PROTOCOLS: dict[str, str] = {
     "merged": "BN statistics kept as merged",
@@ -67,10 +70,6 @@ STATISTICS_PATTERN = "re:running_(mean|var)$"
 @functools.lru_cache(maxsize=None)
 def has_batchnorm(arch: str) -> bool:
     """Whether ``arch``'s backbone has BatchNorm layers (built once on the CPU and inspected)."""
-    from torch import nn
-
-    from mergelab.models.registry import build_backbone
-
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in build_backbone(arch).modules())
 
 

@@ -53,7 +53,10 @@ from mergelab.models.device import default_device
 from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.models.registry import build_backbone, infer_arch
 from mergelab.models.state import load_backbone_state, load_head, read_backbone_state
+from mergelab.tasks import get_task, list_tasks, validation_split
 from mergelab.training.provenance import data_fingerprint
+from mergelab.training.result import ExpertResult, load_expert
+from mergelab.training.zoo import default_spec, finetune_if_cached
 from mergelab.untrusted_input import read_json_file
 
 log = logging.getLogger(__name__)
@@ -147,8 +150,6 @@ def load_backbone(backbone: PathLike | Mapping[str, torch.Tensor], arch: str | N
 
 def _expert_heads(experts: Sequence[object], arch: str | None):
     """``{task: ExpertResult}`` and the experts' common architecture."""
-    from mergelab.training.result import ExpertResult, load_expert
-
     heads: dict[str, ExpertResult] = {}
     archs = set()
     for e in experts:
@@ -169,9 +170,6 @@ def default_experts(arch: str, tasks: Sequence[str] | None = None, cache_dir: Pa
 
     Missing experts raise :class:`SpecError` (``required``) or are skipped.
     """
-    from mergelab.tasks import list_tasks
-    from mergelab.training.zoo import default_spec, finetune_if_cached
-
     found, missing = [], []
     for t in tasks if tasks is not None else list_tasks():
         r = finetune_if_cached(default_spec(t, arch), cache_dir)
@@ -211,8 +209,6 @@ def evaluate(
             re-estimation on ``bn_batches`` batches of training images (module docstring).
         split: ``"test"`` or ``"validation"`` (module docstring).
     """
-    from mergelab.tasks import get_task, validation_split
-
     bn_mode = {False: "merged", True: "joint"}[reset_bn] if isinstance(reset_bn, bool) else reset_bn
     bn_mode = "merged" if bn_mode == "off" else bn_mode
     if bn_mode not in ("merged", "joint", "per_task"):
@@ -231,8 +227,6 @@ def evaluate(
         head_map, _ = _expert_heads(default_experts(arch, tasks, cache_dir, required=heads == "experts"), arch)
     task_names = list(tasks) if tasks is not None else (list(head_map) if experts is not None or heads == "experts" else None)
     if task_names is None:
-        from mergelab.tasks import list_tasks
-
         task_names = list_tasks()
     unknown = [t for t in task_names if heads == "experts" and t not in head_map]
     if unknown:

