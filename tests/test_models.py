@@ -154,7 +154,7 @@ def test_pretrain_caches_and_replaces_on_new_config(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should not retrain")
 
-    monkeypatch.setattr("mergelab.training.loop.run_steps", boom)
+    monkeypatch.setattr("mergelab.models.pretraining.run_steps", boom)
     assert pretrain("resnet_s", tmp_path, cfg).pretrained_id == r1.pretrained_id  # cached
     monkeypatch.undo()
     monkeypatch.setattr(mergelab.tasks, "pretraining_pool", tiny_pool)

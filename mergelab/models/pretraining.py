@@ -39,8 +39,11 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
+from mergelab import tasks  # tasks.pretraining_pool looked up per call: tests stand a tiny pool in
 from mergelab.errors import CheckpointError
+from mergelab.evaluation.metrics import evaluate_classifier
 from mergelab.models.artifact_dir import staged_dir
 from mergelab.models.classifier import Classifier, make_head
 from mergelab.models.device import default_device
@@ -56,6 +59,10 @@ from mergelab.models.state import (
     save_head,
 )
 from mergelab.runtime import TRAINING_THREADS
+from mergelab.training.loop import LoopSettings, run_steps
+from mergelab.training.optim import build_optimizer
+from mergelab.training.provenance import versions
+from mergelab.training.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +176,6 @@ def pretrain(
     A cached backbone with a different config (or an older record) is replaced (experts built on it will be
     retrained). Training runs on ``config.threads`` intra-op threads, whatever the caller's setting.
     """
-    from mergelab.training.threads import pinned_threads
-
     config = config or PretrainConfig.default(arch)
     cid = config_id(arch, config)
     cached = read_pretrained(arch, cache_dir)
@@ -186,14 +191,8 @@ def pretrain(
 
 def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, device: str | torch.device | None,
               progress: bool) -> PretrainResult:
-    from mergelab.evaluation.metrics import evaluate_classifier
-    from mergelab.tasks import pretraining_pool
-    from mergelab.training.loop import LoopSettings, run_steps
-    from mergelab.training.optim import build_optimizer
-    from mergelab.training.provenance import versions
-
     t0 = time.perf_counter()
-    pool = pretraining_pool()
+    pool = tasks.pretraining_pool()
     dev = default_device(device)
     torch.manual_seed(config.seed)
     backbone = build_backbone(arch)
@@ -211,8 +210,6 @@ def _pretrain(arch: str, cache_dir: PathLike | None, config: PretrainConfig, dev
     )
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=config.steps, desc=f"pretrain {arch}", unit="step")
     try:
         run_steps(model, opt, pool.x_train, pool.y_train, settings, on_step_end=(lambda s: bar.update(1)) if bar else None)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import CheckpointError, NonFiniteError, TensorMismatchError
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -104,8 +105,6 @@ def resolve_backbone_file(path: PathLike) -> Path:
 
 def read_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:
     """Backbone tensors from an expert / pretrained folder, a merged folder, or a weights file."""
-    from mergelab.checkpoints import load_state_dict
-
     p = resolve_backbone_file(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -114,8 +113,6 @@ def read_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:
 
 def read_head_state(path: PathLike) -> dict[str, torch.Tensor]:
     """Head tensors (``weight``, ``bias``) from an expert folder or a weights file (``head.`` prefix allowed)."""
-    from mergelab.checkpoints import load_state_dict
-
     p = Path(path)
     if p.is_dir():
         p = p / HEAD_FILE
@@ -140,13 +137,9 @@ def load_head(path: PathLike, feature_dim: int | None = None) -> nn.Linear:
 
 def save_backbone(backbone: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write :func:`backbone_state` as one safetensors file (atomic)."""
-    from mergelab.checkpoints import save_state_dict
-
     save_state_dict(backbone_state(backbone), path, metadata=dict(metadata or {}))
 
 
 def save_head(head: nn.Linear, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write :func:`head_state` as one safetensors file (atomic)."""
-    from mergelab.checkpoints import save_state_dict
-
     save_state_dict(head_state(head), path, metadata=dict(metadata or {}))

@@ -37,6 +37,7 @@ Procedure (spec fields in ``code``):
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.evaluation.metrics import evaluate_classifier
@@ -66,6 +68,7 @@ from mergelab.models.state import (
     save_backbone,
     save_head,
 )
+from mergelab.tasks import get_task, subset
 from mergelab.training.branching import resolve_parent
 from mergelab.training.loop import LoopSettings, run_steps
 from mergelab.training.optim import build_optimizer, set_hyperparameters
@@ -154,8 +157,6 @@ def cached_problem(cached: ExpertResult, pretrained_id: str, data: TaskData) -> 
 
 def load_task_data(spec: ExpertSpec) -> TaskData:
     """The task's data, subset to ``data_ratio`` of the training split with ``data_seed``."""
-    from mergelab.tasks import get_task, subset
-
     data = get_task(spec.task)
     if spec.data_ratio < 1.0:
         data = subset(data, spec.data_ratio, spec.data_seed)
@@ -165,8 +166,6 @@ def load_task_data(spec: ExpertSpec) -> TaskData:
 def probe_head(backbone: torch.nn.Module, data: TaskData) -> torch.nn.Linear:
     """The frozen shared head of ``data``'s task on ``backbone`` (left unchanged): BN statistics re-estimated on
     the task's training images on a copy of ``backbone``, then :func:`fit_linear_probe` on its features."""
-    import copy
-
     probe_backbone = copy.deepcopy(backbone)
     reset_bn_statistics(probe_backbone, data.x_train, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
     return fit_linear_probe(extract_features(probe_backbone, data.x_train), data.y_train, data.num_classes)
@@ -177,8 +176,6 @@ def frozen_head(task: str, arch: str = "resnet_s", cache_dir: PathLike | None = 
     keeps (and saves): :func:`probe_head` of the pretrained backbone on the task's full training split, always
     on :data:`~mergelab.runtime.TRAINING_THREADS` pinned threads (also for an expert whose ``threads`` differ),
     so it depends on the backbone and the task only. CPU, eval mode."""
-    from mergelab.tasks import get_task
-
     with pinned_threads():
         backbone, _ = load_pretrained_backbone(arch, cache_dir)
         return probe_head(backbone, get_task(task)).eval()
@@ -195,8 +192,6 @@ def initial_head(spec: ExpertSpec, backbone: torch.nn.Module, x: torch.Tensor, y
     (:mod:`mergelab.analysis.theory_at_init`)."""
     dim = backbone.feature_dim
     if spec.head_mode == "frozen":  # the task's shared head (full training split), then BN on the subset
-        from mergelab.tasks import get_task
-
         with pinned_threads():  # the default count whatever spec.threads: one head per task and backbone
             head = probe_head(backbone, get_task(spec.task))
         reset_bn_statistics(backbone, x, batch_size=BN_ADAPT_BATCH, num_batches=BN_ADAPT_BATCHES)
@@ -273,8 +268,6 @@ def _train(
     saved: list[int] = []
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=spec.steps - start, desc=f"{spec.arch}/{spec.task}", unit="step")
     with staged_dir(out) as stage:
 

@@ -56,10 +56,26 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
 
-from mergelab.errors import SpecError
-from mergelab.evaluation.metrics import Metrics
+from mergelab.errors import CheckpointError, SpecError
+from mergelab.evaluation.bn import reset_bn_statistics
+from mergelab.evaluation.metrics import Metrics, evaluate_classifier
+from mergelab.models import BACKBONE_FILE, HEAD_FILE, load_head, save_backbone, save_head
+from mergelab.models.artifact_dir import staged_dir
+from mergelab.models.device import default_device
+from mergelab.models.paths import arch_dir, expert_dir
+from mergelab.models.pretraining import ensure_pretrained, load_pretrained_backbone
+from mergelab.models.probe import extract_features, fit_linear_probe
 from mergelab.runtime import TRAINING_THREADS
+from mergelab.tasks import get_task, list_tasks
+from mergelab.training.loop import LoopSettings, TrainingDivergedError
+from mergelab.training.optim import build_optimizer
+from mergelab.training.provenance import data_fingerprint, versions
+from mergelab.training.result import ExpertResult, load_expert, read_expert
+from mergelab.training.sampler import BatchSampler, derive_seed
+from mergelab.training.spec import fill_optimizer_defaults, format_validation_error, known_arch
+from mergelab.training.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +109,6 @@ class MultitaskSpec(BaseModel):
     threads: int = Field(TRAINING_THREADS, ge=1, description="torch intra-op threads (mergelab.training.threads)")
 
     def __init__(self, **data: Any) -> None:
-        from mergelab.training.spec import format_validation_error
-
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -103,22 +117,16 @@ class MultitaskSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_defaults(cls, data: Any) -> Any:
-        from mergelab.training.spec import fill_optimizer_defaults
-
         return fill_optimizer_defaults(data) if isinstance(data, Mapping) else data
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from mergelab.training.spec import known_arch
-
         return known_arch(arch)
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from mergelab.tasks import list_tasks
-
         known = list_tasks()
         bad = [t for t in tasks if t not in known]
         if bad:
@@ -174,13 +182,9 @@ class MultitaskResult(BaseModel):
 
     @property
     def backbone_path(self) -> Path:
-        from mergelab.models import BACKBONE_FILE
-
         return Path(self.path) / BACKBONE_FILE
 
     def head_path(self, task: str) -> Path:
-        from mergelab.models import HEAD_FILE
-
         if task not in self.tasks:
             raise SpecError(f"the multi-task model {self.path} has no head for task {task!r}; its tasks: {', '.join(self.tasks)}")
         return Path(self.path) / HEADS / task / HEAD_FILE
@@ -191,8 +195,6 @@ class MultitaskResult(BaseModel):
         For :func:`mergelab.evaluation.evaluate`: each task is read through the MTL head, and normalized
         accuracy stays relative to the task's own expert (its sidecar accuracy).
         """
-        from mergelab.training.result import ExpertResult, load_expert
-
         out = []
         for e in experts:
             r = e if isinstance(e, ExpertResult) else load_expert(e)
@@ -203,8 +205,6 @@ class MultitaskResult(BaseModel):
 def multitask_spec(tasks: Sequence[str], arch: str = "resnet_s", experts: Sequence[Any] | None = None,
                    **overrides: Any) -> MultitaskSpec:
     """A spec for ``tasks``; with ``experts`` (ExpertResults or folders), heads start from theirs by default."""
-    from mergelab.training.result import ExpertResult, load_expert
-
     data: dict[str, Any] = {"tasks": list(tasks), "arch": arch}
     if experts is not None and overrides.get("head_init", "experts") == "experts":
         by_task: dict[str, str] = {}
@@ -220,16 +220,11 @@ def multitask_spec(tasks: Sequence[str], arch: str = "resnet_s", experts: Sequen
 
 def multitask_path(spec: MultitaskSpec, cache_dir: PathLike | None = None) -> Path:
     """``<root>/zoo/<arch>/multitask/<spec_hash>`` (whether or not it has been trained)."""
-    from mergelab.models.paths import arch_dir
-
     return arch_dir(spec.arch, cache_dir) / "multitask" / spec.spec_hash()
 
 
 def read_multitask(path: PathLike) -> MultitaskResult | None:
     """The multi-task model stored in folder ``path``, or ``None`` if it holds no complete one."""
-    from mergelab.errors import CheckpointError
-    from mergelab.models import BACKBONE_FILE
-
     folder = Path(path)
     sidecar = folder / SIDECAR
     if not sidecar.is_file() or not (folder / BACKBONE_FILE).is_file():
@@ -245,16 +240,11 @@ def read_multitask(path: PathLike) -> MultitaskResult | None:
 
 
 def _fingerprints(datas: Mapping[str, Any]) -> dict[str, list[str]]:
-    from mergelab.training.provenance import data_fingerprint
-
     return {t: [data_fingerprint(d.x_train, d.y_train), data_fingerprint(d.x_test, d.y_test)] for t, d in datas.items()}
 
 
 def _resolve_head_experts(spec: MultitaskSpec, experts: Sequence[Any] | None, cache_dir: PathLike | None) -> dict[str, Any]:
     """``{task: ExpertResult}`` for ``head_init: experts``: from ``experts`` or looked up by hash in the cache."""
-    from mergelab.models.paths import expert_dir
-    from mergelab.training.result import ExpertResult, load_expert, read_expert
-
     if spec.head_init != "experts":
         return {}
     given = {}
@@ -286,9 +276,6 @@ def train_multitask(
     ``experts``: ExpertResults or folders holding the heads named by ``spec.head_experts`` (otherwise they are
     looked up by spec hash in the cache). ``force`` retrains a cached model.
     """
-    from mergelab.models.pretraining import ensure_pretrained
-    from mergelab.tasks import get_task
-
     spec = spec if isinstance(spec, MultitaskSpec) else MultitaskSpec(**dict(spec))
     out = multitask_path(spec, cache_dir)
     pre = ensure_pretrained(spec.arch, cache_dir)
@@ -302,8 +289,6 @@ def train_multitask(
         if cached is not None:
             log.warning("cached multi-task model %s is stale (other pretrained backbone or task data); retraining", out)
     heads_from = _resolve_head_experts(spec, experts, cache_dir)
-    from mergelab.training.threads import pinned_threads
-
     with pinned_threads(spec.threads):
         return _train(spec, datas, fps, heads_from, pre.pretrained_id, out, cache_dir, device, progress)
 
@@ -311,18 +296,6 @@ def train_multitask(
 def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[str]], heads_from: Mapping[str, Any],
            pretrained_id: str, out: Path, cache_dir: PathLike | None, device: str | torch.device | None,
            progress: bool) -> MultitaskResult:
-    from mergelab.evaluation.bn import reset_bn_statistics
-    from mergelab.evaluation.metrics import evaluate_classifier
-    from mergelab.models import HEAD_FILE, load_head, save_backbone, save_head
-    from mergelab.models.artifact_dir import staged_dir
-    from mergelab.models.device import default_device
-    from mergelab.models.pretraining import load_pretrained_backbone
-    from mergelab.models.probe import extract_features, fit_linear_probe
-    from mergelab.training.loop import LoopSettings, TrainingDivergedError
-    from mergelab.training.optim import build_optimizer
-    from mergelab.training.provenance import versions
-    from mergelab.training.sampler import BatchSampler, derive_seed
-
     t0 = time.perf_counter()
     dev = default_device(device)
     backbone, _ = load_pretrained_backbone(spec.arch, cache_dir)
@@ -357,8 +330,6 @@ def _train(spec: MultitaskSpec, datas: Mapping[str, Any], fps: dict[str, list[st
     ys = {t: datas[t].y_train.to(dev) for t in tasks}
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=spec.steps, desc=f"multitask {spec.arch} ({len(tasks)} tasks)", unit="step")
     backbone.train()
     for h in heads.values():

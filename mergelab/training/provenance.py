@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 
 import torch
@@ -20,8 +21,6 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
     Experts record the fingerprints of their training subset and test split, so a cached expert is not
     reused (and evaluation refuses stale references) when a task's data changes, version bump or not.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()

@@ -51,12 +51,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import SpecError
+from mergelab.models.registry import arch_info, list_archs
 from mergelab.runtime import TRAINING_THREADS
+from mergelab.spec import read_yaml_file
+from mergelab.tasks import list_tasks
+from mergelab.untrusted_input import read_json_file
 
 TRAINING_FORMAT = 2  # bump when a code change alters what a spec trains to (2: threads pinned)
 
@@ -125,8 +130,6 @@ class ExpertSpec(BaseModel):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        from mergelab.tasks import list_tasks
-
         known = list_tasks()
         if task not in known:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(known)}")
@@ -166,8 +169,6 @@ class ExpertSpec(BaseModel):
 
 def known_arch(arch: str) -> str:
     """``arch`` if it is a registered architecture; else ``ValueError`` listing the known ones (for validators)."""
-    from mergelab.models.registry import list_archs
-
     if arch not in list_archs():
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_archs())}")
     return arch
@@ -190,8 +191,6 @@ def fill_optimizer_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _family(arch: Any) -> str | None:
     """The registry family of ``arch``, or ``None`` when it is not a known architecture."""
-    from mergelab.models.registry import arch_info
-
     try:
         return arch_info(arch).family if isinstance(arch, str) else None
     except SpecError:
@@ -225,14 +224,8 @@ def make_spec(spec: ExpertSpec | Mapping[str, Any] | None = None, **overrides: A
 
 def load_spec_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON spec file into a dict (not yet validated)."""
-    from pathlib import Path
-
-    from mergelab.spec import read_yaml_file
-
     p = Path(path)
     if p.suffix == ".json":
-        from mergelab.untrusted_input import read_json_file
-
         try:
             data = read_json_file(p, what="spec file", error=SpecError)
         except FileNotFoundError as exc:

@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 from mergelab.runtime import TRAINING_THREADS
 
 __all__ = ["TRAINING_THREADS", "pinned_threads"]
@@ -42,8 +44,6 @@ __all__ = ["TRAINING_THREADS", "pinned_threads"]
 def pinned_threads(threads: int | None = None) -> Iterator[int]:
     """Run the block on ``threads`` torch intra-op threads (default :data:`TRAINING_THREADS`) with deterministic
     algorithms (warn-only); restore the caller's settings afterwards. Yields the thread count in effect."""
-    import torch  # not at module level: mergelab.runtime is imported before torch on purpose
-
     n = TRAINING_THREADS if threads is None else int(threads)
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")

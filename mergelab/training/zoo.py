@@ -35,6 +35,7 @@ thread per worker.)
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -42,10 +43,16 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergelab.models.pretraining import ensure_pretrained
-from mergelab.training.finetuning import finetune
-from mergelab.training.result import ExpertResult
+import torch
+from tqdm import tqdm
+
+from mergelab.models.paths import expert_dir
+from mergelab.models.pretraining import ensure_pretrained, read_pretrained
+from mergelab.tasks import list_tasks
+from mergelab.training.finetuning import cached_problem, finetune, load_task_data
+from mergelab.training.result import ExpertResult, read_expert
 from mergelab.training.spec import ExpertSpec, make_spec
+from mergelab.worker_lifetime import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +81,6 @@ class ZooResult:
 def _init_worker(level: int, driver_pid: int) -> None:
     """Pool initializer: one torch thread, the driver's log level, and exit when the driver ``driver_pid``
     dies (:func:`~mergelab.worker_lifetime.exit_with_parent`: a killed ``build_zoo`` leaves no workers)."""
-    import torch
-
-    from mergelab.worker_lifetime import exit_with_parent
-
     exit_with_parent(driver_pid)
     torch.set_num_threads(1)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -103,10 +106,6 @@ def build_zoo(
         cache_dir: cache root. workers: processes (1 = in this process). overrides: spec fields applied to
         every expert. force: retrain cached experts. progress: tqdm bar over experts.
     """
-    from tqdm import tqdm
-
-    from mergelab.tasks import list_tasks
-
     t0 = time.perf_counter()
     task_names = list(dict.fromkeys(tasks)) if tasks is not None else list_tasks()
     specs = [default_spec(t, arch, **dict(overrides or {})) for t in task_names]
@@ -163,11 +162,6 @@ def build_zoo(
 
 def finetune_if_cached(spec: ExpertSpec, cache_dir: PathLike | None = None) -> ExpertResult | None:
     """The cached expert of ``spec`` if it is reusable (current pretrained backbone and task data), else ``None``."""
-    from mergelab.models.paths import expert_dir
-    from mergelab.models.pretraining import read_pretrained
-    from mergelab.training.finetuning import load_task_data, cached_problem
-    from mergelab.training.result import read_expert
-
     pre = read_pretrained(spec.arch, cache_dir)
     found = read_expert(expert_dir(spec.arch, spec.task, spec.spec_hash(), cache_dir))
     if found is None or pre is None or cached_problem(found, pre.pretrained_id, load_task_data(spec)) is not None:
@@ -176,6 +170,4 @@ def finetune_if_cached(spec: ExpertSpec, cache_dir: PathLike | None = None) -> E
 
 
 def _spawn():  # a fresh interpreter per worker: no inherited OpenMP thread pools
-    import multiprocessing
-
     return multiprocessing.get_context("spawn")
