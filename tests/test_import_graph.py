@@ -112,8 +112,11 @@ def _imports_of(prefix: str, graph: dict[str, set[str]]) -> set[str]:
 
 
 def test_the_merge_path_imports_one_way():
-    """checkpoints -> ops -> methods (catalog) -> merging -> data-informed methods -> the rest: no module of
-    a lower layer imports a higher one at module level."""
+    """checkpoints -> ops -> methods (catalog) -> merging -> training/evaluation (with models, tasks) ->
+    data-informed methods -> the rest: no module of a lower layer imports a higher one at module level. The
+    data-informed methods (AdaMerging, Frank-Wolfe, Fisher, RegMean, surgery) run trained experts on task
+    data (models, tasks, training.result, evaluation's BN reset and metrics), so they sit above training and
+    evaluation, which import no merge method."""
     graph = import_graph()
     higher = ("mergelab.analysis", "mergelab.experiments", "mergelab.report", "mergelab.commands",
               "mergelab.training", "mergelab.evaluation", "mergelab.cli")
@@ -127,6 +130,8 @@ def test_the_merge_path_imports_one_way():
     catalog = graph["mergelab.methods.catalog"] | graph["mergelab.methods.base"] | graph["mergelab.methods"]
     assert under(catalog, ("mergelab.merging", "mergelab.methods.data_informed") + higher) == set()
     assert under(_imports_of("mergelab.merging", graph), ("mergelab.methods.data_informed",) + higher) == set()
+    for package in ("mergelab.training", "mergelab.evaluation", "mergelab.models", "mergelab.tasks"):
+        assert under(_imports_of(package, graph), ("mergelab.methods.data_informed",)) == set(), package
 
 
 #: Layers below the analyses: training/evaluation and the methods, models and tasks they use.

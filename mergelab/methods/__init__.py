@@ -15,7 +15,8 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        from mergelab.methods.data_informed import registry  # they import torch: only an unknown name pays
+        # deferred: the registry sits above merging and loads torch; the catalog is on the numpy merge path
+        from mergelab.methods.data_informed import registry
 
         known = sorted(METHODS) + sorted(registry())
         close = difflib.get_close_matches(name, known, n=1)

@@ -80,7 +80,8 @@ class TensorInputs:
 
     def __post_init__(self) -> None:
         if self.compute_dtype is None:
-            import torch  # the catalog validates specs without torch; only a computation needs it
+            # deferred: torch; the catalog (numpy 'mergelab merge', '--help') validates specs without it
+            import torch
 
             self.compute_dtype = torch.float32
 
@@ -105,7 +106,8 @@ class TensorInputs:
 
     def generator(self, seed: int, index: int) -> torch.Generator:
         """A generator seeded by (seed, expert index, tensor name): reproducible whatever the tensor order."""
-        import torch  # the catalog validates specs without torch; only a computation needs it
+        # deferred: torch; the catalog (numpy 'mergelab merge', '--help') validates specs without it
+        import torch
 
         digest = hashlib.blake2b(f"{seed}:{index}:{self.name}".encode(), digest_size=8).digest()
         return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))

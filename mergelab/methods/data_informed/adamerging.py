@@ -72,12 +72,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 from torch.func import functional_call
+from tqdm import tqdm
 
 from mergelab.errors import NonFiniteError, TensorMismatchError
+from mergelab.evaluation.bn import reset_bn_statistics
 from mergelab.methods.base import MethodParams
-from mergelab.methods.data_informed import DataInformedMethod
+from mergelab.methods.data_informed import DataInformedMethod, parse_params
 from mergelab.methods.data_informed.context import MergeContext
 from mergelab.methods.data_informed.objectives import softmax_entropy
+from mergelab.models import load_backbone_state
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,6 @@ def load_task_vectors(context: MergeContext, backbone: nn.Module | None = None,
     Checks the base against the architecture's backbone and every expert against the base (names,
     shapes, finiteness), naming the file and tensor on error.
     """
-    from mergelab.models import load_backbone_state
-
     device = context.device
     base_raw = context.base_state()
     if backbone is not None:
@@ -344,13 +345,9 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
 
     The state has the base's tensor names, float32 for floating tensors, on the CPU.
     """
-    from tqdm import tqdm
-
     if params is None:
         params = AdaMergingParams()
     elif not isinstance(params, AdaMergingParams):
-        from mergelab.methods.data_informed import parse_params
-
         params = parse_params(METHODS[0], dict(params))  # a SpecError naming the bad parameter
     backbone = context.build_backbone().eval()
     for p in backbone.parameters():
@@ -407,9 +404,6 @@ def adamerging(context: MergeContext, params: AdaMergingParams | Mapping[str, An
 def _reestimate_bn(backbone: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int,
                    seed: int) -> dict[str, torch.Tensor]:
     """``state`` with its BN running statistics re-estimated on ``x`` (all of it, cumulative average)."""
-    from mergelab.evaluation import reset_bn_statistics
-    from mergelab.models import load_backbone_state
-
     load_backbone_state(backbone, state, source="AdaMerging result")
     reset_bn_statistics(backbone, x, batch_size=batch_size, num_batches=-(-len(x) // batch_size), seed=seed)
     own = backbone.state_dict()

@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from mergelab.errors import SpecError
+from mergelab.models import BACKBONE_FILE, HEAD_FILE, build_backbone, load_head, read_backbone_state
 from mergelab.spec import DataSpec
+from mergelab.tasks import get_task
+from mergelab.training.result import load_expert
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ class ExpertHandle:
 
     @property
     def backbone_path(self) -> Path:
-        from mergelab.models import BACKBONE_FILE
-
         return self.path / BACKBONE_FILE
 
 
@@ -69,8 +70,6 @@ class MergeContext:
     @classmethod
     def from_spec(cls, base: Path | None, models: Sequence[tuple[Path, float]], data: DataSpec | None,
                   device: torch.device, progress: bool = True) -> MergeContext:
-        from mergelab.training.result import load_expert
-
         if base is None:
             raise SpecError("base: data-informed methods need the pretrained model (the zoo's pretrained folder)")
         experts = []
@@ -100,19 +99,13 @@ class MergeContext:
 
     # -- models -------------------------------------------------------------------------------------
     def build_backbone(self) -> nn.Module:
-        from mergelab.models import build_backbone
-
         return build_backbone(self.arch).to(self.device)
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        from mergelab.models import read_backbone_state
-
         return read_backbone_state(self.base_path)
 
     def expert_state(self, index: int) -> dict[str, torch.Tensor]:
         """Expert ``index``'s backbone tensors, read from disk now (nothing is cached)."""
-        from mergelab.models import read_backbone_state
-
         return read_backbone_state(self.experts[index].backbone_path)
 
     def expert_for(self, task: str) -> ExpertHandle:
@@ -124,8 +117,6 @@ class MergeContext:
     def head(self, task: str) -> nn.Linear:
         """The head of the expert fine-tuned on ``task`` (the first one, if several), frozen, on the device."""
         if task not in self._heads:
-            from mergelab.models import HEAD_FILE, build_backbone, load_head
-
             feature_dim = build_backbone(self.arch).feature_dim
             head = load_head(self.expert_for(task).path / HEAD_FILE, feature_dim).to(self.device).eval()
             for p in head.parameters():
@@ -136,8 +127,6 @@ class MergeContext:
     # -- data ---------------------------------------------------------------------------------------
     def samples(self, task: str, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
         """``data.samples_per_task`` samples of ``task``'s ``split`` (seeded, without replacement), on the device."""
-        from mergelab.tasks import get_task
-
         t = get_task(task)
         x, y = (t.x_train, t.y_train) if split == "train" else (t.x_test, t.y_test)
         n = min(self.data.samples_per_task, len(y))

@@ -66,11 +66,14 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from mergelab.errors import SpecError
 from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
 from mergelab.methods.data_informed.context import MergeContext
+from mergelab.models import HEAD_FILE, load_head
+from mergelab.models.state import load_backbone_state
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +294,6 @@ def check_own_task_pool(context: MergeContext, method: str) -> None:
 
 def load_expert_module(context: MergeContext, index: int) -> tuple[dict[str, torch.Tensor], nn.Module, nn.Linear]:
     """Expert ``index``'s backbone tensors, its backbone module (eval, on the device) and its own head."""
-    from mergelab.models import HEAD_FILE, load_head
-    from mergelab.models.state import load_backbone_state
-
     expert = context.experts[index]
     state = context.expert_state(index)
     model = context.build_backbone()
@@ -318,8 +318,6 @@ def expert_samples(context: MergeContext, index: int, head: nn.Linear, split: st
 
 
 def _expert_fishers(context: MergeContext, params: FisherParams):
-    from tqdm.auto import tqdm
-
     split = context.split("train")
     for i in tqdm(range(len(context.experts)), desc="fisher", unit="expert", disable=not context.progress):
         expert = context.experts[i]

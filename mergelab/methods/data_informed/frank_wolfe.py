@@ -196,6 +196,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 from torch import nn
+from tqdm import tqdm
 
 from mergelab.errors import SpecError
 from mergelab.methods.base import MethodParams
@@ -219,6 +220,7 @@ from mergelab.methods.data_informed.objectives import (
     Point,
 )
 from mergelab.methods.data_informed.vertex_pools import ContextPool, VertexPool
+from mergelab.models import load_backbone_state
 from mergelab.ops.simplex import project_simplex, project_solid_simplex
 
 log = logging.getLogger(__name__)
@@ -433,8 +435,6 @@ def run_frank_wolfe(objective: Objective, pool: VertexPool, theta0: Mapping[str,
     trace. ``config.oracle == "per_task"`` needs a :class:`MultiTaskObjective`. ``theta0`` is not modified;
     non-floating tensors are carried over.
     """
-    from tqdm import tqdm
-
     theta: Point = {n: t.detach().clone() for n, t in theta0.items()}
     floating = [n for n, t in theta.items() if t.is_floating_point()]
     if groups is None:
@@ -644,6 +644,7 @@ def _initial_state(context: MergeContext, params: _FWParams, base: Mapping[str, 
         theta = {n: acc[n].mul_(params.init_lambda).add_(theta0[n]) for n in floating}
         _clamp_variances(theta, "the task-arithmetic start")
         return theta
+    # deferred: adamerging is an optional method module (registry() skips it when absent); only this option needs it
     try:
         from mergelab.methods.data_informed.adamerging import adamerging
     except ModuleNotFoundError as exc:
@@ -677,8 +678,6 @@ def frank_wolfe(context: MergeContext, params: FWHardParams | FWSoftParams | Non
 
     Returns the merged backbone state (the base's names; floating tensors float32, on the CPU) and the trace.
     """
-    from mergelab.models import load_backbone_state
-
     params = params or FWHardParams()
     if not isinstance(params, (FWHardParams, FWSoftParams)):
         raise TypeError("params must be FWHardParams or FWSoftParams")
@@ -728,6 +727,7 @@ def _reestimate_statistics(backbone: nn.Module, state: dict[str, torch.Tensor], 
                            context: MergeContext) -> dict[str, torch.Tensor]:
     """``bn: batch``: the result's BN running statistics re-estimated on ``x`` (the objective's examples of every
     task), by AdaMerging's helper (the same semantics as AdaMerging's ``bn: batch``)."""
+    # deferred: adamerging is an optional method module (registry() skips it when absent); only this option needs it
     try:
         from mergelab.methods.data_informed.adamerging import _reestimate_bn
     except ModuleNotFoundError as exc:

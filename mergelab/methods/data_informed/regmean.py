@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from mergelab.methods.base import MethodParams
 from mergelab.methods.data_informed import DataInformedMethod
@@ -345,8 +346,6 @@ def regmean_merge_states(
 
 def run_regmean(context: MergeContext, params: RegMeanParams) -> dict[str, torch.Tensor]:
     """The ``regmean`` method: see the module docstring."""
-    from tqdm.auto import tqdm
-
     check_own_task_pool(context, "regmean")
     use_default_samples(context, DEFAULT_SAMPLES)
     split = context.split("train")

@@ -56,13 +56,24 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
+from tqdm import tqdm
 
+from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import CheckpointError, NonFiniteError, SpecError, TensorMismatchError
+from mergelab.evaluation.metrics import Metrics, classifier_outputs
+from mergelab.evaluation.outcomes import pack_outcomes
+from mergelab.evaluation.task_suite import EvaluationResult, TaskEvaluation, load_backbone
+from mergelab.merging import merge
+from mergelab.methods import METHODS as DATA_FREE
 from mergelab.methods.base import MethodParams
-from mergelab.methods.data_informed import DataInformedMethod
+from mergelab.methods.data_informed import DataInformedMethod, parse_params, registry
 from mergelab.methods.data_informed.adamerging import TaskBatches, record_output
 from mergelab.methods.data_informed.context import MergeContext
+from mergelab.models import default_device, load_backbone_state, load_head, read_backbone_state
 from mergelab.output_paths import refuse_overlap
+from mergelab.tasks import get_task
+from mergelab.training.provenance import data_fingerprint
+from mergelab.training.result import ExpertResult, load_expert
 from mergelab.untrusted_input import read_json_file
 
 log = logging.getLogger(__name__)
@@ -217,10 +228,6 @@ def train_surgery(context: MergeContext, merged: Mapping[str, torch.Tensor], *, 
     Uses ``data.samples_per_task`` unlabelled examples of ``data.split`` (default test) per task; the task's
     expert (the first of the pool for that task) gives the target features. Returns CPU modules.
     """
-    from tqdm import tqdm
-
-    from mergelab.models import load_backbone_state
-
     backbone = context.build_backbone()
     load_backbone_state(backbone, merged, source="merged backbone")
     backbone.eval()
@@ -261,8 +268,6 @@ def save_surgery_modules(modules: Mapping[str, SurgeryModule], folder: PathLike,
 
     An existing ``folder`` is replaced only if it is empty or a surgery folder (has ``surgery.json``).
     """
-    from mergelab.checkpoints import save_state_dict
-
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / SIDECAR).is_file())):
         raise CheckpointError(f"{folder}: exists and is not a surgery modules folder; refusing to replace it")
@@ -290,8 +295,6 @@ def save_surgery_modules(modules: Mapping[str, SurgeryModule], folder: PathLike,
 
 def load_surgery_modules(folder: PathLike, tasks: Sequence[str] | None = None) -> dict[str, SurgeryModule]:
     """The modules saved by :func:`save_surgery_modules` (all, or ``tasks``), frozen, in eval mode, on CPU."""
-    from mergelab.checkpoints import load_state_dict
-
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such surgery modules folder")
@@ -338,14 +341,6 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
     reference accuracies). ``tasks`` defaults to the modules' tasks; each needs an expert. Returns an
     :class:`~mergelab.evaluation.EvaluationResult` (per-task and normalized accuracy, joint metrics).
     """
-    from mergelab.evaluation import EvaluationResult, Metrics, TaskEvaluation, load_backbone
-    from mergelab.evaluation.outcomes import pack_outcomes
-    from mergelab.evaluation.metrics import classifier_outputs
-    from mergelab.models import default_device, load_head
-    from mergelab.tasks import get_task
-    from mergelab.training.provenance import data_fingerprint
-    from mergelab.training.result import ExpertResult, load_expert
-
     if not isinstance(modules, Mapping):
         modules = load_surgery_modules(modules)
     results = [e if isinstance(e, ExpertResult) else load_expert(e) for e in experts]  # type: ignore[arg-type]
@@ -405,8 +400,6 @@ def evaluate_with_surgery(backbone: PathLike | Mapping[str, torch.Tensor] | nn.M
 
 def merged_backbone(context: MergeContext, params: SurgeryParams) -> tuple[dict[str, torch.Tensor], str]:
     """The backbone surgery starts from, and a description: ``merged`` read from disk, or ``from`` computed."""
-    from mergelab.models import read_backbone_state
-
     explicit_from = "from_" in params.model_fields_set or "from_parameters" in params.model_fields_set
     if params.merged is not None:
         if explicit_from:
@@ -414,9 +407,6 @@ def merged_backbone(context: MergeContext, params: SurgeryParams) -> tuple[dict[
         return read_backbone_state(params.merged), str(params.merged)
     name = params.from_
     raw = params.from_parameters if params.from_parameters is not None else DEFAULT_FROM_PARAMETERS.get(name, {})
-    from mergelab.methods import METHODS as DATA_FREE
-    from mergelab.methods.data_informed import parse_params, registry
-
     informed = registry()
     if name == "surgery" or (name not in DATA_FREE and name not in informed):
         known = sorted(set(DATA_FREE) | set(informed) - {"surgery"})
@@ -424,8 +414,6 @@ def merged_backbone(context: MergeContext, params: SurgeryParams) -> tuple[dict[
                         f"available: {', '.join(known)}")
     if name in informed:
         return informed[name].run(context, parse_params(informed[name], dict(raw))), f"{name} {raw}"
-    from mergelab.merging import merge
-
     DATA_FREE[name].parse_params(dict(raw), where="parameters.from_parameters")
     spec = {
         "method": name,
