@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
                          "alternately with this one as 'mergelab (baseline)' with the same interpreter: a same-run "
                          "before/after table; a method the baseline lacks is reported as failed for it")
     ap.add_argument("--no-check", action="store_true", help="skip the output equivalence check")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep every merged model under CACHE/runs (default: each method's outputs are removed once "
+                         "it is checked; at 1.3 GB each, all of them need ~100 GB)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--profile", metavar="METHOD",
                     help="instead of timing: time the stages of one torch-engine merge on their threads in a fresh process, "
@@ -645,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         show("task_arithmetic", "mergelab (hashing)", 1, run)
 
     check_outputs: dict[str, Path] = {}
+    checks: dict[str, dict] = {}
+    identical: dict[str, tuple[int, list[str]]] = {}
     for method in methods:
         case = CASES[method]
         ml_spec = _write_yaml(work / f"{method}.mergelab.yaml", mergelab_spec(method, base, experts))
@@ -716,24 +721,23 @@ def main(argv: list[str] | None = None) -> int:
             check_outputs[method] = mk_out
         if case.method.startswith(("dare", "della")):  # random masks: the two tools' draws differ: no check
             check_outputs.pop(method, None)
-
-    checks: dict[str, dict] = {}
-    if not args.no_check:
-        for method, mk_out in check_outputs.items():
-            ml_out = work / f"out-mergelab-{method}"
+        # this method's checks now, then its outputs go (each is a whole model: 1.3 GB here)
+        ml_out = work / f"out-mergelab-{method}"
+        if not args.no_check and method in check_outputs:
+            mk_out = check_outputs[method]
             if ml_out.is_dir() and mk_out.is_dir():
                 checks[f"{method} vs {mk_out.name}"] = compare(ml_out, mk_out, base)
             timed = work / f"out-mergekit-{method}"
             if timed != mk_out and ml_out.is_dir() and timed.is_dir():
                 checks[f"{method} vs {timed.name} (mergekit computing in {args.mergekit_dtype})"] = \
                     compare(ml_out, timed, base)
-
-    identical: dict[str, tuple[int, list[str]]] = {}
-    if baseline_env is not None:
-        for method in methods:
-            a, b = work / f"out-mergelab-{method}", work / f"out-baseline-{method}"
-            if a.is_dir() and b.is_dir() and any(r.ok for r in series.get((method, BASELINE), Series("", "")).runs):
-                identical[method] = identical_tensors(a, b)
+        before_out = work / f"out-baseline-{method}"
+        if baseline_env is not None and ml_out.is_dir() and before_out.is_dir() and any(r.ok for r in s_base.runs):
+            identical[method] = identical_tensors(ml_out, before_out)
+        if not args.keep_outputs:
+            for out in work.glob(f"out-*-{method}*"):
+                if out.name.removeprefix("out-").split("-", 1)[1].split("-")[0] == method:
+                    _rm(out)
 
     kept = None
     if "ties" in methods and not args.no_check:
