@@ -106,6 +106,43 @@ def test_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, method, dtyp
         assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
 
 
+#: the numpy back-end's elementwise kernels beyond TA/WA, with parameters taking each path
+ELEMENTWISE_CASES = [
+    ("passthrough", {}), ("passthrough", {"scale": 0.5}),
+    ("nearswap", {}), ("nearswap", {"t": 0.01}), ("nearswap", {"t": 0.1}),
+]
+
+
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("method", "params"), ELEMENTWISE_CASES)
+def test_elementwise_kernels_equal_their_catalog_references(tmp_path, monkeypatch, method, params, dtype,
+                                                             out_dtype):
+    """Passthrough and NearSwap run on the numpy back-end by default (``engine: auto``) and write their catalog
+    reference (:mod:`mergelab.methods.catalog`) rounded once to the output dtype, bit for bit (several blocks,
+    two threads)."""
+    from mergelab.methods import TensorInputs, get_method
+
+    paths = _models(tmp_path, [dtype] * 2, seed=3)
+    spec = _spec(method, paths, parameters=params, **({"dtype": out_dtype} if out_dtype else {}))
+    monkeypatch.setattr(numpy_engine, "BLOCK", 17)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    assert numpy_engine.unsupported(parse_spec(spec)) is None
+    spec.pop("device")  # the default: engine auto picks numpy
+    result = merge(spec, tmp_path / "out", progress=False)
+    assert result.record["engine"] == "numpy"
+    out = load_state_dict(tmp_path / "out")
+    base, expert = load_state_dict(paths[0]), load_state_dict(paths[1])
+    m = get_method(method)
+    p = m.parse_params(params)
+    target = getattr(torch, out_dtype) if out_dtype else dtype
+    for name in SHAPES:
+        ref = m.reference(TensorInputs(name, base[name], [expert[name]], [1.0]), p).to(target)
+        assert out[name].dtype == target, name
+        assert torch.equal(out[name].view(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
+    assert torch.equal(out["steps"], base["steps"])  # integer tensors: copied from the reference input
+
+
 def test_float64_input_computes_in_float64(tmp_path):
     paths = _models(tmp_path, [torch.float64, torch.float32, torch.float32])
     merge(_spec("task_arithmetic", paths), tmp_path / "out", progress=False, engine="numpy")
@@ -133,7 +170,7 @@ def test_engine_selection(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
     assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
     why = numpy_engine.unsupported(parse_spec(_spec("dare_linear", paths)))
-    assert "task_arithmetic, weight_average and ties, not dare_linear" in why
+    assert "task_arithmetic, weight_average, passthrough, nearswap and ties, not dare_linear" in why
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths))) is None  # the paper's whole-model trim
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"trim_scope": "tensor"}))) is None
     assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))

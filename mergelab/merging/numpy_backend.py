@@ -1,4 +1,4 @@
-"""The numpy back-end: task arithmetic, weight averaging and TIES on the CPU, without torch.
+"""The numpy back-end: task arithmetic, weight averaging, passthrough, NearSwap and TIES on the CPU, without torch.
 
 The linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
 arithmetic: the torch back-end spent as long importing torch (1.5 s here) as computing. This back-end
@@ -20,7 +20,9 @@ to the output dtype at the end (round to nearest even, as torch):
 
 - task arithmetic: ``s = sum_i w_i (theta_i - theta_0)`` in model order, ``theta = lambda * s + theta_0``
   (the ``lambda`` multiply is skipped at 1, exactly);
-- weight averaging: ``d = sum_i w_i (theta_i - theta_1)``, ``theta = d / sum_i w_i + theta_1``.
+- weight averaging: ``d = sum_i w_i (theta_i - theta_1)``, ``theta = d / sum_i w_i + theta_1``;
+- passthrough and NearSwap: their catalog references' operations, entry by entry (bit-identical at any weights:
+  they take none).
 
 These are the torch engine's operations in the torch engine's order, so with unit weights the outputs
 are bit-identical; torch computes ``acc + w * tau`` with one rounding where numpy rounds ``w * tau``
@@ -53,6 +55,8 @@ from mergelab.merging.numpy_kernels import (
     BlockSelection,
     TiesKernel,
     count_blocks,
+    nearswap_block,
+    passthrough_block,
     sample_magnitudes,
     select_global,
     task_arithmetic_block,
@@ -102,7 +106,7 @@ def unsupported(spec: MergeSpec) -> str | None:
     for params in [params_of.default, *(p for _, p in params_of.rules)]:
         if getattr(params, "sign_test", "tau") != "tau" or getattr(params, "disjoint_divisor", None) == "none":
             return "its TIES kernel tests the sign of tau_i and divides (sign_test: tau, disjoint_divisor count/weight)"
-    if spec.base is None and spec.method != "weight_average":
+    if spec.base is None and get_method(spec.method).needs_base:
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:
         for reader in inputs.readers:
@@ -367,12 +371,14 @@ def _nonfinite_counts(values: Any) -> tuple[int, int] | None:
     return int((~finite).sum()), int(np.isnan(values).sum())
 
 
-#: This back-end's kernels, by method: the block kernel of a linear method (inputs read block by block
+#: This back-end's kernels, by method: the block kernel of an elementwise method (inputs read block by block
 #: straight from the files), or None for TIES (:func:`_stream_ties`, whole tensors read ahead). The
 #: methods it runs are exactly these keys.
 KERNELS: dict[str, Callable[..., bool] | None] = {
     "task_arithmetic": task_arithmetic_block,
     "weight_average": weight_average_block,
+    "passthrough": passthrough_block,
+    "nearswap": nearswap_block,
     "ties": None,
 }
 

@@ -1,4 +1,5 @@
-"""The numpy back-end's kernels: TIES-Merging, task arithmetic and weight averaging on numpy blocks.
+"""The numpy back-end's kernels: TIES-Merging, task arithmetic, weight averaging, passthrough and NearSwap on
+numpy blocks.
 
 Each computes what its catalog reference (:mod:`mergelab.methods.catalog`) computes, tested against it
 (tests/test_numpy_engine.py, tests/test_streaming.py), without torch. TIES is the long one:
@@ -478,3 +479,52 @@ def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, we
     _weighted_differences(xs, first, weights, acc, diff)
     np.divide(acc, float(sum(weights)), out=acc)
     return _round_into(acc, first, out, diff, flags)
+
+
+# ------------------------------------------------------------- elementwise methods of one model
+
+
+def _store(acc: Any, out: Any, spare: Any, flags: Any) -> bool:
+    """``out = round(acc)`` (``acc`` in the compute dtype, ``out`` in the output dtype; bfloat16 by integer
+    rounding into ``spare``'s bits as scratch); returns whether an output entry is NaN or Inf."""
+    if out.dtype == acc.dtype:
+        np.copyto(out, acc)
+        return any_nonfinite(out, flags)
+    if acc.dtype == np.float32 and is_bfloat16(out.dtype):
+        return round_bfloat16(acc, out, spare.view(np.uint32))
+    np.copyto(out, acc, casting="unsafe")
+    return any_nonfinite(out, flags)
+
+
+def passthrough_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                      params: Any, flags: Any) -> bool:
+    """One block of passthrough (:func:`mergelab.methods.catalog.passthrough`): ``xs`` = [theta_1] as stored;
+    ``theta = scale * theta_1`` in the compute dtype (the multiply skipped at 1, exactly), rounded once.
+    Returns whether an output entry is NaN or Inf."""
+    x_buf, spare, _ = buffers
+    x = _as_compute(xs[0], x_buf)
+    if params.scale != 1.0:
+        x = np.multiply(x, params.scale, out=x_buf)
+    return _store(x, out, spare, flags)
+
+
+def nearswap_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+                   params: Any, flags: Any) -> bool:
+    """One block of NearSwap (:func:`mergelab.ops.nearswap`): ``xs`` = [a = theta_0, b = theta_1] as stored;
+    ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)``, ``theta = b w + a (1 - w)``, the reference's operations in its
+    order, each rounded to the compute dtype. Returns whether an output entry is NaN or Inf."""
+    a_buf, b_buf, w = buffers
+    a = _as_compute(xs[0], a_buf)
+    b = _as_compute(xs[1], b_buf)
+    dtype = w.dtype.type
+    np.subtract(a, b, out=w)
+    bits = w.view(f"u{w.itemsize}")  # |a - b|: clear the sign bit (np.abs on floats is not vectorised)
+    np.bitwise_and(bits, (1 << (8 * w.itemsize - 1)) - 1, out=bits)
+    np.maximum(w, dtype(1e-6), out=w)
+    np.divide(dtype(params.t), w, out=w)
+    np.clip(w, dtype(0.0), dtype(1.0), out=w)
+    bw = np.multiply(b, w, out=b_buf)
+    np.subtract(dtype(1.0), w, out=w)  # 1 - w, as the reference's -w + 1 (the same rounding)
+    np.multiply(a, w, out=w)
+    np.add(bw, w, out=w)
+    return _store(w, out, a_buf, flags)  # a is consumed: its buffer is the rounding's scratch
