@@ -1,7 +1,7 @@
 """The merge specification (YAML or Python), validated with pydantic at the boundary.
 
 ```yaml
-method: ties            # weight_average | task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | model_stock | slerp
+method: ties            # any method of `mergelab methods` (mergelab.methods.catalog.METHODS, data-informed ones too)
 base: path/to/base      # folder or file (optional for weight_average and slerp with two models)
 models:
   - path: path/to/expert1
