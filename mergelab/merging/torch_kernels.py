@@ -571,8 +571,8 @@ def _della(inp: TensorInputs, p: DellaLinearParams,
            combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """DELLA's MAGPRUNE (:func:`mergelab.ops.magprune`) on blocks of whole rows (its ranks are per row), then
     ``combine(pruned, acc)``. The masks are drawn from each expert's generator in flat order, so the blocks go
-    in order, a block's experts on all cores (as DARE's); ``rescale: l1`` takes its two norms from
-    tensor-sized buffers first (torch's whole-tensor sums, as the reference)."""
+    in order, a block's experts on all cores (as DARE's); ``rescale: l1`` takes its two norms from one
+    tensor-sized buffer first (torch's whole-tensor sums, as the reference)."""
     shape = inp.base.shape  # type: ignore[union-attr]
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
@@ -592,15 +592,19 @@ def _della(inp: TensorInputs, p: DellaLinearParams,
 
     factors: list[float | None] = [None] * len(flats)
     if pruning and p.rescale == "l1":
+        # one tensor-sized buffer, filled twice per expert: tau_i for ||tau_i||_1, then the pruned tau_i (the
+        # masks redrawn from a fresh generator of the same seed: the same draws) for ||m_i tau_i||_1. The sums
+        # are torch's whole-tensor reductions, as the reference's: their order cannot be reproduced block by
+        # block, so the buffer stays; the second one (kept) is what this saves.
         whole = torch.empty(n, dtype=dtype, device=base_in.device)
-        kept = torch.empty_like(whole)
         for i, e in enumerate(flats):
+            for a, b in ranges:
+                whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype))
+            before = float(whole.view(shape).abs_().sum())
             gen = inp.generator(p.seed, i)
             for a, b in ranges:
-                t = whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype))
-                prune(i, kept[a:b].copy_(t), gen)
-            before = float(whole.view(shape).abs_().sum())
-            after = float(kept.view(shape).abs_().sum())
+                prune(i, whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype)), gen)
+            after = float(whole.view(shape).abs_().sum())
             factors[i] = before / after if before > 0 and after > 0 else None
     gens = [inp.generator(p.seed, i) for i in range(len(flats))] if pruning else []
     out_flat = out.view(-1)
