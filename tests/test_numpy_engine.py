@@ -110,6 +110,7 @@ def test_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, method, dtyp
 ELEMENTWISE_CASES = [
     ("passthrough", {}), ("passthrough", {"scale": 0.5}),
     ("nearswap", {}), ("nearswap", {"t": 0.01}), ("nearswap", {"t": 0.1}),
+    ("ram", {}), ("ram", {"epsilon": 0.05}), ("ram", {"epsilon": 0.1}),
 ]
 
 
@@ -118,12 +119,12 @@ ELEMENTWISE_CASES = [
 @pytest.mark.parametrize(("method", "params"), ELEMENTWISE_CASES)
 def test_elementwise_kernels_equal_their_catalog_references(tmp_path, monkeypatch, method, params, dtype,
                                                              out_dtype):
-    """Passthrough and NearSwap run on the numpy back-end by default (``engine: auto``) and write their catalog
+    """Passthrough, NearSwap and RAM (three experts) run on the numpy back-end by default (``engine: auto``) and write their catalog
     reference (:mod:`mergelab.methods.catalog`) rounded once to the output dtype, bit for bit (several blocks,
     two threads)."""
     from mergelab.methods import TensorInputs, get_method
 
-    paths = _models(tmp_path, [dtype] * 2, seed=3)
+    paths = _models(tmp_path, [dtype] * (4 if method == "ram" else 2), seed=3)
     spec = _spec(method, paths, parameters=params, **({"dtype": out_dtype} if out_dtype else {}))
     monkeypatch.setattr(numpy_engine, "BLOCK", 17)
     monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
@@ -132,12 +133,13 @@ def test_elementwise_kernels_equal_their_catalog_references(tmp_path, monkeypatc
     result = merge(spec, tmp_path / "out", progress=False)
     assert result.record["engine"] == "numpy"
     out = load_state_dict(tmp_path / "out")
-    base, expert = load_state_dict(paths[0]), load_state_dict(paths[1])
+    base, *experts = [load_state_dict(p) for p in paths]
     m = get_method(method)
     p = m.parse_params(params)
     target = getattr(torch, out_dtype) if out_dtype else dtype
     for name in SHAPES:
-        ref = m.reference(TensorInputs(name, base[name], [expert[name]], [1.0]), p).to(target)
+        inp = TensorInputs(name, base[name], [e[name] for e in experts], [1.0] * len(experts))
+        ref = m.reference(inp, p).to(target)
         assert out[name].dtype == target, name
         assert torch.equal(out[name].view(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
     assert torch.equal(out["steps"], base["steps"])  # integer tensors: copied from the reference input
@@ -170,7 +172,7 @@ def test_engine_selection(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
     assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
     why = numpy_engine.unsupported(parse_spec(_spec("dare_linear", paths)))
-    assert "task_arithmetic, weight_average, passthrough, nearswap and ties, not dare_linear" in why
+    assert "task_arithmetic, weight_average, passthrough, nearswap, ram and ties, not dare_linear" in why
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths))) is None  # the paper's whole-model trim
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"trim_scope": "tensor"}))) is None
     assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
@@ -498,15 +500,18 @@ def test_bfloat16_integer_conversions_equal_ml_dtypes():
     assert round_bfloat16(x[:0], out[:0], np.empty(0, np.uint32)) is False
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average"])
+@pytest.mark.parametrize(("method", "models", "bad_model"), [
+    ("task_arithmetic", 3, 2), ("weight_average", 3, 2), ("passthrough", 2, 1), ("nearswap", 2, 1),
+    ("nearswap", 2, 0), ("ram", 3, 2), ("ram", 3, 0)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_bfloat16_nonfinite_input_is_named(tmp_path, method, bad):
-    """bfloat16 inputs take the integer conversions; a NaN/Inf input still fails the merge, naming its file."""
-    paths = _models(tmp_path, [torch.bfloat16] * 3)
-    state = load_state_dict(paths[2])
+def test_bfloat16_nonfinite_input_is_named(tmp_path, method, models, bad_model, bad):
+    """bfloat16 inputs take the integer conversions; a NaN/Inf input still fails the merge, naming its file
+    (every method here carries a non-finite input into its output, where the check finds it)."""
+    paths = _models(tmp_path, [torch.bfloat16] * models)
+    state = load_state_dict(paths[bad_model])
     state["w"][4, 5] = bad
-    save_state_dict(state, paths[2])
+    save_state_dict(state, paths[bad_model])
     with pytest.raises(NonFiniteError) as info:
         merge(_spec(method, paths), tmp_path / "out", progress=False, engine="numpy")
-    assert str(paths[2]) in str(info.value) and "'w'" in str(info.value)
+    assert str(paths[bad_model]) in str(info.value) and "'w'" in str(info.value)
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""The numpy back-end: task arithmetic, weight averaging, passthrough, NearSwap and TIES on the CPU, without torch.
+"""The numpy back-end: task arithmetic, weight averaging, passthrough, NearSwap, RAM and TIES on the CPU, without
+torch.
 
 The linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
 arithmetic: the torch back-end spent as long importing torch (1.5 s here) as computing. This back-end
@@ -21,7 +22,7 @@ to the output dtype at the end (round to nearest even, as torch):
 - task arithmetic: ``s = sum_i w_i (theta_i - theta_0)`` in model order, ``theta = lambda * s + theta_0``
   (the ``lambda`` multiply is skipped at 1, exactly);
 - weight averaging: ``d = sum_i w_i (theta_i - theta_1)``, ``theta = d / sum_i w_i + theta_1``;
-- passthrough and NearSwap: their catalog references' operations, entry by entry (bit-identical at any weights:
+- passthrough, NearSwap and RAM: their catalog references' operations, entry by entry (bit-identical at any weights:
   they take none).
 
 These are the torch engine's operations in the torch engine's order, so with unit weights the outputs
@@ -52,11 +53,13 @@ from mergelab.checkpoints.safetensors_format import StorageDtype
 from mergelab.errors import NonFiniteError
 from mergelab.merging.numpy_arrays import compute_dtype, exponent_scratch, numpy_dtype
 from mergelab.merging.numpy_kernels import (
+    BUFFERS,
     BlockSelection,
     TiesKernel,
     count_blocks,
     nearswap_block,
     passthrough_block,
+    ram_block,
     sample_magnitudes,
     select_global,
     task_arithmetic_block,
@@ -332,7 +335,7 @@ def _merge_tensor(
 
     def work(indices: Iterator[int]) -> None:
         raws = [np.empty(min(n, BLOCK) * widest, dtype=np.uint8) for _ in readers]
-        buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(3)]
+        buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(BUFFERS.get(method, 3))]
         flags = exponent_scratch(out_dtype, min(n, BLOCK))
         for j in indices:
             start, stop = j * BLOCK, min(n, (j + 1) * BLOCK)
@@ -379,6 +382,7 @@ KERNELS: dict[str, Callable[..., bool] | None] = {
     "weight_average": weight_average_block,
     "passthrough": passthrough_block,
     "nearswap": nearswap_block,
+    "ram": ram_block,
     "ties": None,
 }
 

@@ -528,3 +528,50 @@ def nearswap_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights:
     np.multiply(a, w, out=w)
     np.add(bw, w, out=w)
     return _store(w, out, a_buf, flags)  # a is consumed: its buffer is the rounding's scratch
+
+
+def _magnitude_above(tau: Any, epsilon: Any, out: Any) -> Any:
+    """``out = [|tau| > epsilon]`` as 0/1 in ``out``'s (compute) dtype (the sign bit cleared on a copy)."""
+    np.copyto(out, tau)
+    bits = out.view(f"u{out.itemsize}")
+    np.bitwise_and(bits, (1 << (8 * out.itemsize - 1)) - 1, out=bits)
+    return np.greater(out, epsilon, out=out)
+
+
+def ram_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
+              params: Any, flags: Any) -> bool:
+    """One block of RAM (:func:`mergelab.ops.overlap_merge` without scales): ``xs`` = [theta_0, theta_1, ...] as
+    stored; ``m_i = [|tau_i| > epsilon]``, ``c = sum_i m_i``, then per model in order
+    ``(t u) + (t s) / max(c, 1)`` with ``t = tau_i m_i``, ``u = [c = 1]``, ``s = [c >= 2]``, summed, plus theta_0:
+    the reference's operations in its order (the masks as 0/1 in the compute dtype: ``x * 1.0`` and ``x * 0.0``
+    are what ``x * True`` and ``x * False`` give, NaN included). ``tau_i`` is formed twice (the counts need every
+    model first). Takes :data:`BUFFERS` ``["ram"]`` buffers. Returns whether an output entry is NaN or Inf."""
+    b_buf, tau, m, count, unique, shared, acc, term = buffers
+    b = _as_compute(xs[0], b_buf)
+    eps = acc.dtype.type(params.epsilon)
+
+    def task_vector(x: Any) -> Any:
+        return np.subtract(_as_compute(x, tau), b, out=tau)
+
+    for i, x in enumerate(xs[1:]):
+        _magnitude_above(task_vector(x), eps, m if i else count)
+        if i:
+            np.add(count, m, out=count)
+    np.equal(count, 1, out=unique)
+    np.greater(count, 1, out=shared)
+    np.maximum(count, 1, out=count)  # the divisor
+    for i, x in enumerate(xs[1:]):
+        t = task_vector(x)
+        part = np.multiply(t, _magnitude_above(t, eps, m), out=t)
+        target = acc if i == 0 else term
+        np.multiply(part, unique, out=target)
+        np.multiply(part, shared, out=part)
+        np.divide(part, count, out=part)
+        np.add(target, part, out=target)
+        if i:
+            np.add(acc, term, out=acc)
+    return _round_into(acc, b, out, tau, flags)
+
+
+#: Compute-dtype block buffers per kernel (3 unless listed).
+BUFFERS = {"ram": 8}
