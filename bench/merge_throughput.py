@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -458,6 +459,14 @@ def identical_tensors(a_dir: Path, b_dir: Path) -> tuple[int, list[str]]:
     return len(names), differ
 
 
+def _in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned interpreter. The checks load whole tensors; run in the benchmark's own
+    process they would raise its peak RSS, which every later timed child inherits as the starting value of its
+    ``ru_maxrss`` (Linux keeps the high-water mark across fork and exec), inflating the memory column."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def ties_kept_fraction(base_dir: Path, expert_dir: Path, density: float) -> float:
     """Fraction of task-vector entries that survive mergelab's per-tensor trim (:func:`mergelab.ops.trim`).
 
@@ -726,14 +735,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_check and method in check_outputs:
             mk_out = check_outputs[method]
             if ml_out.is_dir() and mk_out.is_dir():
-                checks[f"{method} vs {mk_out.name}"] = compare(ml_out, mk_out, base)
+                checks[f"{method} vs {mk_out.name}"] = _in_fresh_process(compare, ml_out, mk_out, base)
             timed = work / f"out-mergekit-{method}"
             if timed != mk_out and ml_out.is_dir() and timed.is_dir():
                 checks[f"{method} vs {timed.name} (mergekit computing in {args.mergekit_dtype})"] = \
-                    compare(ml_out, timed, base)
+                    _in_fresh_process(compare, ml_out, timed, base)
         before_out = work / f"out-baseline-{method}"
         if baseline_env is not None and ml_out.is_dir() and before_out.is_dir() and any(r.ok for r in s_base.runs):
-            identical[method] = identical_tensors(ml_out, before_out)
+            identical[method] = _in_fresh_process(identical_tensors, ml_out, before_out)
         if not args.keep_outputs:
             for out in work.glob(f"out-*-{method}*"):
                 if out.name.removeprefix("out-").split("-", 1)[1].split("-")[0] == method:
