@@ -16,7 +16,7 @@ Run with mergelab's interpreter (``.venv/bin/python bench/merge_throughput.py`` 
    (density 0.9, gamma 0.01), model stock and SLERP (base -> first expert, t 0.5), each against mergekit's
    method of the same name; the last six ``--slow-repeats`` times (default once). mergekit's other methods
    (DELLA, DELLA linear, breadcrumbs-TIES, SCE, NuSLERP, Multi-SLERP, Karcher mean, NearSwap, Arcee Fusion,
-   passthrough; once each) run mergelab's translation of the mergekit config (``translated`` cases).
+   passthrough, RAM, RAM+; once each) run mergelab's translation of the mergekit config (``translated`` cases).
    Wall time and the child's own peak RSS come from ``os.wait4`` (the rusage of exactly that child).
    The floor is a child that reads every tensor of every input once with mergelab's reader, as the numpy
    engine reads (raw bytes in blocks into one reused buffer, no torch import). Task arithmetic runs on the
@@ -295,6 +295,9 @@ CASES: dict[str, Case] = {
                      weighted=False),
     "arcee_fusion": Case("arcee_fusion", {}, "arcee_fusion", {}, {}, experts=1, repeats=-1, translated=True,
                          weighted=False),
+    # RAM: mergekit's defaults (epsilon 1e-5; RAM+ r 0.1, alpha 0.2), no weights
+    "ram": Case("ram", {}, "ram", {}, {}, repeats=-1, translated=True, weighted=False),
+    "ramplus_tl": Case("ramplus_tl", {}, "ramplus_tl", {}, {}, repeats=-1, translated=True, weighted=False),
     "passthrough": Case("passthrough", {}, "passthrough", {}, {}, experts=1, repeats=-1, translated=True,
                         with_base=False, weighted=False),
 }
