@@ -178,9 +178,12 @@ class MergeInputs:
         """Same tensor names and shapes everywhere, no floating-vs-integer mismatch; floating tensors stored
         in different precisions are allowed with a warning (merged in float32, float64 if an input is).
         When stacking layers, the same holds for the inputs of each output tensor."""
-        if self.layout is not None:
-            self._validate_layout()
-            return
+        if self.layout is None:
+            self._check_same_names()
+        self._check_inputs_agree()
+
+    def _check_same_names(self) -> None:
+        """Every checkpoint holds exactly the reference's tensor names."""
         ref = self.reference
         ref_keys = set(self.names)
         for reader in self.readers:
@@ -196,43 +199,22 @@ class MergeInputs:
                 if extra:
                     parts.append(f"has {len(extra)} tensor(s) not in {ref.path}: {few(extra)}")
                 raise TensorMismatchError(f"{reader.path}: " + "; ".join(parts))
-        mixed: set[str] = set()
-        for name in self.names:
-            info = ref.info(name)
-            for reader in self.readers:
-                if reader is ref:
-                    continue
-                other = reader.info(name)
-                if other.shape != info.shape:
-                    raise TensorMismatchError(
-                        f"{other.file}: tensor '{name}' has shape {other.shape} but {info.file} has {info.shape}"
-                    )
-                if other.storage.is_floating_point != info.storage.is_floating_point:
-                    raise TensorMismatchError(
-                        f"{other.file}: tensor '{name}' is {other.storage} but {info.file} has {info.storage}; "
-                        "floating and integer tensors cannot be merged"
-                    )
-                if other.storage != info.storage:
-                    mixed.add(f"{name} ({info.storage} vs {other.storage} in {other.file})")
-        if mixed:
-            msg = (
-                f"inputs store {len(mixed)} tensor(s) in different floating dtypes, e.g. {few(sorted(mixed), 2)}; "
-                "they are merged in float32 (float64 if an input is float64) and written in the output dtype"
-            )
-            log.warning(msg)
-            self.warnings.append(msg)
 
-    def _validate_layout(self) -> None:
+    def _check_inputs_agree(self) -> None:
+        """Every input of each output tensor has the reference input's shape and kind (floating or integer);
+        floating precisions may differ (a warning). When stacking layers the inputs are other layers' tensors,
+        which the messages name."""
         mixed: set[str] = set()
         for name in self.names:
             first, *others = self.readers_of(name)
             info = first.info(name)
+            feeds = "" if self.layout is None else f" ('{info.name}'); both feed output tensor '{name}'"
             for reader in others:
                 other = reader.info(name)
                 if other.shape != info.shape:
                     raise TensorMismatchError(
                         f"{other.file}: tensor '{other.name}' has shape {other.shape} but {info.file} has "
-                        f"{info.shape} ('{info.name}'); both feed output tensor '{name}'"
+                        f"{info.shape}{feeds}"
                     )
                 if other.storage.is_floating_point != info.storage.is_floating_point:
                     raise TensorMismatchError(
