@@ -747,9 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         if baseline_env is not None and ml_out.is_dir() and before_out.is_dir() and any(r.ok for r in s_base.runs):
             identical[method] = _in_fresh_process(identical_tensors, ml_out, before_out)
         if not args.keep_outputs:
-            for out in work.glob(f"out-*-{method}*"):
-                if out.name.removeprefix("out-").split("-", 1)[1].split("-")[0] == method:
-                    _rm(out)
+            for out in (ml_out, work / f"out-mergekit-{method}", work / f"out-mergekit-{method}-{args.check_dtype}",
+                        before_out):
+                _rm(out)
 
     kept = None
     if "ties" in methods and not args.no_check:
