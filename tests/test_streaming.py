@@ -17,7 +17,7 @@ from mergelab.checkpoints import open_checkpoint, save_state_dict
 from mergelab.merging import merge
 from mergelab.errors import NonFiniteError
 from mergelab.merging.torch_backend import kernel
-from mergelab.merging.torch_kernels import KERNELS
+from mergelab.merging.torch_kernels import KERNELS, PER_MODEL_KERNELS
 from mergelab.methods import METHODS
 from mergelab.methods import TensorInputs, get_method
 from mergelab.ops import blocks as blocks_mod
@@ -145,6 +145,29 @@ def test_every_torch_kernel_equals_its_catalog_reference(monkeypatch, dtype, nam
     assert torch.equal(out_bf16, ref.to(torch.bfloat16))
     empty = TensorInputs("e", base[:0], [e[:0] for e in experts], weights)
     assert kernel(name)(empty, p).shape == (0,)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (so -0.0 and +0.0 differ, unlike ``torch.equal``)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", sorted(PER_MODEL_KERNELS))
+def test_per_model_kernels_equal_their_references_with_per_model_parameters(monkeypatch, dtype, name):
+    """A kernel in PER_MODEL_KERNELS reads each model's own density and gamma as its reference does (here
+    three different bands, one expert whole at density 1), bit for bit; the engine runs it on such specs."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    base, experts = _inputs(3, 1000, dtype)
+    method = get_method(name)
+    p = method.parse_params({"density": 0.7, "gamma": 0.05})
+    model_params = [{"density": 0.5, "gamma": 0.1}, {"density": 1.0}, {"gamma": 0.0}]
+    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0], model_params=model_params)
+    ref = method.reference(inp, p)
+    assert torch.equal(_bits(kernel(name)(inp, p)), _bits(ref))
+    plain = method.reference(TensorInputs("w", base, experts, [1.0, 0.5, 2.0]), p)
+    assert not torch.equal(ref, plain)  # the per-model values made a difference
 
 
 def test_dare_kernel_draws_the_reference_masks_block_by_block(monkeypatch):

@@ -68,7 +68,7 @@ from mergelab.merging.plan import (
     refuse_input_overlap,
 )
 from mergelab.merging.publish import MergeResult, merge_record, write_merge
-from mergelab.merging.torch_kernels import KERNELS, Kernel
+from mergelab.merging.torch_kernels import KERNELS, PER_MODEL_KERNELS, Kernel
 from mergelab.methods import METHODS, Method, TensorInputs, get_method
 from mergelab.ops import StreamingKthLargest, keep_count
 from mergelab.runtime import reuse_freed_memory
@@ -277,8 +277,8 @@ def _merge_tensors(
                 thresholds=thresholds.get(name), tie_quotas=tie_quotas.get(name),
                 compute_dtype=compute_dtype(base, experts), out_dtype=dtype, model_params=model_params,
             )
-            # block kernels take one value per parameter: per-model values run the reference
-            run = kernel(method) if model_params is None else method.reference
+            # per-model values run the reference unless the kernel reads them (PER_MODEL_KERNELS)
+            run = kernel(method) if model_params is None or method.name in PER_MODEL_KERNELS else method.reference
             merged = run(tensor_inputs, params_of(name)).to(dtype)
             del tensor_inputs
             if check_inputs or not is_finite(merged):

@@ -253,14 +253,15 @@ def _sum_into(acc: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[flo
 
 
 def _top_selections(
-    base: torch.Tensor, experts: list[torch.Tensor], ks: Sequence[int], dtype: torch.dtype
+    base: torch.Tensor, experts: list[torch.Tensor], ks: Sequence[Sequence[int]], dtype: torch.dtype
 ) -> list[list[tuple[float, list[int]]]]:
-    """Per expert, for each k of ``ks``: the exact k-th largest ``|tau_i|`` t (what :func:`mergelab.ops.kth_largest`
-    returns on the whole ``|tau_i|``) and, per block of :func:`mergelab.ops.block_size` entries, how many of the
-    entries tied at t the top k keeps (first in flat order: :func:`mergelab.ops.selection.split_ties`), so a
-    block's top-k mask is ``keep_top_into(|tau_i|, t, quota)`` (:func:`mergelab.ops.top_set`'s set). One pass
-    over the blocks for all experts and ranks (:class:`mergelab.ops.BlockKthLargest`); small tensors and the
-    rare bracket miss on the whole tensor."""
+    """Per expert i, for each k of ``ks[i]`` (its own ranks; may be empty): the exact k-th largest ``|tau_i|`` t
+    (what :func:`mergelab.ops.kth_largest` returns on the whole ``|tau_i|``) and, per block of
+    :func:`mergelab.ops.block_size` entries, how many of the entries tied at t the top k keeps (first in flat
+    order: :func:`mergelab.ops.selection.split_ties`), so a block's top-k mask is
+    ``keep_top_into(|tau_i|, t, quota)`` (:func:`mergelab.ops.top_set`'s set). One pass over the blocks for
+    all experts and ranks (:class:`mergelab.ops.BlockKthLargest`); small tensors and the rare bracket miss on
+    the whole tensor."""
     n = base.numel()
     block = ops.block_size()
     blocks = ops.block_count(n)
@@ -272,14 +273,15 @@ def _top_selections(
         return t, selection.split_ties(k - int(torch.count_nonzero(mag > t)), tied)
 
     if n <= ops.select_small_size():
-        return [[whole(e, k) for k in ks] for e in experts]
+        return [[whole(e, k) for k in ks_i] for e, ks_i in zip(experts, ks)]
     gen = torch.Generator(device="cpu").manual_seed(0)
     idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base.device)
     base_sample = base[idx].to(dtype)
     selectors = []
-    for e in experts:
-        sample = torch.sub(e[idx].to(dtype), base_sample).abs_()
-        selectors.append([ops.BlockKthLargest(n, k, sample, blocks) for k in ks])
+    for e, ks_i in zip(experts, ks):
+        sample = torch.sub(e[idx].to(dtype), base_sample).abs_() if ks_i else None
+        selectors.append([ops.BlockKthLargest(n, k, sample, blocks) for k in ks_i])
+    selected = [(per_k, e) for per_k, e in zip(selectors, experts) if per_k]
 
     def work(first: int, stop: int) -> None:
         buffers = ops.BlockBuffers(3, n, dtype, base.device)
@@ -287,16 +289,17 @@ def _top_selections(
             start, end = j * block, min(n, (j + 1) * block)
             mag, b, scratch = buffers.get(end - start)
             b.copy_(base[start:end])
-            for per_k, e in zip(selectors, experts):
+            for per_k, e in selected:
                 mag.copy_(e[start:end]).sub_(b).abs_()
                 for selector in per_k:
                     selector.observe(j, mag, scratch)
 
-    run_in_chunks(blocks, work)
+    if selected:
+        run_in_chunks(blocks, work)
     values = []
-    for per_k, e in zip(selectors, experts):
+    for per_k, e, ks_i in zip(selectors, experts, ks):
         row = []
-        for selector, k in zip(per_k, ks):
+        for selector, k in zip(per_k, ks_i):
             found = selector.result()
             row.append(whole(e, k) if found is None else (found[0], selector.tie_quotas(k - found[1])))
         values.append(row)
@@ -397,10 +400,12 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
     """Breadcrumbs' band (:func:`mergelab.ops.trim_band`) block by block, then ``combine(banded, acc)``: the
     block of the merged task vector (``acc``: a scratch block).
 
-    Pass 1 finds each expert's two edges (the ``(n_top + n_keep)``-th and ``n_top``-th largest ``|tau_i|``,
-    :func:`mergelab.ops.band_ranks`) with each block's share of the entries tied at them, by exact selection
-    over the blocks; pass 2 keeps the top ``n_top + n_keep`` minus the top ``n_top`` (ties first in flat
-    order, :func:`mergelab.ops.band_mask`) and combines, block by block on all cores.
+    Each expert's ``density`` and ``gamma`` are its own (``inp.per_model``, as :func:`mergelab.methods.catalog.banded`
+    reads them; a density of 1 keeps its task vector whole). Pass 1 finds each banded expert's two edges (the
+    ``(n_top + n_keep)``-th and ``n_top``-th largest ``|tau_i|``, :func:`mergelab.ops.band_ranks`) with each
+    block's share of the entries tied at them, by exact selection over the blocks; pass 2 keeps the top
+    ``n_top + n_keep`` minus the top ``n_top`` (ties first in flat order, :func:`mergelab.ops.band_mask`) and
+    combines, block by block on all cores.
     """
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
@@ -409,10 +414,15 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
     if n == 0:
         return out
     dtype = inp.compute_dtype
-    edges: list[list[tuple[float, list[int]]]] | None = None
-    if p.density < 1.0:
-        n_top, n_edge = ops.band_ranks(n, p.density, p.gamma)
-        edges = _top_selections(base_in, flats, [n_edge, n_top] if n_top > 0 else [n_edge], dtype)
+    ranks: list[list[int]] = []
+    for i in range(len(flats)):
+        density = inp.per_model(i, "density", p.density)
+        if density >= 1.0:
+            ranks.append([])  # trim_band keeps the whole task vector
+            continue
+        n_top, n_edge = ops.band_ranks(n, density, inp.per_model(i, "gamma", p.gamma))
+        ranks.append([n_edge, n_top] if n_top > 0 else [n_edge])
+    edges = _top_selections(base_in, flats, ranks, dtype)
     out_flat = out.view(-1)
     block = ops.block_size()
 
@@ -426,7 +436,7 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
             base.copy_(base_in[start:end])
             for i, e in enumerate(flats):
                 tau = taus[i].copy_(e[start:end]).sub_(base)
-                if edges is not None:
+                if edges[i]:
                     torch.abs(tau, out=magnitude)
                     (low, low_quotas), *outliers = edges[i]
                     ops.keep_top_into(magnitude, low, low_quotas[j], keep)
@@ -1019,3 +1029,7 @@ KERNELS: dict[str, Kernel] = {
     "ram": ram,
     "ramplus_tl": ramplus_tl,
 }
+
+#: Kernels that read the models' own parameters (``inp.per_model``) as their references do: the engine runs
+#: them on a spec with per-model values too (the others then run their references, on whole tensors).
+PER_MODEL_KERNELS: frozenset[str] = frozenset({"breadcrumbs", "breadcrumbs_ties"})
