@@ -22,8 +22,10 @@ block by block:
 - TSV-Merge, Iso-C and Iso-CTS: SVDs of a layer's whole matrices, so their kernels are their references
   on whole tensors, rounded once into the output dtype;
 - model stock, SLERP, NuSLERP, Multi-SLERP, Karcher: norms and inner products, from the Gram matrix of
-  fixed blocks' dot products summed in float64 in block order (:func:`mergelab.ops.gram`, the references'
-  definition), so a first pass over the blocks gives the coefficients and a second applies them.
+  fixed blocks' dot products summed in float64 in block order (the rule of :mod:`mergelab.ops.gram_matrix`, whose
+  one dot function the references and both back-ends call), so a first pass over the blocks gives the
+  coefficients and a second applies them (products rounded before they are added, as
+  :func:`mergelab.ops.combine`).
 """
 
 from __future__ import annotations
@@ -485,7 +487,7 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
         return catalog.model_stock(inp, p)  # one ratio per row: the reference
     if len(inp.experts) < 2:
         raise ValueError("model stock needs at least two fine-tuned models")
-    t = ops.model_stock_ratio_from_gram(_gram(inp, origin=True, wide=False), extrapolate=p.extrapolate)
+    t = ops.model_stock_ratio_from_gram(_gram(inp, origin=True), extrapolate=p.extrapolate)
     n, vectors_of = _sphere_blocks(inp, origin=True)
     out = torch.empty(inp.base.shape, dtype=inp.result_dtype, device=inp.base.device)  # type: ignore[union-attr]
     out_flat = out.view(-1)
@@ -507,7 +509,7 @@ def model_stock(inp: TensorInputs, p: ModelStockParams) -> torch.Tensor:
 
 
 def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
-    """Block kernel of :func:`mergelab.methods.catalog.slerp`: ``c_a a + c_b b`` (or ``lerp(a, b, t)``).
+    """Block kernel of :func:`mergelab.methods.catalog.slerp`: ``c_a a + c_b b`` (``(1 - t) a + t b`` when linear).
 
     Two passes over cache-sized blocks of the float32 ends, converted in each block: the block Gram matrix
     of ``(a, b)`` (the reference's :func:`mergelab.ops.gram`) gives the coefficients
@@ -526,7 +528,7 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             x, y = buffers.get(end - start)
-            partials[j] = ops.gram_partials([x.copy_(a[start:end]), y.copy_(b[start:end])], wide=False)
+            partials[j] = ops.gram_partials(ops.host_arrays([x.copy_(a[start:end]), y.copy_(b[start:end])]))
 
     run_in_chunks(blocks, gram_work)
     coefficients = ops.slerp_coefficients_from_gram(ops.gram_from_partials(partials, 2), p.t, p.parallel_threshold)
@@ -538,14 +540,8 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             x, y, u, v = buffers.get(end - start)
-            u.copy_(a[start:end])
-            v.copy_(b[start:end])
-            if coefficients is None:
-                torch.lerp(u, v, p.t, out=x)
-            else:
-                torch.mul(u, coefficients[0], out=x)
-                x.add_(torch.mul(v, coefficients[1], out=y))
-            out_flat[start:end].copy_(x)
+            out_flat[start:end].copy_(_combine_into(x, y, [u.copy_(a[start:end]), v.copy_(b[start:end])],
+                                                    coefficients))
 
     run_in_chunks(blocks, work)
     return out
@@ -675,9 +671,8 @@ def _sphere_blocks(inp: TensorInputs, origin: bool):
     return n, vectors_of
 
 
-def _gram(inp: TensorInputs, origin: bool, wide: bool = True) -> ops.Gram:
-    """:func:`mergelab.ops.gram` of the vectors of :func:`_sphere_blocks` (``wide`` as there), block partials
-    on all cores."""
+def _gram(inp: TensorInputs, origin: bool) -> ops.Gram:
+    """:func:`mergelab.ops.gram` of the vectors of :func:`_sphere_blocks`, block partials on all cores."""
     n, vectors_of = _sphere_blocks(inp, origin)
     blocks = ops.block_count(n)
     partials: list[list[float]] = [[] for _ in range(blocks)]
@@ -685,14 +680,23 @@ def _gram(inp: TensorInputs, origin: bool, wide: bool = True) -> ops.Gram:
 
     def work(first: int, stop: int) -> None:
         buffers = ops.BlockBuffers(len(inp.experts) + 1, n, inp.compute_dtype, inp.experts[0].device)
-        wide_buffers = ops.BlockBuffers(len(inp.experts) if wide else 0, n, torch.float64, inp.experts[0].device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
             _, vs = vectors_of(start, end, buffers.get(end - start))
-            partials[j] = ops.gram_partials(vs, wide_buffers.get(end - start), wide=wide)
+            partials[j] = ops.gram_partials(ops.host_arrays(vs))
 
     run_in_chunks(blocks, work)
     return ops.gram_from_partials(partials, len(inp.experts))
+
+
+def _combine_into(acc: torch.Tensor, tmp: torch.Tensor, vectors: Sequence[torch.Tensor],
+                  coefficients: Sequence[float]) -> torch.Tensor:
+    """``acc = sum_i c_i v_i`` with :func:`mergelab.ops.combine`'s operations (``v_0 c_0``, then ``+ v_i c_i``
+    with each product rounded: the same bits); ``tmp``: scratch of the same size."""
+    torch.mul(vectors[0], coefficients[0], out=acc)
+    for v, c in zip(vectors[1:], coefficients[1:]):
+        acc.add_(torch.mul(v, c, out=tmp))
+    return acc
 
 
 def _combination(inp: TensorInputs, coefficients: Sequence[float], origin: bool, shape: torch.Size) -> torch.Tensor:
@@ -703,12 +707,12 @@ def _combination(inp: TensorInputs, coefficients: Sequence[float], origin: bool,
     block = ops.block_size()
 
     def work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(len(inp.experts) + 2, n, inp.compute_dtype, inp.experts[0].device)
+        buffers = ops.BlockBuffers(len(inp.experts) + 3, n, inp.compute_dtype, inp.experts[0].device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
-            acc, *rest = buffers.get(end - start)
+            acc, tmp, *rest = buffers.get(end - start)
             o, vs = vectors_of(start, end, rest)
-            merged = _sum_into(acc, vs, coefficients)
+            merged = _combine_into(acc, tmp, vs, coefficients)
             out_flat[start:end].copy_(merged if o is None else merged.add_(o))
 
     run_in_chunks(ops.block_count(n), work)
@@ -716,7 +720,7 @@ def _combination(inp: TensorInputs, coefficients: Sequence[float], origin: bool,
 
 
 def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
-    """Block kernel of :func:`mergelab.methods.catalog.nuslerp`: the float64 Gram matrix by blocks, the two
+    """Block kernel of :func:`mergelab.methods.catalog.nuslerp`: the Gram matrix by blocks, the two
     coefficients, the combination by blocks (per-row interpolation, without ``flatten``: the reference)."""
     shape = inp.experts[0].shape
     if not (p.flatten or len(shape) < 2) or inp.experts[0].numel() == 0:
@@ -850,9 +854,7 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
     energy = [[0.0] * n_exp for _ in range(blocks)]
 
     def energies(j: int, b: torch.Tensor, taus: list[torch.Tensor]) -> None:
-        for i, tau in enumerate(selected(j, taus)):
-            wide = tau.double()
-            energy[j][i] = float(torch.dot(wide, wide))
+        energy[j] = ops.squared_norm_partials(ops.host_arrays(selected(j, taus)))
 
     passes(energies)
     sums = [0.0] * n_exp

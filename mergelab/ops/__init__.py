@@ -9,9 +9,10 @@ that composition, and it is the specification the merge back-ends' kernels are t
 Each docstring states its formula.
 
 The names below load on first use (PEP 562): ``from mergelab import ops`` costs nothing, so the catalog
-can write its compositions with ``ops.trim`` and still validate a spec without importing torch. One module
-here is torch-free on purpose: :mod:`mergelab.ops.selection`, the rank arithmetic of exact selection shared
-by the torch operators and the numpy back-end.
+can write its compositions with ``ops.trim`` and still validate a spec without importing torch. Two modules
+here are torch-free on purpose, shared by the torch operators and the numpy back-end: :mod:`mergelab.ops.selection`,
+the rank arithmetic of exact selection, and :mod:`mergelab.ops.gram_matrix`, the block Gram rule and the coefficients
+of the Gram-matrix methods (model stock, SLERP, NuSLERP, Multi-SLERP, Karcher).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BLOCK", "BlockBuffers", "block_count", "block_ranges", "block_size"), "blocks"),
     **dict.fromkeys(("TensorOp", "chain", "identity", "task_vector"), "compose"),
     **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
-    **dict.fromkeys(("model_stock_ratio", "model_stock_ratio_from_gram", "slerp", "slerp_coefficients",
-                     "slerp_coefficients_from_gram"), "interpolate"),
+    **dict.fromkeys(("model_stock_ratio", "slerp", "slerp_coefficients"), "interpolate"),
+    **dict.fromkeys(("Gram", "gram_from_partials", "gram_partials", "karcher_coefficients", "model_stock_ratio_from_gram",
+                     "multislerp_coefficients", "nuslerp_coefficients", "slerp_coefficients_from_gram",
+                     "squared_norm_partials"), "gram_matrix"),
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
     **dict.fromkeys(("common_and_specific_sizes", "isotropic", "isotropic_common_specific", "polar",
                      "svd_components", "task_singular_vectors"), "spectral"),
-    **dict.fromkeys(("Gram", "combine", "gram", "gram_from_partials", "gram_partials", "karcher_coefficients",
-                     "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_rows"), "spherical"),
+    **dict.fromkeys(("combine", "gram", "host_arrays", "nuslerp_rows"), "spherical"),
     **dict.fromkeys(("energy_weights", "expert_variance", "select_count", "select_mask"), "sce"),
     **dict.fromkeys(("active_count", "active_masks", "overlap_merge", "shared_unique_counts", "unique_scale"),
                     "overlap"),
@@ -46,24 +48,19 @@ if TYPE_CHECKING:
     from mergelab.ops.blocks import BLOCK, BlockBuffers, block_count, block_ranges, block_size
     from mergelab.ops.compose import TensorOp, chain, identity, task_vector
     from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
-    from mergelab.ops.interpolate import (
-        model_stock_ratio,
-        model_stock_ratio_from_gram,
-        slerp,
-        slerp_coefficients,
-        slerp_coefficients_from_gram,
-    )
-    from mergelab.ops.spherical import (
+    from mergelab.ops.gram_matrix import (
         Gram,
-        combine,
-        gram,
         gram_from_partials,
         gram_partials,
         karcher_coefficients,
+        model_stock_ratio_from_gram,
         multislerp_coefficients,
         nuslerp_coefficients,
-        nuslerp_rows,
+        slerp_coefficients_from_gram,
+        squared_norm_partials,
     )
+    from mergelab.ops.interpolate import model_stock_ratio, slerp, slerp_coefficients
+    from mergelab.ops.spherical import combine, gram, host_arrays, nuslerp_rows
     from mergelab.ops.select import (
         BlockKthLargest,
         StreamingKthLargest,
