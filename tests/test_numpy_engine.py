@@ -4,6 +4,7 @@ with the torch engine, engine selection and its errors, and that a CLI merge nev
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mergelab.merging import numpy_backend as numpy_engine
 from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import NonFiniteError, SpecError
 from mergelab.merging import merge
+from mergelab.ops import blocks as blocks_mod
 from mergelab.spec import parse_spec
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: tmp digest cache, one thread
@@ -172,7 +174,13 @@ def test_engine_selection(tmp_path):
     paths = _models(tmp_path, [torch.float32] * 3)
     assert numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths))) is None
     why = numpy_engine.unsupported(parse_spec(_spec("dare_linear", paths)))
-    assert "task_arithmetic, weight_average, passthrough, nearswap, ram and ties, not dare_linear" in why
+    assert ("task_arithmetic, weight_average, passthrough, nearswap, ram, ties, model_stock, slerp, nuslerp, "
+            "multislerp and karcher, not dare_linear") in why
+    # the Gram-matrix kernels take one angle per tensor: per-row variants go to torch
+    for method, params in (("model_stock", {"filter_wise": True}), ("nuslerp", {"flatten": False})):
+        spec = _plain_spec(method, paths[:3], params)
+        assert "one angle per tensor" in numpy_engine.unsupported(parse_spec(spec))
+        assert merge(spec, tmp_path / method, progress=False).record["engine"] == "torch"
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths))) is None  # the paper's whole-model trim
     assert numpy_engine.unsupported(parse_spec(_spec("ties", paths, parameters={"trim_scope": "tensor"}))) is None
     assert "device: cpu" in numpy_engine.unsupported(parse_spec(_spec("task_arithmetic", paths, device="auto")))
@@ -206,13 +214,15 @@ def test_engine_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "model_stock"])
 def test_cli_merge_does_not_import_torch(tmp_path, method):
-    """The numpy engine's point: `mergelab merge` of task arithmetic or TIES never pays for `import torch`."""
+    """The numpy engine's point: `mergelab merge` of task arithmetic, TIES or a Gram-matrix method never pays
+    for `import torch`."""
     paths = _models(tmp_path, [torch.bfloat16] * 3)
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec(method, paths, parameters={"trim_scope": "tensor"}
-                                              if method == "ties" else {})))
+    spec = (_plain_spec(method, paths) if method == "model_stock"
+            else _spec(method, paths, parameters={"trim_scope": "tensor"} if method == "ties" else {}))
+    spec_path.write_text(yaml.safe_dump(spec))
     code = (
         "import sys\n"
         "from mergelab.cli import main\n"
@@ -502,7 +512,8 @@ def test_bfloat16_integer_conversions_equal_ml_dtypes():
 
 @pytest.mark.parametrize(("method", "models", "bad_model"), [
     ("task_arithmetic", 3, 2), ("weight_average", 3, 2), ("passthrough", 2, 1), ("nearswap", 2, 1),
-    ("nearswap", 2, 0), ("ram", 3, 2), ("ram", 3, 0)])
+    ("nearswap", 2, 0), ("ram", 3, 2), ("ram", 3, 0), ("model_stock", 3, 2), ("model_stock", 3, 0),
+    ("slerp", 2, 1), ("karcher", 3, 1)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_bfloat16_nonfinite_input_is_named(tmp_path, method, models, bad_model, bad):
     """bfloat16 inputs take the integer conversions; a NaN/Inf input still fails the merge, naming its file
@@ -512,6 +523,85 @@ def test_bfloat16_nonfinite_input_is_named(tmp_path, method, models, bad_model, 
     state["w"][4, 5] = bad
     save_state_dict(state, paths[bad_model])
     with pytest.raises(NonFiniteError) as info:
-        merge(_spec(method, paths), tmp_path / "out", progress=False, engine="numpy")
+        merge(_plain_spec(method, paths), tmp_path / "out", progress=False, engine="numpy")
     assert str(paths[bad_model]) in str(info.value) and "'w'" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def _plain_spec(method: str, paths: list[Path], params: dict | None = None, base: bool = True,
+                weights: list[float] | None = None) -> dict:
+    """A spec of ``method`` on ``paths`` (the first the base, or dropped with ``base=False``); weights only
+    where given (model stock and SLERP take none)."""
+    models = [{"path": str(p)} if weights is None else {"path": str(p), "weight": w}
+              for p, w in zip(paths[1:], weights or [None] * len(paths))]
+    spec = {"method": method, "device": "cpu", "models": models, "parameters": params or {}}
+    if base:
+        spec["base"] = str(paths[0])
+    return spec
+
+
+#: the numpy back-end's Gram-matrix kernels: (method, parameters, models, with a base, weights), taking each
+#: path: task vectors or models, one model or several, SLERP's linear fallback, model stock's extrapolation
+GRAM_CASES = [
+    ("model_stock", {}, 3, True, None),
+    ("model_stock", {"extrapolate": True}, 2, True, None),
+    ("slerp", {}, 1, True, None),
+    ("slerp", {"t": 0.3}, 2, False, None),
+    ("slerp", {"parallel_threshold": 0.5}, 2, True, None),  # the linear (1 - t) a + t b
+    ("nuslerp", {}, 2, True, [1.0, 3.0]),
+    ("nuslerp", {}, 2, False, [2.0, 1.0]),
+    ("multislerp", {}, 3, True, [1.0, 2.0, 0.5]),
+    ("multislerp", {"normalize_weights": False}, 3, False, [0.2, 0.3, 0.5]),
+    ("multislerp", {}, 1, True, [1.0]),
+    ("karcher", {}, 3, False, [1.0, 2.0, 0.5]),
+    ("karcher", {}, 1, True, [1.0]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("method", "params", "n", "with_base", "weights"), GRAM_CASES)
+def test_gram_kernels_equal_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, method, params, n, with_base,
+                                                         weights, dtype):
+    """Model stock, SLERP, NuSLERP, Multi-SLERP and Karcher run on the numpy back-end by default and write the
+    torch engine's output bit for bit: the one Gram rule (mergelab.ops.gram_matrix: the same dot of the same
+    blocks, summed in block order; both engines' blocks made small and equal) gives the same coefficients,
+    and the combination is the same float32 operations in the same order (several blocks, two threads)."""
+    paths = _models(tmp_path, [dtype] * (n + 1), seed=11)
+    spec = _plain_spec(method, paths, params, base=with_base, weights=weights)
+    monkeypatch.setattr(blocks_mod, "BLOCK", 17)
+    monkeypatch.setattr(numpy_engine, "BLOCK", 17)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    merge(spec, tmp_path / "torch", progress=False, engine="torch")
+    spec.pop("device")  # the default: engine auto picks numpy
+    assert merge(spec, tmp_path / "numpy", progress=False).record["engine"] == "numpy"
+    a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
+
+
+def test_gram_block_size_is_the_torch_operators_block_size():
+    """The Gram rule sums per-block partials in block order, so both back-ends must cut the same blocks."""
+    assert numpy_engine.BLOCK == blocks_mod.BLOCK
+
+
+def test_gram_kernels_closed_form(tmp_path, monkeypatch):
+    """Hand-built vectors whose Gram matrix is exact in any summation order: model stock of task vectors
+    (1, 1, 0, 0) and (1, 0, 1, 0) (cos 1/2, ratio 2 * 0.5 / 1.5 = 2/3: theta_0 + 2/3 mean tau) and SLERP of
+    orthogonal (1, 0) and (0, 1) at t = 0.5 (sin(pi/4) / sin(pi/2) each), repeated over several blocks."""
+    monkeypatch.setattr(numpy_engine, "BLOCK", 6)
+    reps = 5
+    base = torch.tensor([0.5, -1.0, 2.0, 0.0] * reps)
+    taus = [torch.tensor([1.0, 1.0, 0.0, 0.0] * reps), torch.tensor([1.0, 0.0, 1.0, 0.0] * reps)]
+    paths = [save_state_dict({"w": t}, tmp_path / f"m{i}.safetensors")
+             for i, t in enumerate([base, base + taus[0], base + taus[1]])]
+    merge(_plain_spec("model_stock", paths), tmp_path / "ms", progress=False, engine="numpy")
+    expected = base + (2.0 / 3.0) * (taus[0] + taus[1]) / 2
+    torch.testing.assert_close(load_state_dict(tmp_path / "ms")["w"], expected, rtol=1e-6, atol=1e-6)
+    ends = [torch.tensor([1.0, 0.0] * reps), torch.tensor([0.0, 1.0] * reps)]
+    paths = [save_state_dict({"w": t}, tmp_path / f"s{i}.safetensors") for i, t in enumerate(ends)]
+    merge(_plain_spec("slerp", paths), tmp_path / "slerp", progress=False, engine="numpy")
+    c = math.sin(math.pi / 4)
+    torch.testing.assert_close(load_state_dict(tmp_path / "slerp")["w"], c * ends[0] + c * ends[1],
+                               rtol=1e-6, atol=1e-7)

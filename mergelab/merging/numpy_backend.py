@@ -54,7 +54,9 @@ from mergelab.errors import NonFiniteError
 from mergelab.merging.numpy_arrays import compute_dtype, exponent_scratch, numpy_dtype
 from mergelab.merging.numpy_kernels import (
     BUFFERS,
+    GRAM_KERNELS,
     BlockSelection,
+    GramKernel,
     TiesKernel,
     count_blocks,
     nearswap_block,
@@ -80,6 +82,7 @@ from mergelab.merging.plan import (
 from mergelab.merging.publish import MergeResult, merge_record, write_merge
 from mergelab.methods import get_method
 from mergelab.ops import selection
+from mergelab.ops.gram_matrix import gram_from_partials
 from mergelab.ops.selection import keep_count
 from mergelab.runtime import reuse_freed_memory
 from mergelab.spec import MergeSpec
@@ -109,6 +112,8 @@ def unsupported(spec: MergeSpec) -> str | None:
     for params in [params_of.default, *(p for _, p in params_of.rules)]:
         if getattr(params, "sign_test", "tau") != "tau" or getattr(params, "disjoint_divisor", None) == "none":
             return "its TIES kernel tests the sign of tau_i and divides (sign_test: tau, disjoint_divisor count/weight)"
+        if getattr(params, "filter_wise", False) or not getattr(params, "flatten", True):
+            return "its Gram-matrix kernels take one angle per tensor (filter_wise: false, flatten: true)"
     if spec.base is None and get_method(spec.method).needs_base:
         return None  # the merge itself reports the missing base
     with MergeInputs.open(spec) as inputs:
@@ -154,13 +159,13 @@ def _stream(
     inputs: MergeInputs,
     plan: Sequence[tuple[str, tuple[int, ...], StorageDtype]],
     method: str,
-    kernel: Callable[..., bool],
+    kernel: Callable[..., bool] | GramKernel,
     params_of: ParamResolver,
     weights: Sequence[float],
     writer: CheckpointWriter,
     bar: Any,
 ) -> None:
-    """The linear methods' part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`,
+    """The linear and Gram-matrix methods' part of the streaming loop (:func:`mergelab.merging.pipeline.stream_tensors`,
     no read-ahead: the kernel reads each block's bytes straight from the files): each tensor on all cores."""
     needs_base = get_method(method).needs_base
     out_plan = {name: (shape, storage) for name, shape, storage in plan}
@@ -168,7 +173,10 @@ def _stream(
     def compute(name: str, _: None) -> tuple[Any, int]:
         shape, storage = out_plan[name]
         base, experts, _ = inputs.sources(name)  # this tensor's inputs (a layer slice's when stacking)
-        if storage.is_floating_point:
+        if storage.is_floating_point and isinstance(kernel, GramKernel):
+            out = _gram_tensor(name, shape, storage, base, experts, method, kernel, params_of(name),
+                               inputs.pick(name, weights))
+        elif storage.is_floating_point:
             # task arithmetic reads theta_0 and the experts; weight averaging only the experts
             readers = ([base] if needs_base else []) + list(experts)
             out = _merge_tensor(name, shape, storage, readers, method, kernel, params_of(name),
@@ -320,23 +328,17 @@ def _read_whole(reader: CheckpointReader, name: str) -> Any:
     return raw.view(numpy_dtype(info.storage)).reshape(info.shape)
 
 
-def _merge_tensor(
-    name: str, shape: tuple[int, ...], storage: StorageDtype, readers: Sequence[CheckpointReader],
-    method: str, kernel: Callable[..., bool], params: Any, weights: Sequence[float],
-) -> Any:
+def _for_blocks(name: str, readers: Sequence[CheckpointReader], n: int, buffers: Callable[[int], Any],
+                body: Callable[[int, int, int, list[Any], Any], None]) -> None:
+    """``body(j, start, stop, xs, bufs)`` for every block ``j`` of ``BLOCK`` entries of tensor ``name``, on all
+    cores: ``xs`` each reader's block as stored, read with ``pread`` straight into a per-thread buffer (so it
+    arrives in the cache), ``bufs = buffers(block size)`` made once per thread."""
     in_dtypes = [numpy_dtype(r.info(name).storage) for r in readers]
-    compute = compute_dtype(in_dtypes)
-    out_dtype = numpy_dtype(storage)
-    n = math.prod(shape)
-    out = np.empty(n, dtype=out_dtype)
-    nonfinite: list[int] = []
     widest = max(d.itemsize for d in in_dtypes)
-    blocks = -(-n // BLOCK)
 
     def work(indices: Iterator[int]) -> None:
         raws = [np.empty(min(n, BLOCK) * widest, dtype=np.uint8) for _ in readers]
-        buffers = [np.empty(min(n, BLOCK), dtype=compute) for _ in range(BUFFERS.get(method, 3))]
-        flags = exponent_scratch(out_dtype, min(n, BLOCK))
+        bufs = buffers(min(n, BLOCK))
         for j in indices:
             start, stop = j * BLOCK, min(n, (j + 1) * BLOCK)
             m = stop - start
@@ -345,12 +347,75 @@ def _merge_tensor(
                 chunk = raw[: m * dtype.itemsize]
                 reader.read_range(name, start * dtype.itemsize, memoryview(chunk))
                 xs.append(chunk.view(dtype))
-            block_out = out[start:stop]
-            with np.errstate(all="ignore"):  # NaN/Inf are found here and reported with file and tensor below
-                if kernel(xs, [b[:m] for b in buffers], block_out, weights, params, flags):
-                    nonfinite.append(j)
+            body(j, start, stop, xs, bufs)
 
-    run_blocks(blocks, work)
+    run_blocks(-(-n // BLOCK), work)
+
+
+def _merge_tensor(
+    name: str, shape: tuple[int, ...], storage: StorageDtype, readers: Sequence[CheckpointReader],
+    method: str, kernel: Callable[..., bool], params: Any, weights: Sequence[float],
+) -> Any:
+    compute = compute_dtype(numpy_dtype(r.info(name).storage) for r in readers)
+    out_dtype = numpy_dtype(storage)
+    n = math.prod(shape)
+    out = np.empty(n, dtype=out_dtype)
+    nonfinite: list[int] = []
+
+    def buffers(size: int) -> tuple[list[Any], Any]:
+        return [np.empty(size, dtype=compute) for _ in range(BUFFERS.get(method, 3))], exponent_scratch(out_dtype, size)
+
+    def body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
+        m = stop - start
+        with np.errstate(all="ignore"):  # NaN/Inf are found here and reported with file and tensor below
+            if kernel(xs, [b[:m] for b in bufs[0]], out[start:stop], weights, params, bufs[1][:m]):
+                nonfinite.append(j)
+
+    _for_blocks(name, readers, n, buffers, body)
+    if nonfinite:
+        _explain_nonfinite(name, readers, out, method)
+    return out.reshape(shape)
+
+
+def _gram_tensor(
+    name: str, shape: tuple[int, ...], storage: StorageDtype, base: CheckpointReader | None,
+    experts: Sequence[CheckpointReader], method: str, kernel: GramKernel, params: Any, weights: Sequence[float],
+) -> Any:
+    """One tensor of a Gram-matrix method (:class:`~mergelab.merging.numpy_kernels.GramKernel`): a pass over the
+    blocks for the Gram partials (kept per block, summed in block order), the coefficients, a pass for the
+    combination. A non-finite Gram matrix means a non-finite input: it is reported before the coefficients."""
+    origin, vector_readers = kernel.readers(base, experts)
+    readers = ([origin] if origin is not None else []) + vector_readers
+    compute = compute_dtype(numpy_dtype(r.info(name).storage) for r in readers)
+    out_dtype = numpy_dtype(storage)
+    n = math.prod(shape)
+    out = np.empty(n, dtype=out_dtype)
+    k = len(vector_readers)
+    has_origin = origin is not None
+
+    def buffers(size: int) -> tuple[list[Any], Any]:
+        return [np.empty(size, dtype=compute) for _ in range(kernel.buffers(k))], exponent_scratch(out_dtype, size)
+
+    partials: list[list[float]] = [[] for _ in range(-(-n // BLOCK))]
+
+    def gram_body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
+        with np.errstate(all="ignore"):
+            partials[j] = kernel.partials(xs, has_origin, [b[: stop - start] for b in bufs[0]])
+
+    _for_blocks(name, readers, n, buffers, gram_body)
+    g = gram_from_partials(partials, k)
+    if not all(math.isfinite(v) for row in g for v in row):
+        _explain_nonfinite(name, readers, out, method)
+    coefficients = kernel.coefficients(g, params, weights)
+    nonfinite: list[int] = []
+
+    def body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
+        m = stop - start
+        with np.errstate(all="ignore"):
+            if kernel.combine(xs, has_origin, coefficients, [b[:m] for b in bufs[0]], out[start:stop], bufs[1][:m]):
+                nonfinite.append(j)
+
+    _for_blocks(name, readers, n, buffers, body)
     if nonfinite:
         _explain_nonfinite(name, readers, out, method)
     return out.reshape(shape)
@@ -375,15 +440,16 @@ def _nonfinite_counts(values: Any) -> tuple[int, int] | None:
 
 
 #: This back-end's kernels, by method: the block kernel of an elementwise method (inputs read block by block
-#: straight from the files), or None for TIES (:func:`_stream_ties`, whole tensors read ahead). The
+#: straight from the files), a :class:`~mergelab.merging.numpy_kernels.GramKernel` (two such passes), or None for TIES (:func:`_stream_ties`, whole tensors read ahead). The
 #: methods it runs are exactly these keys.
-KERNELS: dict[str, Callable[..., bool] | None] = {
+KERNELS: dict[str, Callable[..., bool] | GramKernel | None] = {
     "task_arithmetic": task_arithmetic_block,
     "weight_average": weight_average_block,
     "passthrough": passthrough_block,
     "nearswap": nearswap_block,
     "ram": ram_block,
     "ties": None,
+    **GRAM_KERNELS,
 }
 
 

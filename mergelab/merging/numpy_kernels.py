@@ -67,6 +67,15 @@ from mergelab.merging.numpy_arrays import (
 )
 from mergelab.merging.pipeline import run_blocks
 from mergelab.ops import selection as rules
+from mergelab.ops.gram_matrix import (
+    gram_partials,
+    karcher_coefficients,
+    model_stock_ratio_from_gram,
+    multislerp_coefficients,
+    nuslerp_coefficients,
+    nuslerp_t,
+    slerp_coefficients_from_gram,
+)
 
 #: Entries per block. Each block costs about 40 ufunc calls, and each call holds the GIL for its set-up,
 #: so small blocks serialise the threads: on an 11M-entry bf16 tensor with 4 experts, merge pass on 1 / 2
@@ -575,3 +584,114 @@ def ram_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequ
 
 #: Compute-dtype block buffers per kernel (3 unless listed).
 BUFFERS = {"ram": 8}
+
+
+# ------------------------------------------------------------- Gram-matrix methods
+
+
+@dataclass(frozen=True)
+class GramKernel:
+    """A method whose output is a linear combination of its vectors with coefficients from their Gram matrix
+    (:mod:`mergelab.ops.gram_matrix`: model stock, SLERP, NuSLERP, Multi-SLERP, Karcher), in two passes over a
+    tensor's blocks: :meth:`partials` (the block's Gram partials, the rule's one dot function), then, with the
+    coefficients :meth:`coefficients` takes from the summed Gram matrix, :meth:`combine` (the torch kernels'
+    operations in their order, so the outputs are theirs bit for bit).
+
+    ``vectors``: which inputs are combined: ``models`` (Karcher), ``ends`` (SLERP: the base and the one model,
+    or the two models), ``task_vectors`` (model stock: ``theta_i - theta_0``, the base added back), or
+    ``task_vectors_if_base`` (NuSLERP, Multi-SLERP: task vectors when the spec has a base, else the models).
+    ``coefficients_of(g, params, weights)``: the coefficients; ``mean_first``: model stock's combination,
+    ``t * (sum_i tau_i / N)`` instead of ``sum_i c_i v_i``."""
+
+    vectors: str
+    coefficients_of: Callable[[Any, Any, Sequence[float]], Sequence[float]]
+    mean_first: bool = False
+
+    def readers(self, base: Any, experts: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """``(origin, vector inputs)`` of a tensor from its base (None without one) and models' inputs."""
+        if self.vectors == "task_vectors" or (self.vectors == "task_vectors_if_base" and base is not None):
+            return base, list(experts)
+        if self.vectors == "ends" and len(experts) == 1:  # SLERP from the base
+            return None, [base, experts[0]]
+        return None, list(experts)
+
+    @staticmethod
+    def buffers(k: int) -> int:
+        """Compute-dtype block buffers the passes take for ``k`` vectors: origin, vectors, accumulator, scratch."""
+        return k + 3
+
+    @staticmethod
+    def _vectors(xs: Sequence[Any], origin: bool, buffers: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """The block's origin (or None) and vectors in the compute dtype (task vectors formed as the torch
+        kernels form them: ``theta_i`` converted, minus the converted base)."""
+        if not origin:
+            return None, [_as_compute(x, buf) for x, buf in zip(xs, buffers[1:])]
+        o = _as_compute(xs[0], buffers[0])
+        vs = []
+        for x, buf in zip(xs[1:], buffers[1:]):
+            vs.append(np.subtract(_into_compute(x, buf), o, out=buf))
+        return o, vs
+
+    def partials(self, xs: Sequence[Any], origin: bool, buffers: Sequence[Any]) -> list[float]:
+        """The Gram partials of one block (:func:`mergelab.ops.gram_matrix.gram_partials`); ``xs``: the block
+        of each input as stored, the origin first when ``origin``."""
+        return gram_partials(self._vectors(xs, origin, buffers)[1])
+
+    def coefficients(self, g: Any, params: Any, weights: Sequence[float]) -> Sequence[float]:
+        return self.coefficients_of(g, params, weights)
+
+    def combine(self, xs: Sequence[Any], origin: bool, coefficients: Sequence[float], buffers: Sequence[Any],
+                out: Any, flags: Any) -> bool:
+        """One block of the output: ``sum_i c_i v_i`` (each product rounded, then added: :func:`mergelab.ops.combine`),
+        or model stock's ``t * (sum_i tau_i / N)``, plus the origin, rounded once into ``out``. Returns whether
+        an output entry is NaN or Inf."""
+        k = len(xs) - (1 if origin else 0)
+        acc, tmp = buffers[k + 1], buffers[k + 2]
+        o, vs = self._vectors(xs, origin, buffers)
+        if self.mean_first:
+            np.copyto(acc, vs[0])
+            for v in vs[1:]:
+                np.add(acc, v, out=acc)
+            np.divide(acc, acc.dtype.type(len(vs)), out=acc)
+            np.multiply(acc, coefficients[0], out=acc)
+        else:
+            np.multiply(vs[0], coefficients[0], out=acc)
+            for v, c in zip(vs[1:], coefficients[1:]):
+                np.add(acc, np.multiply(v, c, out=tmp), out=acc)
+        if o is None:
+            return _store(acc, out, tmp, flags)
+        return _round_into(acc, o, out, tmp, flags)
+
+
+def _model_stock(g: Any, p: Any, weights: Sequence[float]) -> list[float]:
+    return [model_stock_ratio_from_gram(g, extrapolate=p.extrapolate)]
+
+
+def _slerp(g: Any, p: Any, weights: Sequence[float]) -> tuple[float, float]:
+    return slerp_coefficients_from_gram(g, p.t, p.parallel_threshold)
+
+
+def _nuslerp(g: Any, p: Any, weights: Sequence[float]) -> tuple[float, float]:
+    return nuslerp_coefficients(g, nuslerp_t(weights))
+
+
+def _multislerp(g: Any, p: Any, weights: Sequence[float]) -> list[float]:
+    if len(weights) == 1:
+        return [1.0]
+    return multislerp_coefficients(g, weights, normalize_weights=p.normalize_weights, eps=p.eps)
+
+
+def _karcher(g: Any, p: Any, weights: Sequence[float]) -> list[float]:
+    if len(weights) == 1:
+        return [1.0]
+    return karcher_coefficients(g, weights, max_iter=p.max_iter, tol=p.tol)
+
+
+#: The Gram-matrix methods' kernels (the numpy back-end's ``KERNELS`` entries for them).
+GRAM_KERNELS = {
+    "model_stock": GramKernel("task_vectors", _model_stock, mean_first=True),
+    "slerp": GramKernel("ends", _slerp),
+    "nuslerp": GramKernel("task_vectors_if_base", _nuslerp),
+    "multislerp": GramKernel("task_vectors_if_base", _multislerp),
+    "karcher": GramKernel("models", _karcher),
+}

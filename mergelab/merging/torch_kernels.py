@@ -726,7 +726,7 @@ def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
     if not (p.flatten or len(shape) < 2) or inp.experts[0].numel() == 0:
         return catalog.nuslerp(inp, p)
     origin = inp.base is not None
-    t = catalog.nuslerp_t(inp.weights)
+    t = ops.nuslerp_t(inp.weights)
     return _combination(inp, ops.nuslerp_coefficients(_gram(inp, origin), t), origin, shape)
 
 

@@ -623,13 +623,6 @@ def _sphere_inputs(inp: TensorInputs) -> tuple[list[torch.Tensor], torch.Tensor 
     return [e.to(inp.compute_dtype) for e in inp.experts], None
 
 
-def nuslerp_t(weights: Sequence[float]) -> float:
-    """NuSLERP's position from the two models' weights: ``t = w_1 / (w_0 + w_1)`` (0.5 when the sum is below
-    1e-6 in magnitude, as mergekit)."""
-    total = weights[0] + weights[1]
-    return 0.5 if abs(total) < 1e-6 else weights[1] / total
-
-
 def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
     """NuSLERP (mergekit's ``nuslerp``): spherical interpolation of two models (or of their task vectors
     when a base is given, then added back) at ``t = w_1 / (w_0 + w_1)`` from the models' weights.
@@ -641,7 +634,7 @@ def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
     defaults are mergekit's.
     """
     vectors, origin = _sphere_inputs(inp)
-    t = nuslerp_t(inp.weights)
+    t = ops.nuslerp_t(inp.weights)
     if p.flatten or vectors[0].dim() < 2:
         c = ops.nuslerp_coefficients(ops.gram(vectors), t) if vectors[0].numel() else (1.0 - t, t)
         out = ops.combine(vectors, c)

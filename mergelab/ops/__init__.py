@@ -27,7 +27,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
     **dict.fromkeys(("model_stock_ratio", "slerp", "slerp_coefficients"), "interpolate"),
     **dict.fromkeys(("Gram", "gram_from_partials", "gram_partials", "karcher_coefficients", "model_stock_ratio_from_gram",
-                     "multislerp_coefficients", "nuslerp_coefficients", "slerp_coefficients_from_gram",
+                     "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_t", "slerp_coefficients_from_gram",
                      "squared_norm_partials"), "gram_matrix"),
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         model_stock_ratio_from_gram,
         multislerp_coefficients,
         nuslerp_coefficients,
+        nuslerp_t,
         slerp_coefficients_from_gram,
         squared_norm_partials,
     )

@@ -110,7 +110,10 @@ def model_stock_ratio_from_gram(g: Gram, *, extrapolate: bool = False) -> float:
             for i in range(n) for j in range(i + 1, n)
         ]
         cos = sum(cosines) / len(cosines)
-        return n * cos / (1.0 + (n - 1) * cos)
+        denominator = 1.0 + (n - 1) * cos
+        # cos = -1/(N-1) exactly (e.g. two scalars moved apart): the ratio is unbounded; the base (mergekit's
+        # division writes Inf/NaN there)
+        return n * cos / denominator if denominator != 0.0 else 0.0
     if min(norms) == 0:
         return 1.0
     cosines = [g[i][j] / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]
@@ -121,6 +124,13 @@ def model_stock_ratio_from_gram(g: Gram, *, extrapolate: bool = False) -> float:
 
 
 # ------------------------------------------------------------------------------------------- NuSLERP
+
+
+def nuslerp_t(weights: Sequence[float]) -> float:
+    """NuSLERP's position from the two models' weights: ``t = w_1 / (w_0 + w_1)`` (0.5 when the sum is below
+    1e-6 in magnitude, as mergekit)."""
+    total = weights[0] + weights[1]
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
 
 
 def nuslerp_coefficients(g: Gram, t: float, *, eps: float = 1e-8, norm_eps: float = 1e-7) -> tuple[float, float]:

@@ -49,8 +49,9 @@ def model_stock_ratio(taus: Sequence[torch.Tensor], *, extrapolate: bool = False
     formula would extrapolate away from the experts without bound, so the ratio is 0 (the pretrained weights).
 
     ``extrapolate=True`` is mergekit's rule: the formula for every ``cos theta`` (negative ratios move away
-    from the experts; ``cos theta -> -1/(N-1)`` diverges), each cosine ``<tau_i, tau_j> / max(|tau_i| |tau_j|,
-    1e-6)`` clamped to [-1, 1], so a zero task vector gives ``cos = 0`` and ratio 0.
+    from the experts; ``cos theta -> -1/(N-1)`` diverges; exactly there the ratio is 0, the base, where
+    mergekit writes Inf/NaN), each cosine ``<tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6)`` clamped to [-1, 1],
+    so a zero task vector gives ``cos = 0`` and ratio 0.
     """
     if len(taus) < 2:
         raise ValueError("model stock needs at least two fine-tuned models")
