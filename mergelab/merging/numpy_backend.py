@@ -1,5 +1,5 @@
-"""The numpy back-end: task arithmetic, weight averaging, passthrough, NearSwap, RAM and TIES on the CPU, without
-torch.
+"""The numpy back-end: task arithmetic, weight averaging, passthrough, NearSwap, RAM, TIES and the Gram-matrix
+methods (model stock, SLERP, NuSLERP, Multi-SLERP, Karcher) on the CPU, without torch.
 
 The linear methods are the common merge, and on the CPU they are bound by memory and I/O, not by
 arithmetic: the torch back-end spent as long importing torch (1.5 s here) as computing. This back-end
@@ -23,7 +23,11 @@ to the output dtype at the end (round to nearest even, as torch):
   (the ``lambda`` multiply is skipped at 1, exactly);
 - weight averaging: ``d = sum_i w_i (theta_i - theta_1)``, ``theta = d / sum_i w_i + theta_1``;
 - passthrough, NearSwap and RAM: their catalog references' operations, entry by entry (bit-identical at any weights:
-  they take none).
+  they take none);
+- the Gram-matrix methods: two passes over the blocks, the first for the Gram partials (the one rule of
+  :mod:`mergelab.ops.gram_matrix`, summed in block order), the second for the combination with the coefficients
+  computed from them, in the torch kernels' operations and order (bit-identical at any weights: each product is
+  rounded before it is added, on both engines).
 
 These are the torch engine's operations in the torch engine's order, so with unit weights the outputs
 are bit-identical; torch computes ``acc + w * tau`` with one rounding where numpy rounds ``w * tau``

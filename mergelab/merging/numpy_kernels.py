@@ -1,5 +1,5 @@
-"""The numpy back-end's kernels: TIES-Merging, task arithmetic, weight averaging, passthrough and NearSwap on
-numpy blocks.
+"""The numpy back-end's kernels: TIES-Merging, task arithmetic, weight averaging, passthrough, NearSwap, RAM and
+the Gram-matrix methods (:class:`GramKernel`: model stock, SLERP, NuSLERP, Multi-SLERP, Karcher) on numpy blocks.
 
 Each computes what its catalog reference (:mod:`mergelab.methods.catalog`) computes, tested against it
 (tests/test_numpy_engine.py, tests/test_streaming.py), without torch. TIES is the long one:

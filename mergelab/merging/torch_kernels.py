@@ -787,8 +787,8 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.sce`, by passes over the blocks (never a float32 copy
     of a task vector): the variances' nonzero count, then their exact k-th largest with each block's share of
     the ties (exact selection: :class:`mergelab.ops.BlockKthLargest`), then the selected task vectors'
-    energies (the float64 block sums of :func:`mergelab.ops.gram`'s diagonal), then sign election and the
-    weighted disjoint mean."""
+    energies (the block partials of :func:`mergelab.ops.gram`'s diagonal, summed in float64 in block order),
+    then sign election and the weighted disjoint mean."""
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
     n, n_exp, dtype = base_in.numel(), len(inp.experts), inp.compute_dtype

@@ -597,8 +597,8 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
 
     1. select: keep the ``floor(select_topk * #{var_j != 0})`` entries of largest variance across the task
        vectors, ``var_j = mean_i (tau_ij - mean_i tau_ij)^2`` (ties by position), zero the rest;
-    2. calculate: ``w_i = E_i / sum_k E_k`` with ``E_i = mean_j tau_ij^2`` of the selected task vectors (float64
-       sums by blocks, :func:`mergelab.ops.gram`); equal weights when all are zero (or below ``min_energy``;
+    2. calculate: ``w_i = E_i / sum_k E_k`` with ``E_i = mean_j tau_ij^2`` of the selected task vectors (block
+       sums of float32 dots in float64, :func:`mergelab.ops.gram`); equal weights when all are zero (or below ``min_energy``;
        mergekit 1e-6);
     3. erase: the elected sign ``gamma = sgn(sum_i tau_i)`` (unweighted mass) and
        ``theta = theta_0 + sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the models agreeing with it.
@@ -630,7 +630,7 @@ def nuslerp(inp: TensorInputs, p: NuSlerpParams) -> torch.Tensor:
     ``slerp(v_0, v_1; t) = (sin((1-t) theta) v_0 + sin(t theta) v_1) / sin theta``, ``cos theta`` from the
     vectors normalised (norms clamped at 1e-7), linear where ``|sin theta| < 1e-8``
     (:func:`mergelab.ops.nuslerp_coefficients`). ``flatten`` (default, mergekit's): one angle per tensor,
-    from a float64 Gram matrix; else one per row (``row_wise: false``, the last axis) or column. No paper:
+    from the block Gram matrix (:func:`mergelab.ops.gram`); else one per row (``row_wise: false``, the last axis) or column. No paper:
     defaults are mergekit's.
     """
     vectors, origin = _sphere_inputs(inp)
@@ -649,7 +649,7 @@ def multislerp(inp: TensorInputs, p: MultiSlerpParams) -> torch.Tensor:
 
     Unit vectors ``u_i = x_i / (|x_i| + eps)``, mean direction ``m = normalise(sum_i w_i u_i)``, the tangent
     mean at m mapped back, scaled by ``sum_i w_i |x_i|``; the tangent mean is zero, so the result is
-    ``(sum_i w_i |x_i|) m`` (:func:`mergelab.ops.multislerp_coefficients`, from a float64 Gram matrix).
+    ``(sum_i w_i |x_i|) m`` (:func:`mergelab.ops.multislerp_coefficients`, from the block Gram matrix).
     Defaults ``normalize_weights: true``, ``eps: 1e-8`` (mergekit's).
     """
     vectors, origin = _sphere_inputs(inp)
