@@ -877,8 +877,10 @@ def sce(inp: TensorInputs, p: SceParams) -> torch.Tensor:
 
 def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.arcee_fusion`, on blocks of whole rows (last axis): pass 1
-    each row's KL divergence (one float per row), pass 2 the three quantiles of the importance by exact
-    selection (:class:`mergelab.ops.BlockKthLargest`), pass 3 ``a + (b - a) [s >= threshold]``."""
+    each row's KL divergence (one float per row), pass 2 the importance block by block, counted once against
+    the brackets of all three quantiles (:class:`mergelab.ops.BlockRanks`, the reference's
+    :func:`mergelab.ops.kth_largest_many`), pass 3 ``a + (b - a) [s >= threshold]`` with the importance
+    recomputed. Passes on all cores."""
     shape = inp.base.shape  # type: ignore[union-attr]
     a_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     b_in = inp.experts[0].reshape(-1)
@@ -906,26 +908,18 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     over_blocks(kl)
     ks = ops.quantile_ranks(n)
     if n <= ops.select_small_size():
-        whole = torch.cat([importance(a, b) for a, b in ranges])
-        q1, median, q3 = (float(ops.kth_largest(whole, k)) for k in ks)
+        q1, median, q3 = ops.kth_largest_many(torch.cat([importance(a, b) for a, b in ranges]), ks)
     else:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(a_in.device)
+        idx = torch.randint(0, n, (ops.quantile_sample_size(n),), generator=gen).to(a_in.device)
         sample = torch.sub(b_in[idx].to(dtype), a_in[idx].to(dtype)).abs_().mul_(divergence[idx // row])
-        selectors = [ops.BlockKthLargest(n, k, sample, len(ranges)) for k in ks]
-
-        def observe(j: int, start: int, end: int) -> None:
-            s = importance(start, end)
-            for sel in selectors:
-                sel.observe(j, s)
-
-        over_blocks(observe)
-        found = [sel.result() for sel in selectors]
+        ranks = ops.BlockRanks(n, [n - k for k in ks], sample, len(ranges))
+        over_blocks(lambda j, start, end: ranks.observe(j, importance(start, end)))
+        found = ranks.result()
         if any(f is None for f in found):
             whole = torch.cat([importance(a, b) for a, b in ranges])
-            q1, median, q3 = (float(ops.kth_largest(whole, k)) for k in ks)
-        else:
-            q1, median, q3 = (f[0] for f in found)  # type: ignore[index]
+            found = [float(ops.kth_largest(whole, k)) if f is None else f for f, k in zip(found, ks)]
+        q1, median, q3 = found  # type: ignore[misc]
     threshold = ops.fusion_threshold(q1, median, q3)
     out_flat = out.view(-1)
 

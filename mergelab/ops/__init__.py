@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
+    **dict.fromkeys(("BlockRanks", "kth_largest_many", "quantile_sample_size"), "quantiles"),
     **dict.fromkeys(("common_and_specific_sizes", "isotropic", "isotropic_common_specific", "polar",
                      "svd_components", "task_singular_vectors"), "spectral"),
     **dict.fromkeys(("combine", "gram", "host_arrays", "nuslerp_rows"), "spherical"),
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     )
     from mergelab.ops.overlap import active_count, active_masks, overlap_merge, shared_unique_counts, unique_scale
     from mergelab.ops.sce import energy_weights, expert_variance, select_count, select_mask
+    from mergelab.ops.quantiles import BlockRanks, kth_largest_many, quantile_sample_size
     from mergelab.ops.selection import keep_count
     from mergelab.ops.spectral import (
         common_and_specific_sizes,
