@@ -635,7 +635,8 @@ class GramKernel:
     def partials(self, xs: Sequence[Any], origin: bool, buffers: Sequence[Any]) -> list[float]:
         """The Gram partials of one block (:func:`mergelab.ops.gram_matrix.gram_partials`); ``xs``: the block
         of each input as stored, the origin first when ``origin``."""
-        return gram_partials(self._vectors(xs, origin, buffers)[1])
+        k = len(xs) - (1 if origin else 0)
+        return gram_partials(self._vectors(xs, origin, buffers)[1], buffers[k + 2])
 
     def coefficients(self, g: Any, params: Any, weights: Sequence[float]) -> Sequence[float]:
         return self.coefficients_of(g, params, weights)

@@ -8,15 +8,15 @@ read twice, once for ``G`` and once for the combination, both by cache-sized blo
 
 **The Gram rule, one for the reference and every back-end.** ``G`` is the sum, in float64 and in block order,
 of each block's dot products in the compute dtype (float32, float64 for float64 inputs), the blocks being
-consecutive ranges of ``BLOCK`` entries of the flattened vectors. The dot of one block is numpy's (BLAS
-``sdot``/``ddot``): :func:`gram_partials` is the only code that computes one, called by the torch reference
-(on ``.numpy()`` views), the torch block kernels and the numpy back-end alike, so all of them get the same
-bits on a machine. (A BLAS dot's summation order depends on the CPU kernel it dispatches to and on its thread
-count, so two machines may differ in the last bits of ``G``, which can move an output entry by one ulp.)
-Float32 sums of 2^18 terms per block put a cosine within ~1e-5 of the exact value for nearly parallel
-vectors, ample for an angle or a ratio; float64 partials cost 2-6x more here (numpy's ``ddot`` and ``syrk``).
-Until issue 14 these were torch's whole-tensor float32 reductions, which no block kernel can reproduce (and
-which gave ``cos = 1.0078`` on the benchmark's embedding, exact 0.999949).
+consecutive ranges of 2^18 entries (:data:`mergelab.ops.blocks.BLOCK`) of the flattened vectors, and a block's
+dot product the pairwise sum of its entrywise products (:func:`block_dot`, the only code that computes one:
+the torch reference calls it on ``.numpy()`` views, the torch block kernels and the numpy back-end on their
+blocks, so all of them get the same bits, on any machine). On vectors of equal-magnitude entries at an angle
+of 0.01 rad (the worst case for a float32 sum), cos comes within 1e-8 of the exact value (BLAS ``sdot``:
+3.5e-5; torch's float32 dot: 1.3e-5), for 0.07 ms per dot of a block here (``sdot`` 0.02 ms, but its
+summation order depends on the CPU kernel and the BLAS thread count, and its threads spin on the cores the
+blocks run on). Until issue 14 these were torch's whole-tensor float32 reductions, which no block kernel can
+reproduce (and which gave ``cos = 1.0078`` on the benchmark's embedding, exact 0.999949).
 
 This module is torch-free: the numpy back-end uses it without importing torch. The tensor-level operators
 are :mod:`mergelab.ops.spherical` (``gram``, ``combine``) and :mod:`mergelab.ops.interpolate`.
@@ -32,21 +32,24 @@ import numpy as np
 
 Gram = list[list[float]]
 
-#: Entries per block of the Gram rule (equal to :data:`mergelab.ops.blocks.BLOCK`, tested).
-BLOCK = 1 << 18
+def block_dot(x: Any, y: Any, scratch: Any | None = None) -> float:
+    """``<x, y>`` of two 1-D arrays of one float dtype (a block of each vector): the entrywise products in that
+    dtype (into ``scratch``, an array of their size and dtype, when given), summed by numpy's pairwise
+    summation (``np.add.reduce``) in that dtype, as a Python float. It depends on nothing but the values: no
+    BLAS threads, no CPU-specific kernel."""
+    return float(np.add.reduce(np.multiply(x, y, out=scratch)))
 
 
-def gram_partials(blocks: Sequence[Any]) -> list[float]:
+def gram_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
     """The upper triangle (row by row, diagonal included) of the Gram matrix of one block of each vector:
-    ``<x_i[b], x_j[b]>`` for ``i <= j`` as Python floats, each numpy's dot of the 1-D arrays ``blocks`` in
-    their dtype (float32 or float64)."""
+    ``<x_i[b], x_j[b]>`` for ``i <= j`` (:func:`block_dot`; ``scratch`` as there)."""
     k = len(blocks)
-    return [float(np.dot(blocks[i], blocks[j])) for i in range(k) for j in range(i, k)]
+    return [block_dot(blocks[i], blocks[j], scratch) for i in range(k) for j in range(i, k)]
 
 
-def squared_norm_partials(blocks: Sequence[Any]) -> list[float]:
-    """``<x_i[b], x_i[b]>`` per vector: the diagonal of :func:`gram_partials` (the same dots, the same bits)."""
-    return [float(np.dot(x, x)) for x in blocks]
+def squared_norm_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
+    """``<x_i[b], x_i[b]>`` per vector: the diagonal of :func:`gram_partials` (the same sums, the same bits)."""
+    return [block_dot(x, x, scratch) for x in blocks]
 
 
 def gram_from_partials(partials: Sequence[Sequence[float]], n: int) -> Gram:
