@@ -342,6 +342,19 @@ def test_arcee_fusion_takes_the_outlying_importance():
     assert changed.any() and torch.equal(changed, (imp >= thr) & (b2 != a2))
 
 
+def test_fusion_merge_is_the_base_plus_the_kept_differences_with_signed_zeros():
+    """``a + d [s >= t]``: kept entries a + d, the others a + (+-0): -0.0 + (+0.0) = +0.0 where d > 0 is
+    dropped at a = -0.0, as a float product by the mask gives (the numpy path on the CPU, torch's elsewhere)."""
+    a = torch.tensor([1.0, -0.0, -0.0, 2.0, 5.0])
+    d = torch.tensor([0.5, 3.0, -3.0, -1.0, 0.25])
+    s = torch.tensor([2.0, 0.5, 0.5, 1.0, 0.999])
+    out = ops.fusion_merge(a, d.clone(), s, 1.0)
+    assert out.tolist() == [1.5, 0.0, -0.0, 1.0, 5.0]
+    assert [math.copysign(1.0, v) for v in out.tolist()] == [1.0, 1.0, -1.0, 1.0, 1.0]
+    assert torch.equal(out.view(torch.int32), (a + d * (s >= 1.0)).view(torch.int32))
+    assert torch.equal(ops.fusion_importance_of(d, torch.tensor(2.0)), d.abs() * 2.0)
+
+
 def test_passthrough_copies_the_model():
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(both("passthrough", None, [x]), x)

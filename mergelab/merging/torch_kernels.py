@@ -882,8 +882,8 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.arcee_fusion`, on blocks of whole rows (last axis): pass 1
     each row's KL divergence (one float per row), pass 2 the importance block by block, counted once against
     the brackets of all three quantiles (:class:`mergelab.ops.BlockRanks`, the reference's
-    :func:`mergelab.ops.kth_largest_many`), pass 3 ``a + (b - a) [s >= threshold]`` with the importance
-    recomputed. Passes on all cores."""
+    :func:`mergelab.ops.kth_largest_many`), pass 3 ``a + (b - a) [s >= threshold]`` (:func:`mergelab.ops.fusion_merge`)
+    with the difference and importance recomputed. Passes on all cores."""
     shape = inp.base.shape  # type: ignore[union-attr]
     a_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     b_in = inp.experts[0].reshape(-1)
@@ -927,9 +927,10 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     out_flat = out.view(-1)
 
     def fuse(j: int, start: int, end: int) -> None:
-        mask = importance(start, end) >= threshold
-        a = a_in[start:end].to(dtype)
-        out_flat[start:end].copy_(a + (b_in[start:end].to(dtype) - a).mul_(mask))
+        a, b = rows_of(start, end)
+        difference = torch.sub(b, a)
+        s = ops.fusion_importance_of(difference, divergence[start // row: end // row])
+        out_flat[start:end].copy_(ops.fusion_merge(a, difference, s, threshold).view(-1))
 
     over_blocks(fuse)
     return out

@@ -702,8 +702,7 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
     a_rows, b_rows = ops.fusion_rows(a), ops.fusion_rows(b)
     importance = ops.fusion_importance(a_rows, b_rows, ops.fusion_row_divergence(a_rows, b_rows)).reshape(-1)
     q1, median, q3 = ops.kth_largest_many(importance, ops.quantile_ranks(importance.numel()))
-    mask = (importance >= ops.fusion_threshold(q1, median, q3)).reshape(a.shape)
-    return a + (b - a).mul_(mask)
+    return ops.fusion_merge(a, b - a, importance.reshape(a.shape), ops.fusion_threshold(q1, median, q3))
 
 
 def passthrough(inp: TensorInputs, p: PassthroughParams) -> torch.Tensor:

@@ -39,8 +39,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("energy_weights", "expert_variance", "select_count", "select_mask"), "sce"),
     **dict.fromkeys(("active_count", "active_masks", "overlap_merge", "shared_unique_counts", "unique_scale"),
                     "overlap"),
-    **dict.fromkeys(("fusion_importance", "fusion_row_divergence", "fusion_rows", "fusion_threshold", "nearswap",
-                     "quantile_ranks"), "fusion"),
+    **dict.fromkeys(("fusion_importance", "fusion_importance_of", "fusion_merge", "fusion_row_divergence",
+                     "fusion_rows", "fusion_threshold", "nearswap", "quantile_ranks"), "fusion"),
     **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "drop", "keep_top", "keep_top_into", "magprune",
                      "magprune_keep_probabilities", "rows_of", "top_set", "trim", "trim_band"), "sparsify"),
 }
@@ -72,6 +72,8 @@ if TYPE_CHECKING:
     )
     from mergelab.ops.fusion import (
         fusion_importance,
+        fusion_importance_of,
+        fusion_merge,
         fusion_row_divergence,
         fusion_rows,
         fusion_threshold,
