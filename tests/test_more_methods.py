@@ -96,6 +96,30 @@ def test_magprune_probabilities_follow_the_paper_and_mergekit_spacings():
     assert torch.allclose(rows, torch.tensor([[0.5, 0.6], [0.6, 0.5]]))
 
 
+def test_descending_order_ranks_by_magnitude_then_position():
+    """Hand-built ties: rows 3 1 3 0 1 3 and 0 2 0 2 give positions 0 2 5 1 4 3 and 1 3 0 2 (equal values in
+    position order); -0 ties with +0. Values that differ only in their float32 bits' low half (1 and the
+    next floats above it) take the radix sort's second pass: 1+2u 1 1+u 1+2u 1 -> 0 3 2 1 4. The same as
+    torch's stable descending sort on a tied random matrix, and per row."""
+    mag = torch.tensor([[3.0, 1.0, 3.0, 0.0, 1.0, 3.0]])
+    assert ops.descending_order(mag).tolist() == [[0, 2, 5, 1, 4, 3]]
+    assert ops.descending_order(torch.tensor([[0.0, 2.0, -0.0, 2.0]])).tolist() == [[1, 3, 0, 2]]
+    one = torch.tensor(1.0)
+    up = torch.nextafter(one, torch.tensor(2.0))
+    up2 = torch.nextafter(up, torch.tensor(2.0))
+    row = torch.stack([up2, one, up, up2, one]).reshape(1, 5)
+    assert ops.descending_order(row).tolist() == [[0, 3, 2, 1, 4]]
+    g = torch.Generator().manual_seed(0)
+    tied = torch.randint(0, 6, (7, 300), generator=g).float() * (1 + torch.rand(1, 300, generator=g) * 1e-6)
+    for x in (tied, tied.double(), tied[:, :1], tied[:1]):
+        assert torch.equal(ops.descending_order(x), torch.sort(x.float(), dim=1, descending=True, stable=True).indices)
+    # by_rank puts the value of rank k at the entry of rank k: the probabilities of the test above
+    table = ops.magprune_rank_probabilities(4, 0.5, 0.2, "paper")
+    assert torch.allclose(table, 1 - torch.tensor([0.40, 0.45, 0.50, 0.55]))
+    assert torch.equal(ops.by_rank(ops.descending_order(torch.tensor([[2.0, 4.0, 1.0, 3.0]])), table),
+                       table[torch.tensor([[2, 0, 3, 1]])])
+
+
 def test_magprune_keep_frequency_and_unbiasedness_match_the_probabilities():
     """Over 4000 seeds, each entry's keep frequency is its keep probability 1 - p_i (within 4.5 standard
     errors), and with the paper's 1/(1 - p_i) rescaling the mean of the pruned vector is tau."""

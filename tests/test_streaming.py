@@ -117,6 +117,27 @@ def test_row_kernels_equal_their_references_on_matrices(monkeypatch, dtype, name
     assert torch.equal(kernel(name)(inp, p), method.reference(inp, p))
 
 
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("rescale", ["l1", "inverse", "none"])
+def test_della_kernels_take_per_model_density_and_epsilon(monkeypatch, name, rescale):
+    """The models' own density and epsilon (mergekit's DELLA configs set them per model) run on the block
+    kernel, not the whole-tensor reference (:data:`PER_MODEL_KERNELS`), bit for bit the reference: three
+    experts of densities 0.3, 1 (not pruned: no draws, no rescaling) and 0.7, on a 40 x 25 bf16 matrix in
+    blocks of one row, two threads."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    base, experts = _inputs(3, 1000, torch.bfloat16, seed=4, scale=0.5)
+    base, experts = base.reshape(40, 25), [e.reshape(40, 25) for e in experts]
+    method = get_method(name)
+    p = method.parse_params({"spacing": "mergekit", "rescale": rescale, "seed": 7})
+    own = [{"density": 0.3, "epsilon": 0.2}, {"density": 1.0}, {"density": 0.7, "epsilon": 0.05}]
+    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0], model_params=own)
+    assert name in PER_MODEL_KERNELS
+    out = kernel(name)(inp, p)
+    assert torch.equal(out, method.reference(inp, p))
+    assert not torch.equal(out, kernel(name)(TensorInputs("w", base, experts, [1.0, 0.5, 2.0]), p))
+
+
 def test_every_method_has_a_torch_kernel_and_a_case():
     """Every data-free method of the catalog runs as a block kernel on the torch back-end (none falls back
     to its whole-tensor reference), and each is checked below."""
@@ -155,14 +176,19 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", sorted(PER_MODEL_KERNELS))
 def test_per_model_kernels_equal_their_references_with_per_model_parameters(monkeypatch, dtype, name):
-    """A kernel in PER_MODEL_KERNELS reads each model's own density and gamma as its reference does (here
-    three different bands, one expert whole at density 1), bit for bit; the engine runs it on such specs."""
+    """A kernel in PER_MODEL_KERNELS reads each model's own density and gamma (DELLA: epsilon) as its
+    reference does (here three different bands or drop spreads, one expert whole at density 1), bit for bit;
+    the engine runs it on such specs."""
     _small_blocks(monkeypatch)
     monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
     base, experts = _inputs(3, 1000, dtype)
     method = get_method(name)
-    p = method.parse_params({"density": 0.7, "gamma": 0.05})
-    model_params = [{"density": 0.5, "gamma": 0.1}, {"density": 1.0}, {"gamma": 0.0}]
+    if name.startswith("della"):
+        p = method.parse_params({"density": 0.7, "spacing": "mergekit", "rescale": "l1"})
+        model_params = [{"density": 0.5, "epsilon": 0.2}, {"density": 1.0}, {"epsilon": 0.05}]
+    else:
+        p = method.parse_params({"density": 0.7, "gamma": 0.05})
+        model_params = [{"density": 0.5, "gamma": 0.1}, {"density": 1.0}, {"gamma": 0.0}]
     inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0], model_params=model_params)
     ref = method.reference(inp, p)
     assert torch.equal(_bits(kernel(name)(inp, p)), _bits(ref))

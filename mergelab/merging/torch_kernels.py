@@ -37,7 +37,7 @@ import torch
 
 from mergelab import ops
 from mergelab.ops import selection
-from mergelab.merging.pipeline import run_in_chunks
+from mergelab.merging.pipeline import compute_workers, run_in_chunks
 from mergelab.methods import catalog
 from mergelab.methods.base import TensorInputs
 from mergelab.methods.catalog import (
@@ -576,66 +576,130 @@ def _row_blocks(n: int, row: int) -> list[tuple[int, int]]:
 
 def _della(inp: TensorInputs, p: DellaLinearParams,
            combine: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """DELLA's MAGPRUNE (:func:`mergelab.ops.magprune`) on blocks of whole rows (its ranks are per row), then
-    ``combine(pruned, acc)``. The masks are drawn from each expert's generator in flat order, so the blocks go
-    in order, a block's experts on all cores (as DARE's); ``rescale: l1`` takes its two norms from one
-    tensor-sized buffer first (torch's whole-tensor sums, as the reference)."""
+    """DELLA's MAGPRUNE (:func:`mergelab.ops.magprune`) on blocks of whole rows, then ``combine(pruned, acc)``
+    (``acc``: a scratch block), ``lambda`` and the base: the merged block, rounded once into the output dtype.
+
+    Expert i (its own ``density`` and ``epsilon`` when the spec gives per-model values) keeps entry j with
+    probability ``q_ij = table_i[r_ij]``, ``r_ij`` the descending rank of ``|tau_ij|`` in its row (ties by
+    position) and ``table_i`` :func:`mergelab.ops.magprune_rank_probabilities`; the mask ``u_ij < q_ij`` takes
+    ``u`` from expert i's generator in flat order, so each expert's blocks are drawn in order (a draw of
+    ``m`` then ``m'`` uniforms equals one of ``m + m'``: the reference's masks). The ranks come from
+    :func:`mergelab.ops.descending_order` (a radix sort of the magnitudes' bits) and
+    :func:`mergelab.ops.by_rank` (one scatter), on each row block.
+
+    - ``rescale: l1`` (``m_i tau_i ||tau_i||_1 / ||m_i tau_i||_1``): the two norms are torch's float32 sums
+      over the whole tensor, as the reference's (their order cannot be reproduced block by block), so a
+      first pass draws every expert's mask (experts on all cores, each walking its blocks in order) into one
+      boolean per entry and expert; then, expert by expert, one tensor-sized buffer holds ``|tau_i|`` (filled
+      on all cores) for the first sum and ``m_i |tau_i|`` for the second; the last pass, over independent
+      blocks on all cores, applies masks and factors and combines. Temporaries: ``n`` bytes per pruned expert
+      plus one ``n``-entry buffer of the compute dtype, and blocks;
+    - ``inverse`` (``m_ij tau_ij / q_ij``) and ``none``: one pass, blocks in order, a block's experts on all
+      cores, then its combination split over the cores.
+    """
     shape = inp.base.shape  # type: ignore[union-attr]
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
     n = base_in.numel()
-    out = torch.empty(shape, dtype=inp.result_dtype, device=base_in.device)
+    device = base_in.device
+    out = torch.empty(shape, dtype=inp.result_dtype, device=device)
     if n == 0:
         return out
+    out_flat = out.view(-1)
     dtype = inp.compute_dtype
     row = n // shape[0] if len(shape) >= 2 else n
     ranges = _row_blocks(n, row)
-    pruning = p.density < 1.0
+    densities = [inp.per_model(i, "density", p.density) for i in range(len(flats))]
+    epsilons = [inp.per_model(i, "epsilon", p.epsilon) for i in range(len(flats))]
+    tables = {i: ops.magprune_rank_probabilities(row, d, epsilons[i], p.spacing).to(device)
+              for i, d in enumerate(densities) if d < 1.0}  # the pruned experts (density 1: tau_i as is)
 
-    def prune(i: int, tau: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        q = ops.magprune_keep_probabilities(tau.view(-1, row).abs(), p.density, p.epsilon, p.spacing).view(-1)
-        u = torch.rand(tau.numel(), generator=gen, device=tau.device)
-        return tau.mul_(u < q), q
+    def task_vector(i: int, a: int, b: int, base: torch.Tensor) -> torch.Tensor:
+        return flats[i][a:b].to(dtype) - base  # never in place: .to may alias the input
 
-    factors: list[float | None] = [None] * len(flats)
-    if pruning and p.rescale == "l1":
-        # one tensor-sized buffer, filled twice per expert: tau_i for ||tau_i||_1, then the pruned tau_i (the
-        # masks redrawn from a fresh generator of the same seed: the same draws) for ||m_i tau_i||_1. The sums
-        # are torch's whole-tensor reductions, as the reference's: their order cannot be reproduced block by
-        # block, so the buffer stays; the second one (kept) is what this saves.
-        whole = torch.empty(n, dtype=dtype, device=base_in.device)
-        for i, e in enumerate(flats):
-            for a, b in ranges:
-                whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype))
-            before = float(whole.view(shape).abs_().sum())
-            gen = inp.generator(p.seed, i)
-            for a, b in ranges:
-                prune(i, whole[a:b].copy_(e[a:b]).sub_(base_in[a:b].to(dtype)), gen)
-            after = float(whole.view(shape).abs_().sum())
+    def mask(i: int, tau: torch.Tensor, gen: torch.Generator, keep: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert i's keep mask ``u < q`` on a row block (``u`` drawn next from ``gen``) and ``q``."""
+        q = ops.by_rank(ops.descending_order(tau.view(-1, row).abs()), tables[i]).view(-1)
+        u = torch.rand(tau.numel(), generator=gen, device=device)
+        return torch.lt(u, q, out=keep) if keep is not None else u < q, q
+
+    def finish(a: int, b: int, base: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        merged = combine(taus, torch.empty(b - a, dtype=dtype, device=device))
+        if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
+            merged.mul_(p.lambda_)
+        out_flat[a:b].copy_(merged.add_(base))
+
+    if p.rescale == "l1" and tables:
+        pruned = sorted(tables)
+        masks = {i: torch.empty(n, dtype=torch.bool, device=device) for i in pruned}
+
+        def draw(first: int, stop: int) -> None:
+            for i in pruned[first:stop]:
+                gen = inp.generator(p.seed, i)
+                for a, b in ranges:
+                    mask(i, task_vector(i, a, b, base_in[a:b].to(dtype)), gen, masks[i][a:b])
+
+        run_in_chunks(len(pruned), draw)
+        factors: dict[int, float | None] = {}
+        whole = torch.empty(n, dtype=dtype, device=device)
+        for i in pruned:
+
+            def magnitudes(first: int, stop: int, i: int = i) -> None:
+                for a, b in ranges[first:stop]:
+                    torch.sub(flats[i][a:b].to(dtype), base_in[a:b].to(dtype), out=whole[a:b]).abs_()
+
+            def masked(first: int, stop: int, i: int = i) -> None:
+                for a, b in ranges[first:stop]:
+                    whole[a:b].mul_(masks[i][a:b])
+
+            run_in_chunks(len(ranges), magnitudes)
+            before = float(whole.view(shape).sum())
+            run_in_chunks(len(ranges), masked)
+            after = float(whole.view(shape).sum())
             factors[i] = before / after if before > 0 and after > 0 else None
-    gens = [inp.generator(p.seed, i) for i in range(len(flats))] if pruning else []
-    out_flat = out.view(-1)
+        del whole
+
+        def merge(first: int, stop: int) -> None:
+            for a, b in ranges[first:stop]:
+                base = base_in[a:b].to(dtype)
+                taus = []
+                for i in range(len(flats)):
+                    tau = task_vector(i, a, b, base)
+                    if i in masks:
+                        tau.mul_(masks[i][a:b])
+                        if factors[i] is not None:
+                            tau.mul_(factors[i])
+                    taus.append(tau)
+                finish(a, b, base, taus)
+
+        run_in_chunks(len(ranges), merge)
+        return out
+
+    gens = {i: inp.generator(p.seed, i) for i in tables}
     for a, b in ranges:
-        m = b - a
         base = base_in[a:b].to(dtype)
         taus: list[torch.Tensor] = [None] * len(flats)  # type: ignore[list-item]
 
         def expert(first: int, stop: int) -> None:
             for i in range(first, stop):
-                tau = flats[i][a:b].to(dtype) - base
-                if pruning:
-                    tau, q = prune(i, tau, gens[i])
+                tau = task_vector(i, a, b, base)
+                if i in tables:
+                    keep, q = mask(i, tau, gens[i])
+                    tau.mul_(keep)
                     if p.rescale == "inverse":
                         tau.div_(q)
-                    elif factors[i] is not None:
-                        tau.mul_(factors[i])
                 taus[i] = tau
 
         run_in_chunks(len(flats), expert)
-        merged = combine(taus, torch.empty(m, dtype=dtype, device=base.device))
-        if p.lambda_ != 1.0:
-            merged.mul_(p.lambda_)
-        out_flat[a:b].copy_(merged.add_(base))
+        step = -(-(b - a) // compute_workers())  # the combination is entry-wise: any split will do
+
+        def part(first: int, stop: int) -> None:
+            for s in range(first * step, min(b - a, stop * step), step):
+                t = min(b - a, s + step)
+                finish(a + s, a + t, base[s:t], [tau[s:t] for tau in taus])
+
+        run_in_chunks(-(-(b - a) // step), part)
     return out
 
 
@@ -1032,4 +1096,4 @@ KERNELS: dict[str, Kernel] = {
 
 #: Kernels that read the models' own parameters (``inp.per_model``) as their references do: the engine runs
 #: them on a spec with per-model values too (the others then run their references, on whole tensors).
-PER_MODEL_KERNELS: frozenset[str] = frozenset({"breadcrumbs", "breadcrumbs_ties"})
+PER_MODEL_KERNELS: frozenset[str] = frozenset({"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})

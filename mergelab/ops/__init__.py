@@ -41,8 +41,9 @@ _EXPORTS: dict[str, str] = {
                     "overlap"),
     **dict.fromkeys(("fusion_importance", "fusion_importance_of", "fusion_merge", "fusion_row_divergence",
                      "fusion_rows", "fusion_threshold", "nearswap", "quantile_ranks"), "fusion"),
-    **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "drop", "keep_top", "keep_top_into", "magprune",
-                     "magprune_keep_probabilities", "rows_of", "top_set", "trim", "trim_band"), "sparsify"),
+    **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "by_rank", "descending_order", "drop", "keep_top",
+                     "keep_top_into", "magprune", "magprune_keep_probabilities", "magprune_rank_probabilities",
+                     "rows_of", "top_set", "trim", "trim_band"), "sparsify"),
 }
 
 if TYPE_CHECKING:
@@ -96,11 +97,14 @@ if TYPE_CHECKING:
         BlockTrim,
         band_mask,
         band_ranks,
+        by_rank,
+        descending_order,
         drop,
         keep_top,
         keep_top_into,
         magprune,
         magprune_keep_probabilities,
+        magprune_rank_probabilities,
         rows_of,
         top_set,
         trim,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mergelab.ops.select import keep_count, kth_largest
@@ -196,24 +197,53 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 MagpruneSpacing = Literal["paper", "mergekit"]
 
 
-def magprune_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float,
-                                spacing: MagpruneSpacing = "paper") -> torch.Tensor:
-    """DELLA's per-entry keep probabilities ``1 - p_i`` (Deep et al. 2024, "DELLA-Merging", MAGPRUNE), ranked
-    within each row of ``magnitude`` (a 2-D ``(rows, n)`` view: the paper ranks each node's, i.e. output
-    row's, delta parameters), float32.
+def descending_order(magnitude: torch.Tensor) -> torch.Tensor:
+    """Per row of the 2-D ``magnitude`` (entries >= 0), its column positions by decreasing value, ties by
+    increasing position: ``torch.sort(magnitude.float(), dim=1, descending=True, stable=True).indices``
+    (int64), the rank order of MAGPRUNE (:func:`magprune_keep_probabilities`). Values are compared as
+    float32.
 
-    - ``paper``: rank ``r_i = 0`` for the largest magnitude up to ``n - 1`` for the smallest (ties by
-      position), drop probability ``p_i = p_min + epsilon r_i / n`` with ``p_min = p - epsilon / 2`` and
-      ``p = 1 - density``: ``p_i`` spans ``[p - epsilon/2, p + epsilon/2)``, larger magnitudes dropped less;
-    - ``mergekit``: ascending rank ``s_i`` (0 for the smallest) normalised to ``s_i / (n - 1)`` (0 for a row of
-      one entry), keep probability ``density - epsilon + 2 epsilon s_i / (n - 1)``: spans
-      ``[density - epsilon, density + epsilon]`` (mergekit's ``epsilon`` is the half width).
+    On the CPU, without a comparison sort: float32 values ``>= 0`` order as their bit patterns read as
+    integers, so the key ``0x7fffffff - bits`` (sign bit cleared: -0 ties with +0) sorts ascending in the
+    wanted order, and a least-significant-digit radix sort over its two 16-bit halves (numpy's stable
+    argsort of ``uint16``, a radix sort; low half first, then the high half stably) gives the positions,
+    ties kept in position order. The low pass is skipped when every key has the same low half (a stable
+    sort of equal keys changes nothing), as in task vectors of bf16 models. 5-7x faster than the stable
+    float sort on rows of 2048 (benchmark rows, 2 cores shared). Other devices: ``torch.sort``.
     """
-    rows, n = magnitude.shape
-    order = torch.sort(magnitude.float(), dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n, device=magnitude.device).expand(rows, n))
-    r = ranks.to(torch.float32)
+    values = magnitude.float()
+    if values.device.type != "cpu":
+        return torch.sort(values, dim=1, descending=True, stable=True).indices
+    rows, n = values.shape
+    bits = values.contiguous().view(torch.int32).numpy().view(np.uint32)
+    key = np.uint32(0x7FFFFFFF) - (bits & np.uint32(0x7FFFFFFF))
+    high = (key >> np.uint32(16)).astype(np.uint16)
+    low = key.astype(np.uint16)  # the low 16 bits (a truncating cast)
+    if low.size == 0 or low.min() == low.max():
+        return torch.from_numpy(np.argsort(high, axis=1, kind="stable").astype(np.int64, copy=False))
+    first = np.argsort(low, axis=1, kind="stable")
+    offsets = (np.arange(rows, dtype=np.intp) * n)[:, None]
+    first_flat = (first + offsets).ravel()
+    second = np.argsort(high.ravel()[first_flat].reshape(rows, n), axis=1, kind="stable")
+    order = first_flat[(second + offsets).ravel()].reshape(rows, n) - offsets
+    return torch.from_numpy(order.astype(np.int64, copy=False))
+
+
+def magprune_rank_probabilities(n: int, density: float, epsilon: float, spacing: MagpruneSpacing = "paper"
+                                ) -> torch.Tensor:
+    """DELLA's keep probability ``1 - p_r`` of each descending rank ``r = 0 .. n-1`` in a row of ``n`` entries
+    (Deep et al. 2024, "DELLA-Merging", MAGPRUNE), float32, as a vector indexed by rank:
+
+    - ``paper``: drop probability ``p_r = p_min + epsilon r / n`` with ``p_min = p - epsilon / 2`` and
+      ``p = 1 - density`` (``r = 0`` the largest magnitude): ``p_r`` spans ``[p - epsilon/2, p + epsilon/2)``,
+      larger magnitudes dropped less;
+    - ``mergekit``: ascending rank ``s = n - 1 - r`` (0 for the smallest) normalised to ``s / (n - 1)`` (0 for a
+      row of one entry), keep probability ``density - epsilon + 2 epsilon s / (n - 1)``: spans
+      ``[density - epsilon, density + epsilon]`` (mergekit's ``epsilon`` is the half width).
+
+    Computed in float32 from the float32 ranks, operation by operation.
+    """
+    r = torch.arange(n).to(torch.float32)
     if spacing == "paper":
         drop = (1.0 - density) - epsilon / 2.0 + r * (epsilon / n)
         return 1.0 - drop
@@ -222,6 +252,25 @@ def magprune_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon
         norm = ascending / (n - 1) if n > 1 else torch.zeros_like(ascending)
         return (density - epsilon) + norm * (2.0 * epsilon)
     raise ValueError(f"spacing must be 'paper' or 'mergekit', got {spacing!r}")
+
+
+def by_rank(order: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[i, order[i, k]] = table[k]``: a per-rank value (``table``, one per rank of a row) placed at the
+    entry of that rank (``order`` from :func:`descending_order`), i.e. ``table[rank]`` without forming the
+    ranks (one scatter, the inverse permutation)."""
+    rows, n = order.shape
+    out = torch.empty((rows, n), dtype=table.dtype, device=order.device)
+    return out.scatter_(1, order, table.to(order.device).expand(rows, n))
+
+
+def magprune_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float,
+                                spacing: MagpruneSpacing = "paper") -> torch.Tensor:
+    """DELLA's per-entry keep probabilities ``1 - p_i`` (MAGPRUNE), ranked within each row of ``magnitude``
+    (a 2-D ``(rows, n)`` view: the paper ranks each node's, i.e. output row's, delta parameters), float32:
+    entry ``i`` of descending rank ``r_i`` (0 for the largest magnitude, ties by position:
+    :func:`descending_order`) gets :func:`magprune_rank_probabilities`'s value of ``r_i``."""
+    _, n = magnitude.shape
+    return by_rank(descending_order(magnitude), magprune_rank_probabilities(n, density, epsilon, spacing))
 
 
 def rows_of(tau: torch.Tensor) -> torch.Tensor:
