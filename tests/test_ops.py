@@ -507,3 +507,29 @@ def test_slerp_and_model_stock_take_their_reductions_from_the_block_gram() -> No
     # model stock: two task vectors at angle phi, ratio 2 cos / (1 + cos)
     c = math.cos(phi)
     assert ops.model_stock_ratio([u, b]) == pytest.approx(2 * c / (1 + c), rel=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keep_top_into_by_hand_with_and_without_the_tie_count(dtype) -> None:
+    """|x| = 3 2 1 2 2 0 2 at threshold 2: above it only the 3; the first `ties` of the four 2s in flat
+    order join it, all of them when ties >= 4 or ties is None; the count of ties given or not, the same mask
+    and the same number of ties used (numpy's comparisons for float32/64 on the CPU, torch's for bf16)."""
+    x = torch.tensor([3.0, 2, 1, 2, 2, 0, 2], dtype=dtype)
+    expect = {0: [0], 1: [0, 1], 3: [0, 1, 3, 4], 4: [0, 1, 3, 4, 6], 9: [0, 1, 3, 4, 6], None: [0, 1, 3, 4, 6]}
+    for ties, kept in expect.items():
+        for tied in (None, 4):
+            out = torch.empty(7, dtype=torch.bool)
+            used = ops.keep_top_into(x, 2.0, ties, out, tied)
+            assert torch.nonzero(out).squeeze(1).tolist() == kept, (ties, tied)
+            assert used == (0 if ties is None else min(ties, 4)), (ties, tied)
+
+
+def test_apply_mask_and_remove_into_by_hand() -> None:
+    """tau * keep keeps a dropped entry's sign as a zero (-3 -> -0.0); keep &= ~removed."""
+    tau = torch.tensor([1.5, -3.0, 2.0, -0.0])
+    keep = torch.tensor([True, False, True, True])
+    ops.remove_into(keep, torch.tensor([False, False, True, False]))
+    assert keep.tolist() == [True, False, False, True]
+    out = ops.apply_mask_(tau, keep)
+    assert out is tau and tau.tolist() == [1.5, -0.0, 0.0, -0.0]
+    assert [math.copysign(1.0, v) for v in tau.tolist()] == [1.0, -1.0, 1.0, -1.0]

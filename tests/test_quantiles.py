@@ -91,3 +91,23 @@ def test_bad_ranks_are_rejected() -> None:
     ranks.observe(0, torch.zeros(5))
     with pytest.raises(RuntimeError):
         ranks.result()
+
+
+def test_split_counts_below_and_ties_per_block_for_the_rank_value() -> None:
+    """Values 0 x 6, 1 x 4, 2 x 3, 5 (blocks of 4): the ranks 3, 7 and 13 are 0, 1 and 5; below them 0, 6
+    and 13 values, and their ties per block (0s: 4 2 0 0, 1s: 0 2 2 0, the 5: 0 0 0 1), whether the value
+    was counted apart (a run at lo in the sample) or gathered."""
+    values = torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 5])
+    for sample in (values, torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0])):
+        ranks = BlockRanks(14, [3, 7, 13], sample, 4)
+        _observe_all(ranks, values, 4)
+        assert ranks.result() == [0.0, 1.0, 5.0]
+        assert ranks.split(0) == (0, [4, 2, 0, 0])
+        assert ranks.split(1) == (6, [0, 2, 2, 0])
+        assert ranks.split(2) == (13, [0, 0, 0, 1])
+    # a collapsed bracket on a run (lo = hi = 0, counted apart): rank 300 of 600 zeros then 400 ones
+    values = torch.cat([torch.zeros(600), torch.ones(400)])
+    ranks = BlockRanks(1000, [300], torch.cat([torch.zeros(60), torch.ones(40)]), 4)
+    _observe_all(ranks, values, 256)
+    assert ranks.tied == [True] and ranks.result() == [0.0]
+    assert ranks.split(0) == (0, [256, 256, 88, 0])

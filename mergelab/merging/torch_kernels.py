@@ -256,54 +256,55 @@ def _sum_into(acc: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[flo
 
 def _top_selections(
     base: torch.Tensor, experts: list[torch.Tensor], ks: Sequence[Sequence[int]], dtype: torch.dtype
-) -> list[list[tuple[float, list[int]]]]:
+) -> list[list[tuple[float, list[int], list[int]]]]:
     """Per expert i, for each k of ``ks[i]`` (its own ranks; may be empty): the exact k-th largest ``|tau_i|`` t
     (what :func:`mergelab.ops.kth_largest` returns on the whole ``|tau_i|``) and, per block of
     :func:`mergelab.ops.block_size` entries, how many of the entries tied at t the top k keeps (first in flat
-    order: :func:`mergelab.ops.selection.split_ties`), so a block's top-k mask is
-    ``keep_top_into(|tau_i|, t, quota)`` (:func:`mergelab.ops.top_set`'s set). One pass over the blocks for
-    all experts and ranks (:class:`mergelab.ops.BlockKthLargest`); small tensors and the rare bracket miss on
-    the whole tensor."""
+    order: :func:`mergelab.ops.selection.split_ties`) and how many there are, so a block's top-k mask is
+    ``keep_top_into(|tau_i|, t, quota, tied=count)`` (:func:`mergelab.ops.top_set`'s set). One pass over the
+    blocks for all experts and ranks (:class:`mergelab.ops.BlockRanks`, all of an expert's ranks in one
+    visit); small tensors and the rare bracket miss on the whole tensor."""
     n = base.numel()
     block = ops.block_size()
     blocks = ops.block_count(n)
 
-    def whole(expert: torch.Tensor, k: int) -> tuple[float, list[int]]:  # never in place: .to may alias the input
+    def whole(expert: torch.Tensor, k: int) -> tuple[float, list[int], list[int]]:  # never in place: .to may alias
         mag = torch.sub(expert.to(dtype), base.to(dtype)).abs_()
         t = float(ops.kth_largest(mag, k))
         tied = [int(torch.count_nonzero(mag[a:b] == t)) for a, b in ops.block_ranges(n, block)]
-        return t, selection.split_ties(k - int(torch.count_nonzero(mag > t)), tied)
+        return t, selection.split_ties(k - int(torch.count_nonzero(mag > t)), tied), tied
 
     if n <= ops.select_small_size():
         return [[whole(e, k) for k in ks_i] for e, ks_i in zip(experts, ks)]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    idx = torch.randint(0, n, (ops.select_sample_size(),), generator=gen).to(base.device)
+    idx = torch.randint(0, n, (ops.quantile_sample_size(n),), generator=gen).to(base.device)
     base_sample = base[idx].to(dtype)
-    selectors = []
-    for e, ks_i in zip(experts, ks):
-        sample = torch.sub(e[idx].to(dtype), base_sample).abs_() if ks_i else None
-        selectors.append([ops.BlockKthLargest(n, k, sample, blocks) for k in ks_i])
-    selected = [(per_k, e) for per_k, e in zip(selectors, experts) if per_k]
+    ranks = [ops.BlockRanks(n, [n - k for k in ks_i], torch.sub(e[idx].to(dtype), base_sample).abs_(), blocks)
+             if ks_i else None for e, ks_i in zip(experts, ks)]
+    selected = [(r, e) for r, e in zip(ranks, experts) if r is not None]
 
     def work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(3, n, dtype, base.device)
+        buffers = ops.BlockBuffers(2, n, dtype, base.device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
-            mag, b, scratch = buffers.get(end - start)
+            mag, b = buffers.get(end - start)
             b.copy_(base[start:end])
-            for per_k, e in selected:
-                mag.copy_(e[start:end]).sub_(b).abs_()
-                for selector in per_k:
-                    selector.observe(j, mag, scratch)
+            for r, e in selected:
+                r.observe(j, mag.copy_(e[start:end]).sub_(b).abs_())
 
     if selected:
         run_in_chunks(blocks, work)
     values = []
-    for per_k, e, ks_i in zip(selectors, experts, ks):
+    for r, e, ks_i in zip(ranks, experts, ks):
         row = []
-        for selector, k in zip(per_k, ks_i):
-            found = selector.result()
-            row.append(whole(e, k) if found is None else (found[0], selector.tie_quotas(k - found[1])))
+        for i, k in enumerate(ks_i):
+            t = r.result()[i]  # type: ignore[union-attr]
+            if t is None:
+                row.append(whole(e, k))
+                continue
+            below, tied = r.split(i)  # type: ignore[union-attr]
+            above = n - below - sum(tied)
+            row.append((t, selection.split_ties(k - above, tied), tied))
         values.append(row)
     return values
 
@@ -440,12 +441,12 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
                 tau = taus[i].copy_(e[start:end]).sub_(base)
                 if edges[i]:
                     torch.abs(tau, out=magnitude)
-                    (low, low_quotas), *outliers = edges[i]
-                    ops.keep_top_into(magnitude, low, low_quotas[j], keep)
-                    for high, high_quotas in outliers:
-                        ops.keep_top_into(magnitude, high, high_quotas[j], top)
-                        keep &= top.logical_not_()
-                    tau.mul_(keep)
+                    (low, low_quotas, low_tied), *outliers = edges[i]
+                    ops.keep_top_into(magnitude, low, low_quotas[j], keep, low_tied[j])
+                    for high, high_quotas, high_tied in outliers:
+                        ops.keep_top_into(magnitude, high, high_quotas[j], top, high_tied[j])
+                        ops.remove_into(keep, top)
+                    ops.apply_mask_(tau, keep)
             merged = combine(taus, acc)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
                 merged.mul_(p.lambda_)

@@ -41,9 +41,10 @@ _EXPORTS: dict[str, str] = {
                     "overlap"),
     **dict.fromkeys(("fusion_importance", "fusion_importance_of", "fusion_merge", "fusion_row_divergence",
                      "fusion_rows", "fusion_threshold", "nearswap", "quantile_ranks"), "fusion"),
-    **dict.fromkeys(("BlockTrim", "band_mask", "band_ranks", "by_rank", "descending_order", "drop", "keep_top",
-                     "keep_top_into", "magprune", "magprune_keep_probabilities", "magprune_rank_probabilities",
-                     "rows_of", "top_set", "trim", "trim_band"), "sparsify"),
+    **dict.fromkeys(("BlockTrim", "apply_mask_", "band_mask", "band_ranks", "by_rank", "descending_order", "drop",
+                     "keep_top", "keep_top_into", "magprune", "magprune_keep_probabilities",
+                     "magprune_rank_probabilities", "remove_into", "rows_of", "top_set", "trim", "trim_band"),
+                    "sparsify"),
 }
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ if TYPE_CHECKING:
     )
     from mergelab.ops.sparsify import (
         BlockTrim,
+        apply_mask_,
         band_mask,
         band_ranks,
         by_rank,
@@ -105,6 +107,7 @@ if TYPE_CHECKING:
         magprune,
         magprune_keep_probabilities,
         magprune_rank_probabilities,
+        remove_into,
         rows_of,
         top_set,
         trim,

@@ -72,6 +72,7 @@ class BlockRanks:
         self.equal = [[0] * blocks for _ in self.rs]
         self.inside: list[list[Any]] = [[None] * blocks for _ in self.rs]
         self.seen = [False] * blocks
+        self._values: list[float | None] | None = None
 
     def observe(self, j: int, block: torch.Tensor | np.ndarray) -> None:
         """Count block ``j`` against every bracket ``[lo, hi]``: the entries below ``lo``, those equal to it
@@ -96,6 +97,8 @@ class BlockRanks:
 
     def result(self) -> list[float | None]:
         """Per rank, its exact value, or None when it lies outside its bracket (then select on the whole)."""
+        if self._values is not None:
+            return self._values
         if not all(self.seen):
             raise RuntimeError(f"result before every block was observed ({self.seen.count(False)} missing)")
         values: list[float | None] = []
@@ -108,7 +111,20 @@ class BlockRanks:
             local -= equal
             inside = np.concatenate(self.inside[i])
             values.append(float(np.partition(inside, local)[local]) if 0 <= local < inside.size else None)
+        self._values = values
         return values
+
+    def split(self, i: int) -> tuple[int, list[int]]:
+        """For rank ``rs[i]`` after a successful :meth:`result`: how many values lie below its value ``v``,
+        and per block how many equal ``v`` (``v`` is ``lo``, counted apart, or lies among the gathered)."""
+        v = self.result()[i]
+        if v is None:
+            raise RuntimeError(f"rank {self.rs[i]} lies outside its bracket: no split")
+        below = sum(self.below[i])
+        if self.tied[i] and v == self.brackets[i][0]:
+            return below, list(self.equal[i])
+        below += sum(self.equal[i]) + sum(int(np.count_nonzero(x < v)) for x in self.inside[i])
+        return below, [int(np.count_nonzero(x == v)) for x in self.inside[i]]
 
 
 def kth_largest_many(values: torch.Tensor, ks: Sequence[int], *, seed: int = 0) -> list[float]:

@@ -46,15 +46,31 @@ def keep_top(magnitude: torch.Tensor, threshold: float, ties: int | None) -> tor
 
 
 def keep_top_into(
-    magnitude: torch.Tensor, threshold: float, ties: int | None, out: torch.Tensor
+    magnitude: torch.Tensor, threshold: float, ties: int | None, out: torch.Tensor, tied: int | None = None
 ) -> int:
     """:func:`keep_top` written into the preallocated boolean ``out`` (same shape as ``magnitude``).
 
     For block-wise trimming, ``ties`` is how many entries tied at ``threshold`` may still be kept (the
     first ones in flat order), None to keep all of them. Returns how many tied entries this call kept, so
     a caller walking the blocks of a tensor in order subtracts it and keeps exactly what a whole-tensor
-    :func:`keep_top` keeps.
+    :func:`keep_top` keeps. ``tied``, when known, is how many entries equal ``threshold`` (saves counting
+    them). On the CPU the comparisons are numpy's on the same memory (vectorised, unlike torch's boolean
+    comparisons): the same mask.
     """
+    if (magnitude.device.type == "cpu" and out.device.type == "cpu" and magnitude.dtype != torch.bfloat16
+            and out.is_contiguous()):
+        x, o = magnitude.numpy(), out.numpy()
+        t = x.dtype.type(threshold)
+        if ties is not None and ties > 0 and tied is None:
+            tied = int(np.count_nonzero(np.equal(x, t, out=o)))
+        if ties is None or (ties > 0 and ties >= tied):  # type: ignore[operator]
+            np.greater_equal(x, t, out=o)
+            return 0 if ties is None else tied  # type: ignore[return-value]
+        np.greater(x, t, out=o)
+        if ties <= 0:
+            return 0
+        o.reshape(-1)[np.flatnonzero(x == t)[:ties]] = True
+        return ties
     torch.gt(magnitude, threshold, out=out)
     if ties is None:
         out |= magnitude == threshold
@@ -62,13 +78,33 @@ def keep_top_into(
     if ties <= 0:
         return 0
     equal = magnitude == threshold
-    n_equal = int(torch.count_nonzero(equal))
+    n_equal = int(torch.count_nonzero(equal)) if tied is None else tied
     if ties >= n_equal:
         out |= equal
         return n_equal
     first = torch.nonzero(equal.reshape(-1)).squeeze(1)[:ties]
     out.view(-1)[first] = True
     return ties
+
+
+def apply_mask_(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``tau * keep`` in place (``keep`` boolean, same shape): the kept entries, and a zero of each dropped
+    entry's sign. On the CPU numpy's product (vectorised; torch's by a boolean tensor is not)."""
+    if tau.device.type == "cpu" and keep.device.type == "cpu" and tau.dtype != torch.bfloat16:
+        x = tau.numpy()
+        np.multiply(x, keep.numpy(), out=x)
+        return tau
+    return tau.mul_(keep)
+
+
+def remove_into(keep: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """``keep &= ~removed`` (boolean masks of one shape), numpy's on the CPU; ``removed`` is unchanged."""
+    if keep.device.type == "cpu" and removed.device.type == "cpu":
+        k = keep.numpy()
+        np.greater(k, removed.numpy(), out=k)  # True > False: kept and not removed
+        return keep
+    keep &= removed.logical_not()
+    return keep
 
 
 class BlockTrim:
