@@ -99,7 +99,7 @@ def test_magprune_probabilities_follow_the_paper_and_mergekit_spacings():
 def test_descending_order_ranks_by_magnitude_then_position():
     """Hand-built ties: rows 3 1 3 0 1 3 and 0 2 0 2 give positions 0 2 5 1 4 3 and 1 3 0 2 (equal values in
     position order); -0 ties with +0. Values that differ only in their float32 bits' low half (1 and the
-    next floats above it) take the radix sort's second pass: 1+2u 1 1+u 1+2u 1 -> 0 3 2 1 4. The same as
+    next floats above it) take the radix sort's low pass: 1+2u 1 1+u 1+2u 1 -> 0 3 2 1 4. The same as
     torch's stable descending sort on a tied random matrix, and per row."""
     mag = torch.tensor([[3.0, 1.0, 3.0, 0.0, 1.0, 3.0]])
     assert ops.descending_order(mag).tolist() == [[0, 2, 5, 1, 4, 3]]
@@ -109,9 +109,15 @@ def test_descending_order_ranks_by_magnitude_then_position():
     up2 = torch.nextafter(up, torch.tensor(2.0))
     row = torch.stack([up2, one, up, up2, one]).reshape(1, 5)
     assert ops.descending_order(row).tolist() == [[0, 3, 2, 1, 4]]
+    # one entry in 16 off bf16 (the merge sort of the nearly sorted key): 1 1+u 1 ... 1 2 -> 15 1 0 2 3 .. 14
+    row = torch.ones(1, 16)
+    row[0, 1], row[0, 15] = up, 2.0
+    assert ops.descending_order(row).tolist() == [[15, 1, 0] + list(range(2, 15))]
     g = torch.Generator().manual_seed(0)
     tied = torch.randint(0, 6, (7, 300), generator=g).float() * (1 + torch.rand(1, 300, generator=g) * 1e-6)
-    for x in (tied, tied.double(), tied[:, :1], tied[:1]):
+    few = tied.bfloat16().float()
+    few[:, ::20] = tied[:, ::20]  # one entry in 20 off bf16
+    for x in (tied, tied.double(), tied[:, :1], tied[:1], few, few.bfloat16()):
         assert torch.equal(ops.descending_order(x), torch.sort(x.float(), dim=1, descending=True, stable=True).indices)
     # by_rank puts the value of rank k at the entry of rank k: the probabilities of the test above
     table = ops.magprune_rank_probabilities(4, 0.5, 0.2, "paper")

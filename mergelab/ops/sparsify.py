@@ -239,30 +239,39 @@ def descending_order(magnitude: torch.Tensor) -> torch.Tensor:
     (int64), the rank order of MAGPRUNE (:func:`magprune_keep_probabilities`). Values are compared as
     float32.
 
-    On the CPU, without a comparison sort: float32 values ``>= 0`` order as their bit patterns read as
-    integers, so the key ``0x7fffffff - bits`` (sign bit cleared: -0 ties with +0) sorts ascending in the
-    wanted order, and a least-significant-digit radix sort over its two 16-bit halves (numpy's stable
-    argsort of ``uint16``, a radix sort; low half first, then the high half stably) gives the positions,
-    ties kept in position order. The low pass is skipped when every key has the same low half (a stable
-    sort of equal keys changes nothing), as in task vectors of bf16 models. 5-7x faster than the stable
-    float sort on rows of 2048 (benchmark rows, 2 cores shared). Other devices: ``torch.sort``.
+    On the CPU, without a comparison sort of floats: float32 values ``>= 0`` order as their bit patterns
+    read as integers, so the key ``0x7fffffff - bits`` (sign bit cleared: -0 ties with +0) sorts ascending
+    in the wanted order, and stable sorts of it keep tied entries in position order. First a stable sort
+    by the key's high 16 bits (numpy's stable argsort of 16-bit integers is a radix sort); then
+
+    - nothing when every low half is ``0xffff`` (values exact in bf16, as task vectors of bf16 models mostly
+      are): the high half is the whole key;
+    - when at most 1/16 of the entries have another low half: a stable sort of the whole key in that order
+      (numpy's merge sort finds it almost sorted: only values tied in their high half move);
+    - otherwise a least-significant-digit radix sort: stably by the low half, then by the high half.
+
+    One thread, blocks of 128 rows of 2048: 9 ns an entry on the benchmark's task vectors (0.5% of them off
+    bf16), 6 on bf16 values, 12 and 8 on uniform and narrow-range float32 values; torch's stable sort takes
+    55 on all of them. Other devices: ``torch.sort``.
     """
     values = magnitude.float()
     if values.device.type != "cpu":
         return torch.sort(values, dim=1, descending=True, stable=True).indices
-    rows, n = values.shape
-    bits = values.contiguous().view(torch.int32).numpy().view(np.uint32)
-    key = np.uint32(0x7FFFFFFF) - (bits & np.uint32(0x7FFFFFFF))
-    high = (key >> np.uint32(16)).astype(np.uint16)
-    low = key.astype(np.uint16)  # the low 16 bits (a truncating cast)
-    if low.size == 0 or low.min() == low.max():
-        return torch.from_numpy(np.argsort(high, axis=1, kind="stable").astype(np.int64, copy=False))
-    first = np.argsort(low, axis=1, kind="stable")
-    offsets = (np.arange(rows, dtype=np.intp) * n)[:, None]
-    first_flat = (first + offsets).ravel()
-    second = np.argsort(high.ravel()[first_flat].reshape(rows, n), axis=1, kind="stable")
-    order = first_flat[(second + offsets).ravel()].reshape(rows, n) - offsets
-    return torch.from_numpy(order.astype(np.int64, copy=False))
+    key = 0x7FFFFFFF - (values.contiguous().view(torch.int32) & 0x7FFFFFFF)
+    high = (key >> 16).to(torch.int16)  # 0 .. 0x7fff: orders as the unsigned half
+
+    def stable_argsort(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.argsort(x.numpy(), axis=1, kind="stable"))
+
+    low = key & 0xFFFF
+    other = int(torch.count_nonzero(low != 0xFFFF))
+    if other == 0:
+        return stable_argsort(high)
+    if other * 16 <= key.numel():
+        first = stable_argsort(high)
+        return torch.gather(first, 1, stable_argsort(torch.gather(key, 1, first)))
+    first = torch.from_numpy(np.argsort(low.numpy().astype(np.uint16), axis=1, kind="stable"))
+    return torch.gather(first, 1, stable_argsort(torch.gather(high, 1, first)))
 
 
 def magprune_rank_probabilities(n: int, density: float, epsilon: float, spacing: MagpruneSpacing = "paper"
