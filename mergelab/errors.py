@@ -25,3 +25,8 @@ class NonFiniteError(MergeLabError):
 
 class SpecError(MergeLabError):
     """A merge (or experiment) specification is invalid: unknown method, bad parameter, empty model list."""
+
+
+class MethodError(MergeLabError, ValueError):
+    """A method cannot merge a tensor with these inputs and parameters (e.g. Multi-SLERP of antipodal vectors
+    whose weights cancel); the merge loop adds the tensor's name."""

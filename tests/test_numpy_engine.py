@@ -605,3 +605,18 @@ def test_gram_kernels_closed_form(tmp_path, monkeypatch):
     c = math.sin(math.pi / 4)
     torch.testing.assert_close(load_state_dict(tmp_path / "slerp")["w"], c * ends[0] + c * ends[1],
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_multislerp_of_cancelling_unit_vectors_is_a_clear_error(tmp_path, engine):
+    """Three one-entry task vectors +1, -1, +1 at normalised weights 0.2, 0.5, 0.3: their unit vectors' weighted
+    sum is exactly zero, so Multi-SLERP has no direction (mergekit raises too); the merge fails naming the
+    tensor, a user error (MethodError), and leaves no output."""
+    from mergelab.errors import MethodError
+
+    paths = [save_state_dict({"s": torch.tensor([v]), "w": torch.full((2, 3), v)}, tmp_path / f"m{i}.safetensors")
+             for i, v in enumerate([0.0, 1.0, -1.0, 1.0])]
+    spec = _plain_spec("multislerp", paths, weights=[0.5, 1.25, 0.75])
+    with pytest.raises(MethodError, match="tensor '(s|w)': multislerp: the weighted sum of the unit vectors is zero"):
+        merge(spec, tmp_path / "out", progress=False, engine=engine)
+    assert not (tmp_path / "out").exists()

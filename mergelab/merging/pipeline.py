@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from mergelab.checkpoints.write_behind import WriteBehind
 from mergelab.checkpoints.writer import CheckpointWriter
+from mergelab.errors import MethodError
 
 T = TypeVar("T")
 
@@ -171,7 +172,10 @@ def stream_tensors(
         items = ((name, None) for name in names)
     with WriteBehind(writer, PIPELINE_BYTES) as writes:
         for name, inputs in items:
-            out, size = compute(name, inputs)
+            try:
+                out, size = compute(name, inputs)
+            except MethodError as exc:
+                raise MethodError(f"tensor '{name}': {exc}") from exc
             del inputs
             writes.put(name, out, size)
             progress.update(size)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from mergelab.errors import MethodError
+
 Gram = list[list[float]]
 
 def block_dot(x: Any, y: Any, scratch: Any | None = None) -> float:
@@ -181,8 +183,8 @@ def multislerp_coefficients(g: Gram, weights: Sequence[float], *, normalize_weig
             return [0.0] * n  # every vector zero (a tensor no model changed): zero (mergekit raises for N > 2)
         if n == 2:
             return w
-        raise ValueError("multislerp: the weighted sum of the unit vectors is zero (antipodal vectors whose "
-                         "weights balance out); use different weights")
+        raise MethodError("multislerp: the weighted sum of the unit vectors is zero (antipodal vectors whose "
+                          "weights balance out); use different weights")
     scale = sum(wi * ni for wi, ni in zip(w, norms)) / mean_norm
     return [scale * ai for ai in a]
 
