@@ -284,9 +284,9 @@ def _top_selections(
              if ks_i else None for e, ks_i in zip(experts, ks)]
     selected = [(r, e) for r, e in zip(ranks, experts) if r is not None]
 
-    def work(first: int, stop: int) -> None:
+    def work(indices: Iterator[int]) -> None:
         buffers = ops.BlockBuffers(2, n, dtype, base.device)
-        for j in range(first, stop):
+        for j in indices:
             start, end = j * block, min(n, (j + 1) * block)
             mag, b = buffers.get(end - start)
             b.copy_(base[start:end])
@@ -294,7 +294,7 @@ def _top_selections(
                 r.observe(j, mag.copy_(e[start:end]).sub_(b).abs_())
 
     if selected:
-        run_in_chunks(blocks, work)
+        run_blocks(blocks, work)
     values = []
     for r, e, ks_i in zip(ranks, experts, ks):
         row = []
@@ -430,10 +430,10 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
     out_flat = out.view(-1)
     block = ops.block_size()
 
-    def work(first: int, stop: int) -> None:
+    def work(indices: Iterator[int]) -> None:
         buffers = ops.BlockBuffers(len(flats) + 3, n, dtype, base_in.device)
         masks = ops.BlockBuffers(2, n, torch.bool, base_in.device)
-        for j in range(first, stop):
+        for j in indices:
             start, end = j * block, min(n, (j + 1) * block)
             base, acc, magnitude, *taus = buffers.get(end - start)
             keep, top = masks.get(end - start)
@@ -453,7 +453,7 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
                 merged.mul_(p.lambda_)
             out_flat[start:end].copy_(merged.add_(base))
 
-    run_in_chunks(ops.block_count(n), work)
+    run_blocks(ops.block_count(n), work)
     return out
 
 
@@ -974,7 +974,7 @@ def arcee_fusion(inp: TensorInputs, p: ArceeFusionParams) -> torch.Tensor:
         return a_in[start:end].to(dtype).view(-1, row), b_in[start:end].to(dtype).view(-1, row)
 
     def over_blocks(fn: Callable[[int, int, int], None]) -> None:
-        run_in_chunks(len(ranges), lambda first, stop: [fn(j, *ranges[j]) for j in range(first, stop)])
+        run_blocks(len(ranges), lambda indices: [fn(j, *ranges[j]) for j in indices])
 
     def kl(j: int, start: int, end: int) -> None:
         divergence[start // row: end // row].copy_(ops.fusion_row_divergence(*rows_of(start, end)))
