@@ -533,3 +533,16 @@ def test_apply_mask_and_remove_into_by_hand() -> None:
     out = ops.apply_mask_(tau, keep)
     assert out is tau and tau.tolist() == [1.5, -0.0, 0.0, -0.0]
     assert [math.copysign(1.0, v) for v in tau.tolist()] == [1.0, -1.0, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_elect_sign_positive_zero_rule_in_every_dtype(dtype) -> None:
+    """zero='positive' turns both signed zeros into +1 and leaves -1 and +1 (numpy's comparison and add on
+    the CPU for float32/64, torch's for bf16): bit for bit torch's ``sign + (sign == 0)``, a NaN sum too."""
+    taus = [torch.tensor([0.0, -0.0, -2.0, 3.0, float("nan")], dtype=dtype)]
+    out = ops.elect_sign(taus, zero="positive")
+    assert out.dtype == dtype and out[:4].tolist() == [1.0, 1.0, -1.0, 1.0]
+    sign = ops.elect_sign(taus)
+    expect = sign + (sign == 0)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(out.view(bits), expect.to(dtype).view(bits))

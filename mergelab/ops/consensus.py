@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 SignRule = Literal["mass", "count"]
@@ -85,8 +86,12 @@ def elect_sign(
         sign = torch.sign(votes)
     else:
         raise ValueError(f"sign election must be 'mass' or 'count', got {by!r}")
-    if zero == "positive":
-        sign.add_(sign == 0)  # +-0 -> 1; -1 and 1 unchanged
+    if zero == "positive":  # +-0 -> 1; -1 and 1 unchanged
+        if sign.device.type == "cpu" and sign.dtype != torch.bfloat16:
+            s = sign.numpy()  # numpy's comparison and add are vectorised, torch's boolean ones are not
+            np.add(s, np.equal(s, 0), out=s)
+        else:
+            sign.add_(sign == 0)
     return sign
 
 
