@@ -85,6 +85,11 @@ class BlockRanks:
             below = equal = 0
             if lo == -math.inf:
                 flags.fill(True)
+            elif self.tied[i] and lo == hi:  # collapsed on a run: (lo, hi] is empty, nothing to gather
+                equal = int(np.count_nonzero(np.equal(x, x.dtype.type(lo), out=flags)))
+                below = int(np.count_nonzero(np.less(x, x.dtype.type(lo), out=flags)))
+                self.below[i][j], self.equal[i][j], self.inside[i][j] = below, equal, x[:0].copy()
+                continue
             elif self.tied[i]:
                 equal = int(np.count_nonzero(np.equal(x, x.dtype.type(lo), out=flags)))
                 below = m - equal - int(np.count_nonzero(np.greater(x, x.dtype.type(lo), out=flags)))
