@@ -10,7 +10,9 @@ What a method needs of the whole tensor comes from a first pass, then the elemen
 block by block:
 
 - TIES and breadcrumbs: the k-th largest ``|tau_i|`` (exact selection over the blocks, never a sort or a
-  float32 copy of the tensor: :class:`mergelab.ops.BlockKthLargest`);
+  float32 copy of the tensor: :class:`mergelab.ops.BlockKthLargest`; breadcrumbs' two band edges of an
+  expert in one visit per block, :class:`mergelab.ops.BlockRanks`); Arcee Fusion: the three quartiles of
+  its importance, likewise in one visit;
 - DARE: nothing, but its masks come from one generator per expert, drawn in flat order, so the blocks go
   in order (the experts of a block in parallel); a draw of ``m`` then ``m'`` uniforms equals one draw of
   ``m + m'`` (torch's CPU generator is sequential), so the masks are the reference's. The ``l1``
