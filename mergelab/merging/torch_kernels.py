@@ -19,6 +19,10 @@ block by block:
   rescaling's two norms are torch's float32 sums over the whole tensor, so for bit-identity they are
   taken (expert by expert, on the calling thread) from tensor-sized float32 buffers, and the masks are
   drawn twice;
+- DELLA: its keep probabilities are per row (ranks of ``|tau_i|``, :func:`mergelab.ops.descending_order`),
+  so its blocks are of whole rows, and its masks are drawn as DARE's; with ``rescale: l1`` the masks are
+  drawn first (experts on all cores) and kept as bits, the two norms come from one tensor-sized buffer,
+  and the merge pass goes over the blocks on all cores;
 - RAM+ (``ramplus_tl``): each model's numbers of shared and unique entries over the tensor, integers counted
   block by block (their sums are exact in any order), so both passes go by blocks on all cores;
 - TSV-Merge, Iso-C and Iso-CTS: SVDs of a layer's whole matrices, so their kernels are their references
