@@ -8,6 +8,7 @@ inputs are never modified. All three are the "sparsification operator" T of Coro
 from __future__ import annotations
 
 import math
+import sys
 from typing import Literal
 
 import numpy as np
@@ -233,6 +234,10 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 MagpruneSpacing = Literal["paper", "mergekit"]
 
 
+#: Index of the low 16-bit word of a 32-bit value in memory.
+_LOW_WORD = 0 if sys.byteorder == "little" else 1
+
+
 def descending_order(magnitude: torch.Tensor) -> torch.Tensor:
     """Per row of the 2-D ``magnitude`` (entries >= 0), its column positions by decreasing value, ties by
     increasing position: ``torch.sort(magnitude.float(), dim=1, descending=True, stable=True).indices``
@@ -263,14 +268,15 @@ def descending_order(magnitude: torch.Tensor) -> torch.Tensor:
     def stable_argsort(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.argsort(x.numpy(), axis=1, kind="stable"))
 
-    low = key & 0xFFFF
-    other = int(torch.count_nonzero(low != 0xFFFF))
+    # entries whose key's low half is not 0xffff, i.e. whose float bits' low 16 bits are not all 0: the
+    # first 16-bit word of each value on a little-endian machine, counted on a strided view
+    other = int(torch.count_nonzero(values.contiguous().view(torch.int16)[..., _LOW_WORD::2]))
     if other == 0:
         return stable_argsort(high)
     if other * 16 <= key.numel():
         first = stable_argsort(high)
         return torch.gather(first, 1, stable_argsort(torch.gather(key, 1, first)))
-    first = torch.from_numpy(np.argsort(low.numpy().astype(np.uint16), axis=1, kind="stable"))
+    first = torch.from_numpy(np.argsort((key & 0xFFFF).numpy().astype(np.uint16), axis=1, kind="stable"))
     return torch.gather(first, 1, stable_argsort(torch.gather(high, 1, first)))
 
 
