@@ -7,7 +7,7 @@ convert`` prints it; ``mergelab merge`` runs it), with mergekit's semantics sele
 ========================  ====================================================================================
 mergekit                  native spec
 ========================  ====================================================================================
-``linear``                ``weight_average`` (``normalize: true``, mergekit's default)
+``linear``                ``weight_average`` (``normalize: true``, mergekit's default; ``false``: the plain sum)
 ``task_arithmetic``       ``task_arithmetic``; ``normalize: true`` divides each tensor's weights by their sum
 ``ties``                  ``ties`` with ``trim_scope: tensor``, ``sign_election: mass``, ``sign_test: weighted``,
                           ``disjoint_divisor: weight`` (``normalize: true``, default) or ``none`` (``false``)
@@ -64,8 +64,7 @@ Model references must be local folders (or files): a Hugging Face hub id, a ``@r
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
-other than the config's, ``residual_weight``, ``rescale: true`` for ``ties``/``breadcrumbs``, and ``linear`` with
-``normalize: false``.
+other than the config's, ``residual_weight`` and ``rescale: true`` for ``ties``/``breadcrumbs``.
 """
 
 from __future__ import annotations
@@ -426,8 +425,7 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
             weights = [float(w) for w in each("weight")]
             if mk_method == "linear":
                 if not normalize:
-                    raise SpecError(f"{source}: linear with normalize: false (a plain weighted sum) is not "
-                                    "supported; mergelab's weight_average divides by the weights' sum")
+                    params["normalize"] = False
             else:
                 lam = float(mv("lambda"))
                 rescale = bool(mv("rescale"))

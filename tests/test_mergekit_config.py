@@ -94,6 +94,22 @@ def test_linear_translates_to_weight_average(models):
                     "dtype": "float16"}
 
 
+def test_linear_without_normalize_is_the_plain_weighted_sum(models, tmp_path):
+    """mergekit's linear with normalize: false is sum_i w_i theta_i (no division): weight_average with
+    normalize: false, computed as mergekit does (each product rounded, then added in model order)."""
+    cfg = {"merge_method": "linear", "parameters": {"normalize": False}, "models": [
+        {"model": str(models["ft1"]), "parameters": {"weight": 0.5}},
+        {"model": str(models["ft2"]), "parameters": {"weight": 0.7}},
+    ]}
+    spec = translate(cfg)
+    assert spec["method"] == "weight_average" and spec["parameters"] == {"normalize": False}
+    out = _merge_cfg(tmp_path, cfg)
+    e1, e2 = load_state_dict(models["ft1"]), load_state_dict(models["ft2"])
+    for name, value in out.items():
+        if value.is_floating_point():
+            assert torch.equal(value, e1[name] * 0.5 + e2[name] * 0.7), name
+
+
 def test_ties_translates_with_mergekits_semantics(models):
     spec = translate({"merge_method": "ties", "base_model": str(models["base"]), "dtype": "bfloat16",
                       "parameters": {"normalize": False, "int8_mask": True},

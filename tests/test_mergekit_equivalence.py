@@ -189,6 +189,8 @@ SLERP_T = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
 
 CASES: list[Case] = [
     Case("linear", {"merge_method": "linear", "models": [_m(f"ft{i + 1}", weight=w) for i, w in enumerate(W)]}),
+    Case("linear_sum", {"merge_method": "linear", "parameters": {"normalize": False},
+                        "models": [_m(f"ft{i + 1}", weight=w) for i, w in enumerate(W)]}),
     Case("task_arithmetic", {
         "merge_method": "task_arithmetic", "base_model": "base",
         "models": [_m("ft1", weight=[0.2, 0.9]), _m("ft2", weight=0.7), _m("ft3", weight=-0.4)],
@@ -413,6 +415,8 @@ def _expect(name: str, variant: str) -> tuple[float, float, str]:
 #: case -> (max float32 ulps, reason): the same formula rounded in another order
 ROUNDING: dict[str, tuple[float, str]] = {
     "linear": (1, "rounding order: mergelab x_1 + sum_i w_i (x_i - x_1) / W, mergekit sum_i w_i x_i / W"),
+    "linear_sum": (1, "rounding: mergelab rounds w_i x_i before adding it (both engines alike), mergekit's "
+                      "addcmul_ fuses it"),
     "task_arithmetic": (1, "rounding: mergelab fuses w_i tau_i into the sum (add_(tau, alpha=w), one rounding), "
                            "mergekit rounds w_i tau_i first"),
     "task_arithmetic_normalize": (1, "rounding: w_i / W before (mergelab's translation) vs the sum / W after "

@@ -437,7 +437,7 @@ def test_unknown_parameter_names_method_and_lists_allowed() -> None:
     for allowed in ("density", "lambda", "trim_scope", "sign_election", "disjoint_divisor"):
         assert allowed in msg
     with pytest.raises(SpecError, match="no parameters"):
-        get_method("weight_average").parse_params({"lambda": 1.0})
+        get_method("arcee_fusion").parse_params({"lambda": 1.0})
 
 
 @pytest.mark.parametrize("name", ["ties", "dare_linear", "dare_ties", "breadcrumbs"])

@@ -620,3 +620,24 @@ def test_multislerp_of_cancelling_unit_vectors_is_a_clear_error(tmp_path, engine
     with pytest.raises(MethodError, match="tensor '(s|w)': multislerp: the weighted sum of the unit vectors is zero"):
         merge(spec, tmp_path / "out", progress=False, engine=engine)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_sum_closed_form_and_both_engines(tmp_path, monkeypatch, dtype):
+    """weight_average with normalize: false (mergekit's linear without normalising) is sum_i w_i theta_i, each
+    product rounded before it is added: the closed form in float32, and the torch engine's bits at any
+    weights (several blocks, two threads)."""
+    paths = _models(tmp_path, [dtype] * 4, seed=2)
+    spec = _plain_spec("weight_average", paths, {"normalize": False}, weights=[0.5, -1.25, 2.0])
+    monkeypatch.setattr(blocks_mod, "BLOCK", 17)
+    monkeypatch.setattr(numpy_engine, "BLOCK", 17)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    merge(spec, tmp_path / "torch", progress=False, engine="torch")
+    spec.pop("device")
+    assert merge(spec, tmp_path / "numpy", progress=False).record["engine"] == "numpy"
+    a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+    xs = [{k: v.float() for k, v in load_state_dict(p).items() if v.is_floating_point()} for p in paths[1:]]
+    for name in SHAPES:
+        assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
+        expected = (xs[0][name] * 0.5 + xs[1][name] * -1.25) + xs[2][name] * 2.0
+        assert torch.equal(b[name], expected.to(dtype)), name

@@ -482,8 +482,15 @@ def task_arithmetic_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, w
 def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
                          params: Any, flags: Any) -> bool:
     """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
-    averaged); see :mod:`mergelab.merging.numpy_backend`. Returns whether an output entry is NaN or Inf."""
+    averaged); see :mod:`mergelab.merging.numpy_backend`. ``normalize: false``: ``sum_i w_i theta_i``, each
+    product rounded, then added (:func:`mergelab.ops.combine`'s order). Returns whether an output entry is NaN
+    or Inf."""
     first_buf, acc, diff = buffers
+    if not params.normalize:
+        np.multiply(_as_compute(xs[0], first_buf), weights[0], out=acc)
+        for x, w in zip(xs[1:], weights[1:]):
+            np.add(acc, np.multiply(_as_compute(x, diff), w, out=diff), out=acc)
+        return _store(acc, out, diff, flags)
     first = _as_compute(xs[0], first_buf)
     _weighted_differences(xs, first, weights, acc, diff)
     np.divide(acc, float(sum(weights)), out=acc)

@@ -78,7 +78,10 @@ Kernel = Callable[[TensorInputs, Any], torch.Tensor]
 
 def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
     """Block kernel of :func:`mergelab.methods.catalog.weight_average` (formula there):
-    ``theta_1 + (sum_i w_i (theta_i - theta_1)) / sum_i w_i``, block by block, in ``inp.result_dtype``."""
+    ``theta_1 + (sum_i w_i (theta_i - theta_1)) / sum_i w_i`` (``normalize: false``: ``sum_i w_i theta_i`` as
+    :func:`mergelab.ops.combine`), block by block, in ``inp.result_dtype``."""
+    if not p.normalize:
+        return _combination(inp, inp.weights, False, inp.experts[0].shape)
     total = float(sum(inp.weights))
     if total == 0:
         raise ValueError("weights sum to zero; a weighted mean is undefined")

@@ -54,7 +54,8 @@ ops_spacing = Literal["paper", "mergekit"]  # DELLA's rank spacing (mergelab.ops
 
 
 class WeightAverageParams(MethodParams):
-    pass
+    normalize: bool = Field(True, description="divide by the weights' sum (false: the plain weighted sum "
+                                              "sum_i w_i theta_i, mergekit's linear with normalize: false)")
 
 
 class TaskArithmeticParams(ScaledParams):
@@ -186,7 +187,11 @@ def weight_average(inp: TensorInputs, p: WeightAverageParams) -> torch.Tensor:
     The base model is not part of the average (it only supplies the tensor order and config files).
     Computed as ``theta_1 + (sum_i w_i (theta_i - theta_1)) / sum_i w_i`` (algebraically equal), so merging
     identical models returns that model bit-exactly and rounding acts on the small differences only.
+    ``normalize: false`` (mergekit's ``linear`` with ``normalize: false``): the plain weighted sum
+    ``sum_i w_i theta_i``, each product rounded before it is added, in model order (mergekit's operations).
     """
+    if not p.normalize:
+        return ops.combine([e.to(inp.compute_dtype) for e in inp.experts], inp.weights)
     first = inp.experts[0].to(inp.compute_dtype)
     diffs = [e.to(inp.compute_dtype) - first for e in inp.experts]
     return ops.weighted_mean(diffs, inp.weights) + first
