@@ -387,7 +387,7 @@ def _gram_tensor(
 ) -> Any:
     """One tensor of a Gram-matrix method (:class:`~mergelab.merging.numpy_kernels.GramKernel`): a pass over the
     blocks for the Gram partials (kept per block, summed in block order), the coefficients, a pass for the
-    combination. A non-finite Gram matrix means a non-finite input: it is reported before the coefficients."""
+    combination (model stock's from the base and the first pass's sum of task vectors). A non-finite Gram matrix means a non-finite input: it is reported before the coefficients."""
     origin, vector_readers = kernel.readers(base, experts)
     readers = ([origin] if origin is not None else []) + vector_readers
     compute = compute_dtype(numpy_dtype(r.info(name).storage) for r in readers)
@@ -401,10 +401,12 @@ def _gram_tensor(
         return [np.empty(size, dtype=compute) for _ in range(kernel.buffers(k))], exponent_scratch(out_dtype, size)
 
     partials: list[list[float]] = [[] for _ in range(-(-n // BLOCK))]
+    total = np.empty(n, dtype=compute) if kernel.mean_first else None  # model stock: sum_i tau_i
 
     def gram_body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
         with np.errstate(all="ignore"):
-            partials[j] = kernel.partials(xs, has_origin, [b[: stop - start] for b in bufs[0]])
+            partials[j] = kernel.partials(xs, has_origin, [b[: stop - start] for b in bufs[0]],
+                                          None if total is None else total[start:stop])
 
     _for_blocks(name, readers, n, buffers, gram_body)
     g = gram_from_partials(partials, k)
@@ -416,10 +418,16 @@ def _gram_tensor(
     def body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
         m = stop - start
         with np.errstate(all="ignore"):
-            if kernel.combine(xs, has_origin, coefficients, [b[:m] for b in bufs[0]], out[start:stop], bufs[1][:m]):
-                nonfinite.append(j)
+            if total is not None:
+                flagged = kernel.combine_mean(xs[0], total[start:stop], k, coefficients[0],
+                                              [b[:m] for b in bufs[0]], out[start:stop], bufs[1][:m])
+            else:
+                flagged = kernel.combine(xs, has_origin, coefficients, [b[:m] for b in bufs[0]], out[start:stop],
+                                         bufs[1][:m])
+        if flagged:
+            nonfinite.append(j)
 
-    _for_blocks(name, readers, n, buffers, body)
+    _for_blocks(name, [origin] if total is not None else readers, n, buffers, body)
     if nonfinite:
         _explain_nonfinite(name, readers, out, method)
     return out.reshape(shape)

@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("TensorOp", "chain", "identity", "task_vector"), "compose"),
     **dict.fromkeys(("disjoint_mean", "elect_sign", "scale", "weighted_mean", "weighted_sum"), "consensus"),
     **dict.fromkeys(("model_stock_ratio", "slerp", "slerp_coefficients"), "interpolate"),
-    **dict.fromkeys(("Gram", "gram_from_partials", "gram_partials", "karcher_coefficients", "model_stock_ratio_from_gram",
+    **dict.fromkeys(("Gram", "block_dot", "gram_from_partials", "gram_partials", "karcher_coefficients", "model_stock_ratio_from_gram",
                      "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_t", "slerp_coefficients_from_gram",
                      "squared_norm_partials"), "gram_matrix"),
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from mergelab.ops.consensus import disjoint_mean, elect_sign, scale, weighted_mean, weighted_sum
     from mergelab.ops.gram_matrix import (
         Gram,
+        block_dot,
         gram_from_partials,
         gram_partials,
         karcher_coefficients,

@@ -9,14 +9,14 @@ read twice, once for ``G`` and once for the combination, both by cache-sized blo
 **The Gram rule, one for the reference and every back-end.** ``G`` is the sum, in float64 and in block order,
 of each block's dot products in the compute dtype (float32, float64 for float64 inputs), the blocks being
 consecutive ranges of 2^18 entries (:data:`mergelab.ops.blocks.BLOCK`) of the flattened vectors, and a block's
-dot product the pairwise sum of its entrywise products (:func:`block_dot`, the only code that computes one:
-the torch reference calls it on ``.numpy()`` views, the torch block kernels and the numpy back-end on their
-blocks, so all of them get the same bits, on any machine). On vectors of equal-magnitude entries at an angle
-of 0.01 rad (the worst case for a float32 sum), cos comes within 1e-8 of the exact value (BLAS ``sdot``:
-3.5e-5; torch's float32 dot: 1.3e-5), for 0.07 ms per dot of a block here (``sdot`` 0.02 ms, but its
-summation order depends on the CPU kernel and the BLAS thread count, and its threads spin on the cores the
-blocks run on). Until issue 14 these were torch's whole-tensor float32 reductions, which no block kernel can
-reproduce (and which gave ``cos = 1.0078`` on the benchmark's embedding, exact 0.999949).
+dot product the float64 sum of the float32 dot products of its chunks of 8192 entries (:func:`block_dot`, the
+only code that computes one: the torch reference calls it on ``.numpy()`` views, the torch block kernels and
+the numpy back-end on their blocks, so all of them get the same bits). On vectors of equal-magnitude entries
+at an angle of 0.01 rad (the worst case for a float32 sum) cos comes within 4e-7 of the exact value (one BLAS
+``sdot`` over the block: 3.5e-5, and its summation order follows the BLAS thread count; torch's float32 dot:
+1.3e-5; numpy's pairwise sum of the products: 1e-8 at 4x the time), for 0.03 ms per dot of a block here.
+Until issue 14 these were torch's whole-tensor float32 reductions, which no block kernel can reproduce (and
+which gave ``cos = 1.0078`` on the benchmark's embedding, exact 0.999949).
 
 This module is torch-free: the numpy back-end uses it without importing torch. The tensor-level operators
 are :mod:`mergelab.ops.spherical` (``gram``, ``combine``) and :mod:`mergelab.ops.interpolate`.
@@ -34,12 +34,25 @@ from mergelab.errors import MethodError
 
 Gram = list[list[float]]
 
+#: Entries per chunk of a block's dot product (:func:`block_dot`).
+CHUNK = 8192
+
+
 def block_dot(x: Any, y: Any, scratch: Any | None = None) -> float:
-    """``<x, y>`` of two 1-D arrays of one float dtype (a block of each vector): the entrywise products in that
-    dtype (into ``scratch``, an array of their size and dtype, when given), summed by numpy's pairwise
-    summation (``np.add.reduce``) in that dtype, as a Python float. It depends on nothing but the values: no
-    BLAS threads, no CPU-specific kernel."""
-    return float(np.add.reduce(np.multiply(x, y, out=scratch)))
+    """``<x, y>`` of two contiguous 1-D arrays of one float dtype (a block of each vector): the dot products of
+    consecutive chunks of ``CHUNK`` entries (the last one shorter) in that dtype (``np.vecdot``, one call for
+    all chunks), summed in float64 by numpy's pairwise summation, the short chunk's added last. ``scratch`` is
+    not used (kept for callers that pass one). The result depends on the values and on numpy's dot kernel for
+    the CPU, not on any thread count."""
+    n = x.shape[0]
+    full = n - n % CHUNK
+    total = 0.0
+    if full:
+        parts = np.vecdot(x[:full].reshape(-1, CHUNK), y[:full].reshape(-1, CHUNK))
+        total = float(np.add.reduce(parts, dtype=np.float64))
+    if full < n:
+        total += float(np.vecdot(x[full:], y[full:]))
+    return total
 
 
 def gram_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
@@ -50,7 +63,7 @@ def gram_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[flo
 
 
 def squared_norm_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
-    """``<x_i[b], x_i[b]>`` per vector: the diagonal of :func:`gram_partials` (the same sums, the same bits)."""
+    """``<x_i[b], x_i[b]>`` per vector: the diagonal of :func:`gram_partials` (the same dots, the same bits)."""
     return [block_dot(x, x, scratch) for x in blocks]
 
 
