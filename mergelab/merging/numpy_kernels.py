@@ -515,8 +515,12 @@ def _store(acc: Any, out: Any, spare: Any, flags: Any) -> bool:
 def passthrough_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
                       params: Any, flags: Any) -> bool:
     """One block of passthrough (:func:`mergelab.methods.catalog.passthrough`): ``xs`` = [theta_1] as stored;
-    ``theta = scale * theta_1`` in the compute dtype (the multiply skipped at 1, exactly), rounded once.
-    Returns whether an output entry is NaN or Inf."""
+    ``theta = scale * theta_1`` in the compute dtype (the multiply skipped at 1, exactly), rounded once; at
+    scale 1 into the input's own dtype, a copy of the stored values (converting a float exactly and rounding it
+    back gives its bits). Returns whether an output entry is NaN or Inf."""
+    if params.scale == 1.0 and xs[0].dtype == out.dtype:
+        np.copyto(out, xs[0])
+        return any_nonfinite(out, flags)
     x_buf, spare, _ = buffers
     x = _as_compute(xs[0], x_buf)
     if params.scale != 1.0:
