@@ -13,8 +13,8 @@ dot product the float64 sum of the float32 dot products of its chunks of 8192 en
 only code that computes one: the torch reference calls it on ``.numpy()`` views, the torch block kernels and
 the numpy back-end on their blocks, so all of them get the same bits). On vectors of equal-magnitude entries
 at an angle of 0.01 rad (the worst case for a float32 sum) cos comes within 4e-7 of the exact value (one BLAS
-``sdot`` over the block: 3.5e-5, and its summation order follows the BLAS thread count; torch's float32 dot:
-1.3e-5; numpy's pairwise sum of the products: 1e-8 at 4x the time), for 0.03 ms per dot of a block here.
+``sdot`` over the block: 3.5e-5, in an order that may depend on the BLAS build and thread count; torch's
+float32 dot: 1.3e-5; numpy's pairwise sum of the products: 1e-8 at 4x the time), for 0.03 ms per dot of a block here.
 Until issue 14 these were torch's whole-tensor float32 reductions, which no block kernel can reproduce (and
 which gave ``cos = 1.0078`` on the benchmark's embedding, exact 0.999949).
 
