@@ -412,6 +412,9 @@ def _expect(name: str, variant: str) -> tuple[float, float, str]:
     return max(ulps, 2.0), 100.0, f"mergekit computes in bf16 (dtype: bfloat16); {reason}"
 
 
+#: mergelab's Gram matrix (mergelab.ops.gram_matrix)
+GRAM_RULE = "Gram matrix from float32 chunk dots summed in float64"
+
 #: case -> (max float32 ulps, reason): the same formula rounded in another order
 ROUNDING: dict[str, tuple[float, str]] = {
     "linear": (1, "rounding order: mergelab x_1 + sum_i w_i (x_i - x_1) / W, mergekit sum_i w_i x_i / W"),
@@ -425,10 +428,10 @@ ROUNDING: dict[str, tuple[float, str]] = {
     "model_stock": (2, "rounding order of t mean + (1 - t) theta_0"),
     "model_stock_filter_wise": (2, "rounding order of t mean + (1 - t) theta_0"),
     "slerp": (2, "rounding order of the interpolation"),
-    "nuslerp": (2, "Gram matrix from float32 chunk dots summed in float64, coefficients in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
-    "nuslerp_base_row_wise": (2, "Gram matrix from float32 chunk dots summed in float64, coefficients in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
-    "multislerp": (2, "Gram matrix from float32 chunk dots summed in float64, coefficients in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
-    "karcher": (3, "Gram matrix from float32 chunk dots summed in float64, iteration in float64 (mergelab) vs float32 whole-tensor (mergekit)"),
+    "nuslerp": (2, GRAM_RULE + ", coefficients in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
+    "nuslerp_base_row_wise": (2, "float64 row reductions and coefficients (mergelab) vs float32 (mergekit)"),
+    "multislerp": (2, GRAM_RULE + ", coefficients in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
+    "karcher": (3, GRAM_RULE + ", iteration in float64 (mergelab) vs float32 whole-tensor reductions (mergekit)"),
     "sce": (1, "rounding order of the weighted disjoint mean"),
     "nearswap": (1, "rounding: theta_0 + w (theta_1 - theta_0) vs w theta_1 + (1 - w) theta_0"),
     "slerp_slices": (2, "rounding order of the interpolation"),
