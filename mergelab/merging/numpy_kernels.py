@@ -52,7 +52,7 @@ exponent bits and names the input file.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -479,6 +479,17 @@ def task_arithmetic_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, w
     return _round_into(acc, base, out, tau, flags)
 
 
+def _combine_into(vectors: Iterable[Any], coefficients: Sequence[float], acc: Any, tmp: Any) -> Any:
+    """``acc = sum_i c_i v_i`` in model order, each product rounded before it is added (the operations of
+    :func:`mergelab.ops.combine`); ``tmp``: scratch of ``acc``'s size. ``vectors`` may be a generator that
+    reuses one buffer: each vector is used before the next is made."""
+    for i, (v, c) in enumerate(zip(vectors, coefficients)):
+        np.multiply(v, c, out=acc if i == 0 else tmp)
+        if i:
+            np.add(acc, tmp, out=acc)
+    return acc
+
+
 def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, weights: Sequence[float],
                          params: Any, flags: Any) -> bool:
     """One block of weight averaging: ``xs`` = [theta_1, theta_2, ...] as stored (the base is not
@@ -487,9 +498,8 @@ def weight_average_block(xs: Sequence[Any], buffers: Sequence[Any], out: Any, we
     or Inf."""
     first_buf, acc, diff = buffers
     if not params.normalize:
-        np.multiply(_as_compute(xs[0], first_buf), weights[0], out=acc)
-        for x, w in zip(xs[1:], weights[1:]):
-            np.add(acc, np.multiply(_as_compute(x, diff), w, out=diff), out=acc)
+        # each model converted into first_buf, then its product into diff (the conversion is consumed first)
+        _combine_into((_as_compute(x, first_buf) for x in xs), weights, acc, diff)
         return _store(acc, out, diff, flags)
     first = _as_compute(xs[0], first_buf)
     _weighted_differences(xs, first, weights, acc, diff)
@@ -611,14 +621,14 @@ class GramKernel:
     ``vectors``: which inputs are combined: ``models`` (Karcher), ``ends`` (SLERP: the base and the one model,
     or the two models), ``task_vectors`` (model stock: ``theta_i - theta_0``, the base added back), or
     ``task_vectors_if_base`` (NuSLERP, Multi-SLERP: task vectors when the spec has a base, else the models).
-    ``coefficients_of(g, params, weights)``: the coefficients; ``mean_first``: model stock's combination,
+    ``coefficients(g, params, weights)``: the coefficients; ``mean_first``: model stock's combination,
     ``t * (sum_i tau_i / N)`` instead of ``sum_i c_i v_i``: the first pass also writes ``sum_i tau_i`` (in model
     order, the torch kernel's sum) into a tensor-sized buffer, so the second reads the base and that sum only
     (:meth:`combine_mean`): one float32 copy of the tensor instead of every model read, converted and
     subtracted again (benchmark, 4 experts: 1 ms a block of 2^18 entries)."""
 
     vectors: str
-    coefficients_of: Callable[[Any, Any, Sequence[float]], Sequence[float]]
+    coefficients: Callable[[Any, Any, Sequence[float]], Sequence[float]]
     mean_first: bool = False
 
     def readers(self, base: Any, experts: Sequence[Any]) -> tuple[Any, list[Any]]:
@@ -650,16 +660,12 @@ class GramKernel:
         """The Gram partials of one block (:func:`mergelab.ops.gram_matrix.gram_partials`); ``xs``: the block
         of each input as stored, the origin first when ``origin``; ``total`` (:attr:`mean_first`): receives the
         block's ``sum_i v_i`` in model order."""
-        k = len(xs) - (1 if origin else 0)
         vs = self._vectors(xs, origin, buffers)[1]
         if total is not None:
             np.copyto(total, vs[0])
             for v in vs[1:]:
                 np.add(total, v, out=total)
-        return gram_partials(vs, buffers[k + 2])
-
-    def coefficients(self, g: Any, params: Any, weights: Sequence[float]) -> Sequence[float]:
-        return self.coefficients_of(g, params, weights)
+        return gram_partials(vs)
 
     def combine(self, xs: Sequence[Any], origin: bool, coefficients: Sequence[float], buffers: Sequence[Any],
                 out: Any, flags: Any) -> bool:
@@ -668,9 +674,7 @@ class GramKernel:
         k = len(xs) - (1 if origin else 0)
         acc, tmp = buffers[k + 1], buffers[k + 2]
         o, vs = self._vectors(xs, origin, buffers)
-        np.multiply(vs[0], coefficients[0], out=acc)
-        for v, c in zip(vs[1:], coefficients[1:]):
-            np.add(acc, np.multiply(v, c, out=tmp), out=acc)
+        _combine_into(vs, coefficients, acc, tmp)
         if o is None:
             return _store(acc, out, tmp, flags)
         return _round_into(acc, o, out, tmp, flags)

@@ -535,12 +535,11 @@ def slerp(inp: TensorInputs, p: SlerpParams) -> torch.Tensor:
     partials: list[list[float]] = [[] for _ in range(blocks)]
 
     def gram_work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(3, n, dtype, a.device)
+        buffers = ops.BlockBuffers(2, n, dtype, a.device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
-            x, y, scratch = buffers.get(end - start)
-            *vs, s = ops.host_arrays([x.copy_(a[start:end]), y.copy_(b[start:end]), scratch])
-            partials[j] = ops.gram_partials(vs, s)
+            x, y = buffers.get(end - start)
+            partials[j] = ops.gram_partials(ops.host_arrays([x.copy_(a[start:end]), y.copy_(b[start:end])]))
 
     run_in_chunks(blocks, gram_work)
     coefficients = ops.slerp_coefficients_from_gram(ops.gram_from_partials(partials, 2), p.t, p.parallel_threshold)
@@ -764,13 +763,11 @@ def _gram(inp: TensorInputs, origin: bool) -> ops.Gram:
     block = ops.block_size()
 
     def work(first: int, stop: int) -> None:
-        buffers = ops.BlockBuffers(len(inp.experts) + 2, n, inp.compute_dtype, inp.experts[0].device)
+        buffers = ops.BlockBuffers(len(inp.experts) + 1, n, inp.compute_dtype, inp.experts[0].device)
         for j in range(first, stop):
             start, end = j * block, min(n, (j + 1) * block)
-            *block_buffers, scratch = buffers.get(end - start)
-            _, vs = vectors_of(start, end, block_buffers)
-            *host, s = ops.host_arrays([*vs, scratch])
-            partials[j] = ops.gram_partials(host, s)
+            _, vs = vectors_of(start, end, buffers.get(end - start))
+            partials[j] = ops.gram_partials(ops.host_arrays(vs))
 
     run_in_chunks(blocks, work)
     return ops.gram_from_partials(partials, len(inp.experts))

@@ -38,11 +38,10 @@ Gram = list[list[float]]
 CHUNK = 8192
 
 
-def block_dot(x: Any, y: Any, scratch: Any | None = None) -> float:
+def block_dot(x: Any, y: Any) -> float:
     """``<x, y>`` of two contiguous 1-D arrays of one float dtype (a block of each vector): the dot products of
     consecutive chunks of ``CHUNK`` entries (the last one shorter) in that dtype (``np.vecdot``, one call for
-    all chunks), summed in float64 by numpy's pairwise summation, the short chunk's added last. ``scratch`` is
-    not used (kept for callers that pass one). The result depends on the values and on numpy's dot kernel for
+    all chunks), summed in float64 by numpy's pairwise summation, the short chunk's added last. The result depends on the values and on numpy's dot kernel for
     the CPU, not on any thread count."""
     n = x.shape[0]
     full = n - n % CHUNK
@@ -55,16 +54,16 @@ def block_dot(x: Any, y: Any, scratch: Any | None = None) -> float:
     return total
 
 
-def gram_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
+def gram_partials(blocks: Sequence[Any]) -> list[float]:
     """The upper triangle (row by row, diagonal included) of the Gram matrix of one block of each vector:
-    ``<x_i[b], x_j[b]>`` for ``i <= j`` (:func:`block_dot`; ``scratch`` as there)."""
+    ``<x_i[b], x_j[b]>`` for ``i <= j`` (:func:`block_dot`)."""
     k = len(blocks)
-    return [block_dot(blocks[i], blocks[j], scratch) for i in range(k) for j in range(i, k)]
+    return [block_dot(blocks[i], blocks[j]) for i in range(k) for j in range(i, k)]
 
 
-def squared_norm_partials(blocks: Sequence[Any], scratch: Any | None = None) -> list[float]:
+def squared_norm_partials(blocks: Sequence[Any]) -> list[float]:
     """``<x_i[b], x_i[b]>`` per vector: the diagonal of :func:`gram_partials` (the same dots, the same bits)."""
-    return [block_dot(x, x, scratch) for x in blocks]
+    return [block_dot(x, x) for x in blocks]
 
 
 def gram_from_partials(partials: Sequence[Sequence[float]], n: int) -> Gram:
