@@ -36,7 +36,9 @@ block by block:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import copy
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,6 +156,8 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     tied at the threshold are kept first-come in flat order, so exactly k survive, as
     :func:`mergelab.ops.trim`), elects the sign and takes the disjoint mean with the same operators. Every
     operation is element-wise, so the result equals the reference composition bit for bit (tested).
+    With ``rescale: l1`` a pass between the two (:func:`_trim_l1_factors`) takes each expert's L1 norms
+    before and after its trim by blocks, and pass 2 scales each trimmed block by the expert's factor.
     """
     thresholds = inp.thresholds if p.trim_scope == "global" else None
     if p.trim_scope == "global" and thresholds is None and p.density < 1.0 and inp.base.numel() > 0:
@@ -178,6 +182,9 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
         trims = None  # density 1: nothing trimmed
     # a tie quota counted over the whole tensor is spent first come, first kept: blocks in order
     in_order = trims is not None and any(t.in_order for t in trims)
+    factors: list[float | None] = [None] * len(flats)
+    if p.rescale == "l1" and trims is not None:
+        factors = _trim_l1_factors(base_in, flats, [copy.copy(t) for t in trims], inp.compute_dtype, in_order)
     out_flat = out.view(-1)
 
     block = ops.block_size()
@@ -194,6 +201,8 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
                 tau = taus[i].copy_(e[start:end]).sub_(base)
                 if trims is not None:
                     taus[i] = trims[i].apply(j, tau, magnitude, keep)
+                    if factors[i] is not None:
+                        taus[i].mul_(factors[i])
             sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
             merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
@@ -202,6 +211,58 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
 
     run_in_chunks(ops.block_count(n), work, workers=1 if in_order else None)
     return out
+
+
+def _l1_factors_by_blocks(n: int, experts: int, visit: Callable[[int, list[tuple[float, float]]], None],
+                          in_order: bool = False) -> list[float | None]:
+    """Per expert, the ``rescale: l1`` factor ``||tau_i||_1 / ||T(tau_i)||_1`` of a trim or band T
+    (:func:`mergelab.ops.l1_factor`; None: unscaled), by the L1 block rule (:mod:`mergelab.ops.l1_rule`): one
+    pass over the blocks (on all cores; in order on this thread when ``in_order``) where ``visit(j, part)``
+    sets ``part[i] = (block_l1(tau_i), block_l1(T(tau_i)))`` for block j (experts not transformed keep
+    ``(0, 0)``: no factor), then each expert's block values summed in float64 in block order."""
+    blocks = ops.block_count(n)
+    parts: list[list[tuple[float, float]]] = [[(0.0, 0.0)] * experts for _ in range(blocks)]
+
+    def work(indices: Iterable[int]) -> None:
+        for j in indices:
+            visit(j, parts[j])
+
+    if in_order:
+        work(range(blocks))
+    else:
+        run_blocks(blocks, work)
+    return [ops.l1_factor(ops.l1_from_partials([part[i][0] for part in parts]),
+                          ops.l1_from_partials([part[i][1] for part in parts])) for i in range(experts)]
+
+
+def _host(x: torch.Tensor) -> Any:
+    """The 1-D numpy view of a block (copied to the host from another device) for :func:`mergelab.ops.block_l1`."""
+    return ops.host_arrays([x])[0]
+
+
+def _trim_l1_factors(base: torch.Tensor, experts: list[torch.Tensor], trims: list[ops.BlockTrim],
+                     dtype: torch.dtype, in_order: bool) -> list[float | None]:
+    """TIES's ``rescale: l1`` factors (:func:`mergelab.ops.rescale_l1` of :func:`mergelab.ops.trim`): the norms
+    of ``tau_i`` and of its trim by ``trims[i]`` (consumed when they spend a tie quota: pass copies), block by
+    block (in order when a tie quota is counted over the whole tensor)."""
+    n = base.numel()
+    block = ops.block_size()
+    local = threading.local()  # each thread's scratch blocks
+
+    def visit(j: int, part: list[tuple[float, float]]) -> None:
+        start, end = j * block, min(n, (j + 1) * block)
+        if not hasattr(local, "buffers"):
+            local.buffers = ops.BlockBuffers(3, n, dtype, base.device)
+            local.masks = ops.BlockBuffers(1, n, torch.bool, base.device)
+        b, magnitude, tau = local.buffers.get(end - start)
+        (keep,) = local.masks.get(end - start)
+        b.copy_(base[start:end])
+        for i, e in enumerate(experts):
+            tau.copy_(e[start:end]).sub_(b)
+            before = ops.block_l1(_host(tau))
+            part[i] = (before, ops.block_l1(_host(trims[i].apply(j, tau, magnitude, keep))))
+
+    return _l1_factors_by_blocks(n, len(experts), visit, in_order)
 
 
 def _tensor_trims(
@@ -325,7 +386,7 @@ def _top_selections(
 def _l1_factors(inp: TensorInputs, base: torch.Tensor, experts: list[torch.Tensor], p: DareLinearParams
                 ) -> list[float | None]:
     """Per expert, the ``l1`` rescaling factor ``||tau_i||_1 / ||m_i * tau_i||_1`` of :func:`mergelab.ops.drop`
-    (None where either norm is 0: no rescaling), the norms being torch's float32 sums over the whole
+    (None where either norm is below 1e-7: no rescaling), the norms being torch's float32 sums over the whole
     tensor as in the reference: formed in two tensor-sized buffers, one expert at a time, on this thread
     (torch's reduction order depends on its thread count)."""
     n, dtype, shape = base.numel(), inp.compute_dtype, inp.base.shape  # type: ignore[union-attr]
@@ -341,7 +402,7 @@ def _l1_factors(inp: TensorInputs, base: torch.Tensor, experts: list[torch.Tenso
             torch.mul(t, (u < p.density).to(t.device), out=kept[start:end])
         before = float(tau.view(shape).abs_().sum())
         after = float(kept.view(shape).abs_().sum())
-        factors.append(before / after if before > 0 and after > 0 else None)
+        factors.append(ops.l1_factor(before, after))
     return factors
 
 
@@ -418,7 +479,9 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
     ``(n_top + n_keep)``-th and ``n_top``-th largest ``|tau_i|``, :func:`mergelab.ops.band_ranks`) with each
     block's share of the entries tied at them, by exact selection over the blocks; pass 2 keeps the top
     ``n_top + n_keep`` minus the top ``n_top`` (ties first in flat order, :func:`mergelab.ops.band_mask`) and
-    combines, block by block on all cores.
+    combines, block by block on all cores. With ``rescale: l1`` a pass between the two takes each banded
+    expert's L1 norms before and after its band by blocks (:func:`_l1_factors_by_blocks`), and pass 2 scales
+    each banded block by the expert's factor.
     """
     base_in = inp.base.reshape(-1)  # type: ignore[union-attr]
     flats = [e.reshape(-1) for e in inp.experts]
@@ -439,6 +502,39 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
     out_flat = out.view(-1)
     block = ops.block_size()
 
+    def band_into(i: int, j: int, tau: torch.Tensor, magnitude: torch.Tensor, keep: torch.Tensor,
+                  top: torch.Tensor) -> None:
+        """Expert i's band of block j of its task vector ``tau``, in place (``magnitude``, ``keep``, ``top``:
+        scratch of the block's size)."""
+        torch.abs(tau, out=magnitude)
+        (low, low_quotas, low_tied), *outliers = edges[i]
+        ops.keep_top_into(magnitude, low, low_quotas[j], keep, low_tied[j])
+        for high, high_quotas, high_tied in outliers:
+            ops.keep_top_into(magnitude, high, high_quotas[j], top, high_tied[j])
+            ops.remove_into(keep, top)
+        ops.apply_mask_(tau, keep)
+
+    factors: list[float | None] = [None] * len(flats)
+    if p.rescale == "l1":
+        local = threading.local()  # each thread's scratch blocks
+
+        def visit(j: int, part: list[tuple[float, float]]) -> None:
+            start, end = j * block, min(n, (j + 1) * block)
+            if not hasattr(local, "buffers"):
+                local.buffers = ops.BlockBuffers(3, n, dtype, base_in.device)
+                local.masks = ops.BlockBuffers(2, n, torch.bool, base_in.device)
+            base, magnitude, tau = local.buffers.get(end - start)
+            keep, top = local.masks.get(end - start)
+            base.copy_(base_in[start:end])
+            for i, e in enumerate(flats):
+                if edges[i]:  # density 1: neither banded nor rescaled
+                    tau.copy_(e[start:end]).sub_(base)
+                    before = ops.block_l1(_host(tau))
+                    band_into(i, j, tau, magnitude, keep, top)
+                    part[i] = (before, ops.block_l1(_host(tau)))
+
+        factors = _l1_factors_by_blocks(n, len(flats), visit)
+
     def work(indices: Iterator[int]) -> None:
         buffers = ops.BlockBuffers(len(flats) + 3, n, dtype, base_in.device)
         masks = ops.BlockBuffers(2, n, torch.bool, base_in.device)
@@ -450,13 +546,9 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
             for i, e in enumerate(flats):
                 tau = taus[i].copy_(e[start:end]).sub_(base)
                 if edges[i]:
-                    torch.abs(tau, out=magnitude)
-                    (low, low_quotas, low_tied), *outliers = edges[i]
-                    ops.keep_top_into(magnitude, low, low_quotas[j], keep, low_tied[j])
-                    for high, high_quotas, high_tied in outliers:
-                        ops.keep_top_into(magnitude, high, high_quotas[j], top, high_tied[j])
-                        ops.remove_into(keep, top)
-                    ops.apply_mask_(tau, keep)
+                    band_into(i, j, tau, magnitude, keep, top)
+                    if factors[i] is not None:
+                        tau.mul_(factors[i])
             merged = combine(taus, acc)
             if p.lambda_ != 1.0:  # x * 1 == x exactly: skip the pass
                 merged.mul_(p.lambda_)
@@ -675,7 +767,7 @@ def _della(inp: TensorInputs, p: DellaLinearParams,
             before = float(whole.view(shape).sum())
             run_blocks(len(ranges), masked)
             after = float(whole.view(shape).sum())
-            factors[i] = before / after if before > 0 and after > 0 else None
+            factors[i] = ops.l1_factor(before, after)
         del whole
 
         def merge(blocks: Iterator[int]) -> None:

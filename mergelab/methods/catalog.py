@@ -43,6 +43,7 @@ from mergelab.methods.base import (
     SignElection,
     SignTest,
     TensorInputs,
+    TrimRescale,
     TrimScope,
     ZeroSign,
 )
@@ -63,11 +64,14 @@ class TaskArithmeticParams(ScaledParams):
 
 
 ZERO_SIGN_HELP = "sign elected where the sign sum is exactly 0: 'drop' (0, the entry is 0) or 'positive' (+1, mergekit)"
+TRIM_RESCALE_HELP = ("rescaling of each trimmed task vector: 'none' (the paper's) or 'l1' (mergekit's rescale: true: "
+                     "times ||tau_i||_1 / ||trimmed tau_i||_1 per tensor)")
 
 
 class TiesParams(ScaledParams, DensityMixin):
     density: float = 0.2
     trim_scope: TrimScope = "global"
+    rescale: TrimRescale = Field("none", description=TRIM_RESCALE_HELP)
     sign_election: SignElection = "mass"
     disjoint_divisor: DisjointDivisor = "count"
     sign_test: SignTest = "tau"
@@ -95,6 +99,7 @@ class DareTiesParams(DareLinearParams):
 class BreadcrumbsParams(ScaledParams, DensityMixin):
     density: float = 0.9
     gamma: float = Field(0.01, description="fraction of largest-magnitude entries removed")
+    rescale: TrimRescale = Field("none", description=TRIM_RESCALE_HELP)
 
     @field_validator("gamma")
     @classmethod
@@ -225,6 +230,14 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     which differs for negative weights), lambda 1. Exactly k entries survive a trim (ties first in order).
     A model's own ``density`` (per-model parameter) trims its task vector with scope ``tensor``.
 
+    ``rescale: l1`` (mergekit's ``rescale: true``; source ``mergekit/sparsify.py``, ``magnitude`` and
+    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``): each trimmed task vector is scaled back to its
+    task vector's L1 norm, per model and per tensor, before the weights and the consensus:
+    ``hat tau_i = trim(tau_i) * ||tau_i||_1 / ||trim(tau_i)||_1``, unscaled when either norm is below 1e-7
+    (the norms by the L1 block rule of :mod:`mergelab.ops.l1_rule`). With ``trim_scope: global`` the threshold
+    is the whole model's and the norms are still per tensor (mergekit trims and rescales per tensor only);
+    ``density`` 1 neither trims nor rescales. Default ``none`` (the paper's).
+
     Known result (resnet_s zoo; mnist, mnist_rot90, digits, shapes; ``joint`` BN): TIES 71.3-72.0 loses to
     task arithmetic 73.6-73.8 at every density (0.1/0.2/0.5/1: best over lambda 71.2/71.8/71.9/72.0) and trim
     scope, so trimming is not the cause: the disjoint mean is. Our task vectors are large (16-29 % of |W0|), so
@@ -250,11 +263,12 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
 
 def trimmed(taus: list[torch.Tensor], inp: TensorInputs, p: TiesParams) -> list[torch.Tensor]:
     """TIES's trim (step 1) of each task vector: ``trim(tau_i, density)`` per tensor, or at the whole-model
-    thresholds ``inp.thresholds`` (``trim_scope: global``); a model's own ``density`` trims per tensor.
+    thresholds ``inp.thresholds`` (``trim_scope: global``); a model's own ``density`` trims per tensor;
+    ``rescale: l1`` scales each trimmed vector to its task vector's L1 norm (per tensor).
     ``density`` 1 and empty tensors: the task vectors unchanged."""
     if inp.model_params is not None:
-        return [ops.trim(t, d) if (d := inp.per_model(i, "density", p.density)) < 1.0 and t.numel() else t
-                for i, t in enumerate(taus)]
+        return [ops.trim(t, d, rescale=p.rescale) if (d := inp.per_model(i, "density", p.density)) < 1.0
+                and t.numel() else t for i, t in enumerate(taus)]
     if p.density < 1.0 and taus[0].numel() > 0:
         if p.trim_scope == "global":
             if inp.thresholds is None:
@@ -263,9 +277,9 @@ def trimmed(taus: list[torch.Tensor], inp: TensorInputs, p: TiesParams) -> list[
                     "merge through mergelab.merge (which computes them) or use trim_scope 'tensor'"
                 )
             quotas = inp.tie_quotas
-            return [ops.trim(t, p.density, threshold=inp.thresholds[i], ties=None if quotas is None else quotas[i])
-                    for i, t in enumerate(taus)]
-        return [ops.trim(t, p.density) for t in taus]
+            return [ops.trim(t, p.density, threshold=inp.thresholds[i], ties=None if quotas is None else quotas[i],
+                             rescale=p.rescale) for i, t in enumerate(taus)]
+        return [ops.trim(t, p.density, rescale=p.rescale) for t in taus]
     return taus
 
 
@@ -280,8 +294,10 @@ def dropped(taus: list[torch.Tensor], inp: TensorInputs, p: DareLinearParams) ->
 
 
 def banded(taus: list[torch.Tensor], inp: TensorInputs, p: BreadcrumbsParams) -> list[torch.Tensor]:
-    """Breadcrumbs' band of each task vector (:func:`mergelab.ops.trim_band`)."""
-    return [ops.trim_band(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "gamma", p.gamma))
+    """Breadcrumbs' band of each task vector (:func:`mergelab.ops.trim_band`), rescaled to its task vector's L1
+    norm with ``rescale: l1``."""
+    return [ops.trim_band(tau, inp.per_model(i, "density", p.density), inp.per_model(i, "gamma", p.gamma),
+                          rescale=p.rescale)
             for i, tau in enumerate(taus)]
 
 
@@ -314,6 +330,12 @@ def breadcrumbs(inp: TensorInputs, p: BreadcrumbsParams) -> torch.Tensor:
     ``band`` (:func:`mergelab.ops.trim_band`) removes per tensor the ``gamma`` fraction of largest-magnitude
     entries (outliers) and the smallest ones, keeping a ``density`` fraction. The paper tunes both per
     setting; defaults density 0.9 and gamma 0.01 are mergekit's.
+
+    ``rescale: l1`` (mergekit's ``rescale: true``; source ``mergekit/sparsify.py``, ``magnitude_outliers`` and
+    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``): per model and per tensor, before the weights,
+    ``band(tau_i) * ||tau_i||_1 / ||band(tau_i)||_1``, unscaled when either norm is below 1e-7 (the norms by
+    the L1 block rule of :mod:`mergelab.ops.l1_rule`); a model with density 1 is neither banded nor rescaled.
+    Default ``none`` (the paper's).
     """
     taus = banded(inp.task_vectors(), inp, p)
     return _base(inp) + ops.scale(ops.weighted_sum(taus, inp.weights), p.lambda_)
@@ -582,7 +604,9 @@ def breadcrumbs_ties(inp: TensorInputs, p: BreadcrumbsTiesParams) -> torch.Tenso
     disjoint_mean -> scale. The band as :func:`breadcrumbs` (exactly ``n_keep`` entries, ties by position),
     then ``theta_0 + lambda * sum_{i in A} w_i band(tau_i) / |A|`` over the models agreeing with the elected
     sign (options as :func:`ties`; mergekit's defaults: ``disjoint_divisor: none`` for its ``normalize:
-    false``, ``sign_test: weighted``). Defaults density 0.9, gamma 0.01 (mergekit's)."""
+    false``, ``sign_test: weighted``). Defaults density 0.9, gamma 0.01 (mergekit's). ``rescale: l1`` scales
+    each band to its task vector's L1 norm before the consensus, as :func:`breadcrumbs`:
+    ``band(tau_i) * ||tau_i||_1 / ||band(tau_i)||_1``."""
     taus = banded(inp.task_vectors(), inp, p)
     sign = ops.elect_sign(taus, inp.weights, by=p.sign_election, zero=p.zero_sign)
     merged = ops.disjoint_mean(taus, sign, inp.weights, divisor=p.disjoint_divisor, test=p.sign_test)

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("BlockKthLargest", "StreamingKthLargest", "kth_largest", "select_sample_size",
                      "select_small_size"), "select"),
     "keep_count": "selection",
+    **dict.fromkeys(("block_l1", "l1_factor", "l1_from_partials"), "l1_rule"),
     **dict.fromkeys(("BlockRanks", "kth_largest_many", "quantile_sample_size"), "quantiles"),
     **dict.fromkeys(("common_and_specific_sizes", "isotropic", "isotropic_common_specific", "polar",
                      "svd_components", "task_singular_vectors"), "spectral"),
@@ -42,8 +43,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("fusion_importance", "fusion_importance_of", "fusion_merge", "fusion_row_divergence",
                      "fusion_rows", "fusion_threshold", "nearswap", "quantile_ranks"), "fusion"),
     **dict.fromkeys(("BlockTrim", "apply_mask_", "band_mask", "band_ranks", "by_rank", "descending_order", "drop",
-                     "keep_top", "keep_top_into", "magprune", "magprune_keep_probabilities",
-                     "magprune_rank_probabilities", "remove_into", "rows_of", "top_set", "trim", "trim_band"),
+                     "keep_top", "keep_top_into", "l1_norm", "magprune", "magprune_keep_probabilities",
+                     "magprune_rank_probabilities", "remove_into", "rescale_l1", "rows_of", "top_set", "trim",
+                     "trim_band"),
                     "sparsify"),
 }
 
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
     from mergelab.ops.sce import energy_weights, expert_variance, select_count, select_mask
     from mergelab.ops.quantiles import BlockRanks, kth_largest_many, quantile_sample_size
     from mergelab.ops.selection import keep_count
+    from mergelab.ops.l1_rule import block_l1, l1_factor, l1_from_partials
     from mergelab.ops.spectral import (
         common_and_specific_sizes,
         isotropic,
@@ -105,10 +108,12 @@ if TYPE_CHECKING:
         drop,
         keep_top,
         keep_top_into,
+        l1_norm,
         magprune,
         magprune_keep_probabilities,
         magprune_rank_probabilities,
         remove_into,
+        rescale_l1,
         rows_of,
         top_set,
         trim,

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
 
+from mergelab.ops.blocks import block_ranges, block_size
+from mergelab.ops.l1_rule import block_l1, l1_factor, l1_from_partials
 from mergelab.ops.select import keep_count, kth_largest
 
 Rescale = Literal["inverse", "l1", "none"]
+#: The rescaling of a magnitude trim (TIES) or band (breadcrumbs): ``none`` or mergekit's ``l1``.
+TrimRescale = Literal["none", "l1"]
+
+
+def _check_trim_rescale(rescale: str) -> None:
+    if rescale not in ("none", "l1"):
+        raise ValueError(f"rescale must be 'none' or 'l1', got {rescale!r}")
 
 
 def _check_density(density: float) -> None:
@@ -153,7 +163,8 @@ class BlockTrim:
         return tau.mul_(mask)
 
 
-def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, ties: int | None = None) -> torch.Tensor:
+def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, ties: int | None = None,
+         rescale: TrimRescale = "none") -> torch.Tensor:
     """Magnitude trimming (TIES step 1, Yadav et al. 2023, "TIES-Merging", eq. "Trim").
 
     Keeps the ``k = floor(density * numel)`` (at least 1) entries of largest ``|tau_j|`` and zeroes the rest:
@@ -165,9 +176,15 @@ def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, t
     With ``threshold`` given, ``t`` is that value instead and ``ties`` says how many entries equal to it to
     keep (None: all): the whole-model scope of the paper, where ``t`` is the k-th largest magnitude over all
     tensors of the model and the engine's streaming pass assigns each tensor its share of the ties.
-    ``density == 1`` returns a copy of ``tau``.
+
+    ``rescale``: ``none`` (default; the paper's) or ``l1`` (mergekit's ``rescale: true``, its ``magnitude``
+    sparsification): ``trim(tau) * ||tau||_1 / ||trim(tau)||_1`` (:func:`rescale_l1`), the norms of this
+    tensor by the L1 block rule (:mod:`mergelab.ops.l1_rule`), unscaled when either is below 1e-7; with a
+    whole-model ``threshold`` too the norms are this tensor's (mergekit has no whole-model trim).
+    ``density == 1`` returns a copy of ``tau`` (nothing removed, nothing rescaled, as mergekit).
     """
     _check_density(density)
+    _check_trim_rescale(rescale)
     if threshold is None:
         if density >= 1.0 or tau.numel() == 0:
             return tau.clone()
@@ -177,7 +194,8 @@ def trim(tau: torch.Tensor, density: float, *, threshold: float | None = None, t
         ties = k - int(torch.count_nonzero(magnitude > threshold))
     else:
         magnitude = tau.abs()
-    return tau * keep_top(magnitude, threshold, ties)
+    out = tau * keep_top(magnitude, threshold, ties)
+    return rescale_l1(out, tau) if rescale == "l1" else out
 
 
 def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -211,7 +229,7 @@ def band_mask(magnitude: torch.Tensor, density: float, gamma: float) -> torch.Te
     return keep
 
 
-def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def trim_band(tau: torch.Tensor, density: float, gamma: float, *, rescale: TrimRescale = "none") -> torch.Tensor:
     """Breadcrumbs masking (Davari & Belilovsky 2023, "Model Breadcrumbs"), per tensor.
 
     Removes the ``gamma`` fraction of largest-magnitude entries (outliers) and then the smallest ones, so
@@ -221,14 +239,18 @@ def trim_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     (:func:`band_mask`): exactly ``n_keep`` survive, as in mergekit (its sort), and with the same tie rule as
     :func:`trim`. (Until issue 15 the band was kept by value, ``low <= |tau| < high``, which on tied
     magnitudes (bf16) kept far fewer: on a tensor of equal ``|tau|`` none at all.)
-    ``density == 1`` returns a copy (nothing removed, as in mergekit).
+    ``rescale``: ``none`` (default; the paper's) or ``l1`` (mergekit's ``rescale: true``, its
+    ``magnitude_outliers`` sparsification): ``band(tau) * ||tau||_1 / ||band(tau)||_1`` (:func:`rescale_l1`).
+    ``density == 1`` returns a copy (nothing removed, nothing rescaled, as in mergekit).
     """
     _check_density(density)
+    _check_trim_rescale(rescale)
     if not (0.0 <= gamma < 1.0):
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
     if density >= 1.0 or tau.numel() == 0:
         return tau.clone()
-    return tau * band_mask(tau.abs(), density, gamma)
+    out = tau * band_mask(tau.abs(), density, gamma)
+    return rescale_l1(out, tau) if rescale == "l1" else out
 
 
 MagpruneSpacing = Literal["paper", "mergekit"]
@@ -367,13 +389,32 @@ def magprune(
     return out
 
 
-def _match_l1(out: torch.Tensor, tau: torch.Tensor) -> None:
-    """mergekit's ``rescale``: scale ``out`` in place so that ``||out||_1 = ||tau||_1`` (left alone when
-    either norm is 0)."""
-    before = float(tau.abs().sum())
-    after = float(out.abs().sum())
-    if before > 0 and after > 0:
-        out.mul_(before / after)
+def _match_l1(out: torch.Tensor, tau: torch.Tensor, norm: Callable[[torch.Tensor], float] | None = None
+              ) -> torch.Tensor:
+    """mergekit's ``rescale``: ``out`` scaled in place by :func:`mergelab.ops.l1_rule.l1_factor` of
+    ``(||tau||_1, ||out||_1)``, so that ``||out||_1 = ||tau||_1`` (left alone when either norm is below
+    1e-7). The norms are ``norm``'s; by default torch's float32 sums over the whole tensor (DARE and DELLA,
+    whose kernels reproduce them)."""
+    l1 = norm if norm is not None else (lambda x: float(x.abs().sum()))
+    factor = l1_factor(l1(tau), l1(out))
+    if factor is not None:
+        out.mul_(factor)
+    return out
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    """``||x||_1`` of the flattened ``x`` (float32 or float64) by the L1 block rule of
+    :mod:`mergelab.ops.l1_rule`: blocks of :func:`mergelab.ops.blocks.block_size` entries
+    (:func:`mergelab.ops.l1_rule.block_l1`), summed in float64 in block order (the block kernels' order)."""
+    flat = x.detach().reshape(-1)
+    return l1_from_partials([block_l1(flat[a:b].cpu().numpy()) for a, b in block_ranges(flat.numel(), block_size())])
+
+
+def rescale_l1(out: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``out`` (a trim or band of ``tau``) scaled in place by ``||tau||_1 / ||out||_1`` (mergekit's
+    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), the norms by the L1 block rule (:func:`l1_norm`)
+    that the block kernels reproduce from per-block partials; unscaled when either norm is below 1e-7."""
+    return _match_l1(out, tau, l1_norm)
 
 
 def drop(
