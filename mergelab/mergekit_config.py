@@ -10,11 +10,12 @@ mergekit                  native spec
 ``linear``                ``weight_average`` (``normalize: true``, mergekit's default; ``false``: the plain sum)
 ``task_arithmetic``       ``task_arithmetic``; ``normalize: true`` divides each tensor's weights by their sum
 ``ties``                  ``ties`` with ``trim_scope: tensor``, ``sign_election: mass``, ``sign_test: weighted``,
-                          ``disjoint_divisor: weight`` (``normalize: true``, default) or ``none`` (``false``)
+                          ``disjoint_divisor: weight`` (``normalize: true``, default) or ``none`` (``false``);
+                          ``rescale: true`` -> ``rescale: l1`` (default ``false``: the native default ``none``)
 ``dare_ties``             ``dare_ties`` with ``rescale: l1`` (``rescale: true``, default) or ``none``,
                           ``sign_test: weighted``, ``disjoint_divisor: none`` (default) or ``weight``
 ``dare_linear``           ``dare_linear`` (``rescale`` as above; ``normalize: true`` divides the weights)
-``breadcrumbs``           ``breadcrumbs`` (per-model ``density``, ``gamma``)
+``breadcrumbs``           ``breadcrumbs`` (per-model ``density``, ``gamma``; ``rescale: true`` -> ``rescale: l1``)
 ``model_stock``           ``model_stock`` with ``extrapolate: true`` (and ``filter_wise``)
 ``slerp``                 ``slerp`` from ``base_model`` to the other model, ``parallel_threshold: 0.9995``
 ``della``                 ``della`` with ``spacing: mergekit``, ``rescale: l1`` (default) or ``none``,
@@ -22,7 +23,7 @@ mergekit                  native spec
                           ``density``, ``epsilon`` (0.15)
 ``della_linear``          ``della_linear`` (as ``della``; ``normalize: true`` divides the weights)
 ``breadcrumbs_ties``      ``breadcrumbs_ties`` with ``sign_test: weighted``, ``disjoint_divisor: none`` (default)
-                          or ``weight``; per-model ``density``, ``gamma``
+                          or ``weight``; per-model ``density``, ``gamma``; ``rescale: true`` -> ``rescale: l1``
 (the TIES family)          ``ties``, ``dare_ties``, ``della``, ``breadcrumbs_ties`` also get ``zero_sign: positive``
                           (mergekit elects +1 where the sign sum is exactly 0)
 ``sce``                   ``sce`` with ``select_topk``, ``min_energy: 1e-6``, ``zero_sign: positive``
@@ -64,7 +65,7 @@ Model references must be local folders (or files): a Hugging Face hub id, a ``@r
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
-other than the config's, ``residual_weight`` and ``rescale: true`` for ``ties``/``breadcrumbs``.
+other than the config's and ``residual_weight``.
 """
 
 from __future__ import annotations
@@ -442,9 +443,8 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
                     params["rescale"] = "l1" if rescale else "none"
                     if mk_method.startswith("della"):
                         params["spacing"] = "mergekit"
-                elif rescale:
-                    raise SpecError(f"{source}: rescale: true with {mk_method} (magnitude pruning rescaled to the "
-                                    "L1 norm) is not supported")
+                elif rescale:  # ties, breadcrumbs, breadcrumbs_ties: magnitude pruning rescaled to the L1 norm
+                    params["rescale"] = "l1"
                 if mk_method in _CONSENSUS:
                     params.update(sign_election="mass", sign_test="weighted", zero_sign="positive",
                                   disjoint_divisor="weight" if normalize else "none")

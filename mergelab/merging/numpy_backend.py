@@ -71,6 +71,7 @@ from mergelab.merging.numpy_kernels import (
     task_arithmetic_block,
     tensor_trims,
     trim_at,
+    trim_l1_factors,
     weight_average_block,
 )
 from mergelab.merging.pipeline import PIPELINE_BYTES, nbytes, read_ahead, run_blocks, stream_tensors
@@ -256,8 +257,13 @@ def _ties_tensor(name: str, storage: StorageDtype, arrays: Sequence[Any], params
             trims = tensor_trims(base, experts, params.density, compute)
     # with unit weights the sum of the agreeing weights is the agreeing count, exactly: count in bytes
     divisor = "count" if all(w == 1.0 for w in weights) else params.disjoint_divisor
+    factors = None
+    if trims is not None and params.rescale == "l1":
+        with np.errstate(all="ignore"):
+            factors = trim_l1_factors(base, experts, trims, compute)
     kernel = TiesKernel(tuple(weights), params.sign_election, divisor, params.lambda_, params.zero_sign)
-    kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"))
+    kernel.merge(base, experts, trims, out, compute, lambda: _explain_nonfinite(name, readers, out, "ties"),
+                 factors)
     return out
 
 

@@ -17,6 +17,11 @@ float64 if an input is float64):
    (``weight``); 0 where nobody agrees;
 4. ``theta = theta_0 + lambda * merged``, rounded once to the output dtype.
 
+With ``rescale: l1`` (mergekit's ``rescale: true``) step 1 is followed by
+``hat tau_i *= ||tau_i||_1 / ||hat tau_i||_1`` per tensor (unscaled when either norm is below 1e-7), the norms
+by the L1 block rule of :mod:`mergelab.ops.l1_rule` from a pass over the blocks between the selection and the
+merge (:func:`trim_l1_factors`).
+
 The parameters and their defaults (from the paper) are :class:`mergelab.methods.catalog.TiesParams`.
 
 How it is computed, for a tensor whose inputs are in memory in their stored dtype:
@@ -67,6 +72,7 @@ from mergelab.merging.numpy_arrays import (
 )
 from mergelab.merging.pipeline import run_blocks
 from mergelab.ops import selection as rules
+from mergelab.ops.l1_rule import block_l1, l1_factor, l1_from_partials
 from mergelab.ops.gram_matrix import (
     gram_partials,
     karcher_coefficients,
@@ -269,9 +275,11 @@ class TiesKernel:
     zero_sign: str = "drop"
 
     def merge(self, base: Any, experts: Sequence[Any], trims: Sequence[Trim] | None, out: Any,
-              compute: np.dtype, on_nonfinite: Callable[[], None]) -> None:
+              compute: np.dtype, on_nonfinite: Callable[[], None],
+              factors: Sequence[float | None] | None = None) -> None:
         """Write the merged flat tensor into ``out`` (its storage dtype), all cores over the blocks;
-        calls ``on_nonfinite`` (which raises) when an output entry is NaN or Inf."""
+        calls ``on_nonfinite`` (which raises) when an output entry is NaN or Inf. ``factors``: per expert, the
+        ``rescale: l1`` factor of its trimmed task vector (:func:`trim_l1_factors`; None: unscaled)."""
         n = base.size
         bad: list[int] = []
 
@@ -283,7 +291,7 @@ class TiesKernel:
                 block_out = out[start:end]
                 with np.errstate(all="ignore"):  # NaN/Inf reach the output and are reported from there
                     flagged = self._block(base[start:end], [e[start:end] for e in experts], trims, start,
-                                          block_out, buffers.sized(end - start))
+                                          block_out, buffers.sized(end - start), factors)
                 if flagged if flagged is not None else any_nonfinite(block_out, exponent):
                     bad.append(j)
 
@@ -292,7 +300,7 @@ class TiesKernel:
             on_nonfinite()
 
     def _block(self, base: Any, experts: Sequence[Any], trims: Sequence[Trim] | None, start: int,
-               out: Any, buf: _Buffers) -> bool | None:
+               out: Any, buf: _Buffers, factors: Sequence[float | None] | None = None) -> bool | None:
         """One block: positive and negative parts of the trimmed task vectors, then the election and the
         disjoint mean from them (see :func:`mergelab.ops.elect_sign`). Returns whether an output entry is
         NaN or Inf when the rounding found out (float32 to bfloat16), else None (the caller checks)."""
@@ -307,6 +315,8 @@ class TiesKernel:
                 np.less(tau, 0, out=down)
             else:
                 signed_keep(tau, trims[i], start, up, down)
+                if factors is not None and factors[i] is not None:  # rescale l1: (tau c) keep = (tau keep) c
+                    np.multiply(tau, factors[i], out=tau)
             # positive part: tau where kept and > 0 (NaN * False stays NaN, so NaN reaches the output)
             for part, keep in ((pos, up), (neg, down)):
                 term = np.multiply(tau, keep, out=part if i == 0 else tmp)
@@ -386,6 +396,37 @@ def signed_keep(tau: Any, trim: Trim, start: int, up: Any, down: Any) -> None:
         if lo < hi:
             np.greater(tau[lo:hi], level, out=up[lo:hi])
             np.less(tau[lo:hi], -level, out=down[lo:hi])
+
+
+def trim_l1_factors(base: Any, experts: Sequence[Any], trims: Sequence[Trim], compute: np.dtype
+                    ) -> list[float | None]:
+    """Per expert, TIES's ``rescale: l1`` factor ``||tau_i||_1 / ||trim(tau_i)||_1`` (None: unscaled, either norm
+    below 1e-7: :func:`mergelab.ops.l1_rule.l1_factor`), by the L1 block rule (:mod:`mergelab.ops.l1_rule`): one
+    pass over the blocks (all cores; a trim is positional, so any order) forms ``tau_i`` and its trim
+    (:func:`signed_keep`) and takes both blocks' :func:`~mergelab.ops.l1_rule.block_l1`, summed per expert in
+    block order. ``base``, ``experts``: the tensor's flat inputs in their stored dtypes."""
+    n = base.size
+    blocks = -(-n // BLOCK)
+    parts: list[list[tuple[float, float]]] = [[(0.0, 0.0)] * len(experts) for _ in range(blocks)]
+
+    def work(indices: Iterator[int]) -> None:
+        size = min(n, BLOCK)
+        b, tau = np.empty(size, compute), np.empty(size, compute)
+        up, down = np.empty(size, bool), np.empty(size, bool)
+        for j in indices:
+            start, end = _block(n, j)
+            m = end - start
+            _into_compute(base[start:end], b[:m])
+            for i, (e, trim) in enumerate(zip(experts, trims)):
+                t = np.subtract(_into_compute(e[start:end], tau[:m]), b[:m], out=tau[:m])
+                before = block_l1(t)
+                signed_keep(t, trim, start, up[:m], down[:m])
+                kept = np.logical_or(up[:m], down[:m], out=up[:m])
+                parts[j][i] = (before, block_l1(np.multiply(t, kept, out=t)))
+
+    run_blocks(blocks, work)
+    return [l1_factor(l1_from_partials([part[i][0] for part in parts]),
+                      l1_from_partials([part[i][1] for part in parts])) for i in range(len(experts))]
 
 
 class _Buffers:

@@ -187,8 +187,11 @@ class Method:
         try:
             return self.params.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+            problems = "; ".join(  # field: message (got value), as training specs' errors
+                f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+                + (f" (got {err['input']!r})" if err["loc"] and "got " not in err["msg"]
+                   and not isinstance(err.get("input", {}), Mapping) else "")
+                for err in exc.errors()
             )
             raise SpecError(f"{where}: invalid parameter for method '{self.name}': {problems}") from None
 
