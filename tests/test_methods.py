@@ -467,7 +467,10 @@ def test_slerp_t_outside_unit_interval_rejected(t: float) -> None:
     ("name", "raw", "word"),
     [("ties", {"trim_scope": "layer"}, "trim_scope"), ("ties", {"sign_election": "vote"}, "sign_election"),
      ("ties", {"disjoint_divisor": "sum"}, "disjoint_divisor"), ("dare_linear", {"rescale": "l2"}, "rescale"),
-     ("breadcrumbs", {"gamma": 1.0}, "gamma"), ("ties", {"density": "lots"}, "density")],
+     ("breadcrumbs", {"gamma": 1.0}, "gamma"), ("ties", {"density": "lots"}, "density"),
+     ("ties", {"rescale": "inverse"}, r"rescale: Input should be 'none' or 'l1' \(got 'inverse'\)"),
+     ("breadcrumbs", {"rescale": True}, r"rescale: Input should be 'none' or 'l1' \(got True\)"),
+     ("breadcrumbs_ties", {"rescale": "l2"}, r"rescale: Input should be 'none' or 'l1' \(got 'l2'\)")],
 )
 def test_bad_option_values_rejected(name: str, raw: dict, word: str) -> None:
     with pytest.raises(SpecError, match=word):

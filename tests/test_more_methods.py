@@ -218,6 +218,35 @@ def test_breadcrumbs_ties_is_the_band_then_the_consensus():
         assert torch.allclose(out.double(), b + 0.7 * ref_consensus(banded, weights, divisor), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties", "ties"])
+def test_rescale_l1_is_the_sparsified_vector_times_its_l1_ratio(name):
+    """``rescale: l1`` (mergekit's ``rescale: true``): each expert's band (trim) times
+    ||tau_i||_1 / ||band(tau_i)||_1, per model, before the weights and the consensus; against a float64
+    construction (full sort, ties by position), reference and kernel equal."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(40, generator=g)
+    experts = [base + torch.randn(40, generator=g) for _ in range(3)]
+    weights = [1.0, 0.5, 2.0]
+    b = base.to(F64)
+    kept = []
+    top, n_keep = (0, 12) if name == "ties" else (4, 20)  # ties: density 0.3; band: gamma 0.1, density 0.5
+    for e in experts:
+        tau = e.to(F64) - b
+        order = sorted(range(40), key=lambda j: (-abs(float(tau[j])), j))
+        keep = torch.zeros(40, dtype=torch.bool)
+        keep[order[top:top + n_keep]] = True
+        kept.append(tau * keep * (tau.abs().sum() / (tau * keep).abs().sum()))
+    params = ({"density": 0.3, "trim_scope": "tensor"} if name == "ties" else {"density": 0.5, "gamma": 0.1})
+    out = both(name, base, experts, weights, {**params, "rescale": "l1", "lambda": 0.7})
+    if name == "breadcrumbs":
+        expected = b + 0.7 * sum(w * t for w, t in zip(weights, kept))
+    else:
+        expected = b + 0.7 * ref_consensus(kept, weights, "count")
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    plain = both(name, base, experts, weights, {**params, "lambda": 0.7})
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------- SCE
 
 

@@ -358,6 +358,69 @@ def test_ties_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes)
             assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), (params, name)
 
 
+@pytest.mark.parametrize("dtypes", [[torch.bfloat16] * 4, [torch.float32] * 4, [torch.float64] * 4,
+                                    [torch.bfloat16, torch.float32, torch.bfloat16, torch.float16]])
+def test_ties_rescale_l1_equals_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, dtypes):
+    """``rescale: l1`` on both engines, per tensor and over the whole model, with weights and both elections:
+    the same bits. Both engines cut the same blocks (the L1 block rule sums per-block partials in block
+    order), several per tensor, two threads."""
+    from mergelab.merging import numpy_kernels as numpy_ties
+
+    paths = _models(tmp_path, dtypes, seed=13)
+    _small_selection(monkeypatch, block=40)
+    monkeypatch.setattr(blocks_mod, "BLOCK", 40)
+    monkeypatch.setattr(numpy_engine, "GLOBAL_SAMPLE", 64)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    assert numpy_ties.BLOCK == blocks_mod.BLOCK == 40
+    for params, weights in (({"density": 0.3, "trim_scope": "tensor"}, None),
+                            ({"density": 0.6, "trim_scope": "tensor", "sign_election": "count",
+                              "disjoint_divisor": "weight", "lambda": 0.5}, [0.5, 2.0, 1.0]),
+                            ({"density": 0.4}, None),  # whole-model threshold, per-tensor norms
+                            ({"density": 0.2, "trim_scope": "tensor", "zero_sign": "positive"}, [1.0, -0.5, 2.0])):
+        spec = _spec("ties", paths, weights, parameters={"rescale": "l1", **params})
+        merge(spec, tmp_path / "torch", progress=False, engine="torch", overwrite=True)
+        merge(spec, tmp_path / "numpy", progress=False, engine="numpy", overwrite=True)
+        a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+        plain = {**spec, "parameters": {**spec["parameters"], "rescale": "none"}}
+        merge(plain, tmp_path / "plain", progress=False, engine="numpy", overwrite=True)
+        c = load_state_dict(tmp_path / "plain")
+        for name in a:
+            assert a[name].dtype == b[name].dtype
+            assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), (params, name)
+        assert not torch.equal(b["w"], c["w"]), params  # the rescaling took effect
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_ties_rescale_l1_closed_form(tmp_path, engine):
+    """tau = (4, -3, 2, 1) at density 0.5 keeps (4, -3), ||tau||_1 = 10, ||kept||_1 = 7: (4, -3) * 10/7 (one
+    expert: the disjoint mean is the trimmed vector). A second tensor of task vector (1e-8, 0, 0, 0) has
+    ||tau||_1 < 1e-7 and is left unscaled (mergekit's tolerance). Two experts (4, -3, 2, 1) and
+    (-1, 3, 0.5, 2) at density 0.5: (4, -3) * 10/7 and (3, 2) * 6.5/5; entry 0 elects + (40/7 - 0), entry 1
+    the sign of -30/7 + 3.9 < 0, entry 3 only the second expert: 2.6."""
+    base = {"w": torch.zeros(4), "tiny": torch.zeros(4)}
+    e1 = {"w": torch.tensor([4.0, -3.0, 2.0, 1.0]), "tiny": torch.tensor([1e-8, 0.0, 0.0, 0.0])}
+    e2 = {"w": torch.tensor([-1.0, 3.0, 0.5, 2.0]), "tiny": torch.zeros(4)}
+    paths = [save_state_dict(state, tmp_path / f"m{i}.safetensors") for i, state in enumerate((base, e1, e2))]
+    params = {"trim_scope": "tensor", "density": 0.5, "rescale": "l1"}
+    merge(_spec("ties", paths[:2], parameters=params), tmp_path / "one", progress=False, engine=engine)
+    out = load_state_dict(tmp_path / "one")
+    f = np.float32(10.0 / 7.0)
+    assert out["w"].tolist() == [np.float32(4.0) * f, np.float32(-3.0) * f, 0.0, 0.0]
+    assert out["tiny"].tolist() == [np.float32(1e-8), 0.0, 0.0, 0.0]  # kept (k = 2), not scaled
+    merge(_spec("ties", paths, parameters=params), tmp_path / "two", progress=False, engine=engine)
+    out = load_state_dict(tmp_path / "two")["w"]
+    g = np.float32(6.5 / 5.0)
+    np.testing.assert_array_equal(out.numpy(), np.array([4.0 * f, -3.0 * f, 0.0, 2.0 * g], dtype=np.float32))
+
+
+def test_ties_block_size_is_the_torch_operators_block_size():
+    """The L1 block rule of rescale l1 sums per-block partials in block order, so both back-ends must cut the
+    same blocks."""
+    from mergelab.merging import numpy_kernels as numpy_ties
+
+    assert numpy_ties.BLOCK == blocks_mod.BLOCK
+
+
 @pytest.mark.parametrize("sign_election", ["mass", "count"])
 def test_ties_zero_sign_on_an_exact_tie_both_engines(tmp_path, sign_election):
     """Two experts whose task vectors cancel at entries 0-2 (sign sum exactly 0): ``zero_sign: drop`` merges 0

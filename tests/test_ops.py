@@ -294,6 +294,61 @@ def test_drop_l1_rescale_preserves_l1_norm() -> None:
     assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # one common factor on every kept entry
 
 
+def test_trim_and_band_rescale_l1_closed_form() -> None:
+    """mergekit's ``rescale: true`` on hand-built tensors: tau = (4, -3, 2, 1) at density 0.5 keeps (4, -3),
+    scaled by ||tau||_1 / ||kept||_1 = 10/7; breadcrumbs with gamma 0.25 removes the outlier 4 and keeps
+    (-3, 2) (5 of 10): times 2. Products in float32 (the factor rounded to float32 by the multiply)."""
+    tau = torch.tensor([4.0, -3.0, 2.0, 1.0])
+    f = np.float32(10.0 / 7.0)
+    assert ops.trim(tau, 0.5, rescale="l1").tolist() == [np.float32(4.0) * f, np.float32(-3.0) * f, 0.0, 0.0]
+    assert ops.trim(tau, 0.5).tolist() == [4.0, -3.0, 0.0, 0.0]  # default none: unchanged
+    assert ops.trim(tau, 0.5, rescale="none").tolist() == [4.0, -3.0, 0.0, 0.0]
+    assert ops.trim_band(tau, 0.5, 0.25, rescale="l1").tolist() == [0.0, -6.0, 4.0, 0.0]
+    assert ops.trim_band(tau, 0.5, 0.25).tolist() == [0.0, -3.0, 2.0, 0.0]
+    # at a given (whole-model) threshold the norms are still this tensor's: t = 2 keeps (4, -3, 2): 10/9
+    g = np.float32(10.0 / 9.0)
+    assert ops.trim(tau, 0.5, threshold=2.0, rescale="l1").tolist() == [np.float32(v) * g for v in (4, -3, 2)] + [0.0]
+    # density 1: nothing removed, nothing rescaled (a copy)
+    assert ops.trim(tau, 1.0, rescale="l1").tolist() == tau.tolist()
+    assert ops.trim_band(tau, 1.0, 0.1, rescale="l1").tolist() == tau.tolist()
+
+
+def test_rescale_l1_tolerance_is_mergekits() -> None:
+    """Either norm below 1e-7 leaves the trimmed vector unscaled (mergekit's ``eps``); above it, scaled."""
+    assert ops.l1_factor(1e-8, 1e-8) is None and ops.l1_factor(1.0, 5e-8) is None
+    assert ops.l1_factor(10.0, 7.0) == 10.0 / 7.0
+    tiny = torch.tensor([3e-8, -2e-8, 1e-8, 1e-8])  # ||tau||_1 = 7e-8
+    assert torch.equal(ops.trim(tiny, 0.5, rescale="l1"), ops.trim(tiny, 0.5))
+    assert torch.equal(ops.trim(torch.zeros(4), 0.5, rescale="l1"), torch.zeros(4))
+
+
+def test_l1_block_rule() -> None:
+    """The L1 block rule: chunk sums in the array's dtype, added in float64, blocks in order: within float32
+    rounding of the exact sum, across chunk and block boundaries, and the same whatever the thread count (it is
+    numpy's, on fixed blocks)."""
+    from mergelab.ops import l1_rule
+
+    x = torch.randn(3 * l1_rule.CHUNK + 123, generator=_gen(3))
+    exact = float(x.double().abs().sum())
+    assert ops.block_l1(x.numpy()) == pytest.approx(exact, rel=1e-6)
+    assert ops.l1_norm(x) == pytest.approx(exact, rel=1e-6)
+    assert ops.l1_norm(x.reshape(3, -1)[:, :100]) == pytest.approx(float(x.reshape(3, -1)[:, :100].double().abs().sum()))
+    # one value per chunk: exact in any order
+    ones = torch.zeros(2 * l1_rule.CHUNK + 5)
+    ones[:: l1_rule.CHUNK] = -1.5
+    assert ops.block_l1(ones.numpy()) == 4.5 and ops.l1_norm(ones) == 4.5
+    x64 = torch.randn(1000, generator=_gen(4), dtype=torch.float64)
+    assert ops.l1_norm(x64) == pytest.approx(float(x64.abs().sum()), rel=1e-14)
+
+
+@pytest.mark.parametrize("bad", ["l2", "inverse", True])
+def test_trim_rescale_rejects_other_values(bad) -> None:
+    with pytest.raises(ValueError, match="rescale must be 'none' or 'l1', got"):
+        ops.trim(torch.ones(4), 0.5, rescale=bad)
+    with pytest.raises(ValueError, match="rescale must be 'none' or 'l1', got"):
+        ops.trim_band(torch.ones(4), 0.5, 0.1, rescale=bad)
+
+
 def test_drop_expected_value_is_tau() -> None:
     # E[m tau / d] = tau. Per entry, drop(tau)_j is tau_j/d w.p. d, else 0: variance tau_j^2 (1-d)/d.
     # The mean over S = 4000 seeds has standard deviation |tau_j| sqrt((1-d)/(d S)) = 0.0158 |tau_j| at

@@ -52,6 +52,10 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("weight_average", {}, 3),
     ("task_arithmetic", {"lambda": 0.6}, 3),
     ("ties", {"trim_scope": "tensor", "density": 0.3, "lambda": 0.6}, 3),
+    ("ties", {"trim_scope": "tensor", "density": 0.3, "rescale": "l1", "lambda": 0.6}, 3),
+    ("ties", {"trim_scope": "tensor", "density": 0.02, "rescale": "l1", "sign_election": "count",
+              "disjoint_divisor": "weight"}, 3),
+    ("ties", {"trim_scope": "tensor", "density": 1.0, "rescale": "l1"}, 3),
     ("dare_linear", {"density": 0.3, "seed": 4, "lambda": 0.6}, 3),
     ("dare_linear", {"density": 0.6, "rescale": "l1"}, 3),
     ("dare_linear", {"density": 0.6, "rescale": "none"}, 3),
@@ -61,6 +65,7 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}, 3),
     ("breadcrumbs", {"density": 0.5, "gamma": 0.0}, 3),
     ("breadcrumbs", {"density": 1.0}, 3),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale": "l1", "lambda": 0.6}, 3),
     ("model_stock", {}, 3),
     ("slerp", {"t": 0.3}, 2),
     ("slerp", {"t": 0.7}, 1),
@@ -74,6 +79,8 @@ KERNEL_CASES: list[tuple[str, dict, int]] = [
     ("della_linear", {"density": 0.5, "rescale": "l1"}, 3),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "lambda": 0.6}, 3),
     ("breadcrumbs_ties", {"disjoint_divisor": "none", "sign_test": "weighted"}, 3),
+    ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05, "rescale": "l1", "disjoint_divisor": "weight",
+                          "sign_test": "weighted", "zero_sign": "positive"}, 3),
     ("sce", {}, 3),
     ("sce", {"select_topk": 0.3}, 3),
     ("nuslerp", {}, 2),
@@ -234,6 +241,43 @@ def test_blockwise_ties_equals_whole_tensor(monkeypatch, dtype, threads, density
         for e in experts:
             trim = ops.trim(e.float() - base.float(), density)
             assert int(torch.count_nonzero(trim)) <= k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ties", [None, 0, 5])
+def test_blockwise_ties_rescale_l1_at_whole_model_thresholds(monkeypatch, dtype, ties):
+    """``trim_scope: global`` with ``rescale: l1``: the threshold is given (the whole model's), the norms are
+    this tensor's; blocks in order when a tie quota is counted over the tensor (``ties`` 0 or 5: the norm pass
+    must not spend the merge pass's quota). Bit for bit the reference, and the trimmed vectors' L1 norm is the
+    task vector's."""
+    _small_blocks(monkeypatch)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    base, experts = _inputs(3, 1000, dtype, seed=4)
+    taus = [e.float() - base.float() for e in experts]
+    thresholds = [float(ops.kth_largest(t.abs(), 300)) for t in taus]
+    p = get_method("ties").parse_params({"density": 0.3, "rescale": "l1"})
+    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0], thresholds=thresholds,
+                       tie_quotas=None if ties is None else [ties] * 3)
+    assert torch.equal(_bits(kernel("ties")(inp, p)), _bits(get_method("ties").reference(inp, p)))
+    for tau, t in zip(taus, thresholds):
+        trimmed = ops.trim(tau, 0.3, threshold=t, ties=ties, rescale="l1")
+        assert float(trimmed.abs().double().sum()) == pytest.approx(float(tau.abs().double().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_none_is_the_default_and_l1_changes_the_merge(monkeypatch, name):
+    """``rescale`` defaults to ``none`` (the output without the parameter, bit for bit) and ``l1`` scales each
+    sparsified task vector up (||tau||_1 / ||T(tau)||_1 > 1), so the merge moves further from the base."""
+    _small_blocks(monkeypatch)
+    base, experts = _inputs(3, 1000, torch.float32, seed=6)
+    method = get_method(name)
+    extra = {"trim_scope": "tensor", "density": 0.3} if name == "ties" else {"density": 0.5, "gamma": 0.05}
+    inp = TensorInputs("w", base, experts, [1.0, 0.5, 2.0])
+    plain = kernel(name)(inp, method.parse_params(extra))
+    assert method.parse_params(extra).rescale == "none"
+    assert torch.equal(plain, kernel(name)(inp, method.parse_params({**extra, "rescale": "none"})))
+    scaled = kernel(name)(inp, method.parse_params({**extra, "rescale": "l1"}))
+    assert float((scaled - base).abs().sum()) > 1.2 * float((plain - base).abs().sum())
 
 
 def test_blockwise_ties_bracket_miss_falls_back(monkeypatch):

@@ -147,12 +147,15 @@ class DiagnosticsConfig:
     finds each expert's whole-model threshold first with the engine's two streaming passes (the TIES paper,
     and mergelab's ``ties`` default). ``seed`` seeds DARE exactly like the ``dare_linear``/``dare_ties``
     merges (per seed, expert index and tensor name), so the measured drop is the one a merge would apply.
+    ``dare_rescale`` is DARE's and MAGPRUNE's rescaling, ``trim_rescale`` the trim's and breadcrumbs' band's
+    (``none``, the papers', or mergekit's ``l1``: the methods' ``rescale`` parameter).
     """
 
     density: float = 0.2
     trim_scope: Literal["tensor", "global"] = "tensor"
     sign_election: Literal["mass", "count"] = "mass"
     dare_rescale: Literal["inverse", "l1", "none"] = "inverse"
+    trim_rescale: Literal["none", "l1"] = "none"
     breadcrumbs_gamma: float = 0.01
     della_epsilon: float = 0.1
     della_spacing: Literal["paper", "mergekit"] = "paper"
@@ -168,6 +171,8 @@ class DiagnosticsConfig:
             raise SpecError(f"sign_election must be 'mass' or 'count', got {self.sign_election!r}")
         if self.dare_rescale not in ("inverse", "l1", "none"):
             raise SpecError(f"dare_rescale must be 'inverse', 'l1' or 'none', got {self.dare_rescale!r}")
+        if self.trim_rescale not in ("none", "l1"):
+            raise SpecError(f"trim_rescale must be 'none' or 'l1', got {self.trim_rescale!r}")
         if not (0.0 <= self.breadcrumbs_gamma < 1.0):
             raise SpecError(f"breadcrumbs_gamma must be in [0, 1), got {self.breadcrumbs_gamma}")
         unknown = [op for op in self.operators if op not in OPERATORS]
@@ -194,6 +199,7 @@ class DiagnosticsConfig:
             "trim_scope": self.trim_scope,
             "sign_election": self.sign_election,
             "dare_rescale": self.dare_rescale,
+            "trim_rescale": self.trim_rescale,
             "breadcrumbs_gamma": self.breadcrumbs_gamma,
             "della_epsilon": self.della_epsilon,
             "della_spacing": self.della_spacing,
@@ -253,9 +259,11 @@ def apply_operator(
     # the method's parameters from the configuration (one density for every operator), and its own
     # sparsification step from the catalog, as its reference applies it
     settings = {"density": config.density, "trim_scope": "tensor" if thresholds is None else "global",
-                "sign_election": config.sign_election, "rescale": config.dare_rescale,
+                "sign_election": config.sign_election,
                 "gamma": config.breadcrumbs_gamma, "epsilon": config.della_epsilon,
                 "spacing": config.della_spacing, "seed": config.seed}
+    if "rescale" in method.params.model_fields:  # the random drops' rescale, or the trim's and band's
+        settings["rescale"] = config.dare_rescale if method.name.startswith(("dare", "della")) else config.trim_rescale
     fields = {f.alias or n for n, f in method.params.model_fields.items()}
     params = method.parse_params({k: v for k, v in settings.items() if k in fields})
     inputs = TensorInputs(name=name, base=None, experts=[], weights=list(weights), thresholds=thresholds,

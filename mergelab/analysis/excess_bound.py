@@ -32,7 +32,7 @@ import numpy as np
 
 from mergelab.analysis.bound import FORM, BoundPool, evaluate_bound, per_expert_stability
 from mergelab.methods import get_method
-from mergelab.methods.catalog import METHODS, DellaMixin
+from mergelab.methods.catalog import METHODS, TRIM_RESCALED, DellaMixin
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ def merge_operator_vectors(method: str, parameters: Mapping[str, Any], taus: Seq
     cfg = DiagnosticsConfig(
         density=float(getattr(p, "density")),
         sign_election=getattr(p, "sign_election", "mass"),
-        dare_rescale=getattr(p, "rescale", "inverse"),
+        dare_rescale=getattr(p, "rescale", "inverse") if not isinstance(p, TRIM_RESCALED) else "inverse",
+        trim_rescale=p.rescale if isinstance(p, TRIM_RESCALED) else "none",
         breadcrumbs_gamma=float(getattr(p, "gamma", 0.01)),
         della_epsilon=float(p.epsilon) if isinstance(p, DellaMixin) else DiagnosticsConfig.della_epsilon,
         della_spacing=p.spacing if isinstance(p, DellaMixin) else "paper",

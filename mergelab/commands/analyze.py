@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from mergelab.errors import SpecError
 from mergelab.methods import get_method
-from mergelab.methods.catalog import DellaMixin
+from mergelab.methods.catalog import TRIM_RESCALED, DellaMixin
 from mergelab.output_paths import refuse_overlap
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def diagnostics_config(spec: Any, args: argparse.Namespace) -> tuple[Any, list[s
         density=density,
         trim_scope=trim_scope,
         sign_election=getattr(params, "sign_election", "mass"),
-        dare_rescale=getattr(params, "rescale", "inverse"),
+        dare_rescale=getattr(params, "rescale", "inverse") if not isinstance(params, TRIM_RESCALED) else "inverse",
+        trim_rescale=params.rescale if isinstance(params, TRIM_RESCALED) else "none",
         breadcrumbs_gamma=getattr(params, "gamma", 0.01),
         della_epsilon=params.epsilon if isinstance(params, DellaMixin) else DiagnosticsConfig.della_epsilon,
         della_spacing=params.spacing if isinstance(params, DellaMixin) else "paper",

@@ -109,6 +109,10 @@ class BreadcrumbsParams(ScaledParams, DensityMixin):
         return v
 
 
+#: The parameter models whose ``rescale`` is a trim's or band's (``none`` / ``l1``), not DARE's or DELLA's.
+TRIM_RESCALED = (TiesParams, BreadcrumbsParams)
+
+
 class ModelStockParams(MethodParams):
     extrapolate: bool = Field(False, description="mergekit's ratio for task vectors pointing apart (cos <= 0)")
     filter_wise: bool = Field(False, description="one ratio per row (output filter) instead of per tensor")
