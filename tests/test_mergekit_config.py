@@ -474,6 +474,26 @@ def test_della_translates_with_mergekits_semantics(models):
     assert spec["parameters"] == {"lambda": 1.0, "rescale": "none", "spacing": "mergekit"}
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_true_translates_to_l1_for_magnitude_pruning(models, tmp_path, method):
+    """``rescale: true`` with ties / breadcrumbs / breadcrumbs_ties (mergekit's magnitude pruning rescaled to the
+    L1 norm) becomes the native ``rescale: l1``; ``false`` (their default) leaves the native default ``none``
+    (the spec unchanged), and the translated merge runs."""
+    config = {"merge_method": method, "base_model": str(models["base"]),
+              "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": str(models["ft2"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    plain = translate(config)
+    assert "rescale" not in plain["parameters"]
+    assert translate({**config, "parameters": {"rescale": False}}) == plain
+    spec = translate({**config, "parameters": {"rescale": True}})
+    assert spec["parameters"] == {**plain["parameters"], "rescale": "l1"}
+    assert spec["models"] == plain["models"]
+    assert parse_spec(spec).parameters["rescale"] == "l1"
+    out = _merge_cfg(tmp_path / "l1", {**config, "parameters": {"rescale": True}})
+    none = _merge_cfg(tmp_path / "none", config)
+    assert any(not torch.equal(out[name], none[name]) for name in out if out[name].is_floating_point())
+
+
 def _merge_cfg(tmp_path, config):
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = _cfg(tmp_path, config)

@@ -201,6 +201,10 @@ CASES: list[Case] = [
     Case("ties_negative_weight", _gta("ties", weights=(1.0, -0.5, 0.7), params={"normalize": False}, density=0.3)),
     Case("breadcrumbs", _gta("breadcrumbs", density=0.8, gamma=0.05)),
     Case("breadcrumbs_ties", _gta("breadcrumbs_ties", density=0.8, gamma=0.05)),
+    # rescale: true (magnitude pruning rescaled to the L1 norm): mergelab's rescale: l1
+    Case("ties_rescale", _gta("ties", params={"rescale": True}, density=0.5)),
+    Case("breadcrumbs_rescale", _gta("breadcrumbs", params={"rescale": True}, density=0.8, gamma=0.05)),
+    Case("breadcrumbs_ties_rescale", _gta("breadcrumbs_ties", params={"rescale": True}, density=0.8, gamma=0.05)),
     Case("dare_ties_density1", _gta("dare_ties", density=1.0)),
     Case("della_density1", _gta("della", density=1.0)),
     Case("model_stock", {"merge_method": "model_stock", "base_model": "base",
@@ -443,8 +447,18 @@ _BF16_GTA = ("mergekit computes in bf16: w_i tau_i, sums and the divisor rounded
              "the trim threshold and the elected sign; bounded by the task vectors' scale")
 _ZERO_SUM = ("an exact zero sign sum sum_i w_i tau_i (bf16 inputs) elects +1 in both (zero_sign: positive, set "
              "for mergekit configs)")
+_L1_RULE = ("the rescale factor ||tau_i||_1 / ||T(tau_i)||_1: mergelab's L1 block rule (float32 chunk sums added "
+            "in float64, mergelab.ops.l1_rule) vs mergekit's torch float32 whole-tensor sums; the float32 factors "
+            "differ by one ulp in about half the tensors")
 #: (case, variant) -> (max ulps, max % differing, reason); otherwise ROUNDING's rule, else equal
 EXPECT: dict[tuple[str, str], tuple[float, float, str]] = {
+    **{(name, "f32"): (4, 100.0, _L1_RULE + ("; fused w_i tau_i" if name == "breadcrumbs_rescale" else ""))
+       for name in ("ties_rescale", "breadcrumbs_rescale", "breadcrumbs_ties_rescale")},
+    ("ties_rescale", "bf16"): (100, 1.0, _TRIM_TIES + "; " + _L1_RULE),
+    **{(name, "bf16"): (100, 1.0, _TRIM_TIES.replace("trim threshold", "band's edges") + "; " + _L1_RULE)
+       for name in ("breadcrumbs_rescale", "breadcrumbs_ties_rescale")},
+    **{(name, "bf16c"): (100, 55.0, _BF16_GTA + "; mergekit's L1 norms and rescale factor are bf16 too")
+       for name in ("ties_rescale", "breadcrumbs_rescale", "breadcrumbs_ties_rescale")},
     ("ties", "bf16"): (100, 1.0, _TRIM_TIES),
     ("ties_negative_weight", "bf16"): (100, 1.0, _TRIM_TIES),
     ("breadcrumbs", "bf16"): (100, 1.0, _TRIM_TIES.replace("trim threshold", "band's edges")),
