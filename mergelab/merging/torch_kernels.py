@@ -11,8 +11,10 @@ block by block:
 
 - TIES and breadcrumbs: the k-th largest ``|tau_i|`` (exact selection over the blocks, never a sort or a
   float32 copy of the tensor: :class:`mergelab.ops.BlockKthLargest`; breadcrumbs' two band edges of an
-  expert in one visit per block, :class:`mergelab.ops.BlockRanks`); Arcee Fusion: the three quartiles of
-  its importance, likewise in one visit;
+  expert in one visit per block, :class:`mergelab.ops.BlockRanks`); with ``rescale: l1`` then each expert's
+  L1 norms before and after its trim or band, per-block partials of the L1 block rule
+  (:mod:`mergelab.ops.l1_rule`) from one more pass, summed in block order; Arcee Fusion: the three quartiles
+  of its importance, likewise in one visit;
 - DARE: nothing, but its masks come from one generator per expert, drawn in flat order, so the blocks go
   in order (the experts of a block in parallel); a draw of ``m`` then ``m'`` uniforms equals one draw of
   ``m + m'`` (torch's CPU generator is sequential), so the masks are the reference's. The ``l1``

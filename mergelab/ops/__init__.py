@@ -9,10 +9,11 @@ that composition, and it is the specification the merge back-ends' kernels are t
 Each docstring states its formula.
 
 The names below load on first use (PEP 562): ``from mergelab import ops`` costs nothing, so the catalog
-can write its compositions with ``ops.trim`` and still validate a spec without importing torch. Two modules
+can write its compositions with ``ops.trim`` and still validate a spec without importing torch. Three modules
 here are torch-free on purpose, shared by the torch operators and the numpy back-end: :mod:`mergelab.ops.selection`,
-the rank arithmetic of exact selection, and :mod:`mergelab.ops.gram_matrix`, the block Gram rule and the coefficients
-of the Gram-matrix methods (model stock, SLERP, NuSLERP, Multi-SLERP, Karcher).
+the rank arithmetic of exact selection, :mod:`mergelab.ops.gram_matrix`, the block Gram rule and the coefficients
+of the Gram-matrix methods (model stock, SLERP, NuSLERP, Multi-SLERP, Karcher), and :mod:`mergelab.ops.l1_rule`, the
+L1 block rule and mergekit's L1 rescaling factor (``rescale: l1``).
 """
 
 from __future__ import annotations
