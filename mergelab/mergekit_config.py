@@ -58,14 +58,20 @@ Tensors outside the layers are merged from the first slice's sources when they p
 model's values are read from its entry in that slice, evaluated on its input tensor's name; the method's
 shared values on the output tensor's name (mergekit's ``resolve_parameters``). The base model takes part in a
 slice only as one of its sources (mergekit adds it only to a ``models:`` config); ``linear``, ``karcher`` and
-``passthrough`` merge every source alike. The output ``config.json`` gets the summed layer count
+``passthrough`` merge every source alike. A slice's own ``base_model`` (mergekit's
+``OutputSliceDefinition.base_model``, ``ConfigReader.base_model``: it replaces the config's for that slice's
+tensors, the first slice's for the tensors before the layers, the last's for those after) must be one of its
+sources and becomes that slice's ``base_model`` (the index of the model among the spec's models); the
+config's base model is then one of that slice's models (with a weight) when it is among its sources, and
+still gives the config files. The output ``config.json`` gets the summed layer count
 (mergekit's ``_model_out_config``). There is one ``merge_method`` per config (mergekit has no per-slice method).
 
 Model references must be local folders (or files): a Hugging Face hub id, a ``@revision`` or a ``+lora`` is
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
 does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
 and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
-other than the config's and ``residual_weight``.
+other than the config's with ``linear``, ``nuslerp``, ``multislerp``, ``karcher`` or ``passthrough`` (whose base
+is not theta_0 of a formula), and ``residual_weight``.
 """
 
 from __future__ import annotations
@@ -328,7 +334,8 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
             sources.append(_Source(resolve_model(entry["model"], where, root), params, where, entry["model"]))
     else:
         slices = _read_slices(data["slices"], base, source, root, mk_method, method_allowed, model_allowed)
-        if len(slices) == 1 and all(s.start == 0 and s.length == s.layers for s in slices[0].sources):
+        if (len(slices) == 1 and slices[0].base is None
+                and all(s.start == 0 and s.length == s.layers for s in slices[0].sources)):
             sources, slice_params = slices[0].sources, slices[0].parameters  # every layer: a plain merge
         else:
             stacked = slices
@@ -361,11 +368,11 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         return default
 
     native = METHOD_MAP[mk_method]
-    if mk_method not in _NO_BASE and base is None:
+    if mk_method not in _NO_BASE and base is None and not (stacked and all(sl.base for sl in stacked)):
         raise SpecError(f"{source}: mergekit's {mk_method} needs base_model")
     if stacked is not None:
         for k, sl in enumerate(stacked):
-            _check_counts(mk_method, base, sl.sources, f"{source}: slices[{k}]", slices_form=True)
+            _check_counts(mk_method, sl.base or base, sl.sources, f"{source}: slices[{k}]", slices_form=True)
     else:
         _check_counts(mk_method, base, sources, source, slices_form=False)
     if mk_method == "karcher" and base is not None and not base_listed:
@@ -515,19 +522,26 @@ def _finish(spec: dict[str, Any], data: Mapping[str, Any], source: str, root: Pa
 _BASE_AS_MODEL = ("linear", "karcher", "passthrough")
 
 
-class _Slice:
-    """One mergekit output slice: its sources (each with ``start``, ``length``), parameters, place in the config."""
+#: mergekit methods whose base model is not theta_0 of a formula (ignored, averaged, or optional task vectors):
+#: a per-slice ``base_model`` other than the config's is refused with them
+_SLICE_BASE_REFUSED = ("linear", "nuslerp", "multislerp", "karcher", "passthrough")
 
-    def __init__(self, sources: list[_Source], parameters: dict[str, Any], where: str) -> None:
-        self.sources, self.parameters, self.where = sources, parameters, where
+
+class _Slice:
+    """One mergekit output slice: its sources (each with ``start``, ``length``), parameters, place in the config;
+    ``base``: its own ``base_model`` when that is not the config's (else None)."""
+
+    def __init__(self, sources: list[_Source], parameters: dict[str, Any], where: str,
+                 base: Path | None = None) -> None:
+        self.sources, self.parameters, self.where, self.base = sources, parameters, where, base
         self.length = sources[0].length
 
 
 def _read_slices(raw: Any, base: Path | None, source: str, root: Path, mk_method: str,
                  method_allowed: dict[str, Any], model_allowed: dict[str, Any]) -> list[_Slice]:
     """mergekit's ``slices``, checked: each source a local model with a ``layer_range`` ``[a, b)`` inside its
-    layers, every source of a slice as long as the others, no model twice in a slice, a slice's
-    ``base_model`` (if any) the config's."""
+    layers, every source of a slice as long as the others, no model twice in a slice; a slice's own
+    ``base_model`` (if not the config's) among its sources, with a method whose base is theta_0."""
     if not isinstance(raw, list) or not raw:
         raise SpecError(f"{source}: slices must be a non-empty list")
     names_of: dict[Path, list[str]] = {}
@@ -539,11 +553,14 @@ def _read_slices(raw: Any, base: Path | None, source: str, root: Path, mk_method
         _check_keys(entry, ("sources", "parameters", "base_model", "residual_weight"), where)
         if entry.get("residual_weight") is not None:
             raise SpecError(f"{where}: residual_weight is not supported (mergekit 0.1.5 does not read it either)")
+        own: Path | None = None
         if entry.get("base_model") is not None:
             own = resolve_model(entry["base_model"], f"{where}.base_model", root)
-            if own != base:
-                raise SpecError(f"{where}: a per-slice base_model other than the config's base_model is not "
-                                "supported")
+            if own == base:
+                own = None
+            elif mk_method in _SLICE_BASE_REFUSED:
+                raise SpecError(f"{where}: a per-slice base_model other than the config's is not supported with "
+                                f"{mk_method} (its base model is not theta_0 of a formula)")
         params = _check_params(entry.get("parameters"), {**method_allowed, **model_allowed}, mk_method,
                                f"{where}.parameters")
         raw_sources = entry.get("sources")
@@ -583,7 +600,10 @@ def _read_slices(raw: Any, base: Path | None, source: str, root: Path, mk_method
             shown = ", ".join(f"{s.ref!r} {s.length}" for s in sources)
             raise SpecError(f"{where}: the sources' layer_range lengths differ ({shown}); every source of a slice "
                             "gives the same number of layers")
-        out.append(_Slice(sources, params, where))
+        if own is not None and not any(s.path == own for s in sources):
+            raise SpecError(f"{where}: base_model {entry['base_model']!r} is not among this slice's sources; "
+                            "mergekit merges a slice's sources only, so list it there with a layer_range")
+        out.append(_Slice(sources, params, where, own))
     return out
 
 
@@ -618,16 +638,23 @@ def _stacked_spec(data: Mapping[str, Any], slices: list[_Slice], base: Path | No
     """The native spec of a mergekit config stacking layers (several slices, or parts of the models): its
     ``slices`` give each slice's first layer of every input (:mod:`mergelab.merging.layout`), ``overrides``
     the per-tensor values evaluated as mergekit does within each slice (``t`` runs over the slice's layers;
-    the tensors before the layers take the first slice's values and inputs, those after the last's)."""
+    the tensors before the layers take the first slice's values and inputs, those after the last's). A slice
+    with its own ``base_model`` (mergekit's ``OutputSliceDefinition.base_model``: that slice's tensors are merged
+    with it as the base) gets ``base_model``, the index of that model among the spec's models; the config's
+    base model is then one of that slice's models when it is among its sources."""
     as_model = mk_method in _BASE_AS_MODEL
     models: list[Path] = []
     for sl in slices:
         for s in sl.sources:
-            if (as_model or s.path != base) and s.path not in models:
+            # the config's base model is the base (base_layer) of the slices it does not give a base of their own
+            if (as_model or s.path != base or sl.base is not None) and s.path not in models:
                 models.append(s.path)
     ranges: list[SliceRange] = []
     for sl in slices:
         starts = {s.path: s.start for s in sl.sources}
+        if sl.base is not None:  # its own base: one of its sources, among the models
+            ranges.append(SliceRange(sl.length, None, tuple(starts.get(p) for p in models), models.index(sl.base)))
+            continue
         base_start = None if as_model or base is None else starts.get(base)
         ranges.append(SliceRange(sl.length, base_start,
                                  tuple(starts.get(p) if (as_model or p != base) else None for p in models)))
@@ -686,7 +713,7 @@ def _stacked_spec(data: Mapping[str, Any], slices: list[_Slice], base: Path | No
     spec["overrides"] = _overrides(resolved, default, list(layout))
     spec["slices"] = [
         {"layers": r.layers, **({"base_layer": r.base_start} if r.base_start is not None else {}),
-         "model_layers": list(r.model_starts)}
+         "model_layers": list(r.model_starts), **({"base_model": r.base_model} if r.base_model is not None else {})}
         for r in ranges
     ]
     return _finish(spec, data, source, root, base if base is not None else models[0])

@@ -19,6 +19,8 @@ slices:                # optional layer stacking (mergekit's slices): the output
   - layers: 2                       # this slice's output layers (numbered on from the previous slices')
     base_layer: 0                   # the base's first layer feeding it (omit: the base is not in this slice)
     model_layers: [0, null]         # each model's first layer feeding it, in models' order (null: not in it)
+    base_model: null                # optional: a model (index) that is this slice's base instead (its layers
+                                    # from its model_layers entry; base_layer null): mergekit's per-slice base
 dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
 device: cpu             # cpu | cuda | auto (cuda when available)
 shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
@@ -33,7 +35,11 @@ With ``slices``, output layer ``o_s + k`` of slice ``s`` (``o_s`` the layers of 
 merged from layer ``base_layer + k`` of the base and ``model_layers[i] + k`` of each model ``i`` in the
 slice, by the method over those inputs only; tensors outside the layers come from the first slice's inputs
 (embeddings) or the last's (final norm, head), and ``config.json`` gets the new number of layers
-(:mod:`mergelab.merging.layout`). Patterns of ``overrides`` match the output's tensor names.
+(:mod:`mergelab.merging.layout`). Patterns of ``overrides`` match the output's tensor names. A slice's
+``base_model: i`` makes model ``i`` its base (mergekit's per-slice ``base_model``): there the method takes model
+``i``'s layers (from ``model_layers[i]``) as theta_0 and the slice's other models as the experts, and model
+``i``'s weight is not used; the spec's ``base`` does not feed that slice (``base_layer`` null) but still
+gives the config files.
 """
 
 from __future__ import annotations
@@ -150,12 +156,14 @@ class DataSpec(BaseModel):
 class Slice(BaseModel):
     """One slice of a stacked merge (``slices``): ``layers`` output layers, fed by the base's layers from
     ``base_layer`` (None: the base is not in the slice) and model ``i``'s from ``model_layers[i]`` (None:
-    model ``i`` is not in it)."""
+    model ``i`` is not in it). ``base_model``: the model that is this slice's base instead of the spec's base
+    (mergekit's per-slice ``base_model``; None: the spec's base, where ``base_layer`` is set)."""
 
     model_config = ConfigDict(extra="forbid")
     layers: int = Field(ge=1)
     base_layer: int | None = Field(None, ge=0)
     model_layers: list[int | None]
+    base_model: int | None = Field(None, ge=0)
 
     @field_validator("model_layers")
     @classmethod
@@ -214,6 +222,14 @@ class MergeSpec(BaseModel):
                     raise ValueError(f"slices[{s}].base_layer is set but the spec has no base")
                 if sl.base_layer is None and all(a is None for a in sl.model_layers):
                     raise ValueError(f"slices[{s}]: no input takes part (set base_layer or a model_layers entry)")
+                if sl.base_model is not None:
+                    if sl.base_model >= n:
+                        raise ValueError(f"slices[{s}].base_model is {sl.base_model} but there are {n} models")
+                    if sl.model_layers[sl.base_model] is None:
+                        raise ValueError(f"slices[{s}].base_model is models[{sl.base_model}], which is not in the "
+                                         "slice (give its first layer in model_layers)")
+                    if sl.base_layer is not None:
+                        raise ValueError(f"slices[{s}]: base_layer and base_model are both set; a slice has one base")
                 for i, a in enumerate(sl.model_layers):
                     used[i] = used[i] or a is not None
             unused = [i for i, u in enumerate(used) if not u]

@@ -395,6 +395,96 @@ def test_convert_round_trip_of_a_sliced_merge(models, tmp_path, capsys, engine):
     torch.testing.assert_close(a[n], expect, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_per_slice_base_model_by_hand(models, tmp_path, capsys, engine):
+    """mergekit's per-slice base_model: slice 0 merges ft1 onto the config's base (layers 0-1), slice 1 onto
+    ft2 (its own base_model), where the config's base is one of the merged models with its weight. Embeddings
+    follow slice 0's base, the final norm and head slice 1's (mergekit's pre/post weights use the first/last
+    slice's base). The translation names ft2 as slice 1's base_model; the native spec merges the same bits."""
+    from mergelab.merging import merge
+
+    cfg = _cfg(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+                          "slices": [{"sources": [_slice(models["base"], 0, 2), _slice(models["ft1"], 1, 3, weight=0.5)]},
+                                     {"base_model": str(models["ft2"]),
+                                      "sources": [_slice(models["ft2"], 2, 3), _slice(models["ft1"], 0, 1, weight=0.5),
+                                                  _slice(models["base"], 1, 2, weight=0.25)]}]})
+    assert main(["convert", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    native = yaml.safe_load(printed)
+    assert [m["path"] for m in native["models"]] == [str(models["ft1"]), str(models["ft2"]), str(models["base"])]
+    assert native["base"] == str(models["base"])
+    assert native["slices"] == [{"layers": 2, "base_layer": 0, "model_layers": [1, None, None]},
+                                {"layers": 1, "model_layers": [0, 2, 1], "base_model": 1}]
+    (tmp_path / "native.yml").write_text(printed)
+    merge(cfg, tmp_path / "out", progress=False, hash_inputs=False, engine=engine)
+    merge(tmp_path / "native.yml", tmp_path / "native", progress=False, hash_inputs=False, engine=engine)
+    out, again = load_state_dict(tmp_path / "out"), load_state_dict(tmp_path / "native")
+    assert json.loads((tmp_path / "out" / "mergelab_merge.json").read_text())["engine"] == engine
+    assert list(out) == list(again) and all(torch.equal(out[n], again[n]) for n in out)
+    b, e1, e2 = _load(models, "base", "ft1", "ft2")
+
+    def ta(theta0, pairs):
+        return theta0 + sum(w * (x - theta0) for w, x in pairs)
+
+    for n in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight"):
+        for o in (0, 1):
+            expect = ta(b[f"model.layers.{o}.{n}"], [(0.5, e1[f"model.layers.{o + 1}.{n}"])])
+            torch.testing.assert_close(out[f"model.layers.{o}.{n}"], expect, rtol=1e-6, atol=1e-6)
+        expect = ta(e2[f"model.layers.2.{n}"], [(0.5, e1[f"model.layers.0.{n}"]), (0.25, b[f"model.layers.1.{n}"])])
+        torch.testing.assert_close(out[f"model.layers.2.{n}"], expect, rtol=1e-6, atol=1e-6)
+    n = "model.embed_tokens.weight"
+    torch.testing.assert_close(out[n], ta(b[n], [(0.5, e1[n])]), rtol=1e-6, atol=1e-6)
+    for n in ("model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(out[n], ta(e2[n], [(0.5, e1[n]), (0.25, b[n])]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda m: {"merge_method": "ties", "base_model": str(m["base"]),
+                "slices": [{"base_model": str(m["ft2"]), "sources": [_slice(m["base"], 0, 3, weight=1.0),
+                                                                     _slice(m["ft1"], 0, 3, weight=1.0)]}]},
+     r"slices\[0\]: base_model .*ft2.* is not among this slice's sources"),
+    (lambda m: {"merge_method": "linear",
+                "slices": [{"base_model": str(m["ft2"]), "sources": [_slice(m["ft2"], 0, 3, weight=1.0),
+                                                                     _slice(m["ft1"], 0, 3, weight=1.0)]}]},
+     r"slices\[0\]: a per-slice base_model other than the config's is not supported with linear"),
+    (lambda m: {"merge_method": "task_arithmetic", "base_model": str(m["base"]),
+                "slices": [{"base_model": str(m["ft2"]), "sources": [_slice(m["ft2"], 0, 3),
+                                                                     _slice(m["base"], 0, 3)]}]},
+     r"needs parameter 'weight'"),
+])
+def test_per_slice_base_model_errors(models, make, message):
+    with pytest.raises(SpecError, match=message) as info:
+        translate(make(models))
+    assert "\n" not in str(info.value)
+
+
+def test_native_slice_base_model_errors(models, tmp_path):
+    from mergelab.merging import merge
+
+    a, b, c = str(models["base"]), str(models["ft1"]), str(models["ft2"])
+    for sl, message in (({"layers": 3, "model_layers": [0, 0], "base_model": 2}, r"base_model is 2 but there are 2"),
+                        ({"layers": 3, "model_layers": [0, None], "base_model": 1}, r"models\[1\], which is not in "
+                                                                                     r"the slice"),
+                        ({"layers": 3, "base_layer": 0, "model_layers": [0, 0], "base_model": 1},
+                         r"base_layer and base_model are both set")):
+        with pytest.raises(SpecError, match=message):
+            parse_spec({"method": "task_arithmetic", "base": a, "models": [b, c], "slices": [sl]})
+    with pytest.raises(SpecError, match=r"slices\[0\]: method 'weight_average' takes no base model"):
+        merge({"method": "weight_average", "models": [b, c], "slices": [{"layers": 3, "model_layers": [0, 0],
+                                                                       "base_model": 1}]}, tmp_path / "x",
+              progress=False)
+    with pytest.raises(SpecError, match=r"slices\[1\]: method 'task_arithmetic' needs at least 1 models, got 0"):
+        merge({"method": "task_arithmetic", "models": [b, c],
+               "slices": [{"layers": 1, "model_layers": [0, 0], "base_model": 1},
+                          {"layers": 2, "model_layers": [None, 1], "base_model": 1}]}, tmp_path / "y", progress=False)
+    # a model as every slice's base needs no spec base
+    merge({"method": "task_arithmetic", "models": [b, c], "slices": [{"layers": 3, "model_layers": [0, 0],
+                                                                    "base_model": 1}]}, tmp_path / "z", progress=False)
+    e1, e2 = _load(models, "ft1", "ft2")
+    out = load_state_dict(tmp_path / "z")
+    assert all(torch.equal(out[n], e2[n] + (e1[n] - e2[n])) for n in out)
+
+
 # ---------------------------------------------------------------------------- merges through the CLI
 
 

@@ -238,6 +238,18 @@ CASES: list[Case] = [
     Case("task_arithmetic_slices", {"merge_method": "task_arithmetic", "base_model": "base", "slices": [
         {"sources": [_s("base", 0, 2), _s("ft1", 0, 2, weight=0.5), _s("ft2", 0, 2, weight=[0.2, 0.9])]},
         {"sources": [_s("base", 1, 2), _s("ft3", 1, 2, weight=0.7)]}]}),
+    # a slice with its own base_model (mergekit's OutputSliceDefinition.base_model), the config's base one of
+    # its merged models there
+    Case("task_arithmetic_slice_base", {"merge_method": "task_arithmetic", "base_model": "base", "slices": [
+        # as many sources in the first slice as in the last: mergekit 0.1.5 gathers the tensors after the layers
+        # from only as many of the last slice's sources as the first slice has (plan_module zips the last
+        # slice's models with len(slices[0].sources) weight infos), mergelab from all of them
+        {"sources": [_s("base", 0, 2), _s("ft1", 0, 2, weight=0.5), _s("ft3", 0, 2, weight=0.3)]},
+        {"base_model": "ft2", "sources": [_s("ft2", 1, 2), _s("ft1", 1, 2, weight=0.5), _s("base", 0, 1, weight=0.3)]}]}),
+    Case("ties_slice_base", {"merge_method": "ties", "base_model": "base", "slices": [
+        {"sources": [_s("base", 0, 2), _s("ft1", 0, 2, weight=1.0, density=0.5), _s("ft3", 0, 2, weight=0.7, density=0.5)]},
+        {"base_model": "ft2", "sources": [_s("ft2", 0, 2), _s("ft1", 0, 2, weight=1.0, density=0.5),
+                                          _s("base", 0, 2, weight=0.5, density=0.5)]}]}),
     Case("ram", {"merge_method": "ram", "base_model": "base", "models": [_m("sp1"), _m("sp2"), _m("sp3")]}),
     Case("ramplus_tl", {"merge_method": "ramplus_tl", "base_model": "base",
                         "models": [_m("sp1"), _m("sp2"), _m("sp3")]}),
@@ -440,6 +452,7 @@ ROUNDING: dict[str, tuple[float, str]] = {
     "nearswap": (1, "rounding: theta_0 + w (theta_1 - theta_0) vs w theta_1 + (1 - w) theta_0"),
     "slerp_slices": (2, "rounding order of the interpolation"),
     "task_arithmetic_slices": (1, "rounding: fused w_i tau_i (as task_arithmetic)"),
+    "task_arithmetic_slice_base": (1, "rounding: fused w_i tau_i (as task_arithmetic)"),
 }
 _TRIM_TIES = ("bf16 task vectors tie at the trim threshold: mergekit keeps argsort's order of the tied entries, "
               "mergelab position order (README: trim scope)")
@@ -461,6 +474,7 @@ EXPECT: dict[tuple[str, str], tuple[float, float, str]] = {
        for name in ("ties_rescale", "breadcrumbs_rescale", "breadcrumbs_ties_rescale")},
     ("ties", "bf16"): (100, 1.0, _TRIM_TIES),
     ("ties_negative_weight", "bf16"): (100, 1.0, _TRIM_TIES),
+    ("ties_slice_base", "bf16"): (100, 1.0, _TRIM_TIES),
     ("breadcrumbs", "bf16"): (100, 1.0, _TRIM_TIES.replace("trim threshold", "band's edges")),
     ("breadcrumbs_ties", "bf16"): (100, 1.0, _TRIM_TIES.replace("trim threshold", "band's edges")),
     ("dare_ties_density1", "bf16"): (0.0, 0.0, "equal: " + _ZERO_SUM),
@@ -468,7 +482,8 @@ EXPECT: dict[tuple[str, str], tuple[float, float, str]] = {
     ("sce", "bf16"): (100, 0.5, "tied bf16 variances at the top-k edge (README: SCE); exact zero sums of tau_i "
                                 "elect +1 in both (zero_sign: positive)"),
     **{(name, "bf16c"): (100, 40.0, _BF16_GTA) for name in (
-        "ties", "ties_negative_weight", "breadcrumbs", "breadcrumbs_ties", "dare_ties_density1", "della_density1")},
+        "ties", "ties_negative_weight", "breadcrumbs", "breadcrumbs_ties", "dare_ties_density1", "della_density1",
+        "ties_slice_base")},
     ("sce", "bf16c"): (100, 40.0, "mergekit computes in bf16: variances, energies and the weighted mean rounded "
                                   "to bf16"),
     **{(name, "bf16c"): (2, 20.0, "mergekit computes in bf16: tau_i, tau_i / c_j (and lambda_i tau_i) and their "

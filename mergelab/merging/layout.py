@@ -7,7 +7,8 @@ slices', ``o_s = L_0 + ... + L_{s-1}``. Then, for ``k < L_s``::
 
     output  <prefix>(o_s + k).<rest>   <-  input i's  <prefix>(a_{s,i} + k).<rest>   for every input i of slice s
 
-merged by the spec's method over the inputs of slice ``s`` only. A tensor outside the layers (embeddings,
+merged by the spec's method over the inputs of slice ``s`` only, with the spec's base as theta_0 or, when the
+slice names one of its models as its base (mergekit's per-slice ``base_model``), that model's layer. A tensor outside the layers (embeddings,
 final norm, head) is taken from the inputs of the first slice when it precedes the layers (its name
 names an embedding: ``embed``, ``wte``, ``wpe``, ``position_ids``) and from those of the last slice
 otherwise -- mergekit's rule for its architectures' pre- and post-weights (``mergekit/plan.py``,
@@ -58,21 +59,25 @@ def is_leading(name: str) -> bool:
 
 @dataclass(frozen=True)
 class TensorSources:
-    """The inputs of one output tensor: the base's tensor name (None: the base is not an input of it) and
-    ``(model index, tensor name)`` of each model that is, in the order of the spec's models."""
+    """The inputs of one output tensor: the base's tensor name (None: no base is an input of it) and
+    ``(model index, tensor name)`` of each other model that is, in the order of the spec's models;
+    ``base_model``: the model whose tensor ``base`` is (a slice's own base), None for the spec's base."""
 
     base: str | None
     models: tuple[tuple[int, str], ...]
+    base_model: int | None = None
 
 
 @dataclass(frozen=True)
 class SliceRange:
     """One slice of a stacked merge: ``layers`` output layers, from the base's layers ``base_start + k``
-    (None: the base is not in the slice) and model ``i``'s ``model_starts[i] + k`` (None: not in it)."""
+    (None: the base is not in the slice) and model ``i``'s ``model_starts[i] + k`` (None: not in it);
+    ``base_model``: the model that is this slice's base instead (mergekit's per-slice ``base_model``)."""
 
     layers: int
     base_start: int | None
     model_starts: tuple[int | None, ...]
+    base_model: int | None = None
 
 
 def stack_layout(
@@ -117,9 +122,11 @@ def stack_layout(
             raise SpecError(f"slices[{s}]: no input takes part (set base_layer or a model_layers entry)")
         return out
 
-    def sources(k_members: list[tuple[int, str]]) -> TensorSources:
-        base = next((n for k, n in k_members if k == 0), None)
-        return TensorSources(base, tuple((k - 1, n) for k, n in k_members if k != 0))
+    def sources(s: int, k_members: list[tuple[int, str]]) -> TensorSources:
+        own = slices[s].base_model  # a model as this slice's base: input own + 1
+        b = 0 if own is None else own + 1
+        base = next((n for k, n in k_members if k == b), None)
+        return TensorSources(base, tuple((k - 1, n) for k, n in k_members if k not in (0, b)), own)
 
     def rename(name: str, index: int) -> str:
         m = LAYER.match(name)
@@ -142,7 +149,7 @@ def stack_layout(
     unshared(0, first, leading)
     unshared(len(slices) - 1, last, trailing)
     for name in leading:
-        layout[name] = sources([(k, name) for k, _ in first])
+        layout[name] = sources(0, [(k, name) for k, _ in first])
     offset = 0
     first_prefix = None
     for s, (sl, mem) in enumerate(zip(slices, all_members)):
@@ -164,10 +171,10 @@ def stack_layout(
                         raise SpecError(f"slices[{s}]: {label[k]} has no tensor '*.{a + j}.{rest}' in its layer "
                                         f"{a + j} (needed for output tensor {out_name!r})")
                     picked.append((k, src))
-                layout[out_name] = sources(picked)
+                layout[out_name] = sources(s, picked)
         offset += sl.layers
     for name in trailing:
-        layout[name] = sources([(k, name) for k, _ in last])
+        layout[name] = sources(len(slices) - 1, [(k, name) for k, _ in last])
     return layout
 
 

@@ -118,22 +118,29 @@ class MergeInputs:
                                    [r.keys() for r in self.experts], labels)
         self.names = list(self.layout)
         self.layers = sum(sl.layers for sl in slices)
-        base_names = {out: src.base for out, src in self.layout.items() if src.base is not None}
+        base_names = {out: src.base for out, src in self.layout.items()
+                      if src.base is not None and src.base_model is None}
         model_names: list[dict[str, str]] = [{} for _ in self.experts]
         for out, src in self.layout.items():
             for i, name in src.models:
                 model_names[i][out] = name
+            if src.base_model is not None and src.base is not None:  # a model as its slice's base
+                model_names[src.base_model][out] = src.base
         self._base_view = None if self.base is None else RenamedReader(self.base, base_names)
         self._views = [RenamedReader(r, m) for r, m in zip(self.experts, model_names)]
 
     def sources(self, name: str) -> tuple[Any, list[Any], list[int]]:
-        """Output tensor ``name``'s inputs: the base (None when it is not one), the models that are, and their
-        indexes in the spec's models; each read under the output's name (:class:`RenamedReader` when
-        stacking layers, else the checkpoints themselves)."""
+        """Output tensor ``name``'s inputs: the base (None when it is not one; a model's tensor when its slice
+        names that model as its base), the other models that are, and their indexes in the spec's models; each
+        read under the output's name (:class:`RenamedReader` when stacking layers, else the checkpoints
+        themselves)."""
         if self.layout is None:
             return self.base, self.experts, self._everyone
         src = self.layout[name]
-        base = self._base_view if src.base is not None else None
+        if src.base is None:
+            base = None
+        else:
+            base = self._base_view if src.base_model is None else self._views[src.base_model]
         return base, [self._views[i] for i, _ in src.models], [i for i, _ in src.models]
 
     def readers_of(self, name: str) -> list[Any]:
@@ -247,7 +254,7 @@ def slice_ranges(spec: MergeSpec) -> list[SliceRange] | None:
     """The spec's ``slices`` as :class:`~mergelab.merging.layout.SliceRange` (None without slices)."""
     if not spec.slices:
         return None
-    return [SliceRange(sl.layers, sl.base_layer, tuple(sl.model_layers)) for sl in spec.slices]
+    return [SliceRange(sl.layers, sl.base_layer, tuple(sl.model_layers), sl.base_model) for sl in spec.slices]
 
 
 def refuse_input_overlap(spec: MergeSpec, out_dir: str | Path, *, expert_folders: bool = False) -> None:
@@ -269,15 +276,19 @@ def check_models(spec: MergeSpec, method: Method) -> None:
     With ``slices``, each slice's inputs are checked: the method merges them apart from the other slices'."""
     if spec.slices:
         for s, sl in enumerate(spec.slices):
-            n = sum(a is not None for a in sl.model_layers)
+            n = sum(a is not None for a in sl.model_layers) - (sl.base_model is not None)  # the slice's experts
+            has_base = sl.base_layer is not None or sl.base_model is not None
             where = f"slices[{s}]"
             if n < method.min_models:
                 raise SpecError(f"{where}: method '{method.name}' needs at least {method.min_models} models, got {n}")
             if method.max_models is not None and n > method.max_models:
                 raise SpecError(f"{where}: method '{method.name}' takes at most {method.max_models} models, got {n}")
-            if method.needs_base and sl.base_layer is None:
-                raise SpecError(f"{where}: method '{method.name}' needs the base model in every slice (base_layer)")
-            if method.base_or_two and n == 1 and sl.base_layer is None:
+            if method.needs_base and not has_base:
+                raise SpecError(f"{where}: method '{method.name}' needs the base model in every slice (base_layer, "
+                                "or one of its models as the slice's base_model)")
+            if sl.base_model is not None and not method.needs_base and not method.base_or_two:
+                raise SpecError(f"{where}: method '{method.name}' takes no base model; remove base_model")
+            if method.base_or_two and n == 1 and not has_base:
                 raise SpecError(f"{where}: {method.name} with one model interpolates from the base model; give "
                                 "base_layer or two models")
         if not method.uses_weights and any(m.weight != 1.0 for m in spec.models):

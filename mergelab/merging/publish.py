@@ -77,7 +77,9 @@ def merge_record(
         "parameters": params.model_dump(by_alias=True),
         "overrides": [o.model_dump(exclude_none=True) for o in spec.overrides],
         "model_parameters": [m.parameters for m in spec.models],
-        **({"slices": [sl.model_dump() for sl in spec.slices]} if spec.slices else {}),
+        # a slice's base_model only when set (the records of slices without one are as before it existed)
+        **({"slices": [{k: v for k, v in sl.model_dump().items() if k != "base_model" or v is not None}
+                       for sl in spec.slices]} if spec.slices else {}),
         "dtype": spec.dtype,
         "environment": environment(),
         "inputs": {
