@@ -15,6 +15,8 @@ import torch
 import yaml
 
 from mergelab.merging import numpy_backend as numpy_engine
+from mergelab.merging import numpy_kernels
+from mergelab.ops import gram_matrix
 from mergelab.checkpoints import load_state_dict, save_state_dict
 from mergelab.errors import NonFiniteError, SpecError
 from mergelab.merging import merge
@@ -642,6 +644,39 @@ def test_gram_kernels_equal_the_torch_engine_bit_for_bit(tmp_path, monkeypatch, 
     for name in a:
         assert a[name].dtype == b[name].dtype
         assert torch.equal(a[name].view(-1).view(torch.uint8), b[name].view(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize(("method", "n", "with_base", "dtype"), [
+    ("model_stock", 4, True, torch.bfloat16), ("karcher", 4, False, torch.bfloat16),
+    ("multislerp", 5, False, torch.float32)])
+def test_gram_kernels_one_call_dots_equal_the_torch_engine(tmp_path, monkeypatch, method, n, with_base, dtype):
+    """At the real block size (2^18 entries) with 4 or more vectors the numpy kernels take a block's chunk
+    dots in one np.vecdot call (ops.gram_partials of their 2-D row buffer); the output is still the torch
+    engine's bit for bit, over two full blocks and a ragged one (two threads); float32 Multi-SLERP without a
+    base combines the inputs as read (the pairwise path)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2 * (1 << 18) + 8192 + 5, generator=g, dtype=torch.float64)
+    paths = []
+    for i in range(n + 1):
+        state = {"w": (base + (0.05 * torch.randn(base.shape, generator=g, dtype=torch.float64) if i else 0)).to(dtype)}
+        paths.append(save_state_dict(state, tmp_path / f"m{i}.safetensors"))
+    weights = None if method == "model_stock" else [1.0 + 0.25 * i for i in range(n)]
+    spec = _plain_spec(method, paths, {}, base=with_base, weights=weights)
+    monkeypatch.setenv("MERGELAB_COMPUTE_THREADS", "2")
+    merge(spec, tmp_path / "torch", progress=False, engine="torch")
+    spec.pop("device")
+    shapes: list[tuple[int, ...]] = []
+
+    def spy(blocks):
+        shapes.append(np.shape(blocks) if isinstance(blocks, np.ndarray) else (len(blocks),))
+        return gram_matrix.gram_partials(blocks)
+
+    monkeypatch.setattr(numpy_kernels, "gram_partials", spy)
+    assert merge(spec, tmp_path / "numpy", progress=False).record["engine"] == "numpy"
+    a, b = load_state_dict(tmp_path / "torch"), load_state_dict(tmp_path / "numpy")
+    assert torch.equal(a["w"].view(-1).view(torch.uint8), b["w"].view(-1).view(torch.uint8))
+    rows = dtype == torch.bfloat16 or with_base  # widened or task vectors: the 2-D row buffer
+    assert sorted(shapes) == sorted([(n, 1 << 18)] * 2 + [(n, 8192 + 5)] if rows else [(n,)] * 3)
 
 
 def test_gram_block_size_is_the_torch_operators_block_size():

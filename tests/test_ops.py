@@ -616,3 +616,20 @@ def test_block_dot_is_chunked_float32_dots_summed_in_float64() -> None:
         assert ops.block_dot(x, y) == float(np.dot(x.astype(np.float64), y.astype(np.float64)))
         assert ops.gram_partials([x, y]) == [ops.block_dot(x, x), ops.block_dot(x, y), ops.block_dot(y, y)]
         assert ops.squared_norm_partials([x, y]) == [ops.block_dot(x, x), ops.block_dot(y, y)]
+
+
+@pytest.mark.parametrize("k,n", [(4, 1 << 18), (4, (1 << 18) + 8191), (3, 60 * 8192 - 1), (6, 20 * 8192), (2, 1 << 18)])
+def test_gram_partials_of_rows_is_the_pairwise_rule_bit_for_bit(k: int, n: int) -> None:
+    """ops.gram_partials of a 2-D array (rows = the vectors' blocks, as the numpy kernels hold them): when
+    the chunks of all pairs number more than 500 it takes every chunk dot in one np.vecdot call (so numpy
+    drops the GIL); the partials are the pairwise block_dot's bit for bit, in float32 and float64, on
+    random and on nearly parallel rows (2 x 32 chunks stays on the pairwise path)."""
+    from mergelab.ops import gram_matrix
+
+    rng = np.random.default_rng(k * 1000 + n % 997)
+    for dtype in (np.float32, np.float64):
+        rows = rng.standard_normal((k, n)).astype(dtype)
+        rows[1:, : n // 2] = rows[0, : n // 2] * dtype(1.0001)
+        expect = [gram_matrix.block_dot(rows[i].copy(), rows[j].copy()) for i in range(k) for j in range(i, k)]
+        assert ops.gram_partials(rows) == expect
+        assert ops.gram_partials(list(rows)) == expect

@@ -403,15 +403,15 @@ def _gram_tensor(
     k = len(vector_readers)
     has_origin = origin is not None
 
-    def buffers(size: int) -> tuple[list[Any], Any]:
-        return [np.empty(size, dtype=compute) for _ in range(kernel.buffers(k))], exponent_scratch(out_dtype, size)
+    def buffers(size: int) -> tuple[Any, Any]:  # one row per buffer: the vectors' rows are one 2-D view
+        return np.empty((kernel.buffers(k), size), dtype=compute), exponent_scratch(out_dtype, size)
 
     partials: list[list[float]] = [[] for _ in range(-(-n // BLOCK))]
     total = np.empty(n, dtype=compute) if kernel.mean_first else None  # model stock: sum_i tau_i
 
     def gram_body(j: int, start: int, stop: int, xs: list[Any], bufs: tuple[list[Any], Any]) -> None:
         with np.errstate(all="ignore"):
-            partials[j] = kernel.partials(xs, has_origin, [b[: stop - start] for b in bufs[0]],
+            partials[j] = kernel.partials(xs, has_origin, bufs[0][:, : stop - start],
                                           None if total is None else total[start:stop])
 
     _for_blocks(name, readers, n, buffers, gram_body)
@@ -426,9 +426,9 @@ def _gram_tensor(
         with np.errstate(all="ignore"):
             if total is not None:
                 flagged = kernel.combine_mean(xs[0], total[start:stop], k, coefficients[0],
-                                              [b[:m] for b in bufs[0]], out[start:stop], bufs[1][:m])
+                                              bufs[0][:, :m], out[start:stop], bufs[1][:m])
             else:
-                flagged = kernel.combine(xs, has_origin, coefficients, [b[:m] for b in bufs[0]], out[start:stop],
+                flagged = kernel.combine(xs, has_origin, coefficients, bufs[0][:, :m], out[start:stop],
                                          bufs[1][:m])
         if flagged:
             nonfinite.append(j)

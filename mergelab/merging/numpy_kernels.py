@@ -686,16 +686,24 @@ class GramKernel:
         return k + 3
 
     @staticmethod
-    def _vectors(xs: Sequence[Any], origin: bool, buffers: Sequence[Any]) -> tuple[Any, list[Any]]:
+    def _vectors(xs: Sequence[Any], origin: bool, buffers: Any) -> tuple[Any, Any]:
         """The block's origin (or None) and vectors in the compute dtype (task vectors formed as the torch
-        kernels form them: ``theta_i`` converted, minus the converted base)."""
+        kernels form them: ``theta_i`` converted, minus the converted base). ``buffers``: a 2-D array, one
+        row per buffer; the vectors are returned as its rows ``1 .. k`` (a 2-D view, for the one-call dots of
+        :func:`~mergelab.ops.gram_matrix.gram_partials`) unless some are the inputs themselves (already in
+        the compute dtype, not copied)."""
+        k = len(xs) - (1 if origin else 0)
+        rows = buffers[1 : k + 1]
         if not origin:
-            return None, [_as_compute(x, buf) for x, buf in zip(xs, buffers[1:])]
+            if all(x.dtype == rows.dtype for x in xs):
+                return None, list(xs)
+            for x, buf in zip(xs, rows):
+                _into_compute(x, buf)
+            return None, rows
         o = _as_compute(xs[0], buffers[0])
-        vs = []
-        for x, buf in zip(xs[1:], buffers[1:]):
-            vs.append(np.subtract(_into_compute(x, buf), o, out=buf))
-        return o, vs
+        for x, buf in zip(xs[1:], rows):
+            np.subtract(_into_compute(x, buf), o, out=buf)
+        return o, rows
 
     def partials(self, xs: Sequence[Any], origin: bool, buffers: Sequence[Any], total: Any = None) -> list[float]:
         """The Gram partials of one block (:func:`mergelab.ops.gram_matrix.gram_partials`); ``xs``: the block
@@ -703,9 +711,12 @@ class GramKernel:
         block's ``sum_i v_i`` in model order."""
         vs = self._vectors(xs, origin, buffers)[1]
         if total is not None:
-            np.copyto(total, vs[0])
-            for v in vs[1:]:
-                np.add(total, v, out=total)
+            if len(vs) == 1:
+                np.copyto(total, vs[0])
+            else:  # ((v_1 + v_2) + v_3) + ...
+                np.add(vs[0], vs[1], out=total)
+                for v in vs[2:]:
+                    np.add(total, v, out=total)
         return gram_partials(vs)
 
     def combine(self, xs: Sequence[Any], origin: bool, coefficients: Sequence[float], buffers: Sequence[Any],
