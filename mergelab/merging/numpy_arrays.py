@@ -39,9 +39,16 @@ def compute_dtype(dtypes: Iterable[Any]) -> np.dtype:
     return np.dtype(np.float64) if any(d == np.float64 for d in dtypes) else np.dtype(np.float32)
 
 
+_IS_BFLOAT16: dict[Any, bool] = {}
+
+
 def is_bfloat16(dtype: Any) -> bool:
-    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (checked by name: no import of ml_dtypes)."""
-    return np.dtype(dtype).name == "bfloat16"
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (checked by name: no import of ml_dtypes; remembered per
+    dtype, since the kernels ask for every block and ``np.dtype(...).name`` takes a microsecond)."""
+    known = _IS_BFLOAT16.get(dtype)
+    if known is None:
+        known = _IS_BFLOAT16[dtype] = np.dtype(dtype).name == "bfloat16"
+    return known
 
 
 def widen_bfloat16(x: Any, out: Any) -> Any:
