@@ -68,10 +68,27 @@ still gives the config files. The output ``config.json`` gets the summed layer c
 
 Model references must be local folders (or files): a Hugging Face hub id, a ``@revision`` or a ``+lora`` is
 an error, since mergelab never downloads. Relative paths resolve against the current folder (as mergekit
-does), else against the config's folder. Not supported yet (a clear error each): ``modules``, ``tokenizer``
-and ``tokenizer_source: union`` or another model's tokenizer, ``chat_template``, a per-slice ``base_model``
-other than the config's with ``linear``, ``nuslerp``, ``multislerp``, ``karcher`` or ``passthrough`` (whose base
+does), else against the config's folder. Not supported yet (a clear error each): ``modules``, a per-slice
+``base_model`` other than the config's with ``linear``, ``nuslerp``, ``multislerp``, ``karcher`` or ``passthrough`` (whose base
 is not theta_0 of a formula), and ``residual_weight``.
+
+Tokenizers (the native ``tokenizer:`` section and ``chat_template``; :mod:`mergelab.merging.vocabulary` and
+:mod:`mergelab.tokenizers` state the rules; transformers needed, ``pip install mergelab[hf]``):
+
+========================================  ==========================================================================
+mergekit                                  native spec
+========================================  ==========================================================================
+(no ``tokenizer_source``/``tokenizer``)   none: the reference's tokenizer files are copied as they are
+``tokenizer_source: base``                ``tokenizer: {source: base}``: the base's vocabulary (stripped to its
+                                          ``vocab_size``), every input's embedding rows permuted into it
+``tokenizer_source: union``               ``tokenizer: {source: union}``: the union of the inputs' vocabularies
+``tokenizer_source: MODEL``               ``tokenizer: {source: MODEL}``: that model's tokenizer
+``tokenizer: {source, tokens,             ``tokenizer: {source, tokens, pad_to_multiple_of}``; ``source`` defaults to
+pad_to_multiple_of}``                     ``union``; a token's ``source`` ``{kind: zero}`` -> ``zero``, a model ->
+                                          its folder, ``{kind: model_token, model, token | token_id}`` ->
+                                          ``{model, token | token_id}``; ``force`` as is
+``chat_template: NAME | auto | TEXT``     ``chat_template`` as is (named: alpaca, chatml, exaone, llama3, mistral)
+========================================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -168,11 +185,9 @@ _NO_BASE = ("linear", "slerp", "nuslerp", "multislerp", "karcher", "passthrough"
 #: mergekit's generalized task arithmetic methods with TIES's sign consensus
 _CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "name")
+             "tokenizer_source", "tokenizer", "chat_template", "name")
 UNSUPPORTED_TOP_LEVEL = {
     "modules": "per-module configs (multi-module architectures)",
-    "tokenizer": "tokenizer building (mergelab copies the base model's tokenizer files)",
-    "chat_template": "chat templates (mergelab copies the base model's tokenizer files)",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -492,25 +507,89 @@ def translate(data: Mapping[str, Any], *, source: str = "config", root: Path | N
         spec["models"] = models
     spec["parameters"] = dict(default[0])
     spec["overrides"] = _overrides(resolved, default, names)
-    return _finish(spec, data, source, root, Path(reference))
+    return _finish(spec, data, source, root)
 
 
-def _finish(spec: dict[str, Any], data: Mapping[str, Any], source: str, root: Path, reference: Path) -> dict[str, Any]:
-    """``spec`` with the config's output dtype; checks ``tokenizer_source`` (the config files and tokenizer
-    come from ``reference``); empty ``overrides``/``parameters`` left out."""
+def _model_or_keyword(value: Any, keywords: tuple[str, ...], where: str, root: Path) -> str:
+    """A keyword of ``keywords`` as is, else the local folder of a model reference."""
+    if isinstance(value, str) and value in keywords:
+        return value
+    return str(resolve_model(value, where, root))
+
+
+def _token_source(value: Any, where: str, root: Path) -> Any:
+    """A ``tokens:`` entry's ``source`` in the native form: ``zero``, a model folder, ``{model, token |
+    token_id}`` (mergekit's ``{kind: zero}``, a model reference, ``{kind: model_token, ...}``), or None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and "kind" in value:
+        if value["kind"] == "zero":
+            _check_keys(value, ("kind",), where)
+            return "zero"
+        if value["kind"] == "model_token":
+            _check_keys(value, ("kind", "model", "token", "token_id"), where)
+            out: dict[str, Any] = {"model": str(resolve_model(value.get("model"), f"{where}.model", root))}
+            for key in ("token", "token_id"):
+                if value.get(key) is not None:
+                    out[key] = value[key]
+            if len(out) != 2:
+                raise SpecError(f"{where}: a model_token source needs exactly one of token or token_id")
+            return out
+        raise SpecError(f"{where}: unknown source kind {value['kind']!r} (zero or model_token)")
+    return str(resolve_model(value, where, root))
+
+
+def _tokenizer(data: Mapping[str, Any], source: str, root: Path) -> dict[str, Any] | None:
+    """The native ``tokenizer:`` section of mergekit's ``tokenizer_source`` (``base``, ``union`` or a model) or
+    ``tokenizer:`` section (``source``, default ``union``; ``tokens``; ``pad_to_multiple_of``); None without
+    either (the reference's tokenizer files are copied)."""
+    tok_source, section = data.get("tokenizer_source"), data.get("tokenizer")
+    if tok_source is not None and section is not None:
+        raise SpecError(f"{source}: give tokenizer_source or tokenizer, not both (mergekit refuses both)")
+    if tok_source is not None:
+        return {"source": _model_or_keyword(tok_source, ("base", "union"), f"{source}: tokenizer_source", root)}
+    if section is None:
+        return None
+    where = f"{source}: tokenizer"
+    if not isinstance(section, Mapping):
+        raise SpecError(f"{where}: must be a mapping with source, tokens, pad_to_multiple_of")
+    _check_keys(section, ("source", "tokens", "pad_to_multiple_of"), where)
+    out: dict[str, Any] = {"source": _model_or_keyword(section.get("source", "union"), ("base", "union"),
+                                                       f"{where}.source", root)}
+    tokens = section.get("tokens") or {}
+    if not isinstance(tokens, Mapping):
+        raise SpecError(f"{where}.tokens: must map each token to {{source, force}}")
+    native: dict[str, Any] = {}
+    for text, entry in tokens.items():
+        at = f"{where}.tokens[{text!r}]"
+        entry = entry or {}
+        if not isinstance(entry, Mapping):
+            raise SpecError(f"{at}: must be a mapping with source and force")
+        _check_keys(entry, ("source", "force"), at)
+        native[str(text)] = {"source": _token_source(entry.get("source"), f"{at}.source", root),
+                             "force": bool(entry.get("force", False))}
+    if native:
+        out["tokens"] = native
+    if section.get("pad_to_multiple_of") is not None:
+        out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
+    return out
+
+
+def _finish(spec: dict[str, Any], data: Mapping[str, Any], source: str, root: Path) -> dict[str, Any]:
+    """``spec`` with the config's output dtype, tokenizer section (:func:`_tokenizer`) and chat template;
+    empty ``overrides``/``parameters`` left out."""
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None:
         if str(dtype) not in DTYPES:
             raise SpecError(f"{source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         spec["dtype"] = DTYPES[str(dtype)]
-    tok = data.get("tokenizer_source")
-    if tok is not None and tok != "base":
-        if tok == "union":
-            raise SpecError(f"{source}: tokenizer_source: union (a merged vocabulary) is not supported")
-        tok_path = resolve_model(tok, f"{source}: tokenizer_source", root)
-        if tok_path != reference:
-            raise SpecError(f"{source}: tokenizer_source {tok!r}: mergelab copies the tokenizer and config files of "
-                            f"the base model ({reference}); another model's tokenizer is not supported")
+    tokenizer = _tokenizer(data, source, root)
+    if tokenizer is not None:
+        spec["tokenizer"] = tokenizer
+    if data.get("chat_template") is not None:
+        if not isinstance(data["chat_template"], str) or not data["chat_template"]:
+            raise SpecError(f"{source}: chat_template must be a template name or a Jinja template text")
+        spec["chat_template"] = data["chat_template"]
     if not spec.get("overrides"):
         spec.pop("overrides", None)
     if not spec.get("parameters"):
@@ -716,7 +795,7 @@ def _stacked_spec(data: Mapping[str, Any], slices: list[_Slice], base: Path | No
          "model_layers": list(r.model_starts), **({"base_model": r.base_model} if r.base_model is not None else {})}
         for r in ranges
     ]
-    return _finish(spec, data, source, root, base if base is not None else models[0])
+    return _finish(spec, data, source, root)
 
 
 def _overrides(resolved: dict[str, tuple], default: tuple, names: list[str]) -> list[dict[str, Any]]:

@@ -21,6 +21,12 @@ slices:                # optional layer stacking (mergekit's slices): the output
     model_layers: [0, null]         # each model's first layer feeding it, in models' order (null: not in it)
     base_model: null                # optional: a model (index) that is this slice's base instead (its layers
                                     # from its model_layers entry; base_layer null): mergekit's per-slice base
+tokenizer:              # optional: build the output vocabulary (mergekit's tokenizer merging; needs mergelab[hf])
+  source: union                     # base | union | path/to/model (whose tokenizer is the output's)
+  tokens:                           # optional: where a token's embedding rows come from
+    "<|im_start|>": {source: path/to/model, force: false}   # or source: zero, or {model: ..., token: ...}
+  pad_to_multiple_of: 64            # optional: output rows padded with each model's mean row
+chat_template: chatml   # optional: a named template (alpaca, chatml, exaone, llama3, mistral), auto, or Jinja text
 dtype: auto             # output dtype: auto (each tensor keeps the base's dtype) | float32 | float16 | bfloat16
 device: cpu             # cpu | cuda | auto (cuda when available)
 shard_size: 2GB         # maximum bytes per output shard: an int or a string like 500MB, 2GB
@@ -40,6 +46,11 @@ slice, by the method over those inputs only; tensors outside the layers come fro
 ``i``'s layers (from ``model_layers[i]``) as theta_0 and the slice's other models as the experts, and model
 ``i``'s weight is not used; the spec's ``base`` does not feed that slice (``base_layer`` null) but still
 gives the config files.
+
+With ``tokenizer``, every input's embedding rows (``embed_tokens``, ``lm_head``) are permuted into the output
+vocabulary before the method merges them, and a token an input lacks gets a row by mergekit's rules
+(:mod:`mergelab.merging.vocabulary`); the output gets the built tokenizer's files and ``config.json`` its
+``vocab_size``. ``chat_template`` is written with the output tokenizer (:mod:`mergelab.tokenizers`).
 """
 
 from __future__ import annotations
@@ -174,6 +185,43 @@ class Slice(BaseModel):
         return v
 
 
+class TokenSource(BaseModel):
+    """A row taken from one model's own embedding: its ``token`` (a string of that model's vocabulary) or its
+    row ``token_id``, exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Path
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenSource:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where output token's rows come from: ``zero``, a model (its row of this token), a
+    :class:`TokenSource`, or None (mergekit's default rules); ``force``: every model gets it, not only
+    those lacking the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["zero"] | TokenSource | Path | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """The ``tokenizer:`` section: the output vocabulary's ``source`` (``base``, ``union`` or a model folder),
+    per-token row sources (``tokens``; each is added to the vocabulary when missing) and
+    ``pad_to_multiple_of``."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["base", "union"] | Path = "union"
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class MergeSpec(BaseModel):
     """A validated merge specification. See the module docstring for the YAML form."""
 
@@ -184,6 +232,8 @@ class MergeSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     overrides: list[Override] = Field(default_factory=list)
     slices: list[Slice] | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     shard_size: int = 2 * 10**9
@@ -244,10 +294,23 @@ class MergeSpec(BaseModel):
             p = p.expanduser()
             return p if p.is_absolute() else (root / p)
 
-        return self.model_copy(update={
+        update: dict[str, Any] = {
             "base": None if self.base is None else fix(self.base),
             "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
-        })
+        }
+        tok = self.tokenizer
+        if tok is not None:
+            tokens = {}
+            for text, entry in tok.tokens.items():
+                src = entry.source
+                if isinstance(src, Path):
+                    src = fix(src)
+                elif isinstance(src, TokenSource):
+                    src = src.model_copy(update={"model": fix(src.model)})
+                tokens[text] = entry.model_copy(update={"source": src})
+            update["tokenizer"] = tok.model_copy(update={
+                "source": fix(tok.source) if isinstance(tok.source, Path) else tok.source, "tokens": tokens})
+        return self.model_copy(update=update)
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -194,7 +194,7 @@ def test_hub_id_is_a_clear_error(models):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"merge_method": "linear", "models": [], "tokenizer": {"source": "base"}}, "'tokenizer'"),
+    ({"merge_method": "linear", "models": [], "modules": {"text": {}}}, "'modules'"),
     ({"merge_method": "linear", "models": [], "seed": 3}, "unknown key 'seed' .*allowed: merge_method"),
     ({"merge_method": "frobnicate", "models": []}, "unknown merge_method 'frobnicate' \\(supported: linear"),
 ])

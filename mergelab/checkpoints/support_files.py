@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,13 +140,16 @@ def _copy_regular(src: Path, real: Path, target: Path) -> None:
         os.close(fd)
 
 
-def copy_support_files(source: Path, dest: Path) -> list[str]:
+def copy_support_files(source: Path, dest: Path, skip: Collection[str] = ()) -> list[str]:
     """Copy every non-weight file of ``source`` and its sub-folders into ``dest`` (config, tokenizer, ...) as
     regular files, after checking them all with :func:`support_files` (which states what is refused).
-    Files already in ``dest`` are kept (never clobber what the writer produced). Returns the copied paths
-    relative to ``source``."""
+    Files already in ``dest`` are kept (never clobber what the writer produced), and so are the top-level
+    names in ``skip`` left out (a merge writing its own tokenizer leaves out the reference's). Returns the
+    copied paths relative to ``source``."""
     copied: list[str] = []
     for item in support_files(source):
+        if str(item.rel) in skip:
+            continue
         target = dest / item.rel
         if os.path.lexists(target):
             continue

@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -280,12 +280,13 @@ class CheckpointWriter:
     # -- publishing ----------------------------------------------------------------------------------
 
     def finish(self, *, copy_files_from: Path | None = None, record: Mapping | None = None,
-               files: Mapping[str, str] | None = None) -> Path:
+               files: Mapping[str, str | bytes] | None = None, skip: Collection[str] = ()) -> Path:
         """Check every planned tensor was written, add the record and support files, publish atomically.
 
-        ``record`` is written as ``mergelab_merge.json``; ``files`` (name -> text) are written as given (an
-        edited ``config.json``), then every other non-weight file of ``copy_files_from`` (config, tokenizer,
-        sub-folders such as ``1_Pooling``) is copied. Returns the output folder.
+        ``record`` is written as ``mergelab_merge.json``; ``files`` (name -> text or bytes) are written as given
+        (an edited ``config.json``, a built tokenizer), then every other non-weight file of ``copy_files_from``
+        (config, tokenizer, sub-folders such as ``1_Pooling``) is copied, but for the top-level names in
+        ``skip``. Returns the output folder.
         """
         if self._tmp is None or self._finished:
             state = "finished" if self._finished else "aborted"
@@ -315,7 +316,7 @@ class CheckpointWriter:
             for file_name, text in (files or {}).items():
                 self._write_text(tmp / file_name, text)
             if copy_files_from is not None:
-                copied = copy_support_files(Path(copy_files_from), tmp)
+                copied = copy_support_files(Path(copy_files_from), tmp, skip)
                 logger.debug("copied %d support files from %s", len(copied), copy_files_from)
             (tmp / OWNER_NAME).unlink(missing_ok=True)
             fsync_dir(tmp)
@@ -332,9 +333,9 @@ class CheckpointWriter:
         return self.out_dir
 
     @staticmethod
-    def _write_text(path: Path, text: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+    def _write_text(path: Path, text: str | bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
 

@@ -4,6 +4,8 @@ Layout (each module one idea; data flows plan -> pipeline -> kernels -> publish)
 
 - :mod:`~mergelab.merging.plan`: input validation from the headers, model list, parameter resolution,
   whole-model trim groups, the output layout; refuses an output overlapping an input;
+- :mod:`~mergelab.merging.vocabulary`: the output vocabulary (``tokenizer:``) and every input's embedding rows
+  permuted into it, read block by block through the plan's inputs;
 - :mod:`~mergelab.merging.pipeline`: the one streaming loop (:func:`~mergelab.merging.pipeline.stream_tensors`:
   read-ahead, compute, write-behind), parameterised by each back-end's read and compute; blocks over threads;
 - :mod:`mergelab.ops.selection`: exact selection's rules (one retry policy, one tie cut-off rule) and its
@@ -56,7 +58,9 @@ def merge(
     """Merge the checkpoints described by ``spec`` into a safetensors folder at ``out_dir``.
 
     ``spec`` is a :class:`~mergelab.spec.MergeSpec`, a mapping of the same shape, or the path of a YAML file.
-    The output folder holds the (sharded) weights, the base model's config/tokenizer files, and
+    The output folder holds the (sharded) weights, the base model's config/tokenizer files (with a
+    ``tokenizer:`` section, the built vocabulary's tokenizer and the permuted embeddings:
+    :mod:`~mergelab.merging.vocabulary`), and
     ``mergelab_merge.json`` (method, resolved parameters, inputs with SHA-256 content hashes, versions, the
     engine used). ``engine``: ``auto`` (numpy when it supports the merge, else torch), ``numpy`` (an error
     saying why when it cannot) or ``torch``. An ``out_dir`` that is, contains or lies inside an input (the
@@ -75,6 +79,9 @@ def merge(
         if spec.method in data_informed.registry():
             if spec.slices:
                 raise SpecError(f"slices: layer stacking runs the data-free methods, not '{spec.method}'")
+            if spec.tokenizer is not None or spec.chat_template is not None:
+                raise SpecError(f"tokenizer: tokenizer merging and chat templates run with the data-free methods, "
+                                f"not '{spec.method}'")
             refuse_input_overlap(spec, out_dir, expert_folders=True)
             if engine == "numpy":
                 raise SpecError(f"engine: the numpy engine does not run '{spec.method}' (a data-informed method)")

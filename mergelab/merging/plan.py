@@ -24,7 +24,7 @@ from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.merging.layout import SliceRange, TensorSources, stack_layout
 from mergelab.methods import Method, MethodParams
 from mergelab.output_paths import check_replaceable, refuse_overlap
-from mergelab.spec import MergeSpec
+from mergelab.spec import MergeSpec, TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class MergeInputs:
     spec's checkpoints."""
 
     def __init__(self, base: CheckpointReader | None, experts: Sequence[CheckpointReader],
-                 slices: Sequence[SliceRange] | None = None) -> None:
+                 slices: Sequence[SliceRange] | None = None, tokenizer: TokenizerSpec | None = None) -> None:
         self.base = base
         self.experts = list(experts)
         self.readers = ([base] if base is not None else []) + self.experts
@@ -100,16 +100,38 @@ class MergeInputs:
         self.layout: dict[str, TensorSources] | None = None
         #: the output's number of layers when stacking (``slices``), else None
         self.layers: int | None = None
+        #: the output vocabulary when the spec has a ``tokenizer:`` section (:mod:`mergelab.merging.vocabulary`)
+        self.vocabulary: Any = None
         self._everyone = list(range(len(self.experts)))
         try:
+            if tokenizer is not None:
+                self._permute(tokenizer)
             if slices:
                 self._stack(slices)
             else:
                 self.names = self.reference.keys()
+            if self.vocabulary is not None:
+                from mergelab.merging.vocabulary import is_vocab_tensor
+
+                for name in self.names:
+                    if is_vocab_tensor(name):
+                        self.vocabulary.bind(name, [getattr(r, "reader", r) if isinstance(r, RenamedReader) else r
+                                                    for r in self.readers_of(name)])
             self._validate()
         except BaseException:
             self.close()
             raise
+
+    def _permute(self, tokenizer: TokenizerSpec) -> None:
+        """Build the output vocabulary and read every input through a
+        :class:`~mergelab.merging.vocabulary.PermutedReader` (its vocabulary tensors permuted into it)."""
+        from mergelab.merging.vocabulary import Vocabulary
+
+        self.vocabulary = vocab = Vocabulary.build(tokenizer, self.base, self.experts)
+        self.base = None if self.base is None else vocab.wrap(self.base)  # type: ignore[assignment]
+        self.experts = [vocab.wrap(r) for r in self.experts]  # type: ignore[misc]
+        self.readers = ([self.base] if self.base is not None else []) + self.experts
+        self.reference = self.base if self.base is not None else self.experts[0]
 
     def _stack(self, slices: Sequence[SliceRange]) -> None:
         labels = ([f"base ({self.base.path})"] if self.base is not None else []) + [
@@ -163,12 +185,13 @@ class MergeInputs:
     def open(cls, spec: MergeSpec) -> Self:
         """Open the base (if any) and every model of ``spec`` and validate them."""
         base = None if spec.base is None else partial(open_checkpoint, spec.base)
-        return cls.from_openers(base, [partial(open_checkpoint, m.path) for m in spec.models], slice_ranges(spec))
+        return cls.from_openers(base, [partial(open_checkpoint, m.path) for m in spec.models], slice_ranges(spec),
+                                spec.tokenizer)
 
     @classmethod
     def from_openers(
         cls, base: Callable[[], CheckpointReader] | None, experts: Sequence[Callable[[], CheckpointReader]],
-        slices: Sequence[SliceRange] | None = None,
+        slices: Sequence[SliceRange] | None = None, tokenizer: TokenizerSpec | None = None,
     ) -> Self:
         """Call each opener, closing what was opened if one fails, and validate the checkpoints."""
         opened: list[CheckpointReader] = []
@@ -179,7 +202,9 @@ class MergeInputs:
             for reader in opened:
                 reader.close()
             raise
-        return cls(opened[0], opened[1:], slices) if base is not None else cls(None, opened, slices)
+        if base is not None:
+            return cls(opened[0], opened[1:], slices, tokenizer)
+        return cls(None, opened, slices, tokenizer)
 
     def _validate(self) -> None:
         """Same tensor names and shapes everywhere, no floating-vs-integer mismatch; floating tensors stored

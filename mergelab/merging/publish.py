@@ -2,9 +2,11 @@
 data-informed methods.
 
 A streamed merge (:func:`write_merge`) opens an atomic :class:`~mergelab.checkpoints.CheckpointWriter`, lets
-its back-end write every tensor, then publishes the folder with the reference model's config files and
-``mergelab_merge.json`` (:func:`merge_record`: method, resolved parameters, inputs with SHA-256 content
-hashes, versions, the back-end, warnings, seconds). A method that holds the merged model in memory anyway
+its back-end write every tensor, then publishes the folder with the reference model's config files (with a
+``tokenizer:`` section or a ``chat_template``, the tokenizer files it builds instead of the reference's:
+:func:`tokenizer_files`; ``config.json`` edited by :func:`output_config`) and ``mergelab_merge.json``
+(:func:`merge_record`: method, resolved parameters, inputs with SHA-256 content hashes, versions, the
+back-end, warnings, seconds). A method that holds the merged model in memory anyway
 (the data-informed ones) publishes it with :func:`write_state`, through the same writer. Either way a
 failed merge leaves nothing at the target path.
 """
@@ -30,6 +32,7 @@ from mergelab.merging.plan import OUTPUT_DTYPES, MergeInputs
 from mergelab.methods import Method, MethodParams
 from mergelab.provenance import environment, input_digest
 from mergelab.spec import MergeSpec
+from mergelab.tokenizers import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +83,8 @@ def merge_record(
         # a slice's base_model only when set (the records of slices without one are as before it existed)
         **({"slices": [{k: v for k, v in sl.model_dump().items() if k != "base_model" or v is not None}
                        for sl in spec.slices]} if spec.slices else {}),
+        **({"tokenizer": inputs.vocabulary.record()} if inputs.vocabulary is not None else {}),
+        **({"chat_template": spec.chat_template} if spec.chat_template is not None else {}),
         "dtype": spec.dtype,
         "environment": environment(),
         "inputs": {
@@ -89,12 +94,14 @@ def merge_record(
     }
 
 
-def layer_count_config(inputs: MergeInputs) -> dict[str, str] | None:
+def output_config(inputs: MergeInputs) -> dict[str, str] | None:
     """The reference's ``config.json`` with the output's number of layers when the merge stacks layers
-    (``slices``; :func:`mergelab.merging.layout.set_layer_count`), as ``{"config.json": text}``; None when
-    there is nothing to change (no stacking, or no config). A config without a layer-count key is copied
-    as is, with a warning."""
-    if inputs.layers is None or inputs.reference.config_dir is None:
+    (``slices``; :func:`mergelab.merging.layout.set_layer_count`) and its vocabulary size when it builds a
+    vocabulary (``vocab_size``, of ``text_config`` when only that has one; mergekit's
+    ``_update_config_vocab``), as ``{"config.json": text}``; None when there is nothing to change (neither,
+    or no config). A config without a layer-count key is copied as is, with a warning."""
+    vocab = inputs.vocabulary
+    if (inputs.layers is None and vocab is None) or inputs.reference.config_dir is None:
         return None
     path = Path(inputs.reference.config_dir) / "config.json"
     if not path.is_file():
@@ -103,13 +110,41 @@ def layer_count_config(inputs: MergeInputs) -> dict[str, str] | None:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read the config to set its number of layers: {exc}") from None
-    if not isinstance(config, dict) or set_layer_count(config, inputs.layers) is None:
-        msg = (f"{path} has no number-of-layers key ({', '.join(LAYER_COUNT_KEYS)}); the output's config.json "
-               f"is copied unchanged though the merge has {inputs.layers} layers")
-        log.warning(msg)
-        inputs.warnings.append(msg)
+    if not isinstance(config, dict):
         return None
-    return {"config.json": json.dumps(config, indent=2, sort_keys=False) + "\n"}
+    changed = False
+    if inputs.layers is not None:
+        if set_layer_count(config, inputs.layers) is None:
+            msg = (f"{path} has no number-of-layers key ({', '.join(LAYER_COUNT_KEYS)}); the output's config.json "
+                   f"is copied unchanged though the merge has {inputs.layers} layers")
+            log.warning(msg)
+            inputs.warnings.append(msg)
+        else:
+            changed = True
+    if vocab is not None:
+        text = config.get("text_config")
+        section = text if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text else config
+        section["vocab_size"] = vocab.rows
+        changed = True
+    return {"config.json": json.dumps(config, indent=2, sort_keys=False) + "\n"} if changed else None
+
+
+def tokenizer_files(spec: MergeSpec, inputs: MergeInputs) -> dict[str, bytes]:
+    """The tokenizer files the merge writes itself (:mod:`mergelab.tokenizers`): the built vocabulary's
+    tokenizer, or the reference's re-saved with ``chat_template`` (mergekit re-saves it then too); empty when
+    the reference's files are copied as they are."""
+    if inputs.vocabulary is None and spec.chat_template is None:
+        return {}
+    from mergelab import tokenizers
+
+    template = None
+    if spec.chat_template is not None:
+        template = tokenizers.chat_template(spec.chat_template, [r.config_dir for r in inputs.readers])
+    if inputs.vocabulary is not None:
+        tokenizer = inputs.vocabulary.tokenizer
+    else:
+        tokenizer = tokenizers.load_tokenizer(inputs.reference.config_dir, f"chat_template: {inputs.reference.path}")
+    return tokenizers.saved_files(tokenizer, template)
 
 
 def write_merge(
@@ -133,6 +168,10 @@ def write_merge(
     total = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
     if inputs.reference.config_dir is not None:  # refused support files fail now, before the merge
         support_files(inputs.reference.config_dir)
+    files: dict[str, str | bytes] = dict(tokenizer_files(spec, inputs))  # a bad chat template fails now too
+    skip = TOKENIZER_FILES if files else frozenset()
+    if files:
+        record["tokenizer_files"] = sorted(files)
     # every merge writes around the page cache (direct I/O; the writer falls back to buffered writes where
     # the file system refuses it, $MERGELAB_DIRECT_IO=0 forces them): copying 1.34 GB into the page cache
     # cost 1.4-1.9 CPU-s on the benchmark, which the other core needs for the merge. Task arithmetic there,
@@ -144,8 +183,8 @@ def write_merge(
             compute(writer, bar)
         seconds = time.perf_counter() - started
         record.update(seconds=round(seconds, 3), engine=engine, warnings=inputs.warnings)
-        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record,
-                             files=layer_count_config(inputs))
+        files.update(output_config(inputs) or {})
+        path = writer.finish(copy_files_from=inputs.reference.config_dir, record=record, files=files, skip=skip)
     log.info("merged %d tensors with %s into %s in %.1f s (%s engine)", len(plan), method.name, path, seconds,
              engine)
     return MergeResult(out_dir=Path(path), method=method.name, tensors=len(plan), bytes_written=total,
