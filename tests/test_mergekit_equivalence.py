@@ -568,6 +568,157 @@ def _check_one_expert(case: Case, variant: str, out: Outputs) -> None:
                 f"{case.name}/{variant} {tool}: keep rate {observed:.4f}, expected {mean_p:.4f} (sd {sd:.4f})"
 
 
+# --------------------------------------------------------------------------------------------- tokenizers
+
+
+_WORDS = [f"w{i}" for i in range(57)]
+_SPECIAL = ["<unk>", "<s>", "</s>"]
+#: each model's vocabulary (row i of its embedding and head is token i): the base has 60 tokens in 64 rows
+#: (4 padding rows); ft1 swaps w0 and w1 and adds x1, x2 and s1, s2; ft2 moves w50.. up and adds y1, y2, s1,
+#: s2; ft3 has the base's 60 tokens in 64 rows
+TOK_VOCABS = {
+    "base": _SPECIAL + _WORDS,
+    "ft1": _SPECIAL + [_WORDS[1], _WORDS[0]] + _WORDS[2:] + ["x1", "x2", "s1", "s2"],
+    "ft2": _SPECIAL + _WORDS[:50] + ["y1", "y2", "s1", "s2"] + _WORDS[50:],
+    "ft3": _SPECIAL + _WORDS,
+}
+
+
+@pytest.fixture(scope="module")
+def tok_sets(model_sets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[torch.dtype, dict[str, Path]]:
+    """The models of ``model_sets`` with word-level tokenizers of :data:`TOK_VOCABS` (transformers' fast
+    tokenizer over a ``tokenizers`` WordLevel model), the tensors unchanged."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("mergekit_tok_models")
+    out: dict[torch.dtype, dict[str, Path]] = {}
+    for dtype, folders in model_sets.items():
+        out[dtype] = {}
+        for name, tokens in TOK_VOCABS.items():
+            folder = root / str(dtype).removeprefix("torch.") / name
+            shutil.copytree(folders[name], folder)
+            tk = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+            tk.pre_tokenizer = pre_tokenizers.Whitespace()
+            transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                                 eos_token="</s>").save_pretrained(str(folder))
+            out[dtype][name] = folder
+    return out
+
+
+TOK_CASES: list[Case] = [
+    Case("tok_union_task_arithmetic", {**_gta("task_arithmetic"), "tokenizer_source": "union"}),
+    Case("tok_base_linear", {"merge_method": "linear", "base_model": "base", "tokenizer_source": "base",
+                             "models": [_m("base", weight=0.2), _m("ft1", weight=0.3), _m("ft2", weight=0.5)]}),
+    Case("tok_model_slerp_tokens", {
+        "merge_method": "slerp", "base_model": "base", "models": [_m("base"), _m("ft1")],
+        "parameters": {"t": 0.3}, "chat_template": "chatml",
+        "tokenizer": {"source": "ft1", "pad_to_multiple_of": 16, "tokens": {
+            "x1": {"source": {"kind": "zero"}, "force": True},
+            "w5": {"source": "ft1", "force": True},
+            "new1": {"source": {"kind": "model_token", "model": "ft1", "token": "x2"}},
+            "new2": {"source": {"kind": "model_token", "model": "base", "token_id": 7}}}}}),
+    Case("tok_union_ties_pad", {**_gta("ties", density=0.5), "chat_template": "llama3",
+                                "tokenizer": {"source": "union", "pad_to_multiple_of": 32}}),
+]
+#: case -> (max float32 ulps, reason): as the method's case without a tokenizer, plus the rows mergelab computes
+TOK_ROUNDING = {
+    "tok_union_task_arithmetic": ROUNDING["task_arithmetic"],
+    "tok_base_linear": ROUNDING["linear"],
+    "tok_model_slerp_tokens": (2, ROUNDING["slerp"][1] + "; padding rows: the mean summed in float64 (mergelab) "
+                                  "vs torch's float32 mean (mergekit)"),
+    "tok_union_ties_pad": (0, "equal outside the padding rows; there every input's rows are copies of one mean "
+                              "row, so TIES's trim meets exact ties of |tau| and the tools keep different tied "
+                              "entries (README: trim scope)"),
+}
+
+
+def _tok_materialise(config: Any, models: dict[str, Path]) -> Any:
+    """As :func:`_materialise`, also for the tokenizer's model references."""
+    if isinstance(config, dict):
+        out = {}
+        for k, v in config.items():
+            if k in ("model", "base_model") or (k in ("source", "tokenizer_source") and isinstance(v, str) and v in models):
+                out[k] = str(models[v])
+            else:
+                out[k] = _tok_materialise(v, models)
+        return out
+    if isinstance(config, list):
+        return [_tok_materialise(v, models) for v in config]
+    return config
+
+
+def _vocab(folder: Path) -> dict[str, int]:
+    import transformers
+
+    return dict(transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True).get_vocab())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", TOK_CASES, ids=lambda c: c.name)
+def test_same_tokenizer_merge(case: Case, variant: str, tok_sets: dict, tmp_path: Path) -> None:
+    """The same output vocabulary (as a set of tokens: mergekit appends a union's tokens in a set's order,
+    which varies between runs, mergelab in model order) and, token by token, the same rows of the embedding
+    and head; the other tensors entry by entry; the same vocab_size and chat template."""
+    model_dtype, dtype, out_dtype = VARIANT_DTYPES[variant]
+    models = tok_sets[model_dtype]
+    config = _tok_materialise(case.config, models)
+    config["dtype"] = dtype
+    if out_dtype:
+        config["out_dtype"] = out_dtype
+    cfg = tmp_path / f"{case.name}-{variant}.yml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    _cached_mergekit(cfg, tmp_path / "mergekit", None, models)
+    _run_mergelab(cfg, tmp_path / "mergelab")
+    theirs, ours = load_state_dict(tmp_path / "mergekit"), load_state_dict(tmp_path / "mergelab")
+    assert set(ours) == set(theirs)
+    v_theirs, v_ours = _vocab(tmp_path / "mergekit"), _vocab(tmp_path / "mergelab")
+    assert set(v_theirs) == set(v_ours)
+    if "union" not in str(case.config):  # one tokenizer's ids: the same in both
+        assert v_theirs == v_ours
+    size = len(v_ours)
+    configs = [json.loads((tmp_path / t / "config.json").read_text()) for t in ("mergekit", "mergelab")]
+    rows = theirs["model.embed_tokens.weight"].shape[0]
+    assert configs[0]["vocab_size"] == configs[1]["vocab_size"] == rows == ours["model.embed_tokens.weight"].shape[0]
+    # mergekit's rows in mergelab's token order (the padding rows stay where they are)
+    order = torch.arange(rows)
+    for tok, i in v_ours.items():
+        order[i] = v_theirs[tok]
+    vocab_names = ("model.embed_tokens.weight", "lm_head.weight")
+    aligned = {n: (t[order] if n in vocab_names else t) for n, t in theirs.items()}
+    d = _diff(ours, aligned)
+    d_pad = None
+    if rows > size:  # the padding rows apart: every input's mean row, copied into each padding row
+        d_pad = _diff({n: ours[n][size:] for n in vocab_names}, {n: aligned[n][size:] for n in vocab_names})
+        d = _diff({n: t[:size] if n in vocab_names else t for n, t in ours.items()},
+                  {n: t[:size] if n in vocab_names else t for n, t in aligned.items()})
+    ulps, reason = TOK_ROUNDING[case.name]
+    pct_allowed = 100.0
+    if variant == "bf16":
+        ulps, reason = 1.0, f"{reason}; one bf16 rounding of float32 results a few float32 ulps apart"
+    elif variant == "bf16c":
+        ulps, reason = max(ulps, 2.0), f"mergekit computes in bf16 (dtype: bfloat16); {reason}"
+    if case.name.startswith("tok_union_ties") and variant != "f32":
+        ulps, pct_allowed = 100.0, (1.0 if variant == "bf16" else 40.0)
+        reason = (_TRIM_TIES if variant == "bf16" else _BF16_GTA) + "; " + reason
+    if d_pad is not None:
+        reason += f"; padding rows apart: max abs diff {d_pad['max_abs']:.3g}, {d_pad['pct']:.1f}% differ"
+    REPORT[(case.name, variant)] = {**d, "reason": reason}
+    assert d["max_ulps"] <= ulps and d["pct"] <= pct_allowed, (
+        f"{case.name}/{variant}: max |diff| {d['max_abs']:.3g} = {d['max_ulps']:.3g} ulps (allowed {ulps}), "
+        f"{d['pct']:.2f}% of entries differ")
+    if d_pad is not None and not case.name.startswith("tok_union_ties"):
+        assert d_pad["max_ulps"] <= max(ulps, 2.0), d_pad
+    # TIES: every padding row of an input is the same row, so the trim meets exact ties of |tau| there; the
+    # tools keep different ones of the tied entries (README: trim scope), whatever the padding means' last bits
+
+    if "chat_template" in case.config:
+        from mergelab.chat_templates import CHAT_TEMPLATES
+
+        texts = [(tmp_path / t / "chat_template.jinja").read_text() for t in ("mergekit", "mergelab")]
+        assert texts[0] == texts[1] == CHAT_TEMPLATES[case.config["chat_template"]]
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -578,7 +729,7 @@ def _write_report() -> Any:
     if not path or not REPORT:
         return
     lines = ["| case | variant | max abs diff | max ulps | % entries differing | reason |", "|---|---|---|---|---|---|"]
-    order = {c.name: i for i, c in enumerate(CASES)}
+    order = {c.name: i for i, c in enumerate(CASES + TOK_CASES)}
     for (name, variant), r in sorted(REPORT.items(), key=lambda kv: (order[kv[0][0]], VARIANTS.index(kv[0][1]))):
         lines.append(f"| {name} | {variant} | {r['max_abs']:.3g} | {r['max_ulps']:.3g} | {r['pct']:.2f} | {r['reason']} |")
     Path(path).write_text("\n".join(lines) + "\n")
