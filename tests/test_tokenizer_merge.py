@@ -118,6 +118,31 @@ def test_token_sources_force_and_padding(models: dict[str, Path], tmp_path: Path
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 12
 
 
+def test_tied_embeddings_and_stacked_slices(tmp_path: Path) -> None:
+    """Tied embeddings (no lm_head): the one vocabulary tensor is permuted. Stacked slices (passthrough of
+    ft1's layer, then ft2's): the embedding's inputs are the first slice's (ft1 alone), the head's the last
+    slice's (ft2 alone), so a token the tensor's one input lacks is in none of its inputs: a zero row."""
+    m = {k: build_model(tmp_path / k, k, VOCABS[k], tied=True) for k in ("ft1", "ft2")}
+    out = _merge({"method": "weight_average", "models": [str(m["ft1"]), str(m["ft2"])],
+                  "tokenizer": {"source": "union"}}, tmp_path / "tied")
+    assert set(out) == {EMBED, "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight",
+                        "model.layers.0.mlp.down_proj.weight", "model.norm.weight"}
+    vocab = VOCABS["ft1"] + ["e"]
+    expected = torch.stack([(row("ft1", t) + row("ft2", t)) / 2 if t not in ("d", "e") else
+                            row("ft1" if t == "d" else "ft2", t) for t in vocab])
+    torch.testing.assert_close(out[EMBED], expected, rtol=1e-6, atol=1e-5)
+    s = {k: build_model(tmp_path / f"s{k}", k, VOCABS[k]) for k in ("ft1", "ft2")}
+    out = _merge({"method": "passthrough", "models": [str(s["ft1"]), str(s["ft2"])],
+                  "slices": [{"layers": 1, "model_layers": [0, None]}, {"layers": 1, "model_layers": [None, 0]}],
+                  "tokenizer": {"source": "union"}}, tmp_path / "stacked")
+    assert _vocab(tmp_path / "stacked") == vocab
+    zero = torch.zeros(4)
+    torch.testing.assert_close(out[EMBED], torch.stack([row("ft1", t) if t != "e" else zero for t in vocab]))
+    torch.testing.assert_close(out[HEAD], torch.stack([-row("ft2", t) if t != "d" else zero for t in vocab]))
+    config = json.loads((tmp_path / "stacked" / "config.json").read_text())
+    assert config["vocab_size"] == 9 and config["num_hidden_layers"] == 2
+
+
 def test_permuted_reads_any_byte_range(models: dict[str, Path]) -> None:
     """The permuted tensor read block-wise (any byte offset and length, as the numpy engine reads it) is the
     whole tensor's bytes."""

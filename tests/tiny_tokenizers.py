@@ -49,10 +49,10 @@ def config(rows: int, dtype: str = "float32", layers: int = LAYERS) -> dict:
 
 def build_model(folder: Path, model: str, tokens: list[str], rows: int | None = None, *,
                 dtype: torch.dtype = torch.float32, seed: int = 0, tokenizer: bool = True,
-                config_rows: int | None = None) -> Path:
+                config_rows: int | None = None, tied: bool = False) -> Path:
     """Model ``model``'s folder: its tokenizer of ``tokens``, ``config.json`` (``vocab_size = config_rows``,
     default ``rows``), and tensors: the vocabulary tensors by :func:`row` (``rows`` rows, default
-    ``len(tokens)``), the others random (``seed``)."""
+    ``len(tokens)``), the others random (``seed``); ``tied``: no ``lm_head`` (tied embeddings)."""
     rows = len(tokens) if rows is None else rows
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
@@ -66,7 +66,8 @@ def build_model(folder: Path, model: str, tokens: list[str], rows: int | None = 
         state[p + "self_attn.q_proj.weight"] = torch.randn(HIDDEN, HIDDEN, generator=gen) * 0.02
         state[p + "mlp.down_proj.weight"] = torch.randn(HIDDEN, 2 * HIDDEN, generator=gen) * 0.02
     state["model.norm.weight"] = 1 + torch.randn(HIDDEN, generator=gen) * 0.01
-    state["lm_head.weight"] = -embed
+    if not tied:
+        state["lm_head.weight"] = -embed
     save_state_dict({n: t.to(dtype) for n, t in state.items()}, folder / "model.safetensors")
     dtype_name = "float32" if dtype == torch.float32 else "bfloat16"
     (folder / "config.json").write_text(json.dumps(config(rows if config_rows is None else config_rows, dtype_name)))

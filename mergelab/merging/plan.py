@@ -86,7 +86,10 @@ class MergeInputs:
     config files and, without ``slices``, the tensor order (``names``). With ``slices``
     (:class:`~mergelab.merging.layout.SliceRange`, layer stacking) ``names`` are the output's tensors and
     ``layout`` maps each to its inputs' tensors (:func:`~mergelab.merging.layout.stack_layout`);
-    :meth:`sources` gives any output tensor's inputs either way. Takes ownership of the readers: they are
+    :meth:`sources` gives any output tensor's inputs either way. With a ``tokenizer`` section
+    (:class:`~mergelab.spec.TokenizerSpec`) ``vocabulary`` is the output vocabulary and every input is read
+    through a :class:`~mergelab.merging.vocabulary.PermutedReader` (its vocabulary tensors permuted into it;
+    each vocabulary tensor's inputs bound for its default rows). Takes ownership of the readers: they are
     closed if validation fails, else by :meth:`close` (or leaving a ``with`` block). :meth:`open` opens a
     spec's checkpoints."""
 
