@@ -139,7 +139,8 @@ def tokenizer_files(spec: MergeSpec, inputs: MergeInputs) -> dict[str, bytes]:
 
     template = None
     if spec.chat_template is not None:
-        template = tokenizers.chat_template(spec.chat_template, [r.config_dir for r in inputs.readers])
+        folders = list(dict.fromkeys(r.config_dir for r in inputs.readers))  # the base listed as a model: once
+        template = tokenizers.chat_template(spec.chat_template, folders)
     if inputs.vocabulary is not None:
         tokenizer = inputs.vocabulary.tokenizer
     else:

@@ -27,7 +27,8 @@ token only one expert has keeps that expert's row in every input (its difference
 
 Precision: ``D`` and the padding means are computed in float32 (float64 for float64 inputs; the padding mean
 is summed in float64) and rounded once to the input's stored dtype, which the permuted tensor keeps; copied
-rows are the stored bytes. Departures from mergekit where it crashes: a model token beyond its
+rows are the stored bytes. Memory: a vocabulary tensor's default rows (one per token some input lacks) and
+padding means are held for the merge; the copied rows are read from the files when the engine reads them. Departures from mergekit where it crashes: a model token beyond its
 ``vocab_size`` is absent (mergekit: ``KeyError``); a ``tokens:`` entry without a source follows the default
 rules (mergekit: ``NotImplementedError``).
 """
