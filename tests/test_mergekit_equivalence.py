@@ -26,6 +26,11 @@ Deterministic methods are compared tensor by tensor with the tolerance each case
 ``EXPECT``). The random ones (``dare_*``, ``della*``: mergekit's masks are torch's Bernoulli draws, mergelab's
 are seeded per (seed, model, tensor)) are compared in distribution: keep rates against the formula of the
 keep probability, the L1 rescale identity, and paired tests of the two outputs' per-entry statistics.
+
+The tokenizer cases (``tok_*``: ``tokenizer_source``, ``tokenizer:``, ``chat_template``) give the same models
+word-level tokenizers of different vocabularies (:data:`TOK_VOCABS`) and compare the output vocabularies (as
+sets: mergekit orders a union's appended tokens by a ``set``), the embedding and head row by row *by token*,
+every other tensor entry by entry, ``vocab_size`` and the chat template.
 """
 
 from __future__ import annotations
