@@ -150,7 +150,7 @@ def test_permuted_reads_any_byte_range(models: dict[str, Path]) -> None:
             open_checkpoint(models["ft2"]) as ft2:
         vocab = Vocabulary.build(TokenizerSpec(source="union", pad_to_multiple_of=4), base, [ft1, ft2])
         views = [vocab.wrap(r) for r in (base, ft1, ft2)]
-        vocab.bind(EMBED, views)
+        vocab.bind(EMBED, views, views[0])
         for view in views:
             whole = view.get(EMBED).contiguous().view(torch.uint8).numpy().reshape(-1)
             assert whole.size == 12 * 4 * 4

@@ -116,10 +116,14 @@ class MergeInputs:
             if self.vocabulary is not None:
                 from mergelab.merging.vocabulary import is_vocab_tensor
 
+                def unwrap(r: Any) -> Any:
+                    return r.reader if isinstance(r, RenamedReader) else r
+
                 for name in self.names:
                     if is_vocab_tensor(name):
-                        self.vocabulary.bind(name, [getattr(r, "reader", r) if isinstance(r, RenamedReader) else r
-                                                    for r in self.readers_of(name)])
+                        base = self.sources(name)[0]
+                        self.vocabulary.bind(name, [unwrap(r) for r in self.readers_of(name)],
+                                             None if base is None else unwrap(base))
             self._validate()
         except BaseException:
             self.close()

@@ -91,7 +91,8 @@ class _TensorRows:
 class Vocabulary:
     """The output vocabulary (``tokens``: token -> id, ``size`` of them, ``rows`` after padding) and each
     input's permutation (``perms[key][v]``: its row of token ``v``, -1 when absent), built by :meth:`build`.
-    ``tokenizer`` is the output tokenizer (transformers), ``base`` the key of the spec's base (None without)."""
+    ``tokenizer`` is the output tokenizer (transformers), ``base`` the key of the spec's base (None without);
+    each vocabulary tensor's inputs and base are set by :meth:`bind`."""
 
     def __init__(self, spec: TokenizerSpec, tokenizer: Any, tokens: dict[str, int], perms: dict[Path, np.ndarray],
                  originals: dict[Path, dict[str, int]], vocab_sizes: dict[Path, int], base: Path | None) -> None:
@@ -107,6 +108,7 @@ class Vocabulary:
                                 f"has id {v})")
             self.by_id[v] = tok
         self._inputs: dict[str, list[tuple[Path, Any]]] = {}
+        self._base: dict[str, Path | None] = {}
         self._rows: dict[str, _TensorRows] = {}
         self._lock = threading.Lock()
 
@@ -179,12 +181,14 @@ class Vocabulary:
         """``reader`` with its vocabulary tensors permuted into this vocabulary."""
         return PermutedReader(reader, model_key(reader.path), self)
 
-    def bind(self, name: str, inputs: Sequence[PermutedReader]) -> None:
-        """Set the inputs feeding output tensor ``name`` (their order is the defaults' summation order)."""
+    def bind(self, name: str, inputs: Sequence[PermutedReader], base: PermutedReader | None) -> None:
+        """Set the inputs feeding output tensor ``name`` (their order is the defaults' summation order) and its
+        base (None when no base feeds it; a slice's own ``base_model`` where it has one)."""
         seen: dict[Path, PermutedReader] = {}
         for r in inputs:  # a model that is also the base is one input
             seen.setdefault(r.key, r)
         self._inputs[name] = list(seen.items())
+        self._base[name] = None if base is None else base.key
 
     # ------------------------------------------------------------------------------------------ the rows
 
@@ -210,6 +214,7 @@ class Vocabulary:
         row_bytes = width * storage.itemsize
         keys = [k for k, _ in inputs]
         reader_of = dict(inputs)
+        base = self._base.get(name)
 
         def row(key: Path, index: int) -> np.ndarray:
             raw = np.empty(row_bytes, dtype=np.uint8)
@@ -237,8 +242,8 @@ class Vocabulary:
                 elif not having:
                     value = np.zeros(width, dtype=compute)
                     zero_tokens += 1
-                elif self.base is not None and self.base in keys and self.perms[self.base][v] >= 0:
-                    value = row(self.base, int(self.perms[self.base][v]))
+                elif base is not None and self.perms[base][v] >= 0:
+                    value = row(base, int(self.perms[base][v]))
                 else:
                     value = row(having[0], int(self.perms[having[0]][v]))
                     for k in having[1:]:
