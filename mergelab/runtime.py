@@ -1,6 +1,7 @@
 """Process-wide runtime settings for CPU-heavy commands.
 
-:func:`reuse_freed_memory` tunes glibc's allocator for the merge engines (see its docstring).
+:func:`reuse_freed_memory` tunes glibc's allocator for the merge engines, :func:`freeze_imported_objects`
+keeps the garbage collector off the imported modules' objects (see their docstrings).
 
 :func:`prefer_passive_omp` lets idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``)
 unless the user chose a policy. On a 2-core machine that other processes also use, torch's spinning intra-op
@@ -13,6 +14,7 @@ imported; the training and evaluation commands call it first thing (the merge en
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -23,6 +25,20 @@ def prefer_passive_omp() -> bool:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+def freeze_imported_objects() -> None:
+    """Move every object alive now (the imported modules' functions, classes and constants: about 180k once
+    torch is imported) to the garbage collector's permanent generation (``gc.freeze``, after one
+    ``gc.collect`` so no cyclic garbage is frozen with them), so that the collections a merge triggers by
+    allocating do not traverse them again: they took 3-4% of an Arcee Fusion merge's CPU time on the
+    benchmark model (``perf``: ``gc_collect_main``), 1.7% after. Objects created later are collected as
+    usual. Process-wide; applied once, by an engine, after its imports."""
+    if getattr(freeze_imported_objects, "_done", False):
+        return
+    freeze_imported_objects._done = True  # type: ignore[attr-defined]
+    gc.collect()
+    gc.freeze()
 
 
 def reuse_freed_memory() -> None:

@@ -89,7 +89,7 @@ from mergelab.methods import get_method
 from mergelab.ops import selection
 from mergelab.ops.gram_matrix import gram_from_partials
 from mergelab.ops.selection import keep_count
-from mergelab.runtime import reuse_freed_memory
+from mergelab.runtime import freeze_imported_objects, reuse_freed_memory
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def merge_numpy(
     check_models(spec, method)
     params_of = ParamResolver(spec, method)
     reuse_freed_memory()
+    freeze_imported_objects()
     with MergeInputs.open(spec) as inputs:
         record = merge_record(spec, method, params_of.default, inputs, hash_inputs)
         plan = output_plan(inputs, spec.dtype)

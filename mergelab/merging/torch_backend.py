@@ -71,7 +71,7 @@ from mergelab.merging.publish import MergeResult, merge_record, write_merge
 from mergelab.merging.torch_kernels import KERNELS, PER_MODEL_KERNELS, Kernel
 from mergelab.methods import METHODS, Method, TensorInputs, get_method
 from mergelab.ops import StreamingKthLargest, keep_count
-from mergelab.runtime import reuse_freed_memory
+from mergelab.runtime import freeze_imported_objects, reuse_freed_memory
 from mergelab.spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,7 @@ def merge_streaming(
     params_of = ParamResolver(spec, method)
     device = resolve_device(spec.device)
     reuse_freed_memory()
+    freeze_imported_objects()
 
     inputs = TorchInputs.open(spec)
     try:
