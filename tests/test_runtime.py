@@ -1,4 +1,5 @@
-"""mergelab.runtime: the OpenMP wait policy is set before torch loads, never over the user's choice; imported objects are frozen out of the collector."""
+"""mergelab.runtime: the OpenMP wait policy is set before torch loads, never over the user's choice; the
+objects alive after the imports are frozen out of the garbage collector's passes."""
 
 from __future__ import annotations
 
