@@ -553,7 +553,7 @@ def test_bfloat16_integer_conversions_equal_ml_dtypes():
     assert np.array_equal(wide.view(np.uint32), every.astype(np.float32).view(np.uint32))
 
     rng = np.random.default_rng(0)
-    finite_max = np.float32(np.finfo(bf16).max)
+    finite_max = np.float32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
     edges = np.array([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 1.001953125, 1.0029296875,  # exact, ties
                       1e-40, -3e-39, float(finite_max), np.nextafter(finite_max, np.float32(np.inf)),
                       3.3895314e38, 3.3961775e38, -3.39e38, float(np.finfo(np.float32).max)], dtype=np.float32)
