@@ -30,7 +30,11 @@ keep probability, the L1 rescale identity, and paired tests of the two outputs' 
 The tokenizer cases (``tok_*``: ``tokenizer_source``, ``tokenizer:``, ``chat_template``) give the same models
 word-level tokenizers of different vocabularies (:data:`TOK_VOCABS`) and compare the output vocabularies (as
 sets: mergekit orders a union's appended tokens by a ``set``), the embedding and head row by row *by token*,
-every other tensor entry by entry, ``vocab_size`` and the chat template.
+every other tensor entry by entry, ``vocab_size`` and the chat template's prompts. The chat cases
+(``test_same_chat_prompts``, one per named template) render the conversations of :mod:`chat_conversations`
+with both outputs' templates (transformers' ``apply_chat_template``): the same prompts for chatml and mistral,
+and for llama3, alpaca and exaone mergekit's prompts with the whitespace its templates add to the formats
+(:func:`_mergekit_prompt`).
 """
 
 from __future__ import annotations
@@ -718,10 +722,84 @@ def test_same_tokenizer_merge(case: Case, variant: str, tok_sets: dict, tmp_path
     # tools keep different ones of the tied entries (README: trim scope), whatever the padding means' last bits
 
     if "chat_template" in case.config:
-        from mergelab.chat_templates import CHAT_TEMPLATES
+        _assert_same_prompts(tmp_path / "mergekit", tmp_path / "mergelab", case.config["chat_template"])
 
-        texts = [(tmp_path / t / "chat_template.jinja").read_text() for t in ("mergekit", "mergelab")]
-        assert texts[0] == texts[1] == CHAT_TEMPLATES[case.config["chat_template"]]
+
+# ------------------------------------------------------------------------------------------ chat templates
+
+_EOT, _RESPONSE = "<|eot_id|>", "\n\n### Response:\n"
+
+
+def _mergekit_exaone(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """mergekit 0.1.5's exaone prompt: the format's pieces, each with its line's indentation in that
+    template (4 or 8 spaces) before it and a newline after it (transformers trims the newlines after block
+    tags, not after ``{{ }}`` expressions nor the indentation before them)."""
+    out = ""
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] != "system":
+            out += "        [|system|][|endofturn|]\n\n"
+        out += f"    [|{m['role']}|]{m['content']}\n"
+        out += "        " + ("\n" if m["role"] == "user" else "[|endofturn|]\n") + "\n"
+    return out + ("    [|assistant|]\n" if add_generation_prompt else "")
+
+
+def _mergekit_prompt(template: str, messages: list[dict[str, str]], add_generation_prompt: bool, ours: str) -> str:
+    """The prompt mergekit 0.1.5's template of that name gives, from mergelab's. Equal for chatml and
+    mistral. Where mergekit's multi-line templates add whitespace the prompt format does not have, mergelab
+    writes the format (README, chat templates): llama3 gets a newline after each ``<|eot_id|>``; alpaca's
+    generation prompt follows a user (or input) turn's text without the blank line; exaone is indented
+    (:func:`_mergekit_exaone`)."""
+    if template == "llama3":
+        return ours.replace(_EOT, _EOT + "\n")
+    if template == "alpaca" and add_generation_prompt and messages[-1]["role"] in ("user", "user_context"):
+        assert ours.endswith(_RESPONSE)
+        return ours[: -len(_RESPONSE)] + _RESPONSE.lstrip("\n")
+    if template == "exaone":
+        theirs = _mergekit_exaone(messages, add_generation_prompt)
+        assert "".join(theirs.split()) == "".join(ours.split())  # the same up to whitespace
+        return theirs
+    return ours
+
+
+def _assert_same_prompts(mergekit_out: Path, mergelab_out: Path, template: str) -> None:
+    """The output tokenizers' chat templates (mergelab's: :data:`CHAT_TEMPLATES`) render the conversations of
+    :mod:`chat_conversations` with and without a generation prompt (transformers' ``apply_chat_template``) to
+    the prompts :func:`_mergekit_prompt` states; where mergelab's raises a template error (mistral's turn
+    order and roles), mergekit's raises one too."""
+    import transformers
+    from chat_conversations import CONVERSATIONS
+    from jinja2.exceptions import TemplateError
+
+    from mergelab.chat_templates import CHAT_TEMPLATES
+
+    theirs, ours = (transformers.AutoTokenizer.from_pretrained(str(f), local_files_only=True)
+                    for f in (mergekit_out, mergelab_out))
+    assert ours.chat_template == CHAT_TEMPLATES[template]
+    for name, messages in CONVERSATIONS.items():
+        for gp in (False, True):
+            try:
+                prompt = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=gp)
+            except TemplateError:
+                with pytest.raises(TemplateError):
+                    theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gp)
+                continue
+            expected = _mergekit_prompt(template, messages, gp, prompt)
+            got = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gp)
+            assert got == expected, (template, name, gp, got, prompt)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
+def test_same_chat_prompts(template: str, tok_sets: dict, tmp_path: Path) -> None:
+    """``chat_template: NAME`` with the base's tokenizer (float32 models, a one-model linear merge): the
+    prompts of :func:`_assert_same_prompts`."""
+    models = tok_sets[torch.float32]
+    config = _tok_materialise({"merge_method": "linear", "models": [_m("base", weight=1.0)], "dtype": "float32",
+                               "tokenizer_source": "base", "chat_template": template}, models)
+    cfg = tmp_path / f"chat_{template}.yml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    _cached_mergekit(cfg, tmp_path / "mergekit", None, models)
+    _run_mergelab(cfg, tmp_path / "mergelab")
+    _assert_same_prompts(tmp_path / "mergekit", tmp_path / "mergelab", template)
 
 
 # ------------------------------------------------------------------------------------------------ report
