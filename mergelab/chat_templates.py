@@ -60,14 +60,14 @@ _MISTRAL = r"""
 {{- bos_token -}}
 {%- for turn in turns -%}
     {%- if (turn.role == 'user') != (loop.index0 is even) -%}
-        {{- raise_exception('mistral chat template: turns must go user, assistant, user, ... (a system message may come first)') -}}
+        {{- raise_exception('mistral template: turns must alternate user, assistant, user, ...') -}}
     {%- elif turn.role == 'user' -%}
         {%- set prefix = messages[0].content ~ '\n\n' if has_system and loop.first else '' -%}
         {{- ' [INST] ' ~ prefix ~ turn.content ~ ' [/INST]' -}}
     {%- elif turn.role == 'assistant' -%}
         {{- ' ' ~ turn.content ~ eos_token -}}
     {%- else -%}
-        {{- raise_exception('mistral chat template: role ' ~ turn.role ~ ' is not supported (only a leading system message, then user and assistant)') -}}
+        {{- raise_exception('mistral template: role ' ~ turn.role ~ ' is not supported') -}}
     {%- endif -%}
 {%- endfor -%}
 """

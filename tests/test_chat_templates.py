@@ -52,12 +52,13 @@ _expect("alpaca", "system_user", "You are terse.\n\n### Instruction:\nName a col
 _expect("alpaca", "three_turns", "\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\nBye",
         "\n\n### Response:\n")
 _expect("alpaca", "with_context",
-        "Answer in French.\n\n### Instruction:\nTranslate the input.\n\n### Input:\ngood morning\n\n### Response:\nbonjour",
-        "")
+        "Answer in French.\n\n### Instruction:\nTranslate the input.\n\n### Input:\ngood morning"
+        "\n\n### Response:\nbonjour", "")
 # exaone: an empty system turn when none opens the conversation; user turns end with a newline only
-_expect("exaone", "system_user", "[|system|]  You are terse. [|endofturn|]\n[|user|] Name a colour.\n\n", "[|assistant|]")
-_expect("exaone", "three_turns", "[|system|][|endofturn|]\n[|user|]Hi\n[|assistant|] Hello! [|endofturn|]\n[|user|]Bye\n",
+_expect("exaone", "system_user", "[|system|]  You are terse. [|endofturn|]\n[|user|] Name a colour.\n\n",
         "[|assistant|]")
+_expect("exaone", "three_turns",
+        "[|system|][|endofturn|]\n[|user|]Hi\n[|assistant|] Hello! [|endofturn|]\n[|user|]Bye\n", "[|assistant|]")
 _expect("exaone", "with_context",
         "[|system|]Answer in French.[|endofturn|]\n[|user|]Translate the input.\n"
         "[|user_context|] good morning [|endofturn|]\n[|assistant|]bonjour\n[|endofturn|]\n", "[|assistant|]")
