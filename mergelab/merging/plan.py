@@ -22,6 +22,7 @@ from mergelab.checkpoints import CheckpointReader, open_checkpoint
 from mergelab.checkpoints.safetensors_format import STORAGE_DTYPES, StorageDtype
 from mergelab.errors import SpecError, TensorMismatchError
 from mergelab.merging.layout import SliceRange, TensorSources, stack_layout
+from mergelab.merging.vocabulary import Vocabulary, is_vocab_tensor
 from mergelab.methods import Method, MethodParams
 from mergelab.output_paths import check_replaceable, refuse_overlap
 from mergelab.spec import MergeSpec, TokenizerSpec
@@ -114,7 +115,6 @@ class MergeInputs:
             else:
                 self.names = self.reference.keys()
             if self.vocabulary is not None:
-                from mergelab.merging.vocabulary import is_vocab_tensor
 
                 def unwrap(r: Any) -> Any:
                     return r.reader if isinstance(r, RenamedReader) else r
@@ -132,8 +132,6 @@ class MergeInputs:
     def _permute(self, tokenizer: TokenizerSpec) -> None:
         """Build the output vocabulary and read every input through a
         :class:`~mergelab.merging.vocabulary.PermutedReader` (its vocabulary tensors permuted into it)."""
-        from mergelab.merging.vocabulary import Vocabulary
-
         self.vocabulary = vocab = Vocabulary.build(tokenizer, self.base, self.experts)
         self.base = None if self.base is None else vocab.wrap(self.base)  # type: ignore[assignment]
         self.experts = [vocab.wrap(r) for r in self.experts]  # type: ignore[misc]

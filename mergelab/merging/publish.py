@@ -32,6 +32,7 @@ from mergelab.merging.plan import OUTPUT_DTYPES, MergeInputs
 from mergelab.methods import Method, MethodParams
 from mergelab.provenance import environment, input_digest
 from mergelab.spec import MergeSpec
+from mergelab import tokenizers
 from mergelab.tokenizers import TOKENIZER_FILES
 
 if TYPE_CHECKING:
@@ -135,7 +136,6 @@ def tokenizer_files(spec: MergeSpec, inputs: MergeInputs) -> dict[str, bytes]:
     the reference's files are copied as they are."""
     if inputs.vocabulary is None and spec.chat_template is None:
         return {}
-    from mergelab import tokenizers
 
     template = None
     if spec.chat_template is not None:

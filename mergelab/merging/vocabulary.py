@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from mergelab.checkpoints import CheckpointReader, TensorInfo
+from mergelab import tokenizers
 from mergelab.errors import SpecError
 from mergelab.merging.numpy_arrays import numpy_dtype
 from mergelab.spec import TokenizerSpec, TokenSource
@@ -119,7 +120,6 @@ class Vocabulary:
               experts: Sequence[CheckpointReader]) -> Vocabulary:
         """The vocabulary of ``spec`` over the inputs (the tokenizer base is ``base``, else the first model),
         checking every input's vocabulary tensors against its ``vocab_size`` (headers only)."""
-        from mergelab import tokenizers
 
         readers = ([base] if base is not None else []) + list(experts)
         order: list[tuple[Path, CheckpointReader]] = []
