@@ -39,7 +39,6 @@ block by block:
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -215,26 +214,42 @@ def ties(inp: TensorInputs, p: TiesParams) -> torch.Tensor:
     return out
 
 
-def _l1_factors_by_blocks(n: int, experts: int, visit: Callable[[int, list[tuple[float, float]]], None],
-                          in_order: bool = False) -> list[float | None]:
+def _l1_factors_by_blocks(base: torch.Tensor, experts: list[torch.Tensor], dtype: torch.dtype, masks: int,
+                          transform: Callable[[int, int, torch.Tensor, torch.Tensor, list[torch.Tensor]],
+                                              torch.Tensor],
+                          which: Sequence[bool] | None = None, in_order: bool = False) -> list[float | None]:
     """Per expert, the ``rescale: l1`` factor ``||tau_i||_1 / ||T(tau_i)||_1`` of a trim or band T
     (:func:`mergelab.ops.l1_factor`; None: unscaled), by the L1 block rule (:mod:`mergelab.ops.l1_rule`): one
-    pass over the blocks (on all cores; in order on this thread when ``in_order``) where ``visit(j, part)``
-    sets ``part[i] = (block_l1(tau_i), block_l1(T(tau_i)))`` for block j (experts not transformed keep
-    ``(0, 0)``: no factor), then each expert's block values summed in float64 in block order."""
+    pass over the blocks (on all cores; in order on this thread when ``in_order``) forming each
+    ``tau_i = expert_i - base`` block in ``dtype`` in per-thread scratch; ``transform(i, j, tau, magnitude,
+    masks)`` returns ``T(tau_i)`` of block j (``magnitude`` and the ``masks`` bool blocks: its scratch), for
+    the experts ``which`` marks (default all; the others get no factor); then each expert's block norms summed
+    in float64 in block order."""
+    n = base.numel()
+    block = ops.block_size()
     blocks = ops.block_count(n)
-    parts: list[list[tuple[float, float]]] = [[(0.0, 0.0)] * experts for _ in range(blocks)]
+    parts: list[list[tuple[float, float]]] = [[(0.0, 0.0)] * len(experts) for _ in range(blocks)]
 
     def work(indices: Iterable[int]) -> None:
+        buffers = ops.BlockBuffers(3, n, dtype, base.device)
+        bools = ops.BlockBuffers(masks, n, torch.bool, base.device)
         for j in indices:
-            visit(j, parts[j])
+            start, end = j * block, min(n, (j + 1) * block)
+            b, magnitude, tau = buffers.get(end - start)
+            scratch = bools.get(end - start)
+            b.copy_(base[start:end])
+            for i, e in enumerate(experts):
+                if which is None or which[i]:
+                    tau.copy_(e[start:end]).sub_(b)
+                    before = ops.block_l1(_host(tau))
+                    parts[j][i] = (before, ops.block_l1(_host(transform(i, j, tau, magnitude, scratch))))
 
     if in_order:
         work(range(blocks))
     else:
         run_blocks(blocks, work)
     return [ops.l1_factor(ops.l1_from_partials([part[i][0] for part in parts]),
-                          ops.l1_from_partials([part[i][1] for part in parts])) for i in range(experts)]
+                          ops.l1_from_partials([part[i][1] for part in parts])) for i in range(len(experts))]
 
 
 def _host(x: torch.Tensor) -> Any:
@@ -247,24 +262,9 @@ def _trim_l1_factors(base: torch.Tensor, experts: list[torch.Tensor], trims: lis
     """TIES's ``rescale: l1`` factors (:func:`mergelab.ops.rescale_l1` of :func:`mergelab.ops.trim`): the norms
     of ``tau_i`` and of its trim by ``trims[i]`` (consumed when they spend a tie quota: pass copies), block by
     block (in order when a tie quota is counted over the whole tensor)."""
-    n = base.numel()
-    block = ops.block_size()
-    local = threading.local()  # each thread's scratch blocks
-
-    def visit(j: int, part: list[tuple[float, float]]) -> None:
-        start, end = j * block, min(n, (j + 1) * block)
-        if not hasattr(local, "buffers"):
-            local.buffers = ops.BlockBuffers(3, n, dtype, base.device)
-            local.masks = ops.BlockBuffers(1, n, torch.bool, base.device)
-        b, magnitude, tau = local.buffers.get(end - start)
-        (keep,) = local.masks.get(end - start)
-        b.copy_(base[start:end])
-        for i, e in enumerate(experts):
-            tau.copy_(e[start:end]).sub_(b)
-            before = ops.block_l1(_host(tau))
-            part[i] = (before, ops.block_l1(_host(trims[i].apply(j, tau, magnitude, keep))))
-
-    return _l1_factors_by_blocks(n, len(experts), visit, in_order)
+    return _l1_factors_by_blocks(
+        base, experts, dtype, 1,
+        lambda i, j, tau, magnitude, masks: trims[i].apply(j, tau, magnitude, masks[0]), in_order=in_order)
 
 
 def _tensor_trims(
@@ -518,24 +518,13 @@ def _band(inp: TensorInputs, p: BreadcrumbsParams,
 
     factors: list[float | None] = [None] * len(flats)
     if p.rescale == "l1":
-        local = threading.local()  # each thread's scratch blocks
+        def banded(i: int, j: int, tau: torch.Tensor, magnitude: torch.Tensor,
+                   masks: list[torch.Tensor]) -> torch.Tensor:
+            band_into(i, j, tau, magnitude, *masks)
+            return tau
 
-        def visit(j: int, part: list[tuple[float, float]]) -> None:
-            start, end = j * block, min(n, (j + 1) * block)
-            if not hasattr(local, "buffers"):
-                local.buffers = ops.BlockBuffers(3, n, dtype, base_in.device)
-                local.masks = ops.BlockBuffers(2, n, torch.bool, base_in.device)
-            base, magnitude, tau = local.buffers.get(end - start)
-            keep, top = local.masks.get(end - start)
-            base.copy_(base_in[start:end])
-            for i, e in enumerate(flats):
-                if edges[i]:  # density 1: neither banded nor rescaled
-                    tau.copy_(e[start:end]).sub_(base)
-                    before = ops.block_l1(_host(tau))
-                    band_into(i, j, tau, magnitude, keep, top)
-                    part[i] = (before, ops.block_l1(_host(tau)))
-
-        factors = _l1_factors_by_blocks(n, len(flats), visit)
+        # density 1 (no edges): neither banded nor rescaled
+        factors = _l1_factors_by_blocks(base_in, flats, dtype, 2, banded, which=[bool(e) for e in edges])
 
     def work(indices: Iterator[int]) -> None:
         buffers = ops.BlockBuffers(len(flats) + 3, n, dtype, base_in.device)
