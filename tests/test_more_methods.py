@@ -199,19 +199,21 @@ def test_della_mergekit_options_and_validation():
 # ------------------------------------------------------------------------------------- breadcrumbs_ties
 
 
+def _band_by_sort(tau: torch.Tensor, top: int, keep: int) -> torch.Tensor:
+    """``tau`` kept at the magnitude ranks ``top .. top + keep - 1`` of a full sort (ties by position)."""
+    order = sorted(range(tau.numel()), key=lambda j: (-abs(float(tau[j])), j))
+    mask = torch.zeros(tau.numel(), dtype=torch.bool)
+    mask[order[top:top + keep]] = True
+    return tau * mask
+
+
 def test_breadcrumbs_ties_is_the_band_then_the_consensus():
     g = torch.Generator().manual_seed(6)
     base = torch.randn(40, generator=g)
     experts = [base + torch.randn(40, generator=g) for _ in range(3)]
     weights = [1.0, 0.5, 2.0]
     b = base.to(F64)
-    banded = []
-    for e in experts:  # the band by a full sort (ties by position): ranks n_top .. n_top + n_keep - 1
-        tau = e.to(F64) - b
-        order = sorted(range(40), key=lambda j: (-abs(float(tau[j])), j))
-        keep = torch.zeros(40, dtype=torch.bool)
-        keep[order[4:4 + 20]] = True  # gamma 0.1 -> n_top 4, density 0.5 -> n_keep 20
-        banded.append(tau * keep)
+    banded = [_band_by_sort(e.to(F64) - b, 4, 20) for e in experts]  # gamma 0.1 -> n_top 4, density 0.5 -> 20
     for divisor in ("count", "weight", "none"):
         out = both("breadcrumbs_ties", base, experts, weights,
                    {"density": 0.5, "gamma": 0.1, "disjoint_divisor": divisor, "lambda": 0.7})
@@ -232,10 +234,8 @@ def test_rescale_l1_is_the_sparsified_vector_times_its_l1_ratio(name):
     top, n_keep = (0, 12) if name == "ties" else (4, 20)  # ties: density 0.3; band: gamma 0.1, density 0.5
     for e in experts:
         tau = e.to(F64) - b
-        order = sorted(range(40), key=lambda j: (-abs(float(tau[j])), j))
-        keep = torch.zeros(40, dtype=torch.bool)
-        keep[order[top:top + n_keep]] = True
-        kept.append(tau * keep * (tau.abs().sum() / (tau * keep).abs().sum()))
+        band = _band_by_sort(tau, top, n_keep)
+        kept.append(band * (tau.abs().sum() / band.abs().sum()))
     params = ({"density": 0.3, "trim_scope": "tensor"} if name == "ties" else {"density": 0.5, "gamma": 0.1})
     out = both(name, base, experts, weights, {**params, "rescale": "l1", "lambda": 0.7})
     if name == "breadcrumbs":
